@@ -1,0 +1,169 @@
+"""Annotation: zero-shot (CLIP, SigLIP) or trained-model ("custom") classification of images by URL.
+
+Confidence semantics:
+- ``clip``: a softmax over the given classes of ``logit_scale * cos(image, text)``; confidences of one
+  image sum to 1 over *all* classes (before ``top_k``/``threshold``).
+- ``siglip``: an independent sigmoid per class, ``sigmoid(logit_scale * cos + logit_bias)``; they do not
+  sum to 1, several classes may be confident at once.
+- ``custom``: a softmax over the trained model's classes, or over the subset named in ``classes``.
+
+``top_k`` is applied first (the k most confident classes, sorted by confidence), then ``threshold``
+drops those below it. ``margin`` is top-1 minus top-2 confidence (before both), so a labeling UI can
+sort uncertain images first. One bad image yields an error entry for that image, never a failed
+request; ``status: failed`` means the whole request could not run (invalid request, model not
+loadable).
+
+Large requests are answered in parts: part ``k`` of ``parts`` holds the images at request positions
+``[k*N, (k+1)*N)`` for the worker's configured N, so a redelivered request yields the same parts.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from pydantic import BaseModel, ConfigDict
+
+from schemas.common import ErrorInfo, Identifier, InputModel, OutputModel, derive_message_id
+from schemas.urls import Url
+
+MAX_IMAGES_PER_REQUEST = 10_000
+MAX_CLASSES = 2_000
+MAX_CLASS_NAME_LENGTH = 200
+MAX_PROMPT_TEMPLATES = 100
+
+ModelFamily = Literal["clip", "siglip", "custom"]
+ANNOTATION_RESULT_EVENT = "annotation.result"
+
+
+class ImageRef(BaseModel):
+    """One image to classify: the caller's id and where to fetch it."""
+
+    model_config = ConfigDict(extra="ignore", str_strip_whitespace=True)
+    id: Identifier
+    url: Url
+
+
+class AnnotationRequest(InputModel):
+    """``cls.annotation.requests``, keyed by request id."""
+
+    task: Literal["classify"] = Field(description="Discriminator: always 'classify'.")
+    request_id: Identifier | None = Field(default=None, description="Defaults to the record key, then to a new UUID.")
+    model: ModelFamily = Field(default="clip", description="clip | siglip (zero-shot) | custom (a model trained here).")
+    model_variant: str | None = Field(
+        default=None,
+        max_length=200,
+        description="Architecture, e.g. 'ViT-B-32', 'ViT-L-14', 'google/siglip-base-patch16-224'. Default from settings.",
+    )
+    model_url: Url | None = Field(default=None, description="With model 'custom': where the trained model package is (s3://.../ prefix).")
+    images: list[ImageRef] = Field(min_length=1, max_length=MAX_IMAGES_PER_REQUEST)
+    classes: list[str] | None = Field(
+        default=None,
+        max_length=MAX_CLASSES,
+        description="Class names (required for clip/siglip; for custom, an optional subset of the model's classes).",
+    )
+    top_k: int = Field(default=3, ge=1, le=MAX_CLASSES, description="Keep at most this many classes per image (applied first).")
+    threshold: float = Field(default=0.1, ge=0.0, le=1.0, description="Then drop predictions below this confidence.")
+    prompt_templates: list[str] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_PROMPT_TEMPLATES,
+        description="Zero-shot prompt templates with '{}' (or '{c}') for the class name, e.g. 'a photo of a {}.'",
+    )
+
+    @field_validator("classes")
+    @classmethod
+    def _classes_valid(cls, classes: list[str] | None) -> list[str] | None:
+        if classes is None:
+            return None
+        cleaned = [c.strip() for c in classes]
+        if not cleaned:
+            raise ValueError("classes must not be empty")
+        for name in cleaned:
+            if not name:
+                raise ValueError("class names must be non-empty")
+            if len(name) > MAX_CLASS_NAME_LENGTH:
+                raise ValueError(f"class name longer than {MAX_CLASS_NAME_LENGTH} characters")
+        duplicates = sorted({c for c in cleaned if cleaned.count(c) > 1})
+        if duplicates:
+            raise ValueError(f"class names must be unique; duplicated: {duplicates}")
+        return cleaned
+
+    @field_validator("prompt_templates")
+    @classmethod
+    def _templates_valid(cls, templates: list[str] | None) -> list[str] | None:
+        if templates is None:
+            return None
+        for template in templates:
+            if "{}" not in template and "{c}" not in template:
+                raise ValueError(f"prompt template {template!r} must contain '{{}}' or '{{c}}' for the class name")
+            if len(template) > 300:
+                raise ValueError("prompt templates are limited to 300 characters")
+        return templates
+
+    @field_validator("images")
+    @classmethod
+    def _unique_image_ids(cls, images: list[ImageRef]) -> list[ImageRef]:
+        seen: set[str] = set()
+        duplicates: set[str] = set()
+        for image in images:
+            (duplicates if image.id in seen else seen).add(image.id)
+        if duplicates:
+            raise ValueError(f"image ids must be unique; duplicated: {sorted(duplicates)[:10]}")
+        return images
+
+    @model_validator(mode="after")
+    def _model_specific(self) -> "AnnotationRequest":
+        if self.model in ("clip", "siglip"):
+            if not self.classes:
+                raise ValueError(f"classes are required for model {self.model!r}")
+            if self.model_url is not None:
+                raise ValueError("model_url is only allowed with model 'custom'")
+        if self.model == "custom" and not self.model_url:
+            raise ValueError("model 'custom' needs model_url (the trained model package)")
+        if self.classes is not None and self.top_k > len(self.classes):
+            raise ValueError(f"top_k ({self.top_k}) must be within 1..len(classes) ({len(self.classes)})")
+        return self
+
+
+class Prediction(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    class_name: str = Field(alias="class", description="The class name, exactly as given.")
+    confidence: float = Field(ge=0.0, le=1.0)
+
+
+class ImageResult(BaseModel):
+    """Predictions for one image, or its error (then ``predictions`` is empty)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    id: str
+    predictions: list[Prediction] = Field(default_factory=list)
+    margin: float | None = Field(default=None, description="top-1 minus top-2 confidence (before top_k/threshold).")
+    error: ErrorInfo | None = None
+
+
+class ModelDescriptor(BaseModel):
+    """Which model produced a result."""
+
+    model_config = ConfigDict(extra="forbid")
+    family: str = Field(description="clip | siglip | custom")
+    variant: str = Field(description="Architecture or model name, e.g. ViT-B-32.")
+    weights: str = Field(description="Weights source: pretrained tag, hub id, path/URL, or 'random' (tests only).")
+
+
+class AnnotationResult(OutputModel):
+    """``cls.annotation.results``, keyed by request id; one or more parts per request."""
+
+    event_type: Literal["annotation.result"] = ANNOTATION_RESULT_EVENT
+    request_id: str
+    status: Literal["completed", "failed"]
+    model: ModelDescriptor | None = Field(default=None, description="Absent only when the request failed before a model was chosen.")
+    results: list[ImageResult] = Field(default_factory=list)
+    part: int = Field(default=0, ge=0)
+    parts: int = Field(default=1, ge=1)
+    error: ErrorInfo | None = Field(default=None, description="Why the whole request failed (status 'failed').")
+
+    @staticmethod
+    def message_id_for(request_id: str, part: int) -> str:
+        return derive_message_id("annotation.result", request_id, part)

@@ -1,0 +1,157 @@
+"""Training: fine-tune a timm classifier on a labeled dataset of image URLs; cancel; status events.
+
+Status flow per job: ``queued`` -> ``running`` (per-epoch progress, heartbeats inside long epochs) ->
+``completed`` | ``failed`` | ``cancelled``. ``seq`` orders a job's events (a fold must never move a job
+backwards: ignore an event whose ``seq`` is below the stored one). Ids are deterministic from the job
+id and the event's position (status, epoch, heartbeat), so a redelivered job repeats them; heartbeats
+are progress only and may be folded loosely.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from schemas.common import ErrorInfo, Identifier, InputModel, OutputModel, derive_message_id
+from schemas.urls import OutputUrl, Url
+
+MAX_DATASET_URLS = 200_000
+MAX_CLASSES = 10_000
+
+Augmentation = Literal["none", "light", "medium", "heavy"]
+TrainingStatusValue = Literal["queued", "running", "completed", "failed", "cancelled"]
+TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
+TRAINING_STATUS_EVENT = "training.status"
+
+
+class LabeledUrl(BaseModel):
+    model_config = ConfigDict(extra="ignore", str_strip_whitespace=True)
+    url: Url
+    label: str = Field(min_length=1, max_length=200)
+
+
+class TrainingConfig(BaseModel):
+    """Hyper-parameters. The backend's names are kept; the rest are optional with sensible defaults."""
+
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+    model_name: str = Field(min_length=1, max_length=200, description="Any timm model name, e.g. convnext_tiny.")
+    num_classes: int = Field(ge=2, le=MAX_CLASSES, description="Must equal len(dataset.class_names).")
+    epochs: int = Field(default=10, ge=1, le=1000)
+    batch_size: int = Field(default=32, ge=1, le=4096)
+    learning_rate: float = Field(default=1e-4, gt=0.0, le=10.0)
+    augmentation: Augmentation = "light"
+    pretrained: bool = Field(default=True, description="Start from pretrained weights (hub cache, or pretrained_url).")
+    pretrained_url: Url | None = Field(default=None, description="safetensors / state dict file (path or s3://) to start from.")
+    image_size: int | None = Field(default=None, ge=8, le=1024, description="Default: the model's own input size.")
+    weight_decay: float = Field(default=0.05, ge=0.0, le=1.0)
+    warmup_epochs: float = Field(default=0.0, ge=0.0, le=100.0)
+    label_smoothing: float = Field(default=0.1, ge=0.0, lt=1.0)
+    grad_clip_norm: float | None = Field(default=1.0, gt=0.0)
+    early_stopping_patience: int | None = Field(default=None, ge=1, description="Stop after this many epochs without a better val_accuracy.")
+    seed: int = Field(default=0, ge=0)
+    val_fraction: float = Field(default=0.2, gt=0.0, lt=1.0, description="Split from train (stratified) when val is empty.")
+    max_bad_fraction: float = Field(default=0.05, ge=0.0, le=1.0, description="Fail when more images than this fraction are unusable.")
+    num_workers: int = Field(default=0, ge=0, le=64, description="Data-loader worker processes.")
+
+
+class TrainingDataset(BaseModel):
+    """Image URLs with labels: ``{"url", "label"}`` objects, or plain URLs labeled by their parent folder."""
+
+    model_config = ConfigDict(extra="ignore")
+    train_urls: list[LabeledUrl | Url] = Field(default_factory=list, max_length=MAX_DATASET_URLS)
+    val_urls: list[LabeledUrl | Url] = Field(default_factory=list, max_length=MAX_DATASET_URLS)
+    class_names: list[str] = Field(min_length=2, max_length=MAX_CLASSES)
+    manifest_url: Url | None = Field(default=None, description="JSON Lines file of {url, label, split} for large datasets.")
+
+    @field_validator("class_names")
+    @classmethod
+    def _unique_names(cls, names: list[str]) -> list[str]:
+        cleaned = [n.strip() for n in names]
+        if any(not n for n in cleaned):
+            raise ValueError("class names must be non-empty")
+        duplicates = sorted({n for n in cleaned if cleaned.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"class names must be unique; duplicated: {duplicates}")
+        return cleaned
+
+    @model_validator(mode="after")
+    def _has_images(self) -> "TrainingDataset":
+        if not self.train_urls and not self.manifest_url:
+            raise ValueError("dataset needs train_urls or manifest_url")
+        return self
+
+
+class TrainingRequest(InputModel):
+    """``cls.training.requests``, keyed by job id."""
+
+    task: Literal["train"] = Field(description="Discriminator: always 'train'.")
+    job_id: Identifier | None = Field(default=None, description="Defaults to the record key, then to a new UUID.")
+    config: TrainingConfig
+    dataset: TrainingDataset
+    output_path: OutputUrl = Field(description="Where the model package goes: s3://bucket/prefix (or file:// when enabled).")
+
+    @model_validator(mode="after")
+    def _classes_match(self) -> "TrainingRequest":
+        if self.config.num_classes != len(self.dataset.class_names):
+            raise ValueError(
+                f"config.num_classes ({self.config.num_classes}) must equal len(dataset.class_names) "
+                f"({len(self.dataset.class_names)})"
+            )
+        return self
+
+
+class CancelRequest(InputModel):
+    """``cls.training.control``, keyed by job id (compacted topic)."""
+
+    task: Literal["cancel"] = Field(description="Discriminator: always 'cancel'.")
+    job_id: Identifier | None = Field(default=None, description="Defaults to the record key.")
+    reason: str | None = Field(default=None, max_length=1000)
+
+
+class Progress(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    epoch: int = Field(ge=0, description="1-based epoch being reported (0 before the first).")
+    epochs: int = Field(ge=1)
+    step: int | None = Field(default=None, ge=0, description="Step within the epoch (heartbeats).")
+    steps: int | None = Field(default=None, ge=0)
+    metrics: dict[str, Any] = Field(default_factory=dict, description="train_loss, val_loss, val_accuracy, lr, images_per_s, eta_s ...")
+
+
+class TrainingMetrics(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    train_loss: float | None = None
+    val_accuracy: float | None = None
+    best_epoch: int | None = None
+
+
+class TrainingStatus(OutputModel):
+    """``cls.training.status``, keyed by job id."""
+
+    event_type: Literal["training.status"] = TRAINING_STATUS_EVENT
+    job_id: str
+    status: TrainingStatusValue
+    seq: int = Field(ge=0, description="Orders this job's events; a fold ignores a lower seq than it has.")
+    attempt: int = Field(default=1, ge=1, description="Delivery attempt of the job (1 first; more after a resume).")
+    progress: Progress | None = None
+    metrics: TrainingMetrics | None = None
+    model_url: str | None = None
+    error: ErrorInfo | None = None
+    heartbeat: bool | None = Field(default=None, description="True for in-epoch heartbeats (progress only).")
+
+    @staticmethod
+    def message_id_for(job_id: str, status: str, epoch: int = 0, step: int | None = None) -> str:
+        position: list[object] = [status, epoch]
+        if step is not None:
+            position.append(step)
+        return derive_message_id("training.status", job_id, *position)
+
+
+SEQ_EPOCH_STRIDE = 1_000_000
+"""seq = epoch * stride + step for running events; terminal events use ``TERMINAL_SEQ``."""
+TERMINAL_SEQ = 2**53 - 1
+
+
+def running_seq(epoch: int, step: int | None = None) -> int:
+    """``seq`` of a running event: epoch-end events sort after every heartbeat of that epoch."""
+    return epoch * SEQ_EPOCH_STRIDE + (SEQ_EPOCH_STRIDE - 1 if step is None else min(step, SEQ_EPOCH_STRIDE - 2))
