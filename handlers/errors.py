@@ -1,0 +1,71 @@
+"""Handler error types: the control flow between handlers and the consumer runtime.
+
+- ``PermanentError``: the request cannot succeed; it becomes a ``failed`` event.
+- ``RetryableError``: a transient failure; the consumer retries with backoff, then publishes ``failed``.
+- ``ImageError``: one image failed; the handler writes an error entry for that image and goes on.
+
+Every error carries a stable machine-readable ``code`` (the constants below) and a human ``message``.
+"""
+
+from __future__ import annotations
+
+# Image error codes (ImageError.code).
+FETCH_FAILED = "fetch_failed"
+HTTP_STATUS = "http_status"
+TIMEOUT = "timeout"
+TOO_LARGE = "too_large"
+TOO_MANY_PIXELS = "too_many_pixels"
+BLOCKED_URL = "blocked_url"
+NOT_AN_IMAGE = "not_an_image"
+DECODE_FAILED = "decode_failed"
+UNSUPPORTED_URL = "unsupported_url"
+
+IMAGE_ERROR_CODES = frozenset(
+    {
+        FETCH_FAILED,
+        HTTP_STATUS,
+        TIMEOUT,
+        TOO_LARGE,
+        TOO_MANY_PIXELS,
+        BLOCKED_URL,
+        NOT_AN_IMAGE,
+        DECODE_FAILED,
+        UNSUPPORTED_URL,
+    }
+)
+
+# Object storage error codes (PermanentError / RetryableError raised by handlers.storage).
+STORAGE_NOT_FOUND = "storage_not_found"  # object or bucket missing on read
+STORAGE_FORBIDDEN = "storage_forbidden"  # access denied / no credentials on read
+STORAGE_UNWRITABLE = "storage_unwritable"  # bucket missing, invalid or access denied on write
+STORAGE_UNAVAILABLE = "storage_unavailable"  # connection errors, 5xx, throttling (retryable)
+
+
+class HandlerError(Exception):
+    """Base of every error a handler raises on purpose."""
+
+    retryable: bool = False
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(code={self.code!r}, message={self.message!r})"
+
+
+class PermanentError(HandlerError):
+    """The work cannot succeed as requested: becomes a failed event."""
+
+    retryable = False
+
+
+class RetryableError(HandlerError):
+    """A transient failure: the consumer retries with backoff, then publishes a failed event."""
+
+    retryable = True
+
+
+class ImageError(PermanentError):
+    """One image failed: the handler reports an error entry for that image only."""
