@@ -1,0 +1,174 @@
+"""Worker settings, read from the environment once at start-up (never at import time).
+
+Kafka connection settings use Kafka's usual names (``KAFKA_BOOTSTRAP_SERVERS``, ``KAFKA_SASL_*``,
+``KAFKA_SSL_*``); everything else is ``CLS_*``. ``cls-worker settings`` prints the effective values
+(secrets masked).
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any, Literal
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from schemas import topics as default_topics
+
+
+class KafkaSettings(BaseSettings):
+    """How to reach the brokers (``KAFKA_*``)."""
+
+    model_config = SettingsConfigDict(env_prefix="KAFKA_", extra="ignore")
+
+    bootstrap_servers: str = "127.0.0.1:19092"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_check_hostname: bool = True
+    client_id: str = "cls-worker"
+    request_timeout_ms: int = 30_000
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments shared by aiokafka's consumer, producer and admin client."""
+        kwargs: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap_servers,
+            "security_protocol": self.security_protocol,
+            "client_id": self.client_id,
+            "request_timeout_ms": self.request_timeout_ms,
+        }
+        if self.security_protocol.startswith("SASL"):
+            if not (self.sasl_mechanism and self.sasl_username and self.sasl_password):
+                raise ValueError(
+                    "KAFKA_SECURITY_PROTOCOL=%s needs KAFKA_SASL_MECHANISM, KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD"
+                    % self.security_protocol
+                )
+            kwargs["sasl_mechanism"] = self.sasl_mechanism
+            kwargs["sasl_plain_username"] = self.sasl_username
+            kwargs["sasl_plain_password"] = self.sasl_password.get_secret_value()
+        if self.security_protocol.endswith("SSL"):
+            context = ssl.create_default_context(cafile=self.ssl_cafile)
+            if self.ssl_certfile:
+                context.load_cert_chain(self.ssl_certfile, self.ssl_keyfile)
+            context.check_hostname = self.ssl_check_hostname
+            kwargs["ssl_context"] = context
+        return kwargs
+
+
+class WorkerSettings(BaseSettings):
+    """Everything else (``CLS_*``)."""
+
+    model_config = SettingsConfigDict(env_prefix="CLS_", extra="ignore")
+
+    # topics
+    annotation_requests_topic: str = default_topics.ANNOTATION_REQUESTS
+    annotation_results_topic: str = default_topics.ANNOTATION_RESULTS
+    training_requests_topic: str = default_topics.TRAINING_REQUESTS
+    training_status_topic: str = default_topics.TRAINING_STATUS
+    training_control_topic: str = default_topics.TRAINING_CONTROL
+    annotation_group_id: str = "cls-annotation-workers"
+    training_group_id: str = "cls-training-workers"
+
+    # provisioning (cls-worker topics create)
+    request_topic_partitions: int = Field(default=12, ge=1)
+    output_topic_partitions: int = Field(default=12, ge=1)
+    topic_replication_factor: int = Field(default=1, ge=1)
+    request_retention_ms: int = 7 * 24 * 3600 * 1000
+    output_retention_ms: int = 14 * 24 * 3600 * 1000
+    dlq_retention_ms: int = 30 * 24 * 3600 * 1000
+
+    # consumer runtime
+    max_in_flight: int = Field(default=8, ge=1, description="Records handled concurrently per worker.")
+    max_poll_interval_ms: int = Field(default=300_000, ge=1000)
+    session_timeout_ms: int = Field(default=30_000, ge=1000)
+    heartbeat_interval_ms: int = Field(default=3_000, ge=100)
+    poll_timeout_ms: int = Field(default=200, ge=10)
+    max_poll_records: int = Field(default=50, ge=1)
+    max_record_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    retry_attempts: int = Field(default=3, ge=0, description="Retries of a retryable failure before a failed event.")
+    retry_backoff_s: float = Field(default=0.5, ge=0)
+    retry_backoff_max_s: float = Field(default=10.0, ge=0)
+    handler_timeout_s: float = Field(default=3600.0, gt=0, description="Annotation: a request running longer fails.")
+    drain_timeout_s: float = Field(default=30.0, ge=0, description="On SIGTERM: wait this long for in-flight work.")
+    torch_threads: int | None = Field(default=None, ge=1, description="torch.set_num_threads; default: torch's own.")
+    log_level: str = "INFO"
+    log_format: Literal["auto", "json", "console"] = "auto"
+    metrics_port: int | None = Field(default=None, ge=0, le=65535, description="Prometheus /metrics, /healthz, /readyz.")
+    metrics_host: str = "0.0.0.0"
+
+    # fetching
+    fetch_max_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
+    fetch_connect_timeout_s: float = 5.0
+    fetch_read_timeout_s: float = 15.0
+    fetch_total_timeout_s: float = 30.0
+    fetch_max_redirects: int = Field(default=3, ge=0)
+    fetch_concurrency: int = Field(default=16, ge=1)
+    allow_private_networks: bool = False
+    allow_file_urls: bool = False
+    file_root: str | None = None
+    max_image_pixels: int = Field(default=40_000_000, ge=1)
+    s3_endpoint_url: str | None = Field(default=None, validation_alias=AliasChoices("CLS_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL"))
+    s3_region: str | None = Field(default=None, validation_alias=AliasChoices("CLS_S3_REGION", "AWS_DEFAULT_REGION", "AWS_REGION"))
+
+    # annotation models
+    clip_variant: str = "ViT-B-32"
+    clip_weights: str = Field(default="laion2b_s34b_b79k", description="pretrained tag, local path, s3:// URL or 'random'.")
+    siglip_variant: str = "google/siglip-base-patch16-224"
+    siglip_weights: str = Field(default="pretrained", description="'pretrained' (hub cache), local dir/file, s3:// URL or 'random'.")
+    preload_models: str = Field(default="clip", description="Comma-separated families (or family:variant) loaded and warmed at start-up.")
+    model_cache_size: int = Field(default=2, ge=1)
+    model_dir: str = Field(default="~/.cache/cls-workers/models", description="Downloaded weights and trained packages.")
+    text_cache_size: int = Field(default=512, ge=1)
+    device: str = "auto"
+    seed: int = 0
+    max_images_per_request: int = Field(default=10_000, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    batch_wait_ms: float = Field(default=10.0, ge=0)
+    result_part_size: int = Field(default=500, ge=1, description="Images per result part (N).")
+    default_prompt_templates: str | None = Field(default=None, description="'|'-separated; default: open_clip's ImageNet ensemble.")
+
+    # training
+    training_work_dir: str = "~/.cache/cls-workers/training"
+    dataset_cache_dir: str = "~/.cache/cls-workers/images"
+    heartbeat_s: float = Field(default=30.0, gt=0)
+    checkpoint_prefix_suffix: str = Field(default=".checkpoints", description="Checkpoints go to <output_path><suffix>/")
+    max_jobs: int | None = Field(default=None, ge=1)
+
+    # test-only fault injection: crash (os._exit(137)) after the events of the Nth handled record
+    # are acknowledged by the broker and before its offset is committed.
+    fault_crash_after_publish: int | None = Field(default=None, ge=1)
+
+    @field_validator("log_level")
+    @classmethod
+    def _upper(cls, value: str) -> str:
+        return value.upper()
+
+
+class Settings:
+    """The two groups together, read from the environment."""
+
+    def __init__(self, kafka: KafkaSettings | None = None, worker: WorkerSettings | None = None) -> None:
+        self.kafka = kafka or KafkaSettings()
+        self.worker = worker or WorkerSettings()
+
+    def redacted(self) -> dict[str, Any]:
+        """Effective settings for logs and ``cls-worker settings``: secrets masked."""
+        kafka = self.kafka.model_dump()
+        if kafka.get("sasl_password") is not None:
+            kafka["sasl_password"] = "**********"
+        return {"kafka": kafka, "worker": self.worker.model_dump()}
+
+
+def all_setting_env_names() -> set[str]:
+    """Every environment variable a setting reads (used to check deploy manifests)."""
+    names = {f"KAFKA_{name.upper()}" for name in KafkaSettings.model_fields}
+    for name, field in WorkerSettings.model_fields.items():
+        names.add(f"CLS_{name.upper()}")
+        alias = field.validation_alias
+        if isinstance(alias, AliasChoices):
+            names.update(str(choice) for choice in alias.choices)
+    return names

@@ -1,0 +1,197 @@
+"""Helpers for tests against the real broker: topics, producing, reading until a condition."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+
+from consumers.settings import KafkaSettings, Settings, WorkerSettings
+from consumers.topics_admin import create_topics, topic_specs
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def topic_env(prefix: str) -> dict[str, str]:
+    """CLS_* variables naming per-test topics and groups."""
+    return {
+        "CLS_ANNOTATION_REQUESTS_TOPIC": f"{prefix}.cls.annotation.requests",
+        "CLS_ANNOTATION_RESULTS_TOPIC": f"{prefix}.cls.annotation.results",
+        "CLS_TRAINING_REQUESTS_TOPIC": f"{prefix}.cls.training.requests",
+        "CLS_TRAINING_STATUS_TOPIC": f"{prefix}.cls.training.status",
+        "CLS_TRAINING_CONTROL_TOPIC": f"{prefix}.cls.training.control",
+        "CLS_ANNOTATION_GROUP_ID": f"{prefix}-annotation",
+        "CLS_TRAINING_GROUP_ID": f"{prefix}-training",
+    }
+
+
+def settings_for(prefix: str, **overrides: Any) -> Settings:
+    env = topic_env(prefix)
+    worker_kwargs = {k.removeprefix("CLS_").lower(): v for k, v in env.items()}
+    worker_kwargs.setdefault("request_topic_partitions", 3)
+    worker_kwargs.setdefault("output_topic_partitions", 3)
+    worker_kwargs.update(overrides)
+    return Settings(
+        kafka=KafkaSettings(bootstrap_servers=os.environ["KAFKA_BOOTSTRAP_SERVERS"]),
+        worker=WorkerSettings(**worker_kwargs),
+    )
+
+
+async def provision(settings: Settings) -> None:
+    await create_topics(settings, topic_specs(settings))
+
+
+@dataclass
+class Record:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: dict[str, bytes]
+
+    def json(self) -> Any:
+        return json.loads(self.value) if self.value is not None else None
+
+
+async def produce(bootstrap: str, topic: str, value: bytes | dict | None, key: str | bytes | None = None,
+                  headers: list[tuple[str, bytes]] | None = None, partition: int | None = None) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True)
+    await producer.start()
+    try:
+        await send(producer, topic, value, key, headers, partition)
+    finally:
+        await producer.stop()
+
+
+async def send(producer: AIOKafkaProducer, topic: str, value: bytes | dict | None, key: str | bytes | None = None,
+               headers: list[tuple[str, bytes]] | None = None, partition: int | None = None) -> None:
+    raw = json.dumps(value).encode() if isinstance(value, dict) else value
+    raw_key = key.encode() if isinstance(key, str) else key
+    await producer.send_and_wait(topic, value=raw, key=raw_key, headers=headers, partition=partition)
+
+
+async def read_until(bootstrap: str, topic: str, done: Callable[[list[Record]], bool], timeout_s: float = 60.0) -> list[Record]:
+    """Read ``topic`` from the beginning (no group) until ``done(records)`` or the timeout (then AssertionError)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+                                auto_offset_reset="earliest")
+    await consumer.start()
+    records: list[Record] = []
+    try:
+        partitions = await _partitions(consumer, topic, timeout_s)
+        tps = [TopicPartition(topic, p) for p in partitions]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        deadline = time.monotonic() + timeout_s
+        while not done(records):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout_s}s reading {topic}; got {len(records)} records: "
+                                     f"{[r.value[:300] if r.value else None for r in records[-5:]]}")
+            batches = await consumer.getmany(timeout_ms=200)
+            for batch in batches.values():
+                for r in batch:
+                    records.append(Record(r.topic, r.partition, r.offset, r.key, r.value,
+                                          {k: v for k, v in (r.headers or ())}))
+    finally:
+        await consumer.stop()
+    return records
+
+
+async def _partitions(consumer: AIOKafkaConsumer, topic: str, timeout_s: float) -> list[int]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        await consumer._client.force_metadata_update()
+        partitions = consumer.partitions_for_topic(topic)
+        if partitions:
+            return sorted(partitions)
+        if time.monotonic() > deadline:
+            raise AssertionError(f"topic {topic} does not exist")
+        await asyncio.sleep(0.2)
+
+
+async def committed_offsets(bootstrap: str, group: str) -> dict[tuple[str, int], int]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        offsets = await admin.list_consumer_group_offsets(group)
+    finally:
+        await admin.close()
+    return {(tp.topic, tp.partition): meta.offset for tp, meta in offsets.items()}
+
+
+async def end_offsets(bootstrap: str, topic: str) -> dict[tuple[str, int], int]:
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in await _partitions(consumer, topic, 30)]
+        ends = await consumer.end_offsets(tps)
+    finally:
+        await consumer.stop()
+    return {(tp.topic, tp.partition): off for tp, off in ends.items()}
+
+
+class WorkerProcess:
+    """A worker run as a real subprocess (``python -m MODULE ARGS``) with a log file."""
+
+    def __init__(self, module: str, args: list[str], env: dict[str, str], log_path: Path) -> None:
+        self.log_path = log_path
+        self._log = open(log_path, "ab")
+        full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen([sys.executable, "-m", module, *args], env=full_env, cwd=REPO,
+                                     stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def log_events(self) -> list[dict]:
+        events = []
+        for line in self.log_text().splitlines():
+            if line.startswith("{"):
+                try:
+                    events.append(json.loads(line))
+                except ValueError:
+                    pass
+        return events
+
+    async def wait_for_log(self, event: str, timeout_s: float = 60, count: int = 1) -> dict:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            matches = [e for e in self.log_events() if e.get("event") == event]
+            if len(matches) >= count:
+                return matches[count - 1]
+            if self.proc.poll() is not None:
+                raise AssertionError(f"worker exited ({self.proc.returncode}) before {event!r}:\n{self.log_text()[-4000:]}")
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"no {event!r} log within {timeout_s}s:\n{self.log_text()[-4000:]}")
+
+    async def wait_exit(self, timeout_s: float = 60) -> int:
+        deadline = time.monotonic() + timeout_s
+        while self.proc.poll() is None:
+            if time.monotonic() > deadline:
+                self.kill()
+                raise AssertionError(f"worker did not exit within {timeout_s}s:\n{self.log_text()[-4000:]}")
+            await asyncio.sleep(0.1)
+        return self.proc.returncode
+
+    def terminate(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+    def close(self) -> None:
+        self.kill()
+        self._log.close()
