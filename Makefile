@@ -1,0 +1,53 @@
+# Two commands from a fresh machine (Python >= 3.11, Java 17, Maven):
+#   make run    local Kafka + S3 API + both workers + a demo of the two workflows
+#   make test   the whole suite against a real broker and a real S3 API
+# Setup is idempotent: a second run installs nothing.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+JARS := deploy/local/lib/.complete
+PYTEST_ARGS ?=
+
+.PHONY: setup run test bench bench-annotation bench-training kafka-start kafka-stop schemas clean
+
+setup: $(STAMP) $(JARS)
+
+$(VENV)/bin/python:
+	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 needed"'
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
+
+$(STAMP): pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+$(JARS): deploy/local/pom.xml
+	deploy/local/kafka.sh jars
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+run: setup
+	$(PY) -m examples.demo $(DEMO_ARGS)
+
+bench: bench-annotation bench-training
+
+bench-annotation: setup
+	$(PY) bench/annotation.py
+
+bench-training: setup
+	$(PY) bench/training.py
+
+kafka-start: $(JARS)
+	deploy/local/kafka.sh start
+
+kafka-stop:
+	deploy/local/kafka.sh stop
+
+schemas: setup
+	$(VENV)/bin/cls-worker schemas export schemas/json --asyncapi docs/asyncapi.yaml
+
+clean:
+	rm -rf $(VENV) deploy/local/lib deploy/local/target .state .pytest_cache
