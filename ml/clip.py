@@ -1,0 +1,180 @@
+"""CLIP zero-shot models, built and run through open_clip.
+
+Architectures are open_clip's model configs plus this project's own (``ml/model_configs/open_clip``,
+e.g. the tiny ``cls-tiny-clip`` used by tests), all on the same code path. Weights:
+
+- ``"random"``: ``open_clip.create_model(variant, pretrained=None)`` under ``torch.manual_seed(seed)``;
+- a pretrained tag of the variant (``"openai"``, ``"laion2b_s34b_b79k"``, ...): open_clip's own
+  download/cache path, with QuickGELU switched on when the tag was trained with it;
+- a local state-dict file, or a directory holding one (``open_clip_model.safetensors``,
+  ``open_clip_pytorch_model.bin``, ``model.safetensors``, ... or a single weight file).
+
+Tokenizer and preprocessing are open_clip's for the variant (the bundled BPE tokenizer for the
+classic CLIP architectures, so text encoding works offline).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import open_clip
+import torch
+from open_clip.transform import PreprocessCfg, image_transform_v2
+from PIL import Image
+
+from ml.text_cache import TextEmbeddingCache
+from ml.weights import WeightsFileError, load_state_dict_file
+from ml.zeroshot import EmbeddingModel, ModelInfo, ModelLoadError, WeightsSource, softmax_scores
+
+__all__ = ["CONFIG_DIR", "ClipModel", "load_clip", "register_model_configs"]
+
+CONFIG_DIR = Path(__file__).parent / "model_configs" / "open_clip"
+"""This project's extra open_clip architecture configs (one JSON file per variant)."""
+
+_WEIGHT_FILE_NAMES = (
+    "open_clip_model.safetensors",
+    "open_clip_pytorch_model.safetensors",
+    "model.safetensors",
+    "open_clip_pytorch_model.bin",
+    "pytorch_model.bin",
+    "open_clip_pytorch_model.pth",
+    "model.pth",
+    "model.pt",
+)
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
+_register_lock = threading.Lock()
+
+
+def register_model_configs() -> None:
+    """Add this project's configs to open_clip's registry (idempotent)."""
+    names = {path.stem for path in CONFIG_DIR.glob("*.json")}
+    with _register_lock:
+        if not names.issubset(open_clip.list_models()):
+            open_clip.add_model_config(CONFIG_DIR)
+
+
+class ClipModel(EmbeddingModel):
+    """An open_clip model as a :class:`~ml.zeroshot.ZeroShotModel` (softmax confidences)."""
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        tokenizer: Callable[[list[str]], torch.Tensor],
+        info: ModelInfo,
+        device: torch.device,
+        text_cache: TextEmbeddingCache,
+    ) -> None:
+        preprocess_cfg = PreprocessCfg(**module.visual.preprocess_cfg)
+        size = preprocess_cfg.size
+        super().__init__(info, device, int(size if isinstance(size, int) else size[0]), text_cache)
+        self.module = module
+        self.preprocess_cfg = preprocess_cfg
+        self._tokenizer = tokenizer
+        self._transform = image_transform_v2(preprocess_cfg, is_train=False)
+        self.logit_scale = module.logit_scale.detach().float().exp().cpu()
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        return self._transform(image)
+
+    def scores(self, image_embeddings: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
+        return softmax_scores(image_embeddings, text_embeddings, self.logit_scale)
+
+    def _image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.module.encode_image(pixels)
+
+    def _text_features(self, prompts: list[str]) -> torch.Tensor:
+        tokens = self._tokenizer(prompts).to(self.device)
+        return self.module.encode_text(tokens)
+
+
+def load_clip(
+    variant: str, source: WeightsSource, *, device: torch.device, text_cache: TextEmbeddingCache, seed: int = 0
+) -> ClipModel:
+    """Build the open_clip ``variant`` with ``source`` weights on ``device`` (eval mode)."""
+    register_model_configs()
+    if variant not in open_clip.list_models():
+        raise ModelLoadError(f"unknown CLIP variant {variant!r}: not an open_clip architecture")
+    try:
+        module = _create_module(variant, source, seed)
+        tokenizer = open_clip.get_tokenizer(variant)
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load CLIP {variant} with weights {source.value!r}: {exc}") from exc
+    module.eval().requires_grad_(False)
+    module.to(device)
+    if device.type == "cuda":
+        module.to(memory_format=torch.channels_last)
+    info = ModelInfo(family="clip", variant=variant, weights=source.value)
+    return ClipModel(module, tokenizer, info, device, text_cache)
+
+
+def _create_module(variant: str, source: WeightsSource, seed: int) -> torch.nn.Module:
+    if source.kind == "pretrained":
+        tag = source.value
+        tag_cfg = open_clip.get_pretrained_cfg(variant, tag)
+        if not tag_cfg:
+            tags = open_clip.list_pretrained_tags_by_model(variant)
+            raise ModelLoadError(f"unknown pretrained tag {tag!r} for CLIP {variant}; known tags: {tags}")
+        try:
+            return open_clip.create_model(
+                variant,
+                pretrained=tag,
+                force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)),
+                require_pretrained=True,
+            )
+        except Exception as exc:
+            raise ModelLoadError(
+                f"cannot fetch pretrained weights {tag!r} for CLIP {variant} (hub cache or download): {exc}"
+            ) from exc
+    with _seeded(seed):
+        module = open_clip.create_model(variant, pretrained=None)
+    if source.kind == "random":
+        return module
+    weight_file = Path(source.value) if source.kind == "file" else _find_weight_file(Path(source.value))
+    try:
+        state = load_state_dict_file(weight_file)
+    except WeightsFileError as exc:
+        raise ModelLoadError(str(exc)) from exc
+    _load_state(module, state, variant, weight_file)
+    return module
+
+
+def _load_state(module: torch.nn.Module, state: dict[str, torch.Tensor], variant: str, origin: Path) -> None:
+    for name in ("logit_scale", "logit_bias"):
+        own = getattr(module, name, None)
+        if name in state and isinstance(own, torch.Tensor) and state[name].ndim != own.ndim:
+            state[name] = state[name].reshape(own.shape)
+    try:
+        result = module.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        raise ModelLoadError(f"weights in {origin} do not fit CLIP {variant}: {exc}") from exc
+    if result.missing_keys or result.unexpected_keys:
+        raise ModelLoadError(
+            f"weights in {origin} do not fit CLIP {variant}: "
+            f"missing {result.missing_keys[:5]} ({len(result.missing_keys)}), "
+            f"unexpected {result.unexpected_keys[:5]} ({len(result.unexpected_keys)})"
+        )
+
+
+def _find_weight_file(directory: Path) -> Path:
+    for name in _WEIGHT_FILE_NAMES:
+        if (directory / name).is_file():
+            return directory / name
+    candidates = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix in _WEIGHT_SUFFIXES)
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise ModelLoadError(f"no weight file ({', '.join(_WEIGHT_SUFFIXES)}) in {directory}")
+    raise ModelLoadError(f"several weight files in {directory}, name one: {[p.name for p in candidates]}")
+
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Run with the CPU RNG seeded to ``seed``, restoring the caller's RNG state afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield

@@ -1,0 +1,295 @@
+"""Zero-shot image classification models: the protocol, shared scoring, and the loader.
+
+A model embeds images and class prompts into one space; class confidences come from the cosine
+similarity of the two. CLIP confidences are a softmax over the given classes; SigLIP confidences
+are independent sigmoids per class.
+
+Weights specs accepted by :func:`load_zero_shot_model`:
+
+- ``"random"``: random initialisation of the variant's architecture, seeded, fully offline;
+- a path to a local file (``.safetensors``, or a ``weights_only``-safe torch file) holding a
+  state dict for the variant's architecture, or a local directory (see the family modules);
+- anything else: a pretrained tag (CLIP, e.g. ``"openai"``) or hub id (SigLIP, ``"pretrained"``
+  meaning the variant's own hub id), loaded through the library's usual hub cache.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ml.device import autocast_context, is_out_of_memory, resolve_device, to_device
+from ml.text_cache import TextEmbeddingCache, text_cache_key
+
+__all__ = [
+    "DEFAULT_TEMPLATES",
+    "DEFAULT_VARIANTS",
+    "EmbeddingModel",
+    "RANDOM_WEIGHTS",
+    "ModelInfo",
+    "ModelLoadError",
+    "WeightsSource",
+    "ZeroShotModel",
+    "encode_images_adaptive",
+    "load_zero_shot_model",
+    "render_prompts",
+    "sigmoid_scores",
+    "softmax_scores",
+    "warm_up",
+]
+
+Family = Literal["clip", "siglip"]
+
+RANDOM_WEIGHTS = "random"
+
+DEFAULT_VARIANTS: dict[str, str] = {"clip": "ViT-B-32", "siglip": "google/siglip-base-patch16-224"}
+
+
+def _openai_imagenet_templates() -> list[str]:
+    # open_clip ships the 80 OpenAI ImageNet prompts as lambdas; calling each with "{}" turns it
+    # back into the format string it was written from.
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+    return [template("{}") for template in OPENAI_IMAGENET_TEMPLATES]
+
+
+DEFAULT_TEMPLATES: list[str] = _openai_imagenet_templates()
+"""The 80 OpenAI ImageNet prompt templates (as used by open_clip's zero-shot eval), with ``{}``."""
+
+
+class ModelLoadError(Exception):
+    """A model could not be built or its weights could not be loaded (unknown variant, weights not
+    fetchable, unsafe or mismatched weight file, unusable device)."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What produced a prediction: model family, architecture variant, and weights spec."""
+
+    family: str
+    variant: str
+    weights: str  # "random" when randomly initialised
+
+
+@runtime_checkable
+class ZeroShotModel(Protocol):
+    """A loaded zero-shot classifier (see the module docstring for the confidence semantics)."""
+
+    info: ModelInfo
+    device: torch.device
+    image_size: int
+    text_cache: TextEmbeddingCache
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """An RGB image -> the family's reference ``[3, H, W]`` float input tensor, on the CPU."""
+        ...
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, W]`` preprocessed images -> L2-normalised ``[B, D]`` float32 embeddings on the CPU."""
+        ...
+
+    def text_embeddings(self, classes: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
+        """One L2-normalised ``[C, D]`` embedding per class (the template ensemble), cached."""
+        ...
+
+    def scores(self, image_embeddings: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
+        """``[B, C]`` confidences in [0, 1]."""
+        ...
+
+
+@dataclass(frozen=True)
+class WeightsSource:
+    """A parsed weights spec: ``kind`` is ``random``, ``file``, ``directory`` or ``pretrained``."""
+
+    kind: Literal["random", "file", "directory", "pretrained"]
+    value: str
+
+    @classmethod
+    def parse(cls, weights: str) -> WeightsSource:
+        """Classify a weights spec string (local paths must exist to count as paths)."""
+        if not weights or not weights.strip():
+            raise ModelLoadError("empty weights spec")
+        if weights == RANDOM_WEIGHTS:
+            return cls("random", weights)
+        path = Path(weights).expanduser()
+        if path.is_file():
+            return cls("file", str(path))
+        if path.is_dir():
+            return cls("directory", str(path))
+        if weights.startswith(("/", "./", "../", "~")) or weights.endswith((".safetensors", ".pt", ".pth", ".bin")):
+            raise ModelLoadError(f"weights path {weights!r} does not exist")
+        return cls("pretrained", weights)
+
+
+def render_prompts(classes: Sequence[str], templates: Sequence[str]) -> list[str]:
+    """All prompts, class-major: ``templates[j]`` with ``classes[i]`` at index ``i * T + j``.
+
+    A template names the class with ``{c}`` or ``{}``; a template with neither is rejected.
+    """
+    if isinstance(classes, str) or isinstance(templates, str):
+        raise TypeError("classes and templates must be sequences of strings, not a string")
+    if not classes:
+        raise ValueError("at least one class is required")
+    if not templates:
+        raise ValueError("at least one template is required")
+    for template in templates:
+        if "{c}" not in template and "{}" not in template:
+            raise ValueError(f"template {template!r} has no class placeholder ({{}} or {{c}})")
+    return [
+        template.replace("{c}", name) if "{c}" in template else template.replace("{}", name)
+        for name in classes
+        for template in templates
+    ]
+
+
+def softmax_scores(
+    image_embeddings: torch.Tensor, text_embeddings: torch.Tensor, logit_scale: torch.Tensor
+) -> torch.Tensor:
+    """CLIP confidences: ``softmax(logit_scale * cos)`` over the classes (rows sum to 1)."""
+    logits = logit_scale * (image_embeddings.float() @ text_embeddings.float().T)
+    return logits.softmax(dim=-1)
+
+
+def sigmoid_scores(
+    image_embeddings: torch.Tensor,
+    text_embeddings: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor,
+) -> torch.Tensor:
+    """SigLIP confidences: ``sigmoid(logit_scale * cos + logit_bias)``, independent per class."""
+    logits = logit_scale * (image_embeddings.float() @ text_embeddings.float().T) + logit_bias
+    return logits.sigmoid()
+
+
+class EmbeddingModel(ABC):
+    """Shared implementation of :class:`ZeroShotModel`: device transfer, autocast, normalisation,
+    prompt-ensemble text embeddings with caching. Families supply the raw feature functions."""
+
+    text_batch_size = 256
+    """Prompts per text forward pass."""
+
+    def __init__(
+        self, info: ModelInfo, device: torch.device, image_size: int, text_cache: TextEmbeddingCache
+    ) -> None:
+        self.info = info
+        self.device = device
+        self.image_size = image_size
+        self.text_cache = text_cache
+        self._text_lock = threading.Lock()
+
+    @abstractmethod
+    def preprocess(self, image: Image.Image) -> torch.Tensor: ...
+
+    @abstractmethod
+    def scores(self, image_embeddings: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor: ...
+
+    @abstractmethod
+    def _image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Unnormalised image features for a batch already on the device."""
+
+    @abstractmethod
+    def _text_features(self, prompts: list[str]) -> torch.Tensor:
+        """Unnormalised text features for a list of prompts (tokenised here), on the device."""
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        if pixels.dim() != 4 or pixels.shape[1] != 3:
+            raise ValueError(f"expected a [B, 3, H, W] batch, got shape {tuple(pixels.shape)}")
+        with torch.inference_mode():
+            batch = to_device(pixels, self.device)
+            with autocast_context(self.device):
+                features = self._image_features(batch)
+            features = F.normalize(features.float(), dim=-1)
+        return features.cpu()
+
+    def text_embeddings(self, classes: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
+        prompts = render_prompts(classes, templates)
+        key = text_cache_key(self.info, classes, templates)
+        cached = self.text_cache.get(key)
+        if cached is not None:
+            return cached
+        with self._text_lock:  # one text pass at a time; a concurrent identical request waits for it
+            cached = self.text_cache.peek(key)
+            if cached is not None:
+                return cached
+            embeddings = self._ensemble_text_embeddings(prompts, len(classes), len(templates))
+            self.text_cache.put(key, embeddings)
+        return embeddings
+
+    def _ensemble_text_embeddings(self, prompts: list[str], num_classes: int, num_templates: int) -> torch.Tensor:
+        """Per class: the normalised mean of its normalised prompt embeddings (open_clip's ensemble)."""
+        class_index = torch.arange(num_classes, device=self.device).repeat_interleave(num_templates)
+        sums: torch.Tensor | None = None
+        with torch.inference_mode():
+            for start in range(0, len(prompts), self.text_batch_size):
+                chunk = prompts[start : start + self.text_batch_size]
+                with autocast_context(self.device):
+                    features = self._text_features(chunk)
+                features = F.normalize(features.float(), dim=-1)
+                if sums is None:
+                    sums = torch.zeros(num_classes, features.shape[-1], device=self.device)
+                sums.index_add_(0, class_index[start : start + len(chunk)], features)
+            assert sums is not None
+            embeddings = F.normalize(sums / num_templates, dim=-1)
+        return embeddings.cpu()
+
+
+def encode_images_adaptive(model: ZeroShotModel, pixels: torch.Tensor) -> torch.Tensor:
+    """``model.encode_images(pixels)``; on a CUDA out-of-memory error, halve the batch and retry
+    each half (recursively, down to single images, where the error is re-raised)."""
+    if model.device.type != "cuda":
+        return model.encode_images(pixels)
+    try:
+        return model.encode_images(pixels)
+    except Exception as exc:  # noqa: BLE001 - only OOM is handled, the rest re-raised
+        if not is_out_of_memory(exc) or pixels.shape[0] <= 1:
+            raise
+    # Retry outside the except block so the failed attempt's frames (and tensors) are freed first.
+    torch.cuda.empty_cache()
+    half = (pixels.shape[0] + 1) // 2
+    return torch.cat([encode_images_adaptive(model, pixels[:half]), encode_images_adaptive(model, pixels[half:])])
+
+
+def load_zero_shot_model(
+    family: Family,
+    variant: str | None,
+    weights: str,
+    *,
+    device: str = "auto",
+    text_cache_size: int = 256,
+    seed: int = 0,
+) -> ZeroShotModel:
+    """Build a zero-shot model of ``family`` / ``variant`` (default per :data:`DEFAULT_VARIANTS`)
+    with the given weights spec, in eval mode on ``device``. Raises :class:`ModelLoadError`."""
+    if family not in DEFAULT_VARIANTS:
+        raise ModelLoadError(f"unknown zero-shot model family {family!r} (expected one of {sorted(DEFAULT_VARIANTS)})")
+    variant = variant or DEFAULT_VARIANTS[family]
+    try:
+        target = resolve_device(device)
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from exc
+    source = WeightsSource.parse(weights)
+    text_cache = TextEmbeddingCache(text_cache_size)
+    if family == "clip":
+        from ml.clip import load_clip
+
+        return load_clip(variant, source, device=target, text_cache=text_cache, seed=seed)
+    from ml.siglip import load_siglip
+
+    return load_siglip(variant, source, device=target, text_cache=text_cache, seed=seed)
+
+
+def warm_up(model: ZeroShotModel) -> None:
+    """Run one image and one prompt through ``model`` (kernels, allocator) without touching the cache."""
+    blank = Image.new("RGB", (model.image_size, model.image_size))
+    model.encode_images(model.preprocess(blank).unsqueeze(0))
+    if isinstance(model, EmbeddingModel):
+        with torch.inference_mode(), autocast_context(model.device):
+            model._text_features(["a photo."])
