@@ -1,0 +1,119 @@
+"""Inference with a model package written by ml.training (safetensors weights + config.json)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from PIL import Image
+from torch import nn
+
+from ml.training.augment import DataConfig, eval_transform
+from ml.training.errors import PackageError, UnknownModelError
+from ml.training.models import create_model
+from ml.training.package import WEIGHTS_FILE, read_package_config
+
+
+class TrainedModel:
+    """A fine-tuned timm classifier loaded from a package directory (safetensors only, never pickles)."""
+
+    def __init__(self, model: nn.Module, config: dict[str, Any], device: torch.device, weights_sha256: str) -> None:
+        self.model = model
+        self.config = config
+        self.device = device
+        self.class_names: list[str] = list(config["class_names"])
+        self.data_config = DataConfig.from_json_dict(config)
+        self.image_size: int = self.data_config.image_size
+        self.info_variant: str = str(config["model_name"])
+        self.weights_sha256 = weights_sha256
+        self._index = {name: i for i, name in enumerate(self.class_names)}
+        self._transform = eval_transform(self.data_config)
+
+    @classmethod
+    def load(cls, package_dir: Path, device: str = "auto") -> "TrainedModel":
+        """Rebuild the architecture with random init (no download) and load model.safetensors strictly."""
+        package_dir = Path(package_dir)
+        config = read_package_config(package_dir)
+        weights_file = package_dir / WEIGHTS_FILE
+        try:
+            state = safetensors.torch.load_file(str(weights_file), device="cpu")
+        except Exception as exc:
+            raise PackageError(f"cannot read {WEIGHTS_FILE}: {exc}") from exc
+        try:
+            model = create_model(config["model_name"], int(config["num_classes"]), config.get("model_kwargs") or {})
+        except UnknownModelError as exc:
+            raise PackageError(f"model package names a model this timm does not know: {exc}") from exc
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise PackageError(f"{WEIGHTS_FILE} does not fit {config['model_name']!r}: {str(exc)[:500]}") from exc
+        target = _resolve_device(device)
+        model.to(target).eval()
+        return cls(model, config, target, _sha256(weights_file))
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """The package's evaluation transform (resize, centre crop, normalise) -> CPU float tensor [3, H, W]."""
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        return self._transform(image)
+
+    def predict(self, pixels: torch.Tensor, subset: Sequence[str] | None = None) -> torch.Tensor:
+        """Softmax probabilities, CPU float32: ``[B, num_classes]``, or ``[B, len(subset)]`` in subset order.
+
+        With ``subset`` the softmax runs over those classes' logits only (probabilities renormalised among them).
+        ``pixels`` is ``[B, 3, H, W]`` (or one ``[3, H, W]``) from :meth:`preprocess`.
+        """
+        indices = self.subset_indices(subset)
+        if pixels.dim() == 3:
+            pixels = pixels.unsqueeze(0)
+        if pixels.dim() != 4:
+            raise ValueError(f"pixels must be [B, 3, H, W] or [3, H, W], got shape {tuple(pixels.shape)}")
+        with torch.inference_mode():
+            logits = self.model(pixels.to(self.device, dtype=torch.float32)).float()
+            if indices is not None:
+                logits = logits[:, torch.tensor(indices, device=logits.device)]
+            return logits.softmax(dim=-1).cpu()
+
+    def subset_indices(self, subset: Sequence[str] | None) -> list[int] | None:
+        """Class indices of ``subset`` in its order; ValueError naming unknown or repeated names."""
+        if subset is None:
+            return None
+        if isinstance(subset, str):
+            raise ValueError("subset must be a list of class names, not a single string")
+        names = list(subset)
+        if not names:
+            raise ValueError("subset must name at least one class")
+        unknown = [name for name in names if name not in self._index]
+        if unknown:
+            known = ", ".join(repr(n) for n in self.class_names[:20])
+            more = f" (and {len(self.class_names) - 20} more)" if len(self.class_names) > 20 else ""
+            raise ValueError(
+                f"subset has class names this model was not trained on: {unknown}; "
+                f"model {self.info_variant!r} knows: {known}{more}"
+            )
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"subset names a class more than once: {repeated}")
+        return [self._index[name] for name in names]
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

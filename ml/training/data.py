@@ -1,0 +1,140 @@
+"""Samples on local disk: validation, stratified split, decoding dataset, per-epoch deterministic batches."""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from ml.training.errors import DatasetError
+
+Sample = tuple[str, int]
+
+
+def stratified_split(samples: Sequence[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Split ``samples`` into (train, val), taking ``round(fraction * n_c)`` of each class for val.
+
+    Every class with at least 2 samples gives at least one to val and keeps at least one for train; a class with
+    a single sample stays in train. Deterministic for a given seed; both outputs keep the input order.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+    by_class: dict[int, list[int]] = defaultdict(list)
+    for index, (_, label) in enumerate(samples):
+        by_class[int(label)].append(index)
+    rng = random.Random(seed)
+    val_indices: set[int] = set()
+    for label in sorted(by_class):
+        indices = by_class[label]
+        if len(indices) < 2:
+            continue
+        take = min(max(1, round(fraction * len(indices))), len(indices) - 1)
+        shuffled = indices[:]
+        rng.shuffle(shuffled)
+        val_indices.update(shuffled[:take])
+    train = [samples[i] for i in range(len(samples)) if i not in val_indices]
+    val = [samples[i] for i in range(len(samples)) if i in val_indices]
+    return train, val
+
+
+def check_samples(samples: Sequence[Sample], num_classes: int, split: str) -> list[Sample]:
+    """Return the samples as ``(str path, int label)``; DatasetError when empty or a label is out of range."""
+    if not samples:
+        raise DatasetError(f"the {split} split is empty")
+    checked: list[Sample] = []
+    for path, label in samples:
+        if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < num_classes:
+            raise DatasetError(f"{split} sample {path!s}: label {label!r} is not a class index in [0, {num_classes})")
+        checked.append((str(path), int(label)))
+    return checked
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Decode an image file to RGB; DatasetError naming the file when it cannot be decoded."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
+        raise DatasetError(f"cannot decode image {path}: {exc}") from exc
+
+
+def split_readable(samples: Sequence[Sample]) -> tuple[list[Sample], list[Sample]]:
+    """(readable, unreadable) by fully decoding each image; lets a caller apply its bad-image budget first."""
+    readable: list[Sample] = []
+    unreadable: list[Sample] = []
+    for sample in samples:
+        try:
+            load_rgb(sample[0])
+        except DatasetError:
+            unreadable.append(sample)
+        else:
+            readable.append(sample)
+    return readable, unreadable
+
+
+class ImageFileDataset(Dataset):
+    """``(path, label)`` samples decoded with PIL (``convert("RGB")``) and transformed."""
+
+    def __init__(self, samples: Sequence[Sample], transform: Callable) -> None:
+        self.samples = list(samples)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[index]
+        return self.transform(load_rgb(path)), label
+
+
+class EpochBatches:
+    """Batch sampler: a permutation fixed by (seed, epoch), cut into batches, from a start step on.
+
+    The order depends on nothing but (seed, epoch), so a run resumed mid-epoch continues with the very batches
+    an uninterrupted run would have used. A trailing batch of one sample is dropped when there are others
+    (BatchNorm cannot train on a batch of one).
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, seed: int, shuffle: bool = True) -> None:
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+        self.start_step = 0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        full, rest = divmod(self.num_samples, self.batch_size)
+        if rest == 1 and full > 0 and self.shuffle:
+            return full
+        return full + (1 if rest else 0)
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch = epoch
+        self.start_step = start_step
+
+    def batches(self) -> list[list[int]]:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+            order = torch.randperm(self.num_samples, generator=generator).tolist()
+        else:
+            order = list(range(self.num_samples))
+        cut = [order[i : i + self.batch_size] for i in range(0, self.num_samples, self.batch_size)]
+        return cut[: self.steps_per_epoch]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self.batches()[self.start_step :]
+
+    def __len__(self) -> int:
+        return max(0, self.steps_per_epoch - self.start_step)
+
+
+def epoch_seed(seed: int, epoch: int, salt: int = 0) -> int:
+    """A 63-bit seed derived from (seed, epoch, salt)."""
+    return (seed * 1_000_003 + epoch * 7_919 + salt * 104_729 + 0x5EED) % (2**63 - 1)

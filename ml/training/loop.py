@@ -1,0 +1,511 @@
+"""The training loop: fine-tune a timm classifier, checkpoint every epoch, resume, stop on request, package.
+
+Resume semantics: a checkpoint is written after EVERY epoch and whenever ``should_stop()`` returns a reason.
+A stop inside an epoch checkpoints at that step boundary, and the resumed run continues the SAME epoch from
+the next step (the batch order of an epoch depends only on (seed, epoch)); a stop during validation resumes
+with validation. With ``num_workers=0`` on CPU a resumed run reproduces an uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import timm.optim
+import torch
+from timm.data.mixup import mixup_target
+from timm.loss import SoftTargetCrossEntropy
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ml.training.augment import DataConfig, build_mixup, eval_transform, resolve_data_config, train_transform
+from ml.training.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from ml.training.config import TrainingCallbacks, TrainResult, TrainSpec
+from ml.training.data import EpochBatches, ImageFileDataset, Sample, check_samples, epoch_seed
+from ml.training.errors import ConfigError, TrainingStopped
+from ml.training.metrics import classification_metrics
+from ml.training.models import build_model, check_model_name
+from ml.training.package import PACKAGE_DIR, build_package_config, write_package
+from ml.training.schedule import warmup_cosine
+
+log = logging.getLogger(__name__)
+
+_PREFETCH_FACTOR = 4
+
+
+def train(
+    spec: TrainSpec,
+    train_samples: list[Sample],
+    val_samples: list[Sample],
+    workdir: Path,
+    callbacks: TrainingCallbacks,
+) -> TrainResult:
+    """Fine-tune ``spec.model_name`` on local image files and write the model package under ``workdir``.
+
+    Resumes from ``workdir/checkpoint/`` when it holds a checkpoint of the same run (same spec and dataset
+    shape); raises TrainingStopped after checkpointing when ``callbacks.should_stop()`` returns a reason.
+    Errors: ConfigError, UnknownModelError, DatasetError, PretrainedWeightsError (all ValueError: permanent).
+    """
+    spec.validate()
+    check_model_name(spec.model_name)
+    train_samples = check_samples(train_samples, spec.num_classes, "train")
+    val_samples = check_samples(val_samples, spec.num_classes, "val")
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    run = _TrainingRun(spec, train_samples, val_samples, workdir, callbacks)
+    try:
+        return run.execute()
+    finally:
+        run.close()
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; anything else is passed to torch.device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"invalid device {name!r}: {exc}") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def run_fingerprint(spec: TrainSpec, train_samples: list[Sample], val_samples: list[Sample]) -> str:
+    """Identity of a run for resuming: spec (minus runtime settings) and the labels of both splits.
+
+    Paths are left out on purpose: a redelivered job may download the same images to other local paths.
+    """
+    payload = spec.to_json_dict()
+    payload["train_labels"] = _labels_digest(train_samples)
+    payload["val_labels"] = _labels_digest(val_samples)
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _labels_digest(samples: list[Sample]) -> str:
+    digest = hashlib.sha256()
+    for _, label in samples:
+        digest.update(label.to_bytes(4, "little"))
+    return f"{len(samples)}:{digest.hexdigest()}"
+
+
+@dataclass
+class _EpochProgress:
+    """Running totals of the current epoch's training phase (survive a mid-epoch checkpoint)."""
+
+    loss_sum: float = 0.0
+    count: int = 0
+    train_time_s: float = 0.0
+
+    def to_state(self) -> dict[str, Any]:
+        return {"loss_sum": self.loss_sum, "count": self.count, "train_time_s": self.train_time_s}
+
+
+@dataclass
+class _Best:
+    epoch: int = 0
+    val_accuracy: float = -1.0
+    val_loss: float = math.inf
+    train_loss: float | None = None
+    state: dict[str, torch.Tensor] | None = None
+    targets: np.ndarray | None = None
+    predictions: np.ndarray | None = None
+
+    def improved_by(self, val_accuracy: float, val_loss: float) -> bool:
+        """Higher accuracy wins; equal accuracy and lower loss also wins."""
+        return val_accuracy > self.val_accuracy or (val_accuracy == self.val_accuracy and val_loss < self.val_loss)
+
+
+class _TrainingRun:
+    def __init__(
+        self,
+        spec: TrainSpec,
+        train_samples: list[Sample],
+        val_samples: list[Sample],
+        workdir: Path,
+        callbacks: TrainingCallbacks,
+    ) -> None:
+        self.spec = spec
+        self.workdir = workdir
+        self.callbacks = callbacks
+        self.device = resolve_device(spec.device)
+        self.cuda = self.device.type == "cuda"
+        self.fingerprint = run_fingerprint(spec, train_samples, val_samples)
+
+        checkpoint = load_checkpoint(workdir)
+        if checkpoint is not None and checkpoint.get("fingerprint") != self.fingerprint:
+            log.warning("checkpoint in %s belongs to another run (spec or dataset differ); starting over", workdir)
+            checkpoint = None
+
+        seed_everything(spec.seed)
+        fresh = checkpoint is None
+        self.model, self.model_kwargs = build_model(
+            spec.model_name,
+            spec.num_classes,
+            spec.image_size,
+            pretrained=spec.pretrained and fresh,
+            pretrained_path=spec.pretrained_path if fresh else None,
+        )
+        self.data_config: DataConfig = resolve_data_config(self.model, spec.image_size, spec.augmentation)
+        self.model.to(self.device)
+        if self.cuda:
+            self.model.to(memory_format=torch.channels_last)
+            torch.backends.cudnn.benchmark = True
+
+        self.batches = EpochBatches(len(train_samples), spec.batch_size, spec.seed, shuffle=True)
+        self.val_batches = EpochBatches(len(val_samples), spec.batch_size, spec.seed, shuffle=False)
+        self.steps = self.batches.steps_per_epoch
+        self.train_loader = self._loader(ImageFileDataset(train_samples, train_transform(self.data_config, spec.augmentation)), self.batches, 1)
+        self.val_loader = self._loader(ImageFileDataset(val_samples, eval_transform(self.data_config)), self.val_batches, 2)
+        self.val_size = len(val_samples)
+
+        optimizer_kwargs: dict[str, Any] = {"fused": True} if self.cuda else {}
+        self.optimizer = timm.optim.create_optimizer_v2(
+            self.model, "adamw", lr=spec.learning_rate, weight_decay=spec.weight_decay, **optimizer_kwargs
+        )
+        warmup_steps = round(spec.warmup_epochs * self.steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, warmup_cosine(spec.epochs * self.steps, warmup_steps)
+        )
+        self.amp_dtype: torch.dtype | None = None
+        if self.cuda:
+            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.mixup = build_mixup(spec.augmentation, spec.num_classes, spec.label_smoothing)
+        self.criterion: nn.Module = (
+            SoftTargetCrossEntropy() if self.mixup is not None else nn.CrossEntropyLoss(label_smoothing=spec.label_smoothing)
+        )
+        self.val_criterion = nn.CrossEntropyLoss(reduction="sum")
+
+        self.completed_epochs = 0
+        self.start_step = 0
+        self.progress = _EpochProgress()
+        self.best = _Best()
+        self.bad_epochs = 0
+        self.stopped_early = False
+        self.history: list[dict[str, Any]] = []
+        self.resumed_from_epoch: int | None = None
+        self.resumed_from_step: int | None = None
+        self.epoch_times: list[float] = []
+        self.val_time_s = 0.0
+        if checkpoint is not None:
+            self._restore(checkpoint)
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+
+    def execute(self) -> TrainResult:
+        spec = self.spec
+        for epoch in range(self.completed_epochs, spec.epochs):
+            if self.stopped_early:
+                break
+            self._run_epoch(epoch)
+        reason = self.callbacks.should_stop()
+        if reason:  # the last epoch's checkpoint is on disk: resuming goes straight to packaging
+            raise TrainingStopped(reason, self.completed_epochs, 0)
+        return self._finish()
+
+    def close(self) -> None:
+        for loader in (getattr(self, "train_loader", None), getattr(self, "val_loader", None)):
+            iterator = getattr(loader, "_iterator", None)
+            if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+                try:
+                    iterator._shutdown_workers()
+                except Exception:  # best effort at teardown
+                    log.debug("data loader shutdown failed", exc_info=True)
+
+    # -- one epoch -------------------------------------------------------------------------------------------
+
+    def _run_epoch(self, epoch: int) -> None:
+        spec = self.spec
+        start_step = self.start_step
+        epoch_started = time.monotonic()
+        earlier_attempts_s = self.progress.train_time_s  # time this epoch already took before a resume
+        self._check_stop(epoch, start_step)
+        self.model.train()
+        self.batches.set_epoch(epoch, start_step)
+        loss_sum = torch.zeros((), device=self.device)
+        phase_started = time.monotonic()
+        last_beat = phase_started
+        steps_done = start_step
+        for images, targets in self.train_loader:
+            images, targets = self._to_device(images, targets)
+            batch_size = self._train_step(images, targets, loss_sum)
+            self.progress.count += batch_size
+            steps_done += 1
+            now = time.monotonic()
+            if now - last_beat >= spec.heartbeat_s:
+                last_beat = now
+                self._flush_progress(loss_sum, phase_started, now)
+                phase_started = now
+                self.callbacks.on_heartbeat(epoch + 1, steps_done, self.steps, self._heartbeat_metrics(epoch, steps_done))
+            reason = self.callbacks.should_stop()
+            if reason:
+                self._flush_progress(loss_sum, phase_started, time.monotonic())
+                self._save(epoch, steps_done)
+                raise TrainingStopped(reason, epoch + 1, steps_done)
+        self._flush_progress(loss_sum, phase_started, time.monotonic())
+
+        val_started = time.monotonic()
+        val_loss, val_accuracy, targets, predictions = self._validate(epoch)
+        self.val_time_s = time.monotonic() - val_started
+
+        train_loss = self.progress.loss_sum / max(1, self.progress.count)
+        if self.best.improved_by(val_accuracy, val_loss):
+            state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+            self.best = _Best(epoch + 1, val_accuracy, val_loss, train_loss, state, targets, predictions)
+            self.bad_epochs = 0
+        else:
+            self.bad_epochs += 1
+        patience = spec.early_stopping_patience
+        if patience is not None and self.bad_epochs >= patience and epoch + 1 < spec.epochs:
+            self.stopped_early = True
+
+        epoch_time = time.monotonic() - epoch_started + earlier_attempts_s
+        self.epoch_times.append(epoch_time)
+        remaining = 0 if self.stopped_early else spec.epochs - (epoch + 1)
+        metrics = {
+            "epoch": epoch + 1,
+            "train_loss": train_loss,
+            "val_loss": val_loss,
+            "val_accuracy": val_accuracy,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "images_per_s": self.progress.count / self.progress.train_time_s if self.progress.train_time_s else 0.0,
+            "epoch_time_s": epoch_time,
+            "eta_s": remaining * (sum(self.epoch_times) / len(self.epoch_times)),
+            "best_epoch": self.best.epoch,
+            "best_val_accuracy": self.best.val_accuracy,
+            "stopped_early": self.stopped_early,
+        }
+        self.history.append(metrics)
+        self.completed_epochs = epoch + 1
+        self.start_step = 0
+        self.progress = _EpochProgress()
+        self._save(self.completed_epochs, 0)
+        self.callbacks.on_epoch_end(epoch + 1, spec.epochs, dict(metrics))
+
+    def _train_step(self, images: torch.Tensor, targets: torch.Tensor, loss_sum: torch.Tensor) -> int:
+        if self.mixup is not None:
+            images, targets = self._mix(images, targets)
+        with self._autocast():
+            logits = self.model(images)
+            loss = self.criterion(logits, targets)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.spec.grad_clip_norm is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.spec.grad_clip_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        batch_size = images.shape[0]
+        loss_sum += loss.detach().float() * batch_size
+        return batch_size
+
+    def _mix(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.mixup is not None
+        if images.shape[0] == 1:  # mixup needs pairs: a lone sample trains on its smoothed one-hot target
+            return images, mixup_target(targets, self.spec.num_classes, 1.0, self.spec.label_smoothing)
+        if images.shape[0] % 2:
+            images, targets = images[:-1], targets[:-1]
+        return self.mixup(images, targets)
+
+    def _validate(self, epoch: int) -> tuple[float, float, np.ndarray, np.ndarray]:
+        self.model.eval()
+        loss_total = torch.zeros((), device=self.device, dtype=torch.float64)
+        all_targets: list[torch.Tensor] = []
+        all_predictions: list[torch.Tensor] = []
+        last_beat = time.monotonic()
+        with torch.inference_mode():
+            for index, (images, targets) in enumerate(self.val_loader):
+                images, targets = self._to_device(images, targets)
+                with self._autocast():
+                    logits = self.model(images)
+                logits = logits.float()
+                loss_total += self.val_criterion(logits, targets).double()
+                all_targets.append(targets)
+                all_predictions.append(logits.argmax(dim=1))
+                now = time.monotonic()
+                if now - last_beat >= self.spec.heartbeat_s:
+                    last_beat = now
+                    self.callbacks.on_heartbeat(
+                        epoch + 1, self.steps, self.steps, {"phase": "val", "val_batches_done": index + 1}
+                    )
+                reason = self.callbacks.should_stop()
+                if reason:
+                    self._save(epoch, self.steps)
+                    raise TrainingStopped(reason, epoch + 1, self.steps)
+        targets_np = torch.cat(all_targets).cpu().numpy()
+        predictions_np = torch.cat(all_predictions).cpu().numpy()
+        val_loss = float(loss_total.item()) / max(1, len(targets_np))
+        val_accuracy = float((targets_np == predictions_np).mean())
+        self.model.train()
+        return val_loss, val_accuracy, targets_np, predictions_np
+
+    # -- helpers ---------------------------------------------------------------------------------------------
+
+    def _check_stop(self, epoch: int, step: int) -> None:
+        reason = self.callbacks.should_stop()
+        if reason:
+            self._save(epoch, step)
+            raise TrainingStopped(reason, epoch + 1, step)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _to_device(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        images = images.to(self.device, non_blocking=True)
+        targets = targets.to(self.device, non_blocking=True)
+        if self.cuda:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images, targets
+
+    def _flush_progress(self, loss_sum: torch.Tensor, phase_started: float, now: float) -> None:
+        """Fold the device-side loss sum and elapsed time into the epoch totals (one device sync)."""
+        self.progress.loss_sum += float(loss_sum.item())
+        loss_sum.zero_()
+        self.progress.train_time_s += now - phase_started
+
+    def _heartbeat_metrics(self, epoch: int, steps_done: int) -> dict[str, Any]:
+        rate = self.progress.count / self.progress.train_time_s if self.progress.train_time_s else 0.0
+        step_time = self.progress.train_time_s / max(1, steps_done)
+        remaining_steps = (self.steps - steps_done) + (self.spec.epochs - epoch - 1) * self.steps
+        remaining_vals = self.spec.epochs - epoch
+        return {
+            "phase": "train",
+            "train_loss": self.progress.loss_sum / max(1, self.progress.count),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "images_per_s": rate,
+            "eta_s": remaining_steps * step_time + remaining_vals * self.val_time_s,
+        }
+
+    def _loader(self, dataset: ImageFileDataset, batches: EpochBatches, salt: int) -> DataLoader:
+        workers = self.spec.num_workers
+        extra: dict[str, Any] = {"persistent_workers": True, "prefetch_factor": _PREFETCH_FACTOR} if workers else {}
+        return DataLoader(
+            dataset,
+            batch_sampler=batches,
+            num_workers=workers,
+            pin_memory=self.cuda,
+            generator=torch.Generator().manual_seed(epoch_seed(self.spec.seed, 0, salt)),
+            **extra,
+        )
+
+    # -- checkpoint ------------------------------------------------------------------------------------------
+
+    def _save(self, completed_epochs: int, step: int) -> None:
+        """Checkpoint: ``completed_epochs`` finished, ``step`` training steps of the next epoch done."""
+        best_is_model = step == 0 and self.best.epoch == completed_epochs
+        best = self.best
+        state = {
+            "fingerprint": self.fingerprint,
+            "epoch": completed_epochs,
+            "step": step,
+            "progress": self.progress.to_state(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "best": {
+                "epoch": best.epoch,
+                "val_accuracy": best.val_accuracy,
+                "val_loss": best.val_loss,
+                "train_loss": best.train_loss,
+                "state": None if best_is_model else best.state,
+                "targets": None if best.targets is None else torch.from_numpy(best.targets.astype(np.int64)),
+                "predictions": None if best.predictions is None else torch.from_numpy(best.predictions.astype(np.int64)),
+            },
+            "bad_epochs": self.bad_epochs,
+            "stopped_early": self.stopped_early,
+            "history": self.history,
+            "rng": capture_rng_state(),
+        }
+        save_checkpoint(self.workdir, state)
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.completed_epochs = int(state["epoch"])
+        self.start_step = int(state["step"])
+        self.progress = _EpochProgress(**state["progress"])
+        best = state["best"]
+        best_state = best["state"]
+        if best_state is None and best["epoch"] > 0:
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        self.best = _Best(
+            epoch=int(best["epoch"]),
+            val_accuracy=float(best["val_accuracy"]),
+            val_loss=float(best["val_loss"]),
+            train_loss=best["train_loss"],
+            state=best_state,
+            targets=None if best["targets"] is None else best["targets"].numpy(),
+            predictions=None if best["predictions"] is None else best["predictions"].numpy(),
+        )
+        self.bad_epochs = int(state["bad_epochs"])
+        self.stopped_early = bool(state["stopped_early"])
+        self.history = list(state["history"])
+        self.resumed_from_epoch = self.completed_epochs
+        self.resumed_from_step = self.start_step
+        restore_rng_state(state["rng"])
+        log.info("resumed from checkpoint: %d epochs done, step %d", self.completed_epochs, self.start_step)
+
+    # -- package ---------------------------------------------------------------------------------------------
+
+    def _finish(self) -> TrainResult:
+        spec = self.spec
+        best_state = self.best.state
+        assert best_state is not None and self.best.targets is not None and self.best.predictions is not None
+        self.model.load_state_dict(best_state)
+        report = classification_metrics(self.best.targets, self.best.predictions, spec.class_names)
+        metrics: dict[str, Any] = {
+            "train_loss": self.best.train_loss,
+            "val_loss": self.best.val_loss,
+            "val_accuracy": self.best.val_accuracy,
+            "best_epoch": self.best.epoch,
+            "epochs_run": self.completed_epochs,
+            "stopped_early": self.stopped_early,
+            "per_class": report["per_class"],
+            "confusion_matrix": report["confusion_matrix"],
+            "epochs": copy.deepcopy(self.history),
+        }
+        config = build_package_config(
+            model_name=spec.model_name,
+            model_kwargs=self.model_kwargs,
+            class_names=spec.class_names,
+            data_config=self.data_config.to_json_dict(),
+            training={**spec.to_json_dict(), "train_size": self.batches.num_samples, "val_size": self.val_size},
+            best_epoch=self.best.epoch,
+        )
+        package_dir = write_package(self.workdir / PACKAGE_DIR, best_state, config, metrics)
+        model = self.model.to("cpu").to(memory_format=torch.contiguous_format).eval()
+        return TrainResult(
+            package_dir=package_dir,
+            metrics=metrics,
+            best_epoch=self.best.epoch,
+            epochs_run=self.completed_epochs,
+            resumed_from_epoch=self.resumed_from_epoch,
+            resumed_from_step=self.resumed_from_step,
+            stopped_early=self.stopped_early,
+            model=model,
+        )
+
