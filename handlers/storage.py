@@ -349,7 +349,8 @@ class ObjectStore:
         with _s3_errors("read", url):
             response = await self.client.get_object(Bucket=bucket, Key=key)
             length = response.get("ContentLength")
-            async with response["Body"] as body:
+            body = response["Body"]
+            async with body:  # releases the connection even when we stop early
                 if max_bytes is not None and length is not None and length > max_bytes:
                     raise PermanentError(TOO_LARGE, f"{url}: {length} bytes > limit {max_bytes}")
                 chunks: list[bytes] = []
