@@ -105,9 +105,12 @@ def load_clip(
     except Exception as exc:
         raise ModelLoadError(f"cannot load CLIP {variant} with weights {source.value!r}: {exc}") from exc
     module.eval().requires_grad_(False)
-    module.to(device)
-    if device.type == "cuda":
-        module.to(memory_format=torch.channels_last)
+    try:
+        module.to(device=device)
+        if device.type == "cuda":
+            module.to(memory_format=torch.channels_last)
+    except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
+        raise ModelLoadError(f"cannot move CLIP {variant} to {device}: {exc}") from exc
     info = ModelInfo(family="clip", variant=variant, weights=source.value)
     return ClipModel(module, tokenizer, info, device, text_cache)
 

@@ -206,9 +206,12 @@ def load_siglip(
     except Exception as exc:
         raise ModelLoadError(f"cannot load SigLIP {variant} with weights {source.value!r}: {exc}") from exc
     module.eval().requires_grad_(False)
-    module.to(device=device)
-    if device.type == "cuda":
-        module.to(memory_format=torch.channels_last)
+    try:
+        module.to(device=device)
+        if device.type == "cuda":
+            module.to(memory_format=torch.channels_last)
+    except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
+        raise ModelLoadError(f"cannot move SigLIP {variant} to {device}: {exc}") from exc
     info = ModelInfo(family="siglip", variant=variant, weights=source.value)
     return SiglipZeroShotModel(module, tokenizer, processor, info, device, text_cache)
 

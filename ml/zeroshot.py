@@ -53,16 +53,91 @@ RANDOM_WEIGHTS = "random"
 DEFAULT_VARIANTS: dict[str, str] = {"clip": "ViT-B-32", "siglip": "google/siglip-base-patch16-224"}
 
 
-def _openai_imagenet_templates() -> list[str]:
-    # open_clip ships the 80 OpenAI ImageNet prompts as lambdas; calling each with "{}" turns it
-    # back into the format string it was written from.
-    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
-
-    return [template("{}") for template in OPENAI_IMAGENET_TEMPLATES]
-
-
-DEFAULT_TEMPLATES: list[str] = _openai_imagenet_templates()
-"""The 80 OpenAI ImageNet prompt templates (as used by open_clip's zero-shot eval), with ``{}``."""
+# The 80 OpenAI ImageNet prompt templates, in the order open_clip ships them
+# (open_clip.zero_shot_metadata.OPENAI_IMAGENET_TEMPLATES, there as lambdas; a test checks they agree).
+DEFAULT_TEMPLATES: list[str] = [
+    "a bad photo of a {}.",
+    "a photo of many {}.",
+    "a sculpture of a {}.",
+    "a photo of the hard to see {}.",
+    "a low resolution photo of the {}.",
+    "a rendering of a {}.",
+    "graffiti of a {}.",
+    "a bad photo of the {}.",
+    "a cropped photo of the {}.",
+    "a tattoo of a {}.",
+    "the embroidered {}.",
+    "a photo of a hard to see {}.",
+    "a bright photo of a {}.",
+    "a photo of a clean {}.",
+    "a photo of a dirty {}.",
+    "a dark photo of the {}.",
+    "a drawing of a {}.",
+    "a photo of my {}.",
+    "the plastic {}.",
+    "a photo of the cool {}.",
+    "a close-up photo of a {}.",
+    "a black and white photo of the {}.",
+    "a painting of the {}.",
+    "a painting of a {}.",
+    "a pixelated photo of the {}.",
+    "a sculpture of the {}.",
+    "a bright photo of the {}.",
+    "a cropped photo of a {}.",
+    "a plastic {}.",
+    "a photo of the dirty {}.",
+    "a jpeg corrupted photo of a {}.",
+    "a blurry photo of the {}.",
+    "a photo of the {}.",
+    "a good photo of the {}.",
+    "a rendering of the {}.",
+    "a {} in a video game.",
+    "a photo of one {}.",
+    "a doodle of a {}.",
+    "a close-up photo of the {}.",
+    "a photo of a {}.",
+    "the origami {}.",
+    "the {} in a video game.",
+    "a sketch of a {}.",
+    "a doodle of the {}.",
+    "a origami {}.",
+    "a low resolution photo of a {}.",
+    "the toy {}.",
+    "a rendition of the {}.",
+    "a photo of the clean {}.",
+    "a photo of a large {}.",
+    "a rendition of a {}.",
+    "a photo of a nice {}.",
+    "a photo of a weird {}.",
+    "a blurry photo of a {}.",
+    "a cartoon {}.",
+    "art of a {}.",
+    "a sketch of the {}.",
+    "a embroidered {}.",
+    "a pixelated photo of a {}.",
+    "itap of the {}.",
+    "a jpeg corrupted photo of the {}.",
+    "a good photo of a {}.",
+    "a plushie {}.",
+    "a photo of the nice {}.",
+    "a photo of the small {}.",
+    "a photo of the weird {}.",
+    "the cartoon {}.",
+    "art of the {}.",
+    "a drawing of the {}.",
+    "a photo of the large {}.",
+    "a black and white photo of a {}.",
+    "the plushie {}.",
+    "a dark photo of a {}.",
+    "itap of a {}.",
+    "graffiti of the {}.",
+    "a toy {}.",
+    "itap of my {}.",
+    "a photo of a cool {}.",
+    "a photo of a small {}.",
+    "a tattoo of the {}.",
+]
+"""The 80 OpenAI ImageNet prompt templates (open_clip's zero-shot ensemble), with ``{}``."""
 
 
 class ModelLoadError(Exception):
@@ -291,5 +366,5 @@ def warm_up(model: ZeroShotModel) -> None:
     blank = Image.new("RGB", (model.image_size, model.image_size))
     model.encode_images(model.preprocess(blank).unsqueeze(0))
     if isinstance(model, EmbeddingModel):
-        with torch.inference_mode(), autocast_context(model.device):
+        with model._text_lock, torch.inference_mode(), autocast_context(model.device):
             model._text_features(["a photo."])

@@ -1,0 +1,129 @@
+"""Class text embeddings are cached per (model, classes, templates) in a bounded LRU."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from ml.text_cache import TextEmbeddingCache, text_cache_key
+from ml.zeroshot import DEFAULT_TEMPLATES, ModelInfo, load_zero_shot_model
+
+CLASSES = ["cat", "dog", "bird"]
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _text_tower(model) -> torch.nn.Module:
+    if model.info.family == "clip":
+        return model.module.token_embedding  # first module of open_clip's text path
+    return model.module.text_model
+
+
+def _count_text_forwards(model) -> list[int]:
+    calls = [0]
+
+    def hook(*_):
+        calls[0] += 1
+
+    _text_tower(model).register_forward_hook(hook)
+    return calls
+
+
+@pytest.fixture(scope="module", params=[("clip", "cls-tiny-clip"), ("siglip", "cls-tiny-siglip")], ids=["clip", "siglip"])
+def family_variant(request):
+    return request.param
+
+
+def test_second_identical_call_does_no_text_forward(family_variant):
+    model = load_zero_shot_model(*family_variant, "random", device="cpu")
+    calls = _count_text_forwards(model)
+
+    first = model.text_embeddings(CLASSES, ["a photo of a {}."])
+    assert calls[0] >= 1
+    assert (model.text_cache.hits, model.text_cache.misses) == (0, 1)
+
+    forwards = calls[0]
+    second = model.text_embeddings(list(CLASSES), ("a photo of a {}.",))  # any sequence type
+    assert calls[0] == forwards
+    assert (model.text_cache.hits, model.text_cache.misses) == (1, 1)
+    assert torch.equal(first, second)
+
+
+def test_different_templates_or_classes_miss(family_variant):
+    model = load_zero_shot_model(*family_variant, "random", device="cpu")
+    calls = _count_text_forwards(model)
+    model.text_embeddings(CLASSES, ["a photo of a {}."])
+    before = calls[0]
+    other_templates = model.text_embeddings(CLASSES, ["a photo of a {}.", "art of a {}."])
+    assert calls[0] > before
+    model.text_embeddings(["cat", "dog"], ["a photo of a {}."])
+    assert model.text_cache.misses == 3 and model.text_cache.hits == 0
+    assert other_templates.shape[0] == len(CLASSES)
+
+
+def test_lru_bound_is_respected():
+    model = load_zero_shot_model("clip", "cls-tiny-clip", "random", device="cpu", text_cache_size=2)
+    calls = _count_text_forwards(model)
+    a, b, c = ["a photo of a {}."], ["art of a {}."], ["a toy {}."]
+    model.text_embeddings(CLASSES, a)
+    model.text_embeddings(CLASSES, b)
+    model.text_embeddings(CLASSES, a)  # hit: a becomes most recent
+    model.text_embeddings(CLASSES, c)  # evicts b, the least recently used
+    assert len(model.text_cache) == 2 and model.text_cache.evictions == 1
+
+    before = calls[0]
+    model.text_embeddings(CLASSES, a)
+    assert calls[0] == before  # still cached
+    model.text_embeddings(CLASSES, b)
+    assert calls[0] > before  # recomputed after eviction
+    assert len(model.text_cache) == 2
+
+
+def test_cache_size_zero_disables_caching():
+    model = load_zero_shot_model("clip", "cls-tiny-clip", "random", device="cpu", text_cache_size=0)
+    calls = _count_text_forwards(model)
+    model.text_embeddings(CLASSES, ["a photo of a {}."])
+    before = calls[0]
+    model.text_embeddings(CLASSES, ["a photo of a {}."])
+    assert calls[0] == 2 * before and len(model.text_cache) == 0
+
+
+def test_concurrent_identical_requests_compute_once():
+    model = load_zero_shot_model("clip", "cls-tiny-clip", "random", device="cpu")
+    calls = _count_text_forwards(model)
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: model.text_embeddings(CLASSES, DEFAULT_TEMPLATES[:8]), range(8)))
+    assert calls[0] == 1  # 24 prompts fit in one text batch; the other threads waited and hit
+    assert all(torch.equal(results[0], r) for r in results)
+    assert model.text_cache.misses + model.text_cache.hits == 8
+
+
+def test_large_prompt_sets_are_batched_and_match_single_pass():
+    model = load_zero_shot_model("clip", "cls-tiny-clip", "random", device="cpu")
+    classes = [f"class {i}" for i in range(7)]
+    full = model.text_embeddings(classes, DEFAULT_TEMPLATES)  # 560 prompts, 3 text batches
+    model.text_batch_size = 10_000
+    model.text_cache.clear()
+    single = model.text_embeddings(classes, DEFAULT_TEMPLATES)
+    torch.testing.assert_close(full, single, atol=1e-5, rtol=0)
+    torch.testing.assert_close(full.norm(dim=-1), torch.ones(7), atol=1e-5, rtol=0)
+
+
+def test_cache_keys_include_model_identity():
+    cache = TextEmbeddingCache(maxsize=4)
+    clip = ModelInfo("clip", "ViT-B-32", "random")
+    other = ModelInfo("clip", "ViT-B-32", "openai")
+    cache.put(text_cache_key(clip, ["cat"], ["{}"]), torch.zeros(1, 2))
+    assert cache.get(text_cache_key(other, ["cat"], ["{}"])) is None
+    assert cache.get(text_cache_key(clip, ("cat",), ("{}",))) is not None
+    assert (cache.hits, cache.misses) == (1, 1)
+    with pytest.raises(ValueError):
+        TextEmbeddingCache(maxsize=-1)
