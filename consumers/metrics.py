@@ -18,3 +18,18 @@ HANDLER_SECONDS = Histogram(
 )
 IN_FLIGHT = Gauge("cls_in_flight_records", "Records being handled now", ["topic"])
 PAUSED_PARTITIONS = Gauge("cls_paused_partitions", "Partitions paused because the worker is at capacity", ["topic"])
+
+BATCH_SIZE = Histogram("cls_batch_images", "Images per model forward", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+BATCH_REQUESTS = Histogram("cls_batch_requests", "Distinct requests sharing one model forward", buckets=(1, 2, 3, 4, 8, 16))
+IMAGES = Counter("cls_images_total", "Images classified (rate() gives images per second)")
+MODEL_LOAD_SECONDS = Gauge("cls_model_load_seconds", "Time to load and warm a model", ["family", "variant"])
+TEXT_CACHE = Counter("cls_text_cache_total", "Text-embedding cache lookups", ["result"])
+TRAINING_EPOCH_SECONDS = Histogram("cls_training_epoch_seconds", "Training epoch duration",
+                                   buckets=(1, 5, 10, 30, 60, 300, 900, 3600, 14400))
+GPU_MEMORY_BYTES = Gauge("cls_gpu_memory_allocated_bytes", "torch.cuda.memory_allocated() where there is a GPU")
+
+
+def observe_batch(size: int, requests: int) -> None:
+    BATCH_SIZE.observe(size)
+    BATCH_REQUESTS.observe(requests)
+    IMAGES.inc(size)

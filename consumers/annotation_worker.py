@@ -1,0 +1,143 @@
+"""``cls-worker annotation``: build the annotation context once, preload models, consume requests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import structlog
+
+from consumers import metrics
+from consumers.health import HealthServer
+from consumers.pipeline import Pipeline
+from consumers.runtime import ConsumerRuntime
+from consumers.settings import Settings
+from consumers.worker import configure_torch_threads, serve
+from handlers.annotation import AnnotationConfig, AnnotationContext, AnnotationHandler, failed_result
+from handlers.batcher import MicroBatcher
+from handlers.executor import Executors
+from handlers.fetch import Fetcher, FetchLimits
+from handlers.images import DecodeLimits
+from handlers.models import ModelConfig, ModelRegistry
+from handlers.storage import ObjectStore
+from schemas.codec import ANNOTATION_ADAPTER
+
+log = structlog.get_logger("cls.annotation_worker")
+
+
+def model_config(settings: Settings) -> ModelConfig:
+    w = settings.worker
+    return ModelConfig(
+        clip_variant=w.clip_variant, clip_weights=w.clip_weights, siglip_variant=w.siglip_variant,
+        siglip_weights=w.siglip_weights, device=w.device, seed=w.seed, text_cache_size=w.text_cache_size,
+        cache_size=w.model_cache_size, model_dir=w.model_dir,
+    )
+
+
+def fetch_limits(settings: Settings) -> FetchLimits:
+    w = settings.worker
+    return FetchLimits(
+        max_bytes=w.fetch_max_bytes, connect_timeout_s=w.fetch_connect_timeout_s, read_timeout_s=w.fetch_read_timeout_s,
+        total_timeout_s=w.fetch_total_timeout_s, max_redirects=w.fetch_max_redirects, concurrency=w.fetch_concurrency,
+        allow_private_networks=w.allow_private_networks, allow_file_urls=w.allow_file_urls, file_root=w.file_root,
+    )
+
+
+def default_templates(settings: Settings) -> list[str]:
+    if settings.worker.default_prompt_templates:
+        return [t for t in settings.worker.default_prompt_templates.split("|") if t.strip()]
+    from ml.zeroshot import DEFAULT_TEMPLATES
+
+    return list(DEFAULT_TEMPLATES)
+
+
+def preload_keys(settings: Settings, config: ModelConfig) -> list:
+    keys = []
+    for item in (settings.worker.preload_models or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        family, _, variant = item.partition(":")
+        keys.append(config.key_for(family.strip(), variant.strip() or None))
+    return keys
+
+
+@contextlib.asynccontextmanager
+async def annotation_context(settings: Settings):
+    """The handler's dependencies, built once; closed on exit."""
+    w = settings.worker
+    executors = Executors()
+    store = ObjectStore(endpoint_url=w.s3_endpoint_url, region=w.s3_region, allow_file_urls=w.allow_file_urls)
+    async with store, Fetcher(fetch_limits(settings), store=store) as fetcher:
+        config = model_config(settings)
+        batcher = MicroBatcher(executors, max_batch=w.batch_size, max_wait_ms=w.batch_wait_ms,
+                               observe=metrics.observe_batch)
+        ctx = AnnotationContext(
+            config=AnnotationConfig(part_size=w.result_part_size, max_images_per_request=w.max_images_per_request,
+                                    default_templates=default_templates(settings)),
+            model_config=config,
+            models=ModelRegistry(config, executors, store),
+            fetcher=fetcher,
+            decode_limits=DecodeLimits(max_pixels=w.max_image_pixels),
+            batcher=batcher,
+            executors=executors,
+        )
+        try:
+            yield ctx
+        finally:
+            await batcher.close()
+            executors.shutdown()
+
+
+def annotation_pipeline(settings: Settings, ctx: AnnotationContext) -> Pipeline:
+    handler = AnnotationHandler(ctx)
+    return Pipeline(
+        name="annotation.result",
+        input_topic=settings.worker.annotation_requests_topic,
+        output_topic=settings.worker.annotation_results_topic,
+        adapter=ANNOTATION_ADAPTER,
+        id_field="request_id",
+        handle=handler.handle,
+        failed_event=failed_result,
+        handler_timeout_s=settings.worker.handler_timeout_s,
+    )
+
+
+async def run_annotation_worker(settings: Settings, max_requests: int | None = None) -> int:
+    configure_torch_threads(settings.worker.torch_threads)
+    async with annotation_context(settings) as ctx:
+        for key in preload_keys(settings, ctx.model_config):
+            try:
+                model = await ctx.models.get(key)
+            except Exception as exc:  # a worker that cannot load its default model still answers (failed events)
+                log.error("preload_failed", family=key.family, variant=key.variant, error=str(exc))
+                continue
+            if model.descriptor.weights == "random":
+                log.warning("random_weights", family=key.family, variant=key.variant,
+                            hint="zero-shot predictions are meaningless; set CLS_CLIP_WEIGHTS / CLS_SIGLIP_WEIGHTS")
+        runtime = ConsumerRuntime(settings, annotation_pipeline(settings, ctx), group_id=settings.worker.annotation_group_id,
+                                  max_records=max_requests)
+        health = HealthServer(settings, runtime, models_ready=lambda: True)
+        await health.start()
+        try:
+            return await serve(runtime)
+        finally:
+            await health.stop()
+
+
+def prefetch(settings: Settings) -> int:
+    """Download the configured pretrained weights into the cache (build time / init container)."""
+    from ml.zeroshot import load_zero_shot_model
+
+    config = model_config(settings)
+    status = 0
+    for key in preload_keys(settings, config) or [config.key_for("clip", None), config.key_for("siglip", None)]:
+        if key.family == "custom" or key.weights == "random":
+            continue
+        try:
+            load_zero_shot_model(key.family, key.variant, key.weights, device="cpu")  # type: ignore[arg-type]
+            print(f"prefetched {key.family} {key.variant} {key.weights}")
+        except Exception as exc:
+            print(f"prefetch failed for {key.family} {key.variant} {key.weights}: {exc}")
+            status = 1
+    return status

@@ -1,0 +1,202 @@
+"""The annotation handler: classify a request's images and yield its result parts in request order.
+
+Per request: pick the model (loading it on first use), compute the class embeddings once (cached
+across requests), then fetch -> decode+preprocess (CPU pool) -> micro-batched forward (GPU thread)
+for every image, with bounded concurrency. Part ``k`` (images ``[k*N, (k+1)*N)``) is yielded as soon
+as its images are done, so the first results reach the backend before the last image is fetched.
+One bad image is an error entry; only an unusable request or model fails the whole request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+import structlog
+import torch
+
+from handlers.batcher import MicroBatcher
+from handlers.errors import ImageError, PermanentError
+from handlers.executor import Executors
+from handlers.fetch import Fetcher
+from handlers.images import DecodeLimits, decode_image
+from handlers.models import LoadedModel, ModelConfig, ModelRegistry
+from schemas.annotation import AnnotationRequest, AnnotationResult, ImageRef, ImageResult, Prediction
+from schemas.common import ErrorInfo
+
+log = structlog.get_logger("cls.annotation")
+
+PART_BUDGET_BYTES = 512 * 1024
+"""A result part is kept well below 1 MB (Kafka's default max message size)."""
+
+
+@dataclass
+class AnnotationConfig:
+    part_size: int = 500
+    max_images_per_request: int = 10_000
+    default_templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])
+    images_in_flight: int = 128
+
+
+@dataclass
+class AnnotationContext:
+    """Everything the handler needs, built once at worker start-up."""
+
+    config: AnnotationConfig
+    model_config: ModelConfig
+    models: ModelRegistry
+    fetcher: Fetcher
+    decode_limits: DecodeLimits
+    batcher: MicroBatcher
+    executors: Executors
+    images_semaphore: asyncio.Semaphore = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.images_semaphore = asyncio.Semaphore(self.config.images_in_flight)
+
+
+def part_size_for(request: AnnotationRequest, configured: int, class_names: Sequence[str]) -> int:
+    """N for this request: the configured part size, lowered so a part's JSON stays within budget.
+
+    Depends only on the request (and the model's class names), so a redelivery gets the same parts.
+    """
+    longest_class = max((len(c) for c in class_names), default=10)
+    longest_id = max(len(img.id) for img in request.images)
+    top_k = min(request.top_k, len(class_names))
+    per_image = 120 + 2 * longest_id + top_k * (longest_class * 2 + 60)  # *2: JSON escaping headroom
+    return max(1, min(configured, PART_BUDGET_BYTES // per_image))
+
+
+def rank(confidences: torch.Tensor, classes: Sequence[str], top_k: int, threshold: float) -> tuple[list[Prediction], float]:
+    """Sorted predictions of one image: ``top_k`` first, then ``threshold``; and the top-1/top-2 margin."""
+    values, indices = torch.sort(confidences.float(), descending=True)
+    values_list = values.tolist()
+    margin = values_list[0] - values_list[1] if len(values_list) > 1 else values_list[0]
+    predictions = [
+        Prediction(class_name=classes[i], confidence=min(1.0, max(0.0, v)))
+        for v, i in zip(values_list[:top_k], indices[:top_k].tolist(), strict=True)
+        if v >= threshold
+    ]
+    return predictions, margin
+
+
+class AnnotationHandler:
+    """``handle(request) -> async iterator of AnnotationResult parts``."""
+
+    def __init__(self, ctx: AnnotationContext) -> None:
+        self.ctx = ctx
+
+    async def handle(self, request: AnnotationRequest) -> AsyncIterator[AnnotationResult]:
+        ctx = self.ctx
+        started = time.monotonic()
+        request_id = request.request_id or ""
+        if len(request.images) > ctx.config.max_images_per_request:
+            raise PermanentError(
+                "invalid_request",
+                f"{len(request.images)} images; this worker accepts at most {ctx.config.max_images_per_request} per request",
+            )
+        key = ctx.model_config.key_for(request.model, request.model_variant, request.model_url)
+        model = await ctx.models.get(key)
+        classes = model.class_names(request.classes)
+        templates = request.prompt_templates or ctx.config.default_templates
+        prepared, text_cache_hit = await ctx.executors.on_gpu(model.prepare, classes, templates)
+        top_k = min(request.top_k, len(classes))
+
+        size = part_size_for(request, ctx.config.part_size, classes)
+        images = request.images
+        parts = [images[i:i + size] for i in range(0, len(images), size)]
+        tasks: dict[int, list[asyncio.Task[torch.Tensor | ImageResult]]] = {}
+
+        def start(k: int) -> None:
+            tasks[k] = [asyncio.create_task(self._embed(model, image, request_id)) for image in parts[k]]
+
+        failed_images = 0
+        try:
+            start(0)
+            for k, part_images in enumerate(parts):
+                if k + 1 < len(parts):
+                    start(k + 1)  # one part ahead: fetching overlaps the model
+                current = tasks.pop(k)
+                try:
+                    outputs = await asyncio.gather(*current)
+                except BaseException:
+                    for task in current:
+                        task.cancel()
+                    raise
+                results = await self._part_results(model, part_images, outputs, prepared, classes, top_k, request.threshold)
+                failed_images += sum(1 for r in results if r.error is not None)
+                yield AnnotationResult(
+                    message_id=AnnotationResult.message_id_for(request_id, k),
+                    request_id=request_id,
+                    status="completed",
+                    model=model.descriptor,
+                    results=results,
+                    part=k,
+                    parts=len(parts),
+                )
+        finally:
+            for pending in tasks.values():
+                for task in pending:
+                    task.cancel()
+        log.info(
+            "annotation_summary",
+            model=model.descriptor.variant,
+            weights=model.descriptor.weights,
+            images=len(images),
+            failed_images=failed_images,
+            parts=len(parts),
+            part_size=size,
+            text_cache="hit" if text_cache_hit else "miss",
+            batches_shared=ctx.batcher.forget(request_id),
+            seconds=round(time.monotonic() - started, 3),
+        )
+
+    async def _embed(self, model: LoadedModel, image: ImageRef, request_id: str) -> torch.Tensor | ImageResult:
+        """One image -> its model output row, or an error entry."""
+        ctx = self.ctx
+        async with ctx.images_semaphore:
+            try:
+                data = await ctx.fetcher.fetch(image.url)
+                pixels = await ctx.executors.on_cpu(_decode_and_preprocess, data, ctx.decode_limits, model)
+            except ImageError as exc:
+                return ImageResult(id=image.id, error=ErrorInfo(code=exc.code, message=exc.message))
+            return await ctx.batcher.submit(model.key, model.forward, pixels, request_id)
+
+    async def _part_results(self, model: LoadedModel, images: Sequence[ImageRef], outputs: list, prepared: object,
+                            classes: Sequence[str], top_k: int, threshold: float) -> list[ImageResult]:
+        good = [i for i, out in enumerate(outputs) if isinstance(out, torch.Tensor)]
+        confidences = None
+        if good:
+            stacked = torch.stack([outputs[i] for i in good])
+            confidences = await self.ctx.executors.on_gpu(model.confidences, stacked, prepared)
+        results: list[ImageResult] = []
+        row_of = {index: row for row, index in enumerate(good)}
+        for i, image in enumerate(images):
+            out = outputs[i]
+            if isinstance(out, ImageResult):
+                results.append(out)
+                continue
+            assert confidences is not None
+            predictions, margin = rank(confidences[row_of[i]], classes, top_k, threshold)
+            results.append(ImageResult(id=image.id, predictions=predictions, margin=round(margin, 6)))
+        return results
+
+
+def _decode_and_preprocess(data: bytes, limits: DecodeLimits, model: LoadedModel) -> torch.Tensor:
+    image = decode_image(data, limits)
+    try:
+        return model.preprocess(image)
+    except Exception as exc:  # e.g. a degenerate 1x0 image surviving decode
+        raise ImageError("decode_failed", f"preprocessing failed: {exc}") from exc
+
+
+def failed_result(request_id: str, error: ErrorInfo) -> AnnotationResult:
+    """The contract's whole-request failure (invalid request, model not loadable, ...)."""
+    return AnnotationResult(
+        message_id=AnnotationResult.message_id_for(request_id, "failed"),
+        request_id=request_id,
+        status="failed",
+        error=error,
+    )

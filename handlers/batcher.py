@@ -1,0 +1,127 @@
+"""Micro-batching of images from concurrent requests into one model forward.
+
+Images are queued per model; a batch closes when it reaches ``max_batch`` images or ``max_wait_ms``
+after its first image, and runs on the GPU thread while the next batch fills up (fetching and
+decoding go on concurrently on the event loop and the CPU pool).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+import torch
+
+from handlers.executor import Executors
+
+log = structlog.get_logger("cls.batcher")
+
+
+@dataclass
+class _Item:
+    pixels: torch.Tensor
+    request_id: str
+    future: asyncio.Future[torch.Tensor]
+
+
+@dataclass
+class BatchStats:
+    batches: int = 0
+    images: int = 0
+    multi_request_batches: int = 0
+    last_batch_size: int = 0
+    # request id -> number of its batches that also carried images of other requests
+    shared_batches: dict[str, int] = field(default_factory=dict)
+
+
+class _Lane:
+    """The queue and the batching loop of one model."""
+
+    def __init__(self, batcher: "MicroBatcher", key: Any, forward: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.batcher = batcher
+        self.key = key
+        self.forward = forward
+        self.queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self.task = asyncio.create_task(self._loop(), name=f"batcher-{key}")
+
+    async def _loop(self) -> None:
+        max_batch = self.batcher.max_batch
+        wait_s = self.batcher.max_wait_ms / 1000
+        while True:
+            first = await self.queue.get()
+            items = [first]
+            deadline = time.monotonic() + wait_s
+            while len(items) < max_batch:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    # take whatever is already queued without waiting
+                    while len(items) < max_batch and not self.queue.empty():
+                        items.append(self.queue.get_nowait())
+                    break
+                try:
+                    items.append(await asyncio.wait_for(self.queue.get(), remaining))
+                except TimeoutError:
+                    break
+            items = [item for item in items if not item.future.cancelled()]
+            if items:
+                await self._run(items)
+
+    async def _run(self, items: list[_Item]) -> None:
+        stats = self.batcher.stats
+        requests = {item.request_id for item in items}
+        stats.batches += 1
+        stats.images += len(items)
+        stats.last_batch_size = len(items)
+        if len(requests) > 1:
+            stats.multi_request_batches += 1
+            for rid in requests:
+                stats.shared_batches[rid] = stats.shared_batches.get(rid, 0) + 1
+        self.batcher.observe(len(items), len(requests))
+        try:
+            pixels = torch.stack([item.pixels for item in items])
+            outputs = await self.batcher.executors.on_gpu(self.forward, pixels)
+        except Exception as exc:  # the whole batch failed: every waiter gets the error
+            for item in items:
+                if not item.future.done():
+                    item.future.set_exception(exc)
+            return
+        for item, row in zip(items, outputs, strict=True):
+            if not item.future.done():
+                item.future.set_result(row)
+
+
+class MicroBatcher:
+    """Collects single images from any number of requests into batched forwards, per model."""
+
+    def __init__(self, executors: Executors, max_batch: int = 32, max_wait_ms: float = 10.0,
+                 observe: Callable[[int, int], None] | None = None) -> None:
+        self.executors = executors
+        self.max_batch = max_batch
+        self.max_wait_ms = max_wait_ms
+        self.stats = BatchStats()
+        self._lanes: dict[Any, _Lane] = {}
+        self.observe = observe or (lambda size, requests: None)
+
+    async def submit(self, key: Any, forward: Callable[[torch.Tensor], torch.Tensor], pixels: torch.Tensor,
+                     request_id: str) -> torch.Tensor:
+        """Queue one preprocessed image for model ``key``; returns its row of the batched output."""
+        lane = self._lanes.get(key)
+        if lane is None or lane.task.done():
+            lane = self._lanes[key] = _Lane(self, key, forward)
+        future: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
+        lane.queue.put_nowait(_Item(pixels, request_id, future))
+        return await future
+
+    def forget(self, request_id: str) -> int:
+        """Pop and return how many batches of ``request_id`` were shared with other requests."""
+        return self.stats.shared_batches.pop(request_id, 0)
+
+    async def close(self) -> None:
+        for lane in self._lanes.values():
+            lane.task.cancel()
+        await asyncio.gather(*(lane.task for lane in self._lanes.values()), return_exceptions=True)
+        self._lanes.clear()

@@ -1,0 +1,38 @@
+"""The bridges from the event loop to synchronous work: one GPU thread, one CPU pool."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class Executors:
+    """``gpu``: the single thread that owns the models (torch never runs on the event loop);
+    ``cpu``: a pool for decoding and preprocessing images."""
+
+    def __init__(self, cpu_workers: int | None = None) -> None:
+        self.gpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cls-gpu")
+        self.cpu = ThreadPoolExecutor(max_workers=cpu_workers or min(8, (os.cpu_count() or 2)), thread_name_prefix="cls-cpu")
+
+    async def on_gpu(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return await _run(self.gpu, fn, *args, **kwargs)
+
+    async def on_cpu(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return await _run(self.cpu, fn, *args, **kwargs)
+
+    def shutdown(self) -> None:
+        self.gpu.shutdown(wait=True, cancel_futures=True)
+        self.cpu.shutdown(wait=True, cancel_futures=True)
+
+
+async def _run(pool: ThreadPoolExecutor, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    ctx = contextvars.copy_context()  # keep structlog's bound request id in worker-thread logs
+    call = functools.partial(ctx.run, fn, *args, **kwargs)
+    return await asyncio.get_running_loop().run_in_executor(pool, call)

@@ -1,0 +1,260 @@
+"""The loaded-model cache of the annotation worker: resolve weights, load on the GPU thread, keep warm.
+
+A model is identified by (family, variant, weights). Weights given as ``s3://`` URLs and trained
+packages (``"model": "custom"``) are first copied into the local model directory (handlers move
+files; ``ml`` reads local paths only). Loading happens once per key, on the GPU thread; concurrent
+requests for the same model wait for the same load. The cache is bounded (least recently used out).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import structlog
+import torch
+from PIL import Image
+
+from handlers.errors import PermanentError
+from handlers.executor import Executors
+from handlers.storage import ObjectStore
+from schemas.annotation import ModelDescriptor
+
+log = structlog.get_logger("cls.models")
+
+MODEL_UNAVAILABLE = "model_unavailable"
+
+
+@dataclass(frozen=True)
+class ModelKey:
+    family: str
+    variant: str
+    weights: str
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    clip_variant: str = "ViT-B-32"
+    clip_weights: str = "laion2b_s34b_b79k"
+    siglip_variant: str = "google/siglip-base-patch16-224"
+    siglip_weights: str = "pretrained"
+    device: str = "auto"
+    seed: int = 0
+    text_cache_size: int = 512
+    cache_size: int = 2
+    model_dir: str = "~/.cache/cls-workers/models"
+
+    def key_for(self, family: str, variant: str | None, model_url: str | None = None) -> ModelKey:
+        if family == "custom":
+            if not model_url:
+                raise PermanentError("invalid_request", "model 'custom' needs model_url")
+            return ModelKey("custom", model_url, model_url)
+        if family == "clip":
+            return ModelKey("clip", variant or self.clip_variant, self.clip_weights)
+        if family == "siglip":
+            return ModelKey("siglip", variant or self.siglip_variant, self.siglip_weights)
+        raise PermanentError("invalid_request", f"unknown model family {family!r}")
+
+
+class LoadedModel(Protocol):
+    key: ModelKey
+    descriptor: ModelDescriptor
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor: ...
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor: ...
+    def class_names(self, requested: Sequence[str] | None) -> list[str]: ...
+    def prepare(self, classes: Sequence[str], templates: Sequence[str]) -> tuple[Any, bool]: ...
+    def confidences(self, outputs: torch.Tensor, prepared: Any) -> torch.Tensor: ...
+
+
+class ZeroShotHandle:
+    """CLIP / SigLIP: forward = image embeddings; confidences against the (cached) text embeddings."""
+
+    def __init__(self, key: ModelKey, model: Any) -> None:
+        from ml.zeroshot import encode_images_adaptive
+
+        self.key = key
+        self.model = model
+        self._encode = encode_images_adaptive
+        self.descriptor = ModelDescriptor(family=key.family, variant=model.info.variant, weights=model.info.weights)
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        return self.model.preprocess(image)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self._encode(self.model, pixels)
+
+    def class_names(self, requested: Sequence[str] | None) -> list[str]:
+        if not requested:
+            raise PermanentError("invalid_request", f"classes are required for model {self.key.family!r}")
+        return list(requested)
+
+    def prepare(self, classes: Sequence[str], templates: Sequence[str]) -> tuple[torch.Tensor, bool]:
+        """Text embeddings for this request (GPU thread); the bool says whether the cache had them."""
+        hits = self.model.text_cache.hits
+        text = self.model.text_embeddings(list(classes), list(templates))
+        return text, self.model.text_cache.hits > hits
+
+    def confidences(self, outputs: torch.Tensor, prepared: torch.Tensor) -> torch.Tensor:
+        return self.model.scores(outputs, prepared)
+
+
+class CustomHandle:
+    """A model trained here: forward = softmax over all its classes; a requested subset renormalises."""
+
+    def __init__(self, key: ModelKey, model: Any) -> None:
+        self.key = key
+        self.model = model
+        self.descriptor = ModelDescriptor(family="custom", variant=model.info_variant, weights=key.weights)
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        return self.model.preprocess(image)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.predict(pixels)
+
+    def class_names(self, requested: Sequence[str] | None) -> list[str]:
+        names = list(self.model.class_names)
+        if not requested:
+            return names
+        unknown = [c for c in requested if c not in names]
+        if unknown:
+            raise PermanentError(
+                "invalid_request",
+                f"classes {unknown[:10]} are not classes of the model at {self.key.weights}; its classes are {names[:50]}",
+            )
+        return list(requested)
+
+    def prepare(self, classes: Sequence[str], templates: Sequence[str]) -> tuple[list[int], bool]:
+        names = list(self.model.class_names)
+        return [names.index(c) for c in classes], False
+
+    def confidences(self, outputs: torch.Tensor, prepared: list[int]) -> torch.Tensor:
+        # softmax over a subset of the logits == the full softmax renormalised over that subset
+        subset = outputs[:, prepared]
+        return subset / subset.sum(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+class ModelRegistry:
+    """Bounded LRU of loaded models; loads run on the GPU thread, one load per key at a time."""
+
+    def __init__(self, config: ModelConfig, executors: Executors, store: ObjectStore | None) -> None:
+        self.config = config
+        self.executors = executors
+        self.store = store
+        self.model_dir = Path(config.model_dir).expanduser()
+        self._loaded: OrderedDict[ModelKey, LoadedModel] = OrderedDict()
+        self._loading: dict[ModelKey, asyncio.Future[LoadedModel]] = {}
+        self.load_seconds: dict[ModelKey, float] = {}
+
+    def loaded(self) -> list[ModelKey]:
+        return list(self._loaded)
+
+    async def get(self, key: ModelKey) -> LoadedModel:
+        model = self._loaded.get(key)
+        if model is not None:
+            self._loaded.move_to_end(key)
+            return model
+        pending = self._loading.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[LoadedModel] = asyncio.get_running_loop().create_future()
+        self._loading[key] = future
+        try:
+            model = await self._load(key)
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # mark retrieved: waiters re-raise it themselves
+            raise
+        finally:
+            self._loading.pop(key, None)
+        future.set_result(model)
+        self._loaded[key] = model
+        while len(self._loaded) > self.config.cache_size:
+            evicted, _ = self._loaded.popitem(last=False)
+            log.info("model_evicted", family=evicted.family, variant=evicted.variant)
+        return model
+
+    async def _load(self, key: ModelKey) -> LoadedModel:
+        started = time.monotonic()
+        if key.family == "custom":
+            package_dir = await self._fetch_package(key.weights)
+            model = await self.executors.on_gpu(self._load_custom, key, package_dir)
+        else:
+            weights = await self._local_weights(key.weights)
+            model = await self.executors.on_gpu(self._load_zero_shot, key, weights)
+        elapsed = time.monotonic() - started
+        self.load_seconds[key] = elapsed
+        log.info("model_loaded", family=key.family, variant=model.descriptor.variant,
+                 weights=model.descriptor.weights, seconds=round(elapsed, 2))
+        return model
+
+    def _load_zero_shot(self, key: ModelKey, weights: str) -> ZeroShotHandle:
+        from ml.zeroshot import ModelLoadError, load_zero_shot_model, warm_up
+
+        try:
+            model = load_zero_shot_model(key.family, key.variant, weights, device=self.config.device,  # type: ignore[arg-type]
+                                         text_cache_size=self.config.text_cache_size, seed=self.config.seed)
+            warm_up(model)
+        except ModelLoadError as exc:
+            raise PermanentError(MODEL_UNAVAILABLE, f"{key.family} {key.variant} ({key.weights}): {exc}") from exc
+        except Exception as exc:  # unknown architecture names, hub errors, ...
+            raise PermanentError(MODEL_UNAVAILABLE, f"{key.family} {key.variant} ({key.weights}): {type(exc).__name__}: {exc}") from exc
+        handle = ZeroShotHandle(key, model)
+        if key.weights.startswith("s3://"):
+            handle.descriptor = handle.descriptor.model_copy(update={"weights": key.weights})
+        return handle
+
+    def _load_custom(self, key: ModelKey, package_dir: Path) -> CustomHandle:
+        from ml.trained import TrainedModel
+
+        try:
+            model = TrainedModel.load(package_dir, device=self.config.device)
+        except Exception as exc:
+            raise PermanentError(MODEL_UNAVAILABLE, f"trained model at {key.weights}: {type(exc).__name__}: {exc}") from exc
+        return CustomHandle(key, model)
+
+    def _cache_dir(self, url: str) -> Path:
+        return self.model_dir / hashlib.sha256(url.encode()).hexdigest()[:24]
+
+    async def _local_weights(self, weights: str) -> str:
+        """s3:// weights are downloaded once into the model directory; anything else is passed on."""
+        if not weights.startswith("s3://"):
+            return weights
+        if self.store is None:
+            raise PermanentError(MODEL_UNAVAILABLE, "s3:// weights need object storage settings")
+        target = self._cache_dir(weights)
+        if weights.endswith("/"):
+            if not (target / ".complete").exists():
+                for url in await self.store.list(weights):
+                    relative = url[len(weights):]
+                    await self.store.download_file(url, target / relative)
+                target.mkdir(parents=True, exist_ok=True)
+                (target / ".complete").touch()
+            return str(target)
+        path = target / weights.rsplit("/", 1)[-1]
+        if not path.exists():
+            await self.store.download_file(weights, path)
+        return str(path)
+
+    async def _fetch_package(self, model_url: str) -> Path:
+        """Copy a trained package (model.safetensors, config.json) from object storage, once per URL."""
+        if self.store is None:
+            raise PermanentError(MODEL_UNAVAILABLE, "custom models need object storage settings")
+        base = model_url.rstrip("/")
+        target = self._cache_dir(base)
+        if (target / ".complete").exists():
+            return target
+        for name in ("config.json", "model.safetensors"):
+            try:
+                await self.store.download_file(f"{base}/{name}", target / name)
+            except PermanentError as exc:
+                raise PermanentError(MODEL_UNAVAILABLE, f"no trained model package at {model_url}: {exc.message}") from exc
+        (target / ".complete").touch()
+        return target
