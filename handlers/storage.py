@@ -408,9 +408,10 @@ class ObjectStore:
 
     async def download_file(self, url: str, local_path: str | os.PathLike[str]) -> None:
         """Download an object to a local path (written to a temporary sibling, then renamed)."""
+        scheme = self._scheme(url)
         target = Path(local_path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        if self._scheme(url) == "file":
+        if scheme == "file":
             with _file_errors("read", url):
                 await asyncio.to_thread(_copy_file_atomic, file_url_path(url), target)
             return

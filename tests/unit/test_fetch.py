@@ -228,10 +228,8 @@ async def test_private_targets_blocked_by_default(http_server, public_only_fetch
         "https://192.168.0.1/a.jpg",
         f"http://{hostname}:{port}/img/astronaut_jpg",  # a name resolving to loopback via /etc/hosts
     ]
-    for url in urls:
-        started = time.monotonic()
+    for url in urls:  # blocked_url, not timeout/fetch_failed: refused before any connection attempt
         assert (url, await _error_code(public_only_fetcher, url)) == (url, BLOCKED_URL)
-        assert time.monotonic() - started < 1.0  # refused before any connection attempt
 
 
 async def test_legacy_numeric_ipv4_forms_never_reach_loopback(http_server, public_only_fetcher):
