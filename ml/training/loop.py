@@ -176,7 +176,8 @@ class _TrainingRun:
         self.val_loader = self._loader(ImageFileDataset(val_samples, eval_transform(self.data_config)), self.val_batches, 2)
         self.val_size = len(val_samples)
 
-        optimizer_kwargs: dict[str, Any] = {"fused": True} if self.cuda else {}
+        # fused AdamW on CUDA; the multi-tensor (foreach) kernels on CPU, several times faster than per-tensor
+        optimizer_kwargs: dict[str, Any] = {"fused": True} if self.cuda else {"foreach": True}
         self.optimizer = timm.optim.create_optimizer_v2(
             self.model, "adamw", lr=spec.learning_rate, weight_decay=spec.weight_decay, **optimizer_kwargs
         )
@@ -240,7 +241,7 @@ class _TrainingRun:
         self._check_stop(epoch, start_step)
         self.model.train()
         self.batches.set_epoch(epoch, start_step)
-        loss_sum = torch.zeros((), device=self.device)
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         phase_started = time.monotonic()
         last_beat = phase_started
         steps_done = start_step
@@ -315,7 +316,7 @@ class _TrainingRun:
         self.scaler.update()
         self.scheduler.step()
         batch_size = images.shape[0]
-        loss_sum += loss.detach().float() * batch_size
+        loss_sum += loss.detach().double() * batch_size
         return batch_size
 
     def _mix(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
