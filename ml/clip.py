@@ -95,6 +95,7 @@ def load_clip(
 ) -> ClipModel:
     """Build the open_clip ``variant`` with ``source`` weights on ``device`` (eval mode)."""
     register_model_configs()
+    variant = variant.replace("/", "-")  # OpenAI spelling "ViT-B/32" -> open_clip's "ViT-B-32"
     if variant not in open_clip.list_models():
         raise ModelLoadError(f"unknown CLIP variant {variant!r}: not an open_clip architecture")
     try:

@@ -172,7 +172,11 @@ class ZeroShotModel(Protocol):
         ...
 
     def text_embeddings(self, classes: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
-        """One L2-normalised ``[C, D]`` embedding per class (the template ensemble), cached."""
+        """One L2-normalised ``[C, D]`` float32 CPU embedding per class (the template ensemble), cached.
+
+        The result is shared with the cache; it is an inference tensor, so in-place changes outside
+        ``torch.inference_mode`` are refused (embeddings from :meth:`encode_images` are too).
+        """
         ...
 
     def scores(self, image_embeddings: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:

@@ -47,6 +47,10 @@ def test_random_weights_are_seeded_and_named(family, variant, photo_batch):
     assert not torch.equal(_outputs(a, photo_batch)[0], _outputs(c, photo_batch)[0])
 
 
+def test_openai_style_clip_variant_names_are_accepted():
+    assert load_zero_shot_model("clip", "cls/tiny-clip", "random", device="cpu").info.variant == "cls-tiny-clip"
+
+
 def test_random_init_leaves_the_global_rng_alone():
     torch.manual_seed(123)
     expected = torch.rand(3)
