@@ -19,8 +19,10 @@ class TrainSpec:
     """Hyper-parameters of one run; field names follow ``schemas.training.TrainingConfig``.
 
     ``pretrained_path`` is a LOCAL file (safetensors, or a tensor-only state dict readable with
-    ``torch.load(weights_only=True)``); the handler downloads ``pretrained_url`` there. ``image_size`` None means
-    the model's own default input size.
+    ``torch.load(weights_only=True)``); the handler downloads ``pretrained_url`` there. It is used when
+    ``pretrained`` is true (the classifier head is always re-initialised for ``num_classes``); with
+    ``pretrained`` true and no path, timm's own weights come from the hub cache (or a download).
+    ``image_size`` None means the model's own default input size.
     """
 
     model_name: str

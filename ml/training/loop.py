@@ -172,8 +172,9 @@ class _TrainingRun:
         self.batches = EpochBatches(len(train_samples), spec.batch_size, spec.seed, shuffle=True)
         self.val_batches = EpochBatches(len(val_samples), spec.batch_size, spec.seed, shuffle=False)
         self.steps = self.batches.steps_per_epoch
-        self.train_loader = self._loader(ImageFileDataset(train_samples, train_transform(self.data_config, spec.augmentation)), self.batches, 1)
-        self.val_loader = self._loader(ImageFileDataset(val_samples, eval_transform(self.data_config)), self.val_batches, 2)
+        train_set = ImageFileDataset(train_samples, train_transform(self.data_config, spec.augmentation))
+        self.train_loader = self._loader(train_set, self.batches, salt=1)
+        self.val_loader = self._loader(ImageFileDataset(val_samples, eval_transform(self.data_config)), self.val_batches, salt=2)
         self.val_size = len(val_samples)
 
         # fused AdamW on CUDA; the multi-tensor (foreach) kernels on CPU, several times faster than per-tensor
@@ -223,6 +224,8 @@ class _TrainingRun:
         return self._finish()
 
     def close(self) -> None:
+        """Stop data-loader workers and drop model/optimizer references (a raised exception's traceback keeps
+        this object alive; its device memory should not stay with it)."""
         for loader in (getattr(self, "train_loader", None), getattr(self, "val_loader", None)):
             iterator = getattr(loader, "_iterator", None)
             if iterator is not None and hasattr(iterator, "_shutdown_workers"):
@@ -230,6 +233,9 @@ class _TrainingRun:
                     iterator._shutdown_workers()
                 except Exception:  # best effort at teardown
                     log.debug("data loader shutdown failed", exc_info=True)
+        for name in ("model", "optimizer", "scheduler", "scaler", "best", "train_loader", "val_loader"):
+            if hasattr(self, name):
+                setattr(self, name, None)
 
     # -- one epoch -------------------------------------------------------------------------------------------
 
@@ -494,7 +500,11 @@ class _TrainingRun:
             model_kwargs=self.model_kwargs,
             class_names=spec.class_names,
             data_config=self.data_config.to_json_dict(),
-            training={**spec.to_json_dict(), "train_size": self.batches.num_samples, "val_size": self.val_size},
+            training={
+                **{k: v for k, v in spec.to_json_dict().items() if k != "class_names"},
+                "train_size": self.batches.num_samples,
+                "val_size": self.val_size,
+            },
             best_epoch=self.best.epoch,
         )
         package_dir = write_package(self.workdir / PACKAGE_DIR, best_state, config, metrics)

@@ -80,11 +80,11 @@ def build_model(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Create the classifier with ``num_classes`` outputs; return it and the kwargs that rebuild it.
 
-    Weights: from ``pretrained_path`` when given (head reset), else timm's pretrained weights (hub cache or
-    download) when ``pretrained``, else random initialisation.
+    Weights when ``pretrained``: from ``pretrained_path`` when given (head reset), else timm's own pretrained
+    weights (hub cache or download). Without ``pretrained``: random initialisation (a path is ignored).
     """
     kwargs = model_kwargs_for(model_name, image_size)
-    if pretrained_path:
+    if pretrained and pretrained_path:
         model = create_model(model_name, num_classes, kwargs, pretrained=False)
         load_backbone_weights(model, model_name, read_state_dict(pretrained_path))
     elif pretrained:
@@ -98,6 +98,8 @@ def build_model(
                 "give pretrained_url, or set pretrained=false"
             ) from exc
     else:
+        if pretrained_path:
+            log.warning("pretrained=False: ignoring pretrained weights file %s", pretrained_path)
         model = create_model(model_name, num_classes, kwargs, pretrained=False)
     return model, kwargs
 

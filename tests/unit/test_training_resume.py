@@ -102,15 +102,20 @@ def test_preempt_after_epoch_one_then_resume_matches_uninterrupted_run(small_dig
     assert result.metrics["confusion_matrix"] == reference.metrics["confusion_matrix"]
 
 
-def test_preempt_mid_epoch_resumes_at_the_next_step(small_digits, uninterrupted, tmp_path):
+# Checks in an epoch: one at its start, one after each of the 5 training steps, one after each validation batch.
+@pytest.mark.parametrize(
+    ("on_call", "stopped_at_step"),
+    [(3, 2), (7, 5)],  # after step 2 of epoch 2; during epoch 2's validation (resumes with validation)
+)
+def test_preempt_mid_epoch_resumes_at_the_next_step(on_call, stopped_at_step, small_digits, uninterrupted, tmp_path):
     train_samples, val_samples = small_digits
-    first = Recorder("preempt", arm_after_epoch=1, on_call=3)  # epoch 2: start check, step 1, step 2 -> stop
+    first = Recorder("preempt", arm_after_epoch=1, on_call=on_call)
     with pytest.raises(TrainingStopped) as info:
         train(_spec(), train_samples, val_samples, tmp_path, first)
-    assert (info.value.epoch, info.value.step) == (2, 2)
+    assert (info.value.epoch, info.value.step) == (2, stopped_at_step)
     second = Recorder()
     result = train(_spec(), train_samples, val_samples, tmp_path, second)
-    assert result.resumed_from_epoch == 1 and result.resumed_from_step == 2
+    assert result.resumed_from_epoch == 1 and result.resumed_from_step == stopped_at_step
     assert [e[0] for e in second.epochs] == [2, 3]
     reference, _ = uninterrupted
     _assert_same_weights(result, reference)
@@ -165,3 +170,11 @@ def test_early_stopping_stops_after_patience(small_digits, tmp_path):
     )
     assert result.stopped_early and result.epochs_run < 6
     assert result.epochs_run == result.best_epoch + 1
+
+
+def test_worker_processes_load_data_and_stop_cleanly(small_digits, tmp_path):
+    train_samples, val_samples = small_digits
+    with pytest.raises(TrainingStopped):
+        train(_spec(num_workers=2), train_samples, val_samples, tmp_path, Recorder("preempt", arm_after_epoch=0, on_call=2))
+    result = train(_spec(num_workers=2, epochs=1), train_samples, val_samples, tmp_path / "fresh", NullCallbacks())
+    assert result.epochs_run == 1 and result.metrics["val_accuracy"] >= 0.0
