@@ -129,6 +129,7 @@ class Payload:
         return (print, ("this must never run",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_pickles_with_arbitrary_objects_are_refused(source_state, tmp_path):
     path = tmp_path / "evil.pt"
     with path.open("wb") as fh:
