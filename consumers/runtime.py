@@ -134,7 +134,8 @@ class ConsumerRuntime:
         )
         if self._producer is None:
             self._producer = new_producer(self.settings)
-        await self._producer.start()
+        if self._owns_producer:
+            await self._producer.start()
         try:
             await self._consumer.start()
             self._consumer.subscribe([self.pipeline.input_topic], listener=_Rebalance(self))

@@ -1,0 +1,198 @@
+"""``cls-worker training``: the control-topic reader, the training context, and the request consumer.
+
+Every training worker reads all partitions of the compacted control topic outside the consumer group,
+from the beginning, before it takes its first job: a cancel that arrived before its job, or before a
+restart, still applies. Jobs run one at a time; while one runs every partition is paused and polling
+goes on (the runtime), so a multi-hour job never triggers a rebalance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import structlog
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
+
+from consumers import metrics
+from consumers.annotation_worker import fetch_limits
+from consumers.health import HealthServer
+from consumers.pipeline import Pipeline
+from consumers.runtime import ConsumerRuntime, new_producer
+from consumers.settings import Settings
+from consumers.worker import EXIT_STARTUP_FAILED, configure_torch_threads, serve
+from handlers.executor import Executors
+from handlers.fetch import Fetcher
+from handlers.images import DecodeLimits
+from handlers.storage import ObjectStore
+from handlers.training import CancelRegistry, TrainingContext, TrainingHandler, TrainingSettings, failed_status
+from schemas.codec import CANCEL_ADAPTER, TRAINING_ADAPTER, NotAJsonObject, decode, parse_json_object
+from schemas.topics import Headers, dlq_topic
+
+log = structlog.get_logger("cls.training_worker")
+
+
+class ControlReader:
+    """Follows the control topic (all partitions, no group) and feeds the cancel registry."""
+
+    def __init__(self, settings: Settings, cancels: CancelRegistry, producer) -> None:
+        self.settings = settings
+        self.cancels = cancels
+        self.producer = producer
+        self.topic = settings.worker.training_control_topic
+        self._task: asyncio.Task[None] | None = None
+        self._consumer: AIOKafkaConsumer | None = None
+
+    async def start(self, catch_up_timeout_s: float = 60.0) -> None:
+        self._consumer = AIOKafkaConsumer(**self.settings.kafka.client_kwargs(), group_id=None,
+                                          enable_auto_commit=False, auto_offset_reset="earliest")
+        await self._consumer.start()
+        partitions = self._consumer.partitions_for_topic(self.topic)
+        deadline = time.monotonic() + catch_up_timeout_s
+        while not partitions and time.monotonic() < deadline:
+            await self._consumer._client.force_metadata_update()
+            partitions = self._consumer.partitions_for_topic(self.topic)
+            if not partitions:
+                await asyncio.sleep(0.5)
+        if not partitions:
+            raise ValueError(f"control topic {self.topic} does not exist (run `cls-worker topics create`)")
+        tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
+        self._consumer.assign(tps)
+        await self._consumer.seek_to_beginning(*tps)
+        ends = await self._consumer.end_offsets(tps)
+        # catch up before the first job is taken
+        while await self._behind(ends):
+            if time.monotonic() > deadline:
+                log.warning("control_catch_up_timeout")
+                break
+            await self._poll_once()
+        self.cancels.caught_up.set()
+        log.info("control_topic_caught_up", cancelled=len(self.cancels._cancelled))
+        self._task = asyncio.create_task(self._follow())
+
+    async def _behind(self, ends: dict[TopicPartition, int]) -> bool:
+        assert self._consumer is not None
+        for tp, end in ends.items():
+            if await self._consumer.position(tp) < end:
+                return True
+        return False
+
+    async def _follow(self) -> None:
+        while True:
+            try:
+                await self._poll_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # keep following: a broker hiccup must not stop cancels forever
+                log.warning("control_poll_failed", error=repr(exc))
+                await asyncio.sleep(1)
+
+    async def _poll_once(self) -> None:
+        assert self._consumer is not None
+        batches = await self._consumer.getmany(timeout_ms=500)
+        for records in batches.values():
+            for record in records:
+                await self._apply(record)
+
+    async def _apply(self, record) -> None:
+        if record.value is None:  # tombstone: the cancel was retracted (compaction removes it)
+            if record.key:
+                self.cancels.uncancel(record.key.decode("utf-8", "replace"))
+            return
+        try:
+            body = parse_json_object(record.value)
+        except NotAJsonObject as exc:
+            await self._dlq(record, "not_json_object", str(exc))
+            return
+        cancel = decode(CANCEL_ADAPTER, body, "job_id", record.key)
+        job_id = getattr(cancel, "job_id", None)
+        if not job_id:
+            await self._dlq(record, "invalid_cancel", getattr(cancel, "message", "no job id"))
+            return
+        self.cancels.cancel(job_id, getattr(cancel, "reason", None))
+        log.info("cancel_received", job_id=job_id)
+
+    async def _dlq(self, record, code: str, message: str) -> None:
+        headers = list(record.headers or ()) + [
+            (Headers.DLQ_ERROR_CODE, code.encode()), (Headers.DLQ_ERROR_MESSAGE, message[:1000].encode()),
+            (Headers.DLQ_SOURCE_TOPIC, record.topic.encode()),
+            (Headers.DLQ_SOURCE_PARTITION, str(record.partition).encode()),
+            (Headers.DLQ_SOURCE_OFFSET, str(record.offset).encode()),
+        ]
+        await self.producer.send_and_wait(dlq_topic(record.topic), value=record.value, key=record.key, headers=headers)
+        metrics.RECORDS_DLQ.labels(record.topic, code).inc()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._consumer is not None:
+            await self._consumer.stop()
+
+
+@contextlib.asynccontextmanager
+async def training_context(settings: Settings):
+    w = settings.worker
+    executors = Executors()
+    store = ObjectStore(endpoint_url=w.s3_endpoint_url, region=w.s3_region, allow_file_urls=w.allow_file_urls)
+    async with store, Fetcher(fetch_limits(settings), store=store) as fetcher:
+        ctx = TrainingContext(
+            settings=TrainingSettings(work_dir=w.training_work_dir, dataset_cache_dir=w.dataset_cache_dir,
+                                      checkpoint_suffix=w.checkpoint_prefix_suffix, heartbeat_s=w.heartbeat_s,
+                                      device=w.device, download_concurrency=w.fetch_concurrency),
+            store=store, fetcher=fetcher, decode_limits=DecodeLimits(max_pixels=w.max_image_pixels),
+            executors=executors, cancels=CancelRegistry(),
+            on_epoch=metrics.TRAINING_EPOCH_SECONDS.observe,
+        )
+        try:
+            yield ctx
+        finally:
+            executors.shutdown()
+
+
+def training_pipeline(settings: Settings, ctx: TrainingContext) -> Pipeline:
+    return Pipeline(
+        name="training.status",
+        input_topic=settings.worker.training_requests_topic,
+        output_topic=settings.worker.training_status_topic,
+        adapter=TRAINING_ADAPTER,
+        id_field="job_id",
+        handle=TrainingHandler(ctx).handle,
+        failed_event=failed_status,
+        handler_timeout_s=None,
+        on_preempt=ctx.preempt,
+    )
+
+
+async def run_training_worker(settings: Settings, max_jobs: int | None = None) -> int:
+    configure_torch_threads(settings.worker.torch_threads)
+    async with training_context(settings) as ctx:
+        producer = new_producer(settings)
+        control = ControlReader(settings, ctx.cancels, producer)
+
+        runtime = ConsumerRuntime(settings, training_pipeline(settings, ctx), group_id=settings.worker.training_group_id,
+                                  producer=producer, max_in_flight=1, max_records=max_jobs)
+        health = HealthServer(settings, runtime, models_ready=ctx.cancels.caught_up.is_set)
+        await health.start()
+
+        async def stop_all() -> None:
+            await control.stop()
+            await health.stop()
+
+        try:
+            await producer.start()
+            await control.start()
+        except (KafkaError, OSError, ValueError) as exc:
+            log.error("startup_failed", error=f"{type(exc).__name__}: {exc}",
+                      bootstrap_servers=settings.kafka.bootstrap_servers)
+            await control.stop()
+            await health.stop()
+            await producer.stop()
+            return EXIT_STARTUP_FAILED
+        try:
+            return await serve(runtime, on_stop=stop_all)
+        finally:
+            await producer.stop()

@@ -1,0 +1,177 @@
+"""A training request's dataset: labels resolved, images downloaded into a local cache, bad ones counted.
+
+Entries are ``{"url", "label"}`` objects or plain URLs labeled by their parent folder
+(``.../<class>/<file>``, the ImageFolder convention); ``manifest_url`` points to a JSON Lines file of
+``{"url", "label", "split"}``. Images go through the same fetching and decoding as annotation (size and
+pixel limits, private-network rule) and are kept in a cache shared by jobs: files named by the hash of
+their content, found again by the hash of their URL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from handlers.errors import HandlerError, ImageError, PermanentError
+from handlers.executor import Executors
+from handlers.fetch import Fetcher
+from handlers.images import DecodeLimits, decode_image
+from schemas.training import LabeledUrl, TrainingDataset
+
+INVALID_DATASET = "invalid_dataset"
+TOO_MANY_BAD_IMAGES = "too_many_bad_images"
+MAX_MANIFEST_BYTES = 256 * 1024 * 1024
+
+
+@dataclass
+class PreparedDataset:
+    train: list[tuple[str, int]]
+    val: list[tuple[str, int]]
+    bad: list[tuple[str, str]] = field(default_factory=list)  # (url, error code: message)
+    total: int = 0
+
+
+def label_of(entry: LabeledUrl | str) -> tuple[str, str]:
+    """(url, label) of an entry; a plain URL's label is its parent folder name."""
+    if isinstance(entry, LabeledUrl):
+        return entry.url, entry.label
+    path = unquote(urlsplit(entry).path).rstrip("/")
+    parts = path.split("/")
+    if len(parts) < 2 or not parts[-2]:
+        raise PermanentError(INVALID_DATASET, f"cannot take a label from {entry!r}: expected .../<class>/<file>")
+    return entry, parts[-2]
+
+
+class DatasetCache:
+    """Local image cache shared by jobs (content-addressed files, URL index)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).expanduser()
+        (self.root / "objects").mkdir(parents=True, exist_ok=True)
+        (self.root / "urls").mkdir(parents=True, exist_ok=True)
+
+    def _index(self, url: str) -> Path:
+        return self.root / "urls" / hashlib.sha256(url.encode()).hexdigest()
+
+    def lookup(self, url: str) -> str | None:
+        index = self._index(url)
+        try:
+            path = self.root / "objects" / index.read_text().strip()
+        except OSError:
+            return None
+        return str(path) if path.exists() else None
+
+    def store(self, url: str, data: bytes, suffix: str) -> str:
+        digest = hashlib.sha256(data).hexdigest()
+        path = self.root / "objects" / f"{digest}{suffix}"
+        if not path.exists():
+            tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        index = self._index(url)
+        tmp_index = index.with_suffix(f".{os.getpid()}.tmp")
+        tmp_index.write_text(path.name)
+        os.replace(tmp_index, index)
+        return str(path)
+
+
+def _normalise(data: bytes, limits: DecodeLimits) -> tuple[bytes, str]:
+    """Decode (all the odd formats handled once, here) and keep a file training can read as RGB."""
+    image = decode_image(data, limits)
+    if data[:3] == b"\xff\xd8\xff" and image.mode == "RGB" and not _has_exif_rotation(data):
+        return data, ".jpg"  # already a plain RGB JPEG: keep the original bytes
+    out = io.BytesIO()
+    image.save(out, "PNG", compress_level=1)
+    return out.getvalue(), ".png"
+
+
+def _has_exif_rotation(data: bytes) -> bool:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        return img.getexif().get(0x0112, 1) != 1
+
+
+async def read_manifest(fetcher: Fetcher, url: str) -> tuple[list[LabeledUrl], list[LabeledUrl]]:
+    """Entries of a JSON Lines manifest, split into (train, val) by their ``split`` field."""
+    try:
+        if url.startswith("s3://") and fetcher.store is not None:
+            raw = await fetcher.store.get_bytes(url, max_bytes=MAX_MANIFEST_BYTES)
+        else:
+            raw = await fetcher.fetch(url)
+    except HandlerError as exc:
+        raise PermanentError(INVALID_DATASET, f"manifest {url}: {exc.code}: {exc.message}") from exc
+    train, val = [], []
+    for number, line in enumerate(raw.decode("utf-8", "replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            entry = LabeledUrl.model_validate(item)
+        except ValueError as exc:
+            raise PermanentError(INVALID_DATASET, f"manifest {url} line {number}: {exc}"[:500]) from exc
+        split = str(item.get("split", "train")).lower()
+        (val if split in ("val", "valid", "validation") else train).append(entry)
+    return train, val
+
+
+async def prepare_dataset(dataset: TrainingDataset, *, fetcher: Fetcher, executors: Executors, cache: DatasetCache,
+                          limits: DecodeLimits, max_bad_fraction: float, concurrency: int = 16) -> PreparedDataset:
+    """Resolve labels, download and check every image; fail when too many are unusable."""
+    train_entries = list(dataset.train_urls)
+    val_entries = list(dataset.val_urls)
+    if dataset.manifest_url:
+        extra_train, extra_val = await read_manifest(fetcher, dataset.manifest_url)
+        train_entries += extra_train
+        val_entries += extra_val
+    index = {name: i for i, name in enumerate(dataset.class_names)}
+    labeled: list[tuple[str, str, str]] = []  # split, url, label
+    unknown: list[str] = []
+    for split, entries in (("train", train_entries), ("val", val_entries)):
+        for entry in entries:
+            url, label = label_of(entry)
+            if label not in index:
+                unknown.append(f"{label!r} ({url})")
+            labeled.append((split, url, label))
+    if unknown:
+        raise PermanentError(
+            INVALID_DATASET,
+            f"{len(unknown)} image(s) have labels not in class_names {dataset.class_names[:20]}: {unknown[:5]}",
+        )
+    if not labeled:
+        raise PermanentError(INVALID_DATASET, "the dataset has no images")
+
+    semaphore = asyncio.Semaphore(concurrency)
+
+    async def one(url: str) -> str | ImageError:
+        cached = cache.lookup(url)
+        if cached is not None:
+            return cached
+        async with semaphore:
+            try:
+                data = await fetcher.fetch(url)
+                normalised, suffix = await executors.on_cpu(_normalise, data, limits)
+            except ImageError as exc:
+                return exc
+            return await executors.on_cpu(cache.store, url, normalised, suffix)
+
+    paths = await asyncio.gather(*(one(url) for _, url, _ in labeled))
+    prepared = PreparedDataset(train=[], val=[], total=len(labeled))
+    for (split, url, label), path in zip(labeled, paths, strict=True):
+        if isinstance(path, ImageError):
+            prepared.bad.append((url, f"{path.code}: {path.message}"))
+            continue
+        (prepared.train if split == "train" else prepared.val).append((path, index[label]))
+    if len(prepared.bad) > max_bad_fraction * prepared.total:
+        examples = "; ".join(f"{url} -> {why}" for url, why in prepared.bad[:5])
+        raise PermanentError(
+            TOO_MANY_BAD_IMAGES,
+            f"{len(prepared.bad)} of {prepared.total} images unusable (max_bad_fraction {max_bad_fraction}); e.g. {examples}"[:2000],
+        )
+    return prepared
