@@ -1,0 +1,74 @@
+"""``"model": "custom"``: a package trained here, loaded from S3 by the annotation handler, predicts
+exactly what the in-memory model did; a class subset renormalises; unknown classes are a clear error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from consumers.annotation_worker import annotation_context
+from consumers.settings import KafkaSettings, Settings, WorkerSettings
+from handlers.annotation import AnnotationHandler
+from handlers.errors import PermanentError
+from ml.trained import TrainedModel
+from schemas.annotation import AnnotationRequest
+
+pytestmark = pytest.mark.s3
+
+
+async def upload_package(s3_server, bucket: str, package_dir: Path, prefix: str) -> str:
+    async with s3_server.client() as client:
+        for name in ("model.safetensors", "config.json", "metrics.json"):
+            await client.put_object(Bucket=bucket, Key=f"{prefix}/{name}", Body=(package_dir / name).read_bytes())
+    return f"s3://{bucket}/{prefix}"
+
+
+async def test_custom_model_matches_in_memory_predictions(trained_digits, s3_server, s3_bucket, http_server, tmp_path):
+    model_url = await upload_package(s3_server, s3_bucket, trained_digits.package_dir, "models/digits")
+    test = trained_digits.test[:40]
+    urls = [(f"d{i}", http_server.add(f"digits/{i}.png", Path(p).read_bytes(), content_type="image/png"))
+            for i, (p, _) in enumerate(test)]
+    settings = Settings(kafka=KafkaSettings(), worker=WorkerSettings(
+        allow_private_networks=True, model_dir=str(tmp_path / "models"), clip_weights="random",
+        clip_variant="cls-tiny-clip", s3_endpoint_url=s3_server.endpoint_url))
+    reference = TrainedModel.load(trained_digits.package_dir, device="cpu")
+    from PIL import Image
+
+    expected = reference.predict(torch.stack([reference.preprocess(Image.open(p).convert("RGB")) for p, _ in test]))
+    names = trained_digits.class_names
+    async with annotation_context(settings) as ctx:
+        handler = AnnotationHandler(ctx)
+        request = AnnotationRequest.model_validate({
+            "task": "classify", "model": "custom", "model_url": model_url, "request_id": "custom-1",
+            "images": [{"id": i, "url": u} for i, u in urls], "top_k": 10, "threshold": 0.0})
+        parts = [p async for p in handler.handle(request)]
+        assert parts[0].model.family == "custom" and parts[0].model.variant == "resnet10t"
+        correct = 0
+        for (path, label), result, probs in zip(test, parts[0].results, expected, strict=True):
+            got = {p.class_name: p.confidence for p in result.predictions}
+            for c, name in enumerate(names):
+                assert got[name] == pytest.approx(float(probs[c]), abs=1e-5)
+            correct += result.predictions[0].class_name == names[label]
+        assert correct / len(test) >= 0.9
+
+        subset = ["three", "eight"]
+        request = request.model_copy(update={"classes": subset, "top_k": 2, "request_id": "custom-2"})
+        parts = [p async for p in handler.handle(request)]
+        for result, probs in zip(parts[0].results, expected, strict=True):
+            renorm = probs[[3, 8]] / probs[[3, 8]].sum()
+            got = {p.class_name: p.confidence for p in result.predictions}
+            assert got["three"] == pytest.approx(float(renorm[0]), abs=1e-5)
+            assert got["eight"] == pytest.approx(float(renorm[1]), abs=1e-5)
+
+        bad = request.model_copy(update={"classes": ["three", "cat"], "request_id": "custom-3"})
+        with pytest.raises(PermanentError) as err:
+            [p async for p in handler.handle(bad)]
+        assert err.value.code == "invalid_request" and "cat" in err.value.message
+
+        missing = request.model_copy(update={"model_url": f"s3://{s3_bucket}/nothing-here", "classes": None,
+                                             "request_id": "custom-4"})
+        with pytest.raises(PermanentError) as err:
+            [p async for p in handler.handle(missing)]
+        assert err.value.code == "model_unavailable"
