@@ -1,0 +1,242 @@
+"""``cls-worker send``: produce a request and follow its events to the end (a command-line for people).
+
+    cls-worker send annotate --classes cat,dog,bird https://.../a.jpg https://.../b.jpg
+    cls-worker send train --dataset s3://bucket/prefix/ --model-name convnext_tiny --output s3://bucket/models/x
+    cls-worker send request.json            # any request as JSON (the topic follows from its "task")
+
+Prints each result part / status event as it arrives (``--json``: one JSON event per line), exits 0 when
+the request completed, 1 when it failed or was cancelled, 2 when the broker is unreachable or the
+request is invalid, 3 on timeout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError
+from pydantic import ValidationError
+
+from consumers.settings import Settings
+from schemas.annotation import AnnotationRequest
+from schemas.topics import CONTENT_TYPE_JSON, Headers
+from schemas.training import CancelRequest, TrainingRequest
+
+
+def add_send_parser(sub: Any, func: Any) -> None:
+    p = sub.add_parser("send", help="produce a request and follow its events", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", help="annotate | train | cancel | a request JSON file")
+    p.add_argument("urls", nargs="*", help="image URLs (annotate)")
+    p.add_argument("--classes", help="comma-separated class names (annotate)")
+    p.add_argument("--model", default="clip", choices=["clip", "siglip", "custom"])
+    p.add_argument("--model-variant")
+    p.add_argument("--model-url", help="trained model package (with --model custom)")
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--threshold", type=float, default=0.1)
+    p.add_argument("--dataset", help="s3://bucket/prefix/ with <class>/<file> keys (train)")
+    p.add_argument("--model-name", help="timm model name (train)")
+    p.add_argument("--output", help="output_path s3://... (train; default: <dataset>/../models/<job id>)")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--learning-rate", type=float, default=1e-4)
+    p.add_argument("--augmentation", default="light", choices=["none", "light", "medium", "heavy"])
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--no-pretrained", action="store_true")
+    p.add_argument("--id", dest="entity_id", help="request/job id (default: a new UUID)")
+    p.add_argument("--json", action="store_true", help="print events as JSON lines")
+    p.add_argument("--no-follow", action="store_true", help="produce and exit")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds to follow before giving up")
+    p.set_defaults(func=func)
+
+
+async def build_request(settings: Settings, args: argparse.Namespace) -> tuple[str, str, dict[str, Any]]:
+    """(topic, id, body) for the command line."""
+    w = settings.worker
+    entity_id = args.entity_id or str(uuid.uuid4())
+    if args.what == "annotate":
+        if not args.urls:
+            raise ValueError("give at least one image URL")
+        body: dict[str, Any] = {
+            "task": "classify", "request_id": entity_id, "model": args.model,
+            "images": [{"id": Path(u.split("?")[0]).name or f"image-{i}", "url": u} for i, u in enumerate(args.urls)],
+            "top_k": args.top_k, "threshold": args.threshold,
+        }
+        ids = [img["id"] for img in body["images"]]
+        if len(set(ids)) != len(ids):
+            body["images"] = [{"id": f"{i}:{img['id']}", "url": img["url"]} for i, img in enumerate(body["images"])]
+        if args.classes:
+            body["classes"] = [c.strip() for c in args.classes.split(",") if c.strip()]
+        if args.model_variant:
+            body["model_variant"] = args.model_variant
+        if args.model_url:
+            body["model_url"] = args.model_url
+        AnnotationRequest.model_validate(body)
+        return w.annotation_requests_topic, entity_id, body
+    if args.what == "train":
+        if not args.dataset or not args.model_name:
+            raise ValueError("train needs --dataset s3://bucket/prefix/ and --model-name")
+        urls = await list_dataset(settings, args.dataset)
+        class_names = sorted({u.rsplit("/", 2)[-2] for u in urls})
+        output = args.output or args.dataset.rstrip("/").rsplit("/", 1)[0] + f"/models/{entity_id}"
+        config: dict[str, Any] = {
+            "model_name": args.model_name, "num_classes": len(class_names), "epochs": args.epochs,
+            "batch_size": args.batch_size, "learning_rate": args.learning_rate, "augmentation": args.augmentation,
+            "pretrained": not args.no_pretrained,
+        }
+        if args.image_size:
+            config["image_size"] = args.image_size
+        body = {"task": "train", "job_id": entity_id, "config": config,
+                "dataset": {"train_urls": urls, "val_urls": [], "class_names": class_names}, "output_path": output}
+        TrainingRequest.model_validate(body)
+        return w.training_requests_topic, entity_id, body
+    if args.what == "cancel":
+        if not args.entity_id:
+            raise ValueError("cancel needs --id JOB_ID")
+        body = {"task": "cancel", "job_id": args.entity_id}
+        CancelRequest.model_validate(body)
+        return w.training_control_topic, args.entity_id, body
+    path = Path(args.what)
+    if not path.exists():
+        raise ValueError(f"{args.what!r} is neither annotate|train|cancel nor a request file")
+    body = json.loads(path.read_text())
+    task = body.get("task")
+    if task == "classify":
+        entity_id = body.setdefault("request_id", entity_id)
+        AnnotationRequest.model_validate(body)
+        return w.annotation_requests_topic, entity_id, body
+    if task == "train":
+        entity_id = body.setdefault("job_id", entity_id)
+        TrainingRequest.model_validate(body)
+        return w.training_requests_topic, entity_id, body
+    if task == "cancel":
+        CancelRequest.model_validate(body)
+        return w.training_control_topic, body["job_id"], body
+    raise ValueError(f"unknown task {task!r} in {path}")
+
+
+async def list_dataset(settings: Settings, prefix: str) -> list[str]:
+    """Image URLs under an s3:// prefix laid out as <class>/<file>."""
+    from handlers.storage import ObjectStore
+
+    if not prefix.endswith("/"):
+        prefix += "/"
+    async with ObjectStore(endpoint_url=settings.worker.s3_endpoint_url, region=settings.worker.s3_region) as store:
+        urls = await store.list(prefix)
+    urls = [u for u in urls if u[len(prefix):].count("/") == 1 and not u.endswith("/")]
+    if not urls:
+        raise ValueError(f"no <class>/<file> objects under {prefix}")
+    return sorted(urls)
+
+
+def render(event: dict[str, Any]) -> str:
+    if event.get("event_type") == "annotation.result":
+        if event["status"] == "failed":
+            return f"failed: {event['error']['code']}: {event['error']['message']}"
+        lines = [f"part {event['part'] + 1}/{event['parts']}  model={event['model']['family']}/{event['model']['variant']}"
+                 f" weights={event['model']['weights']}"]
+        for result in event["results"]:
+            if result.get("error"):
+                lines.append(f"  {result['id']}: ERROR {result['error']['code']}: {result['error']['message'][:120]}")
+            else:
+                preds = ", ".join(f"{p['class']} {p['confidence']:.3f}" for p in result["predictions"]) or "(below threshold)"
+                lines.append(f"  {result['id']}: {preds}")
+        return "\n".join(lines)
+    status = event["status"]
+    progress = event.get("progress") or {}
+    metrics = progress.get("metrics") or {}
+    if status == "running":
+        bits = [f"epoch {progress.get('epoch')}/{progress.get('epochs')}"]
+        if progress.get("step") is not None:
+            bits.append(f"step {progress['step']}/{progress.get('steps')}")
+        for key in ("train_loss", "val_loss", "val_accuracy", "images_per_s", "eta_s"):
+            if metrics.get(key) is not None:
+                bits.append(f"{key}={metrics[key]:.4g}" if isinstance(metrics[key], float) else f"{key}={metrics[key]}")
+        return "running  " + "  ".join(bits)
+    if status == "completed":
+        m = event.get("metrics") or {}
+        return f"completed  val_accuracy={m.get('val_accuracy')}  best_epoch={m.get('best_epoch')}  model_url={event.get('model_url')}"
+    if event.get("error"):
+        return f"{status}  {event['error']['code']}: {event['error']['message']}"
+    return f"{status} (attempt {event.get('attempt')})"
+
+
+def finished(event: dict[str, Any], parts_seen: set[int]) -> bool:
+    if event.get("event_type") == "annotation.result":
+        return event["status"] == "failed" or len(parts_seen) >= event["parts"]
+    return event["status"] in ("completed", "failed", "cancelled") and not event.get("heartbeat")
+
+
+async def run_send(settings: Settings, args: argparse.Namespace) -> int:
+    try:
+        topic, entity_id, body = await build_request(settings, args)
+    except (ValueError, ValidationError) as exc:
+        print(f"cls-worker send: {exc}", file=sys.stderr)
+        return 2
+    kafka = settings.kafka.client_kwargs()
+    out_topic = {settings.worker.annotation_requests_topic: settings.worker.annotation_results_topic,
+                 settings.worker.training_requests_topic: settings.worker.training_status_topic}.get(topic)
+    consumer = None
+    producer = AIOKafkaProducer(**kafka, acks="all", enable_idempotence=True)
+    try:
+        try:
+            await asyncio.wait_for(producer.start(), timeout=30)
+            if out_topic and not args.no_follow:
+                consumer = AIOKafkaConsumer(**kafka, group_id=None, enable_auto_commit=False)
+                await asyncio.wait_for(consumer.start(), timeout=30)
+                partitions = consumer.partitions_for_topic(out_topic) or set()
+                tps = [TopicPartition(out_topic, p) for p in partitions]
+                if not tps:
+                    raise ValueError(f"topic {out_topic} does not exist (run `cls-worker topics create`)")
+                consumer.assign(tps)
+                await consumer.seek_to_end(*tps)
+                for tp in tps:
+                    await consumer.position(tp)  # resolve "end" now, before producing
+        except (KafkaError, OSError, TimeoutError) as exc:
+            print(f"cls-worker send: cannot reach Kafka at {settings.kafka.bootstrap_servers}: {type(exc).__name__}: {exc}",
+                  file=sys.stderr)
+            return 2
+        except ValueError as exc:
+            print(f"cls-worker send: {exc}", file=sys.stderr)
+            return 2
+        id_header = Headers.JOB_ID if topic != settings.worker.annotation_requests_topic else Headers.REQUEST_ID
+        await producer.send_and_wait(topic, json.dumps(body).encode(), key=entity_id.encode(), headers=[
+            (Headers.CONTENT_TYPE, CONTENT_TYPE_JSON.encode()), (id_header, entity_id.encode())])
+        if not args.json:
+            print(f"sent {body['task']} {entity_id} to {topic}")
+        if consumer is None:
+            return 0
+        return await follow(consumer, entity_id, args)
+    finally:
+        if consumer is not None:
+            await consumer.stop()
+        await producer.stop()
+
+
+async def follow(consumer: AIOKafkaConsumer, entity_id: str, args: argparse.Namespace) -> int:
+    deadline = time.monotonic() + args.timeout
+    parts_seen: set[int] = set()
+    key = entity_id.encode()
+    while time.monotonic() < deadline:
+        batches = await consumer.getmany(timeout_ms=500)
+        for records in batches.values():
+            for record in records:
+                if record.key != key or record.value is None:
+                    continue
+                event = json.loads(record.value)
+                if event.get("event_type") == "annotation.result" and event["status"] == "completed":
+                    if event["part"] in parts_seen:
+                        continue  # a redelivery's duplicate part
+                    parts_seen.add(event["part"])
+                print(json.dumps(event) if args.json else render(event), flush=True)
+                if finished(event, parts_seen):
+                    return 0 if event["status"] == "completed" else 1
+    print(f"cls-worker send: no final event for {entity_id} within {args.timeout}s", file=sys.stderr)
+    return 3
