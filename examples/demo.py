@@ -1,0 +1,374 @@
+"""``make run``: the whole product on one machine, with a demo of the backend's two AI workflows.
+
+Starts a local Kafka broker (deploy/local/kafka.sh), a local S3 API (moto's server on 127.0.0.1),
+provisions the topics, starts the annotation and the training worker as separate processes, and the
+reference fold (examples/fold.py) into SQLite. Then:
+
+1. AI labeling: 10 real sample photos served on 127.0.0.1, zero-shot classified against 4 classes,
+   folded, top-1 labels above a threshold applied;
+2. training: scikit-learn's digits as PNG files in S3 under <class>/<file>, a resnet10t fine-tuned
+   through Kafka with per-epoch progress, the model package in S3;
+3. inference with the trained model (``"model": "custom"``) on held-back digits.
+
+``--once`` (or DEMO_ONCE=1; automatic without a terminal) exits after the demo; otherwise the stack
+keeps running for ``cls-worker send ...`` until Ctrl-C. Every process it started is stopped on exit.
+Zero-shot weights are random unless CLS_CLIP_WEIGHTS names real ones (a pretrained tag in the hub
+cache, a file, or an s3:// URL): the demo says so loudly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+KAFKA_SH = REPO / "deploy" / "local" / "kafka.sh"
+CLASSES = ["person", "cat", "coffee cup", "flower"]
+
+
+def free_port(pair: bool = False) -> int:
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if not pair:
+            return port
+        with socket.socket() as s2:
+            try:
+                s2.bind(("127.0.0.1", port + 1))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError("no free port")
+
+
+def bar(done: int, total: int, width: int = 30) -> str:
+    filled = int(width * done / max(total, 1))
+    return "[" + "#" * filled + "." * (width - filled) + f"] {done}/{total}"
+
+
+def say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+class Demo:
+    def __init__(self, state: Path) -> None:
+        self.state = state
+        self.kafka_port = int(os.environ.get("DEMO_KAFKA_PORT") or free_port(pair=True))
+        self.kafka_env = {**os.environ, "KAFKA_PORT": str(self.kafka_port), "KAFKA_STATE_DIR": str(state / "kafka")}
+        self.bootstrap = f"127.0.0.1:{self.kafka_port}"
+        self.workers: list[subprocess.Popen] = []
+        self.moto = None
+        self.http = None
+        self.kafka_started = False
+
+    # ------------------------------------------------------------------ infrastructure
+    def start_kafka(self) -> None:
+        say(f"• starting Kafka (KRaft, jars from Maven Central) on {self.bootstrap} ...")
+        out = subprocess.run([str(KAFKA_SH), "start"], env=self.kafka_env, capture_output=True, text=True, timeout=300)
+        if out.returncode != 0:
+            raise RuntimeError(f"Kafka did not start:\n{out.stdout}\n{out.stderr}")
+        self.kafka_started = True
+
+    def start_s3(self) -> str:
+        from moto.server import ThreadedMotoServer
+
+        port = free_port()
+        self.moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        self.moto.start()
+        endpoint = f"http://127.0.0.1:{port}"
+        os.environ.update({"AWS_ACCESS_KEY_ID": "demo", "AWS_SECRET_ACCESS_KEY": "demo", "AWS_DEFAULT_REGION": "us-east-1",
+                           "AWS_ENDPOINT_URL": endpoint})
+        say(f"• local S3 API (moto) on {endpoint}")
+        return endpoint
+
+    def start_http(self, files: dict[str, bytes]) -> str:
+        import http.server
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                body = files.get(self.path.lstrip("/"))
+                if body is None:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png" if self.path.endswith(".png") else "image/jpeg")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.http = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+        return f"http://127.0.0.1:{self.http.server_address[1]}"
+
+    def worker_env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "KAFKA_BOOTSTRAP_SERVERS": self.bootstrap,
+            "CLS_CLIP_WEIGHTS": os.environ.get("CLS_CLIP_WEIGHTS", "random"),
+            "CLS_CLIP_VARIANT": os.environ.get("CLS_CLIP_VARIANT", "ViT-B-32"),
+            "CLS_DEFAULT_PROMPT_TEMPLATES": os.environ.get("CLS_DEFAULT_PROMPT_TEMPLATES", "a photo of a {}.|a picture of a {}."),
+            "CLS_ALLOW_PRIVATE_NETWORKS": "true",  # the demo's images are served on 127.0.0.1
+            "CLS_MODEL_DIR": str(self.state / "models"),
+            "CLS_TRAINING_WORK_DIR": str(self.state / "training"),
+            "CLS_DATASET_CACHE_DIR": str(self.state / "images"),
+            "CLS_TORCH_THREADS": os.environ.get("CLS_TORCH_THREADS", "1"),
+            "CLS_LOG_FORMAT": "json",
+            "PYTHONUNBUFFERED": "1",
+        }
+
+    def start_worker(self, kind: str) -> subprocess.Popen:
+        log = open(self.state / f"{kind}.log", "ab")
+        proc = subprocess.Popen([sys.executable, "-m", "consumers.cli", kind], cwd=REPO, env=self.worker_env(),
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.workers.append(proc)
+        return proc
+
+    def wait_log(self, kind: str, event: str, timeout_s: float = 180) -> None:
+        deadline = time.monotonic() + timeout_s
+        path = self.state / f"{kind}.log"
+        while time.monotonic() < deadline:
+            if path.exists() and f'"event": "{event}"' in path.read_text(errors="replace"):
+                return
+            for proc in self.workers:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"a worker exited ({proc.returncode}); see {self.state}/*.log")
+            time.sleep(0.3)
+        raise RuntimeError(f"{kind} worker not ready within {timeout_s}s; see {path}")
+
+    def stop(self) -> None:
+        for proc in self.workers:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.workers:
+            try:
+                proc.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+        if self.http is not None:
+            self.http.shutdown()
+        if self.moto is not None:
+            self.moto.stop()
+        if self.kafka_started:
+            subprocess.run([str(KAFKA_SH), "stop"], env=self.kafka_env, capture_output=True, timeout=90)
+        say("• stopped workers, S3 API and Kafka")
+
+
+def sample_photos() -> dict[str, bytes]:
+    """Ten real photos from scikit-image and scikit-learn."""
+    import numpy as np
+    from PIL import Image
+    from skimage import data
+    from sklearn.datasets import load_sample_image
+
+    arrays = {
+        "astronaut.jpg": data.astronaut(), "chelsea-the-cat.jpg": data.chelsea(), "coffee.jpg": data.coffee(),
+        "camera-man.png": data.camera(), "rocket.jpg": data.rocket(), "china.jpg": load_sample_image("china.jpg"),
+        "flower.jpg": load_sample_image("flower.jpg"), "hubble.jpg": data.hubble_deep_field(),
+        "immunohistochemistry.jpg": data.immunohistochemistry(), "cat-detail.png": data.chelsea()[50:250, 100:350],
+    }
+    out = {}
+    for name, array in arrays.items():
+        image = Image.fromarray(np.asarray(array))
+        buf = io.BytesIO()
+        image.save(buf, "PNG" if name.endswith(".png") else "JPEG", quality=90)
+        out[name] = buf.getvalue()
+    return out
+
+
+async def produce(bootstrap: str, topic: str, key: str, body: dict) -> None:
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True)
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, json.dumps(body).encode(), key=key.encode())
+    finally:
+        await producer.stop()
+
+
+async def run(demo: Demo, once: bool) -> None:
+    from examples.fold import Fold, run_fold
+    from schemas import topics
+
+    weights = os.environ.get("CLS_CLIP_WEIGHTS", "random")
+    if weights == "random":
+        say("!" * 100)
+        say("! ZERO-SHOT WEIGHTS ARE RANDOM: the machine has no model hub, so CLIP runs with random weights and its")
+        say("! predictions are meaningless. Point the worker at real weights with CLS_CLIP_WEIGHTS=<pretrained tag in")
+        say("! the hub cache, e.g. laion2b_s34b_b79k> or a file / s3:// URL (see `cls-worker prefetch`).")
+        say("!" * 100)
+    demo.start_kafka()
+    endpoint = demo.start_s3()
+    subprocess.run([sys.executable, "-m", "consumers.cli", "topics", "create"], cwd=REPO, env=demo.worker_env(),
+                   check=True, capture_output=True, timeout=120)
+    say("• topics created (12 partitions per request topic, compacted control topic)")
+    for kind in ("annotation", "training"):
+        demo.start_worker(kind)
+    demo.wait_log("annotation", "partitions_assigned")
+    demo.wait_log("training", "partitions_assigned")
+    say("• annotation and training workers are up (pids " + " ".join(str(p.pid) for p in demo.workers)
+        + "; logs: " + str(demo.state) + "/*.log)")
+
+    fold = Fold(demo.state / "fold.sqlite")
+    stop_fold = asyncio.Event()
+    fold_task = asyncio.create_task(run_fold(fold, demo.bootstrap, [topics.ANNOTATION_RESULTS, topics.TRAINING_STATUS],
+                                             f"demo-fold-{uuid.uuid4().hex[:6]}", stop_fold))
+
+    async def until(condition, timeout_s: float, what: str) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not condition():
+            if fold_task.done():
+                fold_task.result()
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"timed out waiting for {what}")
+            await asyncio.sleep(0.3)
+
+    # ---------------------------------------------------------------- 1. AI labeling workflow
+    say("\n== 1. AI labeling workflow ==")
+    photos = sample_photos()
+    base = demo.start_http(photos)
+    request_id = f"demo-label-{uuid.uuid4().hex[:6]}"
+    images = [{"id": name, "url": f"{base}/{name}"} for name in photos]
+    await produce(demo.bootstrap, topics.ANNOTATION_REQUESTS, request_id,
+                  {"task": "classify", "model": "clip", "images": images, "classes": CLASSES, "top_k": 2, "threshold": 0.0})
+    say(f"   sent {len(images)} images, classes {CLASSES}")
+    await until(lambda: fold.request_complete(request_id), 300, "annotation results")
+    applied = fold.auto_apply(request_id, threshold=0.3)
+    say(f"   folded {len(images)} predictions; auto-applied {applied} top-1 labels with confidence >= 0.3")
+    rows = fold.db.execute("SELECT image_id, class, confidence, model FROM labels WHERE request_id = ? AND rank = 0"
+                           " ORDER BY image_id", (request_id,)).fetchall()
+    for image_id, cls, confidence, model in rows[:6]:
+        say(f"   {image_id:28s} -> {cls:12s} {confidence:.3f}   ({model})")
+
+    # ---------------------------------------------------------------- 2. training workflow
+    say("\n== 2. Training workflow ==")
+    import aioboto3
+
+    from tests.fixtures.trained_model import DIGIT_CLASS_NAMES, digits_splits, write_digits_dataset
+
+    digits_dir = Path(tempfile.mkdtemp(prefix="demo-digits-"))
+    samples, class_names = write_digits_dataset(digits_dir)
+    _, _, held_back = digits_splits(samples)
+    held = set(held_back)
+    bucket = "cls-demo"
+    session = aioboto3.Session()
+    async with session.client("s3", endpoint_url=endpoint) as s3:
+        await s3.create_bucket(Bucket=bucket)
+        semaphore = asyncio.Semaphore(32)
+
+        async def put(path: str, label: int) -> None:
+            async with semaphore:
+                await s3.put_object(Bucket=bucket, Key=f"digits/{class_names[label]}/{Path(path).name}",
+                                    Body=Path(path).read_bytes())
+
+        await asyncio.gather(*(put(p, label) for p, label in samples if (p, label) not in held))
+    say(f"   uploaded {len(samples) - len(held_back)} digit images to s3://{bucket}/digits/<class>/<file>")
+    job_id = f"demo-train-{uuid.uuid4().hex[:6]}"
+    output = f"s3://{bucket}/models/{job_id}"
+    send = subprocess.run([sys.executable, "-m", "consumers.cli", "send", "train", "--dataset", f"s3://{bucket}/digits/",
+                           "--model-name", "resnet10t", "--output", output, "--epochs", "4", "--batch-size", "64",
+                           "--learning-rate", "0.003", "--augmentation", "none", "--image-size", "32", "--no-pretrained",
+                           "--id", job_id, "--no-follow"], cwd=REPO, env=demo.worker_env(), capture_output=True,
+                          text=True, timeout=120)
+    if send.returncode != 0:
+        raise RuntimeError(send.stderr)
+    say(f"   job {job_id}: resnet10t, 4 epochs (sent with `cls-worker send train`)")
+    last_epoch = -1
+    deadline = time.monotonic() + 600
+    while True:
+        job = fold.job(job_id)
+        if job and job["progress"] and job["progress"].get("epoch", 0) != last_epoch and job["status"] == "running":
+            last_epoch = job["progress"]["epoch"]
+            m = job["progress"]["metrics"]
+            say(f"   {bar(last_epoch, job['progress']['epochs'])}  train_loss={m.get('train_loss', 0):.3f}"
+                f"  val_accuracy={m.get('val_accuracy', 0):.3f}")
+        if job and job["status"] in ("completed", "failed", "cancelled"):
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError("training did not finish in 10 minutes")
+        await asyncio.sleep(0.3)
+    if job["status"] != "completed":
+        raise RuntimeError(f"training {job['status']}: {job['error']}")
+    history = job["metrics"].get("epochs") or []
+    say("   training curve:")
+    say("     epoch  train_loss  val_loss  val_accuracy")
+    for row in history:
+        say(f"     {row.get('epoch'):>5}  {row.get('train_loss', 0):>10.4f}  {row.get('val_loss', 0):>8.4f}  {row.get('val_accuracy', 0):>12.4f}")
+    say(f"   final val_accuracy {job['metrics']['val_accuracy']:.4f} (best epoch {job['metrics']['best_epoch']}); "
+        f"model package at {job['model_url']}")
+
+    # ---------------------------------------------------------------- 3. inference with the trained model
+    say("\n== 3. Inference with the trained model (\"model\": \"custom\") on held-back digits ==")
+    files = {f"held/{i}.png": Path(p).read_bytes() for i, (p, _) in enumerate(held_back)}
+    photos.update(files)
+    infer_id = f"demo-infer-{uuid.uuid4().hex[:6]}"
+    await produce(demo.bootstrap, topics.ANNOTATION_REQUESTS, infer_id,
+                  {"task": "classify", "model": "custom", "model_url": output, "top_k": 1, "threshold": 0.0,
+                   "images": [{"id": f"digit-{i}", "url": f"{base}/held/{i}.png"} for i in range(len(held_back))]})
+    await until(lambda: fold.request_complete(infer_id), 300, "custom inference")
+    predicted = dict(fold.db.execute("SELECT image_id, class FROM labels WHERE request_id = ? AND rank = 0", (infer_id,)).fetchall())
+    correct = sum(predicted.get(f"digit-{i}") == DIGIT_CLASS_NAMES[label] for i, (_, label) in enumerate(held_back))
+    say(f"   {bar(correct, len(held_back))} correct: accuracy {correct / len(held_back):.3f}")
+    for i, (_, label) in list(enumerate(held_back))[:5]:
+        say(f"   digit-{i}: true {DIGIT_CLASS_NAMES[label]:6s} predicted {predicted.get(f'digit-{i}')}")
+    shutil.rmtree(digits_dir, ignore_errors=True)
+
+    say("\nDone. The folded tables are in " + str(demo.state / "fold.sqlite"))
+    if not once:
+        say(f"The stack keeps running: try `KAFKA_BOOTSTRAP_SERVERS={demo.bootstrap} AWS_ENDPOINT_URL={endpoint} "
+            f".venv/bin/cls-worker send annotate --classes cat,dog {base}/chelsea-the-cat.jpg`  (Ctrl-C stops everything)")
+        while True:
+            await asyncio.sleep(3600)
+    stop_fold.set()
+    await asyncio.wait_for(fold_task, 30)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--once", action="store_true", help="exit after the demo (also DEMO_ONCE=1, or no terminal)")
+    args = parser.parse_args()
+    once = args.once or os.environ.get("DEMO_ONCE") == "1" or not sys.stdin.isatty()
+    state = Path(os.environ.get("DEMO_STATE_DIR") or REPO / ".state" / "demo")
+    shutil.rmtree(state, ignore_errors=True)
+    state.mkdir(parents=True)
+    from consumers.logging_setup import configure_logging
+
+    configure_logging("WARNING", "console")
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    demo = Demo(state)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    code = 0
+    try:
+        asyncio.run(run(demo, once))
+    except KeyboardInterrupt:
+        say("\ninterrupted")
+    except Exception as exc:  # noqa: BLE001 - report and clean up
+        say(f"\ndemo failed: {type(exc).__name__}: {exc}")
+        code = 1
+    finally:
+        demo.stop()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
