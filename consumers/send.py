@@ -39,7 +39,7 @@ def add_send_parser(sub: Any, func: Any) -> None:
     p.add_argument("--model", default="clip", choices=["clip", "siglip", "custom"])
     p.add_argument("--model-variant")
     p.add_argument("--model-url", help="trained model package (with --model custom)")
-    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--top-k", type=int, default=None, help="default: min(3, number of classes)")
     p.add_argument("--threshold", type=float, default=0.1)
     p.add_argument("--dataset", help="s3://bucket/prefix/ with <class>/<file> keys (train)")
     p.add_argument("--model-name", help="timm model name (train)")
@@ -67,13 +67,14 @@ async def build_request(settings: Settings, args: argparse.Namespace) -> tuple[s
         body: dict[str, Any] = {
             "task": "classify", "request_id": entity_id, "model": args.model,
             "images": [{"id": Path(u.split("?")[0]).name or f"image-{i}", "url": u} for i, u in enumerate(args.urls)],
-            "top_k": args.top_k, "threshold": args.threshold,
+            "threshold": args.threshold,
         }
         ids = [img["id"] for img in body["images"]]
         if len(set(ids)) != len(ids):
             body["images"] = [{"id": f"{i}:{img['id']}", "url": img["url"]} for i, img in enumerate(body["images"])]
         if args.classes:
             body["classes"] = [c.strip() for c in args.classes.split(",") if c.strip()]
+        body["top_k"] = args.top_k or min(3, len(body.get("classes") or [0, 0, 0]))
         if args.model_variant:
             body["model_variant"] = args.model_variant
         if args.model_url:
@@ -136,6 +137,17 @@ async def list_dataset(settings: Settings, prefix: str) -> list[str]:
     return sorted(urls)
 
 
+async def topic_partitions(consumer: AIOKafkaConsumer, topic: str, timeout_s: float = 10.0) -> set[int]:
+    """Partitions of ``topic`` (metadata refreshed until it shows up, bounded)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        await consumer._client.force_metadata_update()  # aiokafka has no public refresh
+        partitions = consumer.partitions_for_topic(topic)
+        if partitions or time.monotonic() > deadline:
+            return set(partitions or ())
+        await asyncio.sleep(0.3)
+
+
 def render(event: dict[str, Any]) -> str:
     if event.get("event_type") == "annotation.result":
         if event["status"] == "failed":
@@ -191,7 +203,7 @@ async def run_send(settings: Settings, args: argparse.Namespace) -> int:
             if out_topic and not args.no_follow:
                 consumer = AIOKafkaConsumer(**kafka, group_id=None, enable_auto_commit=False)
                 await asyncio.wait_for(consumer.start(), timeout=30)
-                partitions = consumer.partitions_for_topic(out_topic) or set()
+                partitions = await topic_partitions(consumer, out_topic)
                 tps = [TopicPartition(out_topic, p) for p in partitions]
                 if not tps:
                     raise ValueError(f"topic {out_topic} does not exist (run `cls-worker topics create`)")
