@@ -246,3 +246,39 @@ async def test_sigkill_mid_training_resumes_from_checkpoint(tmp_path, kafka_boot
     assert sorted({e["progress"]["epoch"] for e in running}) == [1, 2, 3, 4]
     queued = [e for e in events if e["status"] == "queued"]
     assert [e["attempt"] for e in queued] == [1, 2] and queued[0]["message_id"] == queued[1]["message_id"]
+
+
+async def test_sigterm_checkpoints_then_resumes_and_max_jobs_exits(tmp_path, kafka_bootstrap, topic_prefix, digits_s3):
+    bucket, urls, _, _ = digits_s3
+    settings = settings_for(topic_prefix)
+    await provision(settings)
+    w = settings.worker
+    plain = [u for u, _ in urls][:900]
+    body = train_request(plain, f"s3://{bucket}/term/{topic_prefix}", model_name="test_resnet", epochs=3, image_size=24,
+                         batch_size=16)
+    first = start_training_worker(tmp_path, topic_prefix, "first", CLS_HEARTBEAT_S="0.5")
+    try:
+        await first.wait_for_log("partitions_assigned", timeout_s=120)
+        await produce(kafka_bootstrap, w.training_requests_topic, body, key="term-me")
+        records = await read_until(kafka_bootstrap, w.training_status_topic,
+                                   lambda rs: any(e.get("heartbeat") for e in statuses_of(rs, "term-me")), timeout_s=180)
+        first.proc.send_signal(signal.SIGTERM)  # checkpoint at the next step, no final status, exit 0
+        assert await first.wait_exit(60) == 0
+        assert "record_left_for_redelivery" in first.log_text()
+    finally:
+        first.close()
+    heartbeat = next(e for e in statuses_of(records, "term-me") if e.get("heartbeat"))
+    assert heartbeat["status"] == "running" and heartbeat["progress"]["step"] is not None
+    assert heartbeat["progress"]["steps"] >= heartbeat["progress"]["step"]
+    events = statuses_of(await read_until(kafka_bootstrap, w.training_status_topic, lambda rs: True), "term-me")
+    assert not final(events)
+    # a worker that takes one job and exits (Kubernetes job-per-request): it resumes and completes
+    second = start_training_worker(tmp_path, topic_prefix, "second", args=["--max-jobs", "1"])
+    try:
+        assert await second.wait_exit(300) == 0
+    finally:
+        second.close()
+    events = await wait_final(kafka_bootstrap, w.training_status_topic, "term-me", timeout_s=30)
+    assert events[-1]["status"] == "completed"
+    assert {e["attempt"] for e in events if e["status"] == "completed"} == {2}
+    assert "checkpoint_restored" in second.log_text()

@@ -1,0 +1,73 @@
+"""Training datasets: folder labels, {url,label} entries, a JSON Lines manifest, the shared image cache,
+bad images counted against max_bad_fraction, labels checked against class_names."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+from PIL import Image
+
+from handlers.dataset import DatasetCache, label_of, prepare_dataset
+from handlers.errors import PermanentError
+from handlers.executor import Executors
+from handlers.fetch import Fetcher
+from handlers.images import DecodeLimits
+from handlers.storage import ObjectStore
+from schemas.training import LabeledUrl, TrainingDataset
+
+pytestmark = pytest.mark.s3
+
+
+def png(color: tuple[int, int, int]) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (20, 16), color).save(out, "PNG")
+    return out.getvalue()
+
+
+def test_folder_labels():
+    assert label_of("s3://b/data/cat/1.png") == ("s3://b/data/cat/1.png", "cat")
+    assert label_of("https://x/a%20b/2.jpg")[1] == "a b"
+    assert label_of(LabeledUrl(url="s3://b/x.png", label="dog")) == ("s3://b/x.png", "dog")
+    with pytest.raises(PermanentError):
+        label_of("s3://b/x.png")
+
+
+async def test_manifest_cache_and_bad_images(http_server, s3_server, s3_bucket, tmp_path):
+    red = http_server.add("ds/red/1.png", png((255, 0, 0)), content_type="image/png")
+    blue = http_server.add("ds/blue/1.png", png((0, 0, 255)), content_type="image/png")
+    manifest = "\n".join(json.dumps(line) for line in [
+        {"url": http_server.add("ds/m1.png", png((250, 5, 5)), content_type="image/png"), "label": "red", "split": "train"},
+        {"url": http_server.add("ds/m2.png", png((5, 5, 250)), content_type="image/png"), "label": "blue", "split": "val"},
+    ])
+    async with s3_server.client() as client:
+        await client.put_object(Bucket=s3_bucket, Key="manifest.jsonl", Body=manifest.encode())
+    dataset = TrainingDataset.model_validate({
+        "train_urls": [red, blue, {"url": http_server.urls["not_found"], "label": "red"}],
+        "class_names": ["red", "blue"], "manifest_url": f"s3://{s3_bucket}/manifest.jsonl"})
+    executors = Executors(cpu_workers=2)
+    cache = DatasetCache(tmp_path / "cache")
+    try:
+        async with ObjectStore(endpoint_url=s3_server.endpoint_url) as store, \
+                Fetcher(http_server.fetch_limits(), store=store) as fetcher:
+            with pytest.raises(PermanentError) as err:  # 1 of 5 bad > 5 %
+                await prepare_dataset(dataset, fetcher=fetcher, executors=executors, cache=cache,
+                                      limits=DecodeLimits(), max_bad_fraction=0.05)
+            assert err.value.code == "too_many_bad_images" and "HTTP 404" in err.value.message
+            prepared = await prepare_dataset(dataset, fetcher=fetcher, executors=executors, cache=cache,
+                                             limits=DecodeLimits(), max_bad_fraction=0.25)
+            assert len(prepared.train) == 3 and len(prepared.val) == 1 and len(prepared.bad) == 1
+            assert sorted(label for _, label in prepared.train) == [0, 0, 1]
+            # the cache is reused: a second job finds every good image without fetching
+            assert cache.lookup(red) is not None and cache.lookup(http_server.urls["not_found"]) is None
+            for path, _ in prepared.train + prepared.val:
+                assert Image.open(path).convert("RGB").size == (20, 16)
+            unknown = TrainingDataset.model_validate({"train_urls": [red, "https://x/green/1.png"],
+                                                      "class_names": ["red", "blue"]})
+            with pytest.raises(PermanentError) as err:
+                await prepare_dataset(unknown, fetcher=fetcher, executors=executors, cache=cache,
+                                      limits=DecodeLimits(), max_bad_fraction=0.5)
+            assert err.value.code == "invalid_dataset" and "'green'" in err.value.message
+    finally:
+        executors.shutdown()
