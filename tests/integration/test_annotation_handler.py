@@ -146,3 +146,15 @@ def test_rank_applies_top_k_then_threshold_and_margin():
     preds, margin = rank(conf, ["a", "b", "c", "d"], top_k=3, threshold=0.2)
     assert [(p.class_name, p.confidence) for p in preds] == [("b", 0.5), ("d", 0.25)]
     assert margin == pytest.approx(0.25)
+
+
+async def test_siglip_family_gives_independent_sigmoids(http_server):
+    async with annotation_context(settings(siglip_variant="cls-tiny-siglip", siglip_weights="random")) as ctx:
+        req = request([(n, http_server.urls[n]) for n in ("astronaut_jpg", "coffee_jpg")], "sig", model="siglip",
+                      top_k=4)
+        parts = await collect(AnnotationHandler(ctx), req)
+    assert parts[0].model.family == "siglip" and parts[0].model.variant == "cls-tiny-siglip"
+    for result in parts[0].results:
+        assert len(result.predictions) == 4
+        assert all(0.0 <= p.confidence <= 1.0 for p in result.predictions)
+        assert abs(sum(p.confidence for p in result.predictions) - 1.0) > 1e-3  # not a softmax
