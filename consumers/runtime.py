@@ -30,6 +30,7 @@ from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, KafkaError
 
 from consumers import metrics
+from consumers.dlq import dead_letter
 from consumers.offsets import PartitionOffsets
 from consumers.pipeline import Pipeline
 from consumers.settings import Settings
@@ -37,7 +38,6 @@ from handlers.errors import HandlerError, RetryableError
 from handlers.lifecycle import Abandoned
 from schemas.codec import Invalid, NotAJsonObject, decode, entity_id_of, parse_json_object
 from schemas.common import ErrorInfo, OutputModel
-from schemas.topics import Headers, dlq_topic
 
 log = structlog.get_logger("cls.runtime")
 
@@ -312,15 +312,7 @@ class ConsumerRuntime:
         metrics.EVENTS_PRODUCED.labels(topic).inc()
 
     async def _to_dlq(self, record: ConsumerRecord, code: str, message: str) -> None:
-        headers = list(record.headers or ()) + [
-            (Headers.DLQ_ERROR_CODE, code.encode()),
-            (Headers.DLQ_ERROR_MESSAGE, message[:1000].encode()),
-            (Headers.DLQ_SOURCE_TOPIC, record.topic.encode()),
-            (Headers.DLQ_SOURCE_PARTITION, str(record.partition).encode()),
-            (Headers.DLQ_SOURCE_OFFSET, str(record.offset).encode()),
-        ]
-        await self.producer.send_and_wait(dlq_topic(record.topic), value=record.value, key=record.key, headers=headers)
-        metrics.RECORDS_DLQ.labels(record.topic, code).inc()
+        await dead_letter(self.producer, record, code, message)
         log.warning("record_dead_lettered", code=code, error=message[:300])
 
     def _retry_later(self, job: _Job) -> None:

@@ -18,6 +18,7 @@ from aiokafka.errors import KafkaError
 
 from consumers import metrics
 from consumers.annotation_worker import fetch_limits
+from consumers.dlq import dead_letter
 from consumers.health import HealthServer
 from consumers.pipeline import Pipeline
 from consumers.runtime import ConsumerRuntime, new_producer
@@ -29,7 +30,6 @@ from handlers.images import DecodeLimits
 from handlers.storage import ObjectStore
 from handlers.training import CancelRegistry, TrainingContext, TrainingHandler, TrainingSettings, failed_status
 from schemas.codec import CANCEL_ADAPTER, TRAINING_ADAPTER, NotAJsonObject, decode, parse_json_object
-from schemas.topics import Headers, dlq_topic
 
 log = structlog.get_logger("cls.training_worker")
 
@@ -115,14 +115,8 @@ class ControlReader:
         log.info("cancel_received", job_id=job_id)
 
     async def _dlq(self, record, code: str, message: str) -> None:
-        headers = list(record.headers or ()) + [
-            (Headers.DLQ_ERROR_CODE, code.encode()), (Headers.DLQ_ERROR_MESSAGE, message[:1000].encode()),
-            (Headers.DLQ_SOURCE_TOPIC, record.topic.encode()),
-            (Headers.DLQ_SOURCE_PARTITION, str(record.partition).encode()),
-            (Headers.DLQ_SOURCE_OFFSET, str(record.offset).encode()),
-        ]
-        await self.producer.send_and_wait(dlq_topic(record.topic), value=record.value, key=record.key, headers=headers)
-        metrics.RECORDS_DLQ.labels(record.topic, code).inc()
+        await dead_letter(self.producer, record, code, message)
+        log.warning("control_record_dead_lettered", code=code, error=message[:300])
 
     async def stop(self) -> None:
         if self._task is not None:

@@ -1,0 +1,25 @@
+"""Dead-lettering: the original record (bytes, key, headers) plus headers saying why."""
+
+from __future__ import annotations
+
+from aiokafka import AIOKafkaProducer, ConsumerRecord
+
+from consumers import metrics
+from schemas.topics import Headers, dlq_topic
+
+
+def dlq_headers(record: ConsumerRecord, code: str, message: str) -> list[tuple[str, bytes]]:
+    return list(record.headers or ()) + [
+        (Headers.DLQ_ERROR_CODE, code.encode()),
+        (Headers.DLQ_ERROR_MESSAGE, message[:1000].encode()),
+        (Headers.DLQ_SOURCE_TOPIC, record.topic.encode()),
+        (Headers.DLQ_SOURCE_PARTITION, str(record.partition).encode()),
+        (Headers.DLQ_SOURCE_OFFSET, str(record.offset).encode()),
+    ]
+
+
+async def dead_letter(producer: AIOKafkaProducer, record: ConsumerRecord, code: str, message: str) -> None:
+    """Produce ``record`` unchanged to ``<topic>.dlq`` and wait for the acknowledgement."""
+    await producer.send_and_wait(dlq_topic(record.topic), value=record.value, key=record.key,
+                                 headers=dlq_headers(record, code, message))
+    metrics.RECORDS_DLQ.labels(record.topic, code).inc()
