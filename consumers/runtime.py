@@ -134,9 +134,9 @@ class ConsumerRuntime:
         )
         if self._producer is None:
             self._producer = new_producer(self.settings)
-        if self._owns_producer:
-            await self._producer.start()
         try:
+            if self._owns_producer:
+                await self._producer.start()
             await self._consumer.start()
             self._consumer.subscribe([self.pipeline.input_topic], listener=_Rebalance(self))
             self.ready = True

@@ -11,19 +11,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
+from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.errors import KafkaError
 
 from consumers import metrics
 from consumers.annotation_worker import fetch_limits
 from consumers.dlq import dead_letter
 from consumers.health import HealthServer
 from consumers.pipeline import Pipeline
-from consumers.runtime import ConsumerRuntime, new_producer
+from consumers.runtime import ConsumerRuntime
 from consumers.settings import Settings
-from consumers.worker import EXIT_STARTUP_FAILED, configure_torch_threads, serve
+from consumers.worker import configure_torch_threads, serve
 from handlers.executor import Executors
 from handlers.fetch import Fetcher
 from handlers.images import DecodeLimits
@@ -37,10 +38,10 @@ log = structlog.get_logger("cls.training_worker")
 class ControlReader:
     """Follows the control topic (all partitions, no group) and feeds the cancel registry."""
 
-    def __init__(self, settings: Settings, cancels: CancelRegistry, producer) -> None:
+    def __init__(self, settings: Settings, cancels: CancelRegistry, producer: Callable[[], Any]) -> None:
         self.settings = settings
         self.cancels = cancels
-        self.producer = producer
+        self._producer = producer  # the runtime's producer, once it has started
         self.topic = settings.worker.training_control_topic
         self._task: asyncio.Task[None] | None = None
         self._consumer: AIOKafkaConsumer | None = None
@@ -115,7 +116,7 @@ class ControlReader:
         log.info("cancel_received", job_id=job_id)
 
     async def _dlq(self, record, code: str, message: str) -> None:
-        await dead_letter(self.producer, record, code, message)
+        await dead_letter(self._producer(), record, code, message)
         log.warning("control_record_dead_lettered", code=code, error=message[:300])
 
     async def stop(self) -> None:
@@ -164,11 +165,12 @@ def training_pipeline(settings: Settings, ctx: TrainingContext) -> Pipeline:
 async def run_training_worker(settings: Settings, max_jobs: int | None = None) -> int:
     configure_torch_threads(settings.worker.torch_threads)
     async with training_context(settings) as ctx:
-        producer = new_producer(settings)
-        control = ControlReader(settings, ctx.cancels, producer)
-
+        runtime: ConsumerRuntime | None = None
+        control = ControlReader(settings, ctx.cancels, lambda: runtime.producer)
+        # The control topic is caught up after the consumer joined and before its first poll, so no job
+        # is taken before the cancels that precede it are known.
         runtime = ConsumerRuntime(settings, training_pipeline(settings, ctx), group_id=settings.worker.training_group_id,
-                                  producer=producer, max_in_flight=1, max_records=max_jobs)
+                                  max_in_flight=1, max_records=max_jobs, on_started=control.start)
         health = HealthServer(settings, runtime, models_ready=ctx.cancels.caught_up.is_set)
         await health.start()
 
@@ -176,17 +178,4 @@ async def run_training_worker(settings: Settings, max_jobs: int | None = None) -
             await control.stop()
             await health.stop()
 
-        try:
-            await producer.start()
-            await control.start()
-        except (KafkaError, OSError, ValueError) as exc:
-            log.error("startup_failed", error=f"{type(exc).__name__}: {exc}",
-                      bootstrap_servers=settings.kafka.bootstrap_servers)
-            await control.stop()
-            await health.stop()
-            await producer.stop()
-            return EXIT_STARTUP_FAILED
-        try:
-            return await serve(runtime, on_stop=stop_all)
-        finally:
-            await producer.stop()
+        return await serve(runtime, on_stop=stop_all)
