@@ -282,3 +282,35 @@ async def test_sigterm_checkpoints_then_resumes_and_max_jobs_exits(tmp_path, kaf
     assert events[-1]["status"] == "completed"
     assert {e["attempt"] for e in events if e["status"] == "completed"} == {2}
     assert "checkpoint_restored" in second.log_text()
+
+
+async def test_scale_out_rebalance_checkpoints_and_the_job_resumes(tmp_path, kafka_bootstrap, topic_prefix, digits_s3):
+    bucket, urls, _, _ = digits_s3
+    settings = settings_for(topic_prefix)
+    await provision(settings)
+    w = settings.worker
+    body = train_request([u for u, _ in urls][:900], f"s3://{bucket}/scale/{topic_prefix}", model_name="test_resnet",
+                         epochs=20, image_size=24, batch_size=16)
+    first = start_training_worker(tmp_path, topic_prefix, "first")
+    second = None
+    try:
+        await first.wait_for_log("partitions_assigned", timeout_s=120)
+        await produce(kafka_bootstrap, w.training_requests_topic, body, key="scale-me")
+        await read_until(kafka_bootstrap, w.training_status_topic,
+                         lambda rs: any(e["status"] == "running" for e in statuses_of(rs, "scale-me")), timeout_s=180)
+        # a second worker joins the group: the partitions are revoked (eager rebalance), the running job
+        # checkpoints and stops without a final status, and the partition's (new) owner resumes it
+        second = start_training_worker(tmp_path, topic_prefix, "second")
+        events = await wait_final(kafka_bootstrap, w.training_status_topic, "scale-me", timeout_s=300)
+        assert "record_left_for_redelivery" in first.log_text()
+    finally:
+        first.close()
+        if second is not None:
+            second.close()
+    assert events[-1]["status"] == "completed"
+    assert len([e for e in events if e["status"] == "completed"]) == 1
+    assert {e["attempt"] for e in events if e["status"] == "completed"} == {2}
+    running = [e for e in events if e["status"] == "running" and not e.get("heartbeat")]
+    assert sorted({e["progress"]["epoch"] for e in running}) == list(range(1, 21))
+    first_attempt = max(e["progress"]["epoch"] for e in running if e["attempt"] == 1)
+    assert first_attempt < 20
