@@ -76,11 +76,12 @@ async def annotation_context(settings: Settings):
             config=AnnotationConfig(part_size=w.result_part_size, max_images_per_request=w.max_images_per_request,
                                     default_templates=default_templates(settings)),
             model_config=config,
-            models=ModelRegistry(config, executors, store),
+            models=ModelRegistry(config, executors, store, on_loaded=metrics.observe_model_load),
             fetcher=fetcher,
             decode_limits=DecodeLimits(max_pixels=w.max_image_pixels),
             batcher=batcher,
             executors=executors,
+            on_text_cache=metrics.observe_text_cache,
         )
         try:
             yield ctx

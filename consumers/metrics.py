@@ -33,3 +33,11 @@ def observe_batch(size: int, requests: int) -> None:
     BATCH_SIZE.observe(size)
     BATCH_REQUESTS.observe(requests)
     IMAGES.inc(size)
+
+
+def observe_text_cache(hit: bool) -> None:
+    TEXT_CACHE.labels("hit" if hit else "miss").inc()
+
+
+def observe_model_load(key, seconds: float) -> None:
+    MODEL_LOAD_SECONDS.labels(key.family, key.variant).set(seconds)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 import structlog
@@ -51,6 +51,7 @@ class AnnotationContext:
     decode_limits: DecodeLimits
     batcher: MicroBatcher
     executors: Executors
+    on_text_cache: Callable[[bool], None] | None = None  # metrics hook: True on a hit
     images_semaphore: asyncio.Semaphore = field(init=False)
 
     def __post_init__(self) -> None:
@@ -102,6 +103,8 @@ class AnnotationHandler:
         classes = model.class_names(request.classes)
         templates = request.prompt_templates or ctx.config.default_templates
         prepared, text_cache_hit = await ctx.executors.on_gpu(model.prepare, classes, templates)
+        if ctx.on_text_cache is not None and request.model != "custom":
+            ctx.on_text_cache(text_cache_hit)
         top_k = min(request.top_k, len(classes))
 
         size = part_size_for(request, ctx.config.part_size, classes)

@@ -12,7 +12,7 @@ import asyncio
 import hashlib
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -144,7 +144,9 @@ class CustomHandle:
 class ModelRegistry:
     """Bounded LRU of loaded models; loads run on the GPU thread, one load per key at a time."""
 
-    def __init__(self, config: ModelConfig, executors: Executors, store: ObjectStore | None) -> None:
+    def __init__(self, config: ModelConfig, executors: Executors, store: ObjectStore | None,
+                 on_loaded: Callable[[ModelKey, float], None] | None = None) -> None:
+        self.on_loaded = on_loaded
         self.config = config
         self.executors = executors
         self.store = store
@@ -191,6 +193,8 @@ class ModelRegistry:
             model = await self.executors.on_gpu(self._load_zero_shot, key, weights)
         elapsed = time.monotonic() - started
         self.load_seconds[key] = elapsed
+        if self.on_loaded is not None:
+            self.on_loaded(key, elapsed)
         log.info("model_loaded", family=key.family, variant=model.descriptor.variant,
                  weights=model.descriptor.weights, seconds=round(elapsed, 2))
         return model

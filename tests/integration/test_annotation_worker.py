@@ -100,6 +100,8 @@ async def test_annotation_worker_end_to_end(tmp_path, kafka_bootstrap, topic_pre
         assert sum(float(line.rsplit(" ", 1)[1]) for line in handled) >= 2, handled
         images_line = next(line for line in text.splitlines() if line.startswith("cls_images_total"))
         assert float(images_line.rsplit(" ", 1)[1]) >= 5
+        assert 'cls_text_cache_total{result="miss"} 1.0' in text
+        assert any(line.startswith('cls_model_load_seconds{family="clip",variant="cls-tiny-clip"}') for line in text.splitlines())
         assert (await asyncio.to_thread(scrape, "/healthz"))[0] == 200
         status, ready = await asyncio.to_thread(scrape, "/readyz")
         assert status == 200 and json.loads(ready)["ready"] is True
