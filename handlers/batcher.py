@@ -82,8 +82,7 @@ class _Lane:
                 stats.shared_batches[rid] = stats.shared_batches.get(rid, 0) + 1
         self.batcher.observe(len(items), len(requests))
         try:
-            pixels = torch.stack([item.pixels for item in items])
-            outputs = await self.batcher.executors.on_gpu(self.forward, pixels)
+            outputs = await self.batcher.executors.on_gpu(_stack_and_forward, self.forward, [item.pixels for item in items])
         except Exception as exc:  # the whole batch failed: every waiter gets the error
             for item in items:
                 if not item.future.done():
@@ -92,6 +91,10 @@ class _Lane:
         for item, row in zip(items, outputs, strict=True):
             if not item.future.done():
                 item.future.set_result(row)
+
+
+def _stack_and_forward(forward: Callable[[torch.Tensor], torch.Tensor], rows: list[torch.Tensor]) -> torch.Tensor:
+    return forward(torch.stack(rows))  # on the GPU thread: no tensor work on the event loop
 
 
 class MicroBatcher:

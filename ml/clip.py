@@ -19,7 +19,9 @@ import contextlib
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import open_clip
 import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2
@@ -74,10 +76,19 @@ class ClipModel(EmbeddingModel):
         self.preprocess_cfg = preprocess_cfg
         self._tokenizer = tokenizer
         self._transform = image_transform_v2(preprocess_cfg, is_train=False)
+        self._pil_steps, self._mean, self._std = _split_transform(self._transform)
         self.logit_scale = module.logit_scale.detach().float().exp().cpu()
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        return self._transform(image)
+        if self._pil_steps is None:
+            return self._transform(image)
+        for step in self._pil_steps:  # resize, crop, RGB: Pillow
+            image = step(image)
+        # ToTensor + Normalize in numpy: identical values, and no torch intra-op threads per image
+        # (torch's element-wise ops on small tensors fight the model's threads on a busy CPU).
+        array = np.asarray(image, dtype=np.float32) / 255.0
+        array = (array - self._mean) / self._std
+        return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
 
     def scores(self, image_embeddings: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
         return softmax_scores(image_embeddings, text_embeddings, self.logit_scale)
@@ -88,6 +99,20 @@ class ClipModel(EmbeddingModel):
     def _text_features(self, prompts: list[str]) -> torch.Tensor:
         tokens = self._tokenizer(prompts).to(self.device)
         return self.module.encode_text(tokens)
+
+
+def _split_transform(transform: Any) -> tuple[list[Any] | None, np.ndarray, np.ndarray]:
+    """(PIL steps before ToTensor, mean, std) of a ``Compose([..., ToTensor(), Normalize()])``; None when
+    the transform has another shape (then the transform itself is used)."""
+    from torchvision import transforms as T
+
+    steps = list(getattr(transform, "transforms", []))
+    if len(steps) < 2 or not isinstance(steps[-2], T.ToTensor) or not isinstance(steps[-1], T.Normalize):
+        return None, np.zeros(3, np.float32), np.ones(3, np.float32)
+    normalize = steps[-1]
+    mean = np.asarray(normalize.mean, dtype=np.float32)
+    std = np.asarray(normalize.std, dtype=np.float32)
+    return steps[:-2], mean, std
 
 
 def load_clip(

@@ -252,7 +252,7 @@ class EmbeddingModel(ABC):
     """Shared implementation of :class:`ZeroShotModel`: device transfer, autocast, normalisation,
     prompt-ensemble text embeddings with caching. Families supply the raw feature functions."""
 
-    text_batch_size = 256
+    text_batch_size = 64  # prompts per text forward: same speed as 256 on CPU, far less peak memory
     """Prompts per text forward pass."""
 
     def __init__(
