@@ -187,13 +187,14 @@ class TrainingHandler:
         job_id = request.job_id or ""
         output = request.output_path.rstrip("/")
         checkpoint_url = output + ctx.settings.checkpoint_suffix
-        if ctx.cancels.is_cancelled(job_id):
-            yield status_event(job_id, "cancelled", error=ErrorInfo(code="cancelled", message="cancelled before start"))
-            return
+        ctx.preempted.discard(job_id)  # a stop request for an earlier delivery of this job is spent
         done = await self._already_completed(output)
-        if done is not None:
+        if done is not None:  # a finished model is a fact, whatever came later on the control topic
             log.info("training_already_complete", output=output)
             yield status_event(job_id, "completed", metrics=TrainingMetrics(**done), model_url=output)
+            return
+        if ctx.cancels.is_cancelled(job_id):
+            yield status_event(job_id, "cancelled", error=ErrorInfo(code="cancelled", message="cancelled before start"))
             return
         attempt = await self._next_attempt(checkpoint_url)  # also proves output_path is writable
         yield status_event(job_id, "queued", attempt=attempt)
@@ -251,6 +252,7 @@ class TrainingHandler:
             if not train_task.done():
                 # the consumer gave up on us (drain deadline): ask the thread to stop, don't wait here
                 ctx.preempt({job_id})
+                train_task.add_done_callback(lambda task: task.cancelled() or task.exception())
         metrics = await self._upload_package(result.package_dir, output)
         await self._remove_checkpoints(checkpoint_url, workdir)
         log.info("training_completed", best_epoch=result.best_epoch, val_accuracy=metrics.get("val_accuracy"),
