@@ -27,6 +27,7 @@ import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 
+from ml.device import place_for_inference
 from ml.text_cache import TextEmbeddingCache
 from ml.weights import WeightsFileError, load_state_dict_file
 from ml.zeroshot import EmbeddingModel, ModelInfo, ModelLoadError, WeightsSource, softmax_scores
@@ -130,13 +131,7 @@ def load_clip(
         raise
     except Exception as exc:
         raise ModelLoadError(f"cannot load CLIP {variant} with weights {source.value!r}: {exc}") from exc
-    module.eval().requires_grad_(False)
-    try:
-        module.to(device=device)
-        if device.type == "cuda":
-            module.to(memory_format=torch.channels_last)
-    except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
-        raise ModelLoadError(f"cannot move CLIP {variant} to {device}: {exc}") from exc
+    place_for_inference(module, device, f"CLIP {variant}")
     info = ModelInfo(family="clip", variant=variant, weights=source.value)
     return ClipModel(module, tokenizer, info, device, text_cache)
 

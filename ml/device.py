@@ -68,3 +68,17 @@ def is_out_of_memory(exc: BaseException) -> bool:
     if isinstance(exc, torch.cuda.OutOfMemoryError):
         return True
     return isinstance(exc, RuntimeError) and "CUDA out of memory" in str(exc)
+
+
+def place_for_inference(module: torch.nn.Module, device: torch.device, what: str) -> torch.nn.Module:
+    """Eval mode, no gradients, on ``device`` (channels_last on CUDA); ModelLoadError if it cannot move."""
+    from ml.zeroshot import ModelLoadError
+
+    module.eval().requires_grad_(False)
+    try:
+        module.to(device=device)
+        if device.type == "cuda":
+            module.to(memory_format=torch.channels_last)
+    except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
+        raise ModelLoadError(f"cannot move {what} to {device}: {exc}") from exc
+    return module

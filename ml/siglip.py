@@ -38,6 +38,7 @@ import torch
 import torchvision.transforms.v2.functional as tvF
 from PIL import Image
 
+from ml.device import place_for_inference
 from ml.text_cache import TextEmbeddingCache
 from ml.weights import WeightsFileError, load_state_dict_file
 from ml.zeroshot import EmbeddingModel, ModelInfo, ModelLoadError, WeightsSource, sigmoid_scores
@@ -205,13 +206,7 @@ def load_siglip(
         raise
     except Exception as exc:
         raise ModelLoadError(f"cannot load SigLIP {variant} with weights {source.value!r}: {exc}") from exc
-    module.eval().requires_grad_(False)
-    try:
-        module.to(device=device)
-        if device.type == "cuda":
-            module.to(memory_format=torch.channels_last)
-    except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
-        raise ModelLoadError(f"cannot move SigLIP {variant} to {device}: {exc}") from exc
+    place_for_inference(module, device, f"SigLIP {variant}")
     info = ModelInfo(family="siglip", variant=variant, weights=source.value)
     return SiglipZeroShotModel(module, tokenizer, processor, info, device, text_cache)
 
