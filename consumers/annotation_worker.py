@@ -83,11 +83,12 @@ async def annotation_context(settings: Settings):
             executors=executors,
             on_text_cache=metrics.observe_text_cache,
         )
+        ctx.models.on_evicted = batcher.drop
         try:
             yield ctx
         finally:
             await batcher.close()
-            executors.shutdown()
+            await asyncio.to_thread(executors.shutdown)
 
 
 def annotation_pipeline(settings: Settings, ctx: AnnotationContext) -> Pipeline:

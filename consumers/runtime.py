@@ -103,6 +103,7 @@ class ConsumerRuntime:
         self._commit_lock = asyncio.Lock()
         self._stopping = asyncio.Event()
         self._taken = 0
+        self._rewind: dict[TopicPartition, int] = {}
         self._handled = 0
         self._paused_by_us: set[TopicPartition] = set()
         self.ready = False
@@ -192,6 +193,8 @@ class ConsumerRuntime:
         key = (tp, record.offset)
         if key in self._jobs:  # already in flight (a re-fetch after resume): never twice
             return
+        if tp in self._rewind and record.offset <= self._rewind[tp]:
+            del self._rewind[tp]  # the rewind reached its target
         self._offsets.setdefault(tp, PartitionOffsets()).take(record.offset)
         job = _Job(record=record, tp=tp)
         self._jobs[key] = job
@@ -215,6 +218,7 @@ class ConsumerRuntime:
         except Exception as exc:  # publishing failed (broker unreachable past the producer's retries)
             outcome = "abandoned"
             log.exception("record_publish_failed", error=repr(exc))
+            await asyncio.sleep(min(self.settings.worker.retry_backoff_max_s, 1.0))  # no hot loop while the broker is down
             self._retry_later(job)
         finally:
             await self._finish(job, outcome, produced)
@@ -316,11 +320,17 @@ class ConsumerRuntime:
         log.warning("record_dead_lettered", code=code, error=message[:300])
 
     def _retry_later(self, job: _Job) -> None:
-        """Re-read an unfinished record later (its partition is still ours and we are not stopping)."""
+        """Re-read an unfinished record (its partition is still ours and we are not stopping).
+
+        Several records of one partition may fail in any order: the partition is rewound to the lowest
+        of them, so none is skipped (records after it that already finished are handled again).
+        """
         consumer = self._consumer
         if consumer is None or self._stopping.is_set() or job.tp not in consumer.assignment():
             return
-        consumer.seek(job.tp, job.record.offset)
+        target = min(self._rewind.get(job.tp, job.record.offset), job.record.offset)
+        self._rewind[job.tp] = target
+        consumer.seek(job.tp, target)
 
     async def _finish(self, job: _Job, outcome: str, produced: int) -> None:
         record = job.record
@@ -331,6 +341,7 @@ class ConsumerRuntime:
         elapsed = time.monotonic() - job.started
         self.stats[outcome] = self.stats.get(outcome, 0) + 1
         if outcome == "abandoned":
+            self._taken -= 1  # not handled: --max-jobs / max_records still waits for it
             if offsets is not None:
                 offsets.abandon(record.offset)
             log.info("record_left_for_redelivery", elapsed_s=round(elapsed, 3))
@@ -382,6 +393,7 @@ class ConsumerRuntime:
         for tp in revoked:
             await self._commit(tp)
             self._offsets.pop(tp, None)
+            self._rewind.pop(tp, None)
         self._paused_by_us -= revoked
 
     async def _drain(self) -> None:

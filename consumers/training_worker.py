@@ -116,6 +116,10 @@ class ControlReader:
         log.info("cancel_received", job_id=job_id)
 
     async def _dlq(self, record, code: str, message: str) -> None:
+        if not self.cancels.caught_up.is_set():
+            # replaying the topic at start-up: this record was dead-lettered when it first arrived
+            log.warning("control_record_invalid", code=code, offset=record.offset)
+            return
         await dead_letter(self._producer(), record, code, message)
         log.warning("control_record_dead_lettered", code=code, error=message[:300])
 
@@ -145,7 +149,8 @@ async def training_context(settings: Settings):
         try:
             yield ctx
         finally:
-            executors.shutdown()
+            # off the loop: a checkpoint upload on the training thread may still need the loop to finish
+            await asyncio.to_thread(executors.shutdown)
 
 
 def training_pipeline(settings: Settings, ctx: TrainingContext) -> Pipeline:

@@ -170,21 +170,26 @@ class AnnotationHandler:
     async def _part_results(self, model: LoadedModel, images: Sequence[ImageRef], outputs: list, prepared: object,
                             classes: Sequence[str], top_k: int, threshold: float) -> list[ImageResult]:
         good = [i for i, out in enumerate(outputs) if isinstance(out, torch.Tensor)]
-        confidences = None
-        if good:
-            stacked = torch.stack([outputs[i] for i in good])
-            confidences = await self.ctx.executors.on_gpu(model.confidences, stacked, prepared)
-        results: list[ImageResult] = []
+        ranked: list[tuple[list[Prediction], float]] = []
+        if good:  # stacking, scoring and ranking on the GPU thread: no tensor work on the event loop
+            ranked = await self.ctx.executors.on_gpu(_score_and_rank, model, [outputs[i] for i in good], prepared,
+                                                     classes, top_k, threshold)
         row_of = {index: row for row, index in enumerate(good)}
+        results: list[ImageResult] = []
         for i, image in enumerate(images):
             out = outputs[i]
             if isinstance(out, ImageResult):
                 results.append(out)
                 continue
-            assert confidences is not None
-            predictions, margin = rank(confidences[row_of[i]], classes, top_k, threshold)
+            predictions, margin = ranked[row_of[i]]
             results.append(ImageResult(id=image.id, predictions=predictions, margin=round(margin, 6)))
         return results
+
+
+def _score_and_rank(model: LoadedModel, rows: list[torch.Tensor], prepared: object, classes: Sequence[str],
+                    top_k: int, threshold: float) -> list[tuple[list[Prediction], float]]:
+    confidences = model.confidences(torch.stack(rows), prepared)
+    return [rank(row, classes, top_k, threshold) for row in confidences]
 
 
 def _decode_and_preprocess(data: bytes, limits: DecodeLimits, model: LoadedModel) -> torch.Tensor:

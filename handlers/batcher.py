@@ -46,7 +46,13 @@ class _Lane:
         self.key = key
         self.forward = forward
         self.queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self.retired = False
         self.task = asyncio.create_task(self._loop(), name=f"batcher-{key}")
+
+    def retire(self) -> None:
+        self.retired = True
+        if self.queue.empty():
+            self.task.cancel()
 
     async def _loop(self) -> None:
         max_batch = self.batcher.max_batch
@@ -69,6 +75,9 @@ class _Lane:
             items = [item for item in items if not item.future.cancelled()]
             if items:
                 await self._run(items)
+            if self.retired and self.queue.empty():
+                self.forward = None  # type: ignore[assignment]  # let the model go
+                return
 
     async def _run(self, items: list[_Item]) -> None:
         stats = self.batcher.stats
@@ -113,11 +122,20 @@ class MicroBatcher:
                      request_id: str) -> torch.Tensor:
         """Queue one preprocessed image for model ``key``; returns its row of the batched output."""
         lane = self._lanes.get(key)
+        if lane is not None and lane.forward != forward:  # the model was evicted and loaded again
+            self.drop(key)
+            lane = None
         if lane is None or lane.task.done():
             lane = self._lanes[key] = _Lane(self, key, forward)
         future: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
         lane.queue.put_nowait(_Item(pixels, request_id, future))
         return await future
+
+    def drop(self, key: Any) -> None:
+        """Forget the lane of an evicted model (its queued images are still run), so the model can be freed."""
+        lane = self._lanes.pop(key, None)
+        if lane is not None:
+            lane.retire()
 
     def forget(self, request_id: str) -> int:
         """Pop and return how many batches of ``request_id`` were shared with other requests."""

@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import os
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -71,11 +72,11 @@ class DatasetCache:
         digest = hashlib.sha256(data).hexdigest()
         path = self.root / "objects" / f"{digest}{suffix}"
         if not path.exists():
-            tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")
+            tmp = path.with_suffix(path.suffix + f".{uuid.uuid4().hex}.tmp")  # unique: threads share the pid
             tmp.write_bytes(data)
             os.replace(tmp, path)
         index = self._index(url)
-        tmp_index = index.with_suffix(f".{os.getpid()}.tmp")
+        tmp_index = index.with_suffix(f".{uuid.uuid4().hex}.tmp")
         tmp_index.write_text(path.name)
         os.replace(tmp_index, index)
         return str(path)
@@ -106,6 +107,8 @@ async def read_manifest(fetcher: Fetcher, url: str) -> tuple[list[LabeledUrl], l
         else:
             raw = await fetcher.fetch(url)
     except HandlerError as exc:
+        if exc.retryable:
+            raise  # transient: the runtime retries the job
         raise PermanentError(INVALID_DATASET, f"manifest {url}: {exc.code}: {exc.message}") from exc
     train, val = [], []
     for number, line in enumerate(raw.decode("utf-8", "replace").splitlines(), 1):

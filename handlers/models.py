@@ -147,6 +147,7 @@ class ModelRegistry:
     def __init__(self, config: ModelConfig, executors: Executors, store: ObjectStore | None,
                  on_loaded: Callable[[ModelKey, float], None] | None = None) -> None:
         self.on_loaded = on_loaded
+        self.on_evicted: Callable[[ModelKey], None] | None = None  # e.g. the batcher drops its lane
         self.config = config
         self.executors = executors
         self.store = store
@@ -180,6 +181,8 @@ class ModelRegistry:
         self._loaded[key] = model
         while len(self._loaded) > self.config.cache_size:
             evicted, _ = self._loaded.popitem(last=False)
+            if self.on_evicted is not None:
+                self.on_evicted(evicted)
             log.info("model_evicted", family=evicted.family, variant=evicted.variant)
         return model
 

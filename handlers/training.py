@@ -300,9 +300,11 @@ class TrainingHandler:
         return previous + 1
 
     async def _restore_checkpoint(self, checkpoint_url: str, workdir: Path) -> None:
+        # The remote checkpoint wins: every local checkpoint is uploaded right after it is written, so a
+        # local one that differs is older (another worker trained the job further meanwhile).
         local = workdir / "checkpoint" / CHECKPOINT_FILE
         remote = f"{checkpoint_url}/{CHECKPOINT_FILE}"
-        if not local.exists() and await self.ctx.store.exists(remote):
+        if await self.ctx.store.exists(remote):
             await self.ctx.store.download_file(remote, local)
             log.info("checkpoint_restored", url=remote)
 
@@ -310,10 +312,7 @@ class TrainingHandler:
         url = request.config.pretrained_url
         if not url:
             return None
-        if url.startswith("file://"):
-            from handlers.storage import file_url_path
-
-            return str(file_url_path(url))
+        # file:// goes through the store too, which refuses it unless CLS_ALLOW_FILE_URLS is set
         target = workdir / "pretrained" / url.rsplit("/", 1)[-1]
         if not target.exists():
             try:
