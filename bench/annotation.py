@@ -52,7 +52,6 @@ import random
 import select
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -68,6 +67,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script: the repository root on the path
     sys.path.insert(0, str(REPO))
+
+from examples.ports import free_port  # noqa: E402
 
 KAFKA_SH = REPO / "deploy" / "local" / "kafka.sh"
 IMAGE_SIZE = (640, 480)
@@ -147,25 +148,6 @@ def _pdeathsig() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
         pass
-
-
-def free_port(pair: bool = False) -> int:
-    """A free port on 127.0.0.1 (with ``pair``: PORT and PORT+1 free, for the broker's controller)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if not pair:
-            return port
-        if port >= 65535:
-            continue
-        with socket.socket() as s2:
-            try:
-                s2.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no free port pair found")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -689,21 +671,16 @@ class ResultCollector:
         self.stray = 0
 
     async def start(self) -> None:
-        from aiokafka import AIOKafkaConsumer, TopicPartition
+        from aiokafka import AIOKafkaConsumer
+
+        from consumers.topics_admin import topic_partitions
 
         self.consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False,
                                          auto_offset_reset="earliest", fetch_max_wait_ms=50)
         await self.consumer.start()
-        deadline = time.monotonic() + 60
-        while True:
-            await self.consumer._client.force_metadata_update()
-            partitions = self.consumer.partitions_for_topic(self.topic)
-            if partitions:
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"topic {self.topic} does not exist")
-            await asyncio.sleep(0.2)
-        tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
+        tps = await topic_partitions(self.consumer, self.topic, 60)
+        if not tps:
+            raise RuntimeError(f"topic {self.topic} does not exist")
         self.consumer.assign(tps)
         await self.consumer.seek_to_beginning(*tps)
         self.task = asyncio.create_task(self._loop())

@@ -63,12 +63,20 @@ def preload_keys(settings: Settings, config: ModelConfig) -> list:
 
 
 @contextlib.asynccontextmanager
+async def storage_and_fetcher(settings: Settings):
+    """The object store and the URL fetcher every worker uses (fetching s3:// goes through the store)."""
+    w = settings.worker
+    store = ObjectStore(endpoint_url=w.s3_endpoint_url, region=w.s3_region, allow_file_urls=w.allow_file_urls)
+    async with store, Fetcher(fetch_limits(settings), store=store) as fetcher:
+        yield store, fetcher
+
+
+@contextlib.asynccontextmanager
 async def annotation_context(settings: Settings):
     """The handler's dependencies, built once; closed on exit."""
     w = settings.worker
     executors = Executors()
-    store = ObjectStore(endpoint_url=w.s3_endpoint_url, region=w.s3_region, allow_file_urls=w.allow_file_urls)
-    async with store, Fetcher(fetch_limits(settings), store=store) as fetcher:
+    async with storage_and_fetcher(settings) as (store, fetcher):
         config = model_config(settings)
         batcher = MicroBatcher(executors, max_batch=w.batch_size, max_wait_ms=w.batch_wait_ms,
                                observe=metrics.observe_batch)

@@ -7,7 +7,7 @@ it, and how to turn a failure into a contract event. It knows nothing of aiokafk
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import TypeAdapter
@@ -34,7 +34,6 @@ class Pipeline:
     # Called with the ids of requests in flight on revoked partitions / at shutdown, so long
     # handlers can checkpoint and raise ``handlers.errors.Abandoned`` (no event, no commit).
     on_preempt: Callable[[set[str]], None] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def id_header(self) -> str:

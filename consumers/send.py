@@ -20,11 +20,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
 from consumers.settings import Settings
+from consumers.topics_admin import topic_partitions
 from schemas.annotation import AnnotationRequest
 from schemas.topics import CONTENT_TYPE_JSON, Headers
 from schemas.training import CancelRequest, TrainingRequest
@@ -137,17 +138,6 @@ async def list_dataset(settings: Settings, prefix: str) -> list[str]:
     return sorted(urls)
 
 
-async def topic_partitions(consumer: AIOKafkaConsumer, topic: str, timeout_s: float = 10.0) -> set[int]:
-    """Partitions of ``topic`` (metadata refreshed until it shows up, bounded)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        await consumer._client.force_metadata_update()  # aiokafka has no public refresh
-        partitions = consumer.partitions_for_topic(topic)
-        if partitions or time.monotonic() > deadline:
-            return set(partitions or ())
-        await asyncio.sleep(0.3)
-
-
 def render(event: dict[str, Any]) -> str:
     if event.get("event_type") == "annotation.result":
         if event["status"] == "failed":
@@ -203,8 +193,7 @@ async def run_send(settings: Settings, args: argparse.Namespace) -> int:
             if out_topic and not args.no_follow:
                 consumer = AIOKafkaConsumer(**kafka, group_id=None, enable_auto_commit=False)
                 await asyncio.wait_for(consumer.start(), timeout=30)
-                partitions = await topic_partitions(consumer, out_topic)
-                tps = [TopicPartition(out_topic, p) for p in partitions]
+                tps = await topic_partitions(consumer, out_topic)
                 if not tps:
                     raise ValueError(f"topic {out_topic} does not exist (run `cls-worker topics create`)")
                 consumer.assign(tps)

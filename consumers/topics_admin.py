@@ -9,7 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import asyncio
+import time
+
 import structlog
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
 from aiokafka.errors import for_code
 
@@ -84,3 +88,14 @@ async def create_topics(settings: Settings, specs: list[TopicSpec] | None = None
     for name, outcome in outcomes.items():
         log.info("topic", topic=name, outcome=outcome)
     return outcomes
+
+
+async def topic_partitions(consumer: AIOKafkaConsumer, topic: str, timeout_s: float = 10.0) -> list[TopicPartition]:
+    """The partitions of ``topic``, metadata refreshed until it shows up (bounded); [] when it does not exist."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        await consumer._client.force_metadata_update()  # aiokafka has no public refresh
+        partitions = consumer.partitions_for_topic(topic)
+        if partitions or time.monotonic() > deadline:
+            return [TopicPartition(topic, p) for p in sorted(partitions or ())]
+        await asyncio.sleep(0.2)

@@ -18,17 +18,16 @@ import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from consumers import metrics
-from consumers.annotation_worker import fetch_limits
+from consumers.annotation_worker import storage_and_fetcher
 from consumers.dlq import dead_letter
 from consumers.health import HealthServer
 from consumers.pipeline import Pipeline
 from consumers.runtime import ConsumerRuntime
 from consumers.settings import Settings
+from consumers.topics_admin import topic_partitions
 from consumers.worker import configure_torch_threads, serve
 from handlers.executor import Executors
-from handlers.fetch import Fetcher
 from handlers.images import DecodeLimits
-from handlers.storage import ObjectStore
 from handlers.training import CancelRegistry, TrainingContext, TrainingHandler, TrainingSettings, failed_status
 from schemas.codec import CANCEL_ADAPTER, TRAINING_ADAPTER, NotAJsonObject, decode, parse_json_object
 
@@ -50,16 +49,10 @@ class ControlReader:
         self._consumer = AIOKafkaConsumer(**self.settings.kafka.client_kwargs(), group_id=None,
                                           enable_auto_commit=False, auto_offset_reset="earliest")
         await self._consumer.start()
-        partitions = self._consumer.partitions_for_topic(self.topic)
         deadline = time.monotonic() + catch_up_timeout_s
-        while not partitions and time.monotonic() < deadline:
-            await self._consumer._client.force_metadata_update()
-            partitions = self._consumer.partitions_for_topic(self.topic)
-            if not partitions:
-                await asyncio.sleep(0.5)
-        if not partitions:
+        tps = await topic_partitions(self._consumer, self.topic, catch_up_timeout_s)
+        if not tps:
             raise ValueError(f"control topic {self.topic} does not exist (run `cls-worker topics create`)")
-        tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
         self._consumer.assign(tps)
         await self._consumer.seek_to_beginning(*tps)
         ends = await self._consumer.end_offsets(tps)
@@ -70,7 +63,7 @@ class ControlReader:
                 break
             await self._poll_once()
         self.cancels.caught_up.set()
-        log.info("control_topic_caught_up", cancelled=len(self.cancels._cancelled))
+        log.info("control_topic_caught_up", cancelled=len(self.cancels))
         self._task = asyncio.create_task(self._follow())
 
     async def _behind(self, ends: dict[TopicPartition, int]) -> bool:
@@ -136,8 +129,7 @@ class ControlReader:
 async def training_context(settings: Settings):
     w = settings.worker
     executors = Executors()
-    store = ObjectStore(endpoint_url=w.s3_endpoint_url, region=w.s3_region, allow_file_urls=w.allow_file_urls)
-    async with store, Fetcher(fetch_limits(settings), store=store) as fetcher:
+    async with storage_and_fetcher(settings) as (store, fetcher):
         ctx = TrainingContext(
             settings=TrainingSettings(work_dir=w.training_work_dir, dataset_cache_dir=w.dataset_cache_dir,
                                       checkpoint_suffix=w.checkpoint_prefix_suffix, heartbeat_s=w.heartbeat_s,

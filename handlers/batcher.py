@@ -33,7 +33,6 @@ class BatchStats:
     batches: int = 0
     images: int = 0
     multi_request_batches: int = 0
-    last_batch_size: int = 0
     # request id -> number of its batches that also carried images of other requests
     shared_batches: dict[str, int] = field(default_factory=dict)
 
@@ -84,7 +83,6 @@ class _Lane:
         requests = {item.request_id for item in items}
         stats.batches += 1
         stats.images += len(items)
-        stats.last_batch_size = len(items)
         if len(requests) > 1:
             stats.multi_request_batches += 1
             for rid in requests:

@@ -154,10 +154,6 @@ class ModelRegistry:
         self.model_dir = Path(config.model_dir).expanduser()
         self._loaded: OrderedDict[ModelKey, LoadedModel] = OrderedDict()
         self._loading: dict[ModelKey, asyncio.Future[LoadedModel]] = {}
-        self.load_seconds: dict[ModelKey, float] = {}
-
-    def loaded(self) -> list[ModelKey]:
-        return list(self._loaded)
 
     async def get(self, key: ModelKey) -> LoadedModel:
         model = self._loaded.get(key)
@@ -195,7 +191,6 @@ class ModelRegistry:
             weights = await self._local_weights(key.weights)
             model = await self.executors.on_gpu(self._load_zero_shot, key, weights)
         elapsed = time.monotonic() - started
-        self.load_seconds[key] = elapsed
         if self.on_loaded is not None:
             self.on_loaded(key, elapsed)
         log.info("model_loaded", family=key.family, variant=model.descriptor.variant,

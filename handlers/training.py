@@ -65,6 +65,10 @@ class CancelRegistry:
         with self._lock:
             self._cancelled.pop(job_id, None)
 
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._cancelled)
+
     def is_cancelled(self, job_id: str) -> bool:
         with self._lock:
             return job_id in self._cancelled

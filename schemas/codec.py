@@ -4,21 +4,17 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Annotated, Any, Union
+from typing import Any
 
-from pydantic import Field, TypeAdapter, ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from schemas.annotation import AnnotationRequest
-from schemas.common import validation_details, ErrorDetail
+from schemas.common import ErrorDetail, validation_details
 from schemas.training import CancelRequest, TrainingRequest
 
-InputMessage = Annotated[Union[AnnotationRequest, TrainingRequest, CancelRequest], Field(discriminator="task")]
-INPUT_ADAPTER: TypeAdapter[Any] = TypeAdapter(InputMessage)
 ANNOTATION_ADAPTER = TypeAdapter(AnnotationRequest)
 TRAINING_ADAPTER = TypeAdapter(TrainingRequest)
 CANCEL_ADAPTER = TypeAdapter(CancelRequest)
-
-ID_FIELDS = ("request_id", "job_id")
 
 
 class NotAJsonObject(ValueError):

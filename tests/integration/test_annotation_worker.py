@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import urllib.request
 
 import pytest
 
+from examples.ports import free_port
 from tests.support.kafka import WorkerProcess, produce, provision, read_until, settings_for, topic_env
 
 pytestmark = pytest.mark.kafka
@@ -27,12 +27,6 @@ WORKER_ENV = {
     "CLS_TORCH_THREADS": "1",
     "CLS_LOG_FORMAT": "json",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_annotation_worker(tmp_path, prefix: str, name: str = "annotation", **env: str) -> WorkerProcess:

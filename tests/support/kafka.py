@@ -17,7 +17,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from consumers.settings import KafkaSettings, Settings, WorkerSettings
-from consumers.topics_admin import create_topics, topic_specs
+from consumers.topics_admin import create_topics, topic_partitions, topic_specs
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -88,8 +88,7 @@ async def read_until(bootstrap: str, topic: str, done: Callable[[list[Record]], 
     await consumer.start()
     records: list[Record] = []
     try:
-        partitions = await _partitions(consumer, topic, timeout_s)
-        tps = [TopicPartition(topic, p) for p in partitions]
+        tps = await _partitions(consumer, topic, timeout_s)
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         deadline = time.monotonic() + timeout_s
@@ -107,16 +106,11 @@ async def read_until(bootstrap: str, topic: str, done: Callable[[list[Record]], 
     return records
 
 
-async def _partitions(consumer: AIOKafkaConsumer, topic: str, timeout_s: float) -> list[int]:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        await consumer._client.force_metadata_update()
-        partitions = consumer.partitions_for_topic(topic)
-        if partitions:
-            return sorted(partitions)
-        if time.monotonic() > deadline:
-            raise AssertionError(f"topic {topic} does not exist")
-        await asyncio.sleep(0.2)
+async def _partitions(consumer: AIOKafkaConsumer, topic: str, timeout_s: float) -> list[TopicPartition]:
+    tps = await topic_partitions(consumer, topic, timeout_s)
+    if not tps:
+        raise AssertionError(f"topic {topic} does not exist")
+    return tps
 
 
 async def committed_offsets(bootstrap: str, group: str) -> dict[tuple[str, int], int]:
@@ -133,7 +127,7 @@ async def end_offsets(bootstrap: str, topic: str) -> dict[tuple[str, int], int]:
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None)
     await consumer.start()
     try:
-        tps = [TopicPartition(topic, p) for p in await _partitions(consumer, topic, 30)]
+        tps = await _partitions(consumer, topic, 30)
         ends = await consumer.end_offsets(tps)
     finally:
         await consumer.stop()
