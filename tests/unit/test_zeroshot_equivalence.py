@@ -10,36 +10,17 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import open_clip
-import pytest
 import torch
-from PIL import Image
 
 from ml.siglip import siglip_config
 from ml.weights import save_state_dict
 from ml.zeroshot import DEFAULT_VARIANTS, load_zero_shot_model
+from tests.support.zeroshot import _few_threads, photos  # noqa: F401  (fixtures)
 
 TOLERANCE = 1e-4
 CLASSES = ["astronaut", "cat", "coffee cup", "palace"]
 TEMPLATES = ["a photo of a {}.", "a blurry photo of the {c}.", "a drawing of a {}."]
-
-
-@pytest.fixture(autouse=True)
-def _few_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def photos() -> list[Image.Image]:
-    from skimage import data
-    from sklearn.datasets import load_sample_image
-
-    arrays = [data.astronaut(), data.chelsea(), data.coffee(), load_sample_image("china.jpg")]
-    return [Image.fromarray(np.asarray(a, dtype=np.uint8)) for a in arrays]
 
 
 def _clip_checkpoint(variant: str, path, seed: int = 7):

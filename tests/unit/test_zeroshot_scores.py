@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from ml.zeroshot import (
     DEFAULT_TEMPLATES,
@@ -18,26 +16,10 @@ from ml.zeroshot import (
     render_prompts,
     warm_up,
 )
+from tests.support.zeroshot import _few_threads, photos  # noqa: F401  (fixtures)
 
 CLASSES = ["astronaut", "cat", "coffee", "temple", "rocket"]
 TEMPLATES = ["a photo of a {}.", "a close-up photo of the {c}."]
-
-
-@pytest.fixture(autouse=True)
-def _few_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def photos() -> list[Image.Image]:
-    from skimage import data
-    from sklearn.datasets import load_sample_image
-
-    arrays = [data.astronaut(), data.chelsea(), data.coffee(), load_sample_image("china.jpg")]
-    return [Image.fromarray(np.asarray(a, dtype=np.uint8)) for a in arrays]
 
 
 @pytest.fixture(scope="module")

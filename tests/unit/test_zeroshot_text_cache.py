@@ -9,16 +9,9 @@ import torch
 
 from ml.text_cache import TextEmbeddingCache, text_cache_key
 from ml.zeroshot import DEFAULT_TEMPLATES, ModelInfo, load_zero_shot_model
+from tests.support.zeroshot import _few_threads  # noqa: F401  (fixtures)
 
 CLASSES = ["cat", "dog", "bird"]
-
-
-@pytest.fixture(autouse=True)
-def _few_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _text_tower(model) -> torch.nn.Module:

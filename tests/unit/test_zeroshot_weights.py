@@ -10,18 +10,11 @@ from PIL import Image
 
 from ml.weights import WeightsFileError, load_state_dict_file, save_state_dict
 from ml.zeroshot import ModelLoadError, load_zero_shot_model
+from tests.support.zeroshot import _few_threads  # noqa: F401  (fixtures)
 
 TINY = [("clip", "cls-tiny-clip"), ("siglip", "cls-tiny-siglip")]
 CLASSES = ["cat", "dog"]
 TEMPLATES = ["a photo of a {}."]
-
-
-@pytest.fixture(autouse=True)
-def _few_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
