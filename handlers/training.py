@@ -35,12 +35,11 @@ from handlers.lifecycle import Abandoned
 from handlers.storage import ObjectStore
 from schemas.common import ErrorInfo
 from schemas.training import (
-    TERMINAL_SEQ,
     Progress,
     TrainingMetrics,
     TrainingRequest,
     TrainingStatus,
-    running_seq,
+    status_seq,
 )
 
 log = structlog.get_logger("cls.training")
@@ -102,15 +101,10 @@ class TrainingContext:
 
 def status_event(job_id: str, status: str, *, epoch: int = 0, step: int | None = None, attempt: int = 1,
                  **fields: Any) -> TrainingStatus:
-    if status in ("completed", "failed", "cancelled"):
-        seq = TERMINAL_SEQ
-    elif status == "queued":
-        seq = 0
-    else:
-        seq = running_seq(epoch, step)
     return TrainingStatus(
         message_id=TrainingStatus.message_id_for(job_id, status, epoch, step),
-        job_id=job_id, status=status, seq=seq, attempt=attempt, **fields,  # type: ignore[arg-type]
+        job_id=job_id, status=status, seq=status_seq(status, epoch, step), attempt=attempt,
+        **fields,  # type: ignore[arg-type]
     )
 
 

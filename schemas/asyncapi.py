@@ -35,13 +35,12 @@ from schemas.common import SCHEMA_VERSION, ErrorInfo
 from schemas.export import MESSAGES, json_schemas
 from schemas.topics import CONTENT_TYPE_JSON, Headers
 from schemas.training import (
-    TERMINAL_SEQ,
     CancelRequest,
     Progress,
     TrainingMetrics,
     TrainingRequest,
     TrainingStatus,
-    running_seq,
+    status_seq,
 )
 
 ASYNCAPI_VERSION = "3.0.0"
@@ -317,14 +316,8 @@ def training_request_examples() -> list[dict[str, Any]]:
 
 
 def _status(job_id: str, status: str, *, epoch: int = 0, step: int | None = None, **fields: Any) -> TrainingStatus:
-    if status in ("completed", "failed", "cancelled"):
-        seq = TERMINAL_SEQ
-    elif status == "queued":
-        seq = 0
-    else:
-        seq = running_seq(epoch, step)
     return TrainingStatus(message_id=TrainingStatus.message_id_for(job_id, status, epoch, step), job_id=job_id,
-                          status=status, seq=seq, created_at=_EXAMPLE_TIME, **fields)  # type: ignore[arg-type]
+                          status=status, seq=status_seq(status, epoch, step), created_at=_EXAMPLE_TIME, **fields)  # type: ignore[arg-type]
 
 
 def training_status_examples() -> list[TrainingStatus]:

@@ -152,6 +152,15 @@ SEQ_EPOCH_STRIDE = 1_000_000
 TERMINAL_SEQ = 2**53 - 1
 
 
+def status_seq(status: str, epoch: int = 0, step: int | None = None) -> int:
+    """``seq`` of a status event: queued 0, running by epoch/step, terminal events above everything."""
+    if status in TERMINAL_STATUSES:
+        return TERMINAL_SEQ
+    if status == "queued":
+        return 0
+    return running_seq(epoch, step)
+
+
 def running_seq(epoch: int, step: int | None = None) -> int:
     """``seq`` of a running event: epoch-end events sort after every heartbeat of that epoch."""
     return epoch * SEQ_EPOCH_STRIDE + (SEQ_EPOCH_STRIDE - 1 if step is None else min(step, SEQ_EPOCH_STRIDE - 2))
