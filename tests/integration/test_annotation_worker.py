@@ -88,9 +88,17 @@ async def test_annotation_worker_end_to_end(tmp_path, kafka_bootstrap, topic_pre
             except urllib.error.HTTPError as exc:
                 return exc.code, exc.read().decode()
 
-        status, text = await asyncio.to_thread(scrape, "/metrics")
+        def handled_lines(text: str) -> list[str]:
+            return [line for line in text.splitlines() if line.startswith("cls_records_handled_total")]
+
+        # the counter moves after the commit, which follows the (already visible) result: poll, bounded
+        for _ in range(50):
+            status, text = await asyncio.to_thread(scrape, "/metrics")
+            if sum(float(line.rsplit(" ", 1)[1]) for line in handled_lines(text)) >= 2:
+                break
+            await asyncio.sleep(0.2)
         assert status == 200
-        handled = [line for line in text.splitlines() if line.startswith("cls_records_handled_total")]
+        handled = handled_lines(text)
         assert sum(float(line.rsplit(" ", 1)[1]) for line in handled) >= 2, handled
         images_line = next(line for line in text.splitlines() if line.startswith("cls_images_total"))
         assert float(images_line.rsplit(" ", 1)[1]) >= 5
