@@ -11,7 +11,7 @@ from schemas.topics import Headers, dlq_topic
 def dlq_headers(record: ConsumerRecord, code: str, message: str) -> list[tuple[str, bytes]]:
     return list(record.headers or ()) + [
         (Headers.DLQ_ERROR_CODE, code.encode()),
-        (Headers.DLQ_ERROR_MESSAGE, message[:1000].encode()),
+        (Headers.DLQ_ERROR_MESSAGE, message[:1000].encode("utf-8", "replace")),
         (Headers.DLQ_SOURCE_TOPIC, record.topic.encode()),
         (Headers.DLQ_SOURCE_PARTITION, str(record.partition).encode()),
         (Headers.DLQ_SOURCE_OFFSET, str(record.offset).encode()),

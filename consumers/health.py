@@ -55,6 +55,9 @@ class HealthServer:
             await self._runner.cleanup()
 
     async def _metrics(self, _request: web.Request) -> web.Response:
+        observe = getattr(self.runtime, "observe_oldest", None)
+        if observe is not None:
+            observe()
         try:
             import torch
 
@@ -72,4 +75,9 @@ class HealthServer:
 
     async def _readyz(self, _request: web.Request) -> web.Response:
         ready = bool(getattr(self.runtime, "ready", False)) and self.models_ready()
-        return web.json_response({"ready": ready}, status=200 if ready else 503)
+        stuck_of = getattr(self.runtime, "stuck_partitions", None)
+        stuck = stuck_of() if stuck_of is not None else {}
+        body: dict[str, object] = {"ready": ready and not stuck}
+        if stuck:
+            body["stuck_partitions"] = {str(p): age for p, age in stuck.items()}
+        return web.json_response(body, status=200 if body["ready"] else 503)

@@ -16,6 +16,7 @@ finished and leaves the rest for redelivery.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import time
@@ -27,17 +28,34 @@ from typing import Any
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
-from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka.errors import (
+    CommitFailedError,
+    KafkaConnectionError,
+    KafkaError,
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    RecordTooLargeError,
+    RequestTimedOutError,
+)
 
 from consumers import metrics
-from consumers.dlq import dead_letter
+from consumers.dlq import dlq_headers
 from consumers.offsets import PartitionOffsets
 from consumers.pipeline import Pipeline
 from consumers.settings import Settings
 from handlers.errors import HandlerError, RetryableError
 from handlers.lifecycle import Abandoned
-from schemas.codec import Invalid, NotAJsonObject, decode, entity_id_of, parse_json_object
-from schemas.common import ErrorInfo, OutputModel
+from schemas.codec import (
+    Invalid,
+    InvalidId,
+    NotAJsonObject,
+    decode,
+    entity_id_of,
+    parse_json_object,
+    unpaired_surrogate_at,
+)
+from schemas.common import ErrorInfo, OutputModel, derive_message_id
+from schemas.topics import Headers, dlq_topic
 
 log = structlog.get_logger("cls.runtime")
 
@@ -49,6 +67,53 @@ class _Job:
     entity_id: str | None = None
     task: asyncio.Task[None] | None = None
     started: float = field(default_factory=time.monotonic)
+    # How many times this record has been started, this time included, by any process (the count is
+    # written into the commit metadata while it is the partition's head; see ``_Heads``).
+    start_count: int = 1
+    mark_first: bool = False  # the record is the head: record the attempt durably before handling
+    crash_loop: bool = False  # killed the worker max_attempts times: dead-letter it, do not handle it
+    held: bool = False  # suspected of killing the worker: handled alone on its partition
+
+
+class _LeftForRedelivery(Exception):
+    """The broker stayed away until the worker stopped: the record is left uncommitted."""
+
+
+@dataclass
+class _Head:
+    """The committed position of a partition and how often its record was started (commit metadata)."""
+
+    offset: int | None
+    attempts: int = 0
+
+
+def attempts_metadata(count: int) -> str:
+    """Commit metadata saying how many times the record at the committed offset has been started."""
+    return json.dumps({"attempts": count}) if count else ""
+
+
+def attempts_from_metadata(metadata: str | None) -> int:
+    try:
+        value = json.loads(metadata or "{}").get("attempts", 0)
+    except (ValueError, AttributeError):
+        return 0
+    return value if isinstance(value, int) and value >= 0 else 0
+
+
+def is_transport_error(exc: BaseException) -> bool:
+    """Broker unreachable, timeouts, leader moves: retried for as long as the broker is away."""
+    if isinstance(exc, (KafkaTimeoutError, RequestTimedOutError)):
+        return True
+    if isinstance(exc, KafkaError):
+        return bool(getattr(exc, "retriable", False))
+    return isinstance(exc, (ConnectionError, TimeoutError))
+
+
+def error_code_of(exc: BaseException) -> str:
+    """The code a record that failed with ``exc`` ends with (failed event or dead letter)."""
+    if isinstance(exc, (EventTooLarge, MessageSizeTooLargeError, RecordTooLargeError)):
+        return "event_too_large"
+    return "attempts_exhausted"
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -73,8 +138,24 @@ def new_producer(settings: Settings) -> AIOKafkaProducer:
     )
 
 
+class EventTooLarge(Exception):
+    """An event (or a dead letter) is larger than the configured maximum record size."""
+
+    def __init__(self, size: int, limit: int, what: str) -> None:
+        super().__init__(f"{what} is {size} bytes; the maximum record size (CLS_MAX_RECORD_BYTES) is {limit}")
+        self.size = size
+        self.limit = limit
+
+
 class ConsumerRuntime:
-    """Runs one pipeline on one consumer group until stopped (or ``max_records`` handled)."""
+    """Runs one pipeline on one consumer group until stopped (or ``max_records`` handled).
+
+    Termination rule (one place, ``_run_job``): a transport error (broker unreachable, timeouts) is
+    retried in place with backoff for as long as the broker is away; any other failure is retried up
+    to ``CLS_MAX_ATTEMPTS`` times, then ends the record with a ``failed`` event (when one can be built
+    and fits) or a dead letter whose ``dlq-error-code`` says why. A record that killed the process
+    ``CLS_MAX_ATTEMPTS`` times (counted in the commit metadata) is dead-lettered as ``crash_loop``.
+    """
 
     def __init__(
         self,
@@ -100,12 +181,15 @@ class ConsumerRuntime:
         self._consumer: AIOKafkaConsumer | None = None
         self._jobs: dict[tuple[TopicPartition, int], _Job] = {}
         self._offsets: dict[TopicPartition, PartitionOffsets] = {}
+        self._heads: dict[TopicPartition, _Head] = {}
+        self._held: set[TopicPartition] = set()  # a suspect record runs alone on these partitions
         self._commit_lock = asyncio.Lock()
         self._stopping = asyncio.Event()
         self._taken = 0
         self._rewind: dict[TopicPartition, int] = {}
         self._handled = 0
         self._paused_by_us: set[TopicPartition] = set()
+        self._fail_publishes = _parse_fault_counts(settings.worker.fault_fail_publish)
         self.ready = False
         self.stats: dict[str, int] = {"handled": 0, "dlq": 0, "invalid": 0, "failed": 0, "abandoned": 0}
 
@@ -119,6 +203,10 @@ class ConsumerRuntime:
         assert self._producer is not None
         return self._producer
 
+    @property
+    def max_attempts(self) -> int:
+        return self.settings.worker.max_attempts
+
     async def run(self) -> None:
         """Consume until ``stop()`` (or ``max_records``), then drain and commit."""
         worker = self.settings.worker
@@ -130,7 +218,7 @@ class ConsumerRuntime:
             max_poll_interval_ms=self._max_poll_interval_ms,
             session_timeout_ms=worker.session_timeout_ms,
             heartbeat_interval_ms=worker.heartbeat_interval_ms,
-            max_partition_fetch_bytes=worker.max_record_bytes,
+            max_partition_fetch_bytes=worker.max_record_bytes + 64 * 1024,
             isolation_level="read_committed",
         )
         if self._producer is None:
@@ -142,7 +230,7 @@ class ConsumerRuntime:
             self._consumer.subscribe([self.pipeline.input_topic], listener=_Rebalance(self))
             self.ready = True
             log.info("consumer_started", topic=self.pipeline.input_topic, group=self.group_id,
-                     max_in_flight=self.max_in_flight)
+                     max_in_flight=self.max_in_flight, max_attempts=self.max_attempts)
             if self._on_started is not None:
                 await self._on_started()
             await self._poll_loop()
@@ -167,36 +255,108 @@ class ConsumerRuntime:
             if self.max_records is not None:
                 capacity = min(capacity, self.max_records - self._taken)
             self._set_paused(capacity <= 0)
+            self.observe_oldest()
             batches = await consumer.getmany(timeout_ms=worker.poll_timeout_ms, max_records=max(capacity, 1))
             for tp, records in batches.items():
-                for record in records:
-                    self._start(tp, record)
+                await self._take_batch(tp, records)
+
+    async def _take_batch(self, tp: TopicPartition, records: list[ConsumerRecord]) -> None:
+        """Start the records of one partition, in order, applying the crash-loop rule at its head."""
+        consumer = self._consumer
+        assert consumer is not None
+        head = await self._head(tp)
+        if head is None:  # revoked meanwhile
+            return
+        for record in records:
+            if tp in self._held:  # a suspect record runs alone: read the rest again after it
+                consumer.seek(tp, record.offset)
+                return
+            if head.offset is None:  # no commit yet in this group: the first record read is the head
+                head.offset = record.offset
+            prior = head.attempts if record.offset == head.offset else 0
+            if prior >= self.max_attempts:
+                self._start(tp, record, start_count=prior, crash_loop=True)
+                continue
+            held = prior >= 1  # it was being handled when a worker died: alone, so the count is its own
+            self._start(tp, record, start_count=prior + 1, mark_first=record.offset == head.offset, held=held)
+            if held:
+                self._held.add(tp)
+                self._set_paused(False)
+
+    async def _head(self, tp: TopicPartition) -> _Head | None:
+        """The partition's committed offset and the attempts recorded for its record (fetched once)."""
+        head = self._heads.get(tp)
+        if head is not None:
+            return head
+        consumer = self._consumer
+        assert consumer is not None
+        if tp not in consumer.assignment():
+            return None
+        committed = await consumer._coordinator.fetch_committed_offsets([tp])  # aiokafka has no public metadata read
+        entry = committed.get(tp)
+        if entry is None or entry.offset < 0:
+            head = _Head(offset=None)
+        else:
+            head = _Head(offset=entry.offset, attempts=attempts_from_metadata(entry.metadata))
+            offsets = self._offsets.setdefault(tp, PartitionOffsets())
+            offsets.committed = entry.offset
+        self._heads[tp] = head
+        if head.attempts:
+            log.warning("record_started_before", partition=tp.partition, offset=head.offset, attempts=head.attempts)
+        return head
 
     def _set_paused(self, paused: bool) -> None:
+        """Pause every assigned partition at capacity; partitions with a suspect record stay paused."""
         consumer = self._consumer
         assert consumer is not None
         assignment = consumer.assignment()
-        if paused:
-            to_pause = assignment - self._paused_by_us
-            if to_pause:
-                consumer.pause(*to_pause)
-                self._paused_by_us |= to_pause
-        elif self._paused_by_us:
-            to_resume = self._paused_by_us & assignment
-            if to_resume:
-                consumer.resume(*to_resume)
-            self._paused_by_us.clear()
+        want = set(assignment) if paused else (self._held & assignment)
+        to_pause = want - self._paused_by_us
+        to_resume = (self._paused_by_us - want) & assignment
+        if to_pause:
+            consumer.pause(*to_pause)
+        if to_resume:
+            consumer.resume(*to_resume)
+        self._paused_by_us = want
         metrics.PAUSED_PARTITIONS.labels(self.pipeline.input_topic).set(len(self._paused_by_us))
 
+    # ---------------------------------------------------------------- stuck-partition signal
+    def oldest_unfinished_s(self) -> dict[int, float]:
+        """Per partition of the input topic: age in seconds of its oldest unfinished record."""
+        now = time.monotonic()
+        ages: dict[int, float] = {}
+        for job in self._jobs.values():
+            age = now - job.started
+            ages[job.tp.partition] = max(ages.get(job.tp.partition, 0.0), age)
+        return ages
+
+    def observe_oldest(self) -> dict[int, float]:
+        ages = self.oldest_unfinished_s()
+        topic = self.pipeline.input_topic
+        for tp in self._offsets:
+            metrics.OLDEST_UNFINISHED.labels(topic, str(tp.partition)).set(ages.get(tp.partition, 0.0))
+        return ages
+
+    def stuck_partitions(self) -> dict[int, float]:
+        """Partitions whose oldest unfinished record is older than ``CLS_STUCK_RECORD_S`` (readiness)."""
+        limit = self.settings.worker.stuck_record_s
+        if limit is None and self.pipeline.handler_timeout_s:
+            limit = self.pipeline.handler_timeout_s + 300
+        if limit is None:
+            return {}
+        return {p: round(age, 1) for p, age in self.observe_oldest().items() if age > limit}
+
     # ---------------------------------------------------------------- per record
-    def _start(self, tp: TopicPartition, record: ConsumerRecord) -> None:
+    def _start(self, tp: TopicPartition, record: ConsumerRecord, *, start_count: int = 1, mark_first: bool = False,
+               crash_loop: bool = False, held: bool = False) -> None:
         key = (tp, record.offset)
         if key in self._jobs:  # already in flight (a re-fetch after resume): never twice
             return
         if tp in self._rewind and record.offset <= self._rewind[tp]:
             del self._rewind[tp]  # the rewind reached its target
         self._offsets.setdefault(tp, PartitionOffsets()).take(record.offset)
-        job = _Job(record=record, tp=tp)
+        job = _Job(record=record, tp=tp, start_count=start_count, mark_first=mark_first, crash_loop=crash_loop,
+                   held=held)
         self._jobs[key] = job
         self._taken += 1
         metrics.RECORDS_CONSUMED.labels(tp.topic).inc()
@@ -204,24 +364,71 @@ class ConsumerRuntime:
         job.task = asyncio.create_task(self._run_job(job), name=f"record-{tp.topic}-{tp.partition}-{record.offset}")
 
     async def _run_job(self, job: _Job) -> None:
+        """Handle one record until it ends: the termination rule lives here."""
         record = job.record
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(topic=record.topic, partition=record.partition, offset=record.offset)
         outcome = "handled"
         produced = 0
         log.debug("record_received", key=record.key.decode("utf-8", "replace") if record.key else None)
+        worker = self.settings.worker
+        attempt = 0
         try:
-            outcome, produced = await self._process(job)
+            if job.mark_first:
+                await self._mark_started(job)
+            if job.crash_loop:
+                await self._to_dlq(record, "crash_loop",
+                                   f"the worker died {job.start_count} times while handling this record "
+                                   f"(CLS_MAX_ATTEMPTS={self.max_attempts})")
+                outcome = "dlq"
+                return
+            while True:
+                attempt += 1
+                try:
+                    outcome, produced = await self._process(job)
+                    return
+                except (asyncio.CancelledError, _LeftForRedelivery):
+                    raise
+                except Exception as exc:  # noqa: BLE001 - the termination rule decides
+                    deterministic = isinstance(exc, (EventTooLarge, MessageSizeTooLargeError, RecordTooLargeError))
+                    if attempt < self.max_attempts and not deterministic and not self._stopping.is_set():
+                        delay = min(worker.retry_backoff_max_s, worker.retry_backoff_s * (2 ** (attempt - 1)))
+                        log.warning("record_attempt_failed", attempt=attempt, max_attempts=self.max_attempts,
+                                    error=repr(exc)[:500], retry_in_s=round(delay, 3))
+                        await asyncio.sleep(delay)
+                        continue
+                    log.error("record_attempts_ended", attempt=attempt, error=repr(exc)[:500])
+                    outcome, produced = await self._end(job, exc)
+                    return
         except asyncio.CancelledError:
             outcome = "abandoned"
             raise
-        except Exception as exc:  # publishing failed (broker unreachable past the producer's retries)
+        except _LeftForRedelivery as exc:
             outcome = "abandoned"
-            log.exception("record_publish_failed", error=repr(exc))
-            await asyncio.sleep(min(self.settings.worker.retry_backoff_max_s, 1.0))  # no hot loop while the broker is down
+            log.warning("record_left_uncommitted", reason=str(exc))
+        except Exception as exc:  # noqa: BLE001 - even the dead letter failed: leave it, never commit past it
+            outcome = "abandoned"
+            log.exception("record_could_not_end", error=repr(exc)[:500])
+            await asyncio.sleep(min(worker.retry_backoff_max_s, 1.0))
             self._retry_later(job)
         finally:
             await self._finish(job, outcome, produced)
+
+    async def _end(self, job: _Job, exc: BaseException) -> tuple[str, int]:
+        """End a record that cannot succeed: a failed event when it can be built and fits, else a dead letter."""
+        code = error_code_of(exc)
+        message = f"{type(exc).__name__}: {exc}"[:1000]
+        if job.entity_id is not None:
+            error = ErrorInfo(code=code, message=message, retryable=False)
+            try:
+                await self._publish(self.pipeline.failed_event(job.entity_id, error), job.entity_id)
+                return "failed", 1
+            except _LeftForRedelivery:
+                raise
+            except Exception as publish_exc:  # noqa: BLE001 - fall back to the dead letter
+                log.warning("failed_event_not_published", error=repr(publish_exc)[:300])
+        await self._to_dlq(job.record, code, message)
+        return "dlq", 0
 
     async def _process(self, job: _Job) -> tuple[str, int]:
         record = job.record
@@ -230,24 +437,41 @@ class ConsumerRuntime:
         except NotAJsonObject as exc:
             await self._to_dlq(record, "not_json_object", str(exc))
             return "dlq", 0
-        entity_id = entity_id_of(body, self.pipeline.id_field, record.key)
+        try:
+            entity_id = entity_id_of(body, self.pipeline.id_field, record.key)
+        except InvalidId as exc:
+            await self._to_dlq(record, "invalid_id", str(exc))
+            return "dlq", 0
         job.entity_id = entity_id
         if entity_id is not None:
             structlog.contextvars.bind_contextvars(**{self.pipeline.id_field: entity_id})
-        request = decode(self.pipeline.adapter, body, self.pipeline.id_field, record.key)
+        bad_text_at = unpaired_surrogate_at(record.value, body)
+        if bad_text_at is not None:
+            request: Any = Invalid(entity_id=entity_id, details=[], body=body,
+                                   message=f"invalid request: {bad_text_at}: not valid Unicode text (unpaired surrogate)")
+        else:
+            request = decode(self.pipeline.adapter, body, self.pipeline.id_field, record.key)
         if isinstance(request, Invalid):
             if request.entity_id is None:
                 await self._to_dlq(record, "invalid_no_id", request.message)
                 return "dlq", 0
             metrics.RECORDS_INVALID.labels(record.topic).inc()
-            error = ErrorInfo(code="invalid_request", message=request.message, details=request.details, retryable=False)
+            error = ErrorInfo(code="invalid_request", message=request.message[:2000], details=request.details or None,
+                              details_omitted=request.details_omitted or None, retryable=False)
             await self._publish(self.pipeline.failed_event(request.entity_id, error), request.entity_id)
             return "invalid", 1
         if getattr(request, self.pipeline.id_field) is None:
-            request = request.model_copy(update={self.pipeline.id_field: str(uuid.uuid4())})
+            # No id in the body and no key: derived from the record's position, so a redelivery
+            # of the same record gets the same id (and the same message ids).
+            derived = derive_message_id("record", record.topic, record.partition, record.offset)
+            request = request.model_copy(update={self.pipeline.id_field: derived})
         entity_id = getattr(request, self.pipeline.id_field)
         job.entity_id = entity_id
         structlog.contextvars.bind_contextvars(**{self.pipeline.id_field: entity_id})
+        exit_on = self.settings.worker.fault_exit_on_request
+        if exit_on is not None and entity_id == exit_on:
+            log.warning("fault_injection_exit", request=entity_id)
+            os._exit(137)  # test-only: the process dies while handling this record
         return await self._handle_with_retries(request, entity_id)
 
     async def _handle_with_retries(self, request: Any, entity_id: str) -> tuple[str, int]:
@@ -263,27 +487,28 @@ class ConsumerRuntime:
                 return "abandoned", produced
             except RetryableError as exc:
                 if attempt >= worker.retry_attempts or self._stopping.is_set():
-                    error = ErrorInfo(code=exc.code, message=exc.message, retryable=True)
+                    error = ErrorInfo(code=exc.code, message=exc.message[:2000], retryable=True)
                     await self._publish(self.pipeline.failed_event(entity_id, error), entity_id)
                     return "failed", produced + 1
                 delay = min(worker.retry_backoff_max_s, worker.retry_backoff_s * (2**attempt))
                 delay *= 0.5 + random.random() / 2
                 attempt += 1
                 metrics.RETRIES.labels(self.pipeline.input_topic).inc()
-                log.warning("handler_retry", code=exc.code, error=exc.message, attempt=attempt, delay_s=round(delay, 3))
+                log.warning("handler_retry", code=exc.code, error=exc.message[:500], attempt=attempt,
+                            delay_s=round(delay, 3))
                 await asyncio.sleep(delay)
             except HandlerError as exc:
-                error = ErrorInfo(code=exc.code, message=exc.message, retryable=False)
+                error = ErrorInfo(code=exc.code, message=exc.message[:2000], retryable=False)
                 await self._publish(self.pipeline.failed_event(entity_id, error), entity_id)
                 return "failed", produced + 1
             except TimeoutError:
                 error = ErrorInfo(code="timeout", message=f"request not handled within {self.pipeline.handler_timeout_s}s")
                 await self._publish(self.pipeline.failed_event(entity_id, error), entity_id)
                 return "failed", produced + 1
-            except (KafkaError, asyncio.CancelledError):
+            except (KafkaError, EventTooLarge, _LeftForRedelivery, asyncio.CancelledError):
                 raise
             except Exception as exc:  # a bug in a handler: a typed failed event, never a crash loop
-                log.exception("handler_crashed", error=repr(exc))
+                log.exception("handler_crashed", error=repr(exc)[:500])
                 error = ErrorInfo(code="internal_error", message=f"{type(exc).__name__}: {exc}"[:1000], retryable=False)
                 await self._publish(self.pipeline.failed_event(entity_id, error), entity_id)
                 return "failed", produced + 1
@@ -305,19 +530,71 @@ class ConsumerRuntime:
         return produced
 
     async def _publish(self, event: OutputModel, entity_id: str) -> None:
-        """Produce one event and wait for the broker's acknowledgement (acks=all)."""
+        """Produce one event and wait for the broker's acknowledgement (acks=all).
+
+        The event must fit ``CLS_MAX_RECORD_BYTES`` (else ``EventTooLarge``, before anything is sent).
+        Transport errors are retried here, with backoff, for as long as the broker is away; when the
+        worker stops meanwhile the record is left uncommitted (``_LeftForRedelivery``).
+        """
         topic = self.pipeline.output_topic
-        await self.producer.send_and_wait(
-            topic,
-            value=event.to_json_bytes(),
-            key=entity_id.encode(),
-            headers=self.pipeline.headers_for(event, entity_id),
-        )
+        value = event.to_json_bytes()
+        key = entity_id.encode()
+        headers = self.pipeline.headers_for(event, entity_id)
+        size = len(value) + len(key) + sum(len(k) + len(v) for k, v in headers)
+        limit = self.settings.worker.max_record_bytes
+        if size > limit:
+            raise EventTooLarge(size, limit, f"the {getattr(event, 'event_type', 'event')} event")
+        await self._send_with_retry(topic, value, key, headers, entity_id)
         metrics.EVENTS_PRODUCED.labels(topic).inc()
 
+    async def _send_with_retry(self, topic: str, value: bytes | None, key: bytes | None,
+                               headers: list[tuple[str, bytes]], entity_id: str | None) -> None:
+        worker = self.settings.worker
+        delay = worker.retry_backoff_s or 0.05
+        while True:
+            try:
+                if entity_id is not None and self._fail_publishes.get(entity_id, 0) > 0:
+                    self._fail_publishes[entity_id] -= 1  # test-only fault injection
+                    raise KafkaConnectionError(f"fault injection: publish for {entity_id} fails")
+                await self.producer.send_and_wait(topic, value=value, key=key, headers=headers)
+                return
+            except Exception as exc:
+                if not is_transport_error(exc):
+                    raise
+                if self._stopping.is_set():
+                    raise _LeftForRedelivery(f"broker unreachable while stopping: {exc!r}"[:300]) from exc
+                log.warning("publish_retry", error=repr(exc)[:300], delay_s=round(delay, 3))
+                await asyncio.sleep(delay)
+                delay = min(max(worker.retry_backoff_max_s, 0.05), delay * 2)
+
     async def _to_dlq(self, record: ConsumerRecord, code: str, message: str) -> None:
-        await dead_letter(self.producer, record, code, message)
+        headers = dlq_headers(record, code, message)
+        value = record.value
+        size = len(value or b"") + len(record.key or b"") + sum(len(k) + len(v) for k, v in headers)
+        if size > self.settings.worker.max_record_bytes + 32 * 1024:
+            # Larger than any topic of ours accepts (it came from a topic provisioned elsewhere): the
+            # dead letter keeps key, headers and position, and says how large the value was.
+            value = None
+            headers.append((Headers.DLQ_VALUE_OMITTED, str(len(record.value or b"")).encode()))
+        await self._send_with_retry(dlq_topic(record.topic), value, record.key, headers, None)
+        metrics.RECORDS_DLQ.labels(record.topic, code).inc()
         log.warning("record_dead_lettered", code=code, error=message[:300])
+
+    async def _mark_started(self, job: _Job) -> None:
+        """Write "started N times" into the commit metadata of the record's offset, before handling it."""
+        consumer = self._consumer
+        offsets = self._offsets.get(job.tp)
+        if consumer is None or offsets is None:
+            return
+        async with self._commit_lock:
+            try:
+                await consumer.commit({job.tp: (job.record.offset, attempts_metadata(job.start_count))})
+                offsets.committed = job.record.offset
+                head = self._heads.get(job.tp)
+                if head is not None:
+                    head.offset, head.attempts = job.record.offset, job.start_count
+            except (CommitFailedError, KafkaError) as exc:
+                log.warning("attempt_mark_failed", partition=job.tp.partition, error=repr(exc))
 
     def _retry_later(self, job: _Job) -> None:
         """Re-read an unfinished record (its partition is still ours and we are not stopping).
@@ -337,6 +614,8 @@ class ConsumerRuntime:
         key = (job.tp, record.offset)
         offsets = self._offsets.get(job.tp)
         self._jobs.pop(key, None)
+        if job.held:
+            self._held.discard(job.tp)
         metrics.IN_FLIGHT.labels(record.topic).set(len(self._jobs))
         elapsed = time.monotonic() - job.started
         self.stats[outcome] = self.stats.get(outcome, 0) + 1
@@ -359,6 +638,8 @@ class ConsumerRuntime:
         log.info("record_done", outcome=outcome, events=produced, elapsed_s=round(elapsed, 3))
 
     async def _commit(self, tp: TopicPartition) -> None:
+        """Commit the partition's committable offset; when the record there is in flight, its start
+        count goes into the commit metadata (so a process death while handling it is counted)."""
         consumer = self._consumer
         offsets = self._offsets.get(tp)
         if consumer is None or offsets is None:
@@ -367,9 +648,14 @@ class ConsumerRuntime:
             offset = offsets.committable()
             if offset is None:
                 return
+            running = self._jobs.get((tp, offset))
+            count = running.start_count if running is not None and not running.crash_loop else 0
             try:
-                await consumer.commit({tp: offset})
+                await consumer.commit({tp: (offset, attempts_metadata(count))})
                 offsets.committed = offset
+                head = self._heads.get(tp)
+                if head is not None:
+                    head.offset, head.attempts = offset, count
             except (CommitFailedError, KafkaError) as exc:
                 # Partition lost in a rebalance: the new owner re-handles from its last commit
                 # (at-least-once; ids are deterministic, so the duplicates fold away).
@@ -378,6 +664,8 @@ class ConsumerRuntime:
     # ---------------------------------------------------------------- rebalance & shutdown
     def _on_assigned(self, assigned: set[TopicPartition]) -> None:
         self._paused_by_us -= assigned
+        for tp in assigned:
+            self._heads.pop(tp, None)  # re-read the committed metadata before taking its records
         log.info("partitions_assigned", partitions=sorted(tp.partition for tp in assigned))
 
     async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
@@ -394,6 +682,9 @@ class ConsumerRuntime:
             await self._commit(tp)
             self._offsets.pop(tp, None)
             self._rewind.pop(tp, None)
+            self._heads.pop(tp, None)
+            self._held.discard(tp)
+            metrics.OLDEST_UNFINISHED.labels(self.pipeline.input_topic, str(tp.partition)).set(0)
         self._paused_by_us -= revoked
 
     async def _drain(self) -> None:
@@ -426,3 +717,13 @@ class ConsumerRuntime:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+
+
+def _parse_fault_counts(spec: str | None) -> dict[str, int]:
+    """``"id-a:3,id-b:1"`` -> {"id-a": 3, "id-b": 1} (test-only fault injection)."""
+    counts: dict[str, int] = {}
+    for item in (spec or "").split(","):
+        if item.strip():
+            name, _, count = item.strip().rpartition(":")
+            counts[name] = int(count)
+    return counts

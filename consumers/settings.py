@@ -90,6 +90,11 @@ class WorkerSettings(BaseSettings):
     max_poll_records: int = Field(default=50, ge=1)
     max_record_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     retry_attempts: int = Field(default=3, ge=0, description="Retries of a retryable failure before a failed event.")
+    max_attempts: int = Field(default=3, ge=1, description="Attempts at a record that fails unexpectedly (or kills the "
+                              "worker) before it ends as a failed event or a dead letter.")
+    stuck_record_s: float | None = Field(default=None, gt=0, description="/readyz reports not ready when a partition's "
+                                         "oldest unfinished record is older; default: the handler timeout + 300 s "
+                                         "(annotation), off for training.")
     retry_backoff_s: float = Field(default=0.5, ge=0)
     retry_backoff_max_s: float = Field(default=10.0, ge=0)
     handler_timeout_s: float = Field(default=3600.0, gt=0, description="Annotation: a request running longer fails.")
@@ -141,6 +146,10 @@ class WorkerSettings(BaseSettings):
     # test-only fault injection: crash (os._exit(137)) after the events of the Nth handled record
     # are acknowledged by the broker and before its offset is committed.
     fault_crash_after_publish: int | None = Field(default=None, ge=1)
+    # test-only: the process os._exit(137)s when it starts handling this request/job id
+    fault_exit_on_request: str | None = None
+    # test-only: "id:N,id2:M": the first N publishes of events for that id fail as a transport error
+    fault_fail_publish: str | None = None
 
     @field_validator("log_level")
     @classmethod

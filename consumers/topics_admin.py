@@ -35,10 +35,14 @@ class TopicSpec:
 def topic_specs(settings: Settings) -> list[TopicSpec]:
     """Every topic the workers read or write, with partitions and configs from settings."""
     w = settings.worker
-    request = {"retention.ms": str(w.request_retention_ms), "cleanup.policy": "delete"}
-    output = {"retention.ms": str(w.output_retention_ms), "cleanup.policy": "delete"}
-    dlq = {"retention.ms": str(w.dlq_retention_ms), "cleanup.policy": "delete"}
-    control = {"cleanup.policy": "compact", "min.compaction.lag.ms": "0", "segment.ms": str(3600 * 1000)}
+    # Every topic takes records of CLS_MAX_RECORD_BYTES (plus batch overhead) whatever the broker's
+    # message.max.bytes; a dead letter carries the original record plus its dlq-* headers.
+    record = {"max.message.bytes": str(w.max_record_bytes + 16 * 1024)}
+    dlq_record = {"max.message.bytes": str(w.max_record_bytes + 96 * 1024)}
+    request = {"retention.ms": str(w.request_retention_ms), "cleanup.policy": "delete", **record}
+    output = {"retention.ms": str(w.output_retention_ms), "cleanup.policy": "delete", **record}
+    dlq = {"retention.ms": str(w.dlq_retention_ms), "cleanup.policy": "delete", **dlq_record}
+    control = {"cleanup.policy": "compact", "min.compaction.lag.ms": "0", "segment.ms": str(3600 * 1000), **record}
     specs = [
         TopicSpec(w.annotation_requests_topic, w.request_topic_partitions, request),
         TopicSpec(w.training_requests_topic, w.request_topic_partitions, request),

@@ -93,14 +93,21 @@ class ErrorInfo(BaseModel):
     model_config = ConfigDict(extra="forbid")
     code: str = Field(description="Stable error code, e.g. invalid_request, fetch_failed, model_unavailable.")
     message: str
-    details: list[ErrorDetail] | None = Field(default=None, description="Per-field validation errors, when any.")
+    details: list[ErrorDetail] | None = Field(default=None, description="Per-field validation errors, when any (at most 20).")
+    details_omitted: int | None = Field(default=None, description="How many further field errors were not listed.")
     retryable: bool | None = Field(default=None, description="True when the same request may succeed later.")
 
 
-def validation_details(errors: list[dict[str, Any]]) -> list[ErrorDetail]:
-    """Turn pydantic's ``ValidationError.errors()`` into contract error details."""
+def validation_details(errors: list[dict[str, Any]], max_chars: int = 300) -> list[ErrorDetail]:
+    """Turn pydantic's ``ValidationError.errors()`` into contract error details (each text cut to ``max_chars``)."""
     details = []
     for err in errors:
-        loc = ".".join(str(part) for part in err.get("loc", ())) or "(root)"
-        details.append(ErrorDetail(loc=loc, msg=str(err.get("msg", "")), type=str(err.get("type", ""))))
+        loc = ".".join(_printable(part) for part in err.get("loc", ())) or "(root)"
+        details.append(ErrorDetail(loc=loc[:max_chars], msg=_printable(err.get("msg", ""))[:max_chars],
+                                   type=str(err.get("type", ""))[:64]))
     return details
+
+
+def _printable(value: object) -> str:
+    """``str(value)`` made safe for a UTF-8 event (an unpaired surrogate becomes U+FFFD)."""
+    return str(value).encode("utf-8", "replace").decode("utf-8")
