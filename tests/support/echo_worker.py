@@ -4,6 +4,8 @@ Environment (besides the normal KAFKA_* / CLS_* settings):
   ECHO_SLEEP_S         seconds each request takes (default 0)
   ECHO_MAX_POLL_MS     consumer max_poll_interval_ms override
   ECHO_GROUP_ID        consumer group (default: CLS_ANNOTATION_GROUP_ID)
+  ECHO_BIG_FOR         a request id whose result event is made larger than any record may be
+  ECHO_BUG_FOR         a request id whose handler raises an unexpected exception (a bug)
 Handles annotation requests: every image gets the first class with confidence 1.0.
 """
 
@@ -24,15 +26,21 @@ from schemas.common import ErrorInfo
 
 
 def echo_pipeline(settings: Settings, sleep_s: float = 0.0) -> Pipeline:
+    big_for = os.environ.get("ECHO_BIG_FOR")
+    bug_for = os.environ.get("ECHO_BUG_FOR")
+
     async def handle(request: AnnotationRequest):
         if sleep_s:
             await asyncio.sleep(sleep_s)
+        if request.request_id == bug_for:
+            raise ZeroDivisionError("echo handler bug")
         first = (request.classes or ["none"])[0]
+        weights = "x" * (settings.worker.max_record_bytes + 1) if request.request_id == big_for else "none"
         yield AnnotationResult(
             message_id=AnnotationResult.message_id_for(request.request_id, 0),
             request_id=request.request_id,
             status="completed",
-            model=ModelDescriptor(family="echo", variant="echo", weights="none"),
+            model=ModelDescriptor(family="echo", variant="echo", weights=weights),
             results=[ImageResult(id=img.id, predictions=[Prediction(class_name=first, confidence=1.0)]) for img in request.images],
         )
 
