@@ -13,7 +13,7 @@ from consumers.pipeline import Pipeline
 from consumers.runtime import ConsumerRuntime
 from consumers.settings import Settings
 from consumers.worker import configure_torch_threads, serve
-from handlers.annotation import AnnotationConfig, AnnotationContext, AnnotationHandler, failed_result
+from handlers.annotation import PART_BUDGET_BYTES, AnnotationConfig, AnnotationContext, AnnotationHandler, failed_result
 from handlers.batcher import MicroBatcher
 from handlers.executor import Executors
 from handlers.fetch import Fetcher, FetchLimits
@@ -82,7 +82,8 @@ async def annotation_context(settings: Settings):
                                observe=metrics.observe_batch)
         ctx = AnnotationContext(
             config=AnnotationConfig(part_size=w.result_part_size, max_images_per_request=w.max_images_per_request,
-                                    default_templates=default_templates(settings)),
+                                    default_templates=default_templates(settings),
+                                    part_budget_bytes=min(PART_BUDGET_BYTES, w.max_record_bytes // 2)),
             model_config=config,
             models=ModelRegistry(config, executors, store, on_loaded=metrics.observe_model_load),
             fetcher=fetcher,

@@ -10,6 +10,7 @@ One bad image is an error entry; only an unusable request or model fails the who
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,13 +24,20 @@ from handlers.executor import Executors
 from handlers.fetch import Fetcher
 from handlers.images import DecodeLimits, decode_image
 from handlers.models import LoadedModel, ModelConfig, ModelRegistry
-from schemas.annotation import AnnotationRequest, AnnotationResult, ImageRef, ImageResult, Prediction
+from schemas.annotation import (
+    MAX_IMAGE_ERROR_CHARS,
+    AnnotationRequest,
+    AnnotationResult,
+    ImageRef,
+    ImageResult,
+    Prediction,
+)
 from schemas.common import ErrorInfo
 
 log = structlog.get_logger("cls.annotation")
 
 PART_BUDGET_BYTES = 512 * 1024
-"""A result part is kept well below 1 MB (Kafka's default max message size)."""
+"""A result part is kept well below 1 MB (Kafka's default max message size) and CLS_MAX_RECORD_BYTES."""
 
 
 @dataclass
@@ -38,6 +46,7 @@ class AnnotationConfig:
     max_images_per_request: int = 10_000
     default_templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])
     images_in_flight: int = 128
+    part_budget_bytes: int = PART_BUDGET_BYTES
 
 
 @dataclass
@@ -58,16 +67,28 @@ class AnnotationContext:
         self.images_semaphore = asyncio.Semaphore(self.config.images_in_flight)
 
 
-def part_size_for(request: AnnotationRequest, configured: int, class_names: Sequence[str]) -> int:
-    """N for this request: the configured part size, lowered so a part's JSON stays within budget.
+def part_size_for(request: AnnotationRequest, configured: int, class_names: Sequence[str],
+                  budget_bytes: int = PART_BUDGET_BYTES) -> int:
+    """N for this request: the configured part size, lowered so a part's JSON stays within ``budget_bytes``.
 
-    Depends only on the request (and the model's class names), so a redelivery gets the same parts.
+    The bound is on the encoded size of the worst case of every image (its id, ``top_k`` of the longest
+    class names, or an error entry whose message is cut to ``MAX_IMAGE_ERROR_CHARS``), so it holds
+    whatever the outcome; and it depends only on the request (and the model's class names), so a
+    redelivery gets the same parts.
     """
-    longest_class = max((len(c) for c in class_names), default=10)
-    longest_id = max(len(img.id) for img in request.images)
     top_k = min(request.top_k, len(class_names))
-    per_image = 120 + 2 * longest_id + top_k * (longest_class * 2 + 60)  # *2: JSON escaping headroom
-    return max(1, min(configured, PART_BUDGET_BYTES // per_image))
+    longest_class = max((_json_bytes(c) for c in class_names), default=10)
+    longest_id = max(_json_bytes(img.id) for img in request.images)
+    predictions = 2 + top_k * (longest_class + len('{"class":,"confidence":0.12345678901234567},'))
+    error = len('"error":{"code":"","message":""}') + 64 + 2 * MAX_IMAGE_ERROR_CHARS  # 2: escaped quotes and backslashes
+    per_image = len('{"id":,"predictions":,"margin":-0.12345678901234567},') + longest_id + predictions + error
+    envelope = 2048  # request id, model descriptor, part fields, created_at
+    return max(1, min(configured, (budget_bytes - envelope) // per_image))
+
+
+def _json_bytes(text: str) -> int:
+    """Encoded size of ``text`` as a JSON string (UTF-8, quotes and escapes included)."""
+    return len(json.dumps(text, ensure_ascii=False).encode("utf-8", "replace"))
 
 
 def rank(confidences: torch.Tensor, classes: Sequence[str], top_k: int, threshold: float) -> tuple[list[Prediction], float]:
@@ -107,7 +128,7 @@ class AnnotationHandler:
             ctx.on_text_cache(text_cache_hit)
         top_k = min(request.top_k, len(classes))
 
-        size = part_size_for(request, ctx.config.part_size, classes)
+        size = part_size_for(request, ctx.config.part_size, classes, ctx.config.part_budget_bytes)
         images = request.images
         parts = [images[i:i + size] for i in range(0, len(images), size)]
         tasks: dict[int, list[asyncio.Task[torch.Tensor | ImageResult]]] = {}

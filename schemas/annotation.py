@@ -133,6 +133,16 @@ class Prediction(BaseModel):
     confidence: float = Field(ge=0.0, le=1.0)
 
 
+MAX_IMAGE_ERROR_CHARS = 240
+"""A per-image error message is stored as at most this many printable ASCII characters (an image
+host's reason phrase can be kilobytes of anything), so a result part's size has a known bound."""
+
+
+def _short_ascii(message: str) -> str:
+    text = "".join(ch if " " <= ch <= "~" else "?" for ch in message[:MAX_IMAGE_ERROR_CHARS + 1])
+    return text if len(text) <= MAX_IMAGE_ERROR_CHARS else text[:MAX_IMAGE_ERROR_CHARS - 3] + "..."
+
+
 class ImageResult(BaseModel):
     """Predictions for one image, or its error (then ``predictions`` is empty)."""
 
@@ -140,7 +150,17 @@ class ImageResult(BaseModel):
     id: str
     predictions: list[Prediction] = Field(default_factory=list)
     margin: float | None = Field(default=None, description="top-1 minus top-2 confidence (before top_k/threshold).")
-    error: ErrorInfo | None = None
+    error: ErrorInfo | None = Field(
+        default=None, description=f"Why this image failed; the message is at most {MAX_IMAGE_ERROR_CHARS} printable ASCII characters.")
+
+    @field_validator("error")
+    @classmethod
+    def _short_error(cls, error: ErrorInfo | None) -> ErrorInfo | None:
+        if error is not None:
+            message = _short_ascii(error.message)
+            if message != error.message or error.details:
+                error = error.model_copy(update={"message": message, "details": None})
+        return error
 
 
 class ModelDescriptor(BaseModel):
