@@ -148,3 +148,65 @@ async def test_a_record_that_kills_the_worker_ends_as_crash_loop(tmp_path, topic
         assert worker.proc.poll() is None
     finally:
         worker.close()
+
+
+async def test_stuck_partition_gauge_and_readiness(topic_prefix, kafka_bootstrap):
+    import aiohttp
+
+    from consumers.health import HealthServer
+    from consumers.runtime import ConsumerRuntime
+    from examples.ports import free_port
+    from tests.support.echo_worker import echo_pipeline
+
+    settings = settings_for(topic_prefix, stuck_record_s=1.0, metrics_port=free_port(), metrics_host="127.0.0.1")
+    await provision(settings)
+    w = settings.worker
+    runtime = ConsumerRuntime(settings, echo_pipeline(settings, sleep_s=4.0), group_id=w.annotation_group_id,
+                              max_records=1)
+    health = HealthServer(settings, runtime)
+    await health.start()
+    run = asyncio.create_task(runtime.run())
+    try:
+        await produce(kafka_bootstrap, w.annotation_requests_topic, valid("slow"), key=KEY, partition=0)
+        url = f"http://127.0.0.1:{health.port}"
+        async with aiohttp.ClientSession() as http:
+            stuck_body = None
+            for _ in range(60):  # bounded: 6 s
+                async with http.get(url + "/readyz") as resp:
+                    if resp.status == 503:
+                        stuck_body = await resp.json()
+                        break
+                await asyncio.sleep(0.1)
+            assert stuck_body is not None and stuck_body["ready"] is False
+            assert float(stuck_body["stuck_partitions"]["0"]) > 1.0
+            async with http.get(url + "/metrics") as resp:
+                text = await resp.text()
+            line = next(l for l in text.splitlines()
+                        if l.startswith("cls_oldest_unfinished_record_seconds{") and 'partition="0"' in l
+                        and w.annotation_requests_topic in l)
+            assert float(line.rsplit(" ", 1)[1]) > 1.0
+            await asyncio.wait_for(run, timeout=30)  # the record finishes: nothing is stuck any more
+            assert runtime.stuck_partitions() == {}
+    finally:
+        run.cancel()
+        await asyncio.gather(run, return_exceptions=True)
+        await health.stop()
+
+
+def test_alert_rules_use_metrics_the_workers_export():
+    import re
+    from pathlib import Path
+
+    import yaml
+    from prometheus_client import REGISTRY
+
+    import consumers.metrics  # noqa: F401 - registers the metrics
+
+    rules = yaml.safe_load((Path(__file__).resolve().parents[2] / "deploy/prometheus/alerts.yml").read_text())
+    exported = {metric.name for metric in REGISTRY.collect()} | {"up"}
+    exprs = [rule["expr"] for group in rules["groups"] for rule in group["rules"]]
+    assert exprs
+    for expr in exprs:
+        names = set(re.findall(r"\b(cls_[a-z_]+|up)\b", expr))
+        # a counter is collected as its family name without _total
+        assert names and all(n in exported or n.removesuffix("_total") in exported for n in names), expr
