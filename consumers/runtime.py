@@ -185,6 +185,7 @@ class ConsumerRuntime:
         self._held: set[TopicPartition] = set()  # a suspect record runs alone on these partitions
         self._commit_lock = asyncio.Lock()
         self._stopping = asyncio.Event()
+        self._slot_freed = asyncio.Event()
         self._taken = 0
         self._rewind: dict[TopicPartition, int] = {}
         self._handled = 0
@@ -256,7 +257,17 @@ class ConsumerRuntime:
                 capacity = min(capacity, self.max_records - self._taken)
             self._set_paused(capacity <= 0)
             self.observe_oldest()
-            batches = await consumer.getmany(timeout_ms=worker.poll_timeout_ms, max_records=max(capacity, 1))
+            if capacity <= 0:
+                # Every partition paused: wait for a free slot (not a whole poll timeout), then poll
+                # anyway, which keeps the group membership alive and returns nothing.
+                self._slot_freed.clear()
+                try:
+                    await asyncio.wait_for(self._slot_freed.wait(), timeout=worker.poll_timeout_ms / 1000)
+                except TimeoutError:
+                    pass
+                await consumer.getmany(timeout_ms=0)
+                continue
+            batches = await consumer.getmany(timeout_ms=worker.poll_timeout_ms, max_records=capacity)
             for tp, records in batches.items():
                 await self._take_batch(tp, records)
 
@@ -614,6 +625,7 @@ class ConsumerRuntime:
         key = (job.tp, record.offset)
         offsets = self._offsets.get(job.tp)
         self._jobs.pop(key, None)
+        self._slot_freed.set()
         if job.held:
             self._held.discard(job.tp)
         metrics.IN_FLIGHT.labels(record.topic).set(len(self._jobs))
