@@ -66,7 +66,8 @@ def preload_keys(settings: Settings, config: ModelConfig) -> list:
 async def storage_and_fetcher(settings: Settings):
     """The object store and the URL fetcher every worker uses (fetching s3:// goes through the store)."""
     w = settings.worker
-    store = ObjectStore(endpoint_url=w.s3_endpoint_url, region=w.s3_region, allow_file_urls=w.allow_file_urls)
+    store = ObjectStore(endpoint_url=w.s3_endpoint_url, region=w.s3_region, allow_file_urls=w.allow_file_urls,
+                        file_root=w.file_root, allowed_buckets=w.s3_allowed_buckets)
     async with store, Fetcher(fetch_limits(settings), store=store) as fetcher:
         yield store, fetcher
 
