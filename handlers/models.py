@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
+import shutil
+import tempfile
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -21,7 +24,7 @@ import structlog
 import torch
 from PIL import Image
 
-from handlers.errors import PermanentError
+from handlers.errors import BLOCKED_URL, PermanentError
 from handlers.executor import Executors
 from handlers.storage import ObjectStore
 from schemas.annotation import ModelDescriptor
@@ -246,17 +249,40 @@ class ModelRegistry:
         return str(path)
 
     async def _fetch_package(self, model_url: str) -> Path:
-        """Copy a trained package (model.safetensors, config.json) from object storage, once per URL."""
+        """Copy a trained package (config.json, model.safetensors) from storage, once per URL.
+
+        The files land in a fresh temporary folder (unpredictable name); config.json is checked against the
+        package schema (``ml.training.package.check_package_config``: allowed ``model_kwargs`` only, no
+        paths) before the weights are even fetched, and only a valid package is moved into the cache.
+        """
+        from ml.training.errors import PackageError
+        from ml.training.package import CONFIG_FILE, MAX_CONFIG_BYTES, WEIGHTS_FILE, parse_package_config
+
         if self.store is None:
             raise PermanentError(MODEL_UNAVAILABLE, "custom models need object storage settings")
         base = model_url.rstrip("/")
+        self.store.check(base)  # the fences first: blocked_url before any read
         target = self._cache_dir(base)
         if (target / ".complete").exists():
             return target
-        for name in ("config.json", "model.safetensors"):
+        self.model_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".package-", dir=self.model_dir))
+        try:
             try:
-                await self.store.download_file(f"{base}/{name}", target / name)
+                raw = await self.store.get_bytes(f"{base}/{CONFIG_FILE}", max_bytes=MAX_CONFIG_BYTES)
+                parse_package_config(raw)
+                (staging / CONFIG_FILE).write_bytes(raw)
+                await self.store.download_file(f"{base}/{WEIGHTS_FILE}", staging / WEIGHTS_FILE)
+            except PackageError as exc:
+                raise PermanentError(MODEL_UNAVAILABLE, f"trained model at {model_url}: {exc}") from exc
             except PermanentError as exc:
+                if exc.code == BLOCKED_URL:
+                    raise
                 raise PermanentError(MODEL_UNAVAILABLE, f"no trained model package at {model_url}: {exc.message}") from exc
-        (target / ".complete").touch()
+            (staging / ".complete").touch()
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         return target
