@@ -18,7 +18,7 @@ from handlers.batcher import MicroBatcher
 from handlers.executor import Executors
 from handlers.fetch import Fetcher, FetchLimits
 from handlers.images import DecodeLimits
-from handlers.models import ModelConfig, ModelRegistry
+from handlers.models import ModelConfig, ModelRegistry, parse_allowed_variants, parse_variant_weights
 from handlers.storage import ObjectStore
 from schemas.codec import ANNOTATION_ADAPTER
 
@@ -31,6 +31,8 @@ def model_config(settings: Settings) -> ModelConfig:
         clip_variant=w.clip_variant, clip_weights=w.clip_weights, siglip_variant=w.siglip_variant,
         siglip_weights=w.siglip_weights, device=w.device, seed=w.seed, text_cache_size=w.text_cache_size,
         cache_size=w.model_cache_size, model_dir=w.model_dir,
+        clip_variant_weights=parse_variant_weights(w.clip_variant_weights),
+        allowed_variants=parse_allowed_variants(w.allowed_model_variants),
     )
 
 
