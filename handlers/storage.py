@@ -21,7 +21,7 @@ import math
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
@@ -248,7 +248,7 @@ class ObjectStore:
         region: str | None = None,
         allow_file_urls: bool = False,
         file_root: str | None = None,
-        allowed_buckets: Any = None,
+        allowed_buckets: Iterable[str] | str | None = None,
         multipart_threshold: int = 8 * 1024 * 1024,
         aws_access_key_id: str | None = None,
         aws_secret_access_key: str | None = None,
