@@ -57,7 +57,10 @@ class FileFence:
         """
         if not self.allow:
             raise PermanentError(BLOCKED_URL, f"file:// URLs are not allowed (CLS_ALLOW_FILE_URLS): {url!r}")
-        path = file_url_path(url).resolve()
+        try:
+            path = file_url_path(url).resolve()
+        except (OSError, RuntimeError) as exc:  # a symlink loop, an unreadable ancestor
+            raise PermanentError(BLOCKED_URL, f"{url!r} cannot be resolved ({type(exc).__name__})") from exc
         if self.root is not None and not path.is_relative_to(Path(self.root).expanduser().resolve()):
             raise PermanentError(BLOCKED_URL, f"{url!r} is outside the allowed directory (CLS_FILE_ROOT)")
         return path

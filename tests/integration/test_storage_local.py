@@ -168,3 +168,12 @@ async def test_bucket_allow_list_is_checked_before_any_request():
             with pytest.raises(PermanentError) as caught:
                 await call()
             assert caught.value.code == BLOCKED_URL and "CLS_S3_ALLOWED_BUCKETS" in caught.value.message
+
+
+async def test_symlink_loops_are_refused_not_crashing(tmp_path):
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    async with ObjectStore(allow_file_urls=True, file_root=str(tmp_path)) as store:
+        with pytest.raises(PermanentError) as caught:
+            await store.get_bytes(f"file://{tmp_path}/a/x.bin")
+    assert caught.value.code == BLOCKED_URL
