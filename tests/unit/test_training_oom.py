@@ -76,10 +76,7 @@ def test_cpu_oom_halves_the_micro_batch_and_keeps_the_effective_batch(tiny_digit
     assert set(seen["refused"]) == {16, 8}  # once halved, later steps start at the small micro-batch
     for metrics in callbacks.epochs:
         assert (metrics["effective_batch"], metrics["micro_batch"], metrics["accumulation_steps"]) == (16, 4, 4)
-    # the optimizer still stepped once per batch of 16: the schedule is unchanged
-    steps_per_epoch = len(train_samples) // 16 + (1 if len(train_samples) % 16 > 1 else 0)
-    assert result.metrics["epochs"][-1]["effective_batch"] == 16
-    assert steps_per_epoch >= 2
+    assert result.metrics["epochs"][-1]["effective_batch"] == 16  # recorded in the package's metrics too
 
 
 def test_accumulated_micro_batches_give_the_gradient_of_the_whole_batch(tiny_digits, tmp_path, monkeypatch):
