@@ -2,15 +2,18 @@
 #   make run    local Kafka + S3 API + both workers + a demo of the two workflows
 #   make test   the whole suite against a real broker and a real S3 API
 # Setup is idempotent: a second run installs nothing.
+# Installs are pinned by constraints.txt (committed), so two fresh machines get the same versions;
+# `make constraints` regenerates it from the current venv after a deliberate upgrade.
 
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+CONSTRAINTS := constraints.txt
 JARS := deploy/local/lib/.complete
 PYTEST_ARGS ?=
 
-.PHONY: setup run test bench bench-annotation bench-training kafka-start kafka-stop schemas clean
+.PHONY: setup run test bench bench-annotation bench-training kafka-start kafka-stop schemas clean constraints
 
 setup: $(STAMP) $(JARS)
 
@@ -19,8 +22,14 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
 
-$(STAMP): pyproject.toml | $(VENV)/bin/python
-	$(PY) -m pip install --quiet -e '.[test]'
+$(STAMP): pyproject.toml $(CONSTRAINTS) | $(VENV)/bin/python
+	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e '.[test]'
+	touch $(STAMP)
+
+# Pin every installed distribution (but the project itself) at its current version.
+constraints: | $(VENV)/bin/python
+	$(PY) -m pip freeze --exclude-editable --exclude cls-workers | sort -f > $(CONSTRAINTS).new
+	mv $(CONSTRAINTS).new $(CONSTRAINTS)
 	touch $(STAMP)
 
 $(JARS): deploy/local/pom.xml

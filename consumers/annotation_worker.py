@@ -18,7 +18,7 @@ from handlers.batcher import MicroBatcher
 from handlers.executor import Executors
 from handlers.fetch import Fetcher, FetchLimits
 from handlers.images import DecodeLimits
-from handlers.models import ModelConfig, ModelRegistry
+from handlers.models import ModelConfig, ModelRegistry, parse_allowed_variants, parse_variant_weights
 from handlers.storage import ObjectStore
 from schemas.codec import ANNOTATION_ADAPTER
 
@@ -31,6 +31,8 @@ def model_config(settings: Settings) -> ModelConfig:
         clip_variant=w.clip_variant, clip_weights=w.clip_weights, siglip_variant=w.siglip_variant,
         siglip_weights=w.siglip_weights, device=w.device, seed=w.seed, text_cache_size=w.text_cache_size,
         cache_size=w.model_cache_size, model_dir=w.model_dir,
+        clip_variant_weights=parse_variant_weights(w.clip_variant_weights),
+        allowed_variants=parse_allowed_variants(w.allowed_model_variants),
     )
 
 
@@ -66,7 +68,8 @@ def preload_keys(settings: Settings, config: ModelConfig) -> list:
 async def storage_and_fetcher(settings: Settings):
     """The object store and the URL fetcher every worker uses (fetching s3:// goes through the store)."""
     w = settings.worker
-    store = ObjectStore(endpoint_url=w.s3_endpoint_url, region=w.s3_region, allow_file_urls=w.allow_file_urls)
+    store = ObjectStore(endpoint_url=w.s3_endpoint_url, region=w.s3_region, allow_file_urls=w.allow_file_urls,
+                        file_root=w.file_root, allowed_buckets=w.s3_allowed_buckets)
     async with store, Fetcher(fetch_limits(settings), store=store) as fetcher:
         yield store, fetcher
 

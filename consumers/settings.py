@@ -143,6 +143,19 @@ class WorkerSettings(BaseSettings):
     checkpoint_prefix_suffix: str = Field(default=".checkpoints", description="Checkpoints go to <output_path><suffix>/")
     max_jobs: int | None = Field(default=None, ge=1)
 
+    # fences and limits (issue 10)
+    s3_allowed_buckets: str = Field(default="", description="Comma-separated buckets any s3:// URL may name; empty: any.")
+    training_memory_budget_mb: int | None = Field(
+        default=None, ge=1, description="Host memory one training batch may need (estimate); default: half the available memory.")
+    training_max_workers: int | None = Field(
+        default=None, ge=0, description="Cap on a request's num_workers; default: the CPU cores this process may use.")
+    clip_variant_weights: str = Field(
+        default="", description="Comma-separated variant=weights (tag, path, s3:// or 'random') overriding the per-variant default tag.")
+    allowed_model_variants: str = Field(
+        default="", description="Comma-separated family:variant a message may ask for (clip:ViT-L-14, siglip:<hub id>, "
+        "clip:* for any open_clip architecture); empty: the configured variants, open_clip's architectures and the "
+        "SigLIP variants this package knows.")
+
     # test-only fault injection: crash (os._exit(137)) after the events of the Nth handled record
     # are acknowledged by the broker and before its offset is committed.
     fault_crash_after_publish: int | None = Field(default=None, ge=1)

@@ -125,6 +125,14 @@ class ControlReader:
             await self._consumer.stop()
 
 
+def training_memory_budget(settings: Settings) -> int:
+    """CLS_TRAINING_MEMORY_BUDGET_MB, or half the memory available at start-up."""
+    from ml.training.memory import default_memory_budget_bytes
+
+    mb = settings.worker.training_memory_budget_mb
+    return mb * 1024 * 1024 if mb is not None else default_memory_budget_bytes()
+
+
 @contextlib.asynccontextmanager
 async def training_context(settings: Settings):
     w = settings.worker
@@ -133,7 +141,8 @@ async def training_context(settings: Settings):
         ctx = TrainingContext(
             settings=TrainingSettings(work_dir=w.training_work_dir, dataset_cache_dir=w.dataset_cache_dir,
                                       checkpoint_suffix=w.checkpoint_prefix_suffix, heartbeat_s=w.heartbeat_s,
-                                      device=w.device, download_concurrency=w.fetch_concurrency),
+                                      device=w.device, download_concurrency=w.fetch_concurrency,
+                                      memory_budget_bytes=training_memory_budget(settings), max_workers=w.training_max_workers),
             store=store, fetcher=fetcher, decode_limits=DecodeLimits(max_pixels=w.max_image_pixels),
             executors=executors, cancels=CancelRegistry(),
             on_epoch=metrics.TRAINING_EPOCH_SECONDS.observe,

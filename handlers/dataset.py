@@ -22,6 +22,8 @@ from urllib.parse import unquote, urlsplit
 from handlers.errors import HandlerError, ImageError, PermanentError
 from handlers.executor import Executors
 from handlers.fetch import Fetcher
+from pydantic import ValidationError
+
 from handlers.images import DecodeLimits, decode_image
 from schemas.training import LabeledUrl, TrainingDataset
 
@@ -99,6 +101,17 @@ def _has_exif_rotation(data: bytes) -> bool:
         return img.getexif().get(0x0112, 1) != 1
 
 
+def _describe_without_content(exc: ValueError) -> str:
+    """What is wrong with a manifest line, never the line's content (the object may hold anything)."""
+    if isinstance(exc, ValidationError):
+        problems = [f"{'.'.join(str(p) for p in error['loc']) or 'line'}: {error['msg']}"
+                    for error in exc.errors(include_input=False, include_url=False, include_context=False)]
+        return "; ".join(problems[:5])
+    if isinstance(exc, json.JSONDecodeError):
+        return f"not JSON ({exc.msg} at column {exc.colno})"
+    return type(exc).__name__
+
+
 async def read_manifest(fetcher: Fetcher, url: str) -> tuple[list[LabeledUrl], list[LabeledUrl]]:
     """Entries of a JSON Lines manifest, split into (train, val) by their ``split`` field."""
     try:
@@ -118,7 +131,7 @@ async def read_manifest(fetcher: Fetcher, url: str) -> tuple[list[LabeledUrl], l
             item = json.loads(line)
             entry = LabeledUrl.model_validate(item)
         except ValueError as exc:
-            raise PermanentError(INVALID_DATASET, f"manifest {url} line {number}: {exc}"[:500]) from exc
+            raise PermanentError(INVALID_DATASET, f"manifest {url} line {number}: {_describe_without_content(exc)}"[:500]) from exc
         split = str(item.get("split", "train")).lower()
         (val if split in ("val", "valid", "validation") else train).append(entry)
     return train, val

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import os
+import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,12 +33,16 @@ from handlers.errors import (
     ImageError,
     PermanentError,
 )
-from handlers.storage import ObjectStore, file_url_path
+from handlers.fences import FileFence
+from handlers.storage import ObjectStore
 
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _CHUNK = 64 * 1024
 _USER_AGENT = "cls-workers/0.1 (+image fetcher)"
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_SITE_LOCAL = ipaddress.ip_network("fec0::/10")  # deprecated site-local: Python counts it as global
+_NUMERIC_LABEL = re.compile(r"^(?:0x[0-9a-f]*|[0-9]+)$", re.IGNORECASE)
+_CANONICAL_LABEL = re.compile(r"^(?:0|[1-9][0-9]{0,2})$")
 
 
 @dataclass(frozen=True)
@@ -55,12 +60,29 @@ class FetchLimits:
     file_root: str | None = None  # file:// only under this directory when set
 
 
+def is_noncanonical_numeric_host(host: str) -> bool:
+    """Whether ``host`` is an IPv4 address in a form other than dotted-quad decimal.
+
+    ``inet_aton`` (and so the resolver, and some aiohttp versions) read ``2130706433``, ``0x7f.1``,
+    ``017700000001``, ``127.1`` and ``0`` as addresses; a URL from a message has no reason to use them.
+    """
+    labels = host.strip("[]").removesuffix(".").split(".")
+    if not 1 <= len(labels) <= 4 or not all(_NUMERIC_LABEL.match(label) for label in labels):
+        return False
+    canonical = len(labels) == 4 and all(_CANONICAL_LABEL.match(x) and int(x) <= 255 for x in labels)
+    return not canonical or host.endswith(".")
+
+
 def is_blocked_address(address: str) -> bool:
     """Whether an IP address is off limits for URLs from messages (anything not globally routable).
 
-    Covers private, loopback, link-local, reserved, multicast, unspecified and shared (CGNAT) ranges,
-    for IPv4 and IPv6, looking through IPv4-mapped, 6to4 and NAT64 IPv6 forms. Unparseable -> blocked.
+    Covers private, loopback, link-local, site-local (``fec0::/10``), reserved, multicast, unspecified
+    and shared (CGNAT) ranges, for IPv4 and IPv6, looking through IPv4-mapped, 6to4 and NAT64 IPv6
+    forms. Non-canonical numeric IPv4 forms (``2130706433``, ``0x7f.1``, ``127.1``) and anything
+    unparseable are blocked too.
     """
+    if is_noncanonical_numeric_host(address):
+        return True
     try:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:
@@ -82,6 +104,7 @@ def is_blocked_address(address: str) -> bool:
         or c.is_reserved
         or c.is_multicast
         or c.is_unspecified
+        or (isinstance(c, ipaddress.IPv6Address) and c in _SITE_LOCAL)
         for c in candidates
     )
 
@@ -109,7 +132,7 @@ class GuardedResolver(AbstractResolver):
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[ResolveResult]:
-        if _is_local_name(host):
+        if _is_local_name(host) or is_noncanonical_numeric_host(host):
             raise BlockedAddressError(host, [])
         results = await self._inner.resolve(host, port, family)
         allowed = [result for result in results if not is_blocked_address(result["host"])]
@@ -221,6 +244,8 @@ class Fetcher:
         host = url.raw_host
         if not host:
             raise ImageError(UNSUPPORTED_URL, f"URL without a host: {str(url)!r}")
+        if is_noncanonical_numeric_host(host):  # whatever aiohttp makes of it: refused before any lookup
+            raise ImageError(BLOCKED_URL, f"non-canonical numeric host {host!r} refused")
         if self.limits.allow_private_networks:
             return
         if _is_local_name(host):
@@ -305,19 +330,14 @@ class Fetcher:
     # -- file:// --------------------------------------------------------------------------------
 
     async def _fetch_file(self, url: str) -> bytes:
-        limits = self.limits
-        if not limits.allow_file_urls:
-            raise ImageError(BLOCKED_URL, f"file:// URLs are not allowed: {url!r}")
+        # the one file:// fence (handlers.fences), the same the object store applies to writes and models
+        fence = self.store.files if self.store is not None else FileFence(self.limits.allow_file_urls, self.limits.file_root)
         try:
-            path = file_url_path(url).resolve()
+            path = fence.path(url)
         except PermanentError as exc:
-            raise ImageError(UNSUPPORTED_URL, exc.message) from exc
-        if limits.file_root is not None:
-            root = Path(limits.file_root).resolve()
-            if not path.is_relative_to(root):
-                raise ImageError(BLOCKED_URL, f"{url!r} is outside the allowed directory")
+            raise ImageError(exc.code, exc.message) from exc
         try:
-            return await asyncio.to_thread(_read_local_file, path, limits.max_bytes)
+            return await asyncio.to_thread(_read_local_file, path, self.limits.max_bytes)
         except OSError as exc:
             raise ImageError(FETCH_FAILED, f"{url}: {exc.strerror or exc}") from exc
 
@@ -328,4 +348,5 @@ __all__ = [
     "Fetcher",
     "GuardedResolver",
     "is_blocked_address",
+    "is_noncanonical_numeric_host",
 ]

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
+import shutil
+import tempfile
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -21,7 +24,7 @@ import structlog
 import torch
 from PIL import Image
 
-from handlers.errors import PermanentError
+from handlers.errors import BLOCKED_URL, PermanentError
 from handlers.executor import Executors
 from handlers.storage import ObjectStore
 from schemas.annotation import ModelDescriptor
@@ -49,17 +52,90 @@ class ModelConfig:
     text_cache_size: int = 512
     cache_size: int = 2
     model_dir: str = "~/.cache/cls-workers/models"
+    clip_variant_weights: tuple[tuple[str, str], ...] = ()  # (variant, weights) overrides, CLS_CLIP_VARIANT_WEIGHTS
+    allowed_variants: frozenset[str] | None = None  # "family:variant" (or "family:*"); None: the default policy
 
     def key_for(self, family: str, variant: str | None, model_url: str | None = None) -> ModelKey:
+        """The cache key of a request's model; a variant a message names must pass the allow-list first."""
         if family == "custom":
             if not model_url:
                 raise PermanentError("invalid_request", "model 'custom' needs model_url")
             return ModelKey("custom", model_url, model_url)
         if family == "clip":
-            return ModelKey("clip", variant or self.clip_variant, self.clip_weights)
+            from ml.clip import canonical_variant
+
+            name = canonical_variant(variant) if variant else self.clip_variant
+            self._check_allowed("clip", name)
+            return ModelKey("clip", name, self.clip_weights_for(name))
         if family == "siglip":
-            return ModelKey("siglip", variant or self.siglip_variant, self.siglip_weights)
+            name = variant or self.siglip_variant
+            self._check_allowed("siglip", name)
+            return ModelKey("siglip", name, self.siglip_weights)
         raise PermanentError("invalid_request", f"unknown model family {family!r}")
+
+    def clip_weights_for(self, variant: str) -> str:
+        """Weights of a CLIP variant: CLS_CLIP_VARIANT_WEIGHTS, else CLS_CLIP_WEIGHTS for the configured variant
+        (or for any variant when it is 'random' or one of that variant's tags), else the variant's default tag
+        from open_clip's table; ``model_unavailable`` naming the setting when there is none."""
+        from ml.clip import default_pretrained_tag, pretrained_tags
+
+        overrides = dict(self.clip_variant_weights)
+        if variant in overrides:
+            return overrides[variant]
+        if variant == self.clip_variant or self.clip_weights == "random":
+            return self.clip_weights
+        if self.clip_weights in pretrained_tags(variant):
+            return self.clip_weights
+        tag = default_pretrained_tag(variant)
+        if tag is None:
+            raise PermanentError(
+                MODEL_UNAVAILABLE,
+                f"no pretrained weights known for CLIP {variant!r} (open_clip lists no tag for it); set "
+                f"CLS_CLIP_VARIANT_WEIGHTS={variant}=<tag, local path or s3:// URL>",
+            )
+        return tag
+
+    def _check_allowed(self, family: str, variant: str) -> None:
+        if variant == (self.clip_variant if family == "clip" else self.siglip_variant):
+            return  # the configured default is always allowed
+        if self.allowed_variants is not None:
+            allowed = {f"{family}:{variant}", f"{family}:*"} & self.allowed_variants
+        elif family == "clip":
+            from ml.clip import known_variants
+
+            allowed = variant in known_variants() or dict(self.clip_variant_weights).get(variant) is not None
+        else:
+            from ml.siglip import known_variants as siglip_variants
+
+            allowed = variant in siglip_variants()
+        if not allowed:
+            known = "" if self.allowed_variants is not None else " (not a variant this worker knows)"
+            raise PermanentError(
+                MODEL_UNAVAILABLE,
+                f"model_variant {variant!r} is not allowed for {family} on this worker{known}; an operator can allow "
+                f"it with CLS_ALLOWED_MODEL_VARIANTS={family}:<variant>",
+            )
+
+
+def parse_variant_weights(text: str) -> tuple[tuple[str, str], ...]:
+    """``"ViT-L-14=openai,RN50=s3://b/rn50.safetensors"`` -> pairs (CLS_CLIP_VARIANT_WEIGHTS)."""
+    pairs = []
+    for item in text.split(","):
+        if item.strip():
+            variant, sep, weights = item.partition("=")
+            if not sep or not variant.strip() or not weights.strip():
+                raise ValueError(f"CLS_CLIP_VARIANT_WEIGHTS entry {item!r} is not variant=weights")
+            pairs.append((variant.strip().replace("/", "-"), weights.strip()))
+    return tuple(pairs)
+
+
+def parse_allowed_variants(text: str) -> frozenset[str] | None:
+    """``"clip:ViT-L-14,siglip:google/siglip-so400m-patch14-384"`` -> entries; empty -> None (default policy)."""
+    entries = frozenset(item.strip() for item in text.split(",") if item.strip())
+    for entry in entries:
+        if entry.partition(":")[0] not in ("clip", "siglip") or not entry.partition(":")[2]:
+            raise ValueError(f"CLS_ALLOWED_MODEL_VARIANTS entry {entry!r} is not clip:<variant> or siglip:<hub id>")
+    return entries or None
 
 
 class LoadedModel(Protocol):
@@ -246,17 +322,40 @@ class ModelRegistry:
         return str(path)
 
     async def _fetch_package(self, model_url: str) -> Path:
-        """Copy a trained package (model.safetensors, config.json) from object storage, once per URL."""
+        """Copy a trained package (config.json, model.safetensors) from storage, once per URL.
+
+        The files land in a fresh temporary folder (unpredictable name); config.json is checked against the
+        package schema (``ml.training.package.check_package_config``: allowed ``model_kwargs`` only, no
+        paths) before the weights are even fetched, and only a valid package is moved into the cache.
+        """
+        from ml.training.errors import PackageError
+        from ml.training.package import CONFIG_FILE, MAX_CONFIG_BYTES, WEIGHTS_FILE, parse_package_config
+
         if self.store is None:
             raise PermanentError(MODEL_UNAVAILABLE, "custom models need object storage settings")
         base = model_url.rstrip("/")
+        self.store.check(base)  # the fences first: blocked_url before any read
         target = self._cache_dir(base)
         if (target / ".complete").exists():
             return target
-        for name in ("config.json", "model.safetensors"):
+        self.model_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".package-", dir=self.model_dir))
+        try:
             try:
-                await self.store.download_file(f"{base}/{name}", target / name)
+                raw = await self.store.get_bytes(f"{base}/{CONFIG_FILE}", max_bytes=MAX_CONFIG_BYTES)
+                parse_package_config(raw)
+                (staging / CONFIG_FILE).write_bytes(raw)
+                await self.store.download_file(f"{base}/{WEIGHTS_FILE}", staging / WEIGHTS_FILE)
+            except PackageError as exc:
+                raise PermanentError(MODEL_UNAVAILABLE, f"trained model at {model_url}: {exc}") from exc
             except PermanentError as exc:
+                if exc.code == BLOCKED_URL:
+                    raise
                 raise PermanentError(MODEL_UNAVAILABLE, f"no trained model package at {model_url}: {exc.message}") from exc
-        (target / ".complete").touch()
+            (staging / ".complete").touch()
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         return target

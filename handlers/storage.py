@@ -8,7 +8,9 @@ handler errors with stable codes:
 - ``PermanentError(storage_unwritable)``: bucket missing, invalid or access denied on write;
 - ``RetryableError(storage_unavailable)``: connection errors, timeouts, 5xx, throttling, failed verification;
 - ``PermanentError(too_large)``: ``get_bytes`` over ``max_bytes``;
-- ``PermanentError(blocked_url)`` / ``PermanentError(unsupported_url)``: ``file://`` not allowed / other schemes.
+- ``PermanentError(blocked_url)`` / ``PermanentError(unsupported_url)``: a URL outside its fence
+  (``handlers.fences``: ``file://`` off or outside ``file_root``, a bucket off ``allowed_buckets``) /
+  other schemes. Every operation checks its URL against the fences first, before any I/O.
 """
 
 from __future__ import annotations
@@ -19,11 +21,11 @@ import math
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 import aioboto3
 import aiohttp
@@ -39,7 +41,6 @@ from botocore.exceptions import (
 )
 
 from handlers.errors import (
-    BLOCKED_URL,
     STORAGE_FORBIDDEN,
     STORAGE_NOT_FOUND,
     STORAGE_UNAVAILABLE,
@@ -50,6 +51,9 @@ from handlers.errors import (
     PermanentError,
     RetryableError,
 )
+from handlers.fences import BucketFence, FileFence, file_url_path, split_s3_url
+
+__all__ = ["ObjectStore", "file_url_path", "s3_url", "split_s3_url"]
 
 S3_MIN_PART_SIZE = 5 * 1024 * 1024
 S3_MAX_PARTS = 10_000
@@ -90,32 +94,9 @@ _FORBIDDEN_CODES = frozenset(
 )
 
 
-def split_s3_url(url: str) -> tuple[str, str]:
-    """Return ``(bucket, key)`` of an ``s3://bucket/key`` URL; the key may be empty (a prefix)."""
-    if not url.startswith("s3://"):
-        raise PermanentError(UNSUPPORTED_URL, f"not an s3:// URL: {url!r}")
-    bucket, _, key = url[len("s3://") :].partition("/")
-    if not bucket:
-        raise PermanentError(UNSUPPORTED_URL, f"s3 URL without a bucket: {url!r}")
-    return bucket, key
-
-
 def s3_url(bucket: str, key: str) -> str:
     """Build ``s3://bucket/key``."""
     return f"s3://{bucket}/{key}"
-
-
-def file_url_path(url: str) -> Path:
-    """Return the local path of a ``file://`` URL (``file:///abs/path`` or ``file://localhost/abs/path``)."""
-    parts = urlsplit(url)
-    if parts.scheme != "file":
-        raise PermanentError(UNSUPPORTED_URL, f"not a file:// URL: {url!r}")
-    if parts.netloc not in ("", "localhost"):
-        raise PermanentError(UNSUPPORTED_URL, f"file:// URL with a remote host: {url!r}")
-    path = unquote(parts.path)
-    if not path.startswith("/"):
-        raise PermanentError(UNSUPPORTED_URL, f"file:// URL without an absolute path: {url!r}")
-    return Path(path)
 
 
 def _error_code_of(exc: ClientError) -> tuple[str, int]:
@@ -251,7 +232,8 @@ def _delete_files(paths: list[Path]) -> int:
 
 
 class ObjectStore:
-    """Async object store: ``s3://`` through one aioboto3 client, ``file://`` when ``allow_file_urls``.
+    """Async object store: ``s3://`` through one aioboto3 client, ``file://`` when ``allow_file_urls``
+    (under ``file_root`` when set); ``allowed_buckets`` (when given) limits the buckets.
 
     Use as an async context manager (one per worker). Region and credentials default to the standard
     ``AWS_*`` environment variables (``AWS_ENDPOINT_URL`` is honoured by botocore itself).
@@ -265,6 +247,8 @@ class ObjectStore:
         endpoint_url: str | None = None,
         region: str | None = None,
         allow_file_urls: bool = False,
+        file_root: str | None = None,
+        allowed_buckets: Iterable[str] | str | None = None,
         multipart_threshold: int = 8 * 1024 * 1024,
         aws_access_key_id: str | None = None,
         aws_secret_access_key: str | None = None,
@@ -277,6 +261,8 @@ class ObjectStore:
         self.endpoint_url = endpoint_url
         self.region = region
         self.allow_file_urls = allow_file_urls
+        self.files = FileFence(allow_file_urls, file_root)
+        self.buckets = BucketFence.from_names(allowed_buckets)
         self.multipart_threshold = multipart_threshold
         self._credentials = {
             "aws_access_key_id": aws_access_key_id,
@@ -331,12 +317,22 @@ class ObjectStore:
     def _scheme(self, url: str) -> str:
         scheme = urlsplit(url).scheme.lower()
         if scheme == "s3":
+            self.buckets.bucket_key(url)
             return "s3"
         if scheme == "file":
-            if not self.allow_file_urls:
-                raise PermanentError(BLOCKED_URL, f"file:// URLs are not allowed: {url!r}")
+            self.files.path(url)
             return "file"
         raise PermanentError(UNSUPPORTED_URL, f"unsupported storage URL: {url!r}")
+
+    def check(self, url: str) -> None:
+        """Raise ``PermanentError(blocked_url | unsupported_url)`` unless ``url`` is inside its fence."""
+        self._scheme(url)
+
+    def _path(self, url: str) -> Path:
+        return self.files.path(url)
+
+    def _bucket_key(self, url: str) -> tuple[str, str]:
+        return self.buckets.bucket_key(url)
 
     # -- operations -----------------------------------------------------------------------------
 
@@ -344,8 +340,8 @@ class ObjectStore:
         """Read a whole object; ``PermanentError(too_large)`` when it is over ``max_bytes``."""
         if self._scheme(url) == "file":
             with _file_errors("read", url):
-                return await asyncio.to_thread(_read_file_limited, file_url_path(url), max_bytes, url)
-        bucket, key = split_s3_url(url)
+                return await asyncio.to_thread(_read_file_limited, self._path(url), max_bytes, url)
+        bucket, key = self._bucket_key(url)
         with _s3_errors("read", url):
             response = await self.client.get_object(Bucket=bucket, Key=key)
             length = response.get("ContentLength")
@@ -366,9 +362,9 @@ class ObjectStore:
         """Write a whole object."""
         if self._scheme(url) == "file":
             with _file_errors("write", url):
-                await asyncio.to_thread(_write_file_atomic, file_url_path(url), data)
+                await asyncio.to_thread(_write_file_atomic, self._path(url), data)
             return
-        bucket, key = split_s3_url(url)
+        bucket, key = self._bucket_key(url)
         extra = {"ContentType": content_type} if content_type else {}
         with _s3_errors("write", url):
             await self.client.put_object(Bucket=bucket, Key=key, Body=data, **extra)
@@ -388,12 +384,12 @@ class ObjectStore:
         local = Path(local_path)
         size = local.stat().st_size
         if self._scheme(url) == "file":
-            target = file_url_path(url)
+            target = self._path(url)
             with _file_errors("write", url):
                 await asyncio.to_thread(_copy_file_atomic, local, target)
                 stored = target.stat().st_size
         else:
-            bucket, key = split_s3_url(url)
+            bucket, key = self._bucket_key(url)
             extra = {"ContentType": content_type} if content_type else None
             with _s3_errors("write", url):
                 await self.client.upload_file(
@@ -413,9 +409,9 @@ class ObjectStore:
         target.parent.mkdir(parents=True, exist_ok=True)
         if scheme == "file":
             with _file_errors("read", url):
-                await asyncio.to_thread(_copy_file_atomic, file_url_path(url), target)
+                await asyncio.to_thread(_copy_file_atomic, self._path(url), target)
             return
-        bucket, key = split_s3_url(url)
+        bucket, key = self._bucket_key(url)
         tmp = _temp_sibling(target)
         try:
             with _s3_errors("read", url):
@@ -427,8 +423,8 @@ class ObjectStore:
     async def exists(self, url: str) -> bool:
         """Whether an object exists (a missing bucket counts as missing)."""
         if self._scheme(url) == "file":
-            return await asyncio.to_thread(file_url_path(url).is_file)
-        bucket, key = split_s3_url(url)
+            return await asyncio.to_thread(self._path(url).is_file)
+        bucket, key = self._bucket_key(url)
         with _s3_errors("read", url):
             try:
                 await self.client.head_object(Bucket=bucket, Key=key)
@@ -442,9 +438,9 @@ class ObjectStore:
         """Full URLs of every object under a prefix, in key order (all pages)."""
         if self._scheme(prefix_url) == "file":
             with _file_errors("read", prefix_url):
-                paths = await asyncio.to_thread(_list_files, file_url_path(prefix_url))
+                paths = await asyncio.to_thread(_list_files, self._path(prefix_url))
             return [path.as_uri() for path in paths]
-        bucket, prefix = split_s3_url(prefix_url)
+        bucket, prefix = self._bucket_key(prefix_url)
         urls: list[str] = []
         with _s3_errors("read", prefix_url):
             paginator = self.client.get_paginator("list_objects_v2")
@@ -458,10 +454,10 @@ class ObjectStore:
         """Delete every object under a prefix; returns how many were deleted."""
         if self._scheme(prefix_url) == "file":
             with _file_errors("write", prefix_url):
-                paths = await asyncio.to_thread(_list_files, file_url_path(prefix_url))
+                paths = await asyncio.to_thread(_list_files, self._path(prefix_url))
                 return await asyncio.to_thread(_delete_files, paths)
-        bucket, _ = split_s3_url(prefix_url)
-        keys = [split_s3_url(url)[1] for url in await self.list(prefix_url)]
+        bucket, _ = self._bucket_key(prefix_url)
+        keys = [self._bucket_key(url)[1] for url in await self.list(prefix_url)]
         deleted = 0
         with _s3_errors("write", prefix_url):
             for start in range(0, len(keys), _DELETE_BATCH):

@@ -81,6 +81,8 @@ class TrainingSettings:
     heartbeat_s: float = 30.0
     device: str = "auto"
     download_concurrency: int = 16
+    memory_budget_bytes: int | None = None  # None: half the memory available when a job is checked
+    max_workers: int | None = None  # cap on num_workers; None: the usable CPU cores
 
 
 @dataclass
@@ -186,6 +188,7 @@ class TrainingHandler:
         output = request.output_path.rstrip("/")
         checkpoint_url = output + ctx.settings.checkpoint_suffix
         ctx.preempted.discard(job_id)  # a stop request for an earlier delivery of this job is spent
+        self._check_fences(request)
         done = await self._already_completed(output)
         if done is not None:  # a finished model is a fact, whatever came later on the control topic
             log.info("training_already_complete", output=output)
@@ -194,14 +197,15 @@ class TrainingHandler:
         if ctx.cancels.is_cancelled(job_id):
             yield status_event(job_id, "cancelled", error=ErrorInfo(code="cancelled", message="cancelled before start"))
             return
-        attempt = await self._next_attempt(checkpoint_url)  # also proves output_path is writable
-        yield status_event(job_id, "queued", attempt=attempt)
         from ml.training import check_model_name
 
         try:
             check_model_name(request.config.model_name)
         except ValueError as exc:
             raise PermanentError("unknown_model", str(exc)) from exc
+        num_workers = self._check_sizes(request)  # before any download or write
+        attempt = await self._next_attempt(checkpoint_url)  # also proves output_path is writable
+        yield status_event(job_id, "queued", attempt=attempt)
 
         workdir = Path(ctx.settings.work_dir).expanduser() / hashlib.sha256(f"{job_id}|{output}".encode()).hexdigest()[:24]
         workdir.mkdir(parents=True, exist_ok=True)
@@ -224,7 +228,8 @@ class TrainingHandler:
         from ml.training import TrainSpec
 
         spec = TrainSpec.from_config(request.config, request.dataset.class_names, pretrained_path=pretrained_path,
-                                     device=ctx.settings.device, heartbeat_s=ctx.settings.heartbeat_s)
+                                     device=ctx.settings.device, heartbeat_s=ctx.settings.heartbeat_s,
+                                     num_workers=num_workers)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[TrainingStatus] = asyncio.Queue()
         callbacks = _Callbacks(loop, queue, ctx, job_id, checkpoint_url, workdir, attempt)
@@ -258,6 +263,41 @@ class TrainingHandler:
                  seconds=round(time.monotonic() - started, 2))
         yield status_event(job_id, "completed", attempt=attempt, metrics=TrainingMetrics(**metrics), model_url=output)
 
+    # ------------------------------------------------------------------ checks
+    def _check_fences(self, request: TrainingRequest) -> None:
+        """output_path and a file:// / s3:// pretrained_url inside the store's fences, or blocked_url now."""
+        self.ctx.store.check(request.output_path)
+        pretrained = request.config.pretrained_url
+        if pretrained and pretrained.split(":", 1)[0].lower() in ("file", "s3"):
+            self.ctx.store.check(pretrained)
+
+    def _check_sizes(self, request: TrainingRequest) -> int:
+        """Refuse a batch whose estimated memory is over the budget; return num_workers capped by the cores."""
+        from ml.training.memory import (
+            default_image_size,
+            default_memory_budget_bytes,
+            estimate_batch_bytes,
+            usable_cores,
+        )
+
+        config, settings = request.config, self.ctx.settings
+        cap = settings.max_workers if settings.max_workers is not None else usable_cores()
+        num_workers = min(config.num_workers, cap)
+        if num_workers < config.num_workers:
+            log.info("num_workers_capped", requested=config.num_workers, used=num_workers)
+        image_size = config.image_size or default_image_size(config.model_name)
+        estimate = estimate_batch_bytes(config.batch_size, image_size, num_workers)
+        budget = settings.memory_budget_bytes or default_memory_budget_bytes()
+        if estimate > budget:
+            mib = 1024 * 1024
+            raise PermanentError(
+                "invalid_request",
+                f"batch_size {config.batch_size} at image_size {image_size} with {num_workers} loader workers needs an "
+                f"estimated {estimate / mib:.0f} MiB of memory per batch; this worker's training budget is "
+                f"{budget / mib:.0f} MiB (CLS_TRAINING_MEMORY_BUDGET_MB); lower batch_size or image_size",
+            )
+        return num_workers
+
     # ------------------------------------------------------------------ steps
     @staticmethod
     def _train(spec: Any, train_samples: list, val_samples: list, workdir: Path, callbacks: _Callbacks) -> Any:
@@ -270,7 +310,7 @@ class TrainingHandler:
             callbacks._upload_checkpoint()
             raise _Stopped(stopped.reason, stopped.epoch, stopped.step) from None
         except ValueError as exc:
-            code = _ML_ERROR_CODES.get(type(exc).__name__, "invalid_request")
+            code = getattr(exc, "code", None) or _ML_ERROR_CODES.get(type(exc).__name__, "invalid_request")
             raise PermanentError(code, str(exc)[:2000]) from exc
 
     async def _already_completed(self, output: str) -> dict[str, Any] | None:

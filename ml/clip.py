@@ -32,7 +32,8 @@ from ml.text_cache import TextEmbeddingCache
 from ml.weights import WeightsFileError, load_state_dict_file
 from ml.zeroshot import EmbeddingModel, ModelInfo, ModelLoadError, WeightsSource, softmax_scores
 
-__all__ = ["CONFIG_DIR", "ClipModel", "load_clip", "register_model_configs"]
+__all__ = ["CONFIG_DIR", "DEFAULT_PRETRAINED_TAGS", "ClipModel", "default_pretrained_tag", "known_variants",
+           "load_clip", "pretrained_tags", "register_model_configs"]
 
 CONFIG_DIR = Path(__file__).parent / "model_configs" / "open_clip"
 """This project's extra open_clip architecture configs (one JSON file per variant)."""
@@ -49,6 +50,40 @@ _WEIGHT_FILE_NAMES = (
 )
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 _register_lock = threading.Lock()
+
+DEFAULT_PRETRAINED_TAGS: dict[str, str] = {
+    "ViT-B-32": "laion2b_s34b_b79k",
+    "ViT-B-16": "laion2b_s34b_b88k",
+    "ViT-L-14": "laion2b_s32b_b82k",
+    "ViT-H-14": "laion2b_s32b_b79k",
+}
+"""The tag used for these variants when no setting names one; other variants get the first tag of
+open_clip's own pretrained table (usually ``openai``)."""
+
+
+def canonical_variant(variant: str) -> str:
+    """OpenAI spelling ``ViT-B/32`` -> open_clip's ``ViT-B-32``."""
+    return variant.replace("/", "-")
+
+
+def known_variants() -> list[str]:
+    """Every architecture open_clip can build here (its own configs and this project's)."""
+    register_model_configs()
+    return list(open_clip.list_models())
+
+
+def pretrained_tags(variant: str) -> list[str]:
+    """The pretrained tags open_clip's table lists for ``variant`` (empty when it lists none)."""
+    return list(open_clip.list_pretrained_tags_by_model(canonical_variant(variant)))
+
+
+def default_pretrained_tag(variant: str) -> str | None:
+    """The default pretrained tag of ``variant``: :data:`DEFAULT_PRETRAINED_TAGS`, else open_clip's first."""
+    tags = pretrained_tags(variant)
+    preferred = DEFAULT_PRETRAINED_TAGS.get(canonical_variant(variant))
+    if preferred in tags:
+        return preferred
+    return tags[0] if tags else None
 
 
 def register_model_configs() -> None:
@@ -121,7 +156,7 @@ def load_clip(
 ) -> ClipModel:
     """Build the open_clip ``variant`` with ``source`` weights on ``device`` (eval mode)."""
     register_model_configs()
-    variant = variant.replace("/", "-")  # OpenAI spelling "ViT-B/32" -> open_clip's "ViT-B-32"
+    variant = canonical_variant(variant)
     if variant not in open_clip.list_models():
         raise ModelLoadError(f"unknown CLIP variant {variant!r}: not an open_clip architecture")
     try:

@@ -64,10 +64,13 @@ def to_device(pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
-    """Whether ``exc`` is a CUDA out-of-memory error."""
-    if isinstance(exc, torch.cuda.OutOfMemoryError):
+    """Whether ``exc`` is an out-of-memory error: CUDA's, or the CPU allocator's ``RuntimeError``."""
+    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
         return True
-    return isinstance(exc, RuntimeError) and "CUDA out of memory" in str(exc)
+    if not isinstance(exc, RuntimeError):
+        return False
+    message = str(exc)
+    return "out of memory" in message.lower() or "DefaultCPUAllocator: can't allocate" in message
 
 
 def place_for_inference(module: torch.nn.Module, device: torch.device, what: str) -> torch.nn.Module:

@@ -7,6 +7,7 @@ from ml.training.errors import (
     DatasetError,
     PackageError,
     PretrainedWeightsError,
+    TrainingOutOfMemory,
     TrainingStopped,
     UnknownModelError,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "TrainResult",
     "TrainSpec",
     "TrainingCallbacks",
+    "TrainingOutOfMemory",
     "TrainingStopped",
     "UnknownModelError",
     "check_model_name",

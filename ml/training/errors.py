@@ -23,6 +23,12 @@ class PackageError(ValueError):
     """A model package directory is malformed or holds weights in a refused format (anything but safetensors)."""
 
 
+class TrainingOutOfMemory(ValueError):
+    """Out of memory even with a micro-batch of one sample (the batch was halved down to 1 first)."""
+
+    code = "out_of_memory"
+
+
 class TrainingStopped(Exception):
     """Training stopped at a step boundary because ``should_stop()`` returned a reason; a checkpoint was written.
 

@@ -1,5 +1,11 @@
 """The training loop: fine-tune a timm classifier, checkpoint every epoch, resume, stop on request, package.
 
+Out of memory (CUDA's error, or the CPU allocator's ``RuntimeError``) during a step halves the micro-batch and
+redoes the step with gradient accumulation over micro-batches, so the effective batch (``batch_size``) and the
+optimizer's steps stay as asked; validation runs in micro-batches of the same size. Only when a micro-batch of one
+sample does not fit does the run fail (``TrainingOutOfMemory``, code ``out_of_memory``). Progress metrics report
+``effective_batch``, ``micro_batch`` and ``accumulation_steps``.
+
 Resume semantics: a checkpoint is written after EVERY epoch and whenever ``should_stop()`` returns a reason.
 A stop inside an epoch checkpoints at that step boundary, and the resumed run continues the SAME epoch from
 the next step (the batch order of an epoch depends only on (seed, epoch)); a stop during validation resumes
@@ -32,7 +38,8 @@ from ml.training.augment import DataConfig, build_mixup, eval_transform, resolve
 from ml.training.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from ml.training.config import TrainingCallbacks, TrainResult, TrainSpec
 from ml.training.data import EpochBatches, ImageFileDataset, Sample, check_samples, epoch_seed
-from ml.training.errors import ConfigError, TrainingStopped
+from ml.device import is_out_of_memory
+from ml.training.errors import ConfigError, TrainingOutOfMemory, TrainingStopped
 from ml.training.metrics import classification_metrics
 from ml.training.models import build_model, check_model_name
 from ml.training.package import PACKAGE_DIR, build_package_config, write_package
@@ -207,6 +214,7 @@ class _TrainingRun:
         self.resumed_from_step: int | None = None
         self.epoch_times: list[float] = []
         self.val_time_s = 0.0
+        self.micro_batch = spec.batch_size  # halved on out-of-memory; gradients accumulate over micro-batches
         if checkpoint is not None:
             self._restore(checkpoint)
 
@@ -299,6 +307,7 @@ class _TrainingRun:
             "best_epoch": self.best.epoch,
             "best_val_accuracy": self.best.val_accuracy,
             "stopped_early": self.stopped_early,
+            **self._batch_metrics(),
         }
         self.history.append(metrics)
         self.completed_epochs = epoch + 1
@@ -310,11 +319,17 @@ class _TrainingRun:
     def _train_step(self, images: torch.Tensor, targets: torch.Tensor, loss_sum: torch.Tensor) -> int:
         if self.mixup is not None:
             images, targets = self._mix(images, targets)
-        with self._autocast():
-            logits = self.model(images)
-            loss = self.criterion(logits, targets)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        while True:
+            try:
+                loss = self._accumulate_gradients(images, targets)
+                break
+            except (RuntimeError, MemoryError) as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                del exc  # its traceback holds the step's tensors
+                self.optimizer.zero_grad(set_to_none=True)
+                self._halve_micro_batch(message)
         if self.spec.grad_clip_norm is not None:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.spec.grad_clip_norm)
@@ -322,8 +337,60 @@ class _TrainingRun:
         self.scaler.update()
         self.scheduler.step()
         batch_size = images.shape[0]
-        loss_sum += loss.detach().double() * batch_size
+        loss_sum += loss * batch_size
         return batch_size
+
+    def _accumulate_gradients(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Forward/backward over micro-batches of ``self.micro_batch``; gradients of the whole batch's mean loss.
+
+        Returns the batch's mean loss (float64, detached). One micro-batch is exactly the plain step.
+        """
+        self.optimizer.zero_grad(set_to_none=True)
+        count = images.shape[0]
+        total = torch.zeros((), device=self.device, dtype=torch.float64)
+        for start in range(0, count, self.micro_batch):
+            chunk = slice(start, start + self.micro_batch)
+            chunk_images, chunk_targets = images[chunk], targets[chunk]
+            weight = chunk_images.shape[0] / count
+            with self._autocast():
+                logits = self.model(chunk_images)
+                loss = self.criterion(logits, chunk_targets)
+            self.scaler.scale(loss * weight if weight != 1 else loss).backward()
+            total += loss.detach().double() * weight
+        return total
+
+    def _halve_micro_batch(self, message: str) -> None:
+        if self.cuda:
+            torch.cuda.empty_cache()
+        if self.micro_batch <= 1:
+            raise TrainingOutOfMemory(
+                f"out of memory training {self.spec.model_name!r} even with a micro-batch of 1 image "
+                f"(batch_size {self.spec.batch_size}): {message[:300]}"
+            )
+        self.micro_batch = max(1, self.micro_batch // 2)
+        log.warning("out of memory: micro-batch halved to %d (effective batch %d, %d accumulation steps)",
+                    self.micro_batch, self.spec.batch_size, self._accumulation_steps())
+
+    def _accumulation_steps(self) -> int:
+        return math.ceil(self.spec.batch_size / self.micro_batch)
+
+    def _batch_metrics(self) -> dict[str, int]:
+        return {"effective_batch": self.spec.batch_size, "micro_batch": self.micro_batch,
+                "accumulation_steps": self._accumulation_steps()}
+
+    def _eval_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Validation logits in micro-batches (halved on out-of-memory like training)."""
+        while True:
+            try:
+                with self._autocast():
+                    return torch.cat([self.model(images[start : start + self.micro_batch])
+                                      for start in range(0, images.shape[0], self.micro_batch)])
+            except (RuntimeError, MemoryError) as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                del exc
+                self._halve_micro_batch(message)
 
     def _mix(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         assert self.mixup is not None
@@ -342,9 +409,7 @@ class _TrainingRun:
         with torch.inference_mode():
             for index, (images, targets) in enumerate(self.val_loader):
                 images, targets = self._to_device(images, targets)
-                with self._autocast():
-                    logits = self.model(images)
-                logits = logits.float()
+                logits = self._eval_logits(images).float()
                 loss_total += self.val_criterion(logits, targets).double()
                 all_targets.append(targets)
                 all_predictions.append(logits.argmax(dim=1))
@@ -402,6 +467,7 @@ class _TrainingRun:
             "lr": self.optimizer.param_groups[0]["lr"],
             "images_per_s": rate,
             "eta_s": remaining_steps * step_time + remaining_vals * self.val_time_s,
+            **self._batch_metrics(),
         }
 
     def _loader(self, dataset: ImageFileDataset, batches: EpochBatches, salt: int) -> DataLoader:

@@ -73,8 +73,16 @@ def write_package(
     return package_dir
 
 
+MAX_CONFIG_BYTES = 4 * 1024 * 1024
+ALLOWED_MODEL_KWARGS = frozenset({"img_size", "drop_rate", "drop_path_rate"})
+"""The only ``model_kwargs`` a package may carry to ``timm.create_model``: sizes and rates, never a path
+(``checkpoint_path``, ``pretrained_cfg``, ``pretrained_cfg_overlay`` ... would make timm read files)."""
+INTERPOLATIONS = frozenset({"nearest", "bilinear", "bicubic", "lanczos", "box", "hamming", "random"})
+
+
 def read_package_config(package_dir: Path) -> dict[str, Any]:
-    """config.json of a package, checked for format and required fields; PackageError otherwise.
+    """config.json of a package, checked against the strict schema (:func:`check_package_config`) and for
+    its weights file; PackageError otherwise.
 
     Only safetensors weights are accepted: a package naming any other weights file is refused.
     """
@@ -84,10 +92,30 @@ def read_package_config(package_dir: Path) -> dict[str, Any]:
     config_file = package_dir / CONFIG_FILE
     if not config_file.is_file():
         raise PackageError(f"model package {package_dir} has no {CONFIG_FILE}")
+    if config_file.stat().st_size > MAX_CONFIG_BYTES:
+        raise PackageError(f"model package {CONFIG_FILE} is over {MAX_CONFIG_BYTES} bytes")
+    config = parse_package_config(config_file.read_bytes())
+    if not (package_dir / WEIGHTS_FILE).is_file():
+        others = sorted(p.name for p in package_dir.iterdir() if p.suffix in (".pt", ".pth", ".bin", ".ckpt", ".pkl"))
+        detail = f" (found {others}: only safetensors is loaded)" if others else ""
+        raise PackageError(f"model package {package_dir} has no {WEIGHTS_FILE}{detail}")
+    return config
+
+
+def parse_package_config(raw: bytes) -> dict[str, Any]:
+    """Parse and check config.json bytes (PackageError naming the problem, never echoing the content)."""
     try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise PackageError(f"model package {CONFIG_FILE} is not valid JSON: {exc}") from exc
+        config = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise PackageError(f"model package {CONFIG_FILE} is not valid JSON ({type(exc).__name__})") from exc
+    check_package_config(config)
+    return config
+
+
+def check_package_config(config: Any) -> None:
+    """The strict schema of config.json: format, known fields with sane types, ``model_kwargs`` limited to
+    :data:`ALLOWED_MODEL_KWARGS` with numeric values, a timm architecture name (no hub prefix, no path),
+    safetensors weights only. Raises PackageError."""
     if not isinstance(config, dict) or config.get("format") != PACKAGE_FORMAT:
         raise PackageError(f"model package {CONFIG_FILE} is not a {PACKAGE_FORMAT} config")
     if config.get("format_version") != PACKAGE_FORMAT_VERSION:
@@ -96,16 +124,65 @@ def read_package_config(package_dir: Path) -> dict[str, Any]:
     missing = [key for key in required if key not in config]
     if missing:
         raise PackageError(f"model package {CONFIG_FILE} lacks {missing}")
-    if len(config["class_names"]) != config["num_classes"]:
-        raise PackageError("model package class_names and num_classes disagree")
+    problems: list[str] = []
+    name = config["model_name"]
+    if not isinstance(name, str) or not _is_architecture_name(name):
+        problems.append("model_name must be a timm architecture name (letters, digits, '_', one optional '.tag')")
+    kwargs = config.get("model_kwargs", {})
+    if not isinstance(kwargs, dict):
+        problems.append("model_kwargs must be an object")
+    else:
+        refused = sorted(set(kwargs) - ALLOWED_MODEL_KWARGS)
+        if refused:
+            problems.append(f"model_kwargs keys {refused[:5]} are not allowed (allowed: {sorted(ALLOWED_MODEL_KWARGS)})")
+        for key in sorted(set(kwargs) & ALLOWED_MODEL_KWARGS):
+            if not _is_kwarg_value(key, kwargs[key]):
+                problems.append(f"model_kwargs.{key} has an invalid value")
+    classes, count = config["class_names"], config["num_classes"]
+    if not isinstance(classes, list) or not all(isinstance(c, str) and 0 < len(c) <= 200 for c in classes):
+        problems.append("class_names must be a list of non-empty strings")
+    elif not _is_int(count) or len(classes) != count or not 2 <= count <= 100_000:
+        problems.append("class_names and num_classes disagree")
+    size = config["input_size"]
+    if not (isinstance(size, list) and len(size) == 3 and all(_is_int(v) and 1 <= v <= 8192 for v in size)):
+        problems.append("input_size must be [channels, height, width]")
+    for key in ("mean", "std"):
+        values = config[key]
+        if not (isinstance(values, list) and 1 <= len(values) <= 4 and all(_is_number(v) for v in values)):
+            problems.append(f"{key} must be a list of numbers")
+    if config["interpolation"] not in INTERPOLATIONS:
+        problems.append(f"interpolation must be one of {sorted(INTERPOLATIONS)}")
+    if not (_is_number(config["crop_pct"]) and 0 < config["crop_pct"] <= 4):
+        problems.append("crop_pct must be a number in (0, 4]")
+    if config.get("crop_mode", "center") not in ("center", "squash", "border"):
+        problems.append("crop_mode must be center, squash or border")
+    if problems:
+        raise PackageError(f"model package {CONFIG_FILE} refused: " + "; ".join(problems))
     weights = config.get("weights", WEIGHTS_FILE)
-    if weights != WEIGHTS_FILE or Path(weights).suffix != ".safetensors":
-        raise PackageError(f"model package weights {weights!r} refused: only {WEIGHTS_FILE} (safetensors) is loaded")
-    if not (package_dir / WEIGHTS_FILE).is_file():
-        others = sorted(p.name for p in package_dir.iterdir() if p.suffix in (".pt", ".pth", ".bin", ".ckpt", ".pkl"))
-        detail = f" (found {others}: only safetensors is loaded)" if others else ""
-        raise PackageError(f"model package {package_dir} has no {WEIGHTS_FILE}{detail}")
-    return config
+    if weights != WEIGHTS_FILE:
+        raise PackageError(f"model package weights refused: only {WEIGHTS_FILE} (safetensors) is loaded")
+
+
+def _is_architecture_name(name: str) -> bool:
+    arch, _, tag = name.partition(".")
+    ok = lambda part: 0 < len(part) <= 120 and all(c.isascii() and (c.isalnum() or c == "_") for c in part)  # noqa: E731
+    return ok(arch) and (not tag or ok(tag))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def _is_kwarg_value(key: str, value: Any) -> bool:
+    if key == "img_size":
+        if _is_int(value):
+            return 8 <= value <= 8192
+        return isinstance(value, list) and len(value) == 2 and all(_is_int(v) and 8 <= v <= 8192 for v in value)
+    return _is_number(value) and 0.0 <= value < 1.0
 
 
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:

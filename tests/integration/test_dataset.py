@@ -12,7 +12,7 @@ from PIL import Image
 from handlers.dataset import DatasetCache, label_of, prepare_dataset
 from handlers.errors import PermanentError
 from handlers.executor import Executors
-from handlers.fetch import Fetcher
+from handlers.fetch import Fetcher, FetchLimits
 from handlers.images import DecodeLimits
 from handlers.storage import ObjectStore
 from schemas.training import LabeledUrl, TrainingDataset
@@ -71,3 +71,28 @@ async def test_manifest_cache_and_bad_images(http_server, s3_server, s3_bucket, 
             assert err.value.code == "invalid_dataset" and "'green'" in err.value.message
     finally:
         executors.shutdown()
+
+
+@pytest.mark.parametrize("line", [
+    {"url": "s3://b/red/1.png", "label": "SECRET-TOKEN-" + "x" * 300},  # label too long
+    {"url": "SECRET-TOKEN-not-a-url", "label": "red"},
+    {"label": "red", "SECRET-TOKEN": "value"},  # no url
+    "SECRET-TOKEN not json at all",
+    ["SECRET-TOKEN"],
+])
+async def test_manifest_errors_never_echo_the_object(s3_server, s3_bucket, line):
+    body = line if isinstance(line, str) else json.dumps(line)
+    async with s3_server.client() as client:
+        await client.put_object(Bucket=s3_bucket, Key="manifest.jsonl", Body=body.encode())
+    dataset = TrainingDataset.model_validate({"class_names": ["red", "blue"],
+                                              "manifest_url": f"s3://{s3_bucket}/manifest.jsonl"})
+    executors = Executors(cpu_workers=1)
+    try:
+        async with ObjectStore(endpoint_url=s3_server.endpoint_url) as store, Fetcher(FetchLimits(), store=store) as fetcher:
+            with pytest.raises(PermanentError) as err:
+                await prepare_dataset(dataset, fetcher=fetcher, executors=executors, cache=DatasetCache("/nonexistent"),
+                                      limits=DecodeLimits(), max_bad_fraction=0.0)
+    finally:
+        executors.shutdown()
+    assert err.value.code == "invalid_dataset" and "line 1" in err.value.message
+    assert "SECRET" not in err.value.message and "SECRET" not in str(err.value)

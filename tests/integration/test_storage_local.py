@@ -121,3 +121,59 @@ async def test_file_urls_when_allowed(tmp_path):
         assert caught.value.code == STORAGE_NOT_FOUND
         assert await store.delete_prefix((root / "run").as_uri()) == 2
         assert await store.list((root / "run").as_uri()) == []
+
+
+async def test_file_root_fences_every_operation_and_resolves_symlinks(tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "run").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "secret.bin").write_bytes(b"secret")
+    (root / "run" / "a.bin").write_bytes(b"alpha")
+    (root / "out").symlink_to(outside)  # a link inside the root pointing out of it
+    (root / "run" / "link.bin").symlink_to(outside / "secret.bin")
+    local = tmp_path / "local.bin"
+    local.write_bytes(b"beta")
+    refused = [(outside / "secret.bin").as_uri(), f"file://{root}/out/secret.bin", (root / "run" / "link.bin").as_uri(),
+               f"file://{root}/run/../../outside/secret.bin", f"file://{root}/out/new.bin"]
+    async with ObjectStore(allow_file_urls=True, file_root=str(root)) as store:
+        assert await store.get_bytes((root / "run" / "a.bin").as_uri()) == b"alpha"
+        await store.put_bytes((root / "run" / "b.bin").as_uri(), b"ok")
+        for url in refused:
+            calls = {
+                "get_bytes": lambda: store.get_bytes(url),
+                "put_bytes": lambda: store.put_bytes(url, b"overwritten"),
+                "upload_file": lambda: store.upload_file(local, url),
+                "download_file": lambda: store.download_file(url, tmp_path / "copy.bin"),
+                "exists": lambda: store.exists(url),
+                "list": lambda: store.list(url),
+                "delete_prefix": lambda: store.delete_prefix(url),
+            }
+            for name, call in calls.items():
+                with pytest.raises(PermanentError) as caught:
+                    await call()
+                assert (url, name, caught.value.code) == (url, name, BLOCKED_URL)
+                assert "CLS_FILE_ROOT" in caught.value.message
+    assert sorted(p.name for p in outside.iterdir()) == ["secret.bin"]
+    assert (outside / "secret.bin").read_bytes() == b"secret" and not (tmp_path / "copy.bin").exists()
+
+
+async def test_bucket_allow_list_is_checked_before_any_request():
+    # no S3 server at this endpoint: a refused bucket must fail as blocked_url, never as unavailable
+    async with ObjectStore(endpoint_url="http://127.0.0.1:9", allowed_buckets="models, data",
+                           max_attempts=1, connect_timeout_s=0.2) as store:
+        for call in (lambda: store.get_bytes("s3://other/k"), lambda: store.put_bytes("s3://other/k", b"x"),
+                     lambda: store.exists("s3://other/k"), lambda: store.list("s3://other/"),
+                     lambda: store.delete_prefix("s3://other/p/"), lambda: store.download_file("s3://other/k", "/tmp/x"),
+                     lambda: store.upload_file(__file__, "s3://models-evil/k")):
+            with pytest.raises(PermanentError) as caught:
+                await call()
+            assert caught.value.code == BLOCKED_URL and "CLS_S3_ALLOWED_BUCKETS" in caught.value.message
+
+
+async def test_symlink_loops_are_refused_not_crashing(tmp_path):
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    async with ObjectStore(allow_file_urls=True, file_root=str(tmp_path)) as store:
+        with pytest.raises(PermanentError) as caught:
+            await store.get_bytes(f"file://{tmp_path}/a/x.bin")
+    assert caught.value.code == BLOCKED_URL

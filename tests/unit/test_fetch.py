@@ -19,7 +19,14 @@ from handlers.errors import (
     UNSUPPORTED_URL,
     ImageError,
 )
-from handlers.fetch import BlockedAddressError, Fetcher, FetchLimits, GuardedResolver, is_blocked_address
+from handlers.fetch import (
+    BlockedAddressError,
+    Fetcher,
+    FetchLimits,
+    GuardedResolver,
+    is_blocked_address,
+    is_noncanonical_numeric_host,
+)
 from handlers.images import DecodeLimits, fetch_image
 from tests.fixtures.http_server import SLOW_SECONDS
 
@@ -199,7 +206,18 @@ async def test_redirect_without_location_is_http_status(http_server, fetcher):
         "::ffff:169.254.169.254",
         "2002:a00:1::",  # 6to4 of 10.0.0.1
         "64:ff9b::a9fe:a9fe",  # NAT64 of 169.254.169.254
+        "fec0::1",  # site-local (deprecated; Python calls it global)
+        "feff:ffff::1",
         "not-an-address",
+        # non-canonical numeric IPv4 forms: blocked by the check itself, whatever the HTTP client makes of them
+        "2130706433",
+        "0x7f.1",
+        "017700000001",
+        "127.1",
+        "0",
+        "8.8.8.8.",
+        "0x08.0x08.0x08.0x08",
+        "010.8.8.8",
     ],
 )
 def test_non_public_addresses_are_blocked(address):
@@ -234,9 +252,34 @@ async def test_private_targets_blocked_by_default(http_server, public_only_fetch
 
 async def test_legacy_numeric_ipv4_forms_never_reach_loopback(http_server, public_only_fetcher):
     port = http_server.base_url.rsplit(":", 1)[1]
-    for host in ("2130706433", "127.1", "0x7f.0.0.1"):
+    for host in ("2130706433", "127.1", "0x7f.0.0.1", "0x7f.1", "017700000001", "0"):
         code = await _error_code(public_only_fetcher, f"http://{host}:{port}/img/astronaut_jpg")
-        assert code in (BLOCKED_URL, UNSUPPORTED_URL)  # refused, never a connection attempt
+        assert (host, code) == (host, BLOCKED_URL)  # refused before any lookup or connection
+
+
+@pytest.mark.parametrize("host", ["2130706433", "0x7f.1", "017700000001", "127.1", "0", "1.2.3.4.", "08.8.8.8"])
+def test_noncanonical_numeric_hosts_are_recognised(host):
+    assert is_noncanonical_numeric_host(host)
+
+
+@pytest.mark.parametrize("host", ["8.8.8.8", "127.0.0.1", "example.com", "1.2.3.com", "0x7f.example", "::1", "a1"])
+def test_canonical_addresses_and_names_are_not_numeric_forms(host):
+    assert not is_noncanonical_numeric_host(host)
+
+
+async def test_numeric_forms_refused_even_where_private_networks_are_allowed(http_server, fetcher):
+    """The test server's own fetcher allows private networks; a non-canonical form is still refused."""
+    port = http_server.base_url.rsplit(":", 1)[1]
+    assert await _error_code(fetcher, f"http://2130706433:{port}/img/astronaut_jpg") == BLOCKED_URL
+    assert await fetcher.fetch(f"http://127.0.0.1:{port}/img/astronaut_jpg") == http_server.body("astronaut_jpg")
+
+
+async def test_guarded_resolver_refuses_numeric_forms_before_resolving():
+    inner = _StaticResolver(["93.184.216.34"])  # would answer "public": the form alone must be refused
+    with pytest.raises(BlockedAddressError):
+        await GuardedResolver(inner).resolve("2130706433", 80)
+    with pytest.raises(BlockedAddressError):
+        await GuardedResolver(_StaticResolver(["fec0::5"])).resolve("site-local.example", 80)
 
 
 class _StaticResolver(AbstractResolver):
