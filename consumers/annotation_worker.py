@@ -9,6 +9,7 @@ import structlog
 
 from consumers import metrics
 from consumers.health import HealthServer
+from consumers.lanes import annotation_lanes
 from consumers.pipeline import Pipeline
 from consumers.runtime import ConsumerRuntime
 from consumers.settings import Settings
@@ -107,13 +108,12 @@ def annotation_pipeline(settings: Settings, ctx: AnnotationContext) -> Pipeline:
     handler = AnnotationHandler(ctx)
     return Pipeline(
         name="annotation.result",
-        input_topic=settings.worker.annotation_requests_topic,
-        output_topic=settings.worker.annotation_results_topic,
         adapter=ANNOTATION_ADAPTER,
         id_field="request_id",
         handle=handler.handle,
         failed_event=failed_result,
         handler_timeout_s=settings.worker.handler_timeout_s,
+        **annotation_lanes(settings),
     )
 
 

@@ -20,6 +20,12 @@ IN_FLIGHT = Gauge("cls_in_flight_records", "Records being handled now", ["topic"
 OLDEST_UNFINISHED = Gauge("cls_oldest_unfinished_record_seconds",
                           "Age of the oldest record of a partition taken and not yet finished (stuck partition signal)",
                           ["topic", "partition"])
+LANE_IN_FLIGHT = Gauge("cls_lane_in_flight_records", "Records being handled now, per lane", ["lane"])
+LANE_PARKED = Gauge("cls_lane_queued_records", "Records read and waiting for a slot in their lane (queue depth)", ["lane"])
+LANE_WAIT_SECONDS = Histogram("cls_lane_wait_seconds", "Time from reading a record to starting it, per lane", ["lane"],
+                              buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))
+LANE_LATENCY_SECONDS = Histogram("cls_lane_latency_seconds", "Time from reading a record to committing it, per lane",
+                                 ["lane"], buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800))
 PAUSED_PARTITIONS = Gauge("cls_paused_partitions", "Partitions paused because the worker is at capacity", ["topic"])
 
 BATCH_SIZE = Histogram("cls_batch_images", "Images per model forward", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))

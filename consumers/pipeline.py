@@ -7,7 +7,7 @@ it, and how to turn a failure into a contract event. It knows nothing of aiokafk
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import TypeAdapter
@@ -34,6 +34,22 @@ class Pipeline:
     # Called with the ids of requests in flight on revoked partitions / at shutdown, so long
     # handlers can checkpoint and raise ``handlers.errors.Abandoned`` (no event, no commit).
     on_preempt: Callable[[set[str]], None] | None = None
+    # Lanes: every input topic belongs to a lane with its own in-flight budget (the runtime's
+    # max_in_flight is the budget of the first topic's lane). ``lane_for(body, topic_lane)`` may move a
+    # record read from a topic into another lane (e.g. a request with "priority": "interactive" on the
+    # bulk topic); ``with_lane(request, lane)`` tells the validated request which lane it runs in.
+    extra_input_topics: list[str] = field(default_factory=list)
+    topic_lanes: dict[str, str] = field(default_factory=dict)
+    lane_budgets: dict[str, int] = field(default_factory=dict)
+    lane_for: Callable[[dict[str, Any], str], str] | None = None
+    with_lane: Callable[[Any, str], Any] | None = None
+
+    @property
+    def input_topics(self) -> list[str]:
+        return [self.input_topic, *self.extra_input_topics]
+
+    def lane_of_topic(self, topic: str) -> str:
+        return self.topic_lanes.get(topic, "default")
 
     @property
     def id_header(self) -> str:

@@ -16,6 +16,7 @@ finished and leaves the rest for redelivery.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import os
 import random
@@ -73,6 +74,9 @@ class _Job:
     mark_first: bool = False  # the record is the head: record the attempt durably before handling
     crash_loop: bool = False  # killed the worker max_attempts times: dead-letter it, do not handle it
     held: bool = False  # suspected of killing the worker: handled alone on its partition
+    lane: str = "default"
+    body: dict[str, Any] | None = None  # the parsed value, when it parsed (lane choice)
+    parked: bool = False  # taken (its offset pending) but waiting for a slot in its lane
 
 
 class _LeftForRedelivery(Exception):
@@ -191,6 +195,13 @@ class ConsumerRuntime:
         self._handled = 0
         self._paused_by_us: set[TopicPartition] = set()
         self._fail_publishes = _parse_fault_counts(settings.worker.fault_fail_publish)
+        first_lane = pipeline.lane_of_topic(pipeline.input_topic)
+        self._budgets: dict[str, int] = {**pipeline.lane_budgets, first_lane: self.max_in_flight}
+        self._running: dict[str, int] = {lane: 0 for lane in self._budgets}
+        self._parked: dict[str, collections.deque[_Job]] = {lane: collections.deque() for lane in self._budgets}
+        # Records read ahead while their lane is full, so a request for another lane behind them is
+        # seen (only with several lanes; a one-lane pipeline reads what it can start).
+        self._lookahead = settings.worker.lane_lookahead if len(self._budgets) > 1 else 0
         self.ready = False
         self.stats: dict[str, int] = {"handled": 0, "dlq": 0, "invalid": 0, "failed": 0, "abandoned": 0}
 
@@ -228,10 +239,10 @@ class ConsumerRuntime:
             if self._owns_producer:
                 await self._producer.start()
             await self._consumer.start()
-            self._consumer.subscribe([self.pipeline.input_topic], listener=_Rebalance(self))
+            self._consumer.subscribe(self.pipeline.input_topics, listener=_Rebalance(self))
             self.ready = True
-            log.info("consumer_started", topic=self.pipeline.input_topic, group=self.group_id,
-                     max_in_flight=self.max_in_flight, max_attempts=self.max_attempts)
+            log.info("consumer_started", topic=self.pipeline.input_topic, topics=self.pipeline.input_topics,
+                     group=self.group_id, lanes=self._budgets, max_attempts=self.max_attempts)
             if self._on_started is not None:
                 await self._on_started()
             await self._poll_loop()
@@ -252,12 +263,11 @@ class ConsumerRuntime:
         while not self._stopping.is_set():
             if self.max_records is not None and self._handled >= self.max_records:
                 break
-            capacity = self.max_in_flight - len(self._jobs)
-            if self.max_records is not None:
-                capacity = min(capacity, self.max_records - self._taken)
-            self._set_paused(capacity <= 0)
+            self._launch_parked()
+            room = self._room()
+            self._apply_pauses(room <= 0)
             self.observe_oldest()
-            if capacity <= 0:
+            if room <= 0:
                 # Every partition paused: wait for a free slot (not a whole poll timeout), then poll
                 # anyway, which keeps the group membership alive and returns nothing.
                 self._slot_freed.clear()
@@ -267,12 +277,26 @@ class ConsumerRuntime:
                     pass
                 await consumer.getmany(timeout_ms=0)
                 continue
-            batches = await consumer.getmany(timeout_ms=worker.poll_timeout_ms, max_records=capacity)
+            batches = await consumer.getmany(timeout_ms=worker.poll_timeout_ms, max_records=room)
             for tp, records in batches.items():
                 await self._take_batch(tp, records)
 
+    def _free(self, lane: str) -> int:
+        return self._budgets[lane] - self._running[lane]
+
+    def _parked_total(self) -> int:
+        return sum(len(q) for q in self._parked.values())
+
+    def _room(self) -> int:
+        """How many records may be read now: free slots in every lane, plus read-ahead room."""
+        room = sum(max(0, self._free(lane)) for lane in self._budgets)
+        room += max(0, self._lookahead - self._parked_total())
+        if self.max_records is not None:
+            room = min(room, self.max_records - self._taken)
+        return room
+
     async def _take_batch(self, tp: TopicPartition, records: list[ConsumerRecord]) -> None:
-        """Start the records of one partition, in order, applying the crash-loop rule at its head."""
+        """Take the records of one partition, in order, applying the crash-loop rule at its head."""
         consumer = self._consumer
         assert consumer is not None
         head = await self._head(tp)
@@ -280,6 +304,9 @@ class ConsumerRuntime:
             return
         for record in records:
             if tp in self._held:  # a suspect record runs alone: read the rest again after it
+                consumer.seek(tp, record.offset)
+                return
+            if self._room() <= 0 and (tp, record.offset) not in self._jobs:  # read more than there is room for
                 consumer.seek(tp, record.offset)
                 return
             if head.offset is None:  # no commit yet in this group: the first record read is the head
@@ -292,7 +319,7 @@ class ConsumerRuntime:
             self._start(tp, record, start_count=prior + 1, mark_first=record.offset == head.offset, held=held)
             if held:
                 self._held.add(tp)
-                self._set_paused(False)
+                self._apply_pauses(False)
 
     async def _head(self, tp: TopicPartition) -> _Head | None:
         """The partition's committed offset and the attempts recorded for its record (fetched once)."""
@@ -317,11 +344,23 @@ class ConsumerRuntime:
         return head
 
     def _set_paused(self, paused: bool) -> None:
-        """Pause every assigned partition at capacity; partitions with a suspect record stay paused."""
+        self._apply_pauses(paused)
+
+    def _apply_pauses(self, all_paused: bool) -> None:
+        """Pause what cannot be taken now: everything when there is no room; else each topic whose lane
+        is full and whose read-ahead is used up; partitions with a suspect record always."""
         consumer = self._consumer
         assert consumer is not None
         assignment = consumer.assignment()
-        want = set(assignment) if paused else (self._held & assignment)
+        if all_paused:
+            want = set(assignment)
+        else:
+            want = self._held & assignment
+            ahead_full = self._parked_total() >= self._lookahead
+            for tp in assignment:
+                lane = self.pipeline.lane_of_topic(tp.topic)
+                if self._free(lane) <= 0 and ahead_full:
+                    want.add(tp)
         to_pause = want - self._paused_by_us
         to_resume = (self._paused_by_us - want) & assignment
         if to_pause:
@@ -360,6 +399,7 @@ class ConsumerRuntime:
     # ---------------------------------------------------------------- per record
     def _start(self, tp: TopicPartition, record: ConsumerRecord, *, start_count: int = 1, mark_first: bool = False,
                crash_loop: bool = False, held: bool = False) -> None:
+        """Take a record (its offset becomes pending) and run it, or park it until its lane has a slot."""
         key = (tp, record.offset)
         if key in self._jobs:  # already in flight (a re-fetch after resume): never twice
             return
@@ -368,11 +408,55 @@ class ConsumerRuntime:
         self._offsets.setdefault(tp, PartitionOffsets()).take(record.offset)
         job = _Job(record=record, tp=tp, start_count=start_count, mark_first=mark_first, crash_loop=crash_loop,
                    held=held)
+        job.lane = self._lane_of(job)
         self._jobs[key] = job
         self._taken += 1
         metrics.RECORDS_CONSUMED.labels(tp.topic).inc()
-        metrics.IN_FLIGHT.labels(tp.topic).set(len(self._jobs))
+        if held or crash_loop or (self._free(job.lane) > 0 and not self._parked[job.lane]):
+            self._launch(job)
+        else:
+            job.parked = True
+            self._parked[job.lane].append(job)
+            metrics.LANE_PARKED.labels(job.lane).set(len(self._parked[job.lane]))
+
+    def _lane_of(self, job: _Job) -> str:
+        lane = self.pipeline.lane_of_topic(job.tp.topic)
+        if self.pipeline.lane_for is None or len(self._budgets) < 2:
+            return lane
+        try:
+            job.body = parse_json_object(job.record.value)
+        except NotAJsonObject:
+            return lane
+        chosen = self.pipeline.lane_for(job.body, lane)
+        return chosen if chosen in self._budgets else lane
+
+    def _launch(self, job: _Job) -> None:
+        job.parked = False
+        self._running[job.lane] += 1
+        now = time.monotonic()
+        metrics.LANE_WAIT_SECONDS.labels(job.lane).observe(now - job.started)
+        metrics.IN_FLIGHT.labels(job.tp.topic).set(len(self._jobs))
+        metrics.LANE_IN_FLIGHT.labels(job.lane).set(self._running[job.lane])
+        tp, record = job.tp, job.record
         job.task = asyncio.create_task(self._run_job(job), name=f"record-{tp.topic}-{tp.partition}-{record.offset}")
+
+    def _launch_parked(self) -> None:
+        for lane, queue in self._parked.items():
+            while queue and self._free(lane) > 0:
+                self._launch(queue.popleft())
+            metrics.LANE_PARKED.labels(lane).set(len(queue))
+
+    def _unpark(self, jobs: list[_Job]) -> None:
+        """Forget parked (never started) jobs: their offsets stay pending, they are read again later."""
+        for job in jobs:
+            if not job.parked:
+                continue
+            self._parked[job.lane].remove(job)
+            self._jobs.pop((job.tp, job.record.offset), None)
+            self._taken -= 1
+            offsets = self._offsets.get(job.tp)
+            if offsets is not None:
+                offsets.abandon(job.record.offset)
 
     async def _run_job(self, job: _Job) -> None:
         """Handle one record until it ends: the termination rule lives here."""
@@ -444,7 +528,7 @@ class ConsumerRuntime:
     async def _process(self, job: _Job) -> tuple[str, int]:
         record = job.record
         try:
-            body = parse_json_object(record.value)
+            body = job.body if job.body is not None else parse_json_object(record.value)
         except NotAJsonObject as exc:
             await self._to_dlq(record, "not_json_object", str(exc))
             return "dlq", 0
@@ -479,6 +563,8 @@ class ConsumerRuntime:
         entity_id = getattr(request, self.pipeline.id_field)
         job.entity_id = entity_id
         structlog.contextvars.bind_contextvars(**{self.pipeline.id_field: entity_id})
+        if self.pipeline.with_lane is not None:
+            request = self.pipeline.with_lane(request, job.lane)
         exit_on = self.settings.worker.fault_exit_on_request
         if exit_on is not None and entity_id == exit_on:
             log.warning("fault_injection_exit", request=entity_id)
@@ -625,6 +711,8 @@ class ConsumerRuntime:
         key = (job.tp, record.offset)
         offsets = self._offsets.get(job.tp)
         self._jobs.pop(key, None)
+        self._running[job.lane] -= 1
+        metrics.LANE_IN_FLIGHT.labels(job.lane).set(self._running[job.lane])
         self._slot_freed.set()
         if job.held:
             self._held.discard(job.tp)
@@ -647,6 +735,7 @@ class ConsumerRuntime:
             await self._commit(job.tp)
         metrics.RECORDS_HANDLED.labels(record.topic, outcome).inc()
         metrics.HANDLER_SECONDS.labels(record.topic).observe(elapsed)
+        metrics.LANE_LATENCY_SECONDS.labels(job.lane).observe(elapsed)
         log.info("record_done", outcome=outcome, events=produced, elapsed_s=round(elapsed, 3))
 
     async def _commit(self, tp: TopicPartition) -> None:
@@ -683,6 +772,7 @@ class ConsumerRuntime:
     async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
         if not revoked:  # aiokafka calls this with nothing before the first assignment
             return
+        self._unpark([job for job in self._jobs.values() if job.tp in revoked and job.parked])
         jobs = [job for job in self._jobs.values() if job.tp in revoked]
         log.info("partitions_revoked", partitions=sorted(tp.partition for tp in revoked), in_flight=len(jobs))
         if jobs:
@@ -700,6 +790,7 @@ class ConsumerRuntime:
         self._paused_by_us -= revoked
 
     async def _drain(self) -> None:
+        self._unpark([job for job in self._jobs.values() if job.parked])
         jobs = list(self._jobs.values())
         if jobs:
             log.info("draining", in_flight=len(jobs), deadline_s=self.settings.worker.drain_timeout_s)

@@ -66,6 +66,7 @@ class WorkerSettings(BaseSettings):
 
     # topics
     annotation_requests_topic: str = default_topics.ANNOTATION_REQUESTS
+    annotation_interactive_topic: str = default_topics.ANNOTATION_INTERACTIVE
     annotation_results_topic: str = default_topics.ANNOTATION_RESULTS
     training_requests_topic: str = default_topics.TRAINING_REQUESTS
     training_status_topic: str = default_topics.TRAINING_STATUS
@@ -82,7 +83,13 @@ class WorkerSettings(BaseSettings):
     dlq_retention_ms: int = 30 * 24 * 3600 * 1000
 
     # consumer runtime
-    max_in_flight: int = Field(default=8, ge=1, description="Records handled concurrently per worker.")
+    max_in_flight: int = Field(default=8, ge=1, description="Records handled concurrently per worker (bulk lane).")
+    interactive_max_in_flight: int = Field(default=4, ge=1, description="Interactive requests handled concurrently, "
+                                           "besides max_in_flight bulk ones (annotation).")
+    interactive_max_images: int = Field(default=16, ge=0, description="A request without 'priority' is interactive up "
+                                        "to this many images.")
+    lane_lookahead: int = Field(default=16, ge=0, description="Records read ahead while their lane is full, so an "
+                                "interactive request behind bulk ones on the same topic is seen.")
     max_poll_interval_ms: int = Field(default=300_000, ge=1000)
     session_timeout_ms: int = Field(default=30_000, ge=1000)
     heartbeat_interval_ms: int = Field(default=3_000, ge=100)

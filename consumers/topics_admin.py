@@ -19,6 +19,7 @@ from aiokafka.errors import for_code
 
 from consumers.settings import Settings
 from schemas.topics import dlq_topic
+from schemas.topology import TOPOLOGY
 
 log = structlog.get_logger("cls.topics")
 
@@ -33,7 +34,7 @@ class TopicSpec:
 
 
 def topic_specs(settings: Settings) -> list[TopicSpec]:
-    """Every topic the workers read or write, with partitions and configs from settings."""
+    """Every topic of ``schemas.topology``, with partitions and configs from settings."""
     w = settings.worker
     # Every topic takes records of CLS_MAX_RECORD_BYTES (plus batch overhead) whatever the broker's
     # message.max.bytes; a dead letter carries the original record plus its dlq-* headers.
@@ -43,16 +44,14 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
     output = {"retention.ms": str(w.output_retention_ms), "cleanup.policy": "delete", **record}
     dlq = {"retention.ms": str(w.dlq_retention_ms), "cleanup.policy": "delete", **dlq_record}
     control = {"cleanup.policy": "compact", "min.compaction.lag.ms": "0", "segment.ms": str(3600 * 1000), **record}
-    specs = [
-        TopicSpec(w.annotation_requests_topic, w.request_topic_partitions, request),
-        TopicSpec(w.training_requests_topic, w.request_topic_partitions, request),
-        TopicSpec(w.annotation_results_topic, w.output_topic_partitions, output),
-        TopicSpec(w.training_status_topic, w.output_topic_partitions, output),
-        # The control topic is read whole by every training worker: few partitions suffice.
-        TopicSpec(w.training_control_topic, 1, control),
-    ]
-    for source in (w.annotation_requests_topic, w.training_requests_topic, w.training_control_topic):
-        specs.append(TopicSpec(dlq_topic(source), 1, dlq))
+    partitions = {"request": w.request_topic_partitions, "output": w.output_topic_partitions,
+                  # The control topic is read whole by every training worker: few partitions suffice.
+                  "control": 1}
+    configs = {"request": request, "output": output, "control": control}
+    specs = [TopicSpec(decl.name(w), partitions[decl.role], configs[decl.role]) for decl in TOPOLOGY]
+    for decl in TOPOLOGY:
+        if decl.has_dlq:
+            specs.append(TopicSpec(dlq_topic(decl.name(w)), 1, dlq))
     return specs
 
 

@@ -65,6 +65,12 @@ class AnnotationRequest(InputModel):
     )
     top_k: int = Field(default=3, ge=1, le=MAX_CLASSES, description="Keep at most this many classes per image (applied first).")
     threshold: float = Field(default=0.1, ge=0.0, le=1.0, description="Then drop predictions below this confidence.")
+    priority: Literal["interactive", "bulk"] | None = Field(
+        default=None,
+        description="Scheduling lane. 'interactive' (a person waits) is handled before bulk work, with its own "
+                    "in-flight budget; default: interactive up to CLS_INTERACTIVE_MAX_IMAGES images (16), else bulk; "
+                    "always interactive on the interactive topic.",
+    )
     prompt_templates: list[str] | None = Field(
         default=None,
         min_length=1,
@@ -125,6 +131,23 @@ class AnnotationRequest(InputModel):
         if self.classes is not None and self.top_k > len(self.classes):
             raise ValueError(f"top_k ({self.top_k}) must be within 1..len(classes) ({len(self.classes)})")
         return self
+
+
+def lane_of(body: dict, topic_lane: str, interactive_max_images: int) -> str:
+    """The lane of a request read from a topic of lane ``topic_lane`` (the raw body: decided before validation).
+
+    The interactive topic makes every request interactive; on the request topic, an explicit
+    ``priority`` wins, else a request of at most ``interactive_max_images`` images is interactive.
+    """
+    if topic_lane == "interactive":
+        return "interactive"
+    priority = body.get("priority")
+    if priority in ("interactive", "bulk"):
+        return str(priority)
+    images = body.get("images")
+    if isinstance(images, list) and 0 < len(images) <= interactive_max_images:
+        return "interactive"
+    return "bulk"
 
 
 class Prediction(BaseModel):

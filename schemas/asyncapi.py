@@ -34,6 +34,7 @@ from schemas.codec import ANNOTATION_ADAPTER, TRAINING_ADAPTER, NotAJsonObject, 
 from schemas.common import SCHEMA_VERSION, ErrorInfo
 from schemas.export import MESSAGES, json_schemas
 from schemas.topics import CONTENT_TYPE_JSON, Headers
+from schemas.topology import TOPOLOGY, dlq_channels
 from schemas.training import (
     CancelRequest,
     Progress,
@@ -504,45 +505,19 @@ def _module_doc(model: type) -> str:
     return (sys.modules[model.__module__].__doc__ or "").strip()
 
 
-_CHANNELS: list[tuple[str, str, str, str, list[str]]] = [
-    # channel id, default address, message id, description, cleanup.policy
-    ("annotationRequests", topics.ANNOTATION_REQUESTS, "annotationRequest",
-     "Annotation requests, keyed by request id (CLS_ANNOTATION_REQUESTS_TOPIC).", ["delete"]),
-    ("annotationResults", topics.ANNOTATION_RESULTS, "annotationResult",
-     "Annotation results, keyed by request id (CLS_ANNOTATION_RESULTS_TOPIC).", ["delete"]),
-    ("trainingRequests", topics.TRAINING_REQUESTS, "trainingRequest",
-     "Training requests, keyed by job id (CLS_TRAINING_REQUESTS_TOPIC).", ["delete"]),
-    ("trainingStatus", topics.TRAINING_STATUS, "trainingStatus",
-     "Training status events, keyed by job id (CLS_TRAINING_STATUS_TOPIC).", ["delete"]),
-    ("trainingControl", topics.TRAINING_CONTROL, "trainingCancel",
-     "Cancels, keyed by job id; compacted (CLS_TRAINING_CONTROL_TOPIC).", ["compact"]),
-    ("annotationRequestsDlq", topics.dlq_topic(topics.ANNOTATION_REQUESTS), "deadLetter",
-     "Dead letters of the annotation request topic.", ["delete"]),
-    ("trainingRequestsDlq", topics.dlq_topic(topics.TRAINING_REQUESTS), "deadLetter",
-     "Dead letters of the training request topic.", ["delete"]),
-    ("trainingControlDlq", topics.dlq_topic(topics.TRAINING_CONTROL), "deadLetter",
-     "Dead letters of the control topic.", ["delete"]),
-]
+def _channels() -> list[tuple[str, str, str, str, list[str]]]:
+    """(channel id, default address, message id, description, cleanup.policy), from the topology."""
+    channels = [(d.channel_id, d.default, d.message, d.description, [d.cleanup]) for d in TOPOLOGY]
+    channels += [(cid, address, "deadLetter", description, ["delete"]) for cid, address, description, _ in dlq_channels()]
+    return channels
 
-_OPERATIONS: list[tuple[str, str, str, str]] = [
-    # operation id, action, channel id, summary
-    ("receiveAnnotationRequests", "receive", "annotationRequests",
-     "Annotation workers consume requests in consumer group CLS_ANNOTATION_GROUP_ID."),
-    ("sendAnnotationResults", "send", "annotationResults",
-     "One or more result parts per request, acknowledged (acks=all) before the request is committed."),
-    ("receiveTrainingRequests", "receive", "trainingRequests",
-     "Training workers consume jobs in consumer group CLS_TRAINING_GROUP_ID."),
-    ("sendTrainingStatus", "send", "trainingStatus",
-     "Status events of each job, ordered by seq."),
-    ("receiveTrainingControl", "receive", "trainingControl",
-     "Every training worker reads the whole control topic (no consumer group)."),
-    ("sendAnnotationRequestsDlq", "send", "annotationRequestsDlq",
-     "Records on the annotation request topic that name no request."),
-    ("sendTrainingRequestsDlq", "send", "trainingRequestsDlq",
-     "Records on the training request topic that name no job."),
-    ("sendTrainingControlDlq", "send", "trainingControlDlq",
-     "Records on the control topic that name no job."),
-]
+
+def _operations() -> list[tuple[str, str, str, str]]:
+    """(operation id, action, channel id, summary), from the topology."""
+    operations = [(d.action + d.channel_id[0].upper() + d.channel_id[1:], d.action, d.channel_id, d.operation_summary)
+                  for d in TOPOLOGY]
+    operations += [("send" + cid[0].upper() + cid[1:], "send", cid, summary) for cid, _, _, summary in dlq_channels()]
+    return operations
 
 
 def build_asyncapi() -> dict[str, Any]:
@@ -551,7 +526,7 @@ def build_asyncapi() -> dict[str, Any]:
     messages = _messages(payload_of)
     channels: dict[str, Any] = {}
     channel_message: dict[str, str] = {}
-    for channel_id, address, message_id, description, cleanup in _CHANNELS:
+    for channel_id, address, message_id, description, cleanup in _channels():
         channel_message[channel_id] = message_id
         channels[channel_id] = {
             "address": address,
@@ -569,7 +544,7 @@ def build_asyncapi() -> dict[str, Any]:
             "summary": summary,
             "messages": [{"$ref": f"#/channels/{channel_id}/messages/{channel_message[channel_id]}"}],
         }
-        for operation_id, action, channel_id, summary in _OPERATIONS
+        for operation_id, action, channel_id, summary in _operations()
     }
     return {
         "asyncapi": ASYNCAPI_VERSION,

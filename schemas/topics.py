@@ -1,6 +1,7 @@
 """Default topic and header names (each topic name is configurable in the workers' settings)."""
 
 ANNOTATION_REQUESTS = "cls.annotation.requests"
+ANNOTATION_INTERACTIVE = "cls.annotation.interactive"
 ANNOTATION_RESULTS = "cls.annotation.results"
 TRAINING_REQUESTS = "cls.training.requests"
 TRAINING_STATUS = "cls.training.status"

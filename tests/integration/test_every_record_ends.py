@@ -171,7 +171,7 @@ async def test_stuck_partition_gauge_and_readiness(topic_prefix, kafka_bootstrap
         url = f"http://127.0.0.1:{health.port}"
         async with aiohttp.ClientSession() as http:
             stuck_body = None
-            for _ in range(60):  # bounded: 6 s
+            for _ in range(300):  # bounded: 30 s (joining the group takes a few seconds)
                 async with http.get(url + "/readyz") as resp:
                     if resp.status == 503:
                         stuck_body = await resp.json()

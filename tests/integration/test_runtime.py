@@ -217,7 +217,7 @@ async def test_kafka_tool_shows_group_with_zero_lag(tmp_path, topics, topic_pref
         assert rows, out.stdout
         header = next(line.split() for line in out.stdout.splitlines() if "LAG" in line)
         lag_col = header.index("LAG")
-        assert {row[1] for row in rows} == {w.annotation_requests_topic}
+        assert {row[1] for row in rows} == {w.annotation_requests_topic, w.annotation_interactive_topic}
         assert all(row[lag_col] in ("0", "-") for row in rows), out.stdout
         assert sum(int(row[header.index("CURRENT-OFFSET")]) for row in rows if row[header.index("CURRENT-OFFSET")] != "-") == 4
     finally:

@@ -26,17 +26,20 @@ async def test_topics_create_provisions_everything_and_is_idempotent(kafka_boots
     out = subprocess.run([sys.executable, "-m", "consumers.cli", "topics", "create"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.count("\tcreated") == 8, out.stdout
+    assert out.stdout.count("\tcreated") == 10, out.stdout
     requests = f"{topic_prefix}.cls.annotation.requests"
     described = tool("topics", "--describe", "--topic", requests)
     assert "PartitionCount: 4" in described and "retention.ms=604800000" in described
+    assert f"max.message.bytes={4 * 1024 * 1024 + 16 * 1024}" in described  # matches CLS_MAX_RECORD_BYTES
+    interactive = tool("topics", "--describe", "--topic", f"{topic_prefix}.cls.annotation.interactive")
+    assert "PartitionCount: 4" in interactive
     control = tool("topics", "--describe", "--topic", f"{topic_prefix}.cls.training.control")
     assert "cleanup.policy=compact" in control
     assert f"{requests}.dlq" in tool("topics", "--list")
 
     again = subprocess.run([sys.executable, "-m", "consumers.cli", "topics", "create"], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=120)
-    assert again.returncode == 0 and again.stdout.count("\texists") == 8, again.stdout
+    assert again.returncode == 0 and again.stdout.count("\texists") == 10, again.stdout
 
     # a request topic with fewer partitions than configured is grown, never shrunk
     settings = settings_for(topic_prefix, request_topic_partitions=6)

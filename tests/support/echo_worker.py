@@ -16,6 +16,7 @@ import os
 import sys
 
 from consumers.logging_setup import configure_logging
+from consumers.lanes import annotation_lanes
 from consumers.pipeline import Pipeline
 from consumers.runtime import ConsumerRuntime
 from consumers.settings import Settings
@@ -54,8 +55,7 @@ def echo_pipeline(settings: Settings, sleep_s: float = 0.0) -> Pipeline:
 
     return Pipeline(
         name="annotation.result",
-        input_topic=settings.worker.annotation_requests_topic,
-        output_topic=settings.worker.annotation_results_topic,
+        **annotation_lanes(settings),
         adapter=ANNOTATION_ADAPTER,
         id_field="request_id",
         handle=handle,

@@ -26,6 +26,7 @@ def topic_env(prefix: str) -> dict[str, str]:
     """CLS_* variables naming per-test topics and groups."""
     return {
         "CLS_ANNOTATION_REQUESTS_TOPIC": f"{prefix}.cls.annotation.requests",
+        "CLS_ANNOTATION_INTERACTIVE_TOPIC": f"{prefix}.cls.annotation.interactive",
         "CLS_ANNOTATION_RESULTS_TOPIC": f"{prefix}.cls.annotation.results",
         "CLS_TRAINING_REQUESTS_TOPIC": f"{prefix}.cls.training.requests",
         "CLS_TRAINING_STATUS_TOPIC": f"{prefix}.cls.training.status",

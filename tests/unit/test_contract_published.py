@@ -215,9 +215,11 @@ def test_channels_are_the_provisioned_topics():
         channel_id = operation["channel"]["$ref"].rsplit("/", 1)[1]
         actions[DOC["channels"][channel_id]["address"]] = operation["action"]
     assert actions == {
-        "cls.annotation.requests": "receive", "cls.training.requests": "receive", "cls.training.control": "receive",
+        "cls.annotation.requests": "receive", "cls.annotation.interactive": "receive",
+        "cls.training.requests": "receive", "cls.training.control": "receive",
         "cls.annotation.results": "send", "cls.training.status": "send",
-        "cls.annotation.requests.dlq": "send", "cls.training.requests.dlq": "send", "cls.training.control.dlq": "send",
+        "cls.annotation.requests.dlq": "send", "cls.annotation.interactive.dlq": "send",
+        "cls.training.requests.dlq": "send", "cls.training.control.dlq": "send",
     }
 
 
@@ -252,7 +254,7 @@ def parser_output(tmp_path_factory) -> tuple[int, str]:
 
 def test_asyncapi_parser_accepts_the_document(parser_output):
     _, output = parser_output
-    assert f"OK: {ASYNCAPI}: AsyncAPI 3.0.0, 8 channels, 8 operations, 6 messages, 0 warning(s)" in output, output
+    assert f"OK: {ASYNCAPI}: AsyncAPI 3.0.0, 10 channels, 10 operations, 6 messages, 0 warning(s)" in output, output
     assert not [line for line in output.splitlines() if str(ASYNCAPI) in line and line.startswith(("error", "warning"))]
 
 
