@@ -4,6 +4,7 @@ Environment (besides the normal KAFKA_* / CLS_* settings):
   ECHO_SLEEP_S         seconds each request takes (default 0)
   ECHO_MAX_POLL_MS     consumer max_poll_interval_ms override
   ECHO_GROUP_ID        consumer group (default: CLS_ANNOTATION_GROUP_ID)
+  ECHO_BULK_SLEEP_S    extra seconds each bulk-lane request takes
   ECHO_BIG_FOR         a request id whose result event is made larger than any record may be
   ECHO_BUG_FOR         a request id whose handler raises an unexpected exception (a bug)
 Handles annotation requests: every image gets the first class with confidence 1.0.
@@ -29,10 +30,13 @@ from schemas.common import ErrorInfo
 def echo_pipeline(settings: Settings, sleep_s: float = 0.0) -> Pipeline:
     big_for = os.environ.get("ECHO_BIG_FOR")
     bug_for = os.environ.get("ECHO_BUG_FOR")
+    bulk_sleep_s = float(os.environ.get("ECHO_BULK_SLEEP_S", "0"))
 
     async def handle(request: AnnotationRequest):
         if sleep_s:
             await asyncio.sleep(sleep_s)
+        if bulk_sleep_s and request.priority == "bulk":
+            await asyncio.sleep(bulk_sleep_s)
         if request.request_id == bug_for:
             raise ZeroDivisionError("echo handler bug")
         first = (request.classes or ["none"])[0]
