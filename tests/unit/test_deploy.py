@@ -386,7 +386,9 @@ def test_keda_watches_the_workers_group_topic_and_brokers():
         meta = trigger["metadata"]
         assert meta["bootstrapServers"] == env["KAFKA_BOOTSTRAP_SERVERS"]
         assert meta["consumerGroup"] == effective(env, f"{command}_group_id")
-        assert meta["topic"] == effective(env, f"{command}_requests_topic")
+        from schemas.topology import request_topics
+
+        assert meta["topic"] in {effective(env, decl.setting) for decl in request_topics(command)}
         assert meta["offsetResetPolicy"] == "earliest"
         protocol = env.get("KAFKA_SECURITY_PROTOCOL", "PLAINTEXT")
         assert meta.get("tls", "disable") == ("enable" if protocol.endswith("SSL") else "disable")
