@@ -693,6 +693,21 @@ class ConsumerRuntime:
             except (CommitFailedError, KafkaError) as exc:
                 log.warning("attempt_mark_failed", partition=job.tp.partition, error=repr(exc))
 
+    async def _unmark(self, job: _Job, offsets: PartitionOffsets) -> None:
+        """A record left for redelivery on purpose (shutdown, revocation) did not kill the worker: take
+        this start back out of the count in the commit metadata, so deploys never add up to a crash loop."""
+        consumer = self._consumer
+        if consumer is None or offsets.committed != job.record.offset or job.tp not in consumer.assignment():
+            return
+        async with self._commit_lock:
+            try:
+                await consumer.commit({job.tp: (job.record.offset, attempts_metadata(job.start_count - 1))})
+                head = self._heads.get(job.tp)
+                if head is not None and head.offset == job.record.offset:
+                    head.attempts = job.start_count - 1
+            except (CommitFailedError, KafkaError) as exc:
+                log.warning("attempt_unmark_failed", partition=job.tp.partition, error=repr(exc))
+
     def _retry_later(self, job: _Job) -> None:
         """Re-read an unfinished record (its partition is still ours and we are not stopping).
 
@@ -723,6 +738,7 @@ class ConsumerRuntime:
             self._taken -= 1  # not handled: --max-jobs / max_records still waits for it
             if offsets is not None:
                 offsets.abandon(record.offset)
+                await self._unmark(job, offsets)
             log.info("record_left_for_redelivery", elapsed_s=round(elapsed, 3))
             return
         crash_at = self.settings.worker.fault_crash_after_publish

@@ -210,3 +210,29 @@ def test_alert_rules_use_metrics_the_workers_export():
         names = set(re.findall(r"\b(cls_[a-z_]+|up)\b", expr))
         # a counter is collected as its family name without _total
         assert names and all(n in exported or n.removesuffix("_total") in exported for n in names), expr
+
+
+async def test_graceful_stops_mid_record_never_add_up_to_a_crash_loop(tmp_path, topics, topic_prefix, kafka_bootstrap):
+    """Three deploys (SIGTERM, drain deadline passed) while the same record runs: it is still handled."""
+    w = topics.worker
+    src = w.annotation_requests_topic
+    await produce(kafka_bootstrap, src, valid("long"), key=KEY, partition=0)
+    for n in range(3):
+        worker = start_echo(tmp_path, topic_prefix, f"deploy-{n}", ECHO_SLEEP_S="60", CLS_DRAIN_TIMEOUT_S="0.5",
+                            CLS_MAX_ATTEMPTS="3")
+        try:
+            await worker.wait_for_log("record_received", timeout_s=60)
+            worker.proc.send_signal(signal.SIGTERM)
+            assert await worker.wait_exit(30) == 0
+            assert any(e["event"] == "record_left_for_redelivery" for e in worker.log_events())
+        finally:
+            worker.close()
+    worker = start_echo(tmp_path, topic_prefix, "after-deploys", CLS_MAX_ATTEMPTS="3")
+    try:
+        results = await read_until(kafka_bootstrap, w.annotation_results_topic,
+                                   lambda rs: "long" in {r.json()["request_id"] for r in rs}, timeout_s=60)
+        assert [r.json()["status"] for r in results] == ["completed"]
+        await assert_no_lag(kafka_bootstrap, w.annotation_group_id, src)
+    finally:
+        worker.close()
+    assert not any(e["event"] == "record_dead_lettered" for e in worker.log_events())
