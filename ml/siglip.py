@@ -191,9 +191,8 @@ class SiglipZeroShotModel(EmbeddingModel):
     def _image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.module.vision_model(pixel_values=pixels).pooler_output
 
-    def _text_features(self, prompts: list[str]) -> torch.Tensor:
-        input_ids = self.tokenize(prompts).to(self.device)
-        return self.module.text_model(input_ids=input_ids).pooler_output
+    def _encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.module.text_model(input_ids=tokens).pooler_output
 
 
 def load_siglip(
