@@ -133,7 +133,7 @@ class WorkerSettings(BaseSettings):
 
     # input limits (issue 10)
     max_aspect_ratio: float = Field(default=20.0, ge=1.0, description="Long side / short side of an image; beyond it: bad_aspect_ratio.")
-    decode_memory_mb: int = Field(default=1024, ge=16, description="Estimated peak bytes of all image decodes at once; one image over it: too_many_pixels.")
+    decode_memory_mb: int = Field(default=512, ge=16, description="Estimated peak bytes of all image decodes at once; one image over it: too_many_pixels.")
     text_cache_mb: int = Field(default=256, ge=0, description="Class text embeddings cached across requests and models, in MB (with text_cache_size entries).")
 
     # training

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import io
 import threading
 from collections import deque
@@ -113,6 +114,7 @@ _STORED_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;1
 # Formats whose decoder buffers a whole frame (libtiff strips/tiles, WebP/AVIF decode then copy).
 _WHOLE_FRAME_DECODERS = frozenset({"TIFF", "WEBP", "AVIF"})
 _CHUNK_ROWS_BYTES = 16 * 1024 * 1024  # row chunks of the high-depth conversion (float32 work space)
+_FIXED_BYTES = 4 * 1024 * 1024  # decoder state and row buffers
 
 
 def _mb(nbytes: int) -> int:
@@ -123,18 +125,19 @@ def estimate_decode_bytes(image: Image.Image, data_len: int = 0) -> int:
     """Peak bytes of decoding ``image``'s first frame to RGB, from its header (an upper bound).
 
     Decoded frame (x2 for whole-frame decoders), a possible EXIF-rotated copy, and the RGB conversion: high-depth
-    greyscale 1 B (L) + 4 B (RGB) per pixel plus a bounded work space, alpha compositing 12 B, anything else
-    4 B; plus the encoded bytes.
+    greyscale an array copy + 1 B (L) + 4 B (RGB) per pixel plus a bounded work space, alpha compositing 12 B,
+    anything else 4 B; plus the encoded bytes and a fixed allowance. Measured peaks stay below it (see
+    tests/unit/test_images.py).
     """
     width, height = image.size
     pixels = width * height
     stored = _STORED_BYTES.get(image.mode, 4)
     per_pixel = stored * (2 if image.format in _WHOLE_FRAME_DECODERS else 1)
     per_pixel += stored  # a possible EXIF-rotated copy (PNG's EXIF may follow the pixels: not read here)
-    extra = data_len
+    extra = data_len + _FIXED_BYTES
     mode = image.mode
     if mode in _HIGH_DEPTH_MODES:
-        per_pixel += 5
+        per_pixel += stored + 5  # numpy's copy of the frame, then L and RGB
         extra += 2 * _CHUNK_ROWS_BYTES
     elif mode in _ALPHA_MODES or "transparency" in image.info:
         per_pixel += 12
@@ -257,7 +260,16 @@ def decoded(data: bytes, limits: DecodeLimits) -> Iterator[Image.Image]:
         yield _load_rgb(image)
 
 
+@functools.cache
+def _return_large_frames_to_the_os() -> None:
+    """Pillow allocates frames in blocks of at most ``block_size``; blocks over glibc's largest mmap
+    threshold (32 MB) are mmapped and go back to the OS when freed, instead of staying in a decode
+    thread's malloc arena (which would let freed frames of several threads add up beyond the budget)."""
+    Image.core.set_block_size(64 * 1024 * 1024)
+
+
 def _open(data: bytes) -> Image.Image:
+    _return_large_frames_to_the_os()
     if not data:
         raise ImageError(NOT_AN_IMAGE, "empty body")
     try:
