@@ -125,7 +125,7 @@ def estimate_decode_bytes(image: Image.Image, data_len: int = 0) -> int:
     """Peak bytes of decoding ``image``'s first frame to RGB, from its header (an upper bound).
 
     Decoded frame (x2 for whole-frame decoders), a possible EXIF-rotated copy, and the RGB conversion: high-depth
-    greyscale an array copy + 1 B (L) + 4 B (RGB) per pixel plus a bounded work space, alpha compositing 12 B,
+    greyscale an array copy + 1 B (L) + 4 B (RGB) per pixel plus a bounded work space, alpha compositing 16 B,
     anything else 4 B; plus the encoded bytes and a fixed allowance. Measured peaks stay below it (see
     tests/unit/test_images.py).
     """
@@ -133,14 +133,14 @@ def estimate_decode_bytes(image: Image.Image, data_len: int = 0) -> int:
     pixels = width * height
     stored = _STORED_BYTES.get(image.mode, 4)
     per_pixel = stored * (2 if image.format in _WHOLE_FRAME_DECODERS else 1)
-    per_pixel += stored  # a possible EXIF-rotated copy (PNG's EXIF may follow the pixels: not read here)
+    per_pixel += stored  # an EXIF rotation or a detached first frame (PNG's EXIF may follow the pixels: not read here)
     extra = data_len + _FIXED_BYTES
     mode = image.mode
     if mode in _HIGH_DEPTH_MODES:
         per_pixel += stored + 5  # numpy's copy of the frame, then L and RGB
         extra += 2 * _CHUNK_ROWS_BYTES
     elif mode in _ALPHA_MODES or "transparency" in image.info:
-        per_pixel += 12
+        per_pixel += 16  # RGBA copy, white background, composite; then RGB (measured ~15)
     elif mode != "RGB":
         per_pixel += 4
     return pixels * per_pixel + extra
@@ -220,7 +220,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if mode in _ALPHA_MODES or "transparency" in image.info:
         rgba = image.convert("RGBA")
         composite = Image.alpha_composite(Image.new("RGBA", rgba.size, _WHITE), rgba)
-        del rgba  # peak: source + 12 bytes per pixel (see estimate_decode_bytes)
+        del rgba  # peak: source + 12 to 16 bytes per pixel (see estimate_decode_bytes)
         return composite.convert("RGB")
     if mode == "RGB":
         return image
@@ -297,11 +297,11 @@ def _load_rgb(image: Image.Image) -> Image.Image:
         ) from exc
 
     try:
-        oriented = ImageOps.exif_transpose(image)
+        ImageOps.exif_transpose(image, in_place=True)  # no copy unless the EXIF says to rotate
     except Exception:  # a broken EXIF block: keep the stored orientation rather than fail
-        oriented = image
+        pass
     try:
-        rgb = to_rgb(oriented if oriented is not None else image)
+        rgb = to_rgb(image)
     except Exception as exc:
         raise ImageError(DECODE_FAILED, f"cannot convert {image.mode} to RGB: {exc}") from exc
     if rgb is image and getattr(image, "n_frames", 1) > 1:

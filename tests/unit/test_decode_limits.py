@@ -113,7 +113,18 @@ print(json.dumps({"estimate": estimate, "peak": status("VmHWM") - before}))
 """
 
 
-@pytest.mark.parametrize("name", ["float_tiff", "gray16_png", "rgba_png", "palette_trns_png", "one_bit_png", "gif"])
+def _rotated_jpeg(side: int) -> bytes:
+    import skimage.data
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees to display
+    buffer = io.BytesIO()
+    Image.fromarray(skimage.data.astronaut()).resize((side, side)).save(buffer, "JPEG", exif=exif.tobytes())
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("name", ["float_tiff", "gray16_png", "rgba_png", "palette_trns_png", "one_bit_png", "gif",
+                                  "rotated_jpeg"])
 def test_the_estimate_bounds_the_measured_peak(name):
     """Each decode in a fresh process: its peak RSS growth never exceeds the header estimate."""
     data = {
@@ -123,6 +134,7 @@ def test_the_estimate_bounds_the_measured_peak(name):
         "palette_trns_png": lambda: blank_png(3000, 3000, 8, 3, bytes(range(256)) * 3, trns=b"\x00"),
         "one_bit_png": lambda: huge_blank_png(5000, 5000),
         "gif": lambda: many_frame_gif(2000, 2000, 50),
+        "rotated_jpeg": lambda: _rotated_jpeg(3000),
     }[name]()
     done = subprocess.run([sys.executable, "-c", _MEASURE], input=data, capture_output=True, cwd=REPO_ROOT,
                           timeout=120, check=True)
