@@ -207,7 +207,8 @@ def _score_and_rank(model: LoadedModel, rows: list[torch.Tensor], prepared: obje
 
 
 def _decode_and_preprocess(data: bytes, limits: DecodeLimits, model: LoadedModel) -> torch.Tensor:
-    with decoded(data, limits) as image:  # the decode budget is held until the image is preprocessed
+    # the decode budget is held until the image is preprocessed, and covers what preprocessing allocates
+    with decoded(data, limits, model.preprocess_bytes_per_pixel) as image:
         try:
             return model.preprocess(image)
         except Exception as exc:  # e.g. a degenerate 1x0 image surviving decode

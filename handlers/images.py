@@ -127,7 +127,7 @@ def estimate_decode_bytes(image: Image.Image, data_len: int = 0) -> int:
     Decoded frame (x2 for whole-frame decoders), a possible EXIF-rotated copy, and the RGB conversion: high-depth
     greyscale an array copy + 1 B (L) + 4 B (RGB) per pixel plus a bounded work space, alpha compositing 16 B,
     anything else 4 B; plus the encoded bytes and a fixed allowance. Measured peaks stay below it (see
-    tests/unit/test_images.py).
+    tests/unit/test_decode_limits.py).
     """
     width, height = image.size
     pixels = width * height
@@ -240,9 +240,10 @@ def decode_image(data: bytes, limits: DecodeLimits) -> Image.Image:
 
 
 @contextlib.contextmanager
-def decoded(data: bytes, limits: DecodeLimits) -> Iterator[Image.Image]:
+def decoded(data: bytes, limits: DecodeLimits, work_bytes_per_pixel: int = 0) -> Iterator[Image.Image]:
     """``decode_image`` as a context manager: the decode's memory stays reserved in ``limits.budget``
-    until the block ends (preprocess the image inside it)."""
+    until the block ends (preprocess the image inside it; ``work_bytes_per_pixel``: what that work
+    allocates per pixel, reserved too)."""
     image = _open(data)
     width, height = image.size
     if width * height > limits.max_pixels:
@@ -254,8 +255,8 @@ def decoded(data: bytes, limits: DecodeLimits) -> Iterator[Image.Image]:
             BAD_ASPECT_RATIO,
             f"{width}x{height}: aspect ratio over the limit {limits.max_aspect_ratio:g}:1 (CLS_MAX_ASPECT_RATIO)",
         )
-    reservation = (limits.budget.reserve(estimate_decode_bytes(image, len(data))) if limits.budget is not None
-                   else contextlib.nullcontext())
+    estimate = estimate_decode_bytes(image, len(data)) + work_bytes_per_pixel * width * height
+    reservation = limits.budget.reserve(estimate) if limits.budget is not None else contextlib.nullcontext()
     with reservation:
         yield _load_rgb(image)
 

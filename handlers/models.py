@@ -67,6 +67,7 @@ class ModelConfig:
 class LoadedModel(Protocol):
     key: ModelKey
     descriptor: ModelDescriptor
+    preprocess_bytes_per_pixel: int  # what preprocess allocates per input pixel (counted in the decode budget)
 
     def preprocess(self, image: Image.Image) -> torch.Tensor: ...
     def forward(self, pixels: torch.Tensor) -> torch.Tensor: ...
@@ -85,6 +86,7 @@ class ZeroShotHandle:
         self.model = model
         self._encode = encode_images_adaptive
         self._text_pending: dict[Any, asyncio.Future[torch.Tensor]] = {}  # identical requests share one pass
+        self.preprocess_bytes_per_pixel = int(getattr(model, "preprocess_bytes_per_pixel", 0))
         self.descriptor = ModelDescriptor(family=key.family, variant=model.info.variant, weights=model.info.weights)
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
@@ -162,6 +164,7 @@ class CustomHandle:
         self.key = key
         self.model = model
         self.descriptor = ModelDescriptor(family="custom", variant=model.info_variant, weights=key.weights)
+        self.preprocess_bytes_per_pixel = 0  # timm's eval transform resizes with Pillow first
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         return self.model.preprocess(image)

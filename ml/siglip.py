@@ -157,6 +157,8 @@ class SiglipPreprocess:
 class SiglipZeroShotModel(EmbeddingModel):
     """A transformers ``SiglipModel`` as a :class:`~ml.zeroshot.ZeroShotModel` (sigmoid confidences)."""
 
+    preprocess_bytes_per_pixel = 16  # the full-size frame as bytes, numpy, a contiguous tensor; resize work (~12 measured)
+
     def __init__(
         self,
         module: Any,

@@ -268,6 +268,8 @@ class EmbeddingModel(ABC):
 
     text_batch_size = 64  # prompts per text forward: same speed as 256 on CPU, far less peak memory
     """Prompts per text forward pass."""
+    preprocess_bytes_per_pixel = 0
+    """Bytes :meth:`preprocess` allocates per pixel of its input (0: it resizes with Pillow first)."""
 
     def __init__(
         self, info: ModelInfo, device: torch.device, image_size: int, text_cache: TextEmbeddingCache

@@ -239,3 +239,39 @@ def test_high_depth_conversion_matches_the_whole_frame_reference(case):
     difference = np.abs(rgb[..., 0].astype(np.int16) - expected)
     assert difference.max() <= 1 and (difference > 0).mean() < 1e-3  # float32 work space: rounding ties only
     assert np.array_equal(rgb[..., 0], rgb[..., 2])
+
+
+_MEASURE_SIGLIP = r"""
+import json
+import numpy as np
+from PIL import Image
+from ml.zeroshot import load_zero_shot_model
+model = load_zero_shot_model("siglip", "cls-tiny-siglip", "random", device="cpu")
+image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (3000, 3000, 3), dtype=np.uint8))
+model.preprocess(image.resize((300, 300)))  # first-call allocations (torch kernels) are not per pixel
+def status(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+open("/proc/self/clear_refs", "w").write("5")
+before = status("VmRSS")
+model.preprocess(image)
+print(json.dumps({"per_pixel": (status("VmHWM") - before) / 9e6, "declared": model.preprocess_bytes_per_pixel}))
+"""
+
+
+def test_siglip_preprocessing_is_counted_per_pixel_in_the_reservation():
+    """SigLIP resizes a full-size tensor copy: what it declares covers what it allocates, and is reserved."""
+    done = subprocess.run([sys.executable, "-c", _MEASURE_SIGLIP], capture_output=True, cwd=REPO_ROOT, timeout=300,
+                          check=True)
+    measured = json.loads(done.stdout.splitlines()[-1])
+    assert 3 < measured["per_pixel"] <= measured["declared"], measured
+    data = huge_blank_png(2000, 2000)
+    with Image.open(io.BytesIO(data)) as header:
+        alone = estimate_decode_bytes(header, len(data))
+    budget = DecodeBudget(alone + 1_000_000)
+    with decoded(data, DecodeLimits(budget=budget)):
+        assert budget.in_use == alone
+    with pytest.raises(ImageError) as caught, decoded(data, DecodeLimits(budget=budget), measured["declared"]):
+        pass
+    assert caught.value.code == TOO_MANY_PIXELS
