@@ -18,7 +18,7 @@ from handlers.annotation import PART_BUDGET_BYTES, AnnotationConfig, AnnotationC
 from handlers.batcher import MicroBatcher
 from handlers.executor import Executors
 from handlers.fetch import Fetcher, FetchLimits
-from handlers.images import DecodeLimits
+from handlers.images import DecodeBudget, DecodeLimits
 from handlers.models import ModelConfig, ModelRegistry, parse_allowed_variants, parse_variant_weights
 from handlers.storage import ObjectStore
 from schemas.codec import ANNOTATION_ADAPTER
@@ -31,6 +31,7 @@ def model_config(settings: Settings) -> ModelConfig:
     return ModelConfig(
         clip_variant=w.clip_variant, clip_weights=w.clip_weights, siglip_variant=w.siglip_variant,
         siglip_weights=w.siglip_weights, device=w.device, seed=w.seed, text_cache_size=w.text_cache_size,
+        text_cache_bytes=w.text_cache_mb * 1024 * 1024,
         cache_size=w.model_cache_size, model_dir=w.model_dir,
         clip_variant_weights=parse_variant_weights(w.clip_variant_weights),
         allowed_variants=parse_allowed_variants(w.allowed_model_variants),
@@ -44,6 +45,13 @@ def fetch_limits(settings: Settings) -> FetchLimits:
         total_timeout_s=w.fetch_total_timeout_s, max_redirects=w.fetch_max_redirects, concurrency=w.fetch_concurrency,
         allow_private_networks=w.allow_private_networks, allow_file_urls=w.allow_file_urls, file_root=w.file_root,
     )
+
+
+def decode_limits(settings: Settings) -> DecodeLimits:
+    """Per-image limits and the worker's one shared decode budget."""
+    w = settings.worker
+    return DecodeLimits(max_pixels=w.max_image_pixels, max_aspect_ratio=w.max_aspect_ratio,
+                        budget=DecodeBudget(w.decode_memory_mb * 1024 * 1024))
 
 
 def default_templates(settings: Settings) -> list[str]:
@@ -91,12 +99,11 @@ async def annotation_context(settings: Settings):
             model_config=config,
             models=ModelRegistry(config, executors, store, on_loaded=metrics.observe_model_load),
             fetcher=fetcher,
-            decode_limits=DecodeLimits(max_pixels=w.max_image_pixels),
+            decode_limits=decode_limits(settings),
             batcher=batcher,
             executors=executors,
             on_text_cache=metrics.observe_text_cache,
         )
-        ctx.models.on_evicted = batcher.drop
         try:
             yield ctx
         finally:

@@ -143,6 +143,11 @@ class WorkerSettings(BaseSettings):
     result_part_size: int = Field(default=500, ge=1, description="Images per result part (N).")
     default_prompt_templates: str | None = Field(default=None, description="'|'-separated; default: open_clip's ImageNet ensemble.")
 
+    # input limits (issue 10)
+    max_aspect_ratio: float = Field(default=20.0, ge=1.0, description="Long side / short side of an image; beyond it: bad_aspect_ratio.")
+    decode_memory_mb: int = Field(default=512, ge=16, description="Estimated peak bytes of all image decodes at once; one image over it: too_many_pixels.")
+    text_cache_mb: int = Field(default=256, ge=0, description="Class text embeddings cached across requests and models, in MB (with text_cache_size entries).")
+
     # training
     training_work_dir: str = "~/.cache/cls-workers/training"
     dataset_cache_dir: str = "~/.cache/cls-workers/images"

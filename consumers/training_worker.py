@@ -18,7 +18,7 @@ import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from consumers import metrics
-from consumers.annotation_worker import storage_and_fetcher
+from consumers.annotation_worker import decode_limits, storage_and_fetcher
 from consumers.dlq import dead_letter
 from consumers.health import HealthServer
 from consumers.pipeline import Pipeline
@@ -27,7 +27,6 @@ from consumers.settings import Settings
 from consumers.topics_admin import topic_partitions
 from consumers.worker import configure_torch_threads, serve
 from handlers.executor import Executors
-from handlers.images import DecodeLimits
 from handlers.training import CancelRegistry, TrainingContext, TrainingHandler, TrainingSettings, failed_status
 from schemas.codec import CANCEL_ADAPTER, TRAINING_ADAPTER, NotAJsonObject, decode, parse_json_object
 
@@ -143,7 +142,7 @@ async def training_context(settings: Settings):
                                       checkpoint_suffix=w.checkpoint_prefix_suffix, heartbeat_s=w.heartbeat_s,
                                       device=w.device, download_concurrency=w.fetch_concurrency,
                                       memory_budget_bytes=training_memory_budget(settings), max_workers=w.training_max_workers),
-            store=store, fetcher=fetcher, decode_limits=DecodeLimits(max_pixels=w.max_image_pixels),
+            store=store, fetcher=fetcher, decode_limits=decode_limits(settings),
             executors=executors, cancels=CancelRegistry(),
             on_epoch=metrics.TRAINING_EPOCH_SECONDS.observe,
         )

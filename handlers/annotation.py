@@ -19,10 +19,10 @@ import structlog
 import torch
 
 from handlers.batcher import MicroBatcher
-from handlers.errors import ImageError, PermanentError
+from handlers.errors import ImageError, InvalidRequest, PermanentError
 from handlers.executor import Executors
 from handlers.fetch import Fetcher
-from handlers.images import DecodeLimits, decode_image
+from handlers.images import DecodeLimits, decoded
 from handlers.models import LoadedModel, ModelConfig, ModelRegistry
 from schemas.annotation import (
     MAX_IMAGE_ERROR_CHARS,
@@ -31,6 +31,7 @@ from schemas.annotation import (
     ImageRef,
     ImageResult,
     Prediction,
+    prompt_volume_problem,
 )
 from schemas.common import ErrorInfo
 
@@ -123,7 +124,12 @@ class AnnotationHandler:
         model = await ctx.models.get(key)
         classes = model.class_names(request.classes)
         templates = request.prompt_templates or ctx.config.default_templates
-        prepared, text_cache_hit = await ctx.executors.on_gpu(model.prepare, classes, templates)
+        if request.model != "custom":  # the schema checked request templates; the defaults count too
+            problem = prompt_volume_problem(classes, templates, "templates" if request.prompt_templates
+                                            else "default templates (CLS_DEFAULT_PROMPT_TEMPLATES)")
+            if problem:
+                raise InvalidRequest(problem)
+        prepared, text_cache_hit = await model.prepare(classes, templates, ctx.executors)
         if ctx.on_text_cache is not None and request.model != "custom":
             ctx.on_text_cache(text_cache_hit)
         top_k = min(request.top_k, len(classes))
@@ -186,7 +192,9 @@ class AnnotationHandler:
                 pixels = await ctx.executors.on_cpu(_decode_and_preprocess, data, ctx.decode_limits, model)
             except ImageError as exc:
                 return ImageResult(id=image.id, error=ErrorInfo(code=exc.code, message=exc.message))
-            return await ctx.batcher.submit(model.key, model.forward, pixels, request_id)
+            # the key's model loaded now: after an eviction and reload, queued images go to the new instance
+            current = ctx.models.peek(model.key) or model
+            return await ctx.batcher.submit(model.key, current.forward, pixels, request_id)
 
     async def _part_results(self, model: LoadedModel, images: Sequence[ImageRef], outputs: list, prepared: object,
                             classes: Sequence[str], top_k: int, threshold: float) -> list[ImageResult]:
@@ -214,11 +222,12 @@ def _score_and_rank(model: LoadedModel, rows: list[torch.Tensor], prepared: obje
 
 
 def _decode_and_preprocess(data: bytes, limits: DecodeLimits, model: LoadedModel) -> torch.Tensor:
-    image = decode_image(data, limits)
-    try:
-        return model.preprocess(image)
-    except Exception as exc:  # e.g. a degenerate 1x0 image surviving decode
-        raise ImageError("decode_failed", f"preprocessing failed: {exc}") from exc
+    # the decode budget is held until the image is preprocessed, and covers what preprocessing allocates
+    with decoded(data, limits, model.preprocess_bytes_per_pixel) as image:
+        try:
+            return model.preprocess(image)
+        except Exception as exc:  # e.g. a degenerate 1x0 image surviving decode
+            raise ImageError("decode_failed", f"preprocessing failed: {exc}") from exc
 
 
 def failed_result(request_id: str, error: ErrorInfo) -> AnnotationResult:

@@ -3,6 +3,11 @@
 Images are queued per model; a batch closes when it reaches ``max_batch`` images or ``max_wait_ms``
 after its first image, and runs on the GPU thread while the next batch fills up (fetching and
 decoding go on concurrently on the event loop and the CPU pool).
+
+A lane exists only while it has work: it ends when its queue is empty after a batch, and it is never
+cancelled from outside, so every queued image gets its result or its error. A lane holds the forward
+of the newest submit for its key: when a model is evicted and loaded again, the images still queued run
+on the reloaded instance, and an evicted model is referenced by no idle lane (the cache bound holds).
 """
 
 from __future__ import annotations
@@ -38,45 +43,48 @@ class BatchStats:
 
 
 class _Lane:
-    """The queue and the batching loop of one model."""
+    """The queue and the batching loop of one model key; ends itself when its queue is empty."""
 
     def __init__(self, batcher: "MicroBatcher", key: Any, forward: Callable[[torch.Tensor], torch.Tensor]) -> None:
         self.batcher = batcher
         self.key = key
-        self.forward = forward
+        self.forward: Callable[[torch.Tensor], torch.Tensor] | None = forward
         self.queue: asyncio.Queue[_Item] = asyncio.Queue()
-        self.retired = False
         self.task = asyncio.create_task(self._loop(), name=f"batcher-{key}")
-
-    def retire(self) -> None:
-        self.retired = True
-        if self.queue.empty():
-            self.task.cancel()
 
     async def _loop(self) -> None:
         max_batch = self.batcher.max_batch
         wait_s = self.batcher.max_wait_ms / 1000
-        while True:
-            first = await self.queue.get()
-            items = [first]
-            deadline = time.monotonic() + wait_s
-            while len(items) < max_batch:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    # take whatever is already queued without waiting
-                    while len(items) < max_batch and not self.queue.empty():
-                        items.append(self.queue.get_nowait())
-                    break
-                try:
-                    items.append(await asyncio.wait_for(self.queue.get(), remaining))
-                except TimeoutError:
-                    break
-            items = [item for item in items if not item.future.cancelled()]
-            if items:
-                await self._run(items)
-            if self.retired and self.queue.empty():
-                self.forward = None  # type: ignore[assignment]  # let the model go
-                return
+        try:
+            while not self.queue.empty():
+                items = [self.queue.get_nowait()]
+                deadline = time.monotonic() + wait_s
+                while len(items) < max_batch:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        # take whatever is already queued without waiting
+                        while len(items) < max_batch and not self.queue.empty():
+                            items.append(self.queue.get_nowait())
+                        break
+                    try:
+                        items.append(await asyncio.wait_for(self.queue.get(), remaining))
+                    except TimeoutError:
+                        break
+                    except asyncio.CancelledError:  # close(): cancel the waiters of the batch being gathered
+                        for item in items:
+                            item.future.cancel()
+                        raise
+                items = [item for item in items if not item.future.cancelled()]
+                if items:
+                    await self._run(items)
+        finally:
+            # No await between the empty check and here: a submit either saw this lane's queue before it
+            # was emptied (and the loop took its image) or finds no lane and starts a new one.
+            if self.batcher._lanes.get(self.key) is self:
+                del self.batcher._lanes[self.key]
+            self.forward = None  # let the model go
+            for item in _drain(self.queue):  # only on close(): cancelled with its waiter
+                item.future.cancel()
 
     async def _run(self, items: list[_Item]) -> None:
         stats = self.batcher.stats
@@ -88,8 +96,14 @@ class _Lane:
             for rid in requests:
                 stats.shared_batches[rid] = stats.shared_batches.get(rid, 0) + 1
         self.batcher.observe(len(items), len(requests))
+        forward = self.forward
+        assert forward is not None
         try:
-            outputs = await self.batcher.executors.on_gpu(_stack_and_forward, self.forward, [item.pixels for item in items])
+            outputs = await self.batcher.executors.on_gpu(_stack_and_forward, forward, [item.pixels for item in items])
+        except asyncio.CancelledError:  # close(): the waiters are cancelled, never left waiting
+            for item in items:
+                item.future.cancel()
+            raise
         except Exception as exc:  # the whole batch failed: every waiter gets the error
             for item in items:
                 if not item.future.done():
@@ -98,6 +112,13 @@ class _Lane:
         for item, row in zip(items, outputs, strict=True):
             if not item.future.done():
                 item.future.set_result(row)
+
+
+def _drain(queue: asyncio.Queue[_Item]) -> list[_Item]:
+    items = []
+    while not queue.empty():
+        items.append(queue.get_nowait())
+    return items
 
 
 def _stack_and_forward(forward: Callable[[torch.Tensor], torch.Tensor], rows: list[torch.Tensor]) -> torch.Tensor:
@@ -118,29 +139,31 @@ class MicroBatcher:
 
     async def submit(self, key: Any, forward: Callable[[torch.Tensor], torch.Tensor], pixels: torch.Tensor,
                      request_id: str) -> torch.Tensor:
-        """Queue one preprocessed image for model ``key``; returns its row of the batched output."""
+        """Queue one preprocessed image for model ``key``; returns its row of the batched output.
+
+        ``forward`` is the key's current model: a batch that has not started yet runs on the newest one
+        submitted (a reloaded model), a running batch finishes on the model it started with.
+        """
         lane = self._lanes.get(key)
-        if lane is not None and lane.forward != forward:  # the model was evicted and loaded again
-            self.drop(key)
-            lane = None
-        if lane is None or lane.task.done():
+        if lane is None:
             lane = self._lanes[key] = _Lane(self, key, forward)
+        else:
+            lane.forward = forward
         future: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
         lane.queue.put_nowait(_Item(pixels, request_id, future))
         return await future
 
-    def drop(self, key: Any) -> None:
-        """Forget the lane of an evicted model (its queued images are still run), so the model can be freed."""
-        lane = self._lanes.pop(key, None)
-        if lane is not None:
-            lane.retire()
+    def lanes(self) -> int:
+        """Lanes with work now (an idle batcher holds no lane and no model)."""
+        return len(self._lanes)
 
     def forget(self, request_id: str) -> int:
         """Pop and return how many batches of ``request_id`` were shared with other requests."""
         return self.stats.shared_batches.pop(request_id, 0)
 
     async def close(self) -> None:
-        for lane in self._lanes.values():
+        lanes = list(self._lanes.values())
+        for lane in lanes:
             lane.task.cancel()
-        await asyncio.gather(*(lane.task for lane in self._lanes.values()), return_exceptions=True)
+        await asyncio.gather(*(lane.task for lane in lanes), return_exceptions=True)
         self._lanes.clear()

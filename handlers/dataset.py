@@ -24,7 +24,7 @@ from handlers.executor import Executors
 from handlers.fetch import Fetcher
 from pydantic import ValidationError
 
-from handlers.images import DecodeLimits, decode_image
+from handlers.images import DecodeLimits, decoded
 from schemas.training import LabeledUrl, TrainingDataset
 
 INVALID_DATASET = "invalid_dataset"
@@ -86,12 +86,12 @@ class DatasetCache:
 
 def _normalise(data: bytes, limits: DecodeLimits) -> tuple[bytes, str]:
     """Decode (all the odd formats handled once, here) and keep a file training can read as RGB."""
-    image = decode_image(data, limits)
-    if data[:3] == b"\xff\xd8\xff" and image.mode == "RGB" and not _has_exif_rotation(data):
-        return data, ".jpg"  # already a plain RGB JPEG: keep the original bytes
-    out = io.BytesIO()
-    image.save(out, "PNG", compress_level=1)
-    return out.getvalue(), ".png"
+    with decoded(data, limits) as image:  # the decode budget is held until the image is re-encoded
+        if data[:3] == b"\xff\xd8\xff" and image.mode == "RGB" and not _has_exif_rotation(data):
+            return data, ".jpg"  # already a plain RGB JPEG: keep the original bytes
+        out = io.BytesIO()
+        image.save(out, "PNG", compress_level=1)
+        return out.getvalue(), ".png"
 
 
 def _has_exif_rotation(data: bytes) -> bool:

@@ -14,7 +14,8 @@ FETCH_FAILED = "fetch_failed"
 HTTP_STATUS = "http_status"
 TIMEOUT = "timeout"
 TOO_LARGE = "too_large"
-TOO_MANY_PIXELS = "too_many_pixels"
+TOO_MANY_PIXELS = "too_many_pixels"  # also: the decode memory estimate exceeds the whole budget
+BAD_ASPECT_RATIO = "bad_aspect_ratio"
 BLOCKED_URL = "blocked_url"
 NOT_AN_IMAGE = "not_an_image"
 DECODE_FAILED = "decode_failed"
@@ -27,12 +28,16 @@ IMAGE_ERROR_CODES = frozenset(
         TIMEOUT,
         TOO_LARGE,
         TOO_MANY_PIXELS,
+        BAD_ASPECT_RATIO,
         BLOCKED_URL,
         NOT_AN_IMAGE,
         DECODE_FAILED,
         UNSUPPORTED_URL,
     }
 )
+
+# Whole-request error code of a request that cannot be valid here.
+INVALID_REQUEST = "invalid_request"
 
 # Object storage error codes (PermanentError / RetryableError raised by handlers.storage).
 STORAGE_NOT_FOUND = "storage_not_found"  # object or bucket missing on read
@@ -69,3 +74,10 @@ class RetryableError(HandlerError):
 
 class ImageError(PermanentError):
     """One image failed: the handler reports an error entry for that image only."""
+
+
+class InvalidRequest(PermanentError):
+    """The request breaks a limit or rule the schema cannot check alone: a failed event ``invalid_request``."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(INVALID_REQUEST, message)

@@ -1,21 +1,39 @@
-"""Decode fetched bytes into RGB Pillow images, safely, off the event loop.
+"""Decode fetched bytes into RGB Pillow images, safely, off the event loop, within a memory budget.
 
-``decode_image`` is synchronous (run it in a thread pool); ``fetch_image`` fetches and decodes one URL.
-Failures raise ``ImageError`` with a stable code: ``not_an_image``, ``decode_failed``, ``too_many_pixels``
-(plus the fetch codes from ``handlers.fetch``).
+``decode_image`` is synchronous (run it in a thread pool); ``decoded`` is the same as a context manager
+that keeps the image's memory reserved while the caller preprocesses it; ``fetch_image`` fetches and
+decodes one URL. Failures raise ``ImageError`` with a stable code: ``not_an_image``, ``decode_failed``,
+``too_many_pixels`` (also when the decode's estimated peak memory exceeds the whole budget),
+``bad_aspect_ratio`` (plus the fetch codes from ``handlers.fetch``).
+
+Memory is bounded by design, from the header, before any pixel is decoded:
+
+- the aspect ratio is limited (``max_aspect_ratio``): shortest-side resizes (CLIP, timm) then produce at
+  most ``ratio x side`` pixels on the long side, whatever the image's size in bytes;
+- the peak bytes of decoding and converting the first frame are estimated from the size, the mode
+  (bytes per pixel as Pillow stores it), the format (decoders that buffer a whole frame count twice) and
+  the conversion to RGB (see :func:`estimate_decode_bytes`); only the first frame is ever decoded;
+- every decode reserves its estimate in a shared :class:`DecodeBudget` (a thread-safe semaphore on bytes,
+  first come first served) until the caller is done with the image, so the decodes running at once never
+  hold more than the budget, however many threads decode.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import io
+import threading
+from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
-from handlers.errors import DECODE_FAILED, NOT_AN_IMAGE, TOO_MANY_PIXELS, ImageError
+from handlers.errors import BAD_ASPECT_RATIO, DECODE_FAILED, NOT_AN_IMAGE, TOO_MANY_PIXELS, ImageError
 from handlers.fetch import Fetcher
 
 _WHITE = (255, 255, 255, 255)
@@ -35,11 +53,99 @@ _IMAGE_MAGIC = (
 )
 
 
+class DecodeBudget:
+    """A shared budget of bytes for the decodes in progress: a thread-safe, first-come-first-served semaphore.
+
+    ``reserve(n)`` blocks until ``n`` bytes are free and no earlier caller is still waiting (so a large image
+    is not starved by a stream of small ones); a request larger than the whole budget is refused at once.
+    """
+
+    def __init__(self, capacity_bytes: int) -> None:
+        if capacity_bytes <= 0:
+            raise ValueError("capacity_bytes must be > 0")
+        self.capacity = capacity_bytes
+        self.in_use = 0
+        self.peak = 0  # the most bytes ever reserved at once (tests, metrics)
+        self._cond = threading.Condition()
+        self._waiting: deque[object] = deque()
+
+    @contextlib.contextmanager
+    def reserve(self, nbytes: int) -> Iterator[None]:
+        if nbytes > self.capacity:
+            raise ImageError(
+                TOO_MANY_PIXELS,
+                f"decoding needs about {_mb(nbytes)} MB, more than the whole decode budget of {_mb(self.capacity)} MB",
+            )
+        ticket = object()
+        with self._cond:
+            self._waiting.append(ticket)
+            try:
+                self._cond.wait_for(lambda: self._waiting[0] is ticket and self.in_use + nbytes <= self.capacity)
+            finally:
+                self._waiting.remove(ticket)
+                self._cond.notify_all()
+            self.in_use += nbytes
+            self.peak = max(self.peak, self.in_use)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.in_use -= nbytes
+                self._cond.notify_all()
+
+
 @dataclass(frozen=True)
 class DecodeLimits:
-    """Limits for decoding one image (well below Pillow's own decompression-bomb threshold)."""
+    """Limits for decoding one image (well below Pillow's own decompression-bomb threshold).
+
+    ``max_aspect_ratio``: long side / short side. 20 admits banners (970x90 is 10.8) and phone panoramas
+    (about 4:1 to 12:1); beyond it a centre crop sees under 5% of the image, and a shortest-side resize to
+    224 px already yields 4480 px on the long side. ``budget``: the shared decode budget (None: only the
+    per-image checks).
+    """
 
     max_pixels: int = 40_000_000
+    max_aspect_ratio: float = 20.0
+    budget: DecodeBudget | None = None
+
+
+# Bytes per pixel of a decoded frame as Pillow stores it (RGB is padded to 4); anything else counts 4.
+_STORED_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2, "I": 4, "F": 4}
+# Formats whose decoder buffers a whole frame (libtiff strips/tiles, WebP/AVIF decode then copy).
+_WHOLE_FRAME_DECODERS = frozenset({"TIFF", "WEBP", "AVIF"})
+_CHUNK_ROWS_BYTES = 16 * 1024 * 1024  # row chunks of the high-depth conversion (float32 work space)
+_FIXED_BYTES = 4 * 1024 * 1024  # decoder state and row buffers
+
+
+def _mb(nbytes: int) -> int:
+    return -(-nbytes // (1024 * 1024))
+
+
+def estimate_decode_bytes(image: Image.Image, data_len: int = 0) -> int:
+    """Peak bytes of decoding ``image``'s first frame to RGB, from its header (an upper bound).
+
+    Decoded frame (x2 for whole-frame decoders), a possible EXIF-rotated copy, and the RGB conversion: high-depth
+    greyscale an array copy + 1 B (L) + 4 B (RGB) per pixel plus a bounded work space, alpha compositing 16 B,
+    anything else 4 B; plus the encoded bytes and a fixed allowance. Measured peaks stay below it (see
+    tests/unit/test_decode_limits.py).
+    """
+    width, height = image.size
+    pixels = width * height
+    stored = _STORED_BYTES.get(image.mode, 4)
+    per_pixel = stored * (2 if image.format in _WHOLE_FRAME_DECODERS else 1)
+    per_pixel += stored  # an EXIF rotation or a detached first frame (PNG's EXIF may follow the pixels: not read here)
+    extra = data_len + _FIXED_BYTES
+    mode = image.mode
+    if mode in _HIGH_DEPTH_MODES:
+        per_pixel += stored + 5  # numpy's copy of the frame, then L and RGB
+        extra += 2 * _CHUNK_ROWS_BYTES
+    elif mode in _ALPHA_MODES or "transparency" in image.info:
+        per_pixel += 16  # RGBA copy, white background, composite; then RGB (measured ~15)
+    elif mode != "RGB":
+        per_pixel += 4
+    return pixels * per_pixel + extra
+
+
 
 
 def _looks_like_image(data: bytes) -> bool:
@@ -56,18 +162,38 @@ def _allowed_formats() -> list[str]:
 
 
 def _high_depth_to_rgb(image: Image.Image) -> Image.Image:
-    """16/32-bit integer or float greyscale -> 8-bit RGB, scaling instead of clipping."""
+    """16/32-bit integer or float greyscale -> 8-bit RGB, scaling instead of clipping.
+
+    Works on row chunks in float32, so the work space stays bounded (``_CHUNK_ROWS_BYTES``) whatever the size.
+    """
     values = np.asarray(image)
-    if image.mode.startswith("I;16"):
-        scaled = values.astype(np.float64) / 257.0
-    elif image.mode == "I":
-        values = np.clip(values, 0, 65535)
-        scaled = values / 257.0 if values.max(initial=0) > 255 else values.astype(np.float64)
+    height, width = values.shape[:2]
+    rows = max(1, _CHUNK_ROWS_BYTES // max(1, width * 4))
+    mode = image.mode
+
+    def chunks() -> Iterator[tuple[int, np.ndarray]]:
+        for top in range(0, height, rows):
+            yield top, values[top : top + rows].astype(np.float32)
+
+    if mode.startswith("I;16"):
+        divisor, multiplier = 257.0, 1.0
+    elif mode == "I":
+        top_value = max((float(np.clip(c, 0, 65535).max(initial=0)) for _, c in chunks()), default=0.0)
+        divisor, multiplier = (257.0 if top_value > 255 else 1.0), 1.0
     else:  # "F"
-        finite = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-        top = finite.max(initial=0.0)
-        scaled = finite * 255.0 if top <= 1.0 else finite
-    grey = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+        top_value = max((float(np.nan_to_num(c, nan=0.0, posinf=0.0, neginf=0.0).max(initial=0.0))
+                         for _, c in chunks()), default=0.0)
+        divisor, multiplier = 1.0, (255.0 if top_value <= 1.0 else 1.0)
+    grey = np.empty((height, width), dtype=np.uint8)
+    for top, chunk in chunks():
+        np.nan_to_num(chunk, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+        if mode == "I":
+            np.clip(chunk, 0, 65535, out=chunk)
+        chunk *= multiplier / divisor
+        np.rint(chunk, out=chunk)
+        np.clip(chunk, 0, 255, out=chunk)
+        grey[top : top + chunk.shape[0]] = chunk
+    del values
     return Image.fromarray(grey, mode="L").convert("RGB")
 
 
@@ -93,8 +219,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
         return _high_depth_to_rgb(image)
     if mode in _ALPHA_MODES or "transparency" in image.info:
         rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, _WHITE)
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        composite = Image.alpha_composite(Image.new("RGBA", rgba.size, _WHITE), rgba)
+        del rgba  # peak: source + 12 to 16 bytes per pixel (see estimate_decode_bytes)
+        return composite.convert("RGB")
     if mode == "RGB":
         return image
     if mode == "CMYK":
@@ -105,13 +232,49 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def decode_image(data: bytes, limits: DecodeLimits) -> Image.Image:
     """Decode image bytes into a fully loaded RGB image (first frame; EXIF orientation applied).
 
-    Synchronous and CPU-bound: call it from a thread pool. The pixel limit is checked from the
-    header before any pixel is decoded.
+    Synchronous and CPU-bound: call it from a thread pool. The limits are checked from the header
+    before any pixel is decoded; the budget is held while decoding only.
     """
+    with decoded(data, limits) as image:
+        return image
+
+
+@contextlib.contextmanager
+def decoded(data: bytes, limits: DecodeLimits, work_bytes_per_pixel: int = 0) -> Iterator[Image.Image]:
+    """``decode_image`` as a context manager: the decode's memory stays reserved in ``limits.budget``
+    until the block ends (preprocess the image inside it; ``work_bytes_per_pixel``: what that work
+    allocates per pixel, reserved too)."""
+    image = _open(data)
+    width, height = image.size
+    if width * height > limits.max_pixels:
+        raise ImageError(
+            TOO_MANY_PIXELS, f"{width}x{height} = {width * height} pixels > limit {limits.max_pixels}"
+        )
+    if min(width, height) < 1 or max(width, height) > limits.max_aspect_ratio * min(width, height):
+        raise ImageError(
+            BAD_ASPECT_RATIO,
+            f"{width}x{height}: aspect ratio over the limit {limits.max_aspect_ratio:g}:1 (CLS_MAX_ASPECT_RATIO)",
+        )
+    estimate = estimate_decode_bytes(image, len(data)) + work_bytes_per_pixel * width * height
+    reservation = limits.budget.reserve(estimate) if limits.budget is not None else contextlib.nullcontext()
+    with reservation:
+        yield _load_rgb(image)
+
+
+@functools.cache
+def _return_large_frames_to_the_os() -> None:
+    """Pillow allocates frames in blocks of at most ``block_size``; blocks over glibc's largest mmap
+    threshold (32 MB) are mmapped and go back to the OS when freed, instead of staying in a decode
+    thread's malloc arena (which would let freed frames of several threads add up beyond the budget)."""
+    Image.core.set_block_size(64 * 1024 * 1024)
+
+
+def _open(data: bytes) -> Image.Image:
+    _return_large_frames_to_the_os()
     if not data:
         raise ImageError(NOT_AN_IMAGE, "empty body")
     try:
-        image = Image.open(io.BytesIO(data), formats=_allowed_formats())
+        return Image.open(io.BytesIO(data), formats=_allowed_formats())
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(TOO_MANY_PIXELS, str(exc)) from exc
     except UnidentifiedImageError as exc:
@@ -121,11 +284,9 @@ def decode_image(data: bytes, limits: DecodeLimits) -> Image.Image:
     except Exception as exc:  # corrupt headers surface as many exception types
         raise ImageError(DECODE_FAILED, f"bad image header: {type(exc).__name__}: {exc}") from exc
 
+
+def _load_rgb(image: Image.Image) -> Image.Image:
     width, height = image.size
-    if width * height > limits.max_pixels:
-        raise ImageError(
-            TOO_MANY_PIXELS, f"{width}x{height} = {width * height} pixels > limit {limits.max_pixels}"
-        )
     try:
         image.seek(0)
         image.load()
@@ -137,11 +298,11 @@ def decode_image(data: bytes, limits: DecodeLimits) -> Image.Image:
         ) from exc
 
     try:
-        oriented = ImageOps.exif_transpose(image)
+        ImageOps.exif_transpose(image, in_place=True)  # no copy unless the EXIF says to rotate
     except Exception:  # a broken EXIF block: keep the stored orientation rather than fail
-        oriented = image
+        pass
     try:
-        rgb = to_rgb(oriented if oriented is not None else image)
+        rgb = to_rgb(image)
     except Exception as exc:
         raise ImageError(DECODE_FAILED, f"cannot convert {image.mode} to RGB: {exc}") from exc
     if rgb is image and getattr(image, "n_frames", 1) > 1:

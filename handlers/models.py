@@ -27,6 +27,7 @@ from PIL import Image
 from handlers.errors import BLOCKED_URL, PermanentError
 from handlers.executor import Executors
 from handlers.storage import ObjectStore
+from ml.text_cache import TextEmbeddingCache, text_cache_key
 from schemas.annotation import ModelDescriptor
 
 log = structlog.get_logger("cls.models")
@@ -50,6 +51,7 @@ class ModelConfig:
     device: str = "auto"
     seed: int = 0
     text_cache_size: int = 512
+    text_cache_bytes: int | None = 256 * 1024 * 1024  # one cache shared by every loaded zero-shot model
     cache_size: int = 2
     model_dir: str = "~/.cache/cls-workers/models"
     clip_variant_weights: tuple[tuple[str, str], ...] = ()  # (variant, weights) overrides, CLS_CLIP_VARIANT_WEIGHTS
@@ -141,11 +143,12 @@ def parse_allowed_variants(text: str) -> frozenset[str] | None:
 class LoadedModel(Protocol):
     key: ModelKey
     descriptor: ModelDescriptor
+    preprocess_bytes_per_pixel: int  # what preprocess allocates per input pixel (counted in the decode budget)
 
     def preprocess(self, image: Image.Image) -> torch.Tensor: ...
     def forward(self, pixels: torch.Tensor) -> torch.Tensor: ...
     def class_names(self, requested: Sequence[str] | None) -> list[str]: ...
-    def prepare(self, classes: Sequence[str], templates: Sequence[str]) -> tuple[Any, bool]: ...
+    async def prepare(self, classes: Sequence[str], templates: Sequence[str], executors: Executors) -> tuple[Any, bool]: ...
     def confidences(self, outputs: torch.Tensor, prepared: Any) -> torch.Tensor: ...
 
 
@@ -158,6 +161,8 @@ class ZeroShotHandle:
         self.key = key
         self.model = model
         self._encode = encode_images_adaptive
+        self._text_pending: dict[Any, asyncio.Future[torch.Tensor]] = {}  # identical requests share one pass
+        self.preprocess_bytes_per_pixel = int(getattr(model, "preprocess_bytes_per_pixel", 0))
         self.descriptor = ModelDescriptor(family=key.family, variant=model.info.variant, weights=model.info.weights)
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
@@ -171,11 +176,58 @@ class ZeroShotHandle:
             raise PermanentError("invalid_request", f"classes are required for model {self.key.family!r}")
         return list(requested)
 
-    def prepare(self, classes: Sequence[str], templates: Sequence[str]) -> tuple[torch.Tensor, bool]:
-        """Text embeddings for this request (GPU thread); the bool says whether the cache had them."""
-        hits = self.model.text_cache.hits
-        text = self.model.text_embeddings(list(classes), list(templates))
-        return text, self.model.text_cache.hits > hits
+    async def prepare(self, classes: Sequence[str], templates: Sequence[str],
+                      executors: Executors) -> tuple[torch.Tensor, bool]:
+        """Text embeddings for this request; the bool says whether the cache had them.
+
+        The cache is looked up first; on a miss, prompts are rendered and tokenised chunk by chunk on the
+        CPU pool (the next chunk while the model encodes this one), and only the forwards run on the GPU
+        thread, so no request builds all its prompts at once.
+        """
+        from ml.zeroshot import check_prompt_inputs
+
+        model = self.model
+        classes, templates = list(classes), list(templates)
+        check_prompt_inputs(classes, templates)
+        key = text_cache_key(model.info, classes, templates)
+        pending = self._text_pending.get(key)
+        if pending is not None:  # an identical request is computing them: share its result
+            text = await asyncio.shield(pending)
+            cached = model.text_cache.get(key)  # counted as the hit it is (None if too large to cache)
+            return (text if cached is None else cached), True
+        cached = model.text_cache.get(key)
+        if cached is not None:
+            return cached, True
+        future: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
+        self._text_pending[key] = future
+        try:
+            text = await self._compute_text(classes, templates, executors)
+            model.text_cache.put(key, text)
+            future.set_result(text)
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # mark retrieved: waiters re-raise it themselves
+            raise
+        finally:
+            del self._text_pending[key]
+        return text, False
+
+    async def _compute_text(self, classes: list[str], templates: list[str], executors: Executors) -> torch.Tensor:
+        model = self.model
+        chunks = model.text_chunks(classes, templates)
+        sums = None
+        next_tokens = asyncio.ensure_future(executors.on_cpu(model.tokenize_prompts, classes, templates, *chunks[0]))
+        try:
+            for i, (start, _) in enumerate(chunks):
+                tokens = await next_tokens
+                if i + 1 < len(chunks):  # tokenise the next chunk while the model encodes this one
+                    next_tokens = asyncio.ensure_future(
+                        executors.on_cpu(model.tokenize_prompts, classes, templates, *chunks[i + 1]))
+                sums = await executors.on_gpu(model.add_text_features, sums, tokens, start, len(classes),
+                                              len(templates))
+        finally:
+            next_tokens.cancel()
+        return await executors.on_gpu(model.finish_text_embeddings, sums, len(templates))
 
     def confidences(self, outputs: torch.Tensor, prepared: torch.Tensor) -> torch.Tensor:
         return self.model.scores(outputs, prepared)
@@ -188,6 +240,7 @@ class CustomHandle:
         self.key = key
         self.model = model
         self.descriptor = ModelDescriptor(family="custom", variant=model.info_variant, weights=key.weights)
+        self.preprocess_bytes_per_pixel = 0  # timm's eval transform resizes with Pillow first
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         return self.model.preprocess(image)
@@ -207,7 +260,8 @@ class CustomHandle:
             )
         return list(requested)
 
-    def prepare(self, classes: Sequence[str], templates: Sequence[str]) -> tuple[list[int], bool]:
+    async def prepare(self, classes: Sequence[str], templates: Sequence[str],
+                      executors: Executors) -> tuple[list[int], bool]:
         names = list(self.model.class_names)
         return [names.index(c) for c in classes], False
 
@@ -223,13 +277,18 @@ class ModelRegistry:
     def __init__(self, config: ModelConfig, executors: Executors, store: ObjectStore | None,
                  on_loaded: Callable[[ModelKey, float], None] | None = None) -> None:
         self.on_loaded = on_loaded
-        self.on_evicted: Callable[[ModelKey], None] | None = None  # e.g. the batcher drops its lane
+        self.on_evicted: Callable[[ModelKey], None] | None = None  # e.g. metrics
         self.config = config
         self.executors = executors
         self.store = store
         self.model_dir = Path(config.model_dir).expanduser()
         self._loaded: OrderedDict[ModelKey, LoadedModel] = OrderedDict()
         self._loading: dict[ModelKey, asyncio.Future[LoadedModel]] = {}
+        self.text_cache = TextEmbeddingCache(config.text_cache_size, config.text_cache_bytes)
+
+    def peek(self, key: ModelKey) -> LoadedModel | None:
+        """The loaded model of ``key`` now, if any (no load, no LRU update)."""
+        return self._loaded.get(key)
 
     async def get(self, key: ModelKey) -> LoadedModel:
         model = self._loaded.get(key)
@@ -278,7 +337,7 @@ class ModelRegistry:
 
         try:
             model = load_zero_shot_model(key.family, key.variant, weights, device=self.config.device,  # type: ignore[arg-type]
-                                         text_cache_size=self.config.text_cache_size, seed=self.config.seed)
+                                         text_cache=self.text_cache, seed=self.config.seed)
             warm_up(model)
         except ModelLoadError as exc:
             raise PermanentError(MODEL_UNAVAILABLE, f"{key.family} {key.variant} ({key.weights}): {exc}") from exc

@@ -132,8 +132,10 @@ class ClipModel(EmbeddingModel):
     def _image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.module.encode_image(pixels)
 
-    def _text_features(self, prompts: list[str]) -> torch.Tensor:
-        tokens = self._tokenizer(prompts).to(self.device)
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        return self._tokenizer(prompts)
+
+    def _encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.module.encode_text(tokens)
 
 

@@ -157,6 +157,8 @@ class SiglipPreprocess:
 class SiglipZeroShotModel(EmbeddingModel):
     """A transformers ``SiglipModel`` as a :class:`~ml.zeroshot.ZeroShotModel` (sigmoid confidences)."""
 
+    preprocess_bytes_per_pixel = 16  # the full-size frame as bytes, numpy, a contiguous tensor; resize work (~12 measured)
+
     def __init__(
         self,
         module: Any,
@@ -191,9 +193,8 @@ class SiglipZeroShotModel(EmbeddingModel):
     def _image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.module.vision_model(pixel_values=pixels).pooler_output
 
-    def _text_features(self, prompts: list[str]) -> torch.Tensor:
-        input_ids = self.tokenize(prompts).to(self.device)
-        return self.module.text_model(input_ids=input_ids).pooler_output
+    def _encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.module.text_model(input_ids=tokens).pooler_output
 
 
 def load_siglip(

@@ -40,6 +40,8 @@ __all__ = [
     "ZeroShotModel",
     "encode_images_adaptive",
     "load_zero_shot_model",
+    "check_prompt_inputs",
+    "render_prompt_range",
     "render_prompts",
     "sigmoid_scores",
     "softmax_scores",
@@ -208,11 +210,9 @@ class WeightsSource:
         return cls("pretrained", weights)
 
 
-def render_prompts(classes: Sequence[str], templates: Sequence[str]) -> list[str]:
-    """All prompts, class-major: ``templates[j]`` with ``classes[i]`` at index ``i * T + j``.
-
-    A template names the class with ``{c}`` or ``{}``; a template with neither is rejected.
-    """
+def check_prompt_inputs(classes: Sequence[str], templates: Sequence[str]) -> None:
+    """ValueError/TypeError unless ``classes`` and ``templates`` are non-empty string lists whose templates
+    name the class with ``{c}`` or ``{}``."""
     if isinstance(classes, str) or isinstance(templates, str):
         raise TypeError("classes and templates must be sequences of strings, not a string")
     if not classes:
@@ -222,11 +222,25 @@ def render_prompts(classes: Sequence[str], templates: Sequence[str]) -> list[str
     for template in templates:
         if "{c}" not in template and "{}" not in template:
             raise ValueError(f"template {template!r} has no class placeholder ({{}} or {{c}})")
-    return [
-        template.replace("{c}", name) if "{c}" in template else template.replace("{}", name)
-        for name in classes
-        for template in templates
-    ]
+
+
+def render_prompt_range(classes: Sequence[str], templates: Sequence[str], start: int, stop: int) -> list[str]:
+    """Prompts ``[start, stop)`` of :func:`render_prompts`' order, rendered without building the others."""
+    count = len(templates)
+    prompts = []
+    for index in range(start, min(stop, len(classes) * count)):
+        name, template = classes[index // count], templates[index % count]
+        prompts.append(template.replace("{c}", name) if "{c}" in template else template.replace("{}", name))
+    return prompts
+
+
+def render_prompts(classes: Sequence[str], templates: Sequence[str]) -> list[str]:
+    """All prompts, class-major: ``templates[j]`` with ``classes[i]`` at index ``i * T + j``.
+
+    A template names the class with ``{c}`` or ``{}``; a template with neither is rejected.
+    """
+    check_prompt_inputs(classes, templates)
+    return render_prompt_range(classes, templates, 0, len(classes) * len(templates))
 
 
 def softmax_scores(
@@ -254,6 +268,8 @@ class EmbeddingModel(ABC):
 
     text_batch_size = 64  # prompts per text forward: same speed as 256 on CPU, far less peak memory
     """Prompts per text forward pass."""
+    preprocess_bytes_per_pixel = 0
+    """Bytes :meth:`preprocess` allocates per pixel of its input (0: it resizes with Pillow first)."""
 
     def __init__(
         self, info: ModelInfo, device: torch.device, image_size: int, text_cache: TextEmbeddingCache
@@ -275,8 +291,16 @@ class EmbeddingModel(ABC):
         """Unnormalised image features for a batch already on the device."""
 
     @abstractmethod
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        """Token ids of ``prompts`` on the CPU (pure CPU work: any thread may call it)."""
+
+    @abstractmethod
+    def _encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Unnormalised text features of token ids already on the device."""
+
     def _text_features(self, prompts: list[str]) -> torch.Tensor:
         """Unnormalised text features for a list of prompts (tokenised here), on the device."""
+        return self._encode_tokens(self.tokenize(prompts).to(self.device))
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         if pixels.dim() != 4 or pixels.shape[1] != 3:
@@ -289,7 +313,7 @@ class EmbeddingModel(ABC):
         return features.cpu()
 
     def text_embeddings(self, classes: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
-        prompts = render_prompts(classes, templates)
+        check_prompt_inputs(classes, templates)
         key = text_cache_key(self.info, classes, templates)
         cached = self.text_cache.get(key)
         if cached is not None:
@@ -298,24 +322,44 @@ class EmbeddingModel(ABC):
             cached = self.text_cache.peek(key)
             if cached is not None:
                 return cached
-            embeddings = self._ensemble_text_embeddings(prompts, len(classes), len(templates))
+            sums = None
+            for start, stop in self.text_chunks(classes, templates):
+                tokens = self.tokenize_prompts(classes, templates, start, stop)
+                sums = self.add_text_features(sums, tokens, start, len(classes), len(templates))
+            embeddings = self.finish_text_embeddings(sums, len(templates))
             self.text_cache.put(key, embeddings)
         return embeddings
 
-    def _ensemble_text_embeddings(self, prompts: list[str], num_classes: int, num_templates: int) -> torch.Tensor:
-        """Per class: the normalised mean of its normalised prompt embeddings (open_clip's ensemble)."""
-        class_index = torch.arange(num_classes, device=self.device).repeat_interleave(num_templates)
-        sums: torch.Tensor | None = None
+    # The text pass in pieces, so a caller can render and tokenise on CPU threads (after the cache lookup)
+    # and run only the forwards on the model's thread (see handlers.models.ZeroShotHandle.prepare).
+
+    def text_chunks(self, classes: Sequence[str], templates: Sequence[str]) -> list[tuple[int, int]]:
+        """``[start, stop)`` prompt ranges of one text forward each."""
+        total = len(classes) * len(templates)
+        return [(start, min(start + self.text_batch_size, total)) for start in range(0, total, self.text_batch_size)]
+
+    def tokenize_prompts(self, classes: Sequence[str], templates: Sequence[str], start: int, stop: int) -> torch.Tensor:
+        """Render prompts ``[start, stop)`` and tokenise them (CPU only, any thread)."""
+        return self.tokenize(render_prompt_range(classes, templates, start, stop))
+
+    def add_text_features(self, sums: torch.Tensor | None, tokens: torch.Tensor, start: int, num_classes: int,
+                          num_templates: int) -> torch.Tensor:
+        """Add the normalised embeddings of prompts ``[start, start + len(tokens))`` to their classes' sums
+        (``[C, D]`` on the device; None: start new sums). The model's thread."""
         with torch.inference_mode():
-            for start in range(0, len(prompts), self.text_batch_size):
-                chunk = prompts[start : start + self.text_batch_size]
-                with autocast_context(self.device):
-                    features = self._text_features(chunk)
-                features = F.normalize(features.float(), dim=-1)
-                if sums is None:
-                    sums = torch.zeros(num_classes, features.shape[-1], device=self.device)
-                sums.index_add_(0, class_index[start : start + len(chunk)], features)
-            assert sums is not None
+            with autocast_context(self.device):
+                features = self._encode_tokens(tokens.to(self.device))
+            features = F.normalize(features.float(), dim=-1)
+            if sums is None:
+                sums = torch.zeros(num_classes, features.shape[-1], device=self.device)
+            class_index = torch.arange(start, start + features.shape[0], device=self.device) // num_templates
+            sums.index_add_(0, class_index, features)
+        return sums
+
+    def finish_text_embeddings(self, sums: torch.Tensor | None, num_templates: int) -> torch.Tensor:
+        """Per class: the normalised mean of its normalised prompt embeddings (open_clip's ensemble), on the CPU."""
+        assert sums is not None
+        with torch.inference_mode():
             embeddings = F.normalize(sums / num_templates, dim=-1)
         return embeddings.cpu()
 
@@ -343,10 +387,14 @@ def load_zero_shot_model(
     *,
     device: str = "auto",
     text_cache_size: int = 256,
+    text_cache: TextEmbeddingCache | None = None,
     seed: int = 0,
 ) -> ZeroShotModel:
     """Build a zero-shot model of ``family`` / ``variant`` (default per :data:`DEFAULT_VARIANTS`)
-    with the given weights spec, in eval mode on ``device``. Raises :class:`ModelLoadError`."""
+    with the given weights spec, in eval mode on ``device``. Raises :class:`ModelLoadError`.
+
+    ``text_cache``: a cache shared with other models (keys name the model); default: a new one of
+    ``text_cache_size`` entries."""
     if family not in DEFAULT_VARIANTS:
         raise ModelLoadError(f"unknown zero-shot model family {family!r} (expected one of {sorted(DEFAULT_VARIANTS)})")
     variant = variant or DEFAULT_VARIANTS[family]
@@ -355,7 +403,7 @@ def load_zero_shot_model(
     except ValueError as exc:
         raise ModelLoadError(str(exc)) from exc
     source = WeightsSource.parse(weights)
-    text_cache = TextEmbeddingCache(text_cache_size)
+    text_cache = text_cache if text_cache is not None else TextEmbeddingCache(text_cache_size)
     if family == "clip":
         from ml.clip import load_clip
 

@@ -32,6 +32,46 @@ MAX_IMAGES_PER_REQUEST = 10_000
 MAX_CLASSES = 2_000
 MAX_CLASS_NAME_LENGTH = 200
 MAX_PROMPT_TEMPLATES = 100
+MAX_TEMPLATE_LENGTH = 300
+# Prompt volume (issue 10): what one request may make a worker render, tokenise and embed.
+MAX_PLACEHOLDERS_PER_TEMPLATE = 4
+"""Class placeholders (``{}`` or ``{c}``, whichever the template uses) in one template."""
+MAX_PROMPTS = 160_000
+"""Prompts = classes x templates (2,000 classes x the 80 default templates fit; ImageNet's 1,000 x 80 too)."""
+MAX_PROMPT_CHARS = 16_000_000
+"""Characters of all rendered prompts together (about 16 MB of text)."""
+
+
+def placeholder_count(template: str) -> int:
+    """How many class placeholders rendering fills in: ``{c}`` if the template has one, else ``{}``."""
+    return template.count("{c}") if "{c}" in template else template.count("{}")
+
+
+def rendered_prompt_chars(classes: list[str], templates: list[str]) -> int:
+    """Characters of all prompts ``templates x classes`` would render to, counted without rendering them."""
+    class_chars = sum(len(c) for c in classes)
+    return sum(
+        len(classes) * (len(t) - len("{c}" if "{c}" in t else "{}") * placeholder_count(t))
+        + placeholder_count(t) * class_chars
+        for t in templates
+    )
+
+
+def prompt_volume_problem(classes: list[str], templates: list[str], templates_origin: str = "templates") -> str | None:
+    """Why ``classes`` x ``templates`` is over a prompt limit (the message names the limit), or None."""
+    for template in templates:
+        if placeholder_count(template) > MAX_PLACEHOLDERS_PER_TEMPLATE:
+            return (f"prompt template {template[:60]!r} has {placeholder_count(template)} class placeholders; "
+                    f"the limit MAX_PLACEHOLDERS_PER_TEMPLATE is {MAX_PLACEHOLDERS_PER_TEMPLATE}")
+    prompts = len(classes) * len(templates)
+    if prompts > MAX_PROMPTS:
+        return (f"{len(classes)} classes x {len(templates)} {templates_origin} = {prompts} prompts; "
+                f"the limit MAX_PROMPTS is {MAX_PROMPTS}")
+    chars = rendered_prompt_chars(classes, templates)
+    if chars > MAX_PROMPT_CHARS:
+        return (f"{len(classes)} classes x {len(templates)} {templates_origin} render to {chars} characters; "
+                f"the limit MAX_PROMPT_CHARS is {MAX_PROMPT_CHARS}")
+    return None
 
 ModelFamily = Literal["clip", "siglip", "custom"]
 ANNOTATION_RESULT_EVENT = "annotation.result"
@@ -75,7 +115,9 @@ class AnnotationRequest(InputModel):
         default=None,
         min_length=1,
         max_length=MAX_PROMPT_TEMPLATES,
-        description="Zero-shot prompt templates with '{}' (or '{c}') for the class name, e.g. 'a photo of a {}.'",
+        description="Zero-shot prompt templates with '{}' (or '{c}') for the class name, e.g. 'a photo of a {}.' "
+        f"Limits: {MAX_PLACEHOLDERS_PER_TEMPLATE} placeholders per template; classes x templates <= {MAX_PROMPTS} "
+        f"prompts of {MAX_PROMPT_CHARS} characters in all (the worker's default templates count too).",
     )
 
     @field_validator("classes")
@@ -104,8 +146,13 @@ class AnnotationRequest(InputModel):
         for template in templates:
             if "{}" not in template and "{c}" not in template:
                 raise ValueError(f"prompt template {template!r} must contain '{{}}' or '{{c}}' for the class name")
-            if len(template) > 300:
-                raise ValueError("prompt templates are limited to 300 characters")
+            if len(template) > MAX_TEMPLATE_LENGTH:
+                raise ValueError(f"prompt templates are limited to {MAX_TEMPLATE_LENGTH} characters")
+            if placeholder_count(template) > MAX_PLACEHOLDERS_PER_TEMPLATE:
+                raise ValueError(
+                    f"prompt template {template[:60]!r} has {placeholder_count(template)} class placeholders; "
+                    f"the limit MAX_PLACEHOLDERS_PER_TEMPLATE is {MAX_PLACEHOLDERS_PER_TEMPLATE}"
+                )
         return templates
 
     @field_validator("images")
@@ -130,6 +177,10 @@ class AnnotationRequest(InputModel):
             raise ValueError("model 'custom' needs model_url (the trained model package)")
         if self.classes is not None and self.top_k > len(self.classes):
             raise ValueError(f"top_k ({self.top_k}) must be within 1..len(classes) ({len(self.classes)})")
+        if self.classes and self.prompt_templates and self.model != "custom":
+            problem = prompt_volume_problem(self.classes, self.prompt_templates)
+            if problem:
+                raise ValueError(problem)
         return self
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import threading
 
 import pytest
 import torch
@@ -158,3 +159,43 @@ async def test_siglip_family_gives_independent_sigmoids(http_server):
         assert len(result.predictions) == 4
         assert all(0.0 <= p.confidence <= 1.0 for p in result.predictions)
         assert abs(sum(p.confidence for p in result.predictions) - 1.0) > 1e-3  # not a softmax
+
+
+# -- prompt volume (issue 10) -------------------------------------------------------------------------------
+
+
+async def test_default_templates_count_towards_the_prompt_limit(http_server):
+    templates = "|".join(f"photo {i} of a {{}}." for i in range(81))  # 2,000 classes x 81 > MAX_PROMPTS
+    async with annotation_context(settings(default_prompt_templates=templates)) as ctx:
+        req = request([("a", http_server.urls["astronaut_jpg"])], classes=[f"class {i}" for i in range(2000)])
+        with pytest.raises(PermanentError) as err:
+            await collect(AnnotationHandler(ctx), req)
+    assert err.value.code == "invalid_request"
+    assert "MAX_PROMPTS" in err.value.message and "default templates" in err.value.message, err.value.message
+
+
+async def test_prompts_rendered_and_tokenised_after_the_cache_lookup_off_the_gpu_thread(tiny_ctx):
+    model = await tiny_ctx.models.get(tiny_ctx.model_config.key_for("clip", None))
+    threads: list[str] = []
+    original = model.model.tokenize_prompts
+
+    def recording(*args):
+        threads.append(threading.current_thread().name)
+        return original(*args)
+
+    model.model.tokenize_prompts = recording
+    try:
+        classes = [f"thing {i}" for i in range(150)]  # 150 prompts: 3 chunks of 64
+        text, hit = await model.prepare(classes, ["a photo of a {}."], tiny_ctx.executors)
+        assert not hit and len(threads) == 3
+        assert all(name.startswith("cls-cpu") for name in threads), threads
+        same = model.model.text_embeddings(classes, ["a photo of a {}."])  # the sync path agrees (cache hit)
+        assert same is text
+        model.model.text_cache.clear()
+        reference = model.model.text_embeddings(classes, ["a photo of a {}."])  # computed in one thread
+        assert torch.allclose(reference, text, atol=1e-5)
+        threads.clear()
+        again, hit = await model.prepare(classes, ["a photo of a {}."], tiny_ctx.executors)
+        assert hit and threads == []  # a cache hit renders and tokenises nothing
+    finally:
+        del model.model.tokenize_prompts

@@ -1,14 +1,19 @@
-"""The micro-batcher: batches across requests, bounded size, errors to every waiter, reloaded models."""
+"""The micro-batcher: batches across requests, bounded size, errors to every waiter, reloaded models,
+and model eviction (issue 10): no stranded waiter, an evicted model is freed, the cache bound holds."""
 
 from __future__ import annotations
 
 import asyncio
+import gc
+import threading
+import weakref
 
 import pytest
 import torch
 
 from handlers.batcher import MicroBatcher
 from handlers.executor import Executors
+from handlers.models import ModelConfig, ModelKey, ModelRegistry
 
 
 @pytest.fixture
@@ -44,9 +49,86 @@ async def test_a_failing_forward_fails_every_waiter(batcher):
     assert all(isinstance(r, RuntimeError) for r in results)
 
 
-async def test_a_reloaded_model_gets_a_new_lane(batcher):
+async def test_a_reloaded_model_gets_the_next_batches_and_idle_lanes_end(batcher):
     old = await batcher.submit("k", lambda x: x + 1, torch.zeros(1), "r")
     new = await batcher.submit("k", lambda x: x + 10, torch.zeros(1), "r")  # same key, new model instance
     assert old.item() == 1 and new.item() == 10
-    batcher.drop("k")
-    assert await batcher.submit("k", lambda x: x + 100, torch.zeros(1), "r") == 100
+    await asyncio.sleep(0)
+    assert batcher.lanes() == 0  # nothing queued: no lane, so no lane holds a model
+
+
+async def test_queued_images_go_to_the_reloaded_model_and_a_running_batch_finishes(batcher):
+    started, release = threading.Event(), threading.Event()
+    ran: list[tuple[str, int]] = []
+
+    def old_forward(x: torch.Tensor) -> torch.Tensor:
+        started.set()
+        assert release.wait(10)
+        ran.append(("old", x.shape[0]))
+        return x + 1
+
+    def new_forward(x: torch.Tensor) -> torch.Tensor:
+        ran.append(("new", x.shape[0]))
+        return x + 10
+
+    running = [asyncio.create_task(batcher.submit("k", old_forward, torch.zeros(1), "a")) for _ in range(4)]
+    assert await asyncio.to_thread(started.wait, 10)  # the first batch (4 images) runs on the old model
+    queued = [asyncio.create_task(batcher.submit("k", old_forward, torch.zeros(1), "a")) for _ in range(2)]
+    await asyncio.sleep(0)
+    reloaded = asyncio.create_task(batcher.submit("k", new_forward, torch.zeros(1), "b"))  # evicted, reloaded
+    await asyncio.sleep(0)
+    release.set()
+    done = await asyncio.wait_for(asyncio.gather(*running, *queued, reloaded), 10)
+    assert [t.item() for t in done] == [1.0] * 4 + [10.0] * 3
+    assert ran == [("old", 4), ("new", 3)]
+
+
+def _tiny_config(tmp_path) -> ModelConfig:
+    return ModelConfig(clip_variant="cls-tiny-clip", clip_weights="random", siglip_variant="cls-tiny-siglip",
+                       siglip_weights="random", device="cpu", cache_size=1, model_dir=str(tmp_path))
+
+
+async def test_eviction_while_a_batch_runs_strands_no_waiter_and_frees_the_model(tmp_path):
+    """Cache of one model: loading another evicts the first while its lane has a batch running and images
+    queued. Every waiter gets its row; afterwards (request done) the evicted model is garbage, and a late
+    submit for the evicted model does not keep it alive."""
+    executors = Executors(cpu_workers=1)
+    batcher = MicroBatcher(executors, max_batch=4, max_wait_ms=20)
+    registry = ModelRegistry(_tiny_config(tmp_path), executors, store=None)
+    clip_key = ModelKey("clip", "cls-tiny-clip", "random")
+    siglip_key = ModelKey("siglip", "cls-tiny-siglip", "random")
+    try:
+        clip = await registry.get(clip_key)
+        clip_ref = weakref.ref(clip.model)
+        pixels = [clip.preprocess(_image(i)) for i in range(8)]  # two full batches
+        gate = threading.Event()
+        blocker = asyncio.ensure_future(executors.on_gpu(gate.wait, 10))  # hold the GPU thread
+        waiters = [asyncio.create_task(batcher.submit(clip_key, clip.forward, p, "req-a")) for p in pixels]
+        await asyncio.sleep(0.1)  # batch 1 is gathered and waits for the GPU thread; batch 2's images are queued
+        loading = asyncio.create_task(registry.get(siglip_key))  # its load queues behind the batch on the GPU
+        await asyncio.sleep(0.05)
+        gate.set()  # batch 1 runs, then the load; batch 2 waits behind the load, its queue empty at the eviction
+        await blocker
+        rows = await asyncio.wait_for(asyncio.gather(*waiters), 30)
+        siglip = await asyncio.wait_for(loading, 60)
+        assert registry.peek(clip_key) is None and registry.peek(siglip_key) is siglip  # evicted mid-request
+        assert all(row.shape == rows[0].shape for row in rows) and len(rows) == 8
+        # a late image of the request that still holds the evicted model: answered, and no lane keeps it
+        late = await asyncio.wait_for(batcher.submit(clip_key, clip.forward, pixels[0], "req-a"), 60)
+        assert torch.allclose(late, rows[0], atol=1e-5)
+        await asyncio.sleep(0)
+        assert batcher.lanes() == 0
+        del clip, waiters, late
+        gc.collect()
+        assert clip_ref() is None, gc.get_referrers(clip_ref())
+        live = [obj for obj in gc.get_objects() if type(obj).__name__ in ("ClipModel", "SiglipZeroShotModel")]
+        assert len(live) <= registry.config.cache_size, live  # the cache bound holds for what is alive
+    finally:
+        await batcher.close()
+        executors.shutdown()
+
+
+def _image(seed: int):
+    from PIL import Image
+
+    return Image.new("RGB", (40 + seed, 30), (seed * 20 % 255, 100, 200))

@@ -136,3 +136,44 @@ def test_json_schema_export(tmp_path):
     schema = json.loads((tmp_path / "annotation-result.json").read_text())
     prediction = schema["$defs"]["Prediction"]
     assert "class" in prediction["properties"]
+
+
+# -- prompt volume (issue 10): invalid_request naming the limit, counted without rendering ----------------
+
+
+@pytest.mark.parametrize(
+    ("change", "limit"),
+    [
+        ({"prompt_templates": ["{} " * 5]}, "MAX_PLACEHOLDERS_PER_TEMPLATE"),
+        ({"classes": [f"class {i}" for i in range(2000)], "prompt_templates": [f"t{i} {{}}" for i in range(81)]},
+         "MAX_PROMPTS"),
+        ({"classes": ["x" * 190 + f"{i:04d}" for i in range(2000)], "prompt_templates": ["{} {} {} {}"] * 11},
+         "MAX_PROMPT_CHARS"),
+    ],
+    ids=["placeholders", "prompts", "characters"],
+)
+def test_prompt_volume_over_a_limit_is_invalid_and_names_it(change, limit):
+    result = decode(ANNOTATION_ADAPTER, {**SEED_ANNOTATION, **change}, "request_id", b"r")
+    assert isinstance(result, Invalid), result
+    assert limit in result.message, result.message
+
+
+def test_prompt_volume_at_the_limits_is_valid():
+    from schemas.annotation import MAX_PROMPT_CHARS, MAX_PROMPTS, prompt_volume_problem, rendered_prompt_chars
+
+    classes = [f"c{i:04d}" for i in range(2000)]  # 5 characters each
+    templates = [f"{{}} {i:02d} {{}} {{}} {{}}" for i in range(MAX_PROMPTS // 2000)]  # 4 placeholders, 80 templates
+    body = {**SEED_ANNOTATION, "classes": classes, "prompt_templates": templates, "top_k": 3}
+    assert isinstance(decode(ANNOTATION_ADAPTER, body, "request_id", b"r"), AnnotationRequest)
+    assert prompt_volume_problem(classes, templates) is None
+    assert "MAX_PROMPTS" in prompt_volume_problem(classes, templates + ["{}"])  # 162,000 prompts
+    assert rendered_prompt_chars(classes, templates) <= MAX_PROMPT_CHARS
+
+
+def test_prompt_characters_are_counted_exactly_without_rendering():
+    from ml.zeroshot import render_prompts
+    from schemas.annotation import rendered_prompt_chars
+
+    classes = ["cat", "große Katze", "x" * 57, "{}"]
+    templates = ["a {}.", "{c} and {c}, not {}", "{}{}{}{}", "plain {c}"]
+    assert rendered_prompt_chars(classes, templates) == sum(len(p) for p in render_prompts(classes, templates))

@@ -120,3 +120,59 @@ def test_cache_keys_include_model_identity():
     assert (cache.hits, cache.misses) == (1, 1)
     with pytest.raises(ValueError):
         TextEmbeddingCache(maxsize=-1)
+
+
+# -- bounded in bytes (issue 10) -------------------------------------------------------------------------
+
+
+def test_cache_is_bounded_in_bytes_whatever_the_entry_count():
+    from ml.text_cache import entry_bytes
+
+    info = ModelInfo("clip", "x", "random")
+    cache = TextEmbeddingCache(maxsize=1000, max_bytes=1_000_000)
+    keys = []
+    for i in range(40):  # 40 entries of ~100 KB of embeddings each: only ~10 fit
+        key = text_cache_key(info, [f"class {i}-{j}" for j in range(50)], ["a photo of a {}."])
+        cache.put(key, torch.zeros(50, 512))
+        keys.append(key)
+        assert cache.bytes <= 1_000_000
+    assert cache.bytes == sum(entry_bytes(k, cache.peek(k)) for k in keys if k in cache)
+    assert 5 <= len(cache) <= 10 and cache.evictions == 40 - len(cache)
+    assert keys[-1] in cache and keys[0] not in cache  # least recently used out first
+
+
+def test_key_strings_count_and_an_entry_over_the_bound_is_not_cached():
+    info = ModelInfo("clip", "x", "random")
+    cache = TextEmbeddingCache(maxsize=10, max_bytes=200_000)
+    small = text_cache_key(info, ["cat"], ["{}"])
+    cache.put(small, torch.zeros(1, 8))
+    long_names = text_cache_key(info, ["x" * 200 + str(i) for i in range(2000)], ["{}"])  # ~400 KB of key strings
+    cache.put(long_names, torch.zeros(2000, 1))  # tiny tensor, but the key alone is over the bound
+    assert long_names not in cache and small in cache and cache.bytes < 200_000
+    cache.clear()
+    assert cache.bytes == 0 and len(cache) == 0
+
+
+def test_registry_models_share_one_byte_bounded_cache(tmp_path):
+    import asyncio
+
+    from handlers.executor import Executors
+    from handlers.models import ModelConfig, ModelKey, ModelRegistry
+
+    async def run():
+        executors = Executors(cpu_workers=1)
+        config = ModelConfig(device="cpu", cache_size=2, model_dir=str(tmp_path), text_cache_bytes=300_000)
+        registry = ModelRegistry(config, executors, store=None)
+        try:
+            clip = await registry.get(ModelKey("clip", "cls-tiny-clip", "random"))
+            siglip = await registry.get(ModelKey("siglip", "cls-tiny-siglip", "random"))
+            assert clip.model.text_cache is siglip.model.text_cache is registry.text_cache
+            for i in range(30):
+                for handle in (clip, siglip):
+                    await handle.prepare([f"c{i}-{j}" for j in range(100)], ["a {}."], executors)
+                    assert registry.text_cache.bytes <= 300_000
+            assert registry.text_cache.evictions > 0
+        finally:
+            executors.shutdown()
+
+    asyncio.run(run())
