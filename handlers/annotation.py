@@ -46,7 +46,9 @@ class AnnotationConfig:
     part_size: int = 500
     max_images_per_request: int = 10_000
     default_templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])
-    images_in_flight: int = 128
+    images_in_flight: int = 128  # bulk images in fetch/decode/forward at once, all bulk requests together
+    request_window: int = 32  # of which one bulk request holds at most this many (admission is windowed)
+    interactive_images_in_flight: int = 64  # interactive images: their own budget, never behind bulk ones
     part_budget_bytes: int = PART_BUDGET_BYTES
 
 
@@ -63,9 +65,11 @@ class AnnotationContext:
     executors: Executors
     on_text_cache: Callable[[bool], None] | None = None  # metrics hook: True on a hit
     images_semaphore: asyncio.Semaphore = field(init=False)
+    interactive_semaphore: asyncio.Semaphore = field(init=False)
 
     def __post_init__(self) -> None:
         self.images_semaphore = asyncio.Semaphore(self.config.images_in_flight)
+        self.interactive_semaphore = asyncio.Semaphore(self.config.interactive_images_in_flight)
 
 
 def part_size_for(request: AnnotationRequest, configured: int, class_names: Sequence[str],
@@ -139,8 +143,15 @@ class AnnotationHandler:
         parts = [images[i:i + size] for i in range(0, len(images), size)]
         tasks: dict[int, list[asyncio.Task[torch.Tensor | ImageResult]]] = {}
 
+        priority = request.priority or "bulk"
+        # Admission is windowed per request: a bulk request holds at most request_window images in
+        # flight, so the shared budget is split between concurrent bulk requests; interactive images
+        # use their own budget and go first in the batcher.
+        window = asyncio.Semaphore(ctx.config.request_window if priority == "bulk" else len(images))
+
         def start(k: int) -> None:
-            tasks[k] = [asyncio.create_task(self._embed(model, image, request_id)) for image in parts[k]]
+            tasks[k] = [asyncio.create_task(self._embed(model, image, request_id, priority, window))
+                        for image in parts[k]]
 
         failed_images = 0
         try:
@@ -183,10 +194,12 @@ class AnnotationHandler:
             seconds=round(time.monotonic() - started, 3),
         )
 
-    async def _embed(self, model: LoadedModel, image: ImageRef, request_id: str) -> torch.Tensor | ImageResult:
+    async def _embed(self, model: LoadedModel, image: ImageRef, request_id: str, priority: str,
+                     window: asyncio.Semaphore) -> torch.Tensor | ImageResult:
         """One image -> its model output row, or an error entry."""
         ctx = self.ctx
-        async with ctx.images_semaphore:
+        budget = ctx.interactive_semaphore if priority == "interactive" else ctx.images_semaphore
+        async with window, budget:
             try:
                 data = await ctx.fetcher.fetch(image.url)
                 pixels = await ctx.executors.on_cpu(_decode_and_preprocess, data, ctx.decode_limits, model)
@@ -194,7 +207,7 @@ class AnnotationHandler:
                 return ImageResult(id=image.id, error=ErrorInfo(code=exc.code, message=exc.message))
             # the key's model loaded now: after an eviction and reload, queued images go to the new instance
             current = ctx.models.peek(model.key) or model
-            return await ctx.batcher.submit(model.key, current.forward, pixels, request_id)
+            return await ctx.batcher.submit(model.key, current.forward, pixels, request_id, priority)
 
     async def _part_results(self, model: LoadedModel, images: Sequence[ImageRef], outputs: list, prepared: object,
                             classes: Sequence[str], top_k: int, threshold: float) -> list[ImageResult]:

@@ -4,6 +4,10 @@ Images are queued per model; a batch closes when it reaches ``max_batch`` images
 after its first image, and runs on the GPU thread while the next batch fills up (fetching and
 decoding go on concurrently on the event loop and the CPU pool).
 
+Scheduling: interactive images are taken first (a person waits for them); bulk images are taken round
+robin by request, so a second bulk request is not stuck behind the first. An interactive image waits at
+most for the batch already running, and joins the batch being filled like any other image.
+
 A lane exists only while it has work: it ends when its queue is empty after a batch, and it is never
 cancelled from outside, so every queued image gets its result or its error. A lane holds the forward
 of the newest submit for its key: when a model is evicted and loaded again, the images still queued run
@@ -13,6 +17,7 @@ on the reloaded instance, and an evicted model is referenced by no idle lane (th
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +36,47 @@ class _Item:
     pixels: torch.Tensor
     request_id: str
     future: asyncio.Future[torch.Tensor]
+    priority: str = "bulk"
+
+
+class _Schedule:
+    """A lane's waiting images: interactive first (FIFO), then bulk round robin by request."""
+
+    def __init__(self) -> None:
+        self.interactive: collections.deque[_Item] = collections.deque()
+        self.bulk: collections.OrderedDict[str, collections.deque[_Item]] = collections.OrderedDict()
+        self._size = 0
+        self._ready = asyncio.Event()
+
+    def put_nowait(self, item: _Item) -> None:
+        if item.priority == "interactive":
+            self.interactive.append(item)
+        else:
+            self.bulk.setdefault(item.request_id, collections.deque()).append(item)
+        self._size += 1
+        self._ready.set()
+
+    def empty(self) -> bool:
+        return self._size == 0
+
+    def get_nowait(self) -> _Item:
+        if self.interactive:
+            item = self.interactive.popleft()
+        else:
+            request_id, queue = next(iter(self.bulk.items()))
+            item = queue.popleft()
+            del self.bulk[request_id]
+            if queue:  # round robin: this request goes to the back
+                self.bulk[request_id] = queue
+        self._size -= 1
+        if not self._size:
+            self._ready.clear()
+        return item
+
+    async def get(self) -> _Item:
+        while self.empty():
+            await self._ready.wait()
+        return self.get_nowait()
 
 
 @dataclass
@@ -38,6 +84,8 @@ class BatchStats:
     batches: int = 0
     images: int = 0
     multi_request_batches: int = 0
+    # the last batches, each as the (request id, priority) of its images in the order they were taken
+    log: collections.deque[list[tuple[str, str]]] = field(default_factory=lambda: collections.deque(maxlen=1000))
     # request id -> number of its batches that also carried images of other requests
     shared_batches: dict[str, int] = field(default_factory=dict)
 
@@ -49,7 +97,7 @@ class _Lane:
         self.batcher = batcher
         self.key = key
         self.forward: Callable[[torch.Tensor], torch.Tensor] | None = forward
-        self.queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self.queue = _Schedule()
         self.task = asyncio.create_task(self._loop(), name=f"batcher-{key}")
 
     async def _loop(self) -> None:
@@ -91,6 +139,7 @@ class _Lane:
         requests = {item.request_id for item in items}
         stats.batches += 1
         stats.images += len(items)
+        stats.log.append([(item.request_id, item.priority) for item in items])
         if len(requests) > 1:
             stats.multi_request_batches += 1
             for rid in requests:
@@ -114,7 +163,7 @@ class _Lane:
                 item.future.set_result(row)
 
 
-def _drain(queue: asyncio.Queue[_Item]) -> list[_Item]:
+def _drain(queue: _Schedule) -> list[_Item]:
     items = []
     while not queue.empty():
         items.append(queue.get_nowait())
@@ -138,7 +187,7 @@ class MicroBatcher:
         self.observe = observe or (lambda size, requests: None)
 
     async def submit(self, key: Any, forward: Callable[[torch.Tensor], torch.Tensor], pixels: torch.Tensor,
-                     request_id: str) -> torch.Tensor:
+                     request_id: str, priority: str = "bulk") -> torch.Tensor:
         """Queue one preprocessed image for model ``key``; returns its row of the batched output.
 
         ``forward`` is the key's current model: a batch that has not started yet runs on the newest one
@@ -150,7 +199,7 @@ class MicroBatcher:
         else:
             lane.forward = forward
         future: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
-        lane.queue.put_nowait(_Item(pixels, request_id, future))
+        lane.queue.put_nowait(_Item(pixels, request_id, future, priority))
         return await future
 
     def lanes(self) -> int:

@@ -132,3 +132,34 @@ def _image(seed: int):
     from PIL import Image
 
     return Image.new("RGB", (40 + seed, 30), (seed * 20 % 255, 100, 200))
+
+
+async def test_interactive_images_first_and_bulk_requests_round_robin(batcher):
+    """While a batch runs, bulk requests A and B queue 8 images each and an interactive request 2: the next
+    batch starts with the interactive images, and A and B then alternate (the batcher's record of batches)."""
+    gate = threading.Event()
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        gate.wait(10)  # bounded: the test opens it
+        return x
+
+    first = asyncio.create_task(batcher.submit("m", forward, torch.zeros(1), "warm", "bulk"))
+    for _ in range(100):  # the first batch is running (its forward waits on the gate)
+        await asyncio.sleep(0.01)
+        if batcher.stats.batches:
+            break
+    assert batcher.stats.batches == 1
+    waiters = [asyncio.create_task(batcher.submit("m", forward, torch.zeros(1), rid, "bulk"))
+               for _ in range(8) for rid in ("A",)]
+    waiters += [asyncio.create_task(batcher.submit("m", forward, torch.zeros(1), "B", "bulk")) for _ in range(8)]
+    await asyncio.sleep(0.01)
+    waiters += [asyncio.create_task(batcher.submit("m", forward, torch.zeros(1), "I", "interactive")) for _ in range(2)]
+    await asyncio.sleep(0.01)
+    gate.set()
+    await asyncio.gather(first, *waiters)
+    batches = list(batcher.stats.log)[1:]
+    taken = [rid for batch in batches for rid, _ in batch]
+    assert taken[:2] == ["I", "I"], batches  # interactive waited only for the running batch
+    assert taken[2:10] == ["A", "B"] * 4, batches  # bulk: round robin by request
+    assert sorted(taken) == sorted(["I"] * 2 + ["A"] * 8 + ["B"] * 8)
+    assert ("I", "interactive") in batches[0] and ("A", "bulk") in batches[0]  # still micro-batched together
