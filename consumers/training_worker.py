@@ -19,7 +19,7 @@ from consumers.control_reader import ControlReader
 from consumers.health import HealthServer
 from consumers.pipeline import Pipeline
 from consumers.runtime import ConsumerRuntime
-from consumers.settings import Settings
+from consumers.settings import Settings, WorkerSettings
 from consumers.worker import configure_torch_threads, serve
 from handlers.executor import Executors
 from handlers.images import DecodeLimits
@@ -29,16 +29,21 @@ from schemas.codec import TRAINING_ADAPTER
 log = structlog.get_logger("cls.training_worker")
 
 
+def training_settings(w: WorkerSettings) -> TrainingSettings:
+    """The training handler's settings; a ``completed`` event's metrics get an eighth of the record size."""
+    return TrainingSettings(work_dir=w.training_work_dir, dataset_cache_dir=w.dataset_cache_dir,
+                            checkpoint_suffix=w.checkpoint_prefix_suffix, heartbeat_s=w.heartbeat_s,
+                            device=w.device, download_concurrency=w.fetch_concurrency,
+                            max_metrics_bytes=w.max_record_bytes // 8)
+
+
 @contextlib.asynccontextmanager
 async def training_context(settings: Settings):
     w = settings.worker
     executors = Executors()
     async with storage_and_fetcher(settings) as (store, fetcher):
         ctx = TrainingContext(
-            settings=TrainingSettings(work_dir=w.training_work_dir, dataset_cache_dir=w.dataset_cache_dir,
-                                      checkpoint_suffix=w.checkpoint_prefix_suffix, heartbeat_s=w.heartbeat_s,
-                                      device=w.device, download_concurrency=w.fetch_concurrency,
-                                      max_metrics_bytes=w.max_record_bytes // 8),
+            settings=training_settings(w),
             store=store, fetcher=fetcher, decode_limits=DecodeLimits(max_pixels=w.max_image_pixels),
             executors=executors, cancels=CancelRegistry(),
             on_epoch=metrics.TRAINING_EPOCH_SECONDS.observe,
