@@ -2,8 +2,8 @@
 
 Flow: an earlier delivery of the job still training here (its consumer gave up waiting)? -> stop it and
 join it first. Model already complete at ``output_path``? -> this job's: re-publish ``completed`` (same
-ids, no training); another job's: ``failed`` with ``output_exists``. Cancelled already? -> ``cancelled``. Else ``queued`` -> dataset prepared (labels checked, images
-cached, bad ones counted) -> training on its own thread with a checkpoint after every epoch, uploaded
+ids, no training); another job's: ``failed`` with ``output_exists``. Cancelled already? -> ``cancelled``.
+Else ``queued`` -> dataset prepared (labels checked, images cached by a bounded pool, bad ones counted) -> training on its own thread with a checkpoint after every epoch, uploaded
 beside ``output_path`` (``<output_path>.checkpoints/``) -> ``running`` per epoch (and heartbeats) ->
 package uploaded and verified -> ``completed``; or ``failed`` / ``cancelled``.
 
@@ -127,7 +127,8 @@ class TrainingContext:
     decode_limits: DecodeLimits
     executors: Executors
     cancels: CancelRegistry
-    deliveries: dict[str, _Delivery] = field(default_factory=dict)  # job id -> its delivery running here
+    deliveries: dict[str, _Delivery] = field(default_factory=dict)  # job id -> its handler running here
+    training: dict[str, _Delivery] = field(default_factory=dict)  # job id -> the delivery whose thread trains it
     on_epoch: Callable[[float], None] | None = None  # metrics hook (epoch seconds)
 
     def preempt(self, job_ids: set[str]) -> None:
@@ -253,47 +254,56 @@ class TrainingHandler:
 
     async def handle(self, request: TrainingRequest) -> AsyncIterator[TrainingStatus]:
         ctx = self.ctx
-        job_id = request.job_id or ""
-        previous = ctx.deliveries.get(job_id)
-        if previous is not None:
-            # An earlier delivery of this job still trains here: its consumer gave up waiting (a drain deadline
-            # passed during a long checkpoint upload). Stop it and join its thread before anything else, so
-            # one job never has two threads training, uploading checkpoints or sharing a work dir.
-            log.warning("training_previous_delivery_running", job_id=job_id)
-            previous.stop("preempt")
-            await previous.join()
-            log.info("training_previous_delivery_joined", job_id=job_id)
-        delivery = _Delivery(job_id)
-        ctx.deliveries[job_id] = delivery
+        delivery = _Delivery(request.job_id or "")
+        ctx.deliveries[delivery.job_id] = delivery  # from now on a preempt of this job stops this delivery
         try:
+            await self._join_earlier_training(delivery)
             async with contextlib.aclosing(self._handle(request, delivery)) as events:
                 async for event in events:
                     yield event
         finally:
-            self._release(delivery)
-
-    def _release(self, delivery: _Delivery) -> None:
-        """Forget ``delivery`` once its handler and its training thread have both ended."""
-        ctx = self.ctx
-
-        def forget() -> None:
             if ctx.deliveries.get(delivery.job_id) is delivery:
                 del ctx.deliveries[delivery.job_id]
+            if delivery.training_running():
+                # the consumer gave up on us (drain deadline): ask the thread to stop, don't wait here; the
+                # next delivery of this job joins it
+                delivery.stop("preempt")
 
-        if not delivery.training_running():
-            forget()
-            return
-        # the consumer gave up on us (drain deadline): ask the thread to stop, don't wait here; the next
-        # delivery of this job joins it
-        delivery.stop("preempt")
+    async def _join_earlier_training(self, delivery: _Delivery) -> None:
+        """Stop and join the training thread of an earlier delivery of this job, if one still runs here.
+
+        It does when the consumer gave up waiting for it (a drain deadline passed during a long checkpoint
+        upload). Joined before anything else, so one job never has two threads training, uploading
+        checkpoints or sharing a work dir.
+        """
+        while ((earlier := self.ctx.training.get(delivery.job_id)) is not None and earlier is not delivery
+               and earlier.training_running()):
+            log.warning("training_earlier_delivery_running", job_id=delivery.job_id)
+            earlier.stop("preempt")
+            await earlier.join()
+            log.info("training_earlier_delivery_joined", job_id=delivery.job_id)
+        if delivery.stop_reason is not None:
+            raise Abandoned(f"stopped ({delivery.stop_reason}) while joining an earlier delivery")
+
+    def _start_training(self, delivery: _Delivery, *args: Any) -> asyncio.Future[Any]:
+        """Queue the training on the GPU thread; ``ctx.training`` names it until the thread returns."""
+        ctx = self.ctx
         loop = asyncio.get_running_loop()
+        delivery.training = ctx.executors.submit_gpu(self._train, *args)
+        ctx.training[delivery.job_id] = delivery
+
+        def forget() -> None:
+            if ctx.training.get(delivery.job_id) is delivery:
+                del ctx.training[delivery.job_id]
 
         def on_thread_done(_: Any) -> None:
             with contextlib.suppress(RuntimeError):  # the loop is closed: nothing left to forget
                 loop.call_soon_threadsafe(forget)
 
-        assert delivery.training is not None
         delivery.training.add_done_callback(on_thread_done)
+        task = asyncio.wrap_future(delivery.training)
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved, never "unretrieved"
+        return task
 
     async def _handle(self, request: TrainingRequest, delivery: _Delivery) -> AsyncIterator[TrainingStatus]:
         ctx = self.ctx
@@ -360,9 +370,8 @@ class TrainingHandler:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[TrainingStatus] = asyncio.Queue()
         callbacks = _Callbacks(loop, queue, ctx, delivery, checkpoint_url, workdir, attempt)
-        delivery.training = ctx.executors.submit_gpu(self._train, spec, train_samples, val_samples, workdir, callbacks)
-        train_task = asyncio.wrap_future(delivery.training)
-        train_task.add_done_callback(lambda task: task.cancelled() or task.exception())  # retrieved, never "unretrieved"
+        await self._join_earlier_training(delivery)  # again, right before starting: one may have started meanwhile
+        train_task = self._start_training(delivery, spec, train_samples, val_samples, workdir, callbacks)
         try:
             while not train_task.done() or not queue.empty():
                 getter = asyncio.ensure_future(queue.get())

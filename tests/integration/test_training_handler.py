@@ -54,7 +54,7 @@ async def test_stale_preempt_and_late_cancel(http_server, s3_server, s3_bucket, 
             ctx.preempt({"job-h"})  # left over from an earlier delivery that finished anyway
             events = [e async for e in handler.handle(request)]
             assert [e.status for e in events] == ["queued", "running", "completed"]
-            assert "job-h" not in ctx.deliveries  # the delivery is forgotten once its handler and thread ended
+            assert "job-h" not in ctx.deliveries and "job-h" not in ctx.training  # forgotten once both ended
             # a cancel that arrives after the model is complete does not turn it into "cancelled"
             ctx.cancels.cancel("job-h")
             again = [e async for e in handler.handle(request)]
@@ -119,11 +119,11 @@ async def test_a_new_delivery_stops_and_joins_the_previous_training_thread(http_
                 # the training thread is still inside the upload
                 first_task.cancel()
                 await asyncio.gather(first_task, return_exceptions=True)
-                assert ctx.deliveries["job-twice"].training_running()
+                assert ctx.training["job-twice"].training_running()
                 second_task = asyncio.ensure_future(consume(handler.handle(request), second))
                 await asyncio.sleep(0.5)
                 assert second == [] and not second_task.done()  # waits for the old thread before anything else
-                assert ctx.deliveries["job-twice"].training_running()
+                assert ctx.training["job-twice"].training_running()
                 store.release.set()
                 await asyncio.wait_for(second_task, 180)
             finally:
@@ -142,7 +142,7 @@ async def test_a_new_delivery_stops_and_joins_the_previous_training_thread(http_
     # new one resumed from its checkpoint: every epoch trained exactly once
     assert [e.progress.epoch for e in second if e.status == "running"] == list(range(2, epochs + 1))
     assert len(epoch_ends) == epochs
-    assert "job-twice" not in ctx.deliveries
+    assert "job-twice" not in ctx.deliveries and "job-twice" not in ctx.training
 
 
 async def test_a_package_at_output_path_is_republished_only_for_its_own_job(http_server, s3_server, s3_bucket, tmp_path):
