@@ -49,7 +49,7 @@ KAFKA_BINDING_VERSION = "0.5.0"
 DLQ_ERROR_CODES = {
     "not_json_object": "the value is not a UTF-8 JSON object (or is a tombstone on a request topic)",
     "invalid_no_id": "a JSON object that fails validation and names no request/job (no id in the body, no key)",
-    "invalid_cancel": "a record on the control topic that names no job",
+    "invalid_cancel": "a JSON object on the control topic that is not a valid cancel (wrong types, another task, no job)",
 }
 """``dlq-error-code`` values the workers write (documented in the DLQ message's headers schema)."""
 
