@@ -100,6 +100,7 @@ class ControlReader:
         self._task: asyncio.Task[None] | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self.dead_lettered: dict[int, int] = {}  # source partition -> highest offset already in the DLQ
+        self._dlq_missing = False  # no DLQ topic (not provisioned): bad records are logged and skipped
 
     async def start(self, catch_up_timeout_s: float = 60.0) -> None:
         deadline = time.monotonic() + catch_up_timeout_s
@@ -147,6 +148,7 @@ class ControlReader:
             tps = await topic_partitions(consumer, dlq_topic(self.topic), min(5.0, max(0.0, deadline - time.monotonic())))
             if not tps:
                 log.warning("control_dlq_missing", topic=dlq_topic(self.topic))
+                self._dlq_missing = True
                 return highest
             consumer.assign(tps)
             await consumer.seek_to_beginning(*tps)
@@ -213,6 +215,8 @@ class ControlReader:
         if record.offset <= self.dead_lettered.get(record.partition, -1):
             log.info("control_record_already_dead_lettered", partition=record.partition, offset=record.offset)
             return
+        if self._dlq_missing:
+            return  # producing to a missing topic would only time out, record after record
         await self._send_dead_letter(record, code, message)
         self.dead_lettered[record.partition] = record.offset
         log.warning("control_record_dead_lettered", code=code, partition=record.partition, offset=record.offset)
