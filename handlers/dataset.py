@@ -4,7 +4,10 @@ Entries are ``{"url", "label"}`` objects or plain URLs labeled by their parent f
 (``.../<class>/<file>``, the ImageFolder convention); ``manifest_url`` points to a JSON Lines file of
 ``{"url", "label", "split"}``. Images go through the same fetching and decoding as annotation (size and
 pixel limits, private-network rule) and are kept in a cache shared by jobs: files named by the hash of
-their content, found again by the hash of their URL.
+their content, found again by the hash of their URL. Downloads run in a bounded pool (the fetch
+concurrency setting), so a manifest of hundreds of thousands of images never means as many tasks, and
+the pool stops fetching as soon as the job's outcome is known (too many bad images, another error, a
+cancel).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import io
 import json
 import os
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -30,6 +34,14 @@ from schemas.training import LabeledUrl, TrainingDataset
 INVALID_DATASET = "invalid_dataset"
 TOO_MANY_BAD_IMAGES = "too_many_bad_images"
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024
+
+
+class DownloadStopped(Exception):
+    """The job was asked to stop (``reason``: ``"cancel"`` or ``"preempt"``) while its images downloaded."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 @dataclass
@@ -138,8 +150,11 @@ async def read_manifest(fetcher: Fetcher, url: str) -> tuple[list[LabeledUrl], l
 
 
 async def prepare_dataset(dataset: TrainingDataset, *, fetcher: Fetcher, executors: Executors, cache: DatasetCache,
-                          limits: DecodeLimits, max_bad_fraction: float, concurrency: int = 16) -> PreparedDataset:
-    """Resolve labels, download and check every image; fail when too many are unusable."""
+                          limits: DecodeLimits, max_bad_fraction: float, concurrency: int = 16,
+                          should_stop: Callable[[], str | None] | None = None) -> PreparedDataset:
+    """Resolve labels, download and check every image (``concurrency`` at a time); fail as soon as too many
+    are unusable. ``should_stop`` is asked before each image: a reason (``"cancel"``, ``"preempt"``) ends
+    the downloads with ``DownloadStopped``."""
     train_entries = list(dataset.train_urls)
     val_entries = list(dataset.val_urls)
     if dataset.manifest_url:
@@ -163,31 +178,67 @@ async def prepare_dataset(dataset: TrainingDataset, *, fetcher: Fetcher, executo
     if not labeled:
         raise PermanentError(INVALID_DATASET, "the dataset has no images")
 
-    semaphore = asyncio.Semaphore(concurrency)
-
-    async def one(url: str) -> str | ImageError:
-        cached = cache.lookup(url)
-        if cached is not None:
-            return cached
-        async with semaphore:
-            try:
-                data = await fetcher.fetch(url)
-                normalised, suffix = await executors.on_cpu(_normalise, data, limits)
-            except ImageError as exc:
-                return exc
-            return await executors.on_cpu(cache.store, url, normalised, suffix)
-
-    paths = await asyncio.gather(*(one(url) for _, url, _ in labeled))
-    prepared = PreparedDataset(train=[], val=[], total=len(labeled))
+    total = len(labeled)
+    urls = [url for _, url, _ in labeled]
+    paths = await _download_all(urls, fetcher=fetcher, executors=executors, cache=cache, limits=limits,
+                                concurrency=concurrency, max_bad_fraction=max_bad_fraction, should_stop=should_stop)
+    prepared = PreparedDataset(train=[], val=[], total=total)
     for (split, url, label), path in zip(labeled, paths, strict=True):
         if isinstance(path, ImageError):
             prepared.bad.append((url, f"{path.code}: {path.message}"))
             continue
         (prepared.train if split == "train" else prepared.val).append((path, index[label]))
-    if len(prepared.bad) > max_bad_fraction * prepared.total:
-        examples = "; ".join(f"{url} -> {why}" for url, why in prepared.bad[:5])
-        raise PermanentError(
-            TOO_MANY_BAD_IMAGES,
-            f"{len(prepared.bad)} of {prepared.total} images unusable (max_bad_fraction {max_bad_fraction}); e.g. {examples}"[:2000],
-        )
     return prepared
+
+
+async def _download_all(urls: list[str], *, fetcher: Fetcher, executors: Executors, cache: DatasetCache,
+                        limits: DecodeLimits, concurrency: int, max_bad_fraction: float,
+                        should_stop: Callable[[], str | None] | None) -> list[str | ImageError]:
+    """Every image cached (its local path) or its ``ImageError``, by ``concurrency`` workers taking URLs in
+    order. The job ends at the first error that is not one image's, at a stop request, or as soon as more
+    than ``max_bad_fraction`` of them are bad; then nothing more is fetched and the workers still running are
+    cancelled."""
+    results: list[str | ImageError | None] = [None] * len(urls)
+    bad: list[tuple[str, ImageError]] = []
+    positions = iter(range(len(urls)))  # shared: each position is taken by exactly one worker
+
+    async def one(url: str) -> str | ImageError:
+        cached = cache.lookup(url)
+        if cached is not None:
+            return cached
+        try:
+            data = await fetcher.fetch(url)
+            normalised, suffix = await executors.on_cpu(_normalise, data, limits)
+        except ImageError as exc:
+            return exc
+        return await executors.on_cpu(cache.store, url, normalised, suffix)
+
+    async def worker() -> None:
+        for position in positions:
+            reason = should_stop() if should_stop is not None else None
+            if reason is not None:
+                raise DownloadStopped(reason)
+            result = await one(urls[position])
+            results[position] = result
+            if isinstance(result, ImageError):
+                bad.append((urls[position], result))
+                if len(bad) > max_bad_fraction * len(urls):
+                    examples = "; ".join(f"{url} -> {exc.code}: {exc.message}" for url, exc in bad[:5])
+                    raise PermanentError(
+                        TOO_MANY_BAD_IMAGES,
+                        f"{len(bad)} of {len(urls)} images unusable (max_bad_fraction {max_bad_fraction}); "
+                        f"e.g. {examples}"[:2000],
+                    )
+
+    workers = [asyncio.ensure_future(worker()) for _ in range(max(1, min(concurrency, len(urls))))]
+    try:
+        done, _ = await asyncio.wait(workers, return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:
+            if task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+    finally:
+        for task in workers:
+            task.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+    assert all(result is not None for result in results)
+    return results  # type: ignore[return-value]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextvars
 import functools
 import os
@@ -23,6 +24,11 @@ class Executors:
 
     async def on_gpu(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return await _run(self.gpu, fn, *args, **kwargs)
+
+    def submit_gpu(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> concurrent.futures.Future[T]:
+        """Queue ``fn`` on the GPU thread; the future is done only when ``fn`` has returned (or never ran)."""
+        ctx = contextvars.copy_context()
+        return self.gpu.submit(ctx.run, fn, *args, **kwargs)
 
     async def on_cpu(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return await _run(self.cpu, fn, *args, **kwargs)

@@ -1,10 +1,15 @@
 """The training handler: one job from request to model package, with status events all the way.
 
-Flow: cancelled already? -> ``cancelled``. Model already complete at ``output_path``? -> re-publish
-``completed`` (same ids, no training). Else ``queued`` -> dataset prepared (labels checked, images
-cached, bad ones counted) -> training on its own thread with a checkpoint after every epoch, uploaded
+Flow: an earlier delivery of the job still training here (its consumer gave up waiting)? -> stop it and
+join it first. Model already complete at ``output_path``? -> this job's: re-publish ``completed`` (same
+ids, no training); another job's: ``failed`` with ``output_exists``. Cancelled already? -> ``cancelled``.
+Else ``queued`` -> dataset prepared (labels checked, images cached by a bounded pool, bad ones counted) -> training on its own thread with a checkpoint after every epoch, uploaded
 beside ``output_path`` (``<output_path>.checkpoints/``) -> ``running`` per epoch (and heartbeats) ->
 package uploaded and verified -> ``completed``; or ``failed`` / ``cancelled``.
+
+The ``completed`` event keeps the headline metrics; when the full metrics are over a size budget the
+large ones (per-class table, confusion matrix, history) are left out and ``metrics.metrics_url`` points
+to ``metrics.json`` in the package, which holds them all (``completed_event``).
 
 A redelivered job (the worker died) downloads the last checkpoint and resumes from it. A revoked
 partition or a shutdown makes the job checkpoint at the next step and stop with no final status
@@ -14,6 +19,8 @@ partition or a shutdown makes the job checkpoint at the next step and stop with 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import hashlib
 import json
 import shutil
@@ -26,7 +33,7 @@ from typing import Any
 
 import structlog
 
-from handlers.dataset import DatasetCache, prepare_dataset
+from handlers.dataset import DatasetCache, DownloadStopped, prepare_dataset
 from handlers.errors import HandlerError, PermanentError
 from handlers.executor import Executors
 from handlers.fetch import Fetcher
@@ -44,8 +51,12 @@ from schemas.training import (
 
 log = structlog.get_logger("cls.training")
 
-PACKAGE_FILES = ("model.safetensors", "config.json", "metrics.json")  # metrics.json last: it marks completion
+METRICS_FILE = "metrics.json"
+PACKAGE_FILES = ("model.safetensors", "config.json", METRICS_FILE)  # metrics.json last: it marks completion
 CHECKPOINT_FILE = "state.pt"
+PACKAGE_JOB_ID = "job_id"
+"""Key the handler adds to a package's metrics.json: the job that wrote it (a package is one job's)."""
+OUTPUT_EXISTS = "output_exists"
 
 
 class CancelRegistry:
@@ -83,6 +94,31 @@ class TrainingSettings:
     download_concurrency: int = 16
     memory_budget_bytes: int | None = None  # None: half the memory available when a job is checked
     max_workers: int | None = None  # cap on num_workers; None: the usable CPU cores
+    max_metrics_bytes: int = 512 * 1024  # encoded metrics kept in a completed event (the worker: max_record_bytes / 8)
+
+
+class _Delivery:
+    """One delivery of a job on this worker: its stop request and its training thread's future."""
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        self.stop_reason: str | None = None
+        self.training: concurrent.futures.Future[Any] | None = None  # done only once the thread has returned
+
+    def stop(self, reason: str = "preempt") -> None:
+        self.stop_reason = self.stop_reason or reason
+
+    def training_running(self) -> bool:
+        return self.training is not None and not self.training.done()
+
+    async def join(self) -> None:
+        """Wait for the training thread to return (it checkpoints at its next step once stopped)."""
+        if self.training_running():
+            assert self.training is not None
+            joined = asyncio.wrap_future(self.training)
+            await asyncio.wait({joined})  # unlike awaiting it, never cancels the thread's future
+            if not joined.cancelled():
+                joined.exception()  # retrieved: the thread's own outcome went to its handler
 
 
 @dataclass
@@ -93,12 +129,20 @@ class TrainingContext:
     decode_limits: DecodeLimits
     executors: Executors
     cancels: CancelRegistry
-    preempted: set[str] = field(default_factory=set)
+    deliveries: dict[str, _Delivery] = field(default_factory=dict)  # job id -> its handler running here
+    training: dict[str, _Delivery] = field(default_factory=dict)  # job id -> the delivery whose thread trains it
     on_epoch: Callable[[float], None] | None = None  # metrics hook (epoch seconds)
 
     def preempt(self, job_ids: set[str]) -> None:
-        """Called by the runtime on revocation / shutdown: the job checkpoints and stops."""
-        self.preempted |= job_ids
+        """Called by the runtime on revocation / shutdown: the job checkpoints and stops.
+
+        Only the deliveries running now are stopped: a request left over from a delivery that finished
+        anyway must not stop the next one.
+        """
+        for job_id in job_ids:
+            delivery = self.deliveries.get(job_id)
+            if delivery is not None:
+                delivery.stop("preempt")
 
 
 def status_event(job_id: str, status: str, *, epoch: int = 0, step: int | None = None, attempt: int = 1,
@@ -114,12 +158,42 @@ def failed_status(job_id: str, error: ErrorInfo) -> TrainingStatus:
     return status_event(job_id, "failed", error=error)
 
 
+def event_metrics(metrics: dict[str, Any], metrics_url: str, max_bytes: int) -> TrainingMetrics:
+    """The metrics a ``completed`` event carries: all of them when they fit ``max_bytes`` (encoded JSON),
+    else every scalar (``train_loss``, ``val_accuracy``, ``best_epoch``, ...) and the largest other values
+    left out, biggest first, until the rest fits; then ``metrics_url`` names the file that has them all
+    and ``omitted`` lists what was left out."""
+    kept = {k: v for k, v in metrics.items() if k != PACKAGE_JOB_ID}
+    if _json_size(kept) <= max_bytes:
+        return TrainingMetrics(**kept)
+    large = sorted((k for k, v in kept.items() if isinstance(v, (dict, list))), key=lambda k: -_json_size(kept[k]))
+    omitted: list[str] = []
+    for key in large:
+        omitted.append(key)
+        del kept[key]
+        if _json_size(kept) <= max_bytes:
+            break
+    return TrainingMetrics(**kept, metrics_url=metrics_url, omitted=sorted(omitted))
+
+
+def completed_event(job_id: str, metrics: dict[str, Any], output: str, max_metrics_bytes: int,
+                    attempt: int = 1) -> TrainingStatus:
+    """``completed`` for the package at ``output`` (first completion and re-publish alike)."""
+    return status_event(job_id, "completed", attempt=attempt, model_url=output,
+                        metrics=event_metrics(metrics, f"{output}/{METRICS_FILE}", max_metrics_bytes))
+
+
+def _json_size(value: Any) -> int:
+    return len(json.dumps(value, separators=(",", ":"), default=str).encode())
+
+
 class _Callbacks:
     """Bridge from the training thread to the event loop: events queued, stop requests read."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, ctx: TrainingContext, job_id: str,
-                 checkpoint_url: str, workdir: Path, attempt: int) -> None:
-        self.loop, self.queue, self.ctx, self.job_id = loop, queue, ctx, job_id
+    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, ctx: TrainingContext,
+                 delivery: _Delivery, checkpoint_url: str, workdir: Path, attempt: int) -> None:
+        self.loop, self.queue, self.ctx, self.delivery = loop, queue, ctx, delivery
+        self.job_id = delivery.job_id
         self.checkpoint_url, self.workdir, self.attempt = checkpoint_url, workdir, attempt
         self.epochs = 1
 
@@ -144,9 +218,7 @@ class _Callbacks:
     def should_stop(self) -> str | None:
         if self.ctx.cancels.is_cancelled(self.job_id):
             return "cancel"
-        if self.job_id in self.ctx.preempted:
-            return "preempt"
-        return None
+        return self.delivery.stop_reason
 
     def _upload_checkpoint(self) -> None:
         local = self.workdir / "checkpoint" / CHECKPOINT_FILE
@@ -184,15 +256,72 @@ class TrainingHandler:
 
     async def handle(self, request: TrainingRequest) -> AsyncIterator[TrainingStatus]:
         ctx = self.ctx
-        job_id = request.job_id or ""
+        delivery = _Delivery(request.job_id or "")
+        ctx.deliveries[delivery.job_id] = delivery  # from now on a preempt of this job stops this delivery
+        try:
+            await self._join_earlier_training(delivery)
+            async with contextlib.aclosing(self._handle(request, delivery)) as events:
+                async for event in events:
+                    yield event
+        finally:
+            if ctx.deliveries.get(delivery.job_id) is delivery:
+                del ctx.deliveries[delivery.job_id]
+            if delivery.training_running():
+                # the consumer gave up on us (drain deadline): ask the thread to stop, don't wait here; the
+                # next delivery of this job joins it
+                delivery.stop("preempt")
+
+    async def _join_earlier_training(self, delivery: _Delivery) -> None:
+        """Stop and join the training thread of an earlier delivery of this job, if one still runs here.
+
+        It does when the consumer gave up waiting for it (a drain deadline passed during a long checkpoint
+        upload). Joined before anything else, so one job never has two threads training, uploading
+        checkpoints or sharing a work dir.
+        """
+        while ((earlier := self.ctx.training.get(delivery.job_id)) is not None and earlier is not delivery
+               and earlier.training_running()):
+            log.warning("training_earlier_delivery_running", job_id=delivery.job_id)
+            earlier.stop("preempt")
+            await earlier.join()
+            log.info("training_earlier_delivery_joined", job_id=delivery.job_id)
+        if delivery.stop_reason is not None:
+            raise Abandoned(f"stopped ({delivery.stop_reason}) while joining an earlier delivery")
+
+    def _start_training(self, delivery: _Delivery, *args: Any) -> asyncio.Future[Any]:
+        """Queue the training on the GPU thread; ``ctx.training`` names it until the thread returns."""
+        ctx = self.ctx
+        loop = asyncio.get_running_loop()
+        delivery.training = ctx.executors.submit_gpu(self._train, *args)
+        ctx.training[delivery.job_id] = delivery
+
+        def forget() -> None:
+            if ctx.training.get(delivery.job_id) is delivery:
+                del ctx.training[delivery.job_id]
+
+        def on_thread_done(_: Any) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nothing left to forget
+                loop.call_soon_threadsafe(forget)
+
+        delivery.training.add_done_callback(on_thread_done)
+        task = asyncio.wrap_future(delivery.training)
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved, never "unretrieved"
+        return task
+
+    async def _handle(self, request: TrainingRequest, delivery: _Delivery) -> AsyncIterator[TrainingStatus]:
+        ctx = self.ctx
+        job_id = delivery.job_id
         output = request.output_path.rstrip("/")
         checkpoint_url = output + ctx.settings.checkpoint_suffix
-        ctx.preempted.discard(job_id)  # a stop request for an earlier delivery of this job is spent
         self._check_fences(request)
         done = await self._already_completed(output)
         if done is not None:  # a finished model is a fact, whatever came later on the control topic
+            owner = done.get(PACKAGE_JOB_ID)
+            if owner != job_id:
+                written_by = f"job {owner!r}" if isinstance(owner, str) else "an unknown job (no job id recorded)"
+                raise PermanentError(OUTPUT_EXISTS, f"output_path {output} already holds a model package written by "
+                                                    f"{written_by}; choose another output_path or delete it")
             log.info("training_already_complete", output=output)
-            yield status_event(job_id, "completed", metrics=TrainingMetrics(**done), model_url=output)
+            yield completed_event(job_id, done, output, ctx.settings.max_metrics_bytes)
             return
         if ctx.cancels.is_cancelled(job_id):
             yield status_event(job_id, "cancelled", error=ErrorInfo(code="cancelled", message="cancelled before start"))
@@ -210,11 +339,24 @@ class TrainingHandler:
         workdir = Path(ctx.settings.work_dir).expanduser() / hashlib.sha256(f"{job_id}|{output}".encode()).hexdigest()[:24]
         workdir.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
-        data = await prepare_dataset(
-            request.dataset, fetcher=ctx.fetcher, executors=ctx.executors,
-            cache=DatasetCache(ctx.settings.dataset_cache_dir), limits=ctx.decode_limits,
-            max_bad_fraction=request.config.max_bad_fraction, concurrency=ctx.settings.download_concurrency,
-        )
+
+        def should_stop() -> str | None:
+            return "cancel" if ctx.cancels.is_cancelled(job_id) else delivery.stop_reason
+
+        try:
+            data = await prepare_dataset(
+                request.dataset, fetcher=ctx.fetcher, executors=ctx.executors,
+                cache=DatasetCache(ctx.settings.dataset_cache_dir), limits=ctx.decode_limits,
+                max_bad_fraction=request.config.max_bad_fraction, concurrency=ctx.settings.download_concurrency,
+                should_stop=should_stop,
+            )
+        except DownloadStopped as stopped:
+            if stopped.reason == "cancel":
+                await self._remove_checkpoints(checkpoint_url, workdir)
+                yield status_event(job_id, "cancelled", attempt=attempt,
+                                   error=ErrorInfo(code="cancelled", message="cancelled while downloading the dataset"))
+                return
+            raise Abandoned(f"dataset download stopped for {stopped.reason}") from None
         train_samples, val_samples = data.train, data.val
         if not val_samples:
             from ml.training import stratified_split
@@ -232,8 +374,9 @@ class TrainingHandler:
                                      num_workers=num_workers)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[TrainingStatus] = asyncio.Queue()
-        callbacks = _Callbacks(loop, queue, ctx, job_id, checkpoint_url, workdir, attempt)
-        train_task = asyncio.ensure_future(ctx.executors.on_gpu(self._train, spec, train_samples, val_samples, workdir, callbacks))
+        callbacks = _Callbacks(loop, queue, ctx, delivery, checkpoint_url, workdir, attempt)
+        await self._join_earlier_training(delivery)  # again, right before starting: one may have started meanwhile
+        train_task = self._start_training(delivery, spec, train_samples, val_samples, workdir, callbacks)
         try:
             while not train_task.done() or not queue.empty():
                 getter = asyncio.ensure_future(queue.get())
@@ -249,19 +392,13 @@ class TrainingHandler:
                 yield status_event(job_id, "cancelled", attempt=attempt,
                                    error=ErrorInfo(code="cancelled", message=f"cancelled at epoch {stopped.epoch}"))
                 return
-            ctx.preempted.discard(job_id)
             raise Abandoned(f"training stopped for {stopped.reason} at epoch {stopped.epoch}, step {stopped.step}") from None
-        finally:
-            if not train_task.done():
-                # the consumer gave up on us (drain deadline): ask the thread to stop, don't wait here
-                ctx.preempt({job_id})
-                train_task.add_done_callback(lambda task: task.cancelled() or task.exception())
-        metrics = await self._upload_package(result.package_dir, output)
+        metrics = await self._upload_package(result.package_dir, output, job_id)
         await self._remove_checkpoints(checkpoint_url, workdir)
         log.info("training_completed", best_epoch=result.best_epoch, val_accuracy=metrics.get("val_accuracy"),
                  epochs_run=result.epochs_run, resumed_from_epoch=result.resumed_from_epoch,
                  seconds=round(time.monotonic() - started, 2))
-        yield status_event(job_id, "completed", attempt=attempt, metrics=TrainingMetrics(**metrics), model_url=output)
+        yield completed_event(job_id, metrics, output, ctx.settings.max_metrics_bytes, attempt=attempt)
 
     # ------------------------------------------------------------------ checks
     def _check_fences(self, request: TrainingRequest) -> None:
@@ -316,15 +453,20 @@ class TrainingHandler:
     async def _already_completed(self, output: str) -> dict[str, Any] | None:
         """The metrics of a package already complete at ``output`` (metrics.json is uploaded last)."""
         try:
-            if not await self.ctx.store.exists(f"{output}/metrics.json"):
+            if not await self.ctx.store.exists(f"{output}/{METRICS_FILE}"):
                 return None
-            if not await self.ctx.store.exists(f"{output}/model.safetensors"):
+            if not await self.ctx.store.exists(f"{output}/{PACKAGE_FILES[0]}"):
                 return None
-            return json.loads(await self.ctx.store.get_bytes(f"{output}/metrics.json"))
+            metrics = json.loads(await self.ctx.store.get_bytes(f"{output}/{METRICS_FILE}"))
         except HandlerError as exc:
             if exc.retryable:
                 raise
             return None
+        except ValueError:
+            metrics = None
+        if not isinstance(metrics, dict):  # a metrics.json that is not ours: someone else's package
+            return {PACKAGE_JOB_ID: None}
+        return metrics
 
     async def _next_attempt(self, checkpoint_url: str) -> int:
         url = f"{checkpoint_url}/attempt"
@@ -361,10 +503,16 @@ class TrainingHandler:
                 raise PermanentError("pretrained_unavailable", f"{url}: {exc.message}") from exc
         return str(target)
 
-    async def _upload_package(self, package_dir: Path, output: str) -> dict[str, Any]:
+    async def _upload_package(self, package_dir: Path, output: str, job_id: str) -> dict[str, Any]:
+        # metrics.json names the job that wrote the package: a later job with the same output_path is told
+        # the output exists instead of being handed another job's model as its own
+        metrics_file = package_dir / METRICS_FILE
+        metrics = json.loads(metrics_file.read_text())
+        metrics[PACKAGE_JOB_ID] = job_id
+        metrics_file.write_text(json.dumps(metrics, indent=2) + "\n")
         for name in PACKAGE_FILES:  # verified uploads; metrics.json last marks the package complete
             await self.ctx.store.upload_file(package_dir / name, f"{output}/{name}")
-        return json.loads((package_dir / "metrics.json").read_text())
+        return metrics
 
     async def _remove_checkpoints(self, checkpoint_url: str, workdir: Path) -> None:
         try:

@@ -50,7 +50,7 @@ KAFKA_BINDING_VERSION = "0.5.0"
 DLQ_ERROR_CODES = {
     "not_json_object": "the value is not a UTF-8 JSON object (or is a tombstone on a request topic)",
     "invalid_no_id": "a JSON object that fails validation and names no request/job (no id in the body, no key)",
-    "invalid_cancel": "a record on the control topic that names no job",
+    "invalid_cancel": "a JSON object on the control topic that is not a valid cancel (wrong types, another task, no job)",
     "invalid_id": "the id in the body is not valid Unicode text (an unpaired surrogate): it cannot be a key or header",
     "event_too_large": "the record's failed event would not fit CLS_MAX_RECORD_BYTES either",
     "attempts_exhausted": "handling failed unexpectedly CLS_MAX_ATTEMPTS times and no failed event could be published",

@@ -119,10 +119,17 @@ class Progress(BaseModel):
 
 
 class TrainingMetrics(BaseModel):
+    """Metrics of a trained model. A ``completed`` event keeps every headline value; when all of them
+    would make the event too large, the large ones (``per_class``, ``confusion_matrix``, ``epochs``) are
+    left out, named in ``omitted``, and ``metrics_url`` points to the package's metrics.json, which has
+    them all."""
+
     model_config = ConfigDict(extra="allow")
     train_loss: float | None = None
     val_accuracy: float | None = None
     best_epoch: int | None = None
+    metrics_url: str | None = Field(default=None, description="<output_path>/metrics.json, set when large metrics were left out of this event.")
+    omitted: list[str] | None = Field(default=None, description="Names of the metrics left out of this event (they are in metrics_url).")
 
 
 class TrainingStatus(OutputModel):

@@ -3,13 +3,14 @@ bad images counted against max_bad_fraction, labels checked against class_names.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 
 import pytest
 from PIL import Image
 
-from handlers.dataset import DatasetCache, label_of, prepare_dataset
+from handlers.dataset import DatasetCache, DownloadStopped, label_of, prepare_dataset
 from handlers.errors import PermanentError
 from handlers.executor import Executors
 from handlers.fetch import Fetcher, FetchLimits
@@ -96,3 +97,52 @@ async def test_manifest_errors_never_echo_the_object(s3_server, s3_bucket, line)
         executors.shutdown()
     assert err.value.code == "invalid_dataset" and "line 1" in err.value.message
     assert "SECRET" not in err.value.message and "SECRET" not in str(err.value)
+
+
+async def _watch_tasks(peak: list[int], stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        peak[0] = max(peak[0], len(asyncio.all_tasks()))
+        await asyncio.sleep(0.002)
+
+
+async def test_large_manifest_downloads_stay_bounded_and_stop_with_the_job(http_server, tmp_path):
+    """20,000 images: a bounded pool of downloads; the first bad one (max_bad_fraction 0) or a cancel ends
+    the job and nothing more reaches the server."""
+    concurrency = 4
+    urls = [http_server.url(f"custom/big/c{i % 2}/{i}.png") for i in range(20_000)]
+    for i in range(12):
+        if i != 5:  # position 5 answers 404: with max_bad_fraction 0 the job's outcome is known there
+            http_server.add(f"big/c{i % 2}/{i}.png", png((i * 20, 0, 0)), content_type="image/png")
+    dataset = TrainingDataset.model_validate({"train_urls": urls, "class_names": ["c0", "c1"]})
+    executors = Executors(cpu_workers=2)
+    cache = DatasetCache(tmp_path / "cache")
+    try:
+        async with Fetcher(http_server.fetch_limits()) as fetcher:
+            baseline = len(asyncio.all_tasks())
+            peak, stop = [0], asyncio.Event()
+            watcher = asyncio.ensure_future(_watch_tasks(peak, stop))
+            with pytest.raises(PermanentError) as err:
+                await prepare_dataset(dataset, fetcher=fetcher, executors=executors, cache=cache,
+                                      limits=DecodeLimits(), max_bad_fraction=0.0, concurrency=concurrency)
+            stop.set()
+            await watcher
+            assert err.value.code == "too_many_bad_images" and "/big/c1/5.png" in err.value.message
+            hits = http_server.hits("big/")
+            await asyncio.sleep(0.5)
+            assert http_server.hits("big/") == hits  # nothing left running after the failure
+            assert 6 <= hits <= 6 + 2 * concurrency, hits
+            assert peak[0] <= baseline + 1 + concurrency, (peak[0], baseline)
+
+            # a cancel while downloading: DownloadStopped, and again nothing more is fetched
+            cancel_urls = [http_server.url(f"custom/cancel/c{i % 2}/{i}.png") for i in range(20_000)]
+            cancelling = TrainingDataset.model_validate({"train_urls": cancel_urls, "class_names": ["c0", "c1"]})
+            with pytest.raises(DownloadStopped) as stopped:
+                await prepare_dataset(cancelling, fetcher=fetcher, executors=executors, cache=cache,
+                                      limits=DecodeLimits(), max_bad_fraction=1.0, concurrency=concurrency,
+                                      should_stop=lambda: "cancel" if http_server.hits("cancel/") >= 30 else None)
+            assert stopped.value.reason == "cancel"
+            hits = http_server.hits("cancel/")
+            await asyncio.sleep(0.5)
+            assert http_server.hits("cancel/") == hits and 30 <= hits <= 30 + concurrency, hits
+    finally:
+        executors.shutdown()
