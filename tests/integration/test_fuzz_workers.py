@@ -140,7 +140,17 @@ async def test_ten_thousand_generated_records_all_end(tmp_path, kafka_bootstrap,
             assert annotation.proc.poll() is None and training.proc.poll() is None, "a worker exited"
             await asyncio.sleep(1)
         assert all(committed.get(tp, 0) == end for tp, end in ends.items()), (committed, ends)
-        # CONTROL_CHECK
+        control_events = {"cancel_received", "cancel_retracted", "control_record_dead_lettered"}
+        for _ in range(120):  # bounded: every control record is applied or dead-lettered
+            control = Counter(e["event"] for e in training.log_events() if e["event"] in control_events)
+            if sum(control.values()) >= sent[w.training_control_topic]:
+                break
+            await asyncio.sleep(0.5)
+        assert sum(control.values()) == sent[w.training_control_topic], control
+        assert not any(e["event"] == "control_record_skipped" for e in training.log_events())
+        control_dlq = await read_until(kafka_bootstrap, w.training_control_topic + ".dlq",
+                                       lambda rs: len(rs) >= control["control_record_dead_lettered"], timeout_s=60)
+        assert len(control_dlq) == control["control_record_dead_lettered"]
         assert annotation.proc.poll() is None and training.proc.poll() is None, "a worker exited"
         elapsed = time.monotonic() - started
     finally:
@@ -154,5 +164,6 @@ async def test_ten_thousand_generated_records_all_end(tmp_path, kafka_bootstrap,
         dlq = await read_until(kafka_bootstrap, topic + ".dlq", lambda rs: len(rs) >= done["dlq"], timeout_s=60)
         assert len(dlq) == done["dlq"]
         print(f"{topic}: sent {sent[topic]}, outcomes {dict(done)}")
+    print(f"{w.training_control_topic}: sent {sent[w.training_control_topic]}, {dict(control)}")
     assert elapsed < 180, f"fuzz run took {elapsed:.0f} s"
     print(f"10,000 records ended in {elapsed:.0f} s")
