@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordTooLargeError
 
-from consumers.dlq import dead_letter
+from consumers.dlq import TRUNCATED_VALUE_BYTES, dead_letter, truncated
 from consumers.settings import Settings
 from consumers.topics_admin import topic_partitions
 from handlers.training import CancelRegistry
@@ -44,9 +43,6 @@ log = structlog.get_logger("cls.control")
 
 NOT_JSON_OBJECT = "not_json_object"
 INVALID_CANCEL = "invalid_cancel"
-DLQ_VALUE_TRUNCATED = "dlq-value-truncated"
-"""Header on a dead letter whose value had to be cut to fit the DLQ topic: the original size in bytes."""
-TRUNCATED_VALUE_BYTES = 64 * 1024
 DLQ_SEND_ATTEMPTS = 3
 
 
@@ -229,9 +225,7 @@ class ControlReader:
                 return
             except (MessageSizeTooLargeError, RecordTooLargeError):
                 size = len(record.value or b"")
-                record = dataclasses.replace(
-                    record, value=(record.value or b"")[:TRUNCATED_VALUE_BYTES],
-                    headers=[*(record.headers or ()), (DLQ_VALUE_TRUNCATED, str(size).encode())])
+                record = truncated(record)
                 message = f"{message} (value of {size} bytes cut to {TRUNCATED_VALUE_BYTES} for the DLQ)"
             except KafkaError as exc:
                 if attempt == DLQ_SEND_ATTEMPTS:

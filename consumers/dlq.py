@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from aiokafka import AIOKafkaProducer, ConsumerRecord
 
 from consumers import metrics
 from schemas.topics import Headers, dlq_topic
+
+
+TRUNCATED_VALUE_BYTES = 64 * 1024
+"""A value too large for the dead-letter topic is kept as its first 64 KiB (``dlq-value-truncated``)."""
+
+
+def truncated(record: ConsumerRecord) -> ConsumerRecord:
+    """``record`` with its value cut to its head and a ``dlq-value-truncated`` header giving the full size."""
+    size = len(record.value or b"")
+    return dataclasses.replace(record, value=(record.value or b"")[:TRUNCATED_VALUE_BYTES],
+                               headers=[*(record.headers or ()), (Headers.DLQ_VALUE_TRUNCATED, str(size).encode())])
 
 
 def dlq_headers(record: ConsumerRecord, code: str, message: str) -> list[tuple[str, bytes]]:

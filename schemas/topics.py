@@ -27,7 +27,7 @@ class Headers:
     DLQ_SOURCE_TOPIC = "dlq-source-topic"
     DLQ_SOURCE_PARTITION = "dlq-source-partition"
     DLQ_SOURCE_OFFSET = "dlq-source-offset"
-    DLQ_VALUE_OMITTED = "dlq-value-omitted"  # only when the original value could not fit: its size in bytes
+    DLQ_VALUE_TRUNCATED = "dlq-value-truncated"  # only when the original value could not fit: its size in bytes
 
 
 CONTENT_TYPE_JSON = "application/json"

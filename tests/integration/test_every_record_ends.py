@@ -128,7 +128,9 @@ async def test_a_record_that_kills_the_worker_ends_as_crash_loop(tmp_path, topic
     src = w.annotation_requests_topic
     await produce(kafka_bootstrap, src, valid("poison"), key=KEY, partition=0)
     await produce(kafka_bootstrap, src, valid("behind"), key=KEY, partition=0)
-    env = {"CLS_FAULT_EXIT_ON_REQUEST": "poison", "CLS_MAX_ATTEMPTS": "3"}
+    # a dead member holds its partitions until its session times out: keep that short
+    env = {"CLS_FAULT_EXIT_ON_REQUEST": "poison", "CLS_MAX_ATTEMPTS": "3", "CLS_SESSION_TIMEOUT_MS": "6000",
+           "CLS_HEARTBEAT_INTERVAL_MS": "500"}
     for start in range(3):  # the first start and two restarts die on the poison record
         worker = start_echo(tmp_path, topic_prefix, f"dies-{start}", **env)
         try:

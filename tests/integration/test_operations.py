@@ -251,7 +251,8 @@ async def test_runbook_commands_against_live_broker(tmp_path, kafka_bootstrap, t
         assert len(rows) == 12 and all(r["CLIENT-ID"] == "cls-worker" for r in rows), rows
         assert {r["PARTITION"]: (r["CURRENT-OFFSET"], r["LAG"]) for r in rows}["0"] == ("6", "0"), rows
         members = table(book.run(MEMBERS))
-        assert len(members) == 1 and members[0]["#PARTITIONS"] == "12", members
+        # one member owns the 12 partitions of each annotation request topic (bulk and interactive lanes)
+        assert len(members) == 1 and members[0]["#PARTITIONS"] == "24", members
         assert group_state(book.run(STATE), group) == "Stable"
 
         # -- results with keys and headers
