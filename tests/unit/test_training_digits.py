@@ -65,8 +65,10 @@ def test_trained_model_reproduces_in_memory_predictions_on_held_back_digits(trai
     assert torch.equal(pixels[0], training_eval(images[0]))
 
     probabilities = loaded.predict(pixels)
+    temperature = loaded.config["calibration"]["temperature"]
+    assert loaded.temperature == temperature and temperature > 0
     with torch.inference_mode():
-        expected = trained_digits.result.model(pixels).softmax(dim=-1)
+        expected = (trained_digits.result.model(pixels) / temperature).softmax(dim=-1)
     assert probabilities.shape == (len(images), 10)
     torch.testing.assert_close(probabilities, expected, atol=1e-5, rtol=0)
     accuracy = (probabilities.argmax(dim=1) == labels).float().mean().item()
