@@ -211,6 +211,12 @@ class CustomHandle:
         names = list(self.model.class_names)
         return [names.index(c) for c in classes], False
 
+    def auto_accept(self, outputs: torch.Tensor, precision: float) -> list[tuple[str, bool]]:
+        """Per row of full-class (calibrated) probabilities: (top-1 class, accepted at ``precision``)."""
+        names = self.model.class_names
+        tops = [names[i] for i in outputs.argmax(dim=1).tolist()]
+        return list(zip(tops, self.model.auto_accept(outputs, precision), strict=True))
+
     def confidences(self, outputs: torch.Tensor, prepared: list[int]) -> torch.Tensor:
         # softmax over a subset of the logits == the full softmax renormalised over that subset
         subset = outputs[:, prepared]

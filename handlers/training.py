@@ -45,6 +45,7 @@ from schemas.training import (
 log = structlog.get_logger("cls.training")
 
 PACKAGE_FILES = ("model.safetensors", "config.json", "metrics.json")  # metrics.json last: it marks completion
+OPTIONAL_PACKAGE_FILES = ("model.onnx",)  # uploaded when the package has them, before metrics.json
 CHECKPOINT_FILE = "state.pt"
 
 
@@ -362,7 +363,8 @@ class TrainingHandler:
         return str(target)
 
     async def _upload_package(self, package_dir: Path, output: str) -> dict[str, Any]:
-        for name in PACKAGE_FILES:  # verified uploads; metrics.json last marks the package complete
+        optional = [name for name in OPTIONAL_PACKAGE_FILES if (package_dir / name).is_file()]
+        for name in [*PACKAGE_FILES[:-1], *optional, PACKAGE_FILES[-1]]:  # verified; metrics.json last marks completion
             await self.ctx.store.upload_file(package_dir / name, f"{output}/{name}")
         return json.loads((package_dir / "metrics.json").read_text())
 

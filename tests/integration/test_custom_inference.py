@@ -10,6 +10,7 @@ import torch
 
 from consumers.annotation_worker import annotation_context
 from consumers.settings import KafkaSettings, Settings, WorkerSettings
+from examples.fold import Fold
 from handlers.annotation import AnnotationHandler
 from handlers.errors import PermanentError
 from ml.trained import TrainedModel
@@ -45,6 +46,7 @@ async def test_custom_model_matches_in_memory_predictions(trained_digits, s3_ser
             "images": [{"id": i, "url": u} for i, u in urls], "top_k": 10, "threshold": 0.0})
         parts = [p async for p in handler.handle(request)]
         assert parts[0].model.family == "custom" and parts[0].model.variant == "resnet10t"
+        assert all(result.auto_accept is None for result in parts[0].results)  # not asked: not said
         correct = 0
         for (path, label), result, probs in zip(test, parts[0].results, expected, strict=True):
             got = {p.class_name: p.confidence for p in result.predictions}
@@ -52,6 +54,20 @@ async def test_custom_model_matches_in_memory_predictions(trained_digits, s3_ser
                 assert got[name] == pytest.approx(float(probs[c]), abs=1e-5)
             correct += result.predictions[0].class_name == names[label]
         assert correct / len(test) >= 0.9
+
+        # auto-accept at a stated precision: the package's validated thresholds decide; the fold applies by them
+        accepting = request.model_copy(update={"auto_accept_precision": 0.95, "request_id": "custom-accept"})
+        parts = [p async for p in handler.handle(accepting)]
+        decisions = [result.auto_accept for result in parts[0].results]
+        assert decisions == reference.auto_accept(expected, 0.95) and any(decisions)
+        right = [result.predictions[0].class_name == names[label] for (_, label), result in zip(test, parts[0].results)]
+        assert sum(r for r, d in zip(right, decisions) if d) / sum(decisions) >= 0.95
+        fold = Fold(tmp_path / "fold.sqlite")
+        assert fold.apply("results", parts[0].to_json_bytes())
+        assert fold.auto_apply("custom-accept") == sum(decisions)
+        applied = dict(fold.db.execute("SELECT image_id, class FROM applied_labels").fetchall())
+        assert applied == {result.id: result.predictions[0].class_name
+                           for result, d in zip(parts[0].results, decisions) if d}
 
         subset = ["three", "eight"]
         request = request.model_copy(update={"classes": subset, "top_k": 2, "request_id": "custom-2"})

@@ -84,3 +84,25 @@ def test_ece_and_reliability_bins():
     assert [b["count"] for b in bins] == [0, 0, 0, 0, 0, 2, 0, 0, 0, 2]
     # bin (0.9, 1]: confidence 0.95, accuracy 0.5; bin (0.5, 0.6]: confidence 0.55, accuracy 0.5
     assert expected_calibration_error(probabilities, targets, bins=10) == pytest.approx(0.5 * 0.45 + 0.5 * 0.05)
+
+
+def test_schema_fields_for_trust():
+    from pydantic import ValidationError
+
+    from schemas.annotation import AnnotationRequest
+    from schemas.training import TrainingConfig, TrainingMetrics
+
+    base = {"task": "classify", "images": [{"id": "a", "url": "http://x/a.png"}]}
+    request = AnnotationRequest.model_validate({**base, "model": "custom", "model_url": "s3://b/m", "auto_accept_precision": 0.95})
+    assert request.auto_accept_precision == 0.95
+    with pytest.raises(ValidationError, match="only allowed with model 'custom'"):
+        AnnotationRequest.model_validate({**base, "classes": ["cat", "dog"], "auto_accept_precision": 0.95})
+    with pytest.raises(ValidationError):
+        AnnotationRequest.model_validate({**base, "model": "custom", "model_url": "s3://b/m", "auto_accept_precision": 1.0})
+    config = TrainingConfig(model_name="resnet10t", num_classes=2, class_weighting="sampler", export=["onnx"])
+    assert config.class_weighting == "sampler" and config.export == ["onnx"]
+    with pytest.raises(ValidationError):
+        TrainingConfig(model_name="resnet10t", num_classes=2, export=["tflite"])
+    metrics = TrainingMetrics.model_validate({"ece": {"before": 0.1, "after": 0.02}, "temperature": 1.5,
+                                              "auto_accept": [{"precision": 0.9, "threshold": None, "coverage": 0.0}]})
+    assert metrics.ece.after == 0.02 and metrics.auto_accept[0].threshold is None
