@@ -45,7 +45,7 @@ from schemas.training import (
 log = structlog.get_logger("cls.training")
 
 PACKAGE_FILES = ("model.safetensors", "config.json", "metrics.json")  # metrics.json last: it marks completion
-OPTIONAL_PACKAGE_FILES = ("model.onnx",)  # uploaded when the package has them, before metrics.json
+OPTIONAL_PACKAGE_FILES = ("model.onnx", "report.html")  # uploaded when the package has them, before metrics.json
 CHECKPOINT_FILE = "state.pt"
 
 
@@ -321,7 +321,7 @@ class TrainingHandler:
                 return None
             if not await self.ctx.store.exists(f"{output}/model.safetensors"):
                 return None
-            return json.loads(await self.ctx.store.get_bytes(f"{output}/metrics.json"))
+            return _absolute_report_url(json.loads(await self.ctx.store.get_bytes(f"{output}/metrics.json")), output)
         except HandlerError as exc:
             if exc.retryable:
                 raise
@@ -366,7 +366,7 @@ class TrainingHandler:
         optional = [name for name in OPTIONAL_PACKAGE_FILES if (package_dir / name).is_file()]
         for name in [*PACKAGE_FILES[:-1], *optional, PACKAGE_FILES[-1]]:  # verified; metrics.json last marks completion
             await self.ctx.store.upload_file(package_dir / name, f"{output}/{name}")
-        return json.loads((package_dir / "metrics.json").read_text())
+        return _absolute_report_url(json.loads((package_dir / "metrics.json").read_text()), output)
 
     async def _remove_checkpoints(self, checkpoint_url: str, workdir: Path) -> None:
         try:
@@ -374,6 +374,14 @@ class TrainingHandler:
         except HandlerError as exc:
             log.warning("checkpoint_cleanup_failed", error=exc.message)
         await asyncio.to_thread(shutil.rmtree, workdir, True)
+
+
+def _absolute_report_url(metrics: dict[str, Any], output: str) -> dict[str, Any]:
+    """metrics.json names the report relative to the package; the completed event gives its full URL."""
+    name = metrics.get("report_url")
+    if isinstance(name, str) and "://" not in name:
+        metrics["report_url"] = f"{output}/{name}"
+    return metrics
 
 
 class _Stopped(Exception):

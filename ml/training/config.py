@@ -28,6 +28,7 @@ class TrainSpec:
     ``class_weighting``: ``none``; ``balanced`` weights the loss of class c by ``n / (C * n_c)`` (its train
     count ``n_c``); ``sampler`` draws each epoch's training images with replacement, every class equally likely.
     ``export``: extra formats written into the package (``onnx`` -> model.onnx, checked against torch).
+    ``report``: write report.html (curves, confusion matrix, reliability, auto-accept, worst images) into the package.
     """
 
     model_name: str
@@ -51,6 +52,7 @@ class TrainSpec:
     heartbeat_s: float = 30.0
     class_weighting: str = "none"
     export: list[str] = field(default_factory=list)
+    report: bool = True
 
     @classmethod
     def from_config(cls, config: Any, class_names: list[str], **overrides: Any) -> "TrainSpec":
@@ -113,7 +115,7 @@ class TrainSpec:
     def to_json_dict(self) -> dict[str, Any]:
         """The fields recorded in the package's config.json (local paths and runtime settings left out)."""
         data = dataclasses.asdict(self)
-        for runtime_only in ("pretrained_path", "device", "heartbeat_s", "num_workers"):
+        for runtime_only in ("pretrained_path", "device", "heartbeat_s", "num_workers", "report"):
             data.pop(runtime_only)
         data["pretrained_from_file"] = self.pretrained_path is not None
         return data

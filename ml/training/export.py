@@ -34,6 +34,7 @@ def export_onnx(model: nn.Module, images: torch.Tensor, path: Path, max_abs_diff
     absolute difference of the logits exceeds ``max_abs_diff``. The check runs the whole batch and also one
     image alone, so a batch dimension baked in as a constant fails it.
     """
+    import onnx
     import onnxruntime
 
     path = Path(path)
@@ -51,6 +52,10 @@ def export_onnx(model: nn.Module, images: torch.Tensor, path: Path, max_abs_diff
             )
     except Exception as exc:
         raise PackageError(f"ONNX export failed: {type(exc).__name__}: {str(exc)[:500]}") from exc
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as exc:
+        raise PackageError(f"ONNX export is not a valid model: {str(exc)[:500]}") from exc
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     with torch.no_grad():
         expected = model(images).float().numpy()

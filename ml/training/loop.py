@@ -195,6 +195,7 @@ class _TrainingRun:
         self.train_loader = self._loader(train_set, self.batches, salt=1)
         self.val_loader = self._loader(ImageFileDataset(val_samples, eval_transform(self.data_config)), self.val_batches, salt=2)
         self.val_size = len(val_samples)
+        self.val_samples = val_samples
 
         # fused AdamW on CUDA; the multi-tensor (foreach) kernels on CPU, several times faster than per-tensor
         optimizer_kwargs: dict[str, Any] = {"fused": True} if self.cuda else {"foreach": True}
@@ -607,6 +608,15 @@ class _TrainingRun:
         )
         model = self.model.to("cpu").to(memory_format=torch.contiguous_format).eval()
         extra_files: dict[str, Path] = {}
+        if spec.report:
+            from ml.training.report import REPORT_FILE, write_report
+
+            metrics["report_url"] = REPORT_FILE  # relative to the package; the handler makes it absolute
+            report_path = self.workdir / "export" / REPORT_FILE
+            report_path.parent.mkdir(parents=True, exist_ok=True)
+            write_report(report_path, metrics, spec.class_names, spec.model_name,
+                         self._confidently_wrong(softmax(logits, temperature), targets.numpy()))
+            extra_files[REPORT_FILE] = report_path
         if "onnx" in spec.export:
             from ml.training.export import export_onnx
 
@@ -638,6 +648,14 @@ class _TrainingRun:
                 all_logits.append(self._eval_logits(images).float().cpu())
                 all_targets.append(targets.cpu())
         return torch.cat(all_logits), torch.cat(all_targets)
+
+    def _confidently_wrong(self, probabilities: np.ndarray, targets: np.ndarray, limit: int = 16) -> list[tuple[str, str, str, float]]:
+        """The most confidently wrong validation images: (path, true name, predicted name, confidence)."""
+        names = self.spec.class_names
+        confidence, predicted = probabilities.max(axis=1), probabilities.argmax(axis=1)
+        wrong = np.flatnonzero(predicted != targets)
+        wrong = wrong[np.argsort(-confidence[wrong], kind="stable")][:limit]
+        return [(self.val_samples[i][0], names[targets[i]], names[predicted[i]], float(confidence[i])) for i in wrong]
 
     def _export_check_images(self, limit: int = 16) -> torch.Tensor:
         """Up to ``limit`` validation images (CPU) to check an export against the torch model."""

@@ -26,7 +26,8 @@ ONNX_FILE = "model.onnx"
 PACKAGE_FORMAT = "cls-workers/timm-classifier"
 PACKAGE_FORMAT_VERSION = 1
 PACKAGE_FILES = (WEIGHTS_FILE, CONFIG_FILE, METRICS_FILE)
-OPTIONAL_PACKAGE_FILES = (ONNX_FILE,)
+REPORT_FILE = "report.html"
+OPTIONAL_PACKAGE_FILES = (ONNX_FILE, REPORT_FILE)
 """Written only when asked (``export``); uploaded before metrics.json, which marks a package complete."""
 
 

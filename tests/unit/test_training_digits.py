@@ -20,7 +20,7 @@ def test_digits_reach_90_percent_and_package_is_complete(trained_digits):
     result = trained_digits.result
     assert result.metrics["val_accuracy"] >= 0.9
     assert result.resumed_from_epoch is None and result.epochs_run == trained_digits.spec.epochs
-    assert sorted(p.name for p in result.package_dir.iterdir()) == ["config.json", "metrics.json", "model.safetensors"]
+    assert sorted(p.name for p in result.package_dir.iterdir()) == ["config.json", "metrics.json", "model.safetensors", "report.html"]
 
     metrics = json.loads((result.package_dir / "metrics.json").read_text())
     for key in ("train_loss", "val_loss", "val_accuracy", "best_epoch", "per_class", "confusion_matrix", "epochs"):

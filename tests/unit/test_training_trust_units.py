@@ -106,3 +106,30 @@ def test_schema_fields_for_trust():
     metrics = TrainingMetrics.model_validate({"ece": {"before": 0.1, "after": 0.02}, "temperature": 1.5,
                                               "auto_accept": [{"precision": 0.9, "threshold": None, "coverage": 0.0}]})
     assert metrics.ece.after == 0.02 and metrics.auto_accept[0].threshold is None
+
+
+def test_report_is_one_self_contained_page(tmp_path):
+    import re
+
+    from PIL import Image
+
+    from ml.training.report import write_report
+
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(tmp_path / "x.png")
+    bins = [{"lo": i / 15, "hi": (i + 1) / 15, "count": 2 if i == 14 else 0, "confidence": 0.99 if i == 14 else None,
+             "accuracy": 0.5 if i == 14 else None} for i in range(15)]
+    metrics = {
+        "val_accuracy": 0.5, "macro_f1": 0.33, "balanced_accuracy": 0.5, "best_epoch": 1, "temperature": 2.0,
+        "ece": {"before": 0.49, "after": 0.2}, "nll": {"before": 1.0, "after": 0.7},
+        "reliability": {"before": bins, "after": bins},
+        "auto_accept": [{"precision": 0.9, "threshold": None, "coverage": 0.0}],
+        "per_class": {"<b>": {"precision": 1.0, "recall": 0.5, "f1": 0.67, "support": 2}},
+        "confusion_matrix": [[1, 1], [0, 0]], "epochs": [{"epoch": 1, "train_loss": 1.0, "val_loss": 0.9,
+                                                          "val_accuracy": 0.5, "lr": 0.001}],
+    }
+    page = write_report(tmp_path / "report.html", metrics, ["<b>", "c"], "resnet10t",
+                        [(str(tmp_path / "x.png"), "<b>", "c", 0.99)]).read_text()
+    sources = re.findall(r"src='([^']*)'", page)
+    assert len(sources) == 4 and all(s.startswith("data:image/png;base64,") for s in sources)
+    assert "&lt;b&gt;" in page and "<th><b></th>" not in page  # class names are escaped
+    assert "never" in page  # an unreachable auto-accept row
