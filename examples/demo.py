@@ -300,6 +300,12 @@ async def run(demo: Demo, once: bool) -> None:
     say(f"   final val_accuracy {job['metrics']['val_accuracy']:.4f} (best epoch {job['metrics']['best_epoch']}); "
         f"model package at {job['model_url']}")
     m = job["metrics"]
+    if m.get("report_url"):
+        bucket_name, _, key = m["report_url"].removeprefix("s3://").partition("/")
+        async with session.client("s3", endpoint_url=endpoint) as s3:
+            body = await (await s3.get_object(Bucket=bucket_name, Key=key))["Body"].read()
+        (demo.state / "report.html").write_bytes(body)
+        say(f"   report: {m['report_url']} (local copy: {demo.state / 'report.html'})")
     if m.get("temperature"):
         say(f"   calibration: temperature {m['temperature']:.3f}, ECE {m['ece']['before']:.4f} -> {m['ece']['after']:.4f},"
             f" NLL {m['nll']['before']:.4f} -> {m['nll']['after']:.4f}")
