@@ -81,6 +81,10 @@ class TrainedModel:
         With ``subset`` the softmax runs over those classes' logits only (probabilities renormalised among them).
         ``pixels`` is ``[B, 3, H, W]`` (or one ``[3, H, W]``) from :meth:`preprocess`.
         """
+        return self.log_probabilities(pixels, subset).exp()
+
+    def log_probabilities(self, pixels: torch.Tensor, subset: Sequence[str] | None = None) -> torch.Tensor:
+        """``log`` of :meth:`predict`, computed stably (a subset's softmax of tiny probabilities does not underflow)."""
         indices = self.subset_indices(subset)
         if pixels.dim() == 3:
             pixels = pixels.unsqueeze(0)
@@ -90,7 +94,7 @@ class TrainedModel:
             logits = self.model(pixels.to(self.device, dtype=torch.float32)).float() / self.temperature
             if indices is not None:
                 logits = logits[:, torch.tensor(indices, device=logits.device)]
-            return logits.softmax(dim=-1).cpu()
+            return logits.log_softmax(dim=-1).cpu()
 
     def auto_accept_threshold(self, class_name: str, precision: float) -> float | None:
         """The calibrated top-1 confidence at which ``class_name`` is auto-accepted at ``precision``; None: never."""
