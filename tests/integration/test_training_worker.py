@@ -97,7 +97,7 @@ async def test_digits_trained_through_kafka_reach_90_percent(tmp_path, kafka_boo
         await worker.wait_for_log("partitions_assigned", timeout_s=120)
         await produce(kafka_bootstrap, w.training_requests_topic,
                       train_request([u for u, _ in urls], output, export=["onnx"]), key="job-digits")
-        events = await wait_final(kafka_bootstrap, w.training_status_topic, "job-digits", timeout_s=170)
+        events = await wait_final(kafka_bootstrap, w.training_status_topic, "job-digits", timeout_s=240)
     finally:
         worker.close()
     statuses = [e["status"] for e in events if not e.get("heartbeat")]
