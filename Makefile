@@ -13,7 +13,7 @@ CONSTRAINTS := constraints.txt
 JARS := deploy/local/lib/.complete
 PYTEST_ARGS ?=
 
-.PHONY: setup run test bench bench-annotation bench-training kafka-start kafka-stop schemas clean constraints
+.PHONY: setup chromium run test bench bench-annotation bench-training kafka-start kafka-stop schemas clean constraints
 
 setup: $(STAMP) $(JARS)
 
@@ -35,7 +35,12 @@ constraints: | $(VENV)/bin/python
 $(JARS): deploy/local/pom.xml
 	deploy/local/kafka.sh jars
 
-test: setup
+# The report test drives Debian's headless Chromium (no browser download); installed here when missing.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+
+test: setup chromium
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 run: setup

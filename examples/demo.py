@@ -299,6 +299,19 @@ async def run(demo: Demo, once: bool) -> None:
         say(f"     {row.get('epoch'):>5}  {row.get('train_loss', 0):>10.4f}  {row.get('val_loss', 0):>8.4f}  {row.get('val_accuracy', 0):>12.4f}")
     say(f"   final val_accuracy {job['metrics']['val_accuracy']:.4f} (best epoch {job['metrics']['best_epoch']}); "
         f"model package at {job['model_url']}")
+    m = job["metrics"]
+    if m.get("report_url"):
+        bucket_name, _, key = m["report_url"].removeprefix("s3://").partition("/")
+        async with session.client("s3", endpoint_url=endpoint) as s3:
+            body = await (await s3.get_object(Bucket=bucket_name, Key=key))["Body"].read()
+        (demo.state / "report.html").write_bytes(body)
+        say(f"   report: {m['report_url']} (local copy: {demo.state / 'report.html'})")
+    if m.get("temperature"):
+        say(f"   calibration: temperature {m['temperature']:.3f}, ECE {m['ece']['before']:.4f} -> {m['ece']['after']:.4f},"
+            f" NLL {m['nll']['before']:.4f} -> {m['nll']['after']:.4f}")
+        for row in m.get("auto_accept") or []:
+            threshold = "never" if row["threshold"] is None else f">= {row['threshold']:.4f}"
+            say(f"   auto-accept at precision {row['precision']:.2f}: confidence {threshold}, coverage {row['coverage']:.3f}")
 
     # ---------------------------------------------------------------- 3. inference with the trained model
     say("\n== 3. Inference with the trained model (\"model\": \"custom\") on held-back digits ==")
@@ -307,6 +320,7 @@ async def run(demo: Demo, once: bool) -> None:
     infer_id = f"demo-infer-{uuid.uuid4().hex[:6]}"
     await produce(demo.bootstrap, topics.ANNOTATION_REQUESTS, infer_id,
                   {"task": "classify", "model": "custom", "model_url": output, "top_k": 1, "threshold": 0.0,
+                   "auto_accept_precision": 0.95,
                    "images": [{"id": f"digit-{i}", "url": f"{base}/held/{i}.png"} for i in range(len(held_back))]})
     await until(lambda: fold.request_complete(infer_id), 300, "custom inference")
     predicted = dict(fold.db.execute("SELECT image_id, class FROM labels WHERE request_id = ? AND rank = 0", (infer_id,)).fetchall())
@@ -314,6 +328,12 @@ async def run(demo: Demo, once: bool) -> None:
     say(f"   {bar(correct, len(held_back))} correct: accuracy {correct / len(held_back):.3f}")
     for i, (_, label) in list(enumerate(held_back))[:5]:
         say(f"   digit-{i}: true {DIGIT_CLASS_NAMES[label]:6s} predicted {predicted.get(f'digit-{i}')}")
+    accepted = fold.auto_apply(infer_id)  # the labels the model's validated thresholds accept at precision 0.95
+    applied_rows = fold.db.execute("SELECT image_id, class FROM applied_labels WHERE request_id = ?", (infer_id,)).fetchall()
+    truth = {f"digit-{i}": DIGIT_CLASS_NAMES[label] for i, (_, label) in enumerate(held_back)}
+    right = sum(truth[image_id] == cls for image_id, cls in applied_rows)
+    say(f"   auto-applied {accepted} of {len(held_back)} labels at precision 0.95: {right} right"
+        f" ({right / max(1, accepted):.3f})")
     shutil.rmtree(digits_dir, ignore_errors=True)
 
     say("\nDone. The folded tables are in " + str(demo.state / "fold.sqlite"))

@@ -10,6 +10,10 @@ The backend team can copy this as the reference for its own fold. Rules it shows
 - **Parts.** Annotation results may come in parts; each part is folded on its own and the request is
   complete when ``parts_received == parts``.
 - **Commit after the database.** The Kafka offset is committed only after the SQL transaction.
+- **Auto-accept by validated precision, not a guessed threshold.** A ``custom`` request with
+  ``auto_accept_precision`` gets ``auto_accept: true`` on each image whose top-1 label the trained model's
+  validated thresholds accept at that precision; :meth:`Fold.auto_apply` without a threshold applies exactly
+  those. :meth:`Fold.auto_accept_threshold` reads a trained job's table (``metrics.auto_accept``) instead.
 
 Tables: ``labels`` (AI predictions: image id, class, confidence, source 'ai', model, request id, rank),
 ``image_errors``, ``annotation_requests``, ``training_jobs``, ``applied_labels`` (what a labeling
@@ -46,6 +50,7 @@ CREATE TABLE IF NOT EXISTS labels (
     class TEXT NOT NULL,
     confidence REAL NOT NULL,
     margin REAL,
+    auto_accept INTEGER,
     source TEXT NOT NULL DEFAULT 'ai',
     model TEXT NOT NULL,
     PRIMARY KEY (request_id, image_id, class)
@@ -146,12 +151,13 @@ class Fold:
                     "INSERT OR REPLACE INTO image_errors (request_id, image_id, code, message) VALUES (?, ?, ?, ?)",
                     (request_id, result["id"], result["error"]["code"], result["error"]["message"]),
                 )
+            accept = result.get("auto_accept")
             for rank, prediction in enumerate(result.get("predictions", [])):
                 self.db.execute(
-                    "INSERT OR REPLACE INTO labels (request_id, image_id, rank, class, confidence, margin, source, model)"
-                    " VALUES (?, ?, ?, ?, ?, ?, 'ai', ?)",
+                    "INSERT OR REPLACE INTO labels (request_id, image_id, rank, class, confidence, margin, auto_accept,"
+                    " source, model) VALUES (?, ?, ?, ?, ?, ?, ?, 'ai', ?)",
                     (request_id, result["id"], rank, prediction["class"], prediction["confidence"], result.get("margin"),
-                     model_name or ""),
+                     None if accept is None or rank else int(bool(accept)), model_name or ""),
                 )
 
     def _training(self, event: dict[str, Any]) -> None:
@@ -185,17 +191,27 @@ class Fold:
             out[key] = json.loads(out[key]) if out[key] else None
         return out
 
-    def auto_apply(self, request_id: str, threshold: float) -> int:
-        """Accept each image's top-1 AI label when its confidence is at least ``threshold``."""
+    def auto_apply(self, request_id: str, threshold: float | None = None) -> int:
+        """Accept each image's top-1 AI label: the ones the worker marked ``auto_accept`` (the request named an
+        ``auto_accept_precision``), or, given ``threshold``, those whose confidence is at least ``threshold``."""
         self.db.execute("BEGIN IMMEDIATE")
+        condition = "auto_accept = 1" if threshold is None else "confidence >= ?"
         cur = self.db.execute(
             "INSERT OR REPLACE INTO applied_labels (image_id, class, confidence, source, model, request_id)"
             " SELECT image_id, class, confidence, 'ai', model, request_id FROM labels"
-            " WHERE request_id = ? AND rank = 0 AND confidence >= ?",
-            (request_id, threshold),
+            f" WHERE request_id = ? AND rank = 0 AND {condition}",  # noqa: S608 (fixed condition strings)
+            (request_id,) if threshold is None else (request_id, threshold),
         )
         self.db.execute("COMMIT")
         return cur.rowcount
+
+    def auto_accept_threshold(self, job_id: str, precision: float) -> float | None:
+        """The global confidence threshold a completed training job validated for ``precision`` (the smallest
+        tabulated target at or above it); None when there is none (never auto-accept at that precision)."""
+        job = self.job(job_id)
+        rows = ((job or {}).get("metrics") or {}).get("auto_accept") or []
+        eligible = sorted((row["precision"], row["threshold"]) for row in rows if row["precision"] >= precision - 1e-12)
+        return eligible[0][1] if eligible else None
 
     def dump(self, tables: Iterable[str] = ("annotation_requests", "labels", "image_errors", "training_jobs",
                                             "applied_labels", "folded_messages")) -> dict[str, list[tuple]]:

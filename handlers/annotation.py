@@ -86,7 +86,7 @@ def part_size_for(request: AnnotationRequest, configured: int, class_names: Sequ
     longest_id = max(_json_bytes(img.id) for img in request.images)
     predictions = 2 + top_k * (longest_class + len('{"class":,"confidence":0.12345678901234567},'))
     error = len('"error":{"code":"","message":""}') + 64 + 2 * MAX_IMAGE_ERROR_CHARS  # 2: escaped quotes and backslashes
-    per_image = len('{"id":,"predictions":,"margin":-0.12345678901234567},') + longest_id + predictions + error
+    per_image = len('{"id":,"predictions":,"margin":-0.12345678901234567,"auto_accept":false},') + longest_id + predictions + error
     envelope = 2048  # request id, model descriptor, part fields, created_at
     return max(1, min(configured, (budget_bytes - envelope) // per_image))
 
@@ -166,7 +166,8 @@ class AnnotationHandler:
                     for task in current:
                         task.cancel()
                     raise
-                results = await self._part_results(model, part_images, outputs, prepared, classes, top_k, request.threshold)
+                results = await self._part_results(model, part_images, outputs, prepared, classes, top_k, request.threshold,
+                                                   request.auto_accept_precision)
                 failed_images += sum(1 for r in results if r.error is not None)
                 yield AnnotationResult(
                     message_id=AnnotationResult.message_id_for(request_id, k),
@@ -210,12 +211,16 @@ class AnnotationHandler:
             return await ctx.batcher.submit(model.key, current.forward, pixels, request_id, priority)
 
     async def _part_results(self, model: LoadedModel, images: Sequence[ImageRef], outputs: list, prepared: object,
-                            classes: Sequence[str], top_k: int, threshold: float) -> list[ImageResult]:
+                            classes: Sequence[str], top_k: int, threshold: float,
+                            auto_accept_precision: float | None = None) -> list[ImageResult]:
         good = [i for i, out in enumerate(outputs) if isinstance(out, torch.Tensor)]
         ranked: list[tuple[list[Prediction], float]] = []
+        accepted: list[bool | None] = [None] * len(good)
         if good:  # stacking, scoring and ranking on the GPU thread: no tensor work on the event loop
-            ranked = await self.ctx.executors.on_gpu(_score_and_rank, model, [outputs[i] for i in good], prepared,
-                                                     classes, top_k, threshold)
+            rows = [outputs[i] for i in good]
+            ranked = await self.ctx.executors.on_gpu(_score_and_rank, model, rows, prepared, classes, top_k, threshold)
+            if auto_accept_precision is not None:
+                accepted = await self.ctx.executors.on_gpu(_auto_accept, model, rows, ranked, auto_accept_precision)
         row_of = {index: row for row, index in enumerate(good)}
         results: list[ImageResult] = []
         for i, image in enumerate(images):
@@ -224,7 +229,8 @@ class AnnotationHandler:
                 results.append(out)
                 continue
             predictions, margin = ranked[row_of[i]]
-            results.append(ImageResult(id=image.id, predictions=predictions, margin=round(margin, 6)))
+            results.append(ImageResult(id=image.id, predictions=predictions, margin=round(margin, 6),
+                                       auto_accept=accepted[row_of[i]]))
         return results
 
 
@@ -232,6 +238,18 @@ def _score_and_rank(model: LoadedModel, rows: list[torch.Tensor], prepared: obje
                     top_k: int, threshold: float) -> list[tuple[list[Prediction], float]]:
     confidences = model.confidences(torch.stack(rows), prepared)
     return [rank(row, classes, top_k, threshold) for row in confidences]
+
+
+def _auto_accept(model: LoadedModel, rows: list[torch.Tensor], ranked: list[tuple[list[Prediction], float]],
+                 precision: float) -> list[bool | None]:
+    """Per image: the model accepts its top-1 class over ALL its classes at ``precision`` (thresholds validated at
+    training time, on calibrated full-softmax confidences), and that class is the first reported prediction."""
+    decide = getattr(model, "auto_accept", None)
+    if decide is None:  # zero-shot models have no validated thresholds (the request schema refuses them)
+        return [None] * len(rows)
+    classes_and_ok = decide(torch.stack(rows), precision)
+    return [ok and bool(predictions) and predictions[0].class_name == top
+            for (top, ok), (predictions, _) in zip(classes_and_ok, ranked, strict=True)]
 
 
 def _decode_and_preprocess(data: bytes, limits: DecodeLimits, model: LoadedModel) -> torch.Tensor:

@@ -246,7 +246,9 @@ class CustomHandle:
         return self.model.preprocess(image)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.model.predict(pixels)
+        # log-probabilities over all classes: a subset renormalises them without underflow (calibrated
+        # confidences of a low temperature are tiny for the unlikely classes)
+        return self.model.log_probabilities(pixels)
 
     def class_names(self, requested: Sequence[str] | None) -> list[str]:
         names = list(self.model.class_names)
@@ -265,10 +267,15 @@ class CustomHandle:
         names = list(self.model.class_names)
         return [names.index(c) for c in classes], False
 
+    def auto_accept(self, outputs: torch.Tensor, precision: float) -> list[tuple[str, bool]]:
+        """Per row of full-class (calibrated) log-probabilities: (top-1 class, accepted at ``precision``)."""
+        names = self.model.class_names
+        tops = [names[i] for i in outputs.argmax(dim=1).tolist()]
+        return list(zip(tops, self.model.auto_accept(outputs.exp(), precision), strict=True))
+
     def confidences(self, outputs: torch.Tensor, prepared: list[int]) -> torch.Tensor:
         # softmax over a subset of the logits == the full softmax renormalised over that subset
-        subset = outputs[:, prepared]
-        return subset / subset.sum(dim=1, keepdim=True).clamp_min(1e-12)
+        return outputs[:, prepared].softmax(dim=1)
 
 
 class ModelRegistry:

@@ -53,6 +53,7 @@ log = structlog.get_logger("cls.training")
 
 METRICS_FILE = "metrics.json"
 PACKAGE_FILES = ("model.safetensors", "config.json", METRICS_FILE)  # metrics.json last: it marks completion
+OPTIONAL_PACKAGE_FILES = ("model.onnx", "report.html")  # uploaded when the package has them, before metrics.json
 CHECKPOINT_FILE = "state.pt"
 PACKAGE_JOB_ID = "job_id"
 """Key the handler adds to a package's metrics.json: the job that wrote it (a package is one job's)."""
@@ -466,7 +467,7 @@ class TrainingHandler:
             metrics = None
         if not isinstance(metrics, dict):  # a metrics.json that is not ours: someone else's package
             return {PACKAGE_JOB_ID: None}
-        return metrics
+        return _absolute_report_url(metrics, output)
 
     async def _next_attempt(self, checkpoint_url: str) -> int:
         url = f"{checkpoint_url}/attempt"
@@ -510,9 +511,10 @@ class TrainingHandler:
         metrics = json.loads(metrics_file.read_text())
         metrics[PACKAGE_JOB_ID] = job_id
         metrics_file.write_text(json.dumps(metrics, indent=2) + "\n")
-        for name in PACKAGE_FILES:  # verified uploads; metrics.json last marks the package complete
+        optional = [name for name in OPTIONAL_PACKAGE_FILES if (package_dir / name).is_file()]
+        for name in [*PACKAGE_FILES[:-1], *optional, PACKAGE_FILES[-1]]:  # verified; metrics.json last marks completion
             await self.ctx.store.upload_file(package_dir / name, f"{output}/{name}")
-        return metrics
+        return _absolute_report_url(metrics, output)
 
     async def _remove_checkpoints(self, checkpoint_url: str, workdir: Path) -> None:
         try:
@@ -520,6 +522,14 @@ class TrainingHandler:
         except HandlerError as exc:
             log.warning("checkpoint_cleanup_failed", error=exc.message)
         await asyncio.to_thread(shutil.rmtree, workdir, True)
+
+
+def _absolute_report_url(metrics: dict[str, Any], output: str) -> dict[str, Any]:
+    """metrics.json names the report relative to the package; the completed event gives its full URL."""
+    name = metrics.get("report_url")
+    if isinstance(name, str) and "://" not in name:
+        metrics["report_url"] = f"{output}/{name}"
+    return metrics
 
 
 class _Stopped(Exception):

@@ -1,4 +1,9 @@
-"""Inference with a model package written by ml.training (safetensors weights + config.json)."""
+"""Inference with a model package written by ml.training (safetensors weights + config.json).
+
+Confidences are calibrated: ``softmax(logits / temperature)`` with the temperature fitted on validation at
+training time (``config.json`` ``calibration.temperature``; 1.0 for a package without one). The package's
+auto-accept thresholds say whether a top-1 label may be accepted at a stated precision (:meth:`auto_accept`).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from PIL import Image
 from torch import nn
 
 from ml.training.augment import DataConfig, eval_transform
+from ml.training.auto_accept import threshold_for
 from ml.training.errors import PackageError, UnknownModelError
 from ml.training.models import create_model
 from ml.training.package import WEIGHTS_FILE, read_package_config
@@ -31,6 +37,9 @@ class TrainedModel:
         self.info_variant: str = str(config["model_name"])
         self.weights_sha256 = weights_sha256
         self._index = {name: i for i, name in enumerate(self.class_names)}
+        calibration = config.get("calibration") or {}
+        self.temperature: float = float(calibration.get("temperature", 1.0))
+        self.auto_accept_tables: dict[str, Any] | None = calibration.get("auto_accept") or None
         self._transform = eval_transform(self.data_config)
 
     @classmethod
@@ -66,21 +75,39 @@ class TrainedModel:
         return self._transform(image)
 
     def predict(self, pixels: torch.Tensor, subset: Sequence[str] | None = None) -> torch.Tensor:
-        """Softmax probabilities, CPU float32: ``[B, num_classes]``, or ``[B, len(subset)]`` in subset order.
+        """Calibrated softmax probabilities (``softmax(logits / temperature)``), CPU float32: ``[B, num_classes]``,
+        or ``[B, len(subset)]`` in subset order.
 
         With ``subset`` the softmax runs over those classes' logits only (probabilities renormalised among them).
         ``pixels`` is ``[B, 3, H, W]`` (or one ``[3, H, W]``) from :meth:`preprocess`.
         """
+        return self.log_probabilities(pixels, subset).exp()
+
+    def log_probabilities(self, pixels: torch.Tensor, subset: Sequence[str] | None = None) -> torch.Tensor:
+        """``log`` of :meth:`predict`, computed stably (a subset's softmax of tiny probabilities does not underflow)."""
         indices = self.subset_indices(subset)
         if pixels.dim() == 3:
             pixels = pixels.unsqueeze(0)
         if pixels.dim() != 4:
             raise ValueError(f"pixels must be [B, 3, H, W] or [3, H, W], got shape {tuple(pixels.shape)}")
         with torch.inference_mode():
-            logits = self.model(pixels.to(self.device, dtype=torch.float32)).float()
+            logits = self.model(pixels.to(self.device, dtype=torch.float32)).float() / self.temperature
             if indices is not None:
                 logits = logits[:, torch.tensor(indices, device=logits.device)]
-            return logits.softmax(dim=-1).cpu()
+            return logits.log_softmax(dim=-1).cpu()
+
+    def auto_accept_threshold(self, class_name: str, precision: float) -> float | None:
+        """The calibrated top-1 confidence at which ``class_name`` is auto-accepted at ``precision``; None: never."""
+        return threshold_for(self.auto_accept_tables, class_name, precision)
+
+    def auto_accept(self, probabilities: torch.Tensor, precision: float) -> list[bool]:
+        """Per row of full-class probabilities from :meth:`predict`: may its top-1 class be accepted at ``precision``?"""
+        confidence, index = probabilities.max(dim=1)
+        decisions: list[bool] = []
+        for value, position in zip(confidence.tolist(), index.tolist(), strict=True):
+            threshold = self.auto_accept_threshold(self.class_names[position], precision)
+            decisions.append(threshold is not None and value >= threshold)
+        return decisions
 
     def subset_indices(self, subset: Sequence[str] | None) -> list[int] | None:
         """Class indices of ``subset`` in its order; ValueError naming unknown or repeated names."""

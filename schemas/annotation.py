@@ -111,6 +111,11 @@ class AnnotationRequest(InputModel):
                     "in-flight budget; default: interactive up to CLS_INTERACTIVE_MAX_IMAGES images (16), else bulk; "
                     "always interactive on the interactive topic.",
     )
+    auto_accept_precision: float | None = Field(
+        default=None, gt=0.0, lt=1.0,
+        description="With model 'custom': mark each result whose top-1 label the model's validated thresholds accept "
+                    "at this precision (auto_accept: true). The smallest tabulated target >= this one is used "
+                    "(0.90, 0.95, 0.98, 0.99); above 0.99 nothing is accepted.")
     prompt_templates: list[str] | None = Field(
         default=None,
         min_length=1,
@@ -173,6 +178,8 @@ class AnnotationRequest(InputModel):
                 raise ValueError(f"classes are required for model {self.model!r}")
             if self.model_url is not None:
                 raise ValueError("model_url is only allowed with model 'custom'")
+            if self.auto_accept_precision is not None:
+                raise ValueError("auto_accept_precision is only allowed with model 'custom'")
         if self.model == "custom" and not self.model_url:
             raise ValueError("model 'custom' needs model_url (the trained model package)")
         if self.classes is not None and self.top_k > len(self.classes):
@@ -224,6 +231,10 @@ class ImageResult(BaseModel):
     id: str
     predictions: list[Prediction] = Field(default_factory=list)
     margin: float | None = Field(default=None, description="top-1 minus top-2 confidence (before top_k/threshold).")
+    auto_accept: bool | None = Field(
+        default=None,
+        description="Only when the request set auto_accept_precision: whether the model's top-1 class over all its "
+                    "classes (the first prediction, when it is in the requested classes) may be accepted at that precision.")
     error: ErrorInfo | None = Field(
         default=None, description=f"Why this image failed; the message is at most {MAX_IMAGE_ERROR_CHARS} printable ASCII characters.")
 

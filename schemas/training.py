@@ -20,6 +20,8 @@ MAX_DATASET_URLS = 200_000
 MAX_CLASSES = 10_000
 
 Augmentation = Literal["none", "light", "medium", "heavy"]
+ClassWeighting = Literal["none", "balanced", "sampler"]
+ExportFormat = Literal["onnx"]
 TrainingStatusValue = Literal["queued", "running", "completed", "failed", "cancelled"]
 TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
 TRAINING_STATUS_EVENT = "training.status"
@@ -53,6 +55,14 @@ class TrainingConfig(BaseModel):
     val_fraction: float = Field(default=0.2, gt=0.0, lt=1.0, description="Split from train (stratified) when val is empty.")
     max_bad_fraction: float = Field(default=0.05, ge=0.0, le=1.0, description="Fail when more images than this fraction are unusable.")
     num_workers: int = Field(default=0, ge=0, le=64, description="Data-loader worker processes.")
+    class_weighting: ClassWeighting = Field(
+        default="none",
+        description="Imbalanced classes: none | balanced (loss weight n / (C * n_c) per class) | sampler (every class "
+                    "drawn equally often, with replacement).")
+    export: list[ExportFormat] = Field(
+        default_factory=list, max_length=1,
+        description="Extra formats in the package: 'onnx' adds model.onnx (dynamic batch, raw logits), checked "
+                    "against the torch model with onnxruntime (max abs difference <= 1e-4) at export time.")
 
 
 class TrainingDataset(BaseModel):
@@ -118,11 +128,31 @@ class Progress(BaseModel):
     metrics: dict[str, Any] = Field(default_factory=dict, description="train_loss, val_loss, val_accuracy, lr, images_per_s, eta_s ...")
 
 
+class BeforeAfter(BaseModel):
+    """A calibration measure before and after the temperature, on the validation split."""
+
+    model_config = ConfigDict(extra="allow")
+    before: float | None = None
+    after: float | None = None
+
+
+class AutoAcceptRow(BaseModel):
+    """Auto-accept the top-1 label at ``confidence >= threshold`` for a validation precision of at least
+    ``precision`` (the Clopper-Pearson 95% lower bound, not the point estimate); ``threshold`` null: never.
+    ``coverage``: the share of validation images that would be auto-accepted."""
+
+    model_config = ConfigDict(extra="allow")
+    precision: float = Field(gt=0.0, lt=1.0)
+    threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+    coverage: float = Field(ge=0.0, le=1.0)
+
+
 class TrainingMetrics(BaseModel):
-    """Metrics of a trained model. A ``completed`` event keeps every headline value; when all of them
-    would make the event too large, the large ones (``per_class``, ``confusion_matrix``, ``epochs``) are
-    left out, named in ``omitted``, and ``metrics_url`` points to the package's metrics.json, which has
-    them all."""
+    """Metrics of the best epoch on validation. Calibrated confidences are ``softmax(logits / temperature)``.
+
+    A ``completed`` event keeps every headline value; when all of them would make the event too large,
+    the large ones (``per_class``, ``confusion_matrix``, ``epochs``) are left out, named in ``omitted``,
+    and ``metrics_url`` points to the package's metrics.json, which has them all."""
 
     model_config = ConfigDict(extra="allow")
     train_loss: float | None = None
@@ -130,6 +160,14 @@ class TrainingMetrics(BaseModel):
     best_epoch: int | None = None
     metrics_url: str | None = Field(default=None, description="<output_path>/metrics.json, set when large metrics were left out of this event.")
     omitted: list[str] | None = Field(default=None, description="Names of the metrics left out of this event (they are in metrics_url).")
+    macro_f1: float | None = Field(default=None, description="Unweighted mean F1 over the classes with validation images.")
+    balanced_accuracy: float | None = Field(default=None, description="Mean recall over the classes with validation images.")
+    temperature: float | None = Field(default=None, gt=0.0, description="Fitted on validation (NLL); custom inference applies it.")
+    ece: BeforeAfter | None = Field(default=None, description="Expected calibration error, 15 equal-width bins.")
+    nll: BeforeAfter | None = Field(default=None, description="Mean negative log-likelihood.")
+    auto_accept: list[AutoAcceptRow] | None = Field(
+        default=None, description="Global thresholds for target precisions 0.90, 0.95, 0.98, 0.99 (per class: metrics.json).")
+    report_url: str | None = Field(default=None, description="report.html beside the package, when written.")
 
 
 class TrainingStatus(OutputModel):

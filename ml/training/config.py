@@ -11,6 +11,8 @@ from typing import Any, Protocol, runtime_checkable
 from ml.training.errors import ConfigError
 
 AUGMENTATIONS = ("none", "light", "medium", "heavy")
+CLASS_WEIGHTINGS = ("none", "balanced", "sampler")
+EXPORT_FORMATS = ("onnx",)
 STOP_REASONS = ("cancel", "preempt")
 
 
@@ -23,6 +25,10 @@ class TrainSpec:
     ``pretrained`` is true (the classifier head is always re-initialised for ``num_classes``); with
     ``pretrained`` true and no path, timm's own weights come from the hub cache (or a download).
     ``image_size`` None means the model's own default input size.
+    ``class_weighting``: ``none``; ``balanced`` weights the loss of class c by ``n / (C * n_c)`` (its train
+    count ``n_c``); ``sampler`` draws each epoch's training images with replacement, every class equally likely.
+    ``export``: extra formats written into the package (``onnx`` -> model.onnx, checked against torch).
+    ``report``: write report.html (curves, confusion matrix, reliability, auto-accept, worst images) into the package.
     """
 
     model_name: str
@@ -44,6 +50,9 @@ class TrainSpec:
     num_workers: int = 0
     device: str = "auto"
     heartbeat_s: float = 30.0
+    class_weighting: str = "none"
+    export: list[str] = field(default_factory=list)
+    report: bool = True
 
     @classmethod
     def from_config(cls, config: Any, class_names: list[str], **overrides: Any) -> "TrainSpec":
@@ -55,6 +64,8 @@ class TrainSpec:
         names = {f.name for f in dataclasses.fields(cls)}
         values = {name: getattr(config, name) for name in names if hasattr(config, name)}
         values["class_names"] = list(class_names)
+        if "export" in values:
+            values["export"] = list(values["export"] or [])
         values.update(overrides)
         return cls(**values)
 
@@ -91,6 +102,11 @@ class TrainSpec:
             problems.append("early_stopping_patience must be >= 1 or None")
         if self.num_workers < 0:
             problems.append("num_workers must be >= 0")
+        if self.class_weighting not in CLASS_WEIGHTINGS:
+            problems.append(f"class_weighting must be one of {CLASS_WEIGHTINGS}, got {self.class_weighting!r}")
+        unknown_exports = [f for f in self.export if f not in EXPORT_FORMATS]
+        if unknown_exports:
+            problems.append(f"export formats {unknown_exports} are not supported (supported: {list(EXPORT_FORMATS)})")
         if self.heartbeat_s <= 0:
             problems.append("heartbeat_s must be > 0")
         if problems:
@@ -99,7 +115,7 @@ class TrainSpec:
     def to_json_dict(self) -> dict[str, Any]:
         """The fields recorded in the package's config.json (local paths and runtime settings left out)."""
         data = dataclasses.asdict(self)
-        for runtime_only in ("pretrained_path", "device", "heartbeat_s", "num_workers"):
+        for runtime_only in ("pretrained_path", "device", "heartbeat_s", "num_workers", "report"):
             data.pop(runtime_only)
         data["pretrained_from_file"] = self.pretrained_path is not None
         return data

@@ -97,10 +97,15 @@ class EpochBatches:
 
     The order depends on nothing but (seed, epoch), so a run resumed mid-epoch continues with the very batches
     an uninterrupted run would have used. A trailing batch of one sample is dropped when there are others
-    (BatchNorm cannot train on a batch of one).
+    (BatchNorm cannot train on a batch of one). With ``weights`` (one per sample) an epoch is ``num_samples``
+    draws with replacement in proportion to them (balanced sampling), still fixed by (seed, epoch).
     """
 
-    def __init__(self, num_samples: int, batch_size: int, seed: int, shuffle: bool = True) -> None:
+    def __init__(self, num_samples: int, batch_size: int, seed: int, shuffle: bool = True,
+                 weights: Sequence[float] | None = None) -> None:
+        if weights is not None and len(weights) != num_samples:
+            raise ValueError(f"{len(weights)} sampling weights for {num_samples} samples")
+        self.weights = None if weights is None else torch.as_tensor(list(weights), dtype=torch.float64)
         self.num_samples = num_samples
         self.batch_size = batch_size
         self.seed = seed
@@ -120,7 +125,10 @@ class EpochBatches:
         self.start_step = start_step
 
     def batches(self) -> list[list[int]]:
-        if self.shuffle:
+        if self.shuffle and self.weights is not None:
+            generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+            order = torch.multinomial(self.weights, self.num_samples, replacement=True, generator=generator).tolist()
+        elif self.shuffle:
             generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
             order = torch.randperm(self.num_samples, generator=generator).tolist()
         else:
@@ -133,6 +141,28 @@ class EpochBatches:
 
     def __len__(self) -> int:
         return max(0, self.steps_per_epoch - self.start_step)
+
+
+def class_counts(samples: Sequence[Sample], num_classes: int) -> list[int]:
+    """How many samples each class has."""
+    counts = [0] * num_classes
+    for _, label in samples:
+        counts[label] += 1
+    return counts
+
+
+def balanced_class_weights(samples: Sequence[Sample], num_classes: int) -> list[float]:
+    """``n / (C_present * n_c)`` per class (1.0 for a class with no sample): the classes' loss weights for
+    ``class_weighting: balanced`` (scikit-learn's "balanced" heuristic)."""
+    counts = class_counts(samples, num_classes)
+    present = sum(1 for c in counts if c)
+    return [len(samples) / (present * c) if c else 1.0 for c in counts]
+
+
+def balanced_sample_weights(samples: Sequence[Sample], num_classes: int) -> list[float]:
+    """``1 / n_c`` per sample: with these sampling weights every class is drawn equally often."""
+    counts = class_counts(samples, num_classes)
+    return [1.0 / counts[label] for _, label in samples]
 
 
 def epoch_seed(seed: int, epoch: int, salt: int = 0) -> int:

@@ -37,12 +37,22 @@ from torch.utils.data import DataLoader
 from ml.training.augment import DataConfig, build_mixup, eval_transform, resolve_data_config, train_transform
 from ml.training.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from ml.training.config import TrainingCallbacks, TrainResult, TrainSpec
-from ml.training.data import EpochBatches, ImageFileDataset, Sample, check_samples, epoch_seed
+from ml.training.auto_accept import auto_accept_tables, summary as auto_accept_summary
+from ml.training.calibration import calibration_report, fit_temperature, softmax
+from ml.training.data import (
+    EpochBatches,
+    ImageFileDataset,
+    Sample,
+    balanced_class_weights,
+    balanced_sample_weights,
+    check_samples,
+    epoch_seed,
+)
 from ml.device import is_out_of_memory
 from ml.training.errors import ConfigError, TrainingOutOfMemory, TrainingStopped
 from ml.training.metrics import classification_metrics
 from ml.training.models import build_model, check_model_name
-from ml.training.package import PACKAGE_DIR, build_package_config, write_package
+from ml.training.package import ONNX_FILE, PACKAGE_DIR, build_package_config, write_package
 from ml.training.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -176,13 +186,16 @@ class _TrainingRun:
             self.model.to(memory_format=torch.channels_last)
             torch.backends.cudnn.benchmark = True
 
-        self.batches = EpochBatches(len(train_samples), spec.batch_size, spec.seed, shuffle=True)
+        sample_weights = (balanced_sample_weights(train_samples, spec.num_classes)
+                          if spec.class_weighting == "sampler" else None)
+        self.batches = EpochBatches(len(train_samples), spec.batch_size, spec.seed, shuffle=True, weights=sample_weights)
         self.val_batches = EpochBatches(len(val_samples), spec.batch_size, spec.seed, shuffle=False)
         self.steps = self.batches.steps_per_epoch
         train_set = ImageFileDataset(train_samples, train_transform(self.data_config, spec.augmentation))
         self.train_loader = self._loader(train_set, self.batches, salt=1)
         self.val_loader = self._loader(ImageFileDataset(val_samples, eval_transform(self.data_config)), self.val_batches, salt=2)
         self.val_size = len(val_samples)
+        self.val_samples = val_samples
 
         # fused AdamW on CUDA; the multi-tensor (foreach) kernels on CPU, several times faster than per-tensor
         optimizer_kwargs: dict[str, Any] = {"fused": True} if self.cuda else {"foreach": True}
@@ -198,9 +211,15 @@ class _TrainingRun:
             self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.mixup = build_mixup(spec.augmentation, spec.num_classes, spec.label_smoothing)
-        self.criterion: nn.Module = (
-            SoftTargetCrossEntropy() if self.mixup is not None else nn.CrossEntropyLoss(label_smoothing=spec.label_smoothing)
-        )
+        class_weights = None
+        if spec.class_weighting == "balanced":
+            class_weights = torch.tensor(balanced_class_weights(train_samples, spec.num_classes), dtype=torch.float32,
+                                         device=self.device)
+        self.criterion: nn.Module
+        if self.mixup is not None:
+            self.criterion = SoftTargetCrossEntropy() if class_weights is None else _WeightedSoftTargetCrossEntropy(class_weights)
+        else:
+            self.criterion = nn.CrossEntropyLoss(weight=class_weights, label_smoothing=spec.label_smoothing)
         self.val_criterion = nn.CrossEntropyLoss(reduction="sum")
 
         self.completed_epochs = 0
@@ -550,6 +569,10 @@ class _TrainingRun:
         assert best_state is not None and self.best.targets is not None and self.best.predictions is not None
         self.model.load_state_dict(best_state)
         report = classification_metrics(self.best.targets, self.best.predictions, spec.class_names)
+        logits, targets = self._best_val_logits()
+        temperature = fit_temperature(logits, targets)
+        calibration = calibration_report(logits, targets, temperature)
+        tables = auto_accept_tables(softmax(logits, temperature), targets.numpy(), spec.class_names)
         metrics: dict[str, Any] = {
             "train_loss": self.best.train_loss,
             "val_loss": self.best.val_loss,
@@ -557,6 +580,15 @@ class _TrainingRun:
             "best_epoch": self.best.epoch,
             "epochs_run": self.completed_epochs,
             "stopped_early": self.stopped_early,
+            "macro_f1": report["macro_f1"],
+            "balanced_accuracy": report["balanced_accuracy"],
+            "temperature": temperature,
+            "ece": calibration["ece"],
+            "nll": calibration["nll"],
+            "auto_accept": auto_accept_summary(tables),
+            "auto_accept_per_class": tables["per_class"],
+            "auto_accept_global": tables["global"],
+            "reliability": calibration["reliability"],
             "per_class": report["per_class"],
             "confusion_matrix": report["confusion_matrix"],
             "epochs": copy.deepcopy(self.history),
@@ -572,9 +604,28 @@ class _TrainingRun:
                 "val_size": self.val_size,
             },
             best_epoch=self.best.epoch,
+            calibration={"temperature": temperature, "auto_accept": tables},
         )
-        package_dir = write_package(self.workdir / PACKAGE_DIR, best_state, config, metrics)
         model = self.model.to("cpu").to(memory_format=torch.contiguous_format).eval()
+        extra_files: dict[str, Path] = {}
+        if spec.report:
+            from ml.training.report import REPORT_FILE, write_report
+
+            metrics["report_url"] = REPORT_FILE  # relative to the package; the handler makes it absolute
+            report_path = self.workdir / "export" / REPORT_FILE
+            report_path.parent.mkdir(parents=True, exist_ok=True)
+            write_report(report_path, metrics, spec.class_names, spec.model_name,
+                         self._confidently_wrong(softmax(logits, temperature), targets.numpy()))
+            extra_files[REPORT_FILE] = report_path
+        if "onnx" in spec.export:
+            from ml.training.export import export_onnx
+
+            onnx_path = self.workdir / "export" / ONNX_FILE
+            parity = export_onnx(model, self._export_check_images(), onnx_path)
+            metrics["onnx"] = parity
+            config["onnx"] = {"file": ONNX_FILE, **parity}
+            extra_files[ONNX_FILE] = onnx_path
+        package_dir = write_package(self.workdir / PACKAGE_DIR, best_state, config, metrics, extra_files)
         return TrainResult(
             package_dir=package_dir,
             metrics=metrics,
@@ -586,3 +637,45 @@ class _TrainingRun:
             model=model,
         )
 
+    def _best_val_logits(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Validation logits of the best weights (float32, CPU) and their targets: one more validation pass."""
+        self.model.eval()
+        all_logits: list[torch.Tensor] = []
+        all_targets: list[torch.Tensor] = []
+        with torch.inference_mode():
+            for images, targets in self.val_loader:
+                images, targets = self._to_device(images, targets)
+                all_logits.append(self._eval_logits(images).float().cpu())
+                all_targets.append(targets.cpu())
+        return torch.cat(all_logits), torch.cat(all_targets)
+
+    def _confidently_wrong(self, probabilities: np.ndarray, targets: np.ndarray, limit: int = 16) -> list[tuple[str, str, str, float]]:
+        """The most confidently wrong validation images: (path, true name, predicted name, confidence)."""
+        names = self.spec.class_names
+        confidence, predicted = probabilities.max(axis=1), probabilities.argmax(axis=1)
+        wrong = np.flatnonzero(predicted != targets)
+        wrong = wrong[np.argsort(-confidence[wrong], kind="stable")][:limit]
+        return [(self.val_samples[i][0], names[targets[i]], names[predicted[i]], float(confidence[i])) for i in wrong]
+
+    def _export_check_images(self, limit: int = 16) -> torch.Tensor:
+        """Up to ``limit`` validation images (CPU) to check an export against the torch model."""
+        images: list[torch.Tensor] = []
+        for batch, _ in self.val_loader:
+            images.append(batch.cpu())
+            if sum(b.shape[0] for b in images) >= limit:
+                break
+        return torch.cat(images)[:limit].contiguous()
+
+
+class _WeightedSoftTargetCrossEntropy(nn.Module):
+    """Soft-target cross-entropy (mixup) with class weights: the weighted mean like ``CrossEntropyLoss(weight=)``,
+    each sample weighted by its target mix of the class weights."""
+
+    def __init__(self, class_weights: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("class_weights", class_weights)
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        weighted = targets * self.class_weights
+        loss = -(weighted * logits.log_softmax(dim=-1)).sum(dim=-1)
+        return loss.sum() / weighted.sum().clamp_min(1e-12)

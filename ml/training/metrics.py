@@ -1,4 +1,5 @@
-"""Classification metrics with torch/numpy only: accuracy, per-class precision/recall/F1/support, confusion matrix."""
+"""Classification metrics with numpy only: accuracy, per-class precision/recall/F1/support, macro-F1, balanced
+accuracy, confusion matrix."""
 
 from __future__ import annotations
 
@@ -36,15 +37,24 @@ def per_class_report(targets: np.ndarray, predictions: np.ndarray, class_names: 
 
 
 def classification_metrics(targets: np.ndarray, predictions: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
-    """accuracy, per_class, confusion_matrix (list of lists, or None above MAX_CONFUSION_CLASSES)."""
+    """accuracy, macro_f1, balanced_accuracy, per_class, confusion_matrix (list of lists, or None above
+    MAX_CONFUSION_CLASSES).
+
+    ``macro_f1`` is the unweighted mean F1 and ``balanced_accuracy`` the mean recall, both over the classes
+    present in ``targets`` (a class with no validation image has no recall to average).
+    """
     targets = np.asarray(targets, dtype=np.int64)
     predictions = np.asarray(predictions, dtype=np.int64)
     accuracy = float((targets == predictions).mean()) if len(targets) else 0.0
     matrix = None
     if len(class_names) <= MAX_CONFUSION_CLASSES:
         matrix = confusion_matrix(targets, predictions, len(class_names)).tolist()
+    per_class = per_class_report(targets, predictions, class_names)
+    present = [row for row in per_class.values() if row["support"] > 0]
     return {
         "accuracy": accuracy,
-        "per_class": per_class_report(targets, predictions, class_names),
+        "macro_f1": float(np.mean([row["f1"] for row in present])) if present else 0.0,
+        "balanced_accuracy": float(np.mean([row["recall"] for row in present])) if present else 0.0,
+        "per_class": per_class,
         "confusion_matrix": matrix,
     }

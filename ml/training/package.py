@@ -1,5 +1,6 @@
-"""The model package: a directory with model.safetensors (weights), config.json (how to rebuild and preprocess)
-and metrics.json. Written by training, read by ml.trained.TrainedModel."""
+"""The model package: a directory with model.safetensors (weights), config.json (how to rebuild and preprocess,
+and the calibration: temperature and auto-accept thresholds), metrics.json, and optionally model.onnx.
+Written by training, read by ml.trained.TrainedModel."""
 
 from __future__ import annotations
 
@@ -21,9 +22,13 @@ PACKAGE_DIR = "package"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
+ONNX_FILE = "model.onnx"
 PACKAGE_FORMAT = "cls-workers/timm-classifier"
 PACKAGE_FORMAT_VERSION = 1
 PACKAGE_FILES = (WEIGHTS_FILE, CONFIG_FILE, METRICS_FILE)
+REPORT_FILE = "report.html"
+OPTIONAL_PACKAGE_FILES = (ONNX_FILE, REPORT_FILE)
+"""Written only when asked (``export``); uploaded before metrics.json, which marks a package complete."""
 
 
 def build_package_config(
@@ -34,9 +39,11 @@ def build_package_config(
     data_config: Mapping[str, Any],
     training: Mapping[str, Any],
     best_epoch: int,
+    calibration: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """config.json content: timm model name and kwargs, classes, eval preprocessing, training config."""
-    return {
+    """config.json content: timm model name and kwargs, classes, eval preprocessing, training config, and
+    ``calibration`` (``{"temperature", "auto_accept": {"global", "per_class"}}``) that inference applies."""
+    config = {
         "format": PACKAGE_FORMAT,
         "format_version": PACKAGE_FORMAT_VERSION,
         "library": "timm",
@@ -50,12 +57,20 @@ def build_package_config(
         "training": dict(training),
         "versions": {"timm": timm.__version__, "torch": torch.__version__.split("+")[0]},
     }
+    if calibration is not None:
+        config["calibration"] = dict(calibration)
+    return config
 
 
 def write_package(
-    package_dir: Path, state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any], metrics: Mapping[str, Any]
+    package_dir: Path,
+    state_dict: Mapping[str, torch.Tensor],
+    config: Mapping[str, Any],
+    metrics: Mapping[str, Any],
+    extra_files: Mapping[str, Path] | None = None,
 ) -> Path:
-    """Write the three files into a sibling temp dir, then swap it into place (an old package is replaced)."""
+    """Write the three files (and move ``extra_files``, ``{name in the package: local file}``, in) into a sibling
+    temp dir, then swap it into place (an old package is replaced)."""
     package_dir = Path(package_dir)
     tmp = package_dir.with_name(package_dir.name + ".tmp")
     if tmp.exists():
@@ -67,6 +82,8 @@ def write_package(
     )
     _write_json(tmp / CONFIG_FILE, config)
     _write_json(tmp / METRICS_FILE, metrics)
+    for name, source in (extra_files or {}).items():
+        shutil.move(str(source), str(tmp / name))
     if package_dir.exists():
         shutil.rmtree(package_dir)
     os.replace(tmp, package_dir)
@@ -156,6 +173,15 @@ def check_package_config(config: Any) -> None:
         problems.append("crop_pct must be a number in (0, 4]")
     if config.get("crop_mode", "center") not in ("center", "squash", "border"):
         problems.append("crop_mode must be center, squash or border")
+    calibration = config.get("calibration", {})
+    if not isinstance(calibration, dict):
+        problems.append("calibration must be an object")
+    else:
+        temperature = calibration.get("temperature", 1.0)
+        if not (_is_number(temperature) and temperature > 0):
+            problems.append("calibration.temperature must be a positive number")
+        if not isinstance(calibration.get("auto_accept", {}), dict):
+            problems.append("calibration.auto_accept must be an object")
     if problems:
         raise PackageError(f"model package {CONFIG_FILE} refused: " + "; ".join(problems))
     weights = config.get("weights", WEIGHTS_FILE)

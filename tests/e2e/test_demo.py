@@ -26,6 +26,10 @@ def test_demo_once_runs_both_workflows_and_cleans_up(tmp_path):
     assert "AI labeling workflow" in text and "training curve" in text
     accuracy = float(re.search(r"correct: accuracy ([0-9.]+)", text).group(1))
     assert accuracy >= 0.9
+    assert re.search(r"report: s3://\S+/report.html", text) and (tmp_path / "demo" / "report.html").is_file()
+    assert "calibration: temperature" in text
+    accepted = re.search(r"auto-applied (\d+) of \d+ labels at precision 0.95: (\d+) right", text)
+    assert accepted and int(accepted.group(1)) > 0 and int(accepted.group(2)) >= 0.95 * int(accepted.group(1))
     pids = [int(p) for p in re.search(r"workers are up \(pids ([0-9 ]+);", text).group(1).split()]
     for pid in pids:
         assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower()

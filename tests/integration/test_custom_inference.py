@@ -10,6 +10,7 @@ import torch
 
 from consumers.annotation_worker import annotation_context
 from consumers.settings import KafkaSettings, Settings, WorkerSettings
+from examples.fold import Fold
 from handlers.annotation import AnnotationHandler
 from handlers.errors import PermanentError
 from ml.trained import TrainedModel
@@ -36,7 +37,8 @@ async def test_custom_model_matches_in_memory_predictions(trained_digits, s3_ser
     reference = TrainedModel.load(trained_digits.package_dir, device="cpu")
     from PIL import Image
 
-    expected = reference.predict(torch.stack([reference.preprocess(Image.open(p).convert("RGB")) for p, _ in test]))
+    pixels = torch.stack([reference.preprocess(Image.open(p).convert("RGB")) for p, _ in test])
+    expected = reference.predict(pixels)
     names = trained_digits.class_names
     async with annotation_context(settings) as ctx:
         handler = AnnotationHandler(ctx)
@@ -45,6 +47,7 @@ async def test_custom_model_matches_in_memory_predictions(trained_digits, s3_ser
             "images": [{"id": i, "url": u} for i, u in urls], "top_k": 10, "threshold": 0.0})
         parts = [p async for p in handler.handle(request)]
         assert parts[0].model.family == "custom" and parts[0].model.variant == "resnet10t"
+        assert all(result.auto_accept is None for result in parts[0].results)  # not asked: not said
         correct = 0
         for (path, label), result, probs in zip(test, parts[0].results, expected, strict=True):
             got = {p.class_name: p.confidence for p in result.predictions}
@@ -53,11 +56,25 @@ async def test_custom_model_matches_in_memory_predictions(trained_digits, s3_ser
             correct += result.predictions[0].class_name == names[label]
         assert correct / len(test) >= 0.9
 
+        # auto-accept at a stated precision: the package's validated thresholds decide; the fold applies by them
+        accepting = request.model_copy(update={"auto_accept_precision": 0.95, "request_id": "custom-accept"})
+        parts = [p async for p in handler.handle(accepting)]
+        decisions = [result.auto_accept for result in parts[0].results]
+        assert decisions == reference.auto_accept(expected, 0.95) and any(decisions)
+        right = [result.predictions[0].class_name == names[label] for (_, label), result in zip(test, parts[0].results)]
+        assert sum(r for r, d in zip(right, decisions) if d) / sum(decisions) >= 0.95
+        fold = Fold(tmp_path / "fold.sqlite")
+        assert fold.apply("results", parts[0].to_json_bytes())
+        assert fold.auto_apply("custom-accept") == sum(decisions)
+        applied = dict(fold.db.execute("SELECT image_id, class FROM applied_labels").fetchall())
+        assert applied == {result.id: result.predictions[0].class_name
+                           for result, d in zip(parts[0].results, decisions) if d}
+
         subset = ["three", "eight"]
         request = request.model_copy(update={"classes": subset, "top_k": 2, "request_id": "custom-2"})
         parts = [p async for p in handler.handle(request)]
-        for result, probs in zip(parts[0].results, expected, strict=True):
-            renorm = probs[[3, 8]] / probs[[3, 8]].sum()
+        expected_subset = reference.predict(pixels, subset=subset)
+        for result, renorm in zip(parts[0].results, expected_subset, strict=True):
             got = {p.class_name: p.confidence for p in result.predictions}
             assert got["three"] == pytest.approx(float(renorm[0]), abs=1e-5)
             assert got["eight"] == pytest.approx(float(renorm[1]), abs=1e-5)

@@ -95,8 +95,9 @@ async def test_digits_trained_through_kafka_reach_90_percent(tmp_path, kafka_boo
     output = f"s3://{bucket}/models/digits-{topic_prefix}"
     try:
         await worker.wait_for_log("partitions_assigned", timeout_s=120)
-        await produce(kafka_bootstrap, w.training_requests_topic, train_request([u for u, _ in urls], output), key="job-digits")
-        events = await wait_final(kafka_bootstrap, w.training_status_topic, "job-digits", timeout_s=170)
+        await produce(kafka_bootstrap, w.training_requests_topic,
+                      train_request([u for u, _ in urls], output, export=["onnx"]), key="job-digits")
+        events = await wait_final(kafka_bootstrap, w.training_status_topic, "job-digits", timeout_s=240)
     finally:
         worker.close()
     statuses = [e["status"] for e in events if not e.get("heartbeat")]
@@ -112,10 +113,15 @@ async def test_digits_trained_through_kafka_reach_90_percent(tmp_path, kafka_boo
     assert len(done["metrics"]["confusion_matrix"]) == 10
     assert set(done["metrics"]["per_class"]) == set(class_names)
     assert done["model_url"] == output
+    metrics = done["metrics"]
+    assert metrics["temperature"] > 0 and set(metrics["ece"]) == set(metrics["nll"]) == {"before", "after"}
+    assert [row["precision"] for row in metrics["auto_accept"]] == [0.9, 0.95, 0.98, 0.99]
+    assert 0 < metrics["macro_f1"] <= 1 and 0 < metrics["balanced_accuracy"] <= 1
+    assert metrics["report_url"] == f"{output}/report.html" and metrics["onnx"]["max_abs_diff"] <= 1e-4
     async with s3_server.client() as client:
         listed = await client.list_objects_v2(Bucket=bucket, Prefix=f"models/digits-{topic_prefix}")
         keys = {item["Key"].rsplit("/", 1)[-1] for item in listed.get("Contents", [])}
-        assert {"model.safetensors", "config.json", "metrics.json"} <= keys
+        assert {"model.safetensors", "config.json", "metrics.json", "model.onnx", "report.html"} <= keys
         assert not any(".checkpoints/" in item["Key"] for item in listed.get("Contents", []))  # removed after success
         config = json.loads(await (await client.get_object(Bucket=bucket, Key=f"models/digits-{topic_prefix}/config.json"))["Body"].read())
     assert config["class_names"] == class_names
@@ -131,6 +137,7 @@ async def test_digits_trained_through_kafka_reach_90_percent(tmp_path, kafka_boo
     completed = [e for e in statuses_of(records, "job-digits") if e["status"] == "completed"]
     assert completed[0]["message_id"] == completed[1]["message_id"]
     assert completed[1]["metrics"]["val_accuracy"] == completed[0]["metrics"]["val_accuracy"]
+    assert completed[1]["metrics"]["report_url"] == completed[0]["metrics"]["report_url"]
     _MEMO["digits_model"] = (output, class_names)
 
 

@@ -44,3 +44,28 @@ def test_parts_and_duplicates(tmp_path):
     rows = fold.db.execute("SELECT image_id, class, confidence, source FROM applied_labels ORDER BY image_id").fetchall()
     assert rows == [("img-0", "cat", 0.8, "ai"), ("img-1", "cat", 0.8, "ai")]
     assert not fold.apply("r", b"not json") and not fold.apply("r", None)
+
+
+def test_auto_apply_by_the_workers_validated_auto_accept(tmp_path):
+    fold = Fold(tmp_path / "f.sqlite")
+    results = [
+        {"id": "sure", "predictions": [{"class": "cat", "confidence": 0.97}], "margin": 0.95, "auto_accept": True},
+        {"id": "high-but-not-validated", "predictions": [{"class": "dog", "confidence": 0.96}], "margin": 0.9,
+         "auto_accept": False},
+        {"id": "unsure", "predictions": [{"class": "cat", "confidence": 0.5}, {"class": "dog", "confidence": 0.4}],
+         "margin": 0.1, "auto_accept": False},
+    ]
+    event = {"event_type": "annotation.result", "message_id": "a1", "request_id": "r", "status": "completed",
+             "model": {"family": "custom", "variant": "resnet10t", "weights": "s3://b/m"}, "part": 0, "parts": 1,
+             "created_at": "2026-11-27T00:00:00Z", "results": results}
+    assert fold.apply("r", json.dumps(event).encode())
+    assert fold.auto_apply("r") == 1  # the flag decides, not a confidence threshold
+    assert fold.db.execute("SELECT image_id, class FROM applied_labels").fetchall() == [("sure", "cat")]
+    assert fold.auto_apply("r", threshold=0.9) == 2  # a fixed threshold would also take the unvalidated one
+
+    table = [{"precision": 0.9, "threshold": 0.8, "coverage": 0.9}, {"precision": 0.95, "threshold": 0.93, "coverage": 0.7},
+             {"precision": 0.98, "threshold": None, "coverage": 0.0}]
+    assert fold.apply("s", status("j", "completed", TERMINAL_SEQ, "m1", metrics={"auto_accept": table}))
+    assert fold.auto_accept_threshold("j", 0.9) == 0.8
+    assert fold.auto_accept_threshold("j", 0.92) == 0.93  # the next validated target up
+    assert fold.auto_accept_threshold("j", 0.98) is None and fold.auto_accept_threshold("j", 0.999) is None

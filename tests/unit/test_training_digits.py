@@ -20,7 +20,7 @@ def test_digits_reach_90_percent_and_package_is_complete(trained_digits):
     result = trained_digits.result
     assert result.metrics["val_accuracy"] >= 0.9
     assert result.resumed_from_epoch is None and result.epochs_run == trained_digits.spec.epochs
-    assert sorted(p.name for p in result.package_dir.iterdir()) == ["config.json", "metrics.json", "model.safetensors"]
+    assert sorted(p.name for p in result.package_dir.iterdir()) == ["config.json", "metrics.json", "model.safetensors", "report.html"]
 
     metrics = json.loads((result.package_dir / "metrics.json").read_text())
     for key in ("train_loss", "val_loss", "val_accuracy", "best_epoch", "per_class", "confusion_matrix", "epochs"):
@@ -65,8 +65,10 @@ def test_trained_model_reproduces_in_memory_predictions_on_held_back_digits(trai
     assert torch.equal(pixels[0], training_eval(images[0]))
 
     probabilities = loaded.predict(pixels)
+    temperature = loaded.config["calibration"]["temperature"]
+    assert loaded.temperature == temperature and temperature > 0
     with torch.inference_mode():
-        expected = trained_digits.result.model(pixels).softmax(dim=-1)
+        expected = (trained_digits.result.model(pixels) / temperature).softmax(dim=-1)
     assert probabilities.shape == (len(images), 10)
     torch.testing.assert_close(probabilities, expected, atol=1e-5, rtol=0)
     accuracy = (probabilities.argmax(dim=1) == labels).float().mean().item()

@@ -11,7 +11,7 @@ import torch
 
 from ml.training import ConfigError, TrainSpec, stratified_split
 from ml.training.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
-from ml.training.data import EpochBatches, check_samples
+from ml.training.data import EpochBatches, balanced_class_weights, balanced_sample_weights, check_samples
 from ml.training.errors import DatasetError
 from ml.training.metrics import classification_metrics, confusion_matrix
 from ml.training.schedule import MIN_LR_FACTOR, warmup_cosine
@@ -112,3 +112,34 @@ def test_unreadable_checkpoint_is_ignored(tmp_path):
     (tmp_path / "checkpoint").mkdir()
     (tmp_path / "checkpoint" / "state.pt").write_bytes(b"garbage")
     assert load_checkpoint(tmp_path) is None
+
+
+def test_classification_metrics_macro_f1_and_balanced_accuracy():
+    targets = np.array([0] * 8 + [1] * 2)
+    predictions = np.array([0] * 8 + [0, 1])
+    metrics = classification_metrics(targets, predictions, ["a", "b", "c"])  # "c" has no image: not averaged
+    f1_a, f1_b = 2 * (8 / 9) / (8 / 9 + 1), 2 * 1 * 0.5 / 1.5
+    assert metrics["macro_f1"] == pytest.approx((f1_a + f1_b) / 2)
+    assert metrics["balanced_accuracy"] == pytest.approx((1.0 + 0.5) / 2)
+    assert metrics["accuracy"] == pytest.approx(0.9)
+
+
+def test_weighted_epoch_batches_balance_classes_deterministically():
+    samples = [("x", 0)] * 90 + [("y", 1)] * 10
+    weights = balanced_sample_weights(samples, 2)
+    batches = EpochBatches(num_samples=100, batch_size=10, seed=0, weights=weights)
+    batches.set_epoch(0)
+    drawn = [i for batch in batches for i in batch]
+    assert len(drawn) == 100 and drawn == [i for batch in batches for i in batch]
+    minority = sum(1 for i in drawn if samples[i][1] == 1)
+    assert 35 <= minority <= 65  # ~50 of 100 draws, not ~10
+    batches.set_epoch(1)
+    assert [i for batch in batches for i in batch] != drawn
+    assert balanced_class_weights(samples, 3) == pytest.approx([100 / (2 * 90), 100 / (2 * 10), 1.0])
+
+
+def test_spec_validates_class_weighting_and_export():
+    with pytest.raises(ConfigError) as info:
+        _spec(class_weighting="oversample", export=["tflite"]).validate()
+    assert "class_weighting" in str(info.value) and "tflite" in str(info.value)
+    _spec(class_weighting="sampler", export=["onnx"]).validate()
