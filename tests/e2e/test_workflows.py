@@ -27,8 +27,11 @@ ANNOTATION_ENV = {
     "CLS_CLIP_VARIANT": "cls-tiny-clip", "CLS_CLIP_WEIGHTS": "random", "CLS_PRELOAD_MODELS": "clip",
     "CLS_DEFAULT_PROMPT_TEMPLATES": "a photo of a {}.", "CLS_ALLOW_PRIVATE_NETWORKS": "true",
     "CLS_TORCH_THREADS": "1", "CLS_LOG_FORMAT": "json", "CLS_DEVICE": "cpu", "CLS_RESULT_PART_SIZE": "4",
+    # a killed worker holds its partitions until its session times out: 10 s instead of 30 s
+    "CLS_SESSION_TIMEOUT_MS": "10000", "CLS_HEARTBEAT_INTERVAL_MS": "1000",
 }
-TRAINING_ENV = {"CLS_TORCH_THREADS": "2", "CLS_LOG_FORMAT": "json", "CLS_DEVICE": "cpu", "CLS_ALLOW_PRIVATE_NETWORKS": "true"}
+TRAINING_ENV = {"CLS_TORCH_THREADS": "2", "CLS_LOG_FORMAT": "json", "CLS_DEVICE": "cpu", "CLS_ALLOW_PRIVATE_NETWORKS": "true",
+                "CLS_SESSION_TIMEOUT_MS": "10000", "CLS_HEARTBEAT_INTERVAL_MS": "1000"}
 SAMPLE_NAMES = ["astronaut_jpg", "chelsea_png", "coffee_jpg", "camera_png", "china_jpg", "flower_jpg", "cmyk_jpg",
                 "gray16_png", "rgba_png", "exif_rotated_jpg"]
 
