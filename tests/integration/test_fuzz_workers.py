@@ -106,7 +106,7 @@ async def test_ten_thousand_generated_records_all_end(tmp_path, kafka_bootstrap,
     rng.shuffle(plan)
     common = {"CLS_RETRY_BACKOFF_S": "0.01", "CLS_RETRY_BACKOFF_MAX_S": "0.05", "CLS_LOG_LEVEL": "INFO"}
     annotation = start_annotation_worker(tmp_path, topic_prefix, "fuzz-annotation", CLS_ALLOW_PRIVATE_NETWORKS="false",
-                                         CLS_MAX_IN_FLIGHT="16", **common)
+                                         CLS_MAX_IN_FLIGHT="16", CLS_INTERACTIVE_MAX_IN_FLIGHT="16", **common)
     training = start_training_worker(tmp_path, topic_prefix, "fuzz-training", CLS_ALLOW_PRIVATE_NETWORKS="false",
                                      **common)
     started = time.monotonic()
