@@ -163,7 +163,7 @@ async def test_stuck_partition_gauge_and_readiness(topic_prefix, kafka_bootstrap
     settings = settings_for(topic_prefix, stuck_record_s=1.0, metrics_port=free_port(), metrics_host="127.0.0.1")
     await provision(settings)
     w = settings.worker
-    runtime = ConsumerRuntime(settings, echo_pipeline(settings, sleep_s=4.0), group_id=w.annotation_group_id,
+    runtime = ConsumerRuntime(settings, echo_pipeline(settings, sleep_s=8.0), group_id=w.annotation_group_id,
                               max_records=1)
     health = HealthServer(settings, runtime)
     await health.start()
@@ -173,7 +173,7 @@ async def test_stuck_partition_gauge_and_readiness(topic_prefix, kafka_bootstrap
         url = f"http://127.0.0.1:{health.port}"
         async with aiohttp.ClientSession() as http:
             stuck_body = None
-            for _ in range(300):  # bounded: 30 s (joining the group takes a few seconds)
+            for _ in range(600):  # bounded: 60 s (joining a new group takes a few seconds, more on a busy broker)
                 async with http.get(url + "/readyz") as resp:
                     if resp.status == 503:
                         stuck_body = await resp.json()

@@ -22,7 +22,7 @@ from tests.support.kafka import committed_offsets, end_offsets, provision, read_
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
 SEED = 20261129
-N_ANNOTATION, N_TRAINING, N_CONTROL = 7_000, 2_000, 1_000  # the training worker takes one record at a time
+N_ANNOTATION, N_TRAINING, N_CONTROL = 7_500, 1_500, 1_000  # the training worker takes one record at a time
 BLOCKED = "http://127.0.0.1:9/never.jpg"  # loopback, refused by the private-network rule before any connection
 
 
