@@ -343,9 +343,6 @@ class ConsumerRuntime:
             log.warning("record_started_before", partition=tp.partition, offset=head.offset, attempts=head.attempts)
         return head
 
-    def _set_paused(self, paused: bool) -> None:
-        self._apply_pauses(paused)
-
     def _apply_pauses(self, all_paused: bool) -> None:
         """Pause what cannot be taken now: everything when there is no room; else each topic whose lane
         is full and whose read-ahead is used up; partitions with a suspect record always."""
@@ -826,7 +823,7 @@ class ConsumerRuntime:
             wait_s = min(0.5, max(0.01, deadline - time.monotonic()))
             if keep_polling and consumer is not None:
                 # Every partition paused: polling keeps the group membership alive, returns nothing.
-                self._set_paused(True)
+                self._apply_pauses(True)
                 await consumer.getmany(timeout_ms=1)
             _, pending = await asyncio.wait(pending, timeout=wait_s)
         if pending:
