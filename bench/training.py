@@ -11,6 +11,11 @@ Run from the repository root:  .venv/bin/python -m bench.training [--model resne
    medians is printed too.
 2. Time to accuracy: ``train()`` on digits until val_accuracy >= target (wall time from the call, model creation
    included), stopped through ``should_stop`` once reached; bounded by --tta-epochs.
+3. Short fine-tunes (``bench/finetune.py``): a backbone pretrained here on digits 0-4, fine-tuned on 5-9 for
+   3 and 5 epochs by a plain constant-lr AdamW loop and by ``train()`` with its defaults, with warmup and with
+   label smoothing; test accuracy over seeds and the difference to the plain loop.
+
+``--scenario`` picks throughput (1 and 2), finetune (3) or all (default).
 
 Prints a small table and one JSON line (prefix ``BENCH_JSON ``).
 """
@@ -37,6 +42,7 @@ except ModuleNotFoundError:  # run as a script: put the repository root on the p
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from tests.fixtures.trained_model import DIGIT_CLASS_NAMES, digits_splits, write_digits_dataset
 
+from bench import finetune
 from ml.training import NullCallbacks, TrainingStopped, TrainSpec, train
 from ml.training.augment import eval_transform, resolve_data_config
 from ml.training.data import ImageFileDataset
@@ -56,6 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--target", type=float, default=0.9, help="val_accuracy for time-to-accuracy")
     parser.add_argument("--tta-epochs", type=int, default=10, help="upper bound of epochs for time-to-accuracy")
     parser.add_argument("--learning-rate", type=float, default=3e-3)
+    parser.add_argument("--scenario", choices=("all", "throughput", "finetune"), default="all")
+    finetune.add_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -167,6 +175,15 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-training-") as tmp:
         root = Path(tmp)
         samples, _ = write_digits_dataset(root / "digits", size=args.image_size)
+        finetuned = None
+        if args.scenario in ("all", "finetune"):
+            finetuned = finetune.run(args, samples, root / "finetune", resolve_device(args.device))
+        if args.scenario == "finetune":
+            report = {"bench": "training", "scenario": "finetune", "torch": torch.__version__, "timm": timm.__version__,
+                      "cpu_threads": torch.get_num_threads(), "finetune": finetuned}
+            finetune.print_table(finetuned)
+            print("BENCH_JSON " + json.dumps(report, sort_keys=True))
+            return report
         train_samples, val_samples, _ = digits_splits(samples)
         tiny_val = val_samples[:20]  # throughput runs: keep validation negligible
 
@@ -203,8 +220,11 @@ def main(argv: list[str] | None = None) -> dict:
             "plain_epochs": [round(r, 1) for r in plain_rates],
         },
         "time_to_accuracy": tta,
+        "finetune": finetuned,
     }
     _print_table(report)
+    if finetuned is not None:
+        finetune.print_table(finetuned)
     print("BENCH_JSON " + json.dumps(report, sort_keys=True))
     return report
 

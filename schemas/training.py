@@ -47,8 +47,13 @@ class TrainingConfig(BaseModel):
     pretrained_url: Url | None = Field(default=None, description="safetensors / state dict file (path or s3://) to start from.")
     image_size: int | None = Field(default=None, ge=8, le=1024, description="Default: the model's own input size.")
     weight_decay: float = Field(default=0.05, ge=0.0, le=1.0)
-    warmup_epochs: float = Field(default=0.0, ge=0.0, le=100.0)
-    label_smoothing: float = Field(default=0.1, ge=0.0, lt=1.0)
+    warmup_epochs: float | None = Field(
+        default=None, ge=0.0, le=100.0,
+        description="Linear warmup before the cosine decay. Unset: scales with the schedule (0 below 10 epochs, "
+                    "else 5% of the epochs, at most 5).")
+    label_smoothing: float | None = Field(
+        default=None, ge=0.0, lt=1.0,
+        description="Unset: scales with the schedule (0 below 10 epochs, else 0.1).")
     grad_clip_norm: float | None = Field(default=1.0, gt=0.0)
     early_stopping_patience: int | None = Field(default=None, ge=1, description="Stop after this many epochs without a better val_accuracy.")
     seed: int = Field(default=0, ge=0)

@@ -29,6 +29,8 @@ class TrainSpec:
     count ``n_c``); ``sampler`` draws each epoch's training images with replacement, every class equally likely.
     ``export``: extra formats written into the package (``onnx`` -> model.onnx, checked against torch).
     ``report``: write report.html (curves, confusion matrix, reliability, auto-accept, worst images) into the package.
+    ``warmup_epochs`` / ``label_smoothing`` None: scaled with the schedule (``schedule.schedule_defaults``);
+    the resolved numbers are what the run uses and what config.json records.
     """
 
     model_name: str
@@ -42,8 +44,8 @@ class TrainSpec:
     pretrained_path: str | None = None
     image_size: int | None = None
     weight_decay: float = 0.05
-    warmup_epochs: float = 0.0
-    label_smoothing: float = 0.1
+    warmup_epochs: float | None = None
+    label_smoothing: float | None = None
     grad_clip_norm: float | None = 1.0
     early_stopping_patience: int | None = None
     seed: int = 0
@@ -53,6 +55,15 @@ class TrainSpec:
     class_weighting: str = "none"
     export: list[str] = field(default_factory=list)
     report: bool = True
+
+    def __post_init__(self) -> None:
+        from ml.training.schedule import schedule_defaults
+
+        warmup, smoothing = schedule_defaults(self.epochs if isinstance(self.epochs, int) else 1)
+        if self.warmup_epochs is None:
+            self.warmup_epochs = warmup
+        if self.label_smoothing is None:
+            self.label_smoothing = smoothing
 
     @classmethod
     def from_config(cls, config: Any, class_names: list[str], **overrides: Any) -> "TrainSpec":

@@ -24,3 +24,24 @@ def warmup_cosine(total_steps: int, warmup_steps: int, min_factor: float = MIN_L
         return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor
+
+
+SHORT_SCHEDULE_EPOCHS = 10
+"""Below this many epochs a run is a short fine-tune: no warmup, no label smoothing unless asked for."""
+LONG_SCHEDULE_WARMUP_FRACTION = 0.05
+LONG_SCHEDULE_MAX_WARMUP_EPOCHS = 5.0
+LONG_SCHEDULE_LABEL_SMOOTHING = 0.1
+
+
+def schedule_defaults(epochs: int) -> tuple[float, float]:
+    """``(warmup_epochs, label_smoothing)`` for a request that leaves them unset, scaled with the schedule.
+
+    Measured in ``bench/training.py --scenario finetune`` (README, Performance): at 3-5 epochs from a
+    pretrained backbone one warmup epoch costs accuracy against a plain constant-lr AdamW loop, and label
+    smoothing buys nothing measurable; both are regularisers of long from-scratch-like schedules, so they
+    start at ``SHORT_SCHEDULE_EPOCHS``: warmup 5% of the epochs (at most 5), smoothing 0.1.
+    """
+    if epochs < SHORT_SCHEDULE_EPOCHS:
+        return 0.0, 0.0
+    warmup = min(LONG_SCHEDULE_MAX_WARMUP_EPOCHS, round(LONG_SCHEDULE_WARMUP_FRACTION * epochs, 2))
+    return warmup, LONG_SCHEDULE_LABEL_SMOOTHING

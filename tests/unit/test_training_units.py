@@ -14,7 +14,7 @@ from ml.training.checkpoint import capture_rng_state, load_checkpoint, restore_r
 from ml.training.data import EpochBatches, balanced_class_weights, balanced_sample_weights, check_samples
 from ml.training.errors import DatasetError
 from ml.training.metrics import classification_metrics, confusion_matrix
-from ml.training.schedule import MIN_LR_FACTOR, warmup_cosine
+from ml.training.schedule import MIN_LR_FACTOR, SHORT_SCHEDULE_EPOCHS, schedule_defaults, warmup_cosine
 
 
 def _spec(**overrides) -> TrainSpec:
@@ -82,6 +82,23 @@ def test_warmup_cosine_schedule():
     assert values[0] == pytest.approx(0.5) and values[1] == pytest.approx(1.0) and values[2] == pytest.approx(1.0)
     assert values[-1] == pytest.approx(MIN_LR_FACTOR)
     assert all(a >= b for a, b in zip(values[2:], values[3:]))
+
+
+def test_unset_warmup_and_smoothing_scale_with_the_schedule():
+    from schemas.training import TrainingConfig
+
+    short = TrainSpec.from_config(TrainingConfig(model_name="resnet10t", num_classes=2, epochs=3), ["a", "b"])
+    assert (short.warmup_epochs, short.label_smoothing) == (0.0, 0.0)
+    long = _spec(epochs=40)
+    assert (long.warmup_epochs, long.label_smoothing) == (2.0, 0.1)
+    assert schedule_defaults(1000) == (5.0, 0.1)  # warmup is capped, whatever the schedule
+    assert schedule_defaults(SHORT_SCHEDULE_EPOCHS - 1) == (0.0, 0.0)
+    assert schedule_defaults(SHORT_SCHEDULE_EPOCHS) == (0.5, 0.1)
+    # what a request sets is kept, including an explicit zero on a long schedule
+    explicit = TrainSpec.from_config(
+        TrainingConfig(model_name="resnet10t", num_classes=2, epochs=40, warmup_epochs=0, label_smoothing=0.2), ["a", "b"])
+    assert (explicit.warmup_epochs, explicit.label_smoothing) == (0.0, 0.2)
+    assert explicit.to_json_dict()["label_smoothing"] == 0.2 and long.to_json_dict()["warmup_epochs"] == 2.0
 
 
 def test_classification_metrics():
