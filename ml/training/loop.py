@@ -349,10 +349,15 @@ class _TrainingRun:
                 del exc  # its traceback holds the step's tensors
                 self.optimizer.zero_grad(set_to_none=True)
                 self._halve_micro_batch(message)
-        if self.spec.grad_clip_norm is not None:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.spec.grad_clip_norm)
-        self.scaler.step(self.optimizer)
+        try:
+            if self.spec.grad_clip_norm is not None:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.spec.grad_clip_norm)
+            self.scaler.step(self.optimizer)
+        except (RuntimeError, MemoryError) as exc:
+            if not is_out_of_memory(exc):
+                raise
+            raise self._optimizer_out_of_memory(exc) from None
         self.scaler.update()
         self.scheduler.step()
         batch_size = images.shape[0]
@@ -377,6 +382,21 @@ class _TrainingRun:
             self.scaler.scale(loss * weight if weight != 1 else loss).backward()
             total += loss.detach().double() * weight
         return total
+
+    def _optimizer_out_of_memory(self, exc: BaseException) -> TrainingOutOfMemory:
+        """The optimizer step ran out of memory: its size is the model's, so a smaller batch cannot help."""
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.cuda:
+            torch.cuda.empty_cache()
+        params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        # fp32 weights + gradients + AdamW's two moments
+        need_mib = params * 4 * 4 / 2**20
+        return TrainingOutOfMemory(
+            f"out of memory in the optimizer step of {self.spec.model_name!r} ({params / 1e6:.1f} M trainable "
+            f"parameters; weights, gradients and AdamW state need about {need_mib:,.0f} MiB): a smaller batch "
+            f"cannot help, use a smaller model or a device with more memory: {message[:300]}"
+        )
 
     def _halve_micro_batch(self, message: str) -> None:
         if self.cuda:

@@ -109,6 +109,26 @@ def test_out_of_memory_below_one_image_fails_with_out_of_memory(tiny_digits, tmp
     assert seen["refused"] == [16, 8, 4, 2, 1]
 
 
+def test_out_of_memory_in_the_optimizer_step_fails_typed_without_halving(tiny_digits, tmp_path, monkeypatch):
+    """The optimizer's memory is the model's (weights, gradients, two moments): halving the batch cannot help."""
+    train_samples, val_samples = tiny_digits
+    seen = _inject_oom(monkeypatch, limit=1_000)  # forward passes always fit
+    steps: list[int] = []
+
+    def step_out_of_memory(self, closure=None):
+        steps.append(1)
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 94371840 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_out_of_memory)
+    with pytest.raises(TrainingOutOfMemory) as caught:
+        train(_spec(epochs=1), train_samples, val_samples, tmp_path, NullCallbacks())
+    message = str(caught.value)
+    assert caught.value.code == "out_of_memory" and "optimizer step" in message and "smaller batch cannot help" in message
+    assert "M trainable parameters" in message and "MiB" in message
+    assert steps == [1] and seen["refused"] == []  # failed at once, no halving of the micro-batch
+
+
 def test_other_runtime_errors_are_not_taken_for_oom(tiny_digits, tmp_path, monkeypatch):
     train_samples, val_samples = tiny_digits
     real_build = loop_module.build_model
