@@ -410,7 +410,7 @@ class InProcess:
 
         from consumers.worker import configure_torch_threads
         from handlers.images import DecodeLimits, decode_image
-        from ml.zeroshot import load_zero_shot_model
+        from ml.backbones import load_zero_shot_model
 
         self.args = args
         self.cpu_pids = cpu_pids

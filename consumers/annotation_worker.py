@@ -148,7 +148,7 @@ async def run_annotation_worker(settings: Settings, max_requests: int | None = N
 
 def prefetch(settings: Settings) -> int:
     """Download the configured pretrained weights into the cache (build time / init container)."""
-    from ml.zeroshot import load_zero_shot_model
+    from ml.backbones import load_zero_shot_model
 
     config = model_config(settings)
     status = 0

@@ -156,7 +156,7 @@ class ZeroShotHandle:
     """CLIP / SigLIP: forward = image embeddings; confidences against the (cached) text embeddings."""
 
     def __init__(self, key: ModelKey, model: Any) -> None:
-        from ml.zeroshot import encode_images_adaptive
+        from ml.embedding import encode_images_adaptive
 
         self.key = key
         self.model = model
@@ -340,7 +340,9 @@ class ModelRegistry:
         return model
 
     def _load_zero_shot(self, key: ModelKey, weights: str) -> ZeroShotHandle:
-        from ml.zeroshot import ModelLoadError, load_zero_shot_model, warm_up
+        from ml.backbones import load_zero_shot_model
+        from ml.embedding import ModelLoadError
+        from ml.zeroshot import warm_up
 
         try:
             model = load_zero_shot_model(key.family, key.variant, weights, device=self.config.device,  # type: ignore[arg-type]

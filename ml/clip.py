@@ -30,7 +30,8 @@ from PIL import Image
 from ml.device import place_for_inference
 from ml.text_cache import TextEmbeddingCache
 from ml.weights import WeightsFileError, load_state_dict_file
-from ml.zeroshot import EmbeddingModel, ModelInfo, ModelLoadError, WeightsSource, softmax_scores
+from ml.embedding import ModelInfo, ModelLoadError, WeightsSource
+from ml.zeroshot import ZeroShotEmbeddingModel, softmax_scores
 
 __all__ = ["CONFIG_DIR", "DEFAULT_PRETRAINED_TAGS", "ClipModel", "default_pretrained_tag", "known_variants",
            "load_clip", "pretrained_tags", "register_model_configs"]
@@ -94,7 +95,7 @@ def register_model_configs() -> None:
             open_clip.add_model_config(CONFIG_DIR)
 
 
-class ClipModel(EmbeddingModel):
+class ClipModel(ZeroShotEmbeddingModel):
     """An open_clip model as a :class:`~ml.zeroshot.ZeroShotModel` (softmax confidences)."""
 
     def __init__(

@@ -41,7 +41,8 @@ from PIL import Image
 from ml.device import place_for_inference
 from ml.text_cache import TextEmbeddingCache
 from ml.weights import WeightsFileError, load_state_dict_file
-from ml.zeroshot import EmbeddingModel, ModelInfo, ModelLoadError, WeightsSource, sigmoid_scores
+from ml.embedding import ModelInfo, ModelLoadError, WeightsSource
+from ml.zeroshot import ZeroShotEmbeddingModel, sigmoid_scores
 
 __all__ = [
     "BUNDLED_VOCAB_SIZE",
@@ -154,7 +155,7 @@ class SiglipPreprocess:
         return pixels.to(torch.float32)
 
 
-class SiglipZeroShotModel(EmbeddingModel):
+class SiglipZeroShotModel(ZeroShotEmbeddingModel):
     """A transformers ``SiglipModel`` as a :class:`~ml.zeroshot.ZeroShotModel` (sigmoid confidences)."""
 
     preprocess_bytes_per_pixel = 16  # the full-size frame as bytes, numpy, a contiguous tensor; resize work (~12 measured)

@@ -1,10 +1,12 @@
-"""Zero-shot image classification models: the protocol, shared scoring, and the loader.
+"""Zero-shot image classification models: the protocol, the text side, and shared scoring.
+
+The image side is family-neutral (``ml.embedding``); ``ml.backbones.load_zero_shot_model`` builds a model.
 
 A model embeds images and class prompts into one space; class confidences come from the cosine
 similarity of the two. CLIP confidences are a softmax over the given classes; SigLIP confidences
 are independent sigmoids per class.
 
-Weights specs accepted by :func:`load_zero_shot_model`:
+Weights specs accepted by ``ml.backbones.load_zero_shot_model``:
 
 - ``"random"``: random initialisation of the variant's architecture, seeded, fully offline;
 - a path to a local file (``.safetensors``, or a ``weights_only``-safe torch file) holding a
@@ -16,30 +18,36 @@ Weights specs accepted by :func:`load_zero_shot_model`:
 from __future__ import annotations
 
 import threading
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from ml.device import autocast_context, is_out_of_memory, resolve_device, to_device
+from ml.device import autocast_context
+from ml.embedding import (
+    RANDOM_WEIGHTS,
+    EmbeddingModel,
+    ImageEmbedder,
+    ModelInfo,
+    ModelLoadError,
+    WeightsSource,
+    encode_images_adaptive,
+    warm_up_images,
+)
 from ml.text_cache import TextEmbeddingCache, text_cache_key
 
 __all__ = [
     "DEFAULT_TEMPLATES",
     "DEFAULT_VARIANTS",
-    "EmbeddingModel",
     "RANDOM_WEIGHTS",
     "ModelInfo",
     "ModelLoadError",
     "WeightsSource",
+    "ZeroShotEmbeddingModel",
     "ZeroShotModel",
     "encode_images_adaptive",
-    "load_zero_shot_model",
     "check_prompt_inputs",
     "render_prompt_range",
     "render_prompts",
@@ -49,8 +57,6 @@ __all__ = [
 ]
 
 Family = Literal["clip", "siglip"]
-
-RANDOM_WEIGHTS = "random"
 
 DEFAULT_VARIANTS: dict[str, str] = {"clip": "ViT-B-32", "siglip": "google/siglip-base-patch16-224"}
 
@@ -142,36 +148,12 @@ DEFAULT_TEMPLATES: list[str] = [
 """The 80 OpenAI ImageNet prompt templates (open_clip's zero-shot ensemble), with ``{}``."""
 
 
-class ModelLoadError(Exception):
-    """A model could not be built or its weights could not be loaded (unknown variant, weights not
-    fetchable, unsafe or mismatched weight file, unusable device)."""
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What produced a prediction: model family, architecture variant, and weights spec."""
-
-    family: str
-    variant: str
-    weights: str  # "random" when randomly initialised
-
-
 @runtime_checkable
-class ZeroShotModel(Protocol):
-    """A loaded zero-shot classifier (see the module docstring for the confidence semantics)."""
+class ZeroShotModel(ImageEmbedder, Protocol):
+    """A loaded zero-shot classifier: an :class:`~ml.embedding.ImageEmbedder` with a text tower (see the
+    module docstring for the confidence semantics)."""
 
-    info: ModelInfo
-    device: torch.device
-    image_size: int
     text_cache: TextEmbeddingCache
-
-    def preprocess(self, image: Image.Image) -> torch.Tensor:
-        """An RGB image -> the family's reference ``[3, H, W]`` float input tensor, on the CPU."""
-        ...
-
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """``[B, 3, H, W]`` preprocessed images -> L2-normalised ``[B, D]`` float32 embeddings on the CPU."""
-        ...
 
     def text_embeddings(self, classes: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
         """One L2-normalised ``[C, D]`` float32 CPU embedding per class (the template ensemble), cached.
@@ -184,30 +166,6 @@ class ZeroShotModel(Protocol):
     def scores(self, image_embeddings: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
         """``[B, C]`` confidences in [0, 1]."""
         ...
-
-
-@dataclass(frozen=True)
-class WeightsSource:
-    """A parsed weights spec: ``kind`` is ``random``, ``file``, ``directory`` or ``pretrained``."""
-
-    kind: Literal["random", "file", "directory", "pretrained"]
-    value: str
-
-    @classmethod
-    def parse(cls, weights: str) -> WeightsSource:
-        """Classify a weights spec string (local paths must exist to count as paths)."""
-        if not weights or not weights.strip():
-            raise ModelLoadError("empty weights spec")
-        if weights == RANDOM_WEIGHTS:
-            return cls("random", weights)
-        path = Path(weights).expanduser()
-        if path.is_file():
-            return cls("file", str(path))
-        if path.is_dir():
-            return cls("directory", str(path))
-        if weights.startswith(("/", "./", "../", "~")) or weights.endswith((".safetensors", ".pt", ".pth", ".bin")):
-            raise ModelLoadError(f"weights path {weights!r} does not exist")
-        return cls("pretrained", weights)
 
 
 def check_prompt_inputs(classes: Sequence[str], templates: Sequence[str]) -> None:
@@ -262,33 +220,23 @@ def sigmoid_scores(
     return logits.sigmoid()
 
 
-class EmbeddingModel(ABC):
-    """Shared implementation of :class:`ZeroShotModel`: device transfer, autocast, normalisation,
-    prompt-ensemble text embeddings with caching. Families supply the raw feature functions."""
+class ZeroShotEmbeddingModel(EmbeddingModel):
+    """Shared implementation of :class:`ZeroShotModel`: the image side from
+    :class:`~ml.embedding.EmbeddingModel`, plus prompt-ensemble text embeddings with caching.
+    Families supply the raw feature functions."""
 
     text_batch_size = 64  # prompts per text forward: same speed as 256 on CPU, far less peak memory
     """Prompts per text forward pass."""
-    preprocess_bytes_per_pixel = 0
-    """Bytes :meth:`preprocess` allocates per pixel of its input (0: it resizes with Pillow first)."""
 
     def __init__(
         self, info: ModelInfo, device: torch.device, image_size: int, text_cache: TextEmbeddingCache
     ) -> None:
-        self.info = info
-        self.device = device
-        self.image_size = image_size
+        super().__init__(info, device, image_size)
         self.text_cache = text_cache
         self._text_lock = threading.Lock()
 
     @abstractmethod
-    def preprocess(self, image: Image.Image) -> torch.Tensor: ...
-
-    @abstractmethod
     def scores(self, image_embeddings: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor: ...
-
-    @abstractmethod
-    def _image_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Unnormalised image features for a batch already on the device."""
 
     @abstractmethod
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
@@ -301,16 +249,6 @@ class EmbeddingModel(ABC):
     def _text_features(self, prompts: list[str]) -> torch.Tensor:
         """Unnormalised text features for a list of prompts (tokenised here), on the device."""
         return self._encode_tokens(self.tokenize(prompts).to(self.device))
-
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        if pixels.dim() != 4 or pixels.shape[1] != 3:
-            raise ValueError(f"expected a [B, 3, H, W] batch, got shape {tuple(pixels.shape)}")
-        with torch.inference_mode():
-            batch = to_device(pixels, self.device)
-            with autocast_context(self.device):
-                features = self._image_features(batch)
-            features = F.normalize(features.float(), dim=-1)
-        return features.cpu()
 
     def text_embeddings(self, classes: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
         check_prompt_inputs(classes, templates)
@@ -364,59 +302,9 @@ class EmbeddingModel(ABC):
         return embeddings.cpu()
 
 
-def encode_images_adaptive(model: ZeroShotModel, pixels: torch.Tensor) -> torch.Tensor:
-    """``model.encode_images(pixels)``; on a CUDA out-of-memory error, halve the batch and retry
-    each half (recursively, down to single images, where the error is re-raised)."""
-    if model.device.type != "cuda":
-        return model.encode_images(pixels)
-    try:
-        return model.encode_images(pixels)
-    except Exception as exc:  # noqa: BLE001 - only OOM is handled, the rest re-raised
-        if not is_out_of_memory(exc) or pixels.shape[0] <= 1:
-            raise
-    # Retry outside the except block so the failed attempt's frames (and tensors) are freed first.
-    torch.cuda.empty_cache()
-    half = (pixels.shape[0] + 1) // 2
-    return torch.cat([encode_images_adaptive(model, pixels[:half]), encode_images_adaptive(model, pixels[half:])])
-
-
-def load_zero_shot_model(
-    family: Family,
-    variant: str | None,
-    weights: str,
-    *,
-    device: str = "auto",
-    text_cache_size: int = 256,
-    text_cache: TextEmbeddingCache | None = None,
-    seed: int = 0,
-) -> ZeroShotModel:
-    """Build a zero-shot model of ``family`` / ``variant`` (default per :data:`DEFAULT_VARIANTS`)
-    with the given weights spec, in eval mode on ``device``. Raises :class:`ModelLoadError`.
-
-    ``text_cache``: a cache shared with other models (keys name the model); default: a new one of
-    ``text_cache_size`` entries."""
-    if family not in DEFAULT_VARIANTS:
-        raise ModelLoadError(f"unknown zero-shot model family {family!r} (expected one of {sorted(DEFAULT_VARIANTS)})")
-    variant = variant or DEFAULT_VARIANTS[family]
-    try:
-        target = resolve_device(device)
-    except ValueError as exc:
-        raise ModelLoadError(str(exc)) from exc
-    source = WeightsSource.parse(weights)
-    text_cache = text_cache if text_cache is not None else TextEmbeddingCache(text_cache_size)
-    if family == "clip":
-        from ml.clip import load_clip
-
-        return load_clip(variant, source, device=target, text_cache=text_cache, seed=seed)
-    from ml.siglip import load_siglip
-
-    return load_siglip(variant, source, device=target, text_cache=text_cache, seed=seed)
-
-
 def warm_up(model: ZeroShotModel) -> None:
     """Run one image and one prompt through ``model`` (kernels, allocator) without touching the cache."""
-    blank = Image.new("RGB", (model.image_size, model.image_size))
-    model.encode_images(model.preprocess(blank).unsqueeze(0))
-    if isinstance(model, EmbeddingModel):
+    warm_up_images(model)
+    if isinstance(model, ZeroShotEmbeddingModel):
         with model._text_lock, torch.inference_mode(), autocast_context(model.device):
             model._text_features(["a photo."])

@@ -245,7 +245,7 @@ _MEASURE_SIGLIP = r"""
 import json
 import numpy as np
 from PIL import Image
-from ml.zeroshot import load_zero_shot_model
+from ml.backbones import load_zero_shot_model
 model = load_zero_shot_model("siglip", "cls-tiny-siglip", "random", device="cpu")
 image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (3000, 3000, 3), dtype=np.uint8))
 model.preprocess(image.resize((300, 300)))  # first-call allocations (torch kernels) are not per pixel

@@ -15,7 +15,8 @@ import torch
 
 from ml.siglip import siglip_config
 from ml.weights import save_state_dict
-from ml.zeroshot import DEFAULT_VARIANTS, load_zero_shot_model
+from ml.backbones import load_zero_shot_model
+from ml.zeroshot import DEFAULT_VARIANTS
 from tests.support.zeroshot import _few_threads, photos  # noqa: F401  (fixtures)
 
 TOLERANCE = 1e-4

@@ -7,12 +7,12 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
+from ml.backbones import load_zero_shot_model
+from ml.embedding import encode_images_adaptive
 from ml.zeroshot import (
     DEFAULT_TEMPLATES,
     ModelInfo,
     ZeroShotModel,
-    encode_images_adaptive,
-    load_zero_shot_model,
     render_prompts,
     warm_up,
 )
