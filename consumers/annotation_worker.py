@@ -16,11 +16,13 @@ from consumers.settings import Settings
 from consumers.worker import configure_torch_threads, serve
 from handlers.annotation import PART_BUDGET_BYTES, AnnotationConfig, AnnotationContext, AnnotationHandler, failed_result
 from handlers.batcher import MicroBatcher
+from handlers.embedding import EmbedConfig
 from handlers.executor import Executors
 from handlers.fetch import Fetcher, FetchLimits
 from handlers.images import DecodeBudget, DecodeLimits
 from handlers.models import ModelConfig, ModelRegistry, parse_allowed_variants, parse_variant_weights
 from handlers.storage import ObjectStore
+from ml.embedding_cache import EmbeddingCache
 from schemas.codec import ANNOTATION_ADAPTER
 
 log = structlog.get_logger("cls.annotation_worker")
@@ -35,6 +37,7 @@ def model_config(settings: Settings) -> ModelConfig:
         cache_size=w.model_cache_size, model_dir=w.model_dir,
         clip_variant_weights=parse_variant_weights(w.clip_variant_weights),
         allowed_variants=parse_allowed_variants(w.allowed_model_variants),
+        timm_weights=w.timm_weights,
     )
 
 
@@ -103,6 +106,10 @@ async def annotation_context(settings: Settings):
             batcher=batcher,
             executors=executors,
             on_text_cache=metrics.observe_text_cache,
+            store=store,
+            embed_config=EmbedConfig(output_path=w.embed_output_path, inline_max_images=w.embed_inline_max_images,
+                                     against_max_bytes=w.embed_against_max_mb * 1024 * 1024),
+            embedding_cache=EmbeddingCache(w.embedding_cache_mb * 1024 * 1024) if w.embedding_cache_mb else None,
         )
         try:
             yield ctx

@@ -148,6 +148,17 @@ class WorkerSettings(BaseSettings):
     decode_memory_mb: int = Field(default=512, ge=16, description="Estimated peak bytes of all image decodes at once; one image over it: too_many_pixels.")
     text_cache_mb: int = Field(default=256, ge=0, description="Class text embeddings cached across requests and models, in MB (with text_cache_size entries).")
 
+    # embed task (issue 12)
+    embed_output_path: str | None = Field(default=None, description="Default prefix of embed results' vector files "
+                                          "(s3://bucket/prefix or, with file URLs allowed, file:///dir).")
+    embed_inline_max_images: int = Field(default=64, ge=0, description="An embed request may ask for inline vectors "
+                                         "up to this many images.")
+    embed_against_max_mb: int = Field(default=256, ge=1, description="An embed request's 'against' files together, in MB.")
+    embedding_cache_mb: int = Field(default=256, ge=0, description="Image embeddings cached by (content hash, model), "
+                                    "shared by classify and embed, in MB (0: off).")
+    timm_weights: str = Field(default="pretrained", description="Weights of a timm embed model without model_url: "
+                              "'pretrained' (hub cache) or 'random' (tests).")
+
     # training
     training_work_dir: str = "~/.cache/cls-workers/training"
     dataset_cache_dir: str = "~/.cache/cls-workers/images"

@@ -19,15 +19,19 @@ import structlog
 import torch
 
 from handlers.batcher import MicroBatcher
+from handlers.embedding import EmbedConfig, EmbedHandler, content_hash
 from handlers.errors import ImageError, InvalidRequest, PermanentError
 from handlers.executor import Executors
 from handlers.fetch import Fetcher
 from handlers.images import DecodeLimits, decoded
 from handlers.models import LoadedModel, ModelConfig, ModelRegistry
+from handlers.storage import ObjectStore
+from ml.embedding_cache import EmbeddingCache
 from schemas.annotation import (
     MAX_IMAGE_ERROR_CHARS,
     AnnotationRequest,
     AnnotationResult,
+    EmbedRequest,
     ImageRef,
     ImageResult,
     Prediction,
@@ -64,6 +68,9 @@ class AnnotationContext:
     batcher: MicroBatcher
     executors: Executors
     on_text_cache: Callable[[bool], None] | None = None  # metrics hook: True on a hit
+    store: ObjectStore | None = None  # where embed writes vectors and reads 'against' files
+    embed_config: EmbedConfig = field(default_factory=EmbedConfig)
+    embedding_cache: EmbeddingCache | None = None  # image embeddings by (content hash, model): classify and embed
     images_semaphore: asyncio.Semaphore = field(init=False)
     interactive_semaphore: asyncio.Semaphore = field(init=False)
 
@@ -114,8 +121,17 @@ class AnnotationHandler:
 
     def __init__(self, ctx: AnnotationContext) -> None:
         self.ctx = ctx
+        self.embedder = EmbedHandler(ctx, ctx.store)
 
-    async def handle(self, request: AnnotationRequest) -> AsyncIterator[AnnotationResult]:
+    async def handle(self, request: AnnotationRequest | EmbedRequest) -> AsyncIterator[AnnotationResult]:
+        if isinstance(request, EmbedRequest):
+            async for part in self.embedder.handle(request):
+                yield part
+            return
+        async for part in self.classify(request):
+            yield part
+
+    async def classify(self, request: AnnotationRequest) -> AsyncIterator[AnnotationResult]:
         ctx = self.ctx
         started = time.monotonic()
         request_id = request.request_id or ""
@@ -201,14 +217,24 @@ class AnnotationHandler:
         ctx = self.ctx
         budget = ctx.interactive_semaphore if priority == "interactive" else ctx.images_semaphore
         async with window, budget:
+            cache = ctx.embedding_cache if model.forward_is_embedding else None
+            digest = None
             try:
                 data = await ctx.fetcher.fetch(image.url)
+                if cache is not None:  # the same bytes, the same model: the embedding an embed request stored
+                    digest = await ctx.executors.on_cpu(content_hash, data)
+                    cached = cache.get(digest, model.key)
+                    if cached is not None:
+                        return cached
                 pixels = await ctx.executors.on_cpu(_decode_and_preprocess, data, ctx.decode_limits, model)
             except ImageError as exc:
                 return ImageResult(id=image.id, error=ErrorInfo(code=exc.code, message=exc.message))
             # the key's model loaded now: after an eviction and reload, queued images go to the new instance
             current = ctx.models.peek(model.key) or model
-            return await ctx.batcher.submit(model.key, current.forward, pixels, request_id, priority)
+            output = await ctx.batcher.submit(model.key, current.forward, pixels, request_id, priority)
+            if cache is not None and digest is not None:
+                cache.put(digest, model.key, output)
+            return output
 
     async def _part_results(self, model: LoadedModel, images: Sequence[ImageRef], outputs: list, prepared: object,
                             classes: Sequence[str], top_k: int, threshold: float,

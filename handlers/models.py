@@ -42,6 +42,11 @@ class ModelKey:
     weights: str
 
 
+DEFAULT_TIMM_VARIANTS = frozenset({"resnet50", "convnext_tiny", "efficientnet_b0", "vit_base_patch16_224",
+                                   "vit_small_patch16_224", "resnet18", "resnet10t", "test_vit", "test_resnet"})
+"""timm model names an embed request may name when CLS_ALLOWED_MODEL_VARIANTS is not set."""
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     clip_variant: str = "ViT-B-32"
@@ -56,6 +61,8 @@ class ModelConfig:
     model_dir: str = "~/.cache/cls-workers/models"
     clip_variant_weights: tuple[tuple[str, str], ...] = ()  # (variant, weights) overrides, CLS_CLIP_VARIANT_WEIGHTS
     allowed_variants: frozenset[str] | None = None  # "family:variant" (or "family:*"); None: the default policy
+    timm_variants: frozenset[str] = DEFAULT_TIMM_VARIANTS  # timm names allowed by the default policy
+    timm_weights: str = "pretrained"  # timm weights without model_url: the hub cache ('random' in tests)
 
     def key_for(self, family: str, variant: str | None, model_url: str | None = None) -> ModelKey:
         """The cache key of a request's model; a variant a message names must pass the allow-list first."""
@@ -73,6 +80,11 @@ class ModelConfig:
             name = variant or self.siglip_variant
             self._check_allowed("siglip", name)
             return ModelKey("siglip", name, self.siglip_weights)
+        if family == "timm":
+            if not variant:
+                raise PermanentError("invalid_request", "model 'timm' needs model_variant (a timm model name)")
+            self._check_allowed("timm", variant)
+            return ModelKey("timm", variant, model_url or self.timm_weights)
         raise PermanentError("invalid_request", f"unknown model family {family!r}")
 
     def clip_weights_for(self, variant: str) -> str:
@@ -98,10 +110,12 @@ class ModelConfig:
         return tag
 
     def _check_allowed(self, family: str, variant: str) -> None:
-        if variant == (self.clip_variant if family == "clip" else self.siglip_variant):
+        if family != "timm" and variant == (self.clip_variant if family == "clip" else self.siglip_variant):
             return  # the configured default is always allowed
         if self.allowed_variants is not None:
             allowed = {f"{family}:{variant}", f"{family}:*"} & self.allowed_variants
+        elif family == "timm":
+            allowed = variant in self.timm_variants
         elif family == "clip":
             from ml.clip import known_variants
 
@@ -135,17 +149,27 @@ def parse_allowed_variants(text: str) -> frozenset[str] | None:
     """``"clip:ViT-L-14,siglip:google/siglip-so400m-patch14-384"`` -> entries; empty -> None (default policy)."""
     entries = frozenset(item.strip() for item in text.split(",") if item.strip())
     for entry in entries:
-        if entry.partition(":")[0] not in ("clip", "siglip") or not entry.partition(":")[2]:
-            raise ValueError(f"CLS_ALLOWED_MODEL_VARIANTS entry {entry!r} is not clip:<variant> or siglip:<hub id>")
+        if entry.partition(":")[0] not in ("clip", "siglip", "timm") or not entry.partition(":")[2]:
+            raise ValueError(f"CLS_ALLOWED_MODEL_VARIANTS entry {entry!r} is not clip:<variant>, siglip:<hub id> "
+                             "or timm:<model name>")
     return entries or None
 
 
-class LoadedModel(Protocol):
+class EmbeddingHandle(Protocol):
+    """What the embed task needs of a loaded model: preprocess, and a normalised embedding per image."""
+
     key: ModelKey
     descriptor: ModelDescriptor
-    preprocess_bytes_per_pixel: int  # what preprocess allocates per input pixel (counted in the decode budget)
+    preprocess_bytes_per_pixel: int
+    dim: int  # the embedding's dimension (probed once at load)
+    embed_lane: Any  # the batcher lane of ``embed`` (the classify lane when ``embed`` is ``forward``)
+    forward_is_embedding: bool  # classify's forward output is the embedding (cacheable by content hash)
 
     def preprocess(self, image: Image.Image) -> torch.Tensor: ...
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor: ...
+
+
+class LoadedModel(EmbeddingHandle, Protocol):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor: ...
     def class_names(self, requested: Sequence[str] | None) -> list[str]: ...
     async def prepare(self, classes: Sequence[str], templates: Sequence[str], executors: Executors) -> tuple[Any, bool]: ...
@@ -164,12 +188,17 @@ class ZeroShotHandle:
         self._text_pending: dict[Any, asyncio.Future[torch.Tensor]] = {}  # identical requests share one pass
         self.preprocess_bytes_per_pixel = int(getattr(model, "preprocess_bytes_per_pixel", 0))
         self.descriptor = ModelDescriptor(family=key.family, variant=model.info.variant, weights=model.info.weights)
+        self.dim = probe_dim(self)
+        self.embed_lane = key
+        self.forward_is_embedding = True
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         return self.model.preprocess(image)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self._encode(self.model, pixels)
+
+    embed = forward
 
     def class_names(self, requested: Sequence[str] | None) -> list[str]:
         if not requested:
@@ -241,9 +270,16 @@ class CustomHandle:
         self.model = model
         self.descriptor = ModelDescriptor(family="custom", variant=model.info_variant, weights=key.weights)
         self.preprocess_bytes_per_pixel = 0  # timm's eval transform resizes with Pillow first
+        self.embed_lane = ("embed", key)  # another output than forward: never in one batch with classify images
+        self.forward_is_embedding = False
+        self.dim = probe_dim(self)
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         return self.model.preprocess(image)
+
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Normalised pooled pre-logits features of the trained model."""
+        return self.model.embed(pixels)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         # log-probabilities over all classes: a subset renormalises them without underflow (calibrated
@@ -276,6 +312,46 @@ class CustomHandle:
     def confidences(self, outputs: torch.Tensor, prepared: list[int]) -> torch.Tensor:
         # softmax over a subset of the logits == the full softmax renormalised over that subset
         return outputs[:, prepared].softmax(dim=1)
+
+
+class TimmHandle:
+    """A timm backbone (embed only): its pooled pre-logits features, normalised."""
+
+    def __init__(self, key: ModelKey, model: Any, weights_label: str) -> None:
+        from ml.embedding import encode_images_adaptive
+
+        self.key = key
+        self.model = model
+        self._encode = encode_images_adaptive
+        self.preprocess_bytes_per_pixel = 0  # timm's eval transform resizes with Pillow first
+        self.descriptor = ModelDescriptor(family="timm", variant=key.variant, weights=weights_label)
+        self.embed_lane = key
+        self.forward_is_embedding = True
+        self.dim = probe_dim(self)
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        return self.model.preprocess(image)
+
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self._encode(self.model, pixels)
+
+    forward = embed
+
+    def class_names(self, requested: Sequence[str] | None) -> list[str]:
+        raise PermanentError("invalid_request", "model 'timm' embeds images only (task 'embed'); it cannot classify")
+
+    async def prepare(self, classes: Sequence[str], templates: Sequence[str], executors: Executors) -> tuple[Any, bool]:
+        raise PermanentError("invalid_request", "model 'timm' embeds images only")
+
+    def confidences(self, outputs: torch.Tensor, prepared: Any) -> torch.Tensor:
+        raise PermanentError("invalid_request", "model 'timm' embeds images only")
+
+
+def probe_dim(handle: Any) -> int:
+    """The embedding dimension of a handle: one blank image through ``embed`` (the model's thread, at load)."""
+    size = int(getattr(handle.model, "image_size", 32) or 32)
+    blank = Image.new("RGB", (size, size))
+    return int(handle.embed(handle.preprocess(blank).unsqueeze(0)).shape[-1])
 
 
 class ModelRegistry:
@@ -329,6 +405,9 @@ class ModelRegistry:
         if key.family == "custom":
             package_dir = await self._fetch_package(key.weights)
             model = await self.executors.on_gpu(self._load_custom, key, package_dir)
+        elif key.family == "timm":
+            weights = await self._timm_weights(key.weights)
+            model = await self.executors.on_gpu(self._load_timm, key, weights)
         else:
             weights = await self._local_weights(key.weights)
             model = await self.executors.on_gpu(self._load_zero_shot, key, weights)
@@ -356,6 +435,36 @@ class ModelRegistry:
         if key.weights.startswith("s3://"):
             handle.descriptor = handle.descriptor.model_copy(update={"weights": key.weights})
         return handle
+
+    def _load_timm(self, key: ModelKey, weights: str) -> TimmHandle:
+        from ml.backbones import load_image_embedder
+        from ml.embedding import ModelLoadError
+
+        try:
+            model = load_image_embedder("timm", key.variant, weights, device=self.config.device, seed=self.config.seed)
+            return TimmHandle(key, model, key.weights)
+        except ModelLoadError as exc:
+            raise PermanentError(MODEL_UNAVAILABLE, f"timm {key.variant} ({key.weights}): {exc}") from exc
+        except Exception as exc:
+            raise PermanentError(MODEL_UNAVAILABLE, f"timm {key.variant} ({key.weights}): {type(exc).__name__}: {exc}") from exc
+
+    async def _timm_weights(self, weights: str) -> str:
+        """timm weights: 'pretrained' / 'random' as they are; an s3:// file downloaded once; a file:// URL inside the
+        file fence (blocked_url otherwise). Only safetensors files are accepted from a message."""
+        if weights in ("pretrained", "random"):
+            return weights
+        if not weights.endswith(".safetensors"):
+            raise PermanentError(MODEL_UNAVAILABLE, f"timm model_url must name a .safetensors file: {weights!r}")
+        if weights.startswith("file://"):
+            if self.store is None:
+                raise PermanentError(MODEL_UNAVAILABLE, "file:// weights need the file fence settings")
+            self.store.check(weights)
+            return str(self.store.files.path(weights))
+        if not weights.startswith("s3://"):
+            raise PermanentError(MODEL_UNAVAILABLE, f"timm model_url must be an s3:// or file:// URL: {weights[:200]!r}")
+        if self.store is not None:
+            self.store.check(weights)
+        return await self._local_weights(weights)
 
     def _load_custom(self, key: ModelKey, package_dir: Path) -> CustomHandle:
         from ml.trained import TrainedModel

@@ -14,7 +14,7 @@ from ml.embedding import ImageEmbedder, ModelLoadError, WeightsSource
 from ml.text_cache import TextEmbeddingCache
 from ml.zeroshot import DEFAULT_VARIANTS, ZeroShotModel
 
-__all__ = ["load_zero_shot_model"]
+__all__ = ["load_image_embedder", "load_zero_shot_model"]
 
 Family = Literal["clip", "siglip"]
 
@@ -53,7 +53,21 @@ def load_zero_shot_model(
     return load_siglip(variant, source, device=target, text_cache=text_cache, seed=seed)
 
 
-def load_image_embedder(family: Family, variant: str | None, weights: str, *, device: str = "auto",
+def load_image_embedder(family: str, variant: str | None, weights: str, *, device: str = "auto",
                         seed: int = 0) -> ImageEmbedder:
-    """An :class:`~ml.embedding.ImageEmbedder` of a zero-shot family (its image tower)."""
-    return load_zero_shot_model(family, variant, weights, device=device, seed=seed)
+    """An :class:`~ml.embedding.ImageEmbedder`: ``clip`` / ``siglip`` (the zero-shot model, whose image tower
+    embeds), or ``timm`` (``variant`` = any timm model name; weights ``pretrained``, ``random`` or a file).
+    Models trained here are loaded by ``ml.trained.TrainedModel`` (a package, not a weights spec)."""
+    if family in ("clip", "siglip"):
+        return load_zero_shot_model(family, variant, weights, device=device, seed=seed)  # type: ignore[arg-type]
+    if family != "timm":
+        raise ModelLoadError(f"unknown embedding family {family!r} (expected clip, siglip or timm)")
+    if not variant:
+        raise ModelLoadError("timm needs a model name")
+    try:
+        target = resolve_device(device)
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from exc
+    from ml.timm_backbone import load_timm_embedder
+
+    return load_timm_embedder(variant, WeightsSource.parse(weights), device=target, seed=seed)

@@ -96,6 +96,19 @@ class TrainedModel:
                 logits = logits[:, torch.tensor(indices, device=logits.device)]
             return logits.log_softmax(dim=-1).cpu()
 
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        """L2-normalised pooled pre-logits features (``forward_head(..., pre_logits=True)``), CPU float32 ``[B, D]``:
+        the embedding of this model's own domain."""
+        import torch.nn.functional as F
+
+        from ml.timm_backbone import pre_logits_features
+
+        if pixels.dim() == 3:
+            pixels = pixels.unsqueeze(0)
+        with torch.inference_mode():
+            features = pre_logits_features(self.model, pixels.to(self.device, dtype=torch.float32))
+            return F.normalize(features.float().flatten(1), dim=-1).cpu()
+
     def auto_accept_threshold(self, class_name: str, precision: float) -> float | None:
         """The calibrated top-1 confidence at which ``class_name`` is auto-accepted at ``precision``; None: never."""
         return threshold_for(self.auto_accept_tables, class_name, precision)

@@ -19,14 +19,12 @@ Large requests are answered in parts: part ``k`` of ``parts`` holds the images a
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
-
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, RootModel, field_validator, model_validator
 
 from schemas.common import ErrorInfo, Identifier, InputModel, OutputModel, derive_message_id
-from schemas.urls import Url
+from schemas.urls import OutputUrl, Url
 
 MAX_IMAGES_PER_REQUEST = 10_000
 MAX_CLASSES = 2_000
@@ -74,6 +72,10 @@ def prompt_volume_problem(classes: list[str], templates: list[str], templates_or
     return None
 
 ModelFamily = Literal["clip", "siglip", "custom"]
+EmbedModelFamily = Literal["clip", "siglip", "custom", "timm"]
+MAX_AGAINST_FILES = 64
+"""Earlier embedding files one embed request may compare against."""
+DEFAULT_DUPLICATE_THRESHOLD = 0.95
 ANNOTATION_RESULT_EVENT = "annotation.result"
 
 
@@ -163,13 +165,7 @@ class AnnotationRequest(InputModel):
     @field_validator("images")
     @classmethod
     def _unique_image_ids(cls, images: list[ImageRef]) -> list[ImageRef]:
-        seen: set[str] = set()
-        duplicates: set[str] = set()
-        for image in images:
-            (duplicates if image.id in seen else seen).add(image.id)
-        if duplicates:
-            raise ValueError(f"image ids must be unique; duplicated: {sorted(duplicates)[:10]}")
-        return images
+        return unique_image_ids(images)
 
     @model_validator(mode="after")
     def _model_specific(self) -> "AnnotationRequest":
@@ -189,6 +185,88 @@ class AnnotationRequest(InputModel):
             if problem:
                 raise ValueError(problem)
         return self
+
+
+def unique_image_ids(images: list[ImageRef]) -> list[ImageRef]:
+    """``images`` unchanged; ValueError naming repeated ids."""
+    seen: set[str] = set()
+    duplicates: set[str] = set()
+    for image in images:
+        (duplicates if image.id in seen else seen).add(image.id)
+    if duplicates:
+        raise ValueError(f"image ids must be unique; duplicated: {sorted(duplicates)[:10]}")
+    return images
+
+
+class DuplicatesSpec(BaseModel):
+    """Find duplicates among the request's images (and the ``against`` files): exact ones by content hash,
+    near ones by cosine similarity of the embeddings at or above ``threshold``."""
+
+    model_config = ConfigDict(extra="ignore")
+    threshold: float = Field(default=DEFAULT_DUPLICATE_THRESHOLD, gt=0.0, le=1.0,
+                             description="Cosine similarity at or above which two images are near-duplicates.")
+
+
+class EmbedRequest(InputModel):
+    """``"task": "embed"`` on the annotation request topics: L2-normalised image embeddings, stored for the backend.
+
+    Each result part names the object holding its vectors (``embeddings_url``: a ``.npz`` with ``ids`` and
+    float16 ``embeddings``, see the README); ``inline: true`` also puts each vector in its result entry
+    (bounded by the worker's CLS_EMBED_INLINE_MAX_IMAGES and by the record size). With ``duplicates``, the
+    last part lists duplicate groups (exact by content hash, near by cosine similarity).
+    """
+
+    task: Literal["embed"] = Field(description="Discriminator: always 'embed'.")
+    request_id: Identifier | None = Field(default=None, description="Defaults to the record key, then to a new UUID.")
+    model: EmbedModelFamily = Field(
+        default="clip",
+        description="clip | siglip (image towers) | custom (a model trained here: pooled pre-logits features) | "
+                    "timm (any timm model name as model_variant, allowed by the worker's settings).")
+    model_variant: str | None = Field(
+        default=None, max_length=200,
+        description="clip/siglip architecture (default from settings); with 'timm' the timm model name (required).")
+    model_url: Url | None = Field(
+        default=None,
+        description="With 'custom': the trained model package (s3://.../ prefix). With 'timm': a safetensors state "
+                    "dict (s3:// or a fenced file://); absent: the hub cache.")
+    images: list[ImageRef] = Field(min_length=1, max_length=MAX_IMAGES_PER_REQUEST)
+    output_path: OutputUrl | None = Field(
+        default=None,
+        description="Prefix the vector files go under (s3://bucket/prefix or a fenced file://); default: the worker's "
+                    "CLS_EMBED_OUTPUT_PATH. Part k is written to <output_path>/<request_id>/part-<k>.npz.")
+    inline: bool = Field(default=False, description="Also put each vector in its result entry (small requests only).")
+    duplicates: DuplicatesSpec | None = Field(default=None, description="Report duplicate groups in the last part.")
+    against: list[Url] | None = Field(
+        default=None, max_length=MAX_AGAINST_FILES,
+        description="Earlier embedding files (embeddings_url of earlier results, same model) to find duplicates "
+                    "against; needs 'duplicates'.")
+    priority: Literal["interactive", "bulk"] | None = Field(
+        default=None, description="Scheduling lane, as for classify requests.")
+
+    @field_validator("images")
+    @classmethod
+    def _unique_image_ids(cls, images: list[ImageRef]) -> list[ImageRef]:
+        return unique_image_ids(images)
+
+    @model_validator(mode="after")
+    def _model_specific(self) -> "EmbedRequest":
+        if self.model in ("clip", "siglip") and self.model_url is not None:
+            raise ValueError("model_url is only allowed with model 'custom' or 'timm'")
+        if self.model == "custom" and not self.model_url:
+            raise ValueError("model 'custom' needs model_url (the trained model package)")
+        if self.model == "timm" and not self.model_variant:
+            raise ValueError("model 'timm' needs model_variant (a timm model name)")
+        if self.against and self.duplicates is None:
+            raise ValueError("'against' needs 'duplicates' (e.g. {\"threshold\": 0.95})")
+        return self
+
+
+AnyAnnotationRequest = Annotated[AnnotationRequest | EmbedRequest, Field(discriminator="task")]
+"""What the annotation request topics carry: ``task`` classify or embed."""
+
+
+class AnnotationRequestMessage(RootModel[AnyAnnotationRequest]):
+    """A record on the annotation request topics: a classify request or an embed request (by ``task``)."""
 
 
 def lane_of(body: dict, topic_lane: str, interactive_max_images: int) -> str:
@@ -225,7 +303,8 @@ def _short_ascii(message: str) -> str:
 
 
 class ImageResult(BaseModel):
-    """Predictions for one image, or its error (then ``predictions`` is empty)."""
+    """Predictions for one image, or its error (then ``predictions`` is empty). Embed results: ``predictions``
+    is empty; ``embedding`` holds the vector when the request asked for it inline."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     id: str
@@ -235,6 +314,8 @@ class ImageResult(BaseModel):
         default=None,
         description="Only when the request set auto_accept_precision: whether the model's top-1 class over all its "
                     "classes (the first prediction, when it is in the requested classes) may be accepted at that precision.")
+    embedding: list[float] | None = Field(
+        default=None, description="Embed with inline: the L2-normalised vector (float16 precision).")
     error: ErrorInfo | None = Field(
         default=None, description=f"Why this image failed; the message is at most {MAX_IMAGE_ERROR_CHARS} printable ASCII characters.")
 
@@ -252,9 +333,18 @@ class ModelDescriptor(BaseModel):
     """Which model produced a result."""
 
     model_config = ConfigDict(extra="forbid")
-    family: str = Field(description="clip | siglip | custom")
+    family: str = Field(description="clip | siglip | custom | timm")
     variant: str = Field(description="Architecture or model name, e.g. ViT-B-32.")
     weights: str = Field(description="Weights source: pretrained tag, hub id, path/URL, or 'random' (tests only).")
+
+
+class DuplicateGroup(BaseModel):
+    """Images that are copies of each other: ``exact`` (same bytes) or ``near`` (cosine similarity)."""
+
+    model_config = ConfigDict(extra="forbid")
+    ids: list[str] = Field(min_length=2, description="Image ids; ids from an 'against' file are '<file url>#<id>'.")
+    kind: Literal["exact", "near"]
+    similarity: float = Field(ge=-1.0, le=1.0, description="The lowest pairwise similarity that joined the group (1.0 for exact).")
 
 
 class AnnotationResult(OutputModel):
@@ -268,6 +358,16 @@ class AnnotationResult(OutputModel):
     part: int = Field(default=0, ge=0)
     parts: int = Field(default=1, ge=1)
     error: ErrorInfo | None = Field(default=None, description="Why the whole request failed (status 'failed').")
+    task: Literal["classify", "embed"] | None = Field(default=None, description="'embed' on embed results (absent: classify).")
+    embeddings_url: str | None = Field(
+        default=None, description="Embed: the .npz object holding this part's vectors ('ids', float16 'embeddings'; "
+                                  "the images without an error entry, in request order). Absent when none succeeded.")
+    dim: int | None = Field(default=None, ge=1, description="Embed: the vectors' dimension.")
+    duplicates: list[DuplicateGroup] | None = Field(
+        default=None, description="Embed with 'duplicates': the groups found (last part only).")
+    duplicates_url: str | None = Field(
+        default=None, description="Embed: the JSON file holding all groups when they were too many for the record "
+                                  "(then 'duplicates' holds the first ones).")
 
     @staticmethod
     def message_id_for(request_id: str, part: int) -> str:

@@ -9,11 +9,11 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
-from schemas.annotation import AnnotationRequest
+from schemas.annotation import AnyAnnotationRequest
 from schemas.common import ErrorDetail, validation_details
 from schemas.training import CancelRequest, TrainingRequest
 
-ANNOTATION_ADAPTER = TypeAdapter(AnnotationRequest)
+ANNOTATION_ADAPTER: TypeAdapter[AnyAnnotationRequest] = TypeAdapter(AnyAnnotationRequest)
 TRAINING_ADAPTER = TypeAdapter(TrainingRequest)
 CANCEL_ADAPTER = TypeAdapter(CancelRequest)
 

@@ -7,11 +7,11 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from schemas.annotation import AnnotationRequest, AnnotationResult
+from schemas.annotation import AnnotationRequestMessage, AnnotationResult
 from schemas.training import CancelRequest, TrainingRequest, TrainingStatus
 
 MESSAGES: dict[str, type[BaseModel]] = {
-    "annotation-request": AnnotationRequest,
+    "annotation-request": AnnotationRequestMessage,
     "annotation-result": AnnotationResult,
     "training-request": TrainingRequest,
     "training-status": TrainingStatus,

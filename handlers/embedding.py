@@ -1,0 +1,333 @@
+"""The embed task: embed a request's images, store the vectors per part, report duplicates.
+
+Per request: check the output location's fence and the inline bound, pick the model (loading it on first
+use), read the ``against`` files, then fetch -> content hash -> embedding cache -> decode+preprocess (CPU
+pool) -> micro-batched forward (GPU thread) for every image, with the same bounded concurrency and lanes
+as classify. Part ``k`` (images ``[k*N, (k+1)*N)``) is written to ``<output>/<request id>/part-<k>.npz``
+(``ml.embedding_files``) and its result yielded as soon as its images are done; with ``duplicates`` the
+last part carries the duplicate groups (or points to ``duplicates.json`` beside the vectors when they do
+not fit). One bad image is an error entry; a bad output location, model or ``against`` file fails the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+from urllib.parse import quote
+
+import numpy as np
+import structlog
+import torch
+
+from handlers.errors import ImageError, InvalidRequest, PermanentError
+from handlers.images import decoded
+from handlers.storage import ObjectStore
+from ml.embedding_files import EMBEDDINGS_CONTENT_TYPE, EMBEDDINGS_SUFFIX, EmbeddingFileError, read_embeddings, write_embeddings
+from schemas.annotation import (
+    MAX_IMAGE_ERROR_CHARS,
+    AnnotationResult,
+    DuplicateGroup,
+    EmbedRequest,
+    ImageRef,
+    ImageResult,
+)
+from schemas.common import ErrorInfo
+
+if TYPE_CHECKING:
+    from handlers.annotation import AnnotationContext
+    from handlers.models import EmbeddingHandle
+
+log = structlog.get_logger("cls.embedding")
+
+DUPLICATES_FILE = "duplicates.json"
+INLINE_CHARS_PER_VALUE = 10
+"""Upper bound of one inline vector component's JSON: ``-0.12345,`` (values are rounded to 5 decimals)."""
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    output_path: str | None = None  # CLS_EMBED_OUTPUT_PATH: default prefix (s3://bucket/prefix or file://...)
+    inline_max_images: int = 64  # CLS_EMBED_INLINE_MAX_IMAGES: "inline": true only up to this many images
+    against_max_bytes: int = 256 * 1024 * 1024  # CLS_EMBED_AGAINST_MAX_BYTES: all 'against' files together
+
+
+def embed_part_size(request: EmbedRequest, configured: int, dim: int, budget_bytes: int) -> int:
+    """N for an embed request: the configured part size, lowered so a part's JSON (ids, error entries, inline
+    vectors) stays within ``budget_bytes``; depends only on the request and the model, so redeliveries agree."""
+    longest_id = max(len(json.dumps(img.id, ensure_ascii=False).encode()) for img in request.images)
+    error = len('"error":{"code":"","message":""}') + 64 + 2 * MAX_IMAGE_ERROR_CHARS
+    inline = len('"embedding":[],') + dim * INLINE_CHARS_PER_VALUE if request.inline else 0
+    per_image = len('{"id":,"predictions":[]},') + longest_id + max(error, inline)
+    envelope = 2048 + 2 * 4096  # request id, model descriptor, part fields, embeddings_url (a URL is <= 4096)
+    return max(1, min(configured, (budget_bytes - envelope) // per_image))
+
+
+def part_url(prefix: str, request_id: str, part: int) -> str:
+    """Where part ``part`` of ``request_id`` is stored under ``prefix`` (the id is percent-encoded)."""
+    return f"{prefix.rstrip('/')}/{quote(request_id, safe='-_.')}/part-{part:05d}{EMBEDDINGS_SUFFIX}"
+
+
+class EmbedHandler:
+    """``handle(request) -> async iterator of AnnotationResult parts`` for ``"task": "embed"``."""
+
+    def __init__(self, ctx: AnnotationContext, store: ObjectStore | None) -> None:
+        self.ctx = ctx
+        self.store = store
+
+    async def handle(self, request: EmbedRequest) -> AsyncIterator[AnnotationResult]:
+        ctx = self.ctx
+        config = ctx.embed_config
+        started = time.monotonic()
+        request_id = request.request_id or ""
+        images = request.images
+        if len(images) > ctx.config.max_images_per_request:
+            raise InvalidRequest(f"{len(images)} images; this worker accepts at most "
+                                 f"{ctx.config.max_images_per_request} per request")
+        if request.inline and len(images) > config.inline_max_images:
+            raise InvalidRequest(f"inline vectors for {len(images)} images; inline is limited to "
+                                 f"CLS_EMBED_INLINE_MAX_IMAGES={config.inline_max_images} (read the stored files instead)")
+        output = request.output_path or config.output_path
+        if output is None and not request.inline:
+            raise InvalidRequest("no output_path and no default (CLS_EMBED_OUTPUT_PATH): nowhere to store the vectors")
+        if output is not None:
+            if self.store is None:
+                raise PermanentError("storage_unwritable", "this worker has no object storage to write vectors to")
+            self.store.check(output)  # blocked_url / unsupported_url before any work
+        key = ctx.model_config.key_for(request.model, request.model_variant, request.model_url)
+        model: EmbeddingHandle = await ctx.models.get(key)
+        against = await self._read_against(request, model.dim)
+
+        budget = ctx.config.part_budget_bytes // (2 if request.duplicates else 1)
+        size = embed_part_size(request, ctx.config.part_size, model.dim, budget)
+        parts = [images[i:i + size] for i in range(0, len(images), size)]
+        priority = request.priority or "bulk"
+        window = asyncio.Semaphore(ctx.config.request_window if priority == "bulk" else len(images))
+        tasks: dict[int, list[asyncio.Task[tuple[str, torch.Tensor] | ImageResult]]] = {}
+
+        def start(k: int) -> None:
+            tasks[k] = [asyncio.create_task(self._image(model, image, request_id, priority, window)) for image in parts[k]]
+
+        all_ids: list[str] = []
+        all_hashes: list[str] = []
+        all_vectors: list[torch.Tensor] = []
+        failed_images = 0
+        try:
+            start(0)
+            for k, part_images in enumerate(parts):
+                if k + 1 < len(parts):
+                    start(k + 1)
+                current = tasks.pop(k)
+                try:
+                    outputs = await asyncio.gather(*current)
+                except BaseException:
+                    for task in current:
+                        task.cancel()
+                    raise
+                results, ids, hashes, vectors = _part_entries(part_images, outputs, request.inline)
+                failed_images += len(part_images) - len(ids)
+                url = None
+                if output is not None and ids:
+                    url = part_url(output, request_id, k)
+                    data = await ctx.executors.on_cpu(write_embeddings, ids, torch.stack(vectors).numpy())
+                    await self.store.put_bytes(url, data, EMBEDDINGS_CONTENT_TYPE)  # type: ignore[union-attr]
+                all_ids += ids
+                all_hashes += hashes
+                all_vectors += vectors
+                duplicates = duplicates_url = None
+                if request.duplicates is not None and k == len(parts) - 1:
+                    groups = await ctx.executors.on_cpu(
+                        duplicate_groups, all_ids, all_hashes, all_vectors, against, request.duplicates.threshold)
+                    duplicates, duplicates_url = await self._fit_groups(groups, output, request_id, budget)
+                yield AnnotationResult(
+                    message_id=AnnotationResult.message_id_for(request_id, k),
+                    request_id=request_id,
+                    status="completed",
+                    task="embed",
+                    model=model.descriptor,
+                    results=results,
+                    part=k,
+                    parts=len(parts),
+                    embeddings_url=url,
+                    dim=model.dim,
+                    duplicates=duplicates,
+                    duplicates_url=duplicates_url,
+                )
+        finally:
+            for pending in tasks.values():
+                for task in pending:
+                    task.cancel()
+        log.info("embed_summary", model=model.descriptor.variant, family=model.descriptor.family,
+                 images=len(images), failed_images=failed_images, parts=len(parts), part_size=size,
+                 batches_shared=ctx.batcher.forget(request_id), seconds=round(time.monotonic() - started, 3))
+
+    async def _image(self, model: EmbeddingHandle, image: ImageRef, request_id: str, priority: str,
+                     window: asyncio.Semaphore) -> tuple[str, torch.Tensor] | ImageResult:
+        """One image -> (content hash, its normalised embedding), or an error entry."""
+        ctx = self.ctx
+        budget = ctx.interactive_semaphore if priority == "interactive" else ctx.images_semaphore
+        async with window, budget:
+            try:
+                data = await ctx.fetcher.fetch(image.url)
+                digest = await ctx.executors.on_cpu(content_hash, data)
+                cached = ctx.embedding_cache.get(digest, model.key) if ctx.embedding_cache else None
+                if cached is not None:
+                    return digest, cached
+                pixels = await ctx.executors.on_cpu(decode_and_preprocess, data, ctx.decode_limits, model)
+            except ImageError as exc:
+                return ImageResult(id=image.id, error=ErrorInfo(code=exc.code, message=exc.message))
+            current = ctx.models.peek(model.key) or model
+            vector = await ctx.batcher.submit(current.embed_lane, current.embed, pixels, request_id, priority)
+            if ctx.embedding_cache is not None:
+                ctx.embedding_cache.put(digest, model.key, vector)
+            return digest, vector
+
+    async def _read_against(self, request: EmbedRequest, dim: int) -> list[tuple[str, list[str], np.ndarray]]:
+        """(url, ids, vectors) of each 'against' file; invalid_request when one is not an embedding file of ``dim``."""
+        if not request.against:
+            return []
+        if self.store is None:
+            raise PermanentError("storage_unwritable", "'against' needs object storage settings")
+        remaining = self.ctx.embed_config.against_max_bytes
+        out = []
+        for url in request.against:
+            data = await self.store.get_bytes(url, max_bytes=remaining)
+            remaining -= len(data)
+            try:
+                ids, vectors = await self.ctx.executors.on_cpu(read_embeddings, data)
+            except EmbeddingFileError as exc:
+                raise InvalidRequest(f"against file {url}: {exc}") from exc
+            if len(ids) and vectors.shape[1] != dim:
+                raise InvalidRequest(f"against file {url} holds {vectors.shape[1]}-d vectors; this model's are {dim}-d "
+                                     "(compare embeddings of the same model only)")
+            out.append((url, ids, vectors))
+        return out
+
+    async def _fit_groups(self, groups: list[DuplicateGroup], output: str | None, request_id: str,
+                          budget: int) -> tuple[list[DuplicateGroup], str | None]:
+        """The groups that fit the last part's budget; all of them in ``duplicates.json`` when some do not."""
+        kept: list[DuplicateGroup] = []
+        used = 0
+        for group in groups:
+            used += len(group.model_dump_json()) + 1
+            if used > budget // 2:
+                break
+            kept.append(group)
+        if len(kept) == len(groups):
+            return kept, None
+        if output is None or self.store is None:
+            log.warning("duplicates_truncated", request_id=request_id, groups=len(groups), reported=len(kept))
+            return kept, None
+        url = part_url(output, request_id, 0).rsplit("/", 1)[0] + "/" + DUPLICATES_FILE
+        body = json.dumps([g.model_dump() for g in groups]).encode()
+        await self.store.put_bytes(url, body, "application/json")
+        return kept, url
+
+
+def content_hash(data: bytes) -> str:
+    """The image's identity for the embedding cache and exact duplicates: SHA-256 of its bytes."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def decode_and_preprocess(data: bytes, limits, model) -> torch.Tensor:  # noqa: ANN001 - as in handlers.annotation
+    # the decode budget is held until the image is preprocessed, and covers what preprocessing allocates
+    with decoded(data, limits, model.preprocess_bytes_per_pixel) as image:
+        try:
+            return model.preprocess(image)
+        except Exception as exc:  # e.g. a degenerate 1x0 image surviving decode
+            raise ImageError("decode_failed", f"preprocessing failed: {exc}") from exc
+
+
+def _part_entries(images: Sequence[ImageRef], outputs: list, inline: bool
+                  ) -> tuple[list[ImageResult], list[str], list[str], list[torch.Tensor]]:
+    results: list[ImageResult] = []
+    ids: list[str] = []
+    hashes: list[str] = []
+    vectors: list[torch.Tensor] = []
+    for image, out in zip(images, outputs, strict=True):
+        if isinstance(out, ImageResult):
+            results.append(out)
+            continue
+        digest, vector = out
+        ids.append(image.id)
+        hashes.append(digest)
+        vectors.append(vector.float())
+        embedding = None
+        if inline:  # float16 precision, as stored: the same numbers the file holds
+            embedding = [round(v, 5) for v in vector.to(torch.float16).float().tolist()]
+        results.append(ImageResult(id=image.id, embedding=embedding))
+    return results, ids, hashes, vectors
+
+
+def duplicate_groups(ids: list[str], hashes: list[str], vectors: list[torch.Tensor],
+                     against: list[tuple[str, list[str], np.ndarray]], threshold: float) -> list[DuplicateGroup]:
+    """Exact groups (same content hash) and near groups (cosine >= threshold) among the request's images and
+    the 'against' files (their ids as ``<url>#<id>``)."""
+    all_ids = list(ids)
+    matrices = [torch.stack(vectors).numpy().astype(np.float32)] if vectors else []
+    for url, file_ids, file_vectors in against:
+        all_ids += [f"{url}#{i}" for i in file_ids]
+        matrices.append(file_vectors.astype(np.float32))
+    if not all_ids:
+        return []
+    matrix = np.concatenate(matrices) if matrices else np.zeros((0, 1), np.float32)
+    hashes_all = list(hashes) + [None] * (len(all_ids) - len(hashes))
+    groups = find_groups(all_ids, hashes_all, matrix, threshold)
+    return [DuplicateGroup(ids=g["ids"], kind=g["kind"], similarity=g["similarity"]) for g in groups]
+
+
+def find_groups(ids: list[str], hashes: list[str | None], matrix: np.ndarray, threshold: float,
+                block: int = 1024) -> list[dict]:
+    """Exact groups by hash, then near groups (union of pairs with cosine >= threshold that involve at least one
+    image with a hash, i.e. one of this request's), by exact blocked matrix products."""
+    groups: list[dict] = []
+    by_hash: dict[str, list[int]] = {}
+    for index, digest in enumerate(hashes):
+        if digest is not None:
+            by_hash.setdefault(digest, []).append(index)
+    for members in by_hash.values():
+        if len(members) > 1:
+            groups.append({"ids": [ids[i] for i in members], "kind": "exact", "similarity": 1.0})
+    own = sum(1 for h in hashes if h is not None)  # the request's images come first
+    parent = list(range(len(ids)))
+    weakest: dict[int, float] = {}
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    edges: list[tuple[int, int, float]] = []
+    for start in range(0, own, block):
+        sims = matrix[start:min(start + block, own)] @ matrix.T
+        rows, cols = np.nonzero(sims >= threshold)
+        for r, c in zip(rows.tolist(), cols.tolist(), strict=True):
+            i = start + r
+            if c <= i and c < own:
+                continue  # each in-request pair once, and no self pairs
+            if hashes[c] is not None and hashes[c] == hashes[i]:
+                continue  # already an exact group
+            edges.append((i, c, float(sims[r, c])))
+    for i, j, sim in edges:
+        a, b = root(i), root(j)
+        low = min(sim, weakest.get(a, 1.0), weakest.get(b, 1.0))
+        if a != b:
+            parent[b] = a
+        weakest[a] = low
+    members: dict[int, list[int]] = {}
+    for i, j, _ in edges:
+        for k in (i, j):
+            members.setdefault(root(k), [])
+    for k in range(len(ids)):
+        r = root(k)
+        if r in members:
+            members[r].append(k)
+    for r, group in members.items():
+        groups.append({"ids": [ids[k] for k in sorted(set(group))], "kind": "near",
+                       "similarity": round(max(-1.0, min(1.0, weakest.get(r, 1.0))), 6)})
+    return groups
