@@ -25,6 +25,8 @@ from schemas import topics
 from schemas.annotation import (
     AnnotationRequest,
     AnnotationResult,
+    DuplicateGroup,
+    EmbedRequest,
     ImageRef,
     ImageResult,
     ModelDescriptor,
@@ -75,12 +77,15 @@ INVALID_ANNOTATION_REQUEST = {
 
 
 def _rewrite_refs(node: Any) -> Any:
-    """``#/$defs/X`` -> ``#/components/schemas/X`` (AsyncAPI resolves refs against the document root)."""
+    """``#/$defs/X`` -> ``#/components/schemas/X`` (AsyncAPI resolves refs against the document root); pydantic's
+    OpenAPI-style ``discriminator`` object -> AsyncAPI's property name."""
     if isinstance(node, dict):
         out = {}
         for key, value in node.items():
             if key == "$ref" and isinstance(value, str) and value.startswith("#/$defs/"):
                 out[key] = "#/components/schemas/" + value[len("#/$defs/"):]
+            elif key == "discriminator" and isinstance(value, dict) and "propertyName" in value:
+                out[key] = value["propertyName"]  # AsyncAPI's discriminator is the property name (OpenAPI's is an object)
             else:
                 out[key] = _rewrite_refs(value)
         return out
@@ -241,6 +246,12 @@ def annotation_request_examples() -> list[dict[str, Any]]:
                   Headers.REQUEST_ID: "req-2025-0001"}),
         _example("customModel", "A model trained here (its package at model_url), over a subset of its classes.",
                  custom.model_dump(mode="json", by_alias=True, exclude_none=True)),
+        _example("embed", "Embeddings with a timm backbone, stored under output_path, with near-duplicates.",
+                 EmbedRequest(task="embed", request_id="req-2025-0003", model="timm", model_variant="convnext_tiny",
+                              images=[ImageRef(id="img-1", url="https://images.example.com/cats/1.jpg"),
+                                      ImageRef(id="img-2", url="https://images.example.com/cats/1-copy.jpg")],
+                              output_path="s3://embeddings/project-7", duplicates={"threshold": 0.95},
+                              ).model_dump(mode="json", by_alias=True, exclude_none=True)),
     ]
 
 
@@ -281,7 +292,20 @@ def annotation_result_examples() -> list[AnnotationResult]:
         status="failed",
         error=ErrorInfo(code="invalid_request", message=invalid.message, details=invalid.details, retryable=False),
     )
-    return [completed, part, failed]
+    embedded = AnnotationResult(
+        message_id=AnnotationResult.message_id_for("req-2025-0005", 0),
+        request_id="req-2025-0005",
+        created_at=_EXAMPLE_TIME,
+        status="completed",
+        task="embed",
+        model=ModelDescriptor(family="timm", variant="convnext_tiny", weights="pretrained"),
+        results=[ImageResult(id="img-1"), ImageResult(id="img-2"),
+                 ImageResult(id="img-3", error=ErrorInfo(code="http_status", message="HTTP 404 from https://images.example.com/3.jpg"))],
+        embeddings_url="s3://embeddings/project-7/req-2025-0005/part-00000.npz",
+        dim=768,
+        duplicates=[DuplicateGroup(ids=["img-1", "img-2"], kind="near", similarity=0.981)],
+    )
+    return [completed, part, failed, embedded]
 
 
 def training_request_examples() -> list[dict[str, Any]]:
@@ -409,6 +433,7 @@ def _messages(payload_of: dict[str, str]) -> dict[str, dict[str, Any]]:
         "Part 0 of 1: one image classified (CLIP softmax over the classes), one image failed alone.",
         "Part 1 of 3 of a large request: images at request positions [N, 2N).",
         "The whole request could not run: invalid_request with the validation errors.",
+        "An embed result: the part's vectors at embeddings_url (ids + float16 embeddings), duplicate groups in the last part.",
     ])
     training_statuses = _output_examples(training_status_examples(), [
         "The job was accepted (seq 0).",
@@ -422,8 +447,10 @@ def _messages(payload_of: dict[str, str]) -> dict[str, dict[str, Any]]:
         "annotationRequest": {
             "name": "annotation-request",
             "title": "Annotation request",
-            "summary": "Classify images by URL: zero-shot (clip, siglip) or with a model trained here (custom).",
-            "description": (AnnotationRequest.__doc__ or "").strip() + "\n\n" + _module_doc(AnnotationRequest),
+            "summary": "Classify images by URL (task classify: clip, siglip, custom) or embed them (task embed: clip, "
+                       "siglip, custom, timm).",
+            "description": (AnnotationRequest.__doc__ or "").strip() + "\n\n" + _module_doc(AnnotationRequest)
+                           + "\n\n" + (EmbedRequest.__doc__ or "").strip(),
             "contentType": CONTENT_TYPE_JSON,
             "headers": input_headers_schema(Headers.REQUEST_ID),
             "payload": ref("annotation-request"),
