@@ -1,6 +1,7 @@
 """``cls-worker send``: produce a request and follow its events to the end (a command-line for people).
 
     cls-worker send annotate --classes cat,dog,bird https://.../a.jpg https://.../b.jpg
+    cls-worker send embed --output s3://bucket/vectors --duplicates 0.95 https://.../a.jpg https://.../b.jpg
     cls-worker send train --dataset s3://bucket/prefix/ --model-name convnext_tiny --output s3://bucket/models/x
     cls-worker send request.json            # any request as JSON (the topic follows from its "task")
 
@@ -26,7 +27,7 @@ from pydantic import ValidationError
 
 from consumers.settings import Settings
 from consumers.topics_admin import topic_partitions
-from schemas.annotation import AnnotationRequest
+from schemas.annotation import AnnotationRequest, EmbedRequest
 from schemas.topics import CONTENT_TYPE_JSON, Headers
 from schemas.training import CancelRequest, TrainingRequest
 
@@ -34,17 +35,21 @@ from schemas.training import CancelRequest, TrainingRequest
 def add_send_parser(sub: Any, func: Any) -> None:
     p = sub.add_parser("send", help="produce a request and follow its events", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", help="annotate | train | cancel | a request JSON file")
-    p.add_argument("urls", nargs="*", help="image URLs (annotate)")
+    p.add_argument("what", help="annotate | embed | train | cancel | a request JSON file")
+    p.add_argument("urls", nargs="*", help="image URLs (annotate, embed)")
     p.add_argument("--classes", help="comma-separated class names (annotate)")
-    p.add_argument("--model", default="clip", choices=["clip", "siglip", "custom"])
+    p.add_argument("--model", default="clip", choices=["clip", "siglip", "custom", "timm"])
     p.add_argument("--model-variant")
     p.add_argument("--model-url", help="trained model package (with --model custom)")
     p.add_argument("--top-k", type=int, default=None, help="default: min(3, number of classes)")
     p.add_argument("--threshold", type=float, default=0.1)
+    p.add_argument("--duplicates", type=float, metavar="THRESHOLD", help="embed: report duplicate groups (cosine >= THRESHOLD)")
+    p.add_argument("--against", action="append", help="embed: an earlier embeddings_url to find duplicates against (repeatable)")
+    p.add_argument("--inline", action="store_true", help="embed: vectors in the result too (small requests)")
     p.add_argument("--dataset", help="s3://bucket/prefix/ with <class>/<file> keys (train)")
     p.add_argument("--model-name", help="timm model name (train)")
-    p.add_argument("--output", help="output_path s3://... (train; default: <dataset>/../models/<job id>)")
+    p.add_argument("--output", help="output_path s3://... (train; default: <dataset>/../models/<job id>; embed: "
+                                    "default CLS_EMBED_OUTPUT_PATH)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--learning-rate", type=float, default=1e-4)
@@ -58,6 +63,15 @@ def add_send_parser(sub: Any, func: Any) -> None:
     p.set_defaults(func=func)
 
 
+def _image_refs(urls: list[str]) -> list[dict[str, str]]:
+    """Images named by their file names (prefixed with their position when names repeat)."""
+    images = [{"id": Path(u.split("?")[0]).name or f"image-{i}", "url": u} for i, u in enumerate(urls)]
+    ids = [img["id"] for img in images]
+    if len(set(ids)) != len(ids):
+        images = [{"id": f"{i}:{img['id']}", "url": img["url"]} for i, img in enumerate(images)]
+    return images
+
+
 async def build_request(settings: Settings, args: argparse.Namespace) -> tuple[str, str, dict[str, Any]]:
     """(topic, id, body) for the command line."""
     w = settings.worker
@@ -66,13 +80,9 @@ async def build_request(settings: Settings, args: argparse.Namespace) -> tuple[s
         if not args.urls:
             raise ValueError("give at least one image URL")
         body: dict[str, Any] = {
-            "task": "classify", "request_id": entity_id, "model": args.model,
-            "images": [{"id": Path(u.split("?")[0]).name or f"image-{i}", "url": u} for i, u in enumerate(args.urls)],
+            "task": "classify", "request_id": entity_id, "model": args.model, "images": _image_refs(args.urls),
             "threshold": args.threshold,
         }
-        ids = [img["id"] for img in body["images"]]
-        if len(set(ids)) != len(ids):
-            body["images"] = [{"id": f"{i}:{img['id']}", "url": img["url"]} for i, img in enumerate(body["images"])]
         if args.classes:
             body["classes"] = [c.strip() for c in args.classes.split(",") if c.strip()]
         body["top_k"] = args.top_k or min(3, len(body.get("classes") or [0, 0, 0]))
@@ -81,6 +91,21 @@ async def build_request(settings: Settings, args: argparse.Namespace) -> tuple[s
         if args.model_url:
             body["model_url"] = args.model_url
         AnnotationRequest.model_validate(body)
+        return w.annotation_requests_topic, entity_id, body
+    if args.what == "embed":
+        if not args.urls:
+            raise ValueError("give at least one image URL")
+        body = {"task": "embed", "request_id": entity_id, "model": args.model,
+                "images": _image_refs(args.urls)}
+        for field, value in (("model_variant", args.model_variant), ("model_url", args.model_url),
+                             ("output_path", args.output), ("against", args.against)):
+            if value:
+                body[field] = value
+        if args.inline:
+            body["inline"] = True
+        if args.duplicates is not None:
+            body["duplicates"] = {"threshold": args.duplicates}
+        EmbedRequest.model_validate(body)
         return w.annotation_requests_topic, entity_id, body
     if args.what == "train":
         if not args.dataset or not args.model_name:
@@ -107,12 +132,12 @@ async def build_request(settings: Settings, args: argparse.Namespace) -> tuple[s
         return w.training_control_topic, args.entity_id, body
     path = Path(args.what)
     if not path.exists():
-        raise ValueError(f"{args.what!r} is neither annotate|train|cancel nor a request file")
+        raise ValueError(f"{args.what!r} is neither annotate|embed|train|cancel nor a request file")
     body = json.loads(path.read_text())
     task = body.get("task")
-    if task == "classify":
+    if task in ("classify", "embed"):
         entity_id = body.setdefault("request_id", entity_id)
-        AnnotationRequest.model_validate(body)
+        (AnnotationRequest if task == "classify" else EmbedRequest).model_validate(body)
         return w.annotation_requests_topic, entity_id, body
     if task == "train":
         entity_id = body.setdefault("job_id", entity_id)
@@ -144,12 +169,20 @@ def render(event: dict[str, Any]) -> str:
             return f"failed: {event['error']['code']}: {event['error']['message']}"
         lines = [f"part {event['part'] + 1}/{event['parts']}  model={event['model']['family']}/{event['model']['variant']}"
                  f" weights={event['model']['weights']}"]
+        if event.get("task") == "embed":
+            lines[0] += f"  dim={event.get('dim')}  vectors={event.get('embeddings_url') or '(none)'}"
         for result in event["results"]:
             if result.get("error"):
                 lines.append(f"  {result['id']}: ERROR {result['error']['code']}: {result['error']['message'][:120]}")
+            elif event.get("task") == "embed":
+                lines.append(f"  {result['id']}: embedded")
             else:
                 preds = ", ".join(f"{p['class']} {p['confidence']:.3f}" for p in result["predictions"]) or "(below threshold)"
                 lines.append(f"  {result['id']}: {preds}")
+        for group in event.get("duplicates") or []:
+            lines.append(f"  duplicates ({group['kind']}, similarity >= {group['similarity']:.3f}): {', '.join(group['ids'])}")
+        if event.get("duplicates_url"):
+            lines.append(f"  all duplicate groups: {event['duplicates_url']}")
         return "\n".join(lines)
     status = event["status"]
     progress = event.get("progress") or {}
