@@ -22,7 +22,9 @@ TINY = {"clip_variant": "cls-tiny-clip", "clip_weights": "random", "default_prom
 
 
 def settings(**overrides) -> Settings:
-    values = {**TINY, "allow_private_networks": True, "fetch_read_timeout_s": 1.0, "fetch_total_timeout_s": 8.0,
+    # embedding cache off: these tests count forwards and shared batches (tests/integration/test_embed_handler.py
+    # covers the cache)
+    values = {**TINY, "embedding_cache_mb": 0, "allow_private_networks": True, "fetch_read_timeout_s": 1.0, "fetch_total_timeout_s": 8.0,
               "fetch_connect_timeout_s": 2.0, "fetch_max_bytes": 4 * 1024 * 1024, "batch_wait_ms": 20.0, **overrides}
     return Settings(kafka=KafkaSettings(), worker=WorkerSettings(**values))
 
