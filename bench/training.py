@@ -46,7 +46,7 @@ from bench import finetune
 from ml.training import NullCallbacks, TrainingStopped, TrainSpec, train
 from ml.training.augment import eval_transform, resolve_data_config
 from ml.training.data import ImageFileDataset
-from ml.training.loop import resolve_device
+from ml.device import resolve_device
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

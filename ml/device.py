@@ -1,46 +1,162 @@
-"""Device selection and the inference context (autocast, input transfer) for model code."""
+"""The one device and precision policy of model code: which device, which autocast dtype, GradScaler or not,
+which memory format; and the helpers that apply it (autocast, input transfer, model placement, OOM test).
+
+The decisions are pure functions over a :class:`Capabilities` description (what the machine offers), so
+they are tested on any machine; :meth:`Capabilities.probe` reads the real one. Rules:
+
+- device: ``auto`` is the current CUDA device when one exists, else the CPU; ``cuda``/``cuda:N`` must exist;
+- precision: fp32 on the CPU; on CUDA autocast to bf16 where the device supports it, else fp16, and
+  training with fp16 scales the loss (``GradScaler``); bf16 needs no scaler;
+- memory format: ``channels_last`` on CUDA for convolutional networks (more than one Conv2d: a ViT's single
+  patch-embedding convolution does not count), contiguous otherwise;
+- transfers: on CUDA from pinned host memory, non-blocking.
+
+Zero-shot (``ml.zeroshot``), custom inference (``ml.trained``) and training (``ml.training.loop``) all take
+their :class:`DevicePolicy` from :func:`policy_for`.
+"""
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 
-__all__ = ["autocast_context", "autocast_dtype", "is_out_of_memory", "resolve_device", "to_device"]
+__all__ = [
+    "Capabilities",
+    "DevicePolicy",
+    "autocast_context",
+    "autocast_dtype",
+    "choose_device",
+    "choose_policy",
+    "is_conv_net",
+    "is_out_of_memory",
+    "place_for_inference",
+    "policy_for",
+    "resolve_device",
+    "to_device",
+]
 
 
-def resolve_device(spec: str | torch.device = "auto") -> torch.device:
-    """Turn ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"`` (or a device) into a usable device.
+@dataclass(frozen=True)
+class Capabilities:
+    """What the machine offers, as far as the policy cares."""
 
-    ``"auto"`` picks CUDA when available, else the CPU. Raises ``ValueError`` for a CUDA device
-    that is not present and for unsupported device types.
+    cuda_devices: int = 0
+    current_cuda_index: int = 0
+    bf16: bool = False  # the CUDA device computes in bfloat16 (compute capability >= 8.0)
+
+    @classmethod
+    def probe(cls) -> Capabilities:
+        """The capabilities of this machine (no CUDA initialisation when CUDA is absent)."""
+        if not torch.cuda.is_available():
+            return cls()
+        return cls(cuda_devices=torch.cuda.device_count(), current_cuda_index=torch.cuda.current_device(),
+                   bf16=bool(torch.cuda.is_bf16_supported()))
+
+
+@dataclass(frozen=True)
+class DevicePolicy:
+    """Where and how a model runs: device, autocast dtype (None: fp32), loss scaling, memory format."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    grad_scaler: bool
+    channels_last: bool
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def pin_memory(self) -> bool:
+        """Host batches for this device are pinned (page-locked) so copies can run asynchronously."""
+        return self.cuda
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    def autocast(self) -> contextlib.AbstractContextManager[object]:
+        """Autocast to :attr:`amp_dtype`; a no-op context when it is None (fp32)."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def to_device(self, pixels: torch.Tensor, non_blocking: bool = True) -> torch.Tensor:
+        """Move an image batch to the device (pinned + non-blocking on CUDA) in the policy's memory format."""
+        if not self.cuda:
+            return pixels.contiguous()
+        if pixels.device.type == "cpu" and not pixels.is_pinned():
+            pixels = pixels.pin_memory()
+        pixels = pixels.to(self.device, non_blocking=non_blocking)
+        if pixels.dim() == 4:
+            pixels = pixels.contiguous(memory_format=self.memory_format)
+        return pixels
+
+
+def choose_device(spec: str | torch.device, capabilities: Capabilities) -> torch.device:
+    """``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"`` (or a device) -> a device ``capabilities`` has.
+
+    ValueError for a CUDA device that is not present and for device types other than cpu and cuda.
     """
     if isinstance(spec, torch.device):
         device = spec
     elif spec == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device("cuda" if capabilities.cuda_devices else "cpu")
     else:
         try:
             device = torch.device(spec)
-        except RuntimeError as exc:
+        except (RuntimeError, TypeError) as exc:
             raise ValueError(f"unknown device {spec!r}") from exc
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {spec!r} requested but CUDA is not available")
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        if index >= torch.cuda.device_count():
-            raise ValueError(f"device {spec!r} requested but only {torch.cuda.device_count()} CUDA devices exist")
+        if not capabilities.cuda_devices:
+            raise ValueError(f"device {str(spec)!r} requested but CUDA is not available")
+        index = device.index if device.index is not None else capabilities.current_cuda_index
+        if index >= capabilities.cuda_devices:
+            raise ValueError(f"device {str(spec)!r} requested but only {capabilities.cuda_devices} CUDA devices exist")
         return torch.device("cuda", index)
     if device.type != "cpu":
         raise ValueError(f"unsupported device type {device.type!r} (use cpu or cuda)")
-    return device
+    return torch.device("cpu")
+
+
+def choose_policy(device: torch.device, capabilities: Capabilities, *, conv_net: bool = False) -> DevicePolicy:
+    """The precision and memory-format decisions for ``device`` (see the module docstring)."""
+    if device.type != "cuda":
+        return DevicePolicy(device=device, amp_dtype=None, grad_scaler=False, channels_last=False)
+    dtype = torch.bfloat16 if capabilities.bf16 else torch.float16
+    return DevicePolicy(device=device, amp_dtype=dtype, grad_scaler=dtype == torch.float16, channels_last=conv_net)
+
+
+def is_conv_net(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is a convolutional network: more than one 2-D convolution (a ViT has one, its patch
+    embedding, which gains nothing from channels_last)."""
+    count = 0
+    for layer in module.modules():
+        if isinstance(layer, torch.nn.Conv2d):
+            count += 1
+            if count > 1:
+                return True
+    return False
+
+
+def policy_for(spec: str | torch.device = "auto", module: torch.nn.Module | None = None,
+               capabilities: Capabilities | None = None) -> DevicePolicy:
+    """The policy for running ``module`` on the device ``spec`` names, on this machine (ValueError: no such device)."""
+    capabilities = capabilities or Capabilities.probe()
+    device = choose_device(spec, capabilities)
+    return choose_policy(device, capabilities, conv_net=module is not None and is_conv_net(module))
+
+
+def resolve_device(spec: str | torch.device = "auto") -> torch.device:
+    """:func:`choose_device` on this machine's capabilities (ValueError when the device is not usable)."""
+    return choose_device(spec, Capabilities.probe())
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """The autocast dtype used for inference on ``device``: bf16 where supported, else fp16; none on CPU."""
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    """The autocast dtype on ``device`` (the policy's): bf16 where supported, else fp16; None (fp32) on the CPU."""
+    return choose_policy(device, Capabilities.probe() if device.type == "cuda" else Capabilities()).amp_dtype
 
 
 def autocast_context(device: torch.device) -> contextlib.AbstractContextManager[object]:
@@ -51,16 +167,11 @@ def autocast_context(device: torch.device) -> contextlib.AbstractContextManager[
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def to_device(pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Move an image batch to ``device``: on CUDA via pinned memory, non-blocking, channels_last."""
-    if device.type != "cuda":
-        return pixels.contiguous()
-    if not pixels.is_pinned():
-        pixels = pixels.pin_memory()
-    pixels = pixels.to(device, non_blocking=True)
-    if pixels.dim() == 4:
-        pixels = pixels.contiguous(memory_format=torch.channels_last)
-    return pixels
+def to_device(pixels: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
+    """Move an image batch to ``device``: on CUDA via pinned memory, non-blocking (channels_last when asked)."""
+    policy = DevicePolicy(device=device, amp_dtype=None, grad_scaler=False,
+                          channels_last=channels_last and device.type == "cuda")
+    return policy.to_device(pixels)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -73,15 +184,17 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return "out of memory" in message.lower() or "DefaultCPUAllocator: can't allocate" in message
 
 
-def place_for_inference(module: torch.nn.Module, device: torch.device, what: str) -> torch.nn.Module:
-    """Eval mode, no gradients, on ``device`` (channels_last on CUDA); ModelLoadError if it cannot move."""
+def place_for_inference(module: torch.nn.Module, target: torch.device | DevicePolicy, what: str) -> DevicePolicy:
+    """Eval mode, no gradients, on the policy's device and memory format (a device: :func:`policy_for` it and
+    ``module``); returns the policy. ModelLoadError if the module cannot move."""
     from ml.zeroshot import ModelLoadError
 
+    policy = target if isinstance(target, DevicePolicy) else policy_for(target, module)
     module.eval().requires_grad_(False)
     try:
-        module.to(device=device)
-        if device.type == "cuda":
+        module.to(device=policy.device)
+        if policy.channels_last:
             module.to(memory_format=torch.channels_last)
     except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
-        raise ModelLoadError(f"cannot move {what} to {device}: {exc}") from exc
-    return module
+        raise ModelLoadError(f"cannot move {what} to {policy.device}: {exc}") from exc
+    return policy

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ml.device import autocast_context, is_out_of_memory, to_device
+from ml.device import DevicePolicy, StagedBatch, policy_for, run_halving_on_oom
 
 __all__ = [
     "RANDOM_WEIGHTS",
@@ -103,6 +103,14 @@ class EmbeddingModel(ABC):
         self.info = info
         self.device = device
         self.image_size = image_size
+        self._policy: DevicePolicy | None = None
+
+    @property
+    def policy(self) -> DevicePolicy:
+        """The device/precision policy of this model (ml.device), decided once from the device and the module."""
+        if self._policy is None:
+            self._policy = policy_for(self.device, getattr(self, "module", None))
+        return self._policy
 
     @abstractmethod
     def preprocess(self, image: Image.Image) -> torch.Tensor: ...
@@ -111,12 +119,14 @@ class EmbeddingModel(ABC):
     def _image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """Unnormalised image features for a batch already on the device."""
 
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+    def encode_images(self, pixels: torch.Tensor | StagedBatch) -> torch.Tensor:
+        if isinstance(pixels, StagedBatch):
+            pixels = pixels.get()
         if pixels.dim() != 4 or pixels.shape[1] != 3:
             raise ValueError(f"expected a [B, 3, H, W] batch, got shape {tuple(pixels.shape)}")
         with torch.inference_mode():
-            batch = to_device(pixels, self.device)
-            with autocast_context(self.device):
+            batch = self.policy.to_device(pixels)
+            with self.policy.autocast():
                 features = self._image_features(batch)
             features = F.normalize(features.float().flatten(1), dim=-1)
         return features.cpu()
@@ -133,20 +143,12 @@ def embed_images(model: ImageEmbedder, images: Sequence[Image.Image]) -> torch.T
     return encode_images_adaptive(model, torch.stack([model.preprocess(image) for image in images]))
 
 
-def encode_images_adaptive(model: ImageEmbedder, pixels: torch.Tensor) -> torch.Tensor:
+def encode_images_adaptive(model: ImageEmbedder, pixels: torch.Tensor | StagedBatch) -> torch.Tensor:
     """``model.encode_images(pixels)``; on a CUDA out-of-memory error, halve the batch and retry
     each half (recursively, down to single images, where the error is re-raised)."""
-    if model.device.type != "cuda":
-        return model.encode_images(pixels)
-    try:
-        return model.encode_images(pixels)
-    except Exception as exc:  # noqa: BLE001 - only OOM is handled, the rest re-raised
-        if not is_out_of_memory(exc) or pixels.shape[0] <= 1:
-            raise
-    # Retry outside the except block so the failed attempt's frames (and tensors) are freed first.
-    torch.cuda.empty_cache()
-    half = (pixels.shape[0] + 1) // 2
-    return torch.cat([encode_images_adaptive(model, pixels[:half]), encode_images_adaptive(model, pixels[half:])])
+    if isinstance(pixels, StagedBatch):
+        pixels = pixels.get()
+    return run_halving_on_oom(model.encode_images, pixels, model.device)
 
 
 def warm_up_images(model: ImageEmbedder) -> None:

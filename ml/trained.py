@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from ml.device import DevicePolicy, policy_for
 from ml.training.augment import DataConfig, eval_transform
 from ml.training.auto_accept import threshold_for
 from ml.training.errors import PackageError, UnknownModelError
@@ -27,10 +28,11 @@ from ml.training.package import WEIGHTS_FILE, read_package_config
 class TrainedModel:
     """A fine-tuned timm classifier loaded from a package directory (safetensors only, never pickles)."""
 
-    def __init__(self, model: nn.Module, config: dict[str, Any], device: torch.device, weights_sha256: str) -> None:
+    def __init__(self, model: nn.Module, config: dict[str, Any], policy: DevicePolicy, weights_sha256: str) -> None:
         self.model = model
         self.config = config
-        self.device = device
+        self.policy = policy
+        self.device = policy.device
         self.class_names: list[str] = list(config["class_names"])
         self.data_config = DataConfig.from_json_dict(config)
         self.image_size: int = self.data_config.image_size
@@ -60,9 +62,12 @@ class TrainedModel:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:
             raise PackageError(f"{WEIGHTS_FILE} does not fit {config['model_name']!r}: {str(exc)[:500]}") from exc
-        target = _resolve_device(device)
-        model.to(target).eval()
-        return cls(model, config, target, _sha256(weights_file))
+        try:
+            policy = policy_for(device, model)
+        except ValueError as exc:
+            raise PackageError(str(exc)) from exc
+        model.to(policy.device, memory_format=policy.memory_format).eval()
+        return cls(model, config, policy, _sha256(weights_file))
 
     @property
     def num_classes(self) -> int:
@@ -91,7 +96,10 @@ class TrainedModel:
         if pixels.dim() != 4:
             raise ValueError(f"pixels must be [B, 3, H, W] or [3, H, W], got shape {tuple(pixels.shape)}")
         with torch.inference_mode():
-            logits = self.model(pixels.to(self.device, dtype=torch.float32)).float() / self.temperature
+            batch = self.policy.to_device(pixels.to(torch.float32))
+            with self.policy.autocast():
+                logits = self.model(batch)
+            logits = logits.float() / self.temperature
             if indices is not None:
                 logits = logits[:, torch.tensor(indices, device=logits.device)]
             return logits.log_softmax(dim=-1).cpu()
@@ -143,12 +151,6 @@ class TrainedModel:
         if repeated:
             raise ValueError(f"subset names a class more than once: {repeated}")
         return [self._index[name] for name in names]
-
-
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _sha256(path: Path) -> str:

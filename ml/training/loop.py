@@ -48,7 +48,7 @@ from ml.training.data import (
     check_samples,
     epoch_seed,
 )
-from ml.device import is_out_of_memory
+from ml.device import DevicePolicy, is_out_of_memory, policy_for
 from ml.training.errors import ConfigError, TrainingOutOfMemory, TrainingStopped
 from ml.training.metrics import classification_metrics
 from ml.training.models import build_model, check_model_name
@@ -84,19 +84,6 @@ def train(
         return run.execute()
     finally:
         run.close()
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu; anything else is passed to torch.device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise ConfigError(f"invalid device {name!r}: {exc}") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} requested but CUDA is not available")
-    return device
 
 
 def seed_everything(seed: int) -> None:
@@ -162,7 +149,10 @@ class _TrainingRun:
         self.spec = spec
         self.workdir = workdir
         self.callbacks = callbacks
-        self.device = resolve_device(spec.device)
+        try:
+            self.device = policy_for(spec.device).device  # checked before anything is built
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
         self.cuda = self.device.type == "cuda"
         self.fingerprint = run_fingerprint(spec, train_samples, val_samples)
 
@@ -181,9 +171,9 @@ class _TrainingRun:
             pretrained_path=spec.pretrained_path if fresh else None,
         )
         self.data_config: DataConfig = resolve_data_config(self.model, spec.image_size, spec.augmentation)
-        self.model.to(self.device)
+        self.policy: DevicePolicy = policy_for(self.device, self.model)
+        self.model.to(self.device, memory_format=self.policy.memory_format)
         if self.cuda:
-            self.model.to(memory_format=torch.channels_last)
             torch.backends.cudnn.benchmark = True
 
         sample_weights = (balanced_sample_weights(train_samples, spec.num_classes)
@@ -206,10 +196,7 @@ class _TrainingRun:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_cosine(spec.epochs * self.steps, warmup_steps)
         )
-        self.amp_dtype: torch.dtype | None = None
-        if self.cuda:
-            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.policy.grad_scaler)
         self.mixup = build_mixup(spec.augmentation, spec.num_classes, spec.label_smoothing)
         class_weights = None
         if spec.class_weighting == "balanced":
@@ -478,16 +465,10 @@ class _TrainingRun:
             raise TrainingStopped(reason, epoch + 1, step)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return self.policy.autocast()
 
     def _to_device(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        images = images.to(self.device, non_blocking=True)
-        targets = targets.to(self.device, non_blocking=True)
-        if self.cuda:
-            images = images.contiguous(memory_format=torch.channels_last)
-        return images, targets
+        return self.policy.to_device(images), targets.to(self.device, non_blocking=True)
 
     def _flush_progress(self, loss_sum: torch.Tensor, phase_started: float, now: float) -> None:
         """Fold the device-side loss sum and elapsed time into the epoch totals (one device sync)."""
@@ -516,7 +497,7 @@ class _TrainingRun:
             dataset,
             batch_sampler=batches,
             num_workers=workers,
-            pin_memory=self.cuda,
+            pin_memory=self.policy.pin_memory,
             generator=torch.Generator().manual_seed(epoch_seed(self.spec.seed, 0, salt)),
             **extra,
         )
