@@ -138,6 +138,10 @@ class WorkerSettings(BaseSettings):
     device: str = "auto"
     seed: int = 0
     max_images_per_request: int = Field(default=10_000, ge=1)
+    preprocess: Literal["pil", "tensor"] = Field(
+        default="tensor", description="Image preprocessing: torchvision tensor ops on decoded uint8 tensors ('tensor', "
+        "ml/preprocess.py; about 2.5x the images/s of 'pil' per CPU core, bench/device.py) or the model families' "
+        "Pillow transforms ('pil').")
     batch_size: int = Field(default=32, ge=1)
     batch_wait_ms: float = Field(default=10.0, ge=0)
     result_part_size: int = Field(default=500, ge=1, description="Images per result part (N).")

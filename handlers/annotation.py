@@ -23,7 +23,7 @@ from handlers.embedding import EmbedConfig, EmbedHandler, content_hash
 from handlers.errors import ImageError, InvalidRequest, PermanentError
 from handlers.executor import Executors
 from handlers.fetch import Fetcher
-from handlers.images import DecodeLimits, decoded
+from handlers.images import DecodeLimits, decoded, decoded_tensor
 from handlers.models import LoadedModel, ModelConfig, ModelRegistry
 from handlers.storage import ObjectStore
 from ml.embedding_cache import EmbeddingCache
@@ -54,6 +54,7 @@ class AnnotationConfig:
     request_window: int = 32  # of which one bulk request holds at most this many (admission is windowed)
     interactive_images_in_flight: int = 64  # interactive images: their own budget, never behind bulk ones
     part_budget_bytes: int = PART_BUDGET_BYTES
+    preprocess: str = "tensor"  # CLS_PREPROCESS: "tensor" (ml.preprocess) or "pil" (the families' Pillow transforms)
 
 
 @dataclass
@@ -226,7 +227,8 @@ class AnnotationHandler:
                     cached = cache.get(digest, model.key)
                     if cached is not None:
                         return cached
-                pixels = await ctx.executors.on_cpu(_decode_and_preprocess, data, ctx.decode_limits, model)
+                pixels = await ctx.executors.on_cpu(_decode_and_preprocess, data, ctx.decode_limits, model,
+                                                    ctx.config.preprocess)
             except ImageError as exc:
                 return ImageResult(id=image.id, error=ErrorInfo(code=exc.code, message=exc.message))
             # the key's model loaded now: after an eviction and reload, queued images go to the new instance
@@ -278,8 +280,15 @@ def _auto_accept(model: LoadedModel, rows: list[torch.Tensor], ranked: list[tupl
             for (top, ok), (predictions, _) in zip(classes_and_ok, ranked, strict=True)]
 
 
-def _decode_and_preprocess(data: bytes, limits: DecodeLimits, model: LoadedModel) -> torch.Tensor:
+def _decode_and_preprocess(data: bytes, limits: DecodeLimits, model: LoadedModel, mode: str = "tensor") -> torch.Tensor:
     # the decode budget is held until the image is preprocessed, and covers what preprocessing allocates
+    tensor_preprocess = getattr(model, "tensor_preprocess", None) if mode == "tensor" else None
+    if tensor_preprocess is not None:
+        with decoded_tensor(data, limits) as pixels:
+            try:
+                return tensor_preprocess(pixels)
+            except Exception as exc:
+                raise ImageError("decode_failed", f"preprocessing failed: {exc}") from exc
     with decoded(data, limits, model.preprocess_bytes_per_pixel) as image:
         try:
             return model.preprocess(image)

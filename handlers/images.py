@@ -1,7 +1,8 @@
 """Decode fetched bytes into RGB Pillow images, safely, off the event loop, within a memory budget.
 
 ``decode_image`` is synchronous (run it in a thread pool); ``decoded`` is the same as a context manager
-that keeps the image's memory reserved while the caller preprocesses it; ``fetch_image`` fetches and
+that keeps the image's memory reserved while the caller preprocesses it (``decoded_tensor``: the same, giving
+a uint8 tensor for the tensor preprocessing path, ``CLS_PREPROCESS=tensor``); ``fetch_image`` fetches and
 decodes one URL. Failures raise ``ImageError`` with a stable code: ``not_an_image``, ``decode_failed``,
 ``too_many_pixels`` (also when the decode's estimated peak memory exceeds the whole budget),
 ``bad_aspect_ratio`` (plus the fetch codes from ``handlers.fetch``).
@@ -31,6 +32,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from handlers.errors import BAD_ASPECT_RATIO, DECODE_FAILED, NOT_AN_IMAGE, TOO_MANY_PIXELS, ImageError
@@ -245,6 +247,61 @@ def decoded(data: bytes, limits: DecodeLimits, work_bytes_per_pixel: int = 0) ->
     until the block ends (preprocess the image inside it; ``work_bytes_per_pixel``: what that work
     allocates per pixel, reserved too)."""
     image = _open(data)
+    _check_shape(image, limits)
+    width, height = image.size
+    estimate = estimate_decode_bytes(image, len(data)) + work_bytes_per_pixel * width * height
+    reservation = limits.budget.reserve(estimate) if limits.budget is not None else contextlib.nullcontext()
+    with reservation:
+        yield _load_rgb(image)
+
+
+# Decoded by torchvision (libjpeg-turbo / libpng) in the tensor path; any other format or mode (CMYK, alpha,
+# palettes, 16-bit, multi-picture JPEGs) goes through Pillow's conversions above, as in the Pillow path.
+_TENSOR_DECODABLE = {"JPEG": frozenset({"RGB", "L"}), "PNG": frozenset({"RGB", "L"})}
+TENSOR_WORK_BYTES_PER_PIXEL = 4
+"""Reserved per input pixel on top of the decode estimate when torchvision decodes (its RGB output, an EXIF
+rotation copy and the uint8 resize passes come to about 9 B/pixel against the estimate's 8 for an RGB JPEG).
+Images Pillow decodes reserve nothing more: their conversion peak (the estimate) is over the RGB frame plus
+its 3 B/pixel tensor copy that the tensor path keeps afterwards."""
+
+
+@contextlib.contextmanager
+def decoded_tensor(data: bytes, limits: DecodeLimits) -> Iterator[torch.Tensor]:
+    """:func:`decoded` for the tensor path: the same checks and budget first, then a uint8 ``[3, H, W]`` RGB
+    tensor. Baseline JPEGs and plain RGB/grey PNGs are decoded by torchvision; anything else, and any failure
+    there, is decoded by Pillow exactly as :func:`decoded` does, so the per-image errors are the same."""
+    from ml.preprocess import decode_cpu
+
+    image = _open(data)
+    _check_shape(image, limits)
+    direct = image.mode in _TENSOR_DECODABLE.get(image.format or "", ()) and "transparency" not in image.info
+    work = TENSOR_WORK_BYTES_PER_PIXEL if direct else 0
+    estimate = estimate_decode_bytes(image, len(data)) + work * image.size[0] * image.size[1]
+    reservation = limits.budget.reserve(estimate) if limits.budget is not None else contextlib.nullcontext()
+    with reservation:
+        pixels = None
+        if direct:
+            try:
+                pixels = decode_cpu(data)
+            except Exception:  # noqa: BLE001 - Pillow below decodes it or names the error
+                pixels = None
+        if pixels is None or tuple(pixels.shape) != (3, *reversed(_oriented_size(image))):
+            array = np.asarray(_load_rgb(image))
+            pixels = torch.from_numpy(array if array.flags.writeable else array.copy()).permute(2, 0, 1)
+        yield pixels
+
+
+def _oriented_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) after the EXIF orientation is applied (5-8 swap the sides)."""
+    try:
+        orientation = image.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001 - a broken EXIF block: Pillow's path keeps the stored orientation too
+        orientation = 1
+    width, height = image.size
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def _check_shape(image: Image.Image, limits: DecodeLimits) -> None:
     width, height = image.size
     if width * height > limits.max_pixels:
         raise ImageError(
@@ -255,10 +312,6 @@ def decoded(data: bytes, limits: DecodeLimits, work_bytes_per_pixel: int = 0) ->
             BAD_ASPECT_RATIO,
             f"{width}x{height}: aspect ratio over the limit {limits.max_aspect_ratio:g}:1 (CLS_MAX_ASPECT_RATIO)",
         )
-    estimate = estimate_decode_bytes(image, len(data)) + work_bytes_per_pixel * width * height
-    reservation = limits.budget.reserve(estimate) if limits.budget is not None else contextlib.nullcontext()
-    with reservation:
-        yield _load_rgb(image)
 
 
 @functools.cache

@@ -27,6 +27,7 @@ from PIL import Image
 from handlers.errors import BLOCKED_URL, PermanentError
 from handlers.executor import Executors
 from handlers.storage import ObjectStore
+from ml.preprocess import tensor_preprocess_for
 from ml.text_cache import TextEmbeddingCache, text_cache_key
 from schemas.annotation import ModelDescriptor
 
@@ -164,6 +165,7 @@ class EmbeddingHandle(Protocol):
     dim: int  # the embedding's dimension (probed once at load)
     embed_lane: Any  # the batcher lane of ``embed`` (the classify lane when ``embed`` is ``forward``)
     forward_is_embedding: bool  # classify's forward output is the embedding (cacheable by content hash)
+    tensor_preprocess: Any  # ml.preprocess.TensorPreprocess, or None: this model has only the Pillow path
 
     def preprocess(self, image: Image.Image) -> torch.Tensor: ...
     def embed(self, pixels: torch.Tensor) -> torch.Tensor: ...
@@ -187,6 +189,7 @@ class ZeroShotHandle:
         self._encode = encode_images_adaptive
         self._text_pending: dict[Any, asyncio.Future[torch.Tensor]] = {}  # identical requests share one pass
         self.preprocess_bytes_per_pixel = int(getattr(model, "preprocess_bytes_per_pixel", 0))
+        self.tensor_preprocess = tensor_preprocess_for(model)
         self.descriptor = ModelDescriptor(family=key.family, variant=model.info.variant, weights=model.info.weights)
         self.dim = probe_dim(self)
         self.embed_lane = key
@@ -273,6 +276,7 @@ class CustomHandle:
         self.embed_lane = ("embed", key)  # another output than forward: never in one batch with classify images
         self.forward_is_embedding = False
         self.dim = probe_dim(self)
+        self.tensor_preprocess = tensor_preprocess_for(model)
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         return self.model.preprocess(image)
@@ -324,6 +328,7 @@ class TimmHandle:
         self.model = model
         self._encode = encode_images_adaptive
         self.preprocess_bytes_per_pixel = 0  # timm's eval transform resizes with Pillow first
+        self.tensor_preprocess = tensor_preprocess_for(model)
         self.descriptor = ModelDescriptor(family="timm", variant=key.variant, weights=weights_label)
         self.embed_lane = key
         self.forward_is_embedding = True
