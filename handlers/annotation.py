@@ -233,7 +233,8 @@ class AnnotationHandler:
                 return ImageResult(id=image.id, error=ErrorInfo(code=exc.code, message=exc.message))
             # the key's model loaded now: after an eviction and reload, queued images go to the new instance
             current = ctx.models.peek(model.key) or model
-            output = await ctx.batcher.submit(model.key, current.forward, pixels, request_id, priority)
+            output = await ctx.batcher.submit(model.key, current.forward, pixels, request_id, priority,
+                                              stage=current.stage)
             if cache is not None and digest is not None:
                 cache.put(digest, model.key, output)
             return output

@@ -2,7 +2,9 @@
 
 Images are queued per model; a batch closes when it reaches ``max_batch`` images or ``max_wait_ms``
 after its first image, and runs on the GPU thread while the next batch fills up (fetching and
-decoding go on concurrently on the event loop and the CPU pool).
+decoding go on concurrently on the event loop and the CPU pool). The next batch is staged meanwhile on the
+CPU pool (the model's ``stage``: stacked and, on CUDA, copied from pinned memory on a side stream), so its
+host-to-device copy overlaps the running forward; the GPU thread only ever waits on CUDA events.
 
 Scheduling: interactive images are taken first (a person waits for them); bulk images are taken round
 robin by request, so a second bulk request is not stuck behind the first. An interactive image waits at
@@ -93,18 +95,27 @@ class BatchStats:
 class _Lane:
     """The queue and the batching loop of one model key; ends itself when its queue is empty."""
 
-    def __init__(self, batcher: "MicroBatcher", key: Any, forward: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    def __init__(self, batcher: "MicroBatcher", key: Any, forward: Callable[[Any], torch.Tensor],
+                 stage: Callable[[list[torch.Tensor]], Any] | None = None) -> None:
         self.batcher = batcher
         self.key = key
-        self.forward: Callable[[torch.Tensor], torch.Tensor] | None = forward
+        self.forward: Callable[[Any], torch.Tensor] | None = forward
+        self.stage = stage
         self.queue = _Schedule()
         self.task = asyncio.create_task(self._loop(), name=f"batcher-{key}")
 
     async def _loop(self) -> None:
         max_batch = self.batcher.max_batch
         wait_s = self.batcher.max_wait_ms / 1000
+        running: asyncio.Task[None] | None = None  # the batch on the model thread while the next one is gathered
         try:
-            while not self.queue.empty():
+            while True:
+                if self.queue.empty():
+                    if running is None:
+                        break
+                    await running  # images may arrive meanwhile: look at the queue again
+                    running = None
+                    continue
                 items = [self.queue.get_nowait()]
                 deadline = time.monotonic() + wait_s
                 while len(items) < max_batch:
@@ -123,18 +134,38 @@ class _Lane:
                             item.future.cancel()
                         raise
                 items = [item for item in items if not item.future.cancelled()]
-                if items:
-                    await self._run(items)
+                if not items:
+                    continue
+                # Stage this batch (stack; on CUDA its copy from pinned memory on a side stream) on the CPU pool
+                # while the previous batch runs on the model thread; the model thread never waits for the loop.
+                staged = asyncio.ensure_future(self._stage(items))
+                if running is not None:
+                    try:
+                        await running
+                    except asyncio.CancelledError:
+                        staged.cancel()
+                        for item in items:
+                            item.future.cancel()
+                        raise
+                running = asyncio.ensure_future(self._run(items, staged))
         finally:
             # No await between the empty check and here: a submit either saw this lane's queue before it
             # was emptied (and the loop took its image) or finds no lane and starts a new one.
+            if running is not None and not running.done():  # only on close()
+                running.cancel()
             if self.batcher._lanes.get(self.key) is self:
                 del self.batcher._lanes[self.key]
             self.forward = None  # let the model go
             for item in _drain(self.queue):  # only on close(): cancelled with its waiter
                 item.future.cancel()
 
-    async def _run(self, items: list[_Item]) -> None:
+    async def _stage(self, items: list[_Item]) -> Any:
+        rows = [item.pixels for item in items]
+        if self.stage is None:
+            return rows  # stacked on the model thread by _stack_and_forward
+        return await self.batcher.executors.on_cpu(self.stage, rows)
+
+    async def _run(self, items: list[_Item], staged: asyncio.Future[Any]) -> None:
         stats = self.batcher.stats
         requests = {item.request_id for item in items}
         stats.batches += 1
@@ -148,7 +179,7 @@ class _Lane:
         forward = self.forward
         assert forward is not None
         try:
-            outputs = await self.batcher.executors.on_gpu(_stack_and_forward, forward, [item.pixels for item in items])
+            outputs = await self.batcher.executors.on_gpu(_stack_and_forward, forward, await staged)
         except asyncio.CancelledError:  # close(): the waiters are cancelled, never left waiting
             for item in items:
                 item.future.cancel()
@@ -170,8 +201,10 @@ def _drain(queue: _Schedule) -> list[_Item]:
     return items
 
 
-def _stack_and_forward(forward: Callable[[torch.Tensor], torch.Tensor], rows: list[torch.Tensor]) -> torch.Tensor:
-    return forward(torch.stack(rows))  # on the GPU thread: no tensor work on the event loop
+def _stack_and_forward(forward: Callable[[Any], torch.Tensor], batch: Any) -> torch.Tensor:
+    if isinstance(batch, list):  # not staged: stacked here, on the GPU thread (no tensor work on the event loop)
+        batch = torch.stack(batch)
+    return forward(batch)
 
 
 class MicroBatcher:
@@ -186,18 +219,22 @@ class MicroBatcher:
         self._lanes: dict[Any, _Lane] = {}
         self.observe = observe or (lambda size, requests: None)
 
-    async def submit(self, key: Any, forward: Callable[[torch.Tensor], torch.Tensor], pixels: torch.Tensor,
-                     request_id: str, priority: str = "bulk") -> torch.Tensor:
+    async def submit(self, key: Any, forward: Callable[[Any], torch.Tensor], pixels: torch.Tensor,
+                     request_id: str, priority: str = "bulk",
+                     stage: Callable[[list[torch.Tensor]], Any] | None = None) -> torch.Tensor:
         """Queue one preprocessed image for model ``key``; returns its row of the batched output.
 
         ``forward`` is the key's current model: a batch that has not started yet runs on the newest one
-        submitted (a reloaded model), a running batch finishes on the model it started with.
+        submitted (a reloaded model), a running batch finishes on the model it started with. ``stage``
+        (optional) turns a batch's rows into what ``forward`` takes, on the CPU pool, while the previous batch
+        runs (``ml.device.stage_batch``: the host-to-device copy overlaps the previous forward).
         """
         lane = self._lanes.get(key)
         if lane is None:
-            lane = self._lanes[key] = _Lane(self, key, forward)
+            lane = self._lanes[key] = _Lane(self, key, forward, stage)
         else:
             lane.forward = forward
+            lane.stage = stage
         future: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
         lane.queue.put_nowait(_Item(pixels, request_id, future, priority))
         return await future

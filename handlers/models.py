@@ -27,6 +27,7 @@ from PIL import Image
 from handlers.errors import BLOCKED_URL, PermanentError
 from handlers.executor import Executors
 from handlers.storage import ObjectStore
+from ml.device import StagedBatch, stage_batch
 from ml.preprocess import tensor_preprocess_for
 from ml.text_cache import TextEmbeddingCache, text_cache_key
 from schemas.annotation import ModelDescriptor
@@ -172,6 +173,7 @@ class EmbeddingHandle(Protocol):
 
 
 class LoadedModel(EmbeddingHandle, Protocol):
+    def stage(self, rows: list[torch.Tensor]) -> Any: ...  # ml.device.StagedBatch: stacked, copy to the device begun
     def forward(self, pixels: torch.Tensor) -> torch.Tensor: ...
     def class_names(self, requested: Sequence[str] | None) -> list[str]: ...
     async def prepare(self, classes: Sequence[str], templates: Sequence[str], executors: Executors) -> tuple[Any, bool]: ...
@@ -198,7 +200,10 @@ class ZeroShotHandle:
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         return self.model.preprocess(image)
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+    def stage(self, rows: list[torch.Tensor]) -> StagedBatch:
+        return stage_batch(rows, self.model.device)
+
+    def forward(self, pixels: torch.Tensor | StagedBatch) -> torch.Tensor:
         return self._encode(self.model, pixels)
 
     embed = forward
@@ -285,7 +290,10 @@ class CustomHandle:
         """Normalised pooled pre-logits features of the trained model."""
         return self.model.embed(pixels)
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+    def stage(self, rows: list[torch.Tensor]) -> StagedBatch:
+        return stage_batch(rows, self.model.device)
+
+    def forward(self, pixels: torch.Tensor | StagedBatch) -> torch.Tensor:
         # log-probabilities over all classes: a subset renormalises them without underflow (calibrated
         # confidences of a low temperature are tiny for the unlikely classes)
         return self.model.log_probabilities(pixels)

@@ -9,7 +9,9 @@ they are tested on any machine; :meth:`Capabilities.probe` reads the real one. R
   training with fp16 scales the loss (``GradScaler``); bf16 needs no scaler;
 - memory format: ``channels_last`` on CUDA for convolutional networks (more than one Conv2d: a ViT's single
   patch-embedding convolution does not count), contiguous otherwise;
-- transfers: on CUDA from pinned host memory, non-blocking.
+- transfers: on CUDA from pinned host memory, non-blocking; :func:`stage_batch` starts a batch's copy on a side
+  stream (the annotation batcher stages batch n+1 from the CPU pool while the model thread runs batch n);
+- out of memory at inference on CUDA halves the batch (:func:`run_halving_on_oom`).
 
 Zero-shot (``ml.zeroshot``), custom inference (``ml.trained``) and training (``ml.training.loop``) all take
 their :class:`DevicePolicy` from :func:`policy_for`.
@@ -18,6 +20,7 @@ their :class:`DevicePolicy` from :func:`policy_for`.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +37,9 @@ __all__ = [
     "place_for_inference",
     "policy_for",
     "resolve_device",
+    "run_halving_on_oom",
+    "stage_batch",
+    "StagedBatch",
     "to_device",
 ]
 
@@ -198,3 +204,64 @@ def place_for_inference(module: torch.nn.Module, target: torch.device | DevicePo
     except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
         raise ModelLoadError(f"cannot move {what} to {policy.device}: {exc}") from exc
     return policy
+
+
+@dataclass
+class StagedBatch:
+    """A batch on its way to the device: on CUDA its host-to-device copy runs on a side stream (from pinned
+    memory) and :meth:`get` makes the computing stream wait for it; on the CPU it is the stacked batch itself."""
+
+    tensor: torch.Tensor
+    event: torch.cuda.Event | None = None
+    host: torch.Tensor | None = None  # the pinned source, alive until the copy is done
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.tensor.shape
+
+    def get(self) -> torch.Tensor:
+        """The batch, ready for kernels on the current stream."""
+        if self.event is not None:
+            stream = torch.cuda.current_stream(self.tensor.device)
+            stream.wait_event(self.event)
+            self.tensor.record_stream(stream)  # the caching allocator must not reuse it while the forward reads it
+            self.event, self.host = None, None
+        return self.tensor
+
+
+_copy_streams: dict[int, torch.cuda.Stream] = {}
+
+
+def stage_batch(rows: list[torch.Tensor] | torch.Tensor, device: torch.device) -> StagedBatch:
+    """Stack ``rows`` and, on CUDA, start their copy to ``device`` from pinned memory on a side stream, so the
+    copy of the next batch overlaps the forward of this one. Any thread may call it (not only the model's)."""
+    batch = rows if isinstance(rows, torch.Tensor) else torch.stack(rows)
+    if device.type != "cuda":
+        return StagedBatch(batch.contiguous())
+    host = batch.pin_memory()
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    stream = _copy_streams.get(index)
+    if stream is None:
+        stream = _copy_streams.setdefault(index, torch.cuda.Stream(device=index))
+    with torch.cuda.stream(stream):
+        tensor = host.to(device, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(stream)
+    return StagedBatch(tensor, event, host)
+
+
+def run_halving_on_oom(fn: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor,
+                       device: torch.device) -> torch.Tensor:
+    """``fn(batch)``; on CUDA, an out-of-memory error halves the batch and runs each half (recursively, down to
+    one image, where the error is re-raised); results are concatenated in order. On the CPU: just ``fn(batch)``."""
+    if device.type != "cuda":
+        return fn(batch)
+    try:
+        return fn(batch)
+    except Exception as exc:  # noqa: BLE001 - only OOM is handled, the rest re-raised
+        if not is_out_of_memory(exc) or batch.shape[0] <= 1:
+            raise
+    # Retry outside the except block so the failed attempt's frames (and tensors) are freed first.
+    torch.cuda.empty_cache()
+    half = (batch.shape[0] + 1) // 2
+    return torch.cat([run_halving_on_oom(fn, batch[:half], device), run_halving_on_oom(fn, batch[half:], device)])

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ml.device import DevicePolicy, policy_for
+from ml.device import DevicePolicy, StagedBatch, policy_for, run_halving_on_oom
 from ml.training.augment import DataConfig, eval_transform
 from ml.training.auto_accept import threshold_for
 from ml.training.errors import PackageError, UnknownModelError
@@ -88,8 +88,17 @@ class TrainedModel:
         """
         return self.log_probabilities(pixels, subset).exp()
 
-    def log_probabilities(self, pixels: torch.Tensor, subset: Sequence[str] | None = None) -> torch.Tensor:
-        """``log`` of :meth:`predict`, computed stably (a subset's softmax of tiny probabilities does not underflow)."""
+    def log_probabilities(self, pixels: torch.Tensor | StagedBatch, subset: Sequence[str] | None = None) -> torch.Tensor:
+        """``log`` of :meth:`predict`, computed stably (a subset's softmax of tiny probabilities does not underflow).
+
+        On CUDA an out-of-memory error halves the batch (down to one image, where it is re-raised)."""
+        if isinstance(pixels, StagedBatch):
+            pixels = pixels.get()
+        if pixels.dim() == 3:
+            pixels = pixels.unsqueeze(0)
+        return run_halving_on_oom(lambda batch: self._log_probabilities(batch, subset), pixels, self.device)
+
+    def _log_probabilities(self, pixels: torch.Tensor, subset: Sequence[str] | None) -> torch.Tensor:
         indices = self.subset_indices(subset)
         if pixels.dim() == 3:
             pixels = pixels.unsqueeze(0)
