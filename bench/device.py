@@ -1,0 +1,263 @@
+"""Device benchmark: the data path and the model on one device, each against a baseline measured in the same run.
+
+Run from the repository root:  .venv/bin/python bench/device.py [--dry] [--json-out FILE]
+(bench/device_check.sh runs it on a GPU machine; ``--dry`` is the same on the CPU with tiny sizes.)
+
+1. preprocess: decode + preprocess of 640x480 JPEGs per CPU thread, Pillow path (CLS_PREPROCESS=pil) against
+   the tensor path (ml.preprocess), and their largest pixel difference;
+2. annotation, per CLIP variant (ViT-B-32, ViT-L-14; --dry: cls-tiny-clip): the image tower alone on synthetic
+   preprocessed tensors (the ceiling), then end to end from JPEG bytes in memory to embeddings with (i) CPU decode
+   + tensor preprocessing on a thread pool, batches staged with pinned copies on a side stream, and (ii) on CUDA,
+   batched nvJPEG decode + resize on the GPU; img/s and each as a ratio of the tower;
+3. training: steps of the training loop's recipe (ml.device policy, fused/foreach AdamW, GradScaler when fp16)
+   for four families at 224 px (--dry: 32 px), AMP against fp32, img/s and the ratio.
+
+Prints one table per section and one JSON line (prefix ``BENCH_JSON ``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script: the repository root on the path
+    sys.path.insert(0, str(REPO))
+
+from handlers.images import DecodeLimits, decoded, decoded_tensor  # noqa: E402
+from ml.device import policy_for, stage_batch  # noqa: E402
+from ml.preprocess import decode_jpegs_cuda, tensor_preprocess_for  # noqa: E402
+from tests.support.photos import photo_jpegs  # noqa: E402
+
+FAMILIES = ("vit_base_patch16_224", "convnext_tiny", "efficientnet_b0", "swin_tiny_patch4_window7_224")
+DRY_FAMILIES = ("vit_tiny_patch16_224", "convnext_atto", "efficientnet_b0", "resnet10t")  # the four kinds, small
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dry", action="store_true", help="CPU, tiny models and sizes: checks the script runs")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--variants", default=None, help="CLIP variants (default ViT-B-32,ViT-L-14; --dry: cls-tiny-clip)")
+    parser.add_argument("--images", type=int, default=None, help="JPEGs per end-to-end run (default 2048; --dry 16)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default 256 on CUDA, 32 on the CPU, --dry 8")
+    parser.add_argument("--decode-threads", type=int, default=None, help="CPU decode threads (default: the cores)")
+    parser.add_argument("--seconds", type=float, default=None, help="time per measurement (default 10; --dry 1)")
+    parser.add_argument("--sections", default="preprocess,annotation,training")
+    parser.add_argument("--json-out", default=None)
+    return parser.parse_args(argv)
+
+
+def rate(fn: Callable[[], int], seconds: float, warmup: int = 1) -> float:
+    """Items per second of repeated ``fn()`` calls (each returns how many items it did) for about ``seconds``
+    (at least one call; none of the warm-up calls is counted)."""
+    for _ in range(warmup if seconds > 0 else 0):
+        fn()
+    sync()
+    done, started = 0, time.perf_counter()
+    while True:
+        done += fn()
+        sync()
+        elapsed = time.perf_counter() - started
+        if elapsed >= seconds:
+            return done / elapsed
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def environment() -> dict[str, Any]:
+    info: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
+                            "cuda_runtime": torch.version.cuda, "cpu_cores": len(__import__("os").sched_getaffinity(0))}
+    import torchvision
+
+    info["torchvision"] = torchvision.__version__
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info.update(gpu=props.name, gpu_memory_gb=round(props.total_memory / 2**30, 1),
+                    compute_capability=f"{props.major}.{props.minor}", cudnn=torch.backends.cudnn.version())
+    return info
+
+
+def bench_preprocess(args: argparse.Namespace) -> dict[str, Any]:
+    from ml.zeroshot import load_zero_shot_model
+
+    model = load_zero_shot_model("clip", "cls-tiny-clip" if args.dry else "ViT-B-32", "random", device="cpu")
+    recipe = tensor_preprocess_for(model)
+    assert recipe is not None
+    datas = photo_jpegs(4 if args.dry else 32, (640, 480))
+    limits = DecodeLimits()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # per CPU thread, as the worker's decode pool runs it
+    try:
+        def pil() -> int:
+            for data in datas:
+                with decoded(data, limits) as image:
+                    model.preprocess(image)
+            return len(datas)
+
+        def tensor() -> int:
+            for data in datas:
+                with decoded_tensor(data, limits) as pixels:
+                    recipe(pixels)
+            return len(datas)
+
+        pil_rate, tensor_rate = rate(pil, args.seconds), rate(tensor, args.seconds)
+    finally:
+        torch.set_num_threads(threads)
+    worst = 0.0
+    for data in datas:
+        with decoded(data, limits) as image:
+            reference = model.preprocess(image)
+        with decoded_tensor(data, limits) as pixels:
+            worst = max(worst, (recipe(pixels) - reference).abs().max().item())
+    return {"image_size": model.image_size, "pil_img_s": pil_rate, "tensor_img_s": tensor_rate,
+            "tensor_over_pil": tensor_rate / pil_rate, "max_pixel_difference": worst}
+
+
+def bench_annotation(args: argparse.Namespace, variant: str) -> dict[str, Any]:
+    from ml.zeroshot import load_zero_shot_model
+
+    model = load_zero_shot_model("clip", variant, "random", device=args.device)
+    device, size, batch = model.device, model.image_size, args.batch_size
+    recipe = tensor_preprocess_for(model)
+    assert recipe is not None
+    out: dict[str, Any] = {"variant": variant, "device": str(device), "batch": batch,
+                           "amp": str(model.policy.amp_dtype).replace("torch.", "")}
+    synthetic = torch.randn(batch, 3, size, size)
+    staged_once = stage_batch(synthetic, device).get()  # already on the device: the tower alone
+    out["tower_img_s"] = rate(lambda: (model.encode_images(staged_once), batch)[1], args.seconds)
+
+    datas = photo_jpegs(args.images, (640, 480))
+    limits = DecodeLimits()
+    pool = ThreadPoolExecutor(args.decode_threads)
+
+    def cpu_decode(data: bytes) -> torch.Tensor:
+        with decoded_tensor(data, limits) as pixels:
+            return recipe(pixels)
+
+    def end_to_end_cpu_decode() -> int:
+        chunks = [datas[i : i + batch] for i in range(0, len(datas), batch)]
+        pending = pool.map(lambda chunk: stage_batch(list(map(cpu_decode, chunk)), device), chunks)
+        for staged in pending:  # the pool decodes and stages ahead while the model runs this batch
+            model.encode_images(staged)
+        return len(datas)
+
+    out["e2e_cpu_decode_img_s"] = rate(end_to_end_cpu_decode, args.seconds, warmup=0)
+    out["e2e_cpu_decode_over_tower"] = out["e2e_cpu_decode_img_s"] / out["tower_img_s"]
+    if device.type == "cuda":
+        def end_to_end_gpu_decode() -> int:
+            for start in range(0, len(datas), batch):
+                chunk = datas[start : start + batch]
+                images = decode_jpegs_cuda(chunk, device)
+                images = [image if image is not None else cpu_decode_uint8(data, limits).to(device)
+                          for image, data in zip(images, chunk, strict=True)]
+                model.encode_images(recipe.batch(images))
+            return len(datas)
+
+        out["e2e_gpu_decode_img_s"] = rate(end_to_end_gpu_decode, args.seconds, warmup=1)
+        out["e2e_gpu_decode_over_tower"] = out["e2e_gpu_decode_img_s"] / out["tower_img_s"]
+    pool.shutdown()
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def cpu_decode_uint8(data: bytes, limits: DecodeLimits) -> torch.Tensor:
+    with decoded_tensor(data, limits) as pixels:
+        return pixels.clone()
+
+
+def bench_training(args: argparse.Namespace, name: str) -> dict[str, Any]:
+    import timm.optim
+
+    from ml.training.models import build_model
+
+    size = 32 if args.dry else 224
+    batch = 2 if args.dry else 64
+    model, _ = build_model(name, 10, size, pretrained=False, pretrained_path=None)
+    policy = policy_for(args.device, model)
+    model.to(policy.device, memory_format=policy.memory_format).train()
+    optimizer = timm.optim.create_optimizer_v2(model, "adamw", lr=1e-4,
+                                               **({"fused": True} if policy.cuda else {"foreach": True}))
+    images = policy.to_device(torch.randn(batch, 3, size, size))
+    targets = torch.randint(0, 10, (batch,)).to(policy.device)
+    criterion = torch.nn.CrossEntropyLoss()
+    result: dict[str, Any] = {"model": name, "image_size": size, "batch": batch, "device": str(policy.device)}
+    for label, run_policy in (("amp", policy), ("fp32", dataclasses.replace(policy, amp_dtype=None, grad_scaler=False))):
+        scaler = torch.amp.GradScaler(policy.device.type, enabled=run_policy.grad_scaler)
+
+        def step() -> int:
+            optimizer.zero_grad(set_to_none=True)
+            with run_policy.autocast():
+                loss = criterion(model(images), targets)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            return batch
+
+        result[f"{label}_img_s"] = rate(step, args.seconds, warmup=2)
+        result[f"{label}_dtype"] = str(run_policy.amp_dtype or torch.float32).replace("torch.", "")
+    result["amp_over_fp32"] = result["amp_img_s"] / result["fp32_img_s"]
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cuda = policy_for(args.device).cuda
+    if args.dry:
+        args.device = "cpu"
+        cuda = False
+    args.images = args.images or (8 if args.dry else 2048)
+    args.batch_size = args.batch_size or (4 if args.dry else 256 if cuda else 32)
+    args.seconds = args.seconds if args.seconds is not None else (0.0 if args.dry else 10.0)  # dry: one call each
+    variants = (args.variants or ("cls-tiny-clip" if args.dry else "ViT-B-32,ViT-L-14")).split(",")
+    sections = set(args.sections.split(","))
+    if args.dry:
+        torch.set_num_threads(min(2, torch.get_num_threads()))
+    result: dict[str, Any] = {"environment": environment(), "dry": args.dry}
+    print("environment:", json.dumps(result["environment"]))
+    if "preprocess" in sections:
+        pre = result["preprocess"] = bench_preprocess(args)
+        print(f"\npreprocess, one CPU thread, 640x480 JPEG -> {pre['image_size']} px:  pil {pre['pil_img_s']:.1f} img/s"
+              f"  tensor {pre['tensor_img_s']:.1f} img/s  = {pre['tensor_over_pil']:.2f} x pil"
+              f"  (max pixel difference {pre['max_pixel_difference']:.4f})")
+    if "annotation" in sections:
+        result["annotation"] = []
+        print("\nannotation (img/s)            tower   e2e cpu-decode (x tower)   e2e gpu-decode (x tower)")
+        for variant in variants:
+            row = bench_annotation(args, variant)
+            result["annotation"].append(row)
+            gpu = (f"{row['e2e_gpu_decode_img_s']:8.1f} ({row['e2e_gpu_decode_over_tower']:.2f})"
+                   if "e2e_gpu_decode_img_s" in row else "     n/a (no CUDA)")
+            print(f"  {variant:<14} {row['device']:<8} {row['tower_img_s']:8.1f}   "
+                  f"{row['e2e_cpu_decode_img_s']:8.1f} ({row['e2e_cpu_decode_over_tower']:.2f})          {gpu}")
+    if "training" in sections:
+        result["training"] = []
+        print("\ntraining steps (img/s)                    amp        fp32    amp/fp32")
+        for name in DRY_FAMILIES if args.dry else FAMILIES:
+            row = bench_training(args, name)
+            result["training"].append(row)
+            print(f"  {name:<32} {row['amp_img_s']:9.1f} ({row['amp_dtype']}) {row['fp32_img_s']:9.1f}"
+                  f"   {row['amp_over_fp32']:.2f}")
+    line = json.dumps(result)
+    print("\nBENCH_JSON " + line)
+    if args.json_out:
+        Path(args.json_out).write_text(line + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
