@@ -169,7 +169,6 @@ def bench_annotation(args: argparse.Namespace, variant: str) -> dict[str, Any]:
         out["e2e_gpu_decode_img_s"] = rate(end_to_end_gpu_decode, args.seconds, warmup=1)
         out["e2e_gpu_decode_over_tower"] = out["e2e_gpu_decode_img_s"] / out["tower_img_s"]
     pool.shutdown()
-    del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return out
