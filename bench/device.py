@@ -91,7 +91,7 @@ def environment() -> dict[str, Any]:
 
 
 def bench_preprocess(args: argparse.Namespace) -> dict[str, Any]:
-    from ml.zeroshot import load_zero_shot_model
+    from ml.backbones import load_zero_shot_model
 
     model = load_zero_shot_model("clip", "cls-tiny-clip" if args.dry else "ViT-B-32", "random", device="cpu")
     recipe = tensor_preprocess_for(model)
@@ -127,7 +127,7 @@ def bench_preprocess(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def bench_annotation(args: argparse.Namespace, variant: str) -> dict[str, Any]:
-    from ml.zeroshot import load_zero_shot_model
+    from ml.backbones import load_zero_shot_model
 
     model = load_zero_shot_model("clip", variant, "random", device=args.device)
     device, size, batch = model.device, model.image_size, args.batch_size

@@ -20,7 +20,7 @@ CLASSES = ["cat", "dog", "person", "coffee cup", "rocket", "flower", "building",
 
 @pytest.fixture(scope="module")
 def clip():  # type: ignore[no-untyped-def]
-    from ml.zeroshot import load_zero_shot_model
+    from ml.backbones import load_zero_shot_model
 
     return load_zero_shot_model("clip", "ViT-B-32", "random", device="cuda")
 

@@ -121,7 +121,7 @@ def photo_bytes() -> list[bytes]:
 def test_tensor_path_gives_the_same_top1_and_confidences(photo_bytes: list[bytes], family: str,
                                                          variant: str) -> None:
     from handlers.models import CustomHandle, ModelKey, ZeroShotHandle
-    from ml.zeroshot import load_zero_shot_model
+    from ml.backbones import load_zero_shot_model
 
     if family == "custom":
         model, _ = _random_timm_model()
