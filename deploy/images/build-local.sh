@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# Build every image the container tests use, from what this machine reaches (Debian's packages, PyPI,
+# the Maven jars of deploy/local/): no image registry needed. Run from anywhere; needs an engine
+# (deploy/images/engine.sh start) and, for the base, root and debootstrap.
+#
+#   deploy/images/build-local.sh [base|worker|kafka|s3 ...]     (default: all four, in that order)
+#
+# Images (tags overridable by environment):
+#   CLS_BASE_IMAGE    cls-base:bookworm    debootstrap --variant=minbase bookworm, imported (built once;
+#                                          FORCE_BASE=1 rebuilds it, which invalidates every layer above)
+#   CLS_WORKER_IMAGE  cls-workers:local    deploy/docker/Dockerfile with BASE_IMAGE=the base
+#   CLS_KAFKA_IMAGE   cls-kafka:local      the Kafka jars of deploy/local/lib + Debian's JRE 17
+#   CLS_S3_IMAGE      cls-s3:local         moto's S3 API server (version from constraints.txt)
+#
+# pip downloads go through a BuildKit cache mount (a rebuild after a code change reuses the wheels);
+# the machine's CA bundle reaches pip as a build secret (PIP_CERT), never as a layer.
+#   PIP_CA_BUNDLE     CA bundle handed to pip (default /etc/ssl/certs/ca-certificates.crt when present)
+#   DEBIAN_MIRROR     debootstrap's mirror (default http://deb.debian.org/debian)
+#   DOCKER            the docker CLI (default: Debian's /usr/bin/docker when present: it has BuildKit)
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO="$(cd "$HERE/../.." && pwd)"
+BASE="${CLS_BASE_IMAGE:-cls-base:bookworm}"
+WORKER="${CLS_WORKER_IMAGE:-cls-workers:local}"
+KAFKA="${CLS_KAFKA_IMAGE:-cls-kafka:local}"
+S3="${CLS_S3_IMAGE:-cls-s3:local}"
+MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+CA="${PIP_CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}"
+if [[ -z "${DOCKER:-}" ]]; then
+  if [[ -x /usr/bin/docker ]]; then DOCKER=/usr/bin/docker; else DOCKER=docker; fi
+fi
+export DOCKER_BUILDKIT=1 BUILDKIT_PROGRESS="${BUILDKIT_PROGRESS:-plain}"
+
+die() { echo "build-local.sh: $*" >&2; exit 1; }
+say() { echo "build-local.sh: $*" >&2; }
+exists() { "$DOCKER" image inspect "$1" >/dev/null 2>&1; }
+secret_args() { if [[ -f "$CA" ]]; then echo "--secret id=pip_cert,src=$CA"; fi; }
+timed() {  # timed WHAT CMD...: run, then print how long it took
+  local what="$1" start=$SECONDS; shift
+  "$@"
+  say "$what: $((SECONDS - start)) s"
+}
+
+build_base() {
+  if exists "$BASE" && [[ "${FORCE_BASE:-0}" != 1 ]]; then say "$BASE exists (FORCE_BASE=1 rebuilds it)"; return 0; fi
+  [[ "$(id -u)" == 0 ]] || die "debootstrap needs root"
+  if ! command -v debootstrap >/dev/null; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >&2 || die "apt-get install debootstrap failed"
+  fi
+  local root; root="$(mktemp -d /var/tmp/cls-base.XXXXXX)"
+  debootstrap --variant=minbase bookworm "$root" "$MIRROR" >"$root.log" 2>&1 \
+    || { tail -n 30 "$root.log" >&2; rm -rf "$root"; die "debootstrap failed (log $root.log)"; }
+  rm -f "$root.log"
+  # No package lists or caches in the layer; apt in Dockerfiles runs `apt-get update` itself.
+  rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/*.bin "$root"/var/cache/apt/archives/*.deb
+  tar -C "$root" --numeric-owner -c . | "$DOCKER" import \
+    --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+    --change 'ENV LANG=C.UTF-8' --change 'CMD ["/bin/bash"]' \
+    --message "debootstrap --variant=minbase bookworm" - "$BASE" >/dev/null
+  rm -rf "$root"
+}
+
+build_worker() {
+  exists "$BASE" || die "$BASE missing: build-local.sh base"
+  # shellcheck disable=SC2046
+  "$DOCKER" build -f "$REPO/deploy/docker/Dockerfile" --build-arg BASE_IMAGE="$BASE" $(secret_args) \
+    -t "$WORKER" "$REPO"
+}
+
+# The Kafka and S3 contexts are tarred with -h: deploy/local/lib may be a symlink (a worktree's).
+build_kafka() {
+  exists "$BASE" || die "$BASE missing: build-local.sh base"
+  [[ -f "$REPO/deploy/local/lib/.complete" ]] || "$REPO/deploy/local/kafka.sh" jars
+  tar -ch -C "$REPO/deploy/local" --exclude=.complete lib broker-log4j.properties tools-log4j.properties \
+      -C "$HERE/kafka" Dockerfile entrypoint.sh kafka-tool.sh \
+    | "$DOCKER" build --build-arg BASE_IMAGE="$BASE" -t "$KAFKA" -
+}
+
+build_s3() {
+  exists "$BASE" || die "$BASE missing: build-local.sh base"
+  # shellcheck disable=SC2046
+  tar -ch -C "$REPO" constraints.txt -C "$HERE/s3" Dockerfile \
+    | "$DOCKER" build --build-arg BASE_IMAGE="$BASE" $(secret_args) -t "$S3" -
+}
+
+"$DOCKER" info >/dev/null 2>&1 || die "no Docker engine answers (deploy/images/engine.sh start)"
+targets=("$@")
+[[ ${#targets[@]} -gt 0 ]] || targets=(base worker kafka s3)
+total=$SECONDS
+for target in "${targets[@]}"; do
+  case "$target" in
+    base) timed "base $BASE" build_base ;;
+    worker) timed "worker $WORKER" build_worker ;;
+    kafka) timed "kafka $KAFKA" build_kafka ;;
+    s3) timed "s3 $S3" build_s3 ;;
+    *) die "unknown image: $target (base|worker|kafka|s3)" ;;
+  esac
+done
+say "done in $((SECONDS - total)) s"
+"$DOCKER" image ls --format '{{.Repository}}:{{.Tag}}\t{{.Size}}' | grep -E "^(${BASE%%:*}|${WORKER%%:*}|${KAFKA%%:*}|${S3%%:*}):" >&2 || true
