@@ -653,7 +653,7 @@ def test_dockerfile_runs_as_a_created_non_root_user(prefetch):
 def test_dockerfile_base_volume_env_and_port():
     global_args, by_stage, order = stages()
     assert re.match(r"(nvidia/cuda:[\d.]+-cudnn-runtime-ubuntu[\d.]+|pytorch/pytorch:.*-runtime)$",
-                    global_args["CUDA_IMAGE"])
+                    global_args["BASE_IMAGE"])
     instructions = final_chain("false")
     volumes = [json.loads(rest) for k, rest in instructions if k == "VOLUME"]
     assert volumes == [["/cache"]]
