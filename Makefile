@@ -2,6 +2,7 @@
 #   make run    local Kafka + S3 API + both workers + a demo of the two workflows
 #   make test   the whole suite against a real broker and a real S3 API
 # Setup is idempotent: a second run installs nothing.
+#   make images (root) a Docker engine, then the images the container tests use (tests/containers)
 # Installs are pinned by constraints.txt (committed), so two fresh machines get the same versions;
 # `make constraints` regenerates it from the current venv after a deliberate upgrade.
 
@@ -13,7 +14,7 @@ CONSTRAINTS := constraints.txt
 JARS := deploy/local/lib/.complete
 PYTEST_ARGS ?=
 
-.PHONY: setup chromium run test bench bench-annotation bench-training kafka-start kafka-stop schemas clean constraints
+.PHONY: setup chromium run test test-containers engine images bench bench-annotation bench-training kafka-start kafka-stop schemas clean constraints
 
 setup: $(STAMP) $(JARS)
 
@@ -40,8 +41,21 @@ chromium:
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 
+# Container tests (marker `container`) run when a Docker engine answers and the local images exist;
+# otherwise pytest prints that they were deselected. CLS_REQUIRE_CONTAINERS=1 (.ci/run) makes that a failure.
 test: setup chromium
 	$(PY) -m pytest --durations=15 $(PYTEST_ARGS)
+
+test-containers: setup
+	$(PY) -m pytest --durations=15 -m container tests/containers $(PYTEST_ARGS)
+
+# A Docker engine (Debian's docker.io + Compose v2, dockerd in the background; root), started when none answers.
+engine:
+	deploy/images/engine.sh start
+
+# The base (debootstrap), worker, Kafka and S3 API images, built locally (no registry needed).
+images: $(JARS) engine
+	deploy/images/build-local.sh
 
 run: setup
 	$(PY) -m examples.demo $(DEMO_ARGS)

@@ -1,5 +1,17 @@
 """Shared fixtures: one real Kafka broker and one real S3 API server per session, a local image
-server, and a trained model shared by the tests that need one."""
+server, and a trained model shared by the tests that need one.
+
+Two kinds of tests are deselected where the machine cannot run them, never silently:
+- ``cuda`` (``tests/cuda``) without a CUDA device (the header and the summary say so);
+- ``container`` (``tests/containers``) without a Docker engine or the local images (``make images``);
+  with ``CLS_REQUIRE_CONTAINERS=1`` (set by ``.ci/run``) that is a failure instead.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
 
 pytest_plugins = [
     "tests.fixtures.kafka",
@@ -8,8 +20,10 @@ pytest_plugins = [
     "tests.fixtures.trained_model",
 ]
 
+REQUIRE_CONTAINERS_ENV = "CLS_REQUIRE_CONTAINERS"
 
 _DESELECTED_CUDA: list[str] = []
+_DESELECTED_CONTAINERS: list[str] = []
 
 
 def _cuda_available() -> bool:
@@ -26,15 +40,41 @@ def pytest_report_header(config):  # type: ignore[no-untyped-def]
     return "cuda: not available - tests marked cuda are deselected (bench/device_check.sh runs them on a GPU)"
 
 
-def pytest_collection_modifyitems(config, items):  # type: ignore[no-untyped-def]
-    """Without CUDA, deselect the ``cuda`` tests (said in the header and the summary, never silently)."""
-    if _cuda_available():
+def container_tests_blocker() -> str | None:
+    """Why the container tests cannot run here, or None when they can."""
+    from testkit.containers import Images, engine_answers, missing_images
+
+    if not engine_answers():
+        return "no Docker engine answers (as root: deploy/images/engine.sh start)"
+    missing = missing_images(Images.from_env())
+    if missing:
+        return f"images missing: {', '.join(missing)} (make images)"
+    return None
+
+
+def _deselect(config: pytest.Config, items: list[pytest.Item], marker: str) -> list[pytest.Item]:
+    chosen = [item for item in items if item.get_closest_marker(marker) is not None]
+    if chosen:
+        config.hook.pytest_deselected(items=chosen)
+        items[:] = [item for item in items if item.get_closest_marker(marker) is None]
+    return chosen
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not _cuda_available():
+        _DESELECTED_CUDA.extend(item.nodeid for item in _deselect(config, items, "cuda"))
+    if not any(item.get_closest_marker("container") for item in items):
         return
-    cuda = [item for item in items if item.get_closest_marker("cuda") is not None]
-    if cuda:
-        _DESELECTED_CUDA.extend(item.nodeid for item in cuda)
-        config.hook.pytest_deselected(items=cuda)
-        items[:] = [item for item in items if item.get_closest_marker("cuda") is None]
+    blocker = container_tests_blocker()
+    if blocker is None:
+        return
+    if os.environ.get(REQUIRE_CONTAINERS_ENV) == "1":
+        raise pytest.UsageError(f"{REQUIRE_CONTAINERS_ENV}=1 but the container tests cannot run: {blocker}")
+    deselected = _deselect(config, items, "container")
+    _DESELECTED_CONTAINERS.append(f"!!!! {len(deselected)} container tests DESELECTED: {blocker}")
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(_DESELECTED_CONTAINERS[-1], yellow=True, bold=True)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):  # type: ignore[no-untyped-def]
@@ -42,3 +82,5 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):  # type: igno
         terminalreporter.write_line(
             f"cuda: {len(_DESELECTED_CUDA)} CUDA tests deselected: no CUDA device here "
             "(run bench/device_check.sh on a GPU machine)", yellow=True)
+    for line in _DESELECTED_CONTAINERS:
+        terminalreporter.write_line(line, yellow=True, bold=True)
