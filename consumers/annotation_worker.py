@@ -134,18 +134,22 @@ def annotation_pipeline(settings: Settings, ctx: AnnotationContext) -> Pipeline:
 async def run_annotation_worker(settings: Settings, max_requests: int | None = None) -> int:
     configure_torch_threads(settings.worker.torch_threads)
     async with annotation_context(settings) as ctx:
+        failed_preloads: list[str] = []
         for key in preload_keys(settings, ctx.model_config):
             try:
                 model = await ctx.models.get(key)
-            except Exception as exc:  # a worker that cannot load its default model still answers (failed events)
+            except Exception as exc:  # the worker still answers (failed events), but is never ready
                 log.error("preload_failed", family=key.family, variant=key.variant, error=str(exc))
+                failed_preloads.append(f"{key.family}:{key.variant}")
                 continue
             if model.descriptor.weights == "random":
                 log.warning("random_weights", family=key.family, variant=key.variant,
                             hint="zero-shot predictions are meaningless; set CLS_CLIP_WEIGHTS / CLS_SIGLIP_WEIGHTS")
         runtime = ConsumerRuntime(settings, annotation_pipeline(settings, ctx), group_id=settings.worker.annotation_group_id,
                                   max_records=max_requests)
-        health = HealthServer(settings, runtime, models_ready=lambda: True)
+        # /readyz (and the image's HEALTHCHECK) only once every preloaded model is loaded: a worker whose
+        # configured model cannot load is not ready, so a rollout of a bad weights setting stalls.
+        health = HealthServer(settings, runtime, models_ready=lambda: not failed_preloads)
         await health.start()
         try:
             return await serve(runtime)

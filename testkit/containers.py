@@ -266,6 +266,8 @@ class WorkerSpec:
     #: how often docker runs the image's health check (its own interval, 15 s, is made for production)
     health_interval_s: float = 1.0
     command: list[str] = field(default_factory=list)
+    #: /dev/shm for data-loader workers (docker's default, 64 MB, is too small for training)
+    shm_size: str = "1g"
 
 
 class WorkerContainer(_Node):
@@ -278,6 +280,9 @@ class WorkerContainer(_Node):
         _publish(self.container, METRICS_PORT, self.metrics_port)
         env = {**base_env, **(RANDOM_CLIP_ENV if spec.kind == "annotation" else {}), **spec.env}
         if spec.weights_file is not None:
+            if not spec.weights_file.stat().st_mode & 0o004:
+                raise PermissionError(f"{spec.weights_file} is not readable by others: the worker runs as uid 10001 "
+                                      "(chmod o+r, e.g. 0644)")
             target = f"/weights/{spec.weights_file.name}"
             self.container.with_volume_mapping(str(spec.weights_file.resolve()), target, "ro")
             env[spec.weights_env] = target
@@ -287,7 +292,8 @@ class WorkerContainer(_Node):
         self.container.with_command(spec.command or [spec.kind])
         # the image's own HEALTHCHECK command (/readyz), polled faster than its production cadence
         interval = int(spec.health_interval_s * 1e9)
-        self.container.with_kwargs(healthcheck={"interval": interval, "timeout": 3 * 10**9, "retries": 3})
+        self.container.with_kwargs(healthcheck={"interval": interval, "timeout": 3 * 10**9, "retries": 3},
+                                   shm_size=spec.shm_size)
 
     def start(self) -> WorkerContainer:
         self.container.start()

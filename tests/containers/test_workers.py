@@ -83,7 +83,7 @@ async def test_ai_labeling_workflow_through_containers(stack: WorkerStack, tmp_p
 @pytest.fixture(scope="module")
 def digits_in_s3(stack: WorkerStack, tmp_path_factory):
     """Digits PNGs in s3://datasets/digits/<class>/<file> (90%), and the held-back 10% in s3://datasets/heldback/."""
-    samples, class_names = write_digits_dataset(tmp_path_factory.mktemp("digits"))
+    samples, class_names = write_digits_dataset(tmp_path_factory.mktemp("digits"), limit=900)
     _, _, test = digits_splits(samples)
     held_back = set(test)
     train = {f"digits/{class_names[label]}/{Path(p).name}": Path(p).read_bytes() for p, label in samples if (p, label) not in held_back}
@@ -100,7 +100,7 @@ async def test_training_then_inference_through_containers(stack: WorkerStack, di
     await produce(stack.bootstrap_servers, topics.TRAINING_REQUESTS, {
         "task": "train", "job_id": job_id,
         "config": {"model_name": "resnet10t", "num_classes": 10, "epochs": 3, "batch_size": 64, "learning_rate": 0.003,
-                   "augmentation": "none", "image_size": 32, "pretrained": False},
+                   "augmentation": "none", "image_size": 32, "pretrained": False, "num_workers": 0},
         "dataset": {"train_urls": [f"s3://datasets/{k}" for k in train_keys], "val_urls": [], "class_names": DIGIT_CLASS_NAMES},
         "output_path": output}, key=job_id)
 
@@ -112,7 +112,7 @@ async def test_training_then_inference_through_containers(stack: WorkerStack, di
     final = statuses[-1]
     assert final["status"] == "completed", final
     assert [s["progress"]["epoch"] for s in statuses if s["status"] == "running" and s.get("progress")][-1] == 3
-    assert final["model_url"] == output and final["metrics"]["val_accuracy"] >= 0.85
+    assert final["model_url"] == output and final["metrics"]["val_accuracy"] >= 0.7
     listed = stack.s3.client().list_objects_v2(Bucket="models", Prefix=f"{job_id}/")
     assert {"model.safetensors", "config.json", "metrics.json"} <= {o["Key"].rsplit("/", 1)[1] for o in listed["Contents"]}
 
@@ -127,7 +127,7 @@ async def test_training_then_inference_through_containers(stack: WorkerStack, di
         assert part["status"] == "completed", part
         predicted.update({e["id"]: e["predictions"][0]["class"] for e in part["results"]})
     correct = sum(predicted[f"digit-{i}"] == DIGIT_CLASS_NAMES[label] for i, (_, label) in enumerate(heldback))
-    assert correct / len(heldback) >= 0.85, correct / len(heldback)
+    assert correct / len(heldback) >= 0.7, correct / len(heldback)  # chance: 0.1
 
 
 def test_workers_run_as_a_non_root_user(stack: WorkerStack):
@@ -152,6 +152,10 @@ def _own_topics(stack: WorkerStack, name: str) -> dict[str, str]:
 def test_health_reports_ready_only_after_the_model_is_loaded(stack: WorkerStack, tmp_path):
     """Probes from the host while the worker starts: never ready before its log says the model loaded."""
     weights = _tiny_clip_weights(tmp_path / "tiny-clip.safetensors")
+    weights.chmod(0o600)
+    with pytest.raises(PermissionError, match="uid 10001"):  # the worker's user could not read it
+        stack.start_worker(WorkerSpec("annotation", weights_file=weights))
+    weights.chmod(0o644)
     spec = WorkerSpec("annotation", env=_own_topics(stack, "health"), weights_file=weights, health_interval_s=0.5)
     worker = stack.start_worker(spec)
     try:
@@ -172,6 +176,23 @@ def test_health_reports_ready_only_after_the_model_is_loaded(stack: WorkerStack,
                 assert loaded, f"ready before the model loaded: {samples}"
         loads = [json.loads(line) for line in worker.logs().splitlines() if '"model_loaded"' in line]
         assert loads[0]["weights"] == f"/weights/{weights.name}"  # the mounted file, read-only
+    finally:
+        worker.remove()
+
+
+def test_health_never_ready_when_the_model_cannot_load(stack: WorkerStack):
+    """Weights that do not exist: the worker runs (and would answer with failed events) but is never ready."""
+    env = {**_own_topics(stack, "nomodel"), "CLS_CLIP_WEIGHTS": "/weights/missing.safetensors"}
+    worker = stack.start_worker(WorkerSpec("annotation", env=env, health_interval_s=0.5))
+    try:
+        worker.wait_for_log("health_server_started", timeout_s=180)
+        assert "preload_failed" in worker.logs()
+        deadline = time.monotonic() + 6  # a dozen health-check intervals
+        while time.monotonic() < deadline:
+            answer = worker.readyz()
+            assert answer is not None and answer[0] == 503 and answer[1]["ready"] is False, answer
+            assert worker.health() != "healthy"
+            time.sleep(0.5)
     finally:
         worker.remove()
 
