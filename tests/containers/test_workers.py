@@ -42,7 +42,7 @@ def _results_for(request_id: str):  # noqa: ANN202
 def _tiny_clip_weights(path: Path) -> Path:
     """Random tiny-CLIP weights as a safetensors file (what a real weights file looks like to the worker)."""
     from ml.weights import save_state_dict
-    from ml.zeroshot import load_zero_shot_model
+    from ml.backbones import load_zero_shot_model
 
     model = load_zero_shot_model("clip", "cls-tiny-clip", "random", device="cpu", seed=7)
     return save_state_dict(model.module, path)
