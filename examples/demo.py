@@ -2,7 +2,8 @@
 
 Starts a local Kafka broker (deploy/local/kafka.sh), a local S3 API (moto's server on 127.0.0.1),
 provisions the topics, starts the annotation and the training worker as separate processes, and the
-reference fold (examples/fold.py) into SQLite. Then:
+reference fold (examples/fold.py) into SQLite (``.state/demo/fold.sqlite``; ``--database postgresql://...``
+or DEMO_DATABASE_URL folds into a PostgreSQL database instead). Then:
 
 1. AI labeling: 10 real sample photos served on 127.0.0.1, zero-shot classified against 4 classes,
    folded, top-1 labels above a threshold applied;
@@ -189,7 +190,7 @@ async def produce(bootstrap: str, topic: str, key: str, body: dict) -> None:
         await producer.stop()
 
 
-async def run(demo: Demo, once: bool) -> None:
+async def run(demo: Demo, once: bool, database: str | None = None) -> None:
     from examples.fold import Fold, run_fold
     from schemas import topics
 
@@ -212,7 +213,8 @@ async def run(demo: Demo, once: bool) -> None:
     say("• annotation and training workers are up (pids " + " ".join(str(p.pid) for p in demo.workers)
         + "; logs: " + str(demo.state) + "/*.log)")
 
-    fold = Fold(demo.state / "fold.sqlite")
+    fold_target = database or str(demo.state / "fold.sqlite")
+    fold = Fold(fold_target)
     stop_fold = asyncio.Event()
     fold_task = asyncio.create_task(run_fold(fold, demo.bootstrap, [topics.ANNOTATION_RESULTS, topics.TRAINING_STATUS],
                                              f"demo-fold-{uuid.uuid4().hex[:6]}", stop_fold))
@@ -238,8 +240,8 @@ async def run(demo: Demo, once: bool) -> None:
     await until(lambda: fold.request_complete(request_id), 300, "annotation results")
     applied = fold.auto_apply(request_id, threshold=0.3)
     say(f"   folded {len(images)} predictions; auto-applied {applied} top-1 labels with confidence >= 0.3")
-    rows = fold.db.execute("SELECT image_id, class, confidence, model FROM labels WHERE request_id = ? AND rank = 0"
-                           " ORDER BY image_id", (request_id,)).fetchall()
+    rows = fold.query("SELECT image_id, class, confidence, model FROM labels WHERE request_id = ? AND rank = 0"
+                      " ORDER BY image_id", (request_id,))
     for image_id, cls, confidence, model in rows[:6]:
         say(f"   {image_id:28s} -> {cls:12s} {confidence:.3f}   ({model})")
 
@@ -323,20 +325,20 @@ async def run(demo: Demo, once: bool) -> None:
                    "auto_accept_precision": 0.95,
                    "images": [{"id": f"digit-{i}", "url": f"{base}/held/{i}.png"} for i in range(len(held_back))]})
     await until(lambda: fold.request_complete(infer_id), 300, "custom inference")
-    predicted = dict(fold.db.execute("SELECT image_id, class FROM labels WHERE request_id = ? AND rank = 0", (infer_id,)).fetchall())
+    predicted = dict(fold.query("SELECT image_id, class FROM labels WHERE request_id = ? AND rank = 0", (infer_id,)))
     correct = sum(predicted.get(f"digit-{i}") == DIGIT_CLASS_NAMES[label] for i, (_, label) in enumerate(held_back))
     say(f"   {bar(correct, len(held_back))} correct: accuracy {correct / len(held_back):.3f}")
     for i, (_, label) in list(enumerate(held_back))[:5]:
         say(f"   digit-{i}: true {DIGIT_CLASS_NAMES[label]:6s} predicted {predicted.get(f'digit-{i}')}")
     accepted = fold.auto_apply(infer_id)  # the labels the model's validated thresholds accept at precision 0.95
-    applied_rows = fold.db.execute("SELECT image_id, class FROM applied_labels WHERE request_id = ?", (infer_id,)).fetchall()
+    applied_rows = fold.query("SELECT image_id, class FROM applied_labels WHERE request_id = ?", (infer_id,))
     truth = {f"digit-{i}": DIGIT_CLASS_NAMES[label] for i, (_, label) in enumerate(held_back)}
     right = sum(truth[image_id] == cls for image_id, cls in applied_rows)
     say(f"   auto-applied {accepted} of {len(held_back)} labels at precision 0.95: {right} right"
         f" ({right / max(1, accepted):.3f})")
     shutil.rmtree(digits_dir, ignore_errors=True)
 
-    say("\nDone. The folded tables are in " + str(demo.state / "fold.sqlite"))
+    say("\nDone. The folded tables are in " + fold_target)
     if not once:
         say(f"The stack keeps running: try `KAFKA_BOOTSTRAP_SERVERS={demo.bootstrap} AWS_ENDPOINT_URL={endpoint} "
             f".venv/bin/cls-worker send annotate --classes cat,dog {base}/chelsea-the-cat.jpg`  (Ctrl-C stops everything)")
@@ -349,6 +351,9 @@ async def run(demo: Demo, once: bool) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--once", action="store_true", help="exit after the demo (also DEMO_ONCE=1, or no terminal)")
+    parser.add_argument("--database", default=os.environ.get("DEMO_DATABASE_URL"),
+                        help="fold into this PostgreSQL database (postgresql://user@host:port/db) instead of SQLite"
+                             " (also DEMO_DATABASE_URL)")
     args = parser.parse_args()
     once = args.once or os.environ.get("DEMO_ONCE") == "1" or not sys.stdin.isatty()
     state = Path(os.environ.get("DEMO_STATE_DIR") or REPO / ".state" / "demo")
@@ -364,7 +369,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     code = 0
     try:
-        asyncio.run(run(demo, once))
+        asyncio.run(run(demo, once, args.database))
     except KeyboardInterrupt:
         say("\ninterrupted")
     except Exception as exc:  # noqa: BLE001 - report and clean up

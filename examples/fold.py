@@ -1,4 +1,5 @@
-"""Reference fold: the workers' result and status events into a SQL database (SQLite, standard library).
+"""Reference fold: the workers' result and status events into a SQL database: SQLite (standard library, the
+zero-setup default) or PostgreSQL (psycopg 3), the same SQL for both (``examples/fold_db.py``).
 
 The backend team can copy this as the reference for its own fold. Rules it shows:
 
@@ -10,6 +11,14 @@ The backend team can copy this as the reference for its own fold. Rules it shows
 - **Parts.** Annotation results may come in parts; each part is folded on its own and the request is
   complete when ``parts_received == parts``.
 - **Commit after the database.** The Kafka offset is committed only after the SQL transaction.
+- **Safe with two folds at once.** Every write is an upsert keyed by a primary key, and the message id is
+  claimed first (``INSERT ... ON CONFLICT DO NOTHING``), so two consumers folding the same record during a
+  rebalance fold it once; counters add in SQL (``parts_received = parts_received + 1``), never read-modify-
+  write in Python; ``seq`` is compared in the upsert's ``WHERE``.
+- **A bad event is recorded, never a crash.** An event the fold cannot store (a field missing or of the wrong
+  type, a NUL character, which PostgreSQL's text cannot hold, a non-finite number, an integer beyond 64 bits)
+  is rolled back and recorded in ``rejected_messages`` with the reason, the same way on both databases,
+  and the consumer goes on.
 - **Auto-accept by validated precision, not a guessed threshold.** A ``custom`` request with
   ``auto_accept_precision`` gets ``auto_accept: true`` on each image whose top-1 label the trained model's
   validated thresholds accept at that precision; :meth:`Fold.auto_apply` without a threshold applies exactly
@@ -17,18 +26,22 @@ The backend team can copy this as the reference for its own fold. Rules it shows
 
 Tables: ``labels`` (AI predictions: image id, class, confidence, source 'ai', model, request id, rank),
 ``image_errors``, ``annotation_requests``, ``training_jobs``, ``applied_labels`` (what a labeling
-workflow accepted), ``folded_messages`` (idempotency).
+workflow accepted), ``folded_messages`` (idempotency), ``rejected_messages`` (events that could not be folded).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from examples.fold_db import connect
+
+# Portable types only: TEXT, INTEGER, BIGINT (seq reaches 2**53 - 1), DOUBLE PRECISION (PostgreSQL's REAL
+# is 4-byte). JSON values are stored as canonical text in both databases.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS folded_messages (
     message_id TEXT PRIMARY KEY,
@@ -48,8 +61,8 @@ CREATE TABLE IF NOT EXISTS labels (
     image_id TEXT NOT NULL,
     rank INTEGER NOT NULL,
     class TEXT NOT NULL,
-    confidence REAL NOT NULL,
-    margin REAL,
+    confidence DOUBLE PRECISION NOT NULL,
+    margin DOUBLE PRECISION,
     auto_accept INTEGER,
     source TEXT NOT NULL DEFAULT 'ai',
     model TEXT NOT NULL,
@@ -65,7 +78,7 @@ CREATE TABLE IF NOT EXISTS image_errors (
 CREATE TABLE IF NOT EXISTS training_jobs (
     job_id TEXT PRIMARY KEY,
     status TEXT NOT NULL,
-    seq INTEGER NOT NULL,
+    seq BIGINT NOT NULL,
     attempt INTEGER NOT NULL,
     progress TEXT,
     metrics TEXT,
@@ -73,15 +86,54 @@ CREATE TABLE IF NOT EXISTS training_jobs (
     error TEXT,
     updated_at TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS rejected_messages (
+    message_id TEXT PRIMARY KEY,
+    topic TEXT NOT NULL,
+    reason TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS applied_labels (
     image_id TEXT PRIMARY KEY,
     class TEXT NOT NULL,
-    confidence REAL NOT NULL,
+    confidence DOUBLE PRECISION NOT NULL,
     source TEXT NOT NULL,
     model TEXT NOT NULL,
     request_id TEXT NOT NULL
 );
 """
+
+JOB_COLUMNS = ("job_id", "status", "seq", "attempt", "progress", "metrics", "model_url", "error", "updated_at")
+TABLES = ("annotation_requests", "labels", "image_errors", "training_jobs", "applied_labels", "folded_messages",
+          "rejected_messages")
+MAX_REASON_CHARS = 500
+INT64 = 2**63
+
+
+class UnfoldableEvent(ValueError):
+    """The event holds a value that the fold does not store the same way in every database."""
+
+
+def _check_values(value: Any, depth: int = 0) -> None:
+    """Reject what SQLite and PostgreSQL would store differently or not at all (recursion bounded by depth)."""
+    if depth > 64:
+        raise UnfoldableEvent("nested deeper than 64 levels")
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise UnfoldableEvent("a string holds a NUL character (PostgreSQL text cannot)")
+    elif isinstance(value, bool) or value is None:
+        return
+    elif isinstance(value, int):
+        if not -INT64 <= value < INT64:
+            raise UnfoldableEvent("an integer does not fit in 64 bits")
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise UnfoldableEvent("a number is not finite")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_values(key, depth + 1)
+            _check_values(item, depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            _check_values(item, depth + 1)
 
 
 def _json(value: Any) -> str | None:
@@ -89,12 +141,19 @@ def _json(value: Any) -> str | None:
 
 
 class Fold:
-    """Folds events into one SQLite database (thread-confined: use it from one thread)."""
+    """Folds events into one database: a SQLite file path (default) or a ``postgresql://`` URL.
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = str(path)
-        self.db = sqlite3.connect(self.path, isolation_level=None)
-        self.db.executescript(SCHEMA)
+    Thread-confined: use one ``Fold`` from one thread (open one per thread or process; they may share the
+    database)."""
+
+    def __init__(self, target: str | Path) -> None:
+        self.target = target
+        self.db = connect(target)
+        self.db.create_schema(SCHEMA)
+
+    @property
+    def dialect(self) -> str:
+        return self.db.dialect
 
     def close(self) -> None:
         self.db.close()
@@ -105,88 +164,101 @@ class Fold:
             return False
         try:
             event = json.loads(value)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested too deep to parse
+            return False
+        if not isinstance(event, dict):
             return False
         message_id = event.get("message_id")
         kind = event.get("event_type")
-        if not message_id or kind not in ("annotation.result", "training.status"):
+        if not isinstance(message_id, str) or not message_id or kind not in ("annotation.result", "training.status"):
             return False
-        self.db.execute("BEGIN IMMEDIATE")
         try:
-            if self.db.execute("SELECT 1 FROM folded_messages WHERE message_id = ?", (message_id,)).fetchone():
-                self.db.execute("ROLLBACK")
-                return False
-            if kind == "annotation.result":
-                self._annotation(event)
-            else:
-                self._training(event)
-            self.db.execute("INSERT INTO folded_messages (message_id, topic) VALUES (?, ?)", (message_id, topic))
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
+            _check_values(event)
+            with self.db.transaction():
+                # Claim the message id first: a concurrent fold of the same record waits here, then skips it.
+                if not self.db.execute("INSERT INTO folded_messages (message_id, topic) VALUES (?, ?)"
+                                       " ON CONFLICT (message_id) DO NOTHING", (message_id, topic)):
+                    return False
+                if kind == "annotation.result":
+                    self._annotation(event)
+                else:
+                    self._training(event)
+        except (KeyError, TypeError, ValueError, AttributeError, *self.db.value_errors) as exc:
+            self._reject(message_id, topic, exc)
+            return False
         return True
+
+    def _reject(self, message_id: Any, topic: str, exc: BaseException) -> None:
+        """Record an event that could not be folded (its transaction was rolled back); idempotent on replay."""
+        reason = f"{type(exc).__name__}: {exc}"[:MAX_REASON_CHARS]
+        key = json.dumps(message_id)[:1000]  # JSON-escaped, so an id with a NUL is recorded too
+        with self.db.transaction():
+            self.db.execute("INSERT INTO rejected_messages (message_id, topic, reason) VALUES (?, ?, ?)"
+                            " ON CONFLICT (message_id) DO NOTHING", (key, topic, reason.replace("\x00", "\\0")))
 
     def _annotation(self, event: dict[str, Any]) -> None:
         request_id = event["request_id"]
         model = event.get("model") or {}
         model_name = "/".join(str(model.get(k, "")) for k in ("family", "variant", "weights")) if model else None
-        row = self.db.execute("SELECT parts_received, status FROM annotation_requests WHERE request_id = ?",
-                              (request_id,)).fetchone()
-        received = (row[0] if row else 0) + (1 if event["status"] == "completed" else 0)
-        status = event["status"]
-        if row and row[1] == "failed":
-            status = "failed"
         self.db.execute(
             "INSERT INTO annotation_requests (request_id, status, model, parts, parts_received, error, updated_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(request_id) DO UPDATE SET status=excluded.status,"
-            " model=COALESCE(excluded.model, annotation_requests.model), parts=excluded.parts,"
-            " parts_received=excluded.parts_received, error=COALESCE(excluded.error, annotation_requests.error),"
-            " updated_at=excluded.updated_at",
-            (request_id, status, model_name, event.get("parts", 1), received, _json(event.get("error")), event["created_at"]),
+            " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (request_id) DO UPDATE SET"
+            " status = CASE WHEN annotation_requests.status = 'failed' THEN 'failed' ELSE excluded.status END,"
+            " model = COALESCE(excluded.model, annotation_requests.model), parts = excluded.parts,"
+            " parts_received = annotation_requests.parts_received + excluded.parts_received,"
+            " error = COALESCE(excluded.error, annotation_requests.error), updated_at = excluded.updated_at",
+            (request_id, event["status"], model_name, event.get("parts", 1), 1 if event["status"] == "completed" else 0,
+             _json(event.get("error")), event["created_at"]),
         )
         for result in event.get("results", []):
+            # The latest result for an image replaces any earlier one (its labels and its error).
+            self.db.execute("DELETE FROM labels WHERE request_id = ? AND image_id = ?", (request_id, result["id"]))
+            self.db.execute("DELETE FROM image_errors WHERE request_id = ? AND image_id = ?", (request_id, result["id"]))
             if result.get("error"):
                 self.db.execute(
-                    "INSERT OR REPLACE INTO image_errors (request_id, image_id, code, message) VALUES (?, ?, ?, ?)",
+                    "INSERT INTO image_errors (request_id, image_id, code, message) VALUES (?, ?, ?, ?)",
                     (request_id, result["id"], result["error"]["code"], result["error"]["message"]),
                 )
             accept = result.get("auto_accept")
             for rank, prediction in enumerate(result.get("predictions", [])):
                 self.db.execute(
-                    "INSERT OR REPLACE INTO labels (request_id, image_id, rank, class, confidence, margin, auto_accept,"
-                    " source, model) VALUES (?, ?, ?, ?, ?, ?, ?, 'ai', ?)",
+                    "INSERT INTO labels (request_id, image_id, rank, class, confidence, margin, auto_accept, source,"
+                    " model) VALUES (?, ?, ?, ?, ?, ?, ?, 'ai', ?) ON CONFLICT (request_id, image_id, class) DO UPDATE"
+                    " SET rank = excluded.rank, confidence = excluded.confidence, margin = excluded.margin,"
+                    " auto_accept = excluded.auto_accept, model = excluded.model",
                     (request_id, result["id"], rank, prediction["class"], prediction["confidence"], result.get("margin"),
                      None if accept is None or rank else int(bool(accept)), model_name or ""),
                 )
 
     def _training(self, event: dict[str, Any]) -> None:
-        job_id = event["job_id"]
-        row = self.db.execute("SELECT seq FROM training_jobs WHERE job_id = ?", (job_id,)).fetchone()
-        if row is not None and event["seq"] < row[0]:
-            return  # older than what we have: never move a job backwards
+        # The WHERE keeps a job from moving backwards: an event older than the stored seq changes nothing.
         self.db.execute(
             "INSERT INTO training_jobs (job_id, status, seq, attempt, progress, metrics, model_url, error, updated_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(job_id) DO UPDATE SET status=excluded.status,"
-            " seq=excluded.seq, attempt=excluded.attempt, progress=COALESCE(excluded.progress, training_jobs.progress),"
-            " metrics=COALESCE(excluded.metrics, training_jobs.metrics), model_url=excluded.model_url,"
-            " error=excluded.error, updated_at=excluded.updated_at",
-            (job_id, event["status"], event["seq"], event.get("attempt", 1), _json(event.get("progress")),
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (job_id) DO UPDATE SET status = excluded.status,"
+            " seq = excluded.seq, attempt = excluded.attempt,"
+            " progress = COALESCE(excluded.progress, training_jobs.progress),"
+            " metrics = COALESCE(excluded.metrics, training_jobs.metrics), model_url = excluded.model_url,"
+            " error = excluded.error, updated_at = excluded.updated_at WHERE training_jobs.seq <= excluded.seq",
+            (event["job_id"], event["status"], event["seq"], event.get("attempt", 1), _json(event.get("progress")),
              _json(event.get("metrics")), event.get("model_url"), _json(event.get("error")), event["created_at"]),
         )
 
     # ------------------------------------------------------------------ queries the workflows use
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
+        """Rows of a read-only query (``?`` placeholders, portable SQL): for the demo and the tests."""
+        return self.db.fetchall(sql, params)
+
     def request_complete(self, request_id: str) -> bool:
-        row = self.db.execute("SELECT status, parts, parts_received FROM annotation_requests WHERE request_id = ?",
-                              (request_id,)).fetchone()
-        return bool(row) and (row[0] == "failed" or row[2] >= row[1])
+        rows = self.db.fetchall("SELECT status, parts, parts_received FROM annotation_requests WHERE request_id = ?",
+                                (request_id,))
+        return bool(rows) and (rows[0][0] == "failed" or rows[0][2] >= rows[0][1])
 
     def job(self, job_id: str) -> dict[str, Any] | None:
-        cur = self.db.execute("SELECT * FROM training_jobs WHERE job_id = ?", (job_id,))
-        row = cur.fetchone()
-        if row is None:
+        rows = self.db.fetchall(f"SELECT {', '.join(JOB_COLUMNS)} FROM training_jobs WHERE job_id = ?",  # noqa: S608
+                                (job_id,))
+        if not rows:
             return None
-        out = dict(zip([c[0] for c in cur.description], row, strict=True))
+        out = dict(zip(JOB_COLUMNS, rows[0], strict=True))
         for key in ("progress", "metrics", "error"):
             out[key] = json.loads(out[key]) if out[key] else None
         return out
@@ -194,16 +266,16 @@ class Fold:
     def auto_apply(self, request_id: str, threshold: float | None = None) -> int:
         """Accept each image's top-1 AI label: the ones the worker marked ``auto_accept`` (the request named an
         ``auto_accept_precision``), or, given ``threshold``, those whose confidence is at least ``threshold``."""
-        self.db.execute("BEGIN IMMEDIATE")
         condition = "auto_accept = 1" if threshold is None else "confidence >= ?"
-        cur = self.db.execute(
-            "INSERT OR REPLACE INTO applied_labels (image_id, class, confidence, source, model, request_id)"
-            " SELECT image_id, class, confidence, 'ai', model, request_id FROM labels"
-            f" WHERE request_id = ? AND rank = 0 AND {condition}",  # noqa: S608 (fixed condition strings)
-            (request_id,) if threshold is None else (request_id, threshold),
-        )
-        self.db.execute("COMMIT")
-        return cur.rowcount
+        with self.db.transaction():
+            return self.db.execute(
+                "INSERT INTO applied_labels (image_id, class, confidence, source, model, request_id)"
+                " SELECT image_id, class, confidence, 'ai', model, request_id FROM labels"
+                f" WHERE request_id = ? AND rank = 0 AND {condition}"  # noqa: S608 (fixed condition strings)
+                " ON CONFLICT (image_id) DO UPDATE SET class = excluded.class, confidence = excluded.confidence,"
+                " source = excluded.source, model = excluded.model, request_id = excluded.request_id",
+                (request_id,) if threshold is None else (request_id, threshold),
+            )
 
     def auto_accept_threshold(self, job_id: str, precision: float) -> float | None:
         """The global confidence threshold a completed training job validated for ``precision`` (the smallest
@@ -213,10 +285,9 @@ class Fold:
         eligible = sorted((row["precision"], row["threshold"]) for row in rows if row["precision"] >= precision - 1e-12)
         return eligible[0][1] if eligible else None
 
-    def dump(self, tables: Iterable[str] = ("annotation_requests", "labels", "image_errors", "training_jobs",
-                                            "applied_labels", "folded_messages")) -> dict[str, list[tuple]]:
-        """Every row of the tables, ordered: for comparing databases."""
-        return {t: sorted(self.db.execute(f"SELECT * FROM {t}").fetchall(), key=repr) for t in tables}  # noqa: S608
+    def dump(self, tables: Iterable[str] = TABLES) -> dict[str, list[tuple]]:
+        """Every row of the tables, ordered: for comparing databases (also a SQLite one with a PostgreSQL one)."""
+        return {t: sorted(self.db.fetchall(f"SELECT * FROM {t}"), key=repr) for t in tables}  # noqa: S608
 
 
 async def run_fold(fold: Fold, bootstrap_servers: str, topics: list[str], group_id: str,

@@ -1,5 +1,6 @@
-"""Shared fixtures: one real Kafka broker and one real S3 API server per session, a local image
-server, and a trained model shared by the tests that need one.
+"""Shared fixtures: one real Kafka broker, one real S3 API server and one real PostgreSQL server per
+session (each started only when a test asks for it), a local image server, and a trained model shared by
+the tests that need one.
 
 Two kinds of tests are deselected where the machine cannot run them, never silently:
 - ``cuda`` (``tests/cuda``) without a CUDA device (the header and the summary say so);
@@ -16,6 +17,7 @@ import pytest
 pytest_plugins = [
     "tests.fixtures.kafka",
     "tests.fixtures.s3",
+    "tests.fixtures.postgres",
     "tests.fixtures.http_server",
     "tests.fixtures.trained_model",
 ]

@@ -127,14 +127,14 @@ async def test_ai_labeling_workflow(stack: Stack, http_server, kill, tmp_path):
     threshold = 1 / len(classes)  # top-1 of a softmax over 4 classes is always >= 0.25
     applied = stack.fold.auto_apply(request_id, threshold)
     # 6. one label per image, with the model and its confidence
-    rows = stack.fold.db.execute("SELECT image_id, class, confidence, source, model, request_id FROM applied_labels"
-                                 " ORDER BY image_id").fetchall()
+    rows = stack.fold.query("SELECT image_id, class, confidence, source, model, request_id FROM applied_labels"
+                            " ORDER BY image_id")
     assert applied == len(images) == len(rows)
     assert {r[0] for r in rows} == {img["id"] for img in images}
     for image_id, cls, confidence, source, model, rid in rows:
         assert cls in classes and confidence >= threshold and source == "ai" and rid == request_id
         assert model == "clip/cls-tiny-clip/random"
-    labels = stack.fold.db.execute("SELECT COUNT(*) FROM labels WHERE request_id = ?", (request_id,)).fetchone()[0]
+    labels = stack.fold.query("SELECT COUNT(*) FROM labels WHERE request_id = ?", (request_id,))[0][0]
     assert labels == len(images) * len(classes)
     _RESULTS.setdefault("labeling", {})[kill] = {r[0]: (r[1], r[2]) for r in rows}
     if len(_RESULTS["labeling"]) == 2:  # killed run folds to the same labels as the steady one
@@ -233,7 +233,7 @@ async def test_training_workflow(stack: Stack, digits_prefix, http_server, kill)
                   {"task": "classify", "model": "custom", "model_url": output, "images": images, "top_k": 1,
                    "threshold": 0.0}, key=request_id)
     await stack.wait(lambda: stack.fold.request_complete(request_id), 180, "custom inference")
-    rows = dict(stack.fold.db.execute("SELECT image_id, class FROM labels WHERE request_id = ? AND rank = 0",
-                                      (request_id,)).fetchall())
+    rows = dict(stack.fold.query("SELECT image_id, class FROM labels WHERE request_id = ? AND rank = 0",
+                                 (request_id,)))
     correct = sum(rows[f"digit-{i}"] == DIGIT_CLASS_NAMES[label] for i, (_, label) in enumerate(test))
     assert correct / len(test) >= 0.9, correct / len(test)

@@ -66,7 +66,7 @@ async def test_custom_model_matches_in_memory_predictions(trained_digits, s3_ser
         fold = Fold(tmp_path / "fold.sqlite")
         assert fold.apply("results", parts[0].to_json_bytes())
         assert fold.auto_apply("custom-accept") == sum(decisions)
-        applied = dict(fold.db.execute("SELECT image_id, class FROM applied_labels").fetchall())
+        applied = dict(fold.query("SELECT image_id, class FROM applied_labels"))
         assert applied == {result.id: result.predictions[0].class_name
                            for result, d in zip(parts[0].results, decisions) if d}
 

@@ -1,11 +1,34 @@
-"""The reference fold: idempotent by message id, never moves a job backwards, parts add up."""
+"""The reference fold, on SQLite and on a real PostgreSQL server (tests/fixtures/postgres.py): idempotent by
+message id, never moves a job backwards, parts add up, bad events are recorded instead of crashing it, two
+folds at once fold each message once, and both databases end with the same rows."""
 
 from __future__ import annotations
 
 import json
+import threading
+
+import pytest
 
 from examples.fold import Fold
+from schemas.common import MAX_ID_LENGTH
 from schemas.training import TERMINAL_SEQ, running_seq
+
+DATABASES = ["sqlite", "postgresql"]
+
+
+def target(database: str, tmp_path, request) -> str:
+    """A fresh, empty database of the given kind."""
+    if database == "sqlite":
+        return str(tmp_path / "f.sqlite")
+    return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture(params=DATABASES)
+def fold(request, tmp_path):
+    fold = Fold(target(request.param, tmp_path, request))
+    assert fold.dialect == request.param
+    yield fold
+    fold.close()
 
 
 def status(job: str, status: str, seq: int, mid: str, **extra) -> bytes:
@@ -21,8 +44,7 @@ def part(request: str, k: int, parts: int, mid: str) -> bytes:
                                                                       {"class": "dog", "confidence": 0.2}], "margin": 0.6}]}).encode()
 
 
-def test_out_of_order_status_never_moves_a_job_backwards(tmp_path):
-    fold = Fold(tmp_path / "f.sqlite")
+def test_out_of_order_status_never_moves_a_job_backwards(fold):
     assert fold.apply("s", status("j", "queued", 0, "m0"))
     assert fold.apply("s", status("j", "completed", TERMINAL_SEQ, "m9", metrics={"val_accuracy": 0.9}, model_url="s3://b/m"))
     assert fold.apply("s", status("j", "running", running_seq(2), "m2", progress={"epoch": 2, "epochs": 3}))  # late
@@ -31,8 +53,7 @@ def test_out_of_order_status_never_moves_a_job_backwards(tmp_path):
     assert fold.apply("s", status("j", "running", running_seq(3), "m3")) and fold.job("j")["status"] == "completed"
 
 
-def test_parts_and_duplicates(tmp_path):
-    fold = Fold(tmp_path / "f.sqlite")
+def test_parts_and_duplicates(fold):
     assert fold.apply("r", part("r1", 1, 2, "p1"))
     assert not fold.request_complete("r1")
     assert not fold.apply("r", part("r1", 1, 2, "p1"))  # a redelivered part: same message id, skipped
@@ -41,13 +62,12 @@ def test_parts_and_duplicates(tmp_path):
     assert fold.request_complete("r1")
     assert fold.auto_apply("r1", threshold=0.5) == 2
     assert fold.auto_apply("r1", threshold=0.5) == 2  # re-applying is idempotent too
-    rows = fold.db.execute("SELECT image_id, class, confidence, source FROM applied_labels ORDER BY image_id").fetchall()
+    rows = fold.query("SELECT image_id, class, confidence, source FROM applied_labels ORDER BY image_id")
     assert rows == [("img-0", "cat", 0.8, "ai"), ("img-1", "cat", 0.8, "ai")]
     assert not fold.apply("r", b"not json") and not fold.apply("r", None)
 
 
-def test_auto_apply_by_the_workers_validated_auto_accept(tmp_path):
-    fold = Fold(tmp_path / "f.sqlite")
+def test_auto_apply_by_the_workers_validated_auto_accept(fold):
     results = [
         {"id": "sure", "predictions": [{"class": "cat", "confidence": 0.97}], "margin": 0.95, "auto_accept": True},
         {"id": "high-but-not-validated", "predictions": [{"class": "dog", "confidence": 0.96}], "margin": 0.9,
@@ -60,7 +80,7 @@ def test_auto_apply_by_the_workers_validated_auto_accept(tmp_path):
              "created_at": "2026-11-27T00:00:00Z", "results": results}
     assert fold.apply("r", json.dumps(event).encode())
     assert fold.auto_apply("r") == 1  # the flag decides, not a confidence threshold
-    assert fold.db.execute("SELECT image_id, class FROM applied_labels").fetchall() == [("sure", "cat")]
+    assert fold.query("SELECT image_id, class FROM applied_labels") == [("sure", "cat")]
     assert fold.auto_apply("r", threshold=0.9) == 2  # a fixed threshold would also take the unvalidated one
 
     table = [{"precision": 0.9, "threshold": 0.8, "coverage": 0.9}, {"precision": 0.95, "threshold": 0.93, "coverage": 0.7},
@@ -69,3 +89,116 @@ def test_auto_apply_by_the_workers_validated_auto_accept(tmp_path):
     assert fold.auto_accept_threshold("j", 0.9) == 0.8
     assert fold.auto_accept_threshold("j", 0.92) == 0.93  # the next validated target up
     assert fold.auto_accept_threshold("j", 0.98) is None and fold.auto_accept_threshold("j", 0.999) is None
+
+
+def annotation(request: str, mid: str, results: list[dict], k: int = 0, parts: int = 1) -> bytes:
+    return json.dumps({"event_type": "annotation.result", "message_id": mid, "request_id": request,
+                       "status": "completed", "model": {"family": "clip", "variant": "ViT-B-32", "weights": "random"},
+                       "part": k, "parts": parts, "created_at": "2026-11-27T00:00:00Z", "results": results}).encode()
+
+
+def test_bad_events_are_recorded_and_roll_back_whole(fold):
+    good = {"id": "ok", "predictions": [{"class": "cat", "confidence": 0.5}]}
+    bad = {
+        "nul-in-id": annotation("r", "nul-in-id", [good, {"id": "a\x00b", "predictions": []}]),
+        "nan": b'{"event_type": "annotation.result", "message_id": "nan", "request_id": "r", "status": "completed",'
+               b' "created_at": "x", "results": [{"id": "ok", "predictions": [{"class": "c", "confidence": NaN}]}]}',
+        "huge-seq": status("j", "running", 2**70, "huge-seq"),
+        "no-request-id": b'{"event_type": "annotation.result", "message_id": "no-request-id", "status": "completed"}',
+        "results-not-a-list": b'{"event_type": "annotation.result", "message_id": "results-not-a-list", "request_id": "r",'
+                              b' "status": "completed", "created_at": "x", "results": 5}',
+        "status-null": status("j", None, 1, "status-null"),
+        "prediction-not-a-dict": annotation("r", "prediction-not-a-dict", [good, {"id": "p", "predictions": ["cat"]}]),
+    }
+    for mid, value in bad.items():
+        assert not fold.apply("t", value), mid
+        assert not fold.apply("t", value), mid  # replayed: recorded once
+    rejected = fold.query("SELECT message_id, reason FROM rejected_messages ORDER BY message_id")
+    assert [json.loads(m) for m, _ in rejected] == sorted(bad)
+    assert all(reason for _, reason in rejected)
+    # nothing of a rejected event was kept (the first, good, result of a bad part was rolled back with it)
+    dump = fold.dump()
+    assert all(not dump[t] for t in ("annotation_requests", "labels", "image_errors", "training_jobs", "folded_messages"))
+    # not events at all: skipped without a record; the fold goes on
+    for value in (b"[1]", b"null", b'{"message_id": 5, "event_type": "training.status"}', b"[" * 100_000,
+                  b'{"message_id": "m", "event_type": "other"}'):
+        assert not fold.apply("t", value)
+    assert len(fold.query("SELECT * FROM rejected_messages")) == len(bad)
+    assert fold.apply("t", annotation("r", "fine", [good])) and fold.request_complete("r")
+
+
+def test_longest_and_strangest_values_round_trip_exactly(fold):
+    image_id = ("é" + "😀" + "\u202e" + "'; DROP TABLE labels; --" + "?" * 40).ljust(MAX_ID_LENGTH, "z")
+    class_name = ('"quoted" %s %(x)s ? ' * 10)[:200]
+    results = [{"id": f"{image_id[:-6]}{i:06d}", "predictions": [{"class": class_name, "confidence": 5e-324},
+                                                                  {"class": "b", "confidence": 1.0}],
+                "margin": 0.1 + 0.2} for i in range(300)]
+    assert fold.apply("t", annotation("r'1", "m'1", results))
+    rows = fold.query("SELECT image_id, class, confidence, margin FROM labels WHERE request_id = ? AND rank = 0"
+                      " ORDER BY image_id", ("r'1",))
+    assert len(rows) == 300 and rows[0] == (f"{image_id[:-6]}000000", class_name, 5e-324, 0.1 + 0.2)
+    assert fold.apply("s", status("j", "completed", TERMINAL_SEQ, "m2", metrics={"x": [1e308, -0.0]}))
+    job = fold.job("j")
+    assert job["seq"] == TERMINAL_SEQ and job["metrics"] == {"x": [1e308, -0.0]}
+
+
+def stream() -> list[tuple[str, bytes]]:
+    """Records as a results/status topic holds them: parts out of order, redeliveries, late heartbeats."""
+    records = [("s", status("j", "queued", 0, "q")), ("s", status("j", "running", running_seq(1), "e1"))]
+    for k in (2, 0, 1):
+        records.append(("r", annotation("req", f"part-{k}", [
+            {"id": f"img-{k}-{i}", "predictions": [{"class": "cat", "confidence": 0.5 + i / 100},
+                                                    {"class": "dog", "confidence": 0.1}], "margin": 0.4}
+            for i in range(5)] + [{"id": f"bad-{k}", "predictions": [], "error": {"code": "http_status",
+                                                                                  "message": "HTTP 404"}}], k, 3)))
+    records += [("s", status("j", "completed", TERMINAL_SEQ, "done", metrics={"val_accuracy": 0.9})),
+                ("s", status("j", "running", running_seq(2), "e2"))]
+    return records + records[1:4]  # redelivered
+
+
+def test_both_databases_fold_a_stream_to_the_same_rows(tmp_path, postgres_url):
+    sqlite, postgres = Fold(tmp_path / "f.sqlite"), Fold(postgres_url)
+    for fold in (sqlite, postgres):
+        folded = [fold.apply(topic, value) for topic, value in stream()]
+        assert sum(folded) == 7 and fold.request_complete("req") and fold.job("j")["status"] == "completed"
+        assert fold.auto_apply("req", threshold=0.52) == 9
+    assert sqlite.dump() == postgres.dump()
+    before = postgres.dump()
+    assert not any(postgres.apply(topic, value) for topic, value in stream())  # a full replay changes nothing
+    assert postgres.dump() == before
+    sqlite.close(), postgres.close()
+
+
+@pytest.mark.parametrize("database", DATABASES)
+def test_two_folds_at_once_fold_each_message_once(database, tmp_path, request):
+    where = target(database, tmp_path, request)
+    parts = 40
+    records = [annotation(f"req-{k % 4}", f"m-{k}", [{"id": f"i-{k}", "predictions": [
+        {"class": "cat", "confidence": 0.9}]}], k // 4, parts // 4) for k in range(parts)]
+    Fold(where).close()  # the schema, before two folds race to write
+    counts = [0, 0]
+    errors: list[BaseException] = []
+    start = threading.Barrier(2, timeout=30)
+
+    def run(i: int) -> None:  # one Fold per thread, as a Fold is thread-confined
+        try:
+            fold = Fold(where)
+            start.wait()
+            for value in (records if i == 0 else records[::-1]):
+                counts[i] += fold.apply("r", value)
+            fold.close()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and not any(t.is_alive() for t in threads)
+    assert sum(counts) == parts and min(counts) > 0  # each message folded exactly once, by one of the two
+    fold = Fold(where)
+    assert sorted(fold.query("SELECT request_id, parts, parts_received FROM annotation_requests")) == [
+        (f"req-{r}", parts // 4, parts // 4) for r in range(4)]
+    assert len(fold.query("SELECT * FROM labels")) == len(fold.query("SELECT * FROM folded_messages")) == parts
+    fold.close()
