@@ -1,0 +1,394 @@
+"""Duplicate groups among image embeddings: exact duplicates by content hash, near-duplicates by cosine.
+
+Pure numpy (plus scipy's connected components and, above a size, faiss): no Kafka, no torch. Given ids,
+L2-normalised vectors ``(n, d)``, optional content hashes and optionally earlier embeddings to compare
+against, :func:`find_duplicates` returns groups of ids:
+
+- **exact**: the same content hash (byte-identical uploads), similarity 1.0;
+- **near**: connected components of the graph linking two items whose cosine similarity is at least
+  ``threshold`` (a resized, re-encoded or slightly cropped copy); an exact group that also has near
+  neighbours is part of a near group, so every id is in at most one group.
+
+What is compared: the request's items with each other and with the earlier items (never earlier items
+with each other: they were compared when they were new). Items with the same hash are collapsed to one
+before the similarity search, so a request of n identical uploads costs one search row, not n^2 pairs.
+
+**Bounded work and memory.** Each item keeps at most ``neighbors`` most-similar items above the threshold
+(both directions of a pair count), so a set of n near-identical vectors yields at most n * neighbors
+links, never n^2: the groups are the components of that graph, which equal the threshold graph's
+components unless two items both have more than ``neighbors`` closer items above the threshold and no
+path through them (in a cluster that dense, there is one). Below ``exact_max`` items (request plus
+earlier) the search is exact: blocked matrix products of at most ``BLOCK_ROWS x BLOCK_COLS`` similarities
+at a time, never an n x n matrix. Above it, a faiss inverted-file index (IVF, inner product) searches
+``nprobe`` of ``sqrt(n)``-ish cells: approximate, deterministic (seeded k-means, fixed training sample);
+its recall is measured by ``bench/duplicates.py``.
+
+**Bounded output.** At most ``max_groups`` groups (in order of their first request position) and
+``max_group_size`` ids per group are returned; the report says how many groups and ids were left out.
+
+Bad input raises :class:`DuplicateInputError` (a ``ValueError``) naming the first offending id: vectors
+that are not finite, zero, or not L2-normalised; ids that repeat; shapes that do not match.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+__all__ = [
+    "DEFAULT_THRESHOLD",
+    "DuplicateGroup",
+    "DuplicateInputError",
+    "DuplicateReport",
+    "EmbeddingSet",
+    "find_duplicates",
+]
+
+DEFAULT_THRESHOLD = 0.95
+"""Cosine similarity at or above which two images are near-duplicates (see README: chosen by measurement)."""
+DEFAULT_NEIGHBORS = 16
+DEFAULT_MAX_GROUPS = 1000
+DEFAULT_MAX_GROUP_SIZE = 1000
+EXACT_MAX = 20_000
+"""Above this many items (request + earlier, after collapsing exact duplicates) the index search is used."""
+BLOCK_ROWS = 512
+BLOCK_COLS = 4096  # 512 x 4096 float32 similarities = 8 MiB per block
+TIE_BREAK = 1e-13
+FLOAT32_SLACK = 1e-6
+NORM_TOLERANCE = 1e-2  # float16 storage keeps norms within ~1e-3 of 1
+
+Kind = Literal["exact", "near"]
+
+
+class DuplicateInputError(ValueError):
+    """The ids, vectors, hashes or settings given to :func:`find_duplicates` cannot be used."""
+
+
+@dataclass(frozen=True)
+class EmbeddingSet:
+    """Earlier embeddings to compare against: ids, L2-normalised vectors ``(m, d)``, optional hashes."""
+
+    ids: Sequence[str]
+    vectors: np.ndarray
+    hashes: Sequence[str | None] | None = None
+
+
+@dataclass(frozen=True)
+class DuplicateGroup:
+    """One group: the request's ids (input order) and the earlier ids it matched (their order).
+
+    ``max_similarity`` / ``min_similarity``: over the pairs that linked the group (1.0 for an exact pair);
+    every such pair is at or above the threshold, while two members linked through a third may be less
+    similar to each other. ``size``: all members; ``ids_omitted``: members left out of ``ids`` and
+    ``earlier_ids`` by ``max_group_size``."""
+
+    ids: tuple[str, ...]
+    kind: Kind
+    max_similarity: float
+    min_similarity: float
+    earlier_ids: tuple[str, ...] = ()
+    size: int = 0
+    ids_omitted: int = 0
+
+
+@dataclass(frozen=True)
+class DuplicateReport:
+    """The groups found, and what was left out of them."""
+
+    groups: tuple[DuplicateGroup, ...]
+    threshold: float
+    method: Literal["none", "exact", "index"]
+    groups_total: int = 0
+    groups_omitted: int = 0
+    ids_omitted: int = 0
+    searched: int = 0  # vectors searched after collapsing exact duplicates (request + earlier)
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+def find_duplicates(
+    ids: Sequence[str],
+    vectors: np.ndarray,
+    *,
+    hashes: Sequence[str | None] | None = None,
+    threshold: float = DEFAULT_THRESHOLD,
+    earlier: EmbeddingSet | None = None,
+    neighbors: int = DEFAULT_NEIGHBORS,
+    max_groups: int = DEFAULT_MAX_GROUPS,
+    max_group_size: int = DEFAULT_MAX_GROUP_SIZE,
+    method: Literal["auto", "exact", "index"] = "auto",
+    exact_max: int = EXACT_MAX,
+    threads: int | None = None,
+) -> DuplicateReport:
+    """Duplicate groups among ``ids`` (and against ``earlier``); see the module docstring."""
+    if not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and 0.0 < threshold <= 1.0):
+        raise DuplicateInputError(f"threshold must be in (0, 1], got {threshold!r}")
+    for name, value in (("neighbors", neighbors), ("max_groups", max_groups), ("max_group_size", max_group_size)):
+        if not isinstance(value, int) or value < 1:
+            raise DuplicateInputError(f"{name} must be a positive integer, got {value!r}")
+    if method not in ("auto", "exact", "index"):
+        raise DuplicateInputError(f"unknown method {method!r}")
+    ids = _check_ids(ids, "ids")
+    x = _check_vectors(vectors, ids, "vectors")
+    hashes = _check_hashes(hashes, len(ids), "hashes")
+    if earlier is not None:
+        earlier_ids = _check_ids(earlier.ids, "earlier ids")
+        y = _check_vectors(earlier.vectors, earlier_ids, "earlier vectors")
+        earlier_hashes = _check_hashes(earlier.hashes, len(earlier_ids), "earlier hashes")
+        if len(earlier_ids) and len(ids) and y.shape[1] != x.shape[1]:
+            raise DuplicateInputError(f"earlier vectors have dimension {y.shape[1]}, these have {x.shape[1]}")
+    else:
+        earlier_ids, y, earlier_hashes = [], np.zeros((0, x.shape[1]), np.float32), [None] * 0
+    n, m = len(ids), len(earlier_ids)
+    if n == 0:
+        return DuplicateReport(groups=(), threshold=float(threshold), method="none")
+    cutoff = float(threshold) - FLOAT32_SLACK  # identical vectors may score 0.99999994 in float32
+
+    # 1. exact duplicates by content hash: every item with a hash seen before links to its first holder
+    edges_u: list[np.ndarray] = []
+    edges_v: list[np.ndarray] = []
+    edges_s: list[np.ndarray] = []
+    edges_near: list[np.ndarray] = []
+    first_by_hash: dict[str, int] = {}
+    for j, h in enumerate(earlier_hashes):
+        if h is not None:
+            first_by_hash.setdefault(h, n + j)
+    representative = np.ones(n, dtype=bool)
+    exact_u, exact_v = [], []
+    for i, h in enumerate(hashes):
+        if h is None:
+            continue
+        holder = first_by_hash.setdefault(h, i)
+        if holder != i:
+            exact_u.append(i)
+            exact_v.append(holder)
+            representative[i] = False
+    if exact_u:
+        edges_u.append(np.asarray(exact_u, np.int64))
+        edges_v.append(np.asarray(exact_v, np.int64))
+        edges_s.append(np.ones(len(exact_u), np.float32))
+        edges_near.append(np.zeros(len(exact_u), bool))
+
+    # 2. near duplicates among the representatives (and against every earlier item)
+    queries = np.flatnonzero(representative)
+    base = np.concatenate([queries, n + np.arange(m)])  # global node of each searchable vector
+    searchable = np.concatenate([x[queries], y]) if m else x[queries]
+    chosen = method
+    if len(base) <= 1:
+        chosen = "exact"
+    elif method == "auto":
+        chosen = "exact" if len(base) <= exact_max else "index"
+    k = min(neighbors, len(base) - 1)
+    if k >= 1:
+        if chosen == "exact":
+            local, sims = _exact_neighbors(searchable, len(queries), k, cutoff)
+        else:
+            local, sims = _index_neighbors(searchable, len(queries), k, cutoff, threads)
+        rows, cols = np.nonzero(local >= 0)
+        edges_u.append(base[rows])
+        edges_v.append(base[local[rows, cols]])
+        edges_s.append(sims[rows, cols])
+        edges_near.append(np.ones(len(rows), bool))
+    return _groups(ids, earlier_ids, edges_u, edges_v, edges_s, edges_near, threshold, chosen, len(base),
+                   max_groups, max_group_size)
+
+
+# ---------------------------------------------------------------------------------------------- checks
+def _check_ids(ids: Sequence[str], what: str) -> list[str]:
+    ids = list(ids)
+    seen: set[str] = set()
+    for value in ids:
+        if not isinstance(value, str):
+            raise DuplicateInputError(f"{what} must be strings, got {type(value).__name__}")
+        if value in seen:
+            raise DuplicateInputError(f"{what} repeat {value[:200]!r}: each id must be unique")
+        seen.add(value)
+    return ids
+
+
+def _check_vectors(vectors: np.ndarray, ids: list[str], what: str) -> np.ndarray:
+    array = np.asarray(vectors)
+    if array.ndim != 2 or array.shape[0] != len(ids) or (len(ids) and array.shape[1] < 1):
+        raise DuplicateInputError(f"{what} must have shape ({len(ids)}, d), got {array.shape}")
+    if not np.issubdtype(array.dtype, np.floating):
+        raise DuplicateInputError(f"{what} must be floating point, got {array.dtype}")
+    x = np.ascontiguousarray(array, dtype=np.float32)
+    if not len(ids):
+        return x
+    finite = np.isfinite(x).all(axis=1)
+    if not finite.all():
+        raise DuplicateInputError(f"{what}: the vector of {ids[int(np.argmin(finite))][:200]!r} is not finite (NaN/inf)")
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
+    bad = np.abs(norms - 1.0) > NORM_TOLERANCE
+    if bad.any():
+        i = int(np.argmax(bad))
+        kind = "zero" if norms[i] == 0 else f"not L2-normalised (norm {norms[i]:.4g})"
+        raise DuplicateInputError(f"{what}: the vector of {ids[i][:200]!r} is {kind}")
+    return x
+
+
+def _check_hashes(hashes: Sequence[str | None] | None, n: int, what: str) -> list[str | None]:
+    if hashes is None:
+        return [None] * n
+    hashes = list(hashes)
+    if len(hashes) != n:
+        raise DuplicateInputError(f"{what}: {len(hashes)} given for {n} ids")
+    for h in hashes:
+        if h is not None and (not isinstance(h, str) or not h):
+            raise DuplicateInputError(f"{what} must be non-empty strings or None, got {h!r}")
+    return hashes
+
+
+# ---------------------------------------------------------------------------------------------- search
+def _merge_top(best_idx: np.ndarray, best_sim: np.ndarray, idx: np.ndarray, sim: np.ndarray,
+               k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the k best of both candidate sets: higher similarity first, then lower index."""
+    all_idx = np.concatenate([best_idx, idx], axis=1)
+    all_sim = np.concatenate([best_sim, sim], axis=1)
+    order = np.lexsort((np.where(all_idx < 0, np.iinfo(np.int64).max, all_idx), -all_sim), axis=-1)[:, :k]
+    return np.take_along_axis(all_idx, order, 1), np.take_along_axis(all_sim, order, 1)
+
+
+def _exact_neighbors(vectors: np.ndarray, n_queries: int, k: int, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """For each of the first ``n_queries`` vectors, up to k others with similarity >= threshold (exact,
+    blocked: BLOCK_ROWS x BLOCK_COLS similarities at a time). Returns (indices, sims); -1 pads."""
+    total = len(vectors)
+    out_idx = np.full((n_queries, k), -1, np.int64)
+    out_sim = np.full((n_queries, k), -np.inf, np.float32)
+    for r0 in range(0, n_queries, BLOCK_ROWS):
+        r1 = min(n_queries, r0 + BLOCK_ROWS)
+        best_idx, best_sim = out_idx[r0:r1], out_sim[r0:r1]
+        for c0 in range(0, total, BLOCK_COLS):
+            c1 = min(total, c0 + BLOCK_COLS)
+            block = vectors[r0:r1] @ vectors[c0:c1].T
+            if c0 < r1 and r0 < c1:  # the diagonal: an item is not its own duplicate
+                d0, d1 = max(r0, c0), min(r1, c1)
+                diag = np.arange(d0, d1)
+                block[diag - r0, diag - c0] = -np.inf
+            hit_rows = np.flatnonzero((block >= threshold).any(axis=1))
+            if not len(hit_rows):
+                continue
+            sub = block[hit_rows]
+            kk = min(k, sub.shape[1])
+            # Select on distinct keys: ties (near-identical vectors) go to the lower index, and numpy's
+            # introselect never meets its slow case (many equal values and an outlier). The shift is at most
+            # 1e-7 for 1M columns, below what a similarity threshold can mean.
+            keys = TIE_BREAK * np.arange(c0, c1, dtype=np.float64) - sub
+            part = np.argpartition(keys, kk - 1, axis=1)[:, :kk]
+            sims = np.take_along_axis(sub, part, 1)
+            idx = np.where(sims >= threshold, part + c0, -1)
+            sims = np.where(idx >= 0, sims, -np.inf).astype(np.float32)
+            merged_idx, merged_sim = _merge_top(best_idx[hit_rows], best_sim[hit_rows], idx, sims, k)
+            best_idx[hit_rows], best_sim[hit_rows] = merged_idx, merged_sim
+    return out_idx, out_sim
+
+
+def _index_neighbors(vectors: np.ndarray, n_queries: int, k: int, threshold: float,
+                     threads: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Approximate neighbours from a faiss IVF-Flat inner-product index over all vectors.
+
+    ``nlist = 2 sqrt(n)`` cells (k-means on a seeded sample, so the same input gives the same index), each query
+    scans its ``IVF_NPROBE`` nearest cells. The cell assignment is computed once and used both to fill the
+    index and to search it (a self-join searches with the vectors it indexed)."""
+    import faiss
+
+    if threads:
+        faiss.omp_set_num_threads(threads)
+    total, dim = vectors.shape
+    nlist = int(min(IVF_MAX_LISTS, max(1, round(2 * math.sqrt(total)))))
+    nprobe = min(nlist, IVF_NPROBE)
+    train_size = min(total, IVF_TRAIN_PER_LIST * nlist)
+    sample = vectors if train_size == total else vectors[np.sort(np.random.default_rng(0).choice(total, train_size, replace=False))]
+    quantizer = faiss.IndexFlatIP(dim)
+    index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.cp.seed = 0
+    index.cp.niter = 10
+    index.cp.min_points_per_centroid = 1
+    index.cp.max_points_per_centroid = IVF_TRAIN_PER_LIST
+    index.train(sample)
+    found_idx = np.full((n_queries, k), -1, np.int64)
+    found_sim = np.full((n_queries, k), -np.inf, np.float32)
+    cells_d, cells = quantizer.search(vectors, nprobe)  # every vector's nprobe nearest cells, once
+    nearest = np.ascontiguousarray(cells[:, 0], dtype=np.int64)
+    index.add_core(total, faiss.swig_ptr(vectors), None, faiss.swig_ptr(nearest))
+    index.nprobe = nprobe
+    for r0 in range(0, n_queries, IVF_QUERY_BATCH):  # bounded result memory per call
+        r1 = min(n_queries, r0 + IVF_QUERY_BATCH)
+        sims, idx = index.search_preassigned(vectors[r0:r1], k + 1, cells[r0:r1], cells_d[r0:r1])
+        rows = np.arange(r0, r1)[:, None]
+        keep = (idx >= 0) & (idx != rows) & (sims >= threshold)
+        idx = np.where(keep, idx, -1)
+        sims = np.where(keep, sims, -np.inf).astype(np.float32)
+        order = np.lexsort((np.where(idx < 0, np.iinfo(np.int64).max, idx), -sims), axis=-1)[:, :k]
+        found_idx[r0:r1] = np.take_along_axis(idx, order, 1)
+        found_sim[r0:r1] = np.take_along_axis(sims, order, 1)
+    return found_idx, found_sim
+
+
+IVF_NPROBE = 8
+IVF_MAX_LISTS = 8192
+IVF_TRAIN_PER_LIST = 32
+IVF_QUERY_BATCH = 8192
+
+
+# ---------------------------------------------------------------------------------------------- groups
+def _groups(ids: list[str], earlier_ids: list[str], edges_u: list[np.ndarray], edges_v: list[np.ndarray],
+            edges_s: list[np.ndarray], edges_near: list[np.ndarray], threshold: float, method: str, searched: int,
+            max_groups: int, max_group_size: int) -> DuplicateReport:
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n, m = len(ids), len(earlier_ids)
+    nodes = n + m
+    u = np.concatenate(edges_u) if edges_u else np.zeros(0, np.int64)
+    v = np.concatenate(edges_v) if edges_v else np.zeros(0, np.int64)
+    s = np.concatenate(edges_s) if edges_s else np.zeros(0, np.float32)
+    near = np.concatenate(edges_near) if edges_near else np.zeros(0, bool)
+    if not len(u):
+        return DuplicateReport(groups=(), threshold=float(threshold), method=method, searched=searched)
+    graph = coo_matrix((np.ones(len(u), np.int8), (u, v)), shape=(nodes, nodes))
+    _, labels = connected_components(graph, directed=False)
+    edge_label = labels[u]
+    sizes = np.bincount(labels, minlength=nodes)
+    # component order: by its first request position (every component with an edge holds a request item)
+    first = np.full(nodes, np.iinfo(np.int64).max)
+    np.minimum.at(first, labels[:n], np.arange(n))
+    component_ids = np.unique(edge_label)
+    component_ids = component_ids[np.argsort(first[component_ids], kind="stable")]
+    total = len(component_ids)
+    kept = component_ids[:max_groups]
+    max_s = np.full(nodes, -np.inf)
+    min_s = np.full(nodes, np.inf)
+    np.maximum.at(max_s, edge_label, s)
+    np.minimum.at(min_s, edge_label, s)
+    has_near = np.zeros(nodes, bool)
+    np.logical_or.at(has_near, edge_label, near)
+    kept_set = np.zeros(nodes, bool)
+    kept_set[kept] = True
+    members: dict[int, list[int]] = {int(c): [] for c in kept}
+    for node in np.flatnonzero(kept_set[labels]):  # nodes in input order: request first, then earlier
+        members[int(labels[node])].append(int(node))
+    groups = []
+    ids_omitted = 0
+    for c in kept:
+        nodes_c = members[int(c)]
+        request_nodes = [i for i in nodes_c if i < n]
+        earlier_nodes = [i - n for i in nodes_c if i >= n]
+        shown_request = request_nodes[:max_group_size]
+        shown_earlier = earlier_nodes[:max(0, max_group_size - len(shown_request))]
+        omitted = len(nodes_c) - len(shown_request) - len(shown_earlier)
+        ids_omitted += omitted
+        groups.append(DuplicateGroup(
+            ids=tuple(ids[i] for i in shown_request), kind="near" if has_near[c] else "exact",
+            max_similarity=min(1.0, float(max_s[c])), min_similarity=min(1.0, float(min_s[c])),
+            earlier_ids=tuple(earlier_ids[j] for j in shown_earlier), size=int(sizes[c]), ids_omitted=omitted))
+    notes = ()
+    if total > len(kept) or ids_omitted:
+        notes = (f"{total - len(kept)} of {total} groups and {ids_omitted} ids of the returned groups left out"
+                 f" (max_groups {max_groups}, max_group_size {max_group_size})",)
+    return DuplicateReport(groups=tuple(groups), threshold=float(threshold), method=method,  # type: ignore[arg-type]
+                           groups_total=total, groups_omitted=total - len(kept), ids_omitted=ids_omitted,
+                           searched=searched, notes=notes)
