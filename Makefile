@@ -14,7 +14,7 @@ CONSTRAINTS := constraints.txt
 JARS := deploy/local/lib/.complete
 PYTEST_ARGS ?=
 
-.PHONY: setup chromium run test test-containers engine images bench bench-annotation bench-training kafka-start kafka-stop schemas clean constraints
+.PHONY: setup chromium run test test-containers engine images bench bench-annotation bench-training bench-duplicates kafka-start kafka-stop schemas clean constraints
 
 setup: $(STAMP) $(JARS)
 
@@ -60,13 +60,16 @@ images: $(JARS) engine
 run: setup
 	$(PY) -m examples.demo $(DEMO_ARGS)
 
-bench: bench-annotation bench-training
+bench: bench-annotation bench-training bench-duplicates
 
 bench-annotation: setup
 	$(PY) bench/annotation.py
 
 bench-training: setup
 	$(PY) bench/training.py
+
+bench-duplicates: setup
+	$(PY) bench/duplicates.py
 
 kafka-start: $(JARS)
 	deploy/local/kafka.sh start

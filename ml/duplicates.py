@@ -19,9 +19,10 @@ links, never n^2: the groups are the components of that graph, which equal the t
 components unless two items both have more than ``neighbors`` closer items above the threshold and no
 path through them (in a cluster that dense, there is one). Below ``exact_max`` items (request plus
 earlier) the search is exact: blocked matrix products of at most ``BLOCK_ROWS x BLOCK_COLS`` similarities
-at a time, never an n x n matrix. Above it, a faiss inverted-file index (IVF, inner product) searches
-``nprobe`` of ``sqrt(n)``-ish cells: approximate, deterministic (seeded k-means, fixed training sample);
-its recall is measured by ``bench/duplicates.py``.
+at a time, never an n x n matrix. Above it, a faiss index chooses candidates (PCA to 64 dimensions, an
+inverted file of ``2 sqrt(n)`` cells, ``IVF_NPROBE`` scanned per query) and re-ranks them by their exact
+similarity: approximate in what it finds, exact in the similarities it reports, deterministic (seeded
+k-means and sample); its recall and speed are measured by ``bench/duplicates.py``.
 
 **Bounded output.** At most ``max_groups`` groups (in order of their first request position) and
 ``max_group_size`` ids per group are returned; the report says how many groups and ids were left out.
@@ -288,36 +289,36 @@ def _exact_neighbors(vectors: np.ndarray, n_queries: int, k: int, threshold: flo
 
 def _index_neighbors(vectors: np.ndarray, n_queries: int, k: int, threshold: float,
                      threads: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """Approximate neighbours from a faiss IVF-Flat inner-product index over all vectors.
+    """Approximate neighbours from a faiss index over all vectors: PCA to ``IVF_PCA_DIM`` dimensions, an
+    inverted file of ``2 sqrt(n)`` cells (each query scans its ``IVF_NPROBE`` nearest), then the candidates
+    re-ranked by their exact inner product on the full vectors (faiss ``PCA64,IVFn,Flat,RFlat``).
 
-    ``nlist = 2 sqrt(n)`` cells (k-means on a seeded sample, so the same input gives the same index), each query
-    scans its ``IVF_NPROBE`` nearest cells. The cell assignment is computed once and used both to fill the
-    index and to search it (a self-join searches with the vectors it indexed)."""
+    The reduced vectors only choose candidates; every similarity returned is exact, so the threshold means the
+    same as in the exact search. PCA and k-means train on a seeded sample: the same input gives the same index."""
     import faiss
 
     if threads:
         faiss.omp_set_num_threads(threads)
     total, dim = vectors.shape
     nlist = int(min(IVF_MAX_LISTS, max(1, round(2 * math.sqrt(total)))))
-    nprobe = min(nlist, IVF_NPROBE)
+    pca = f"PCA{IVF_PCA_DIM}," if dim > IVF_PCA_DIM else ""
+    index = faiss.index_factory(dim, f"{pca}IVF{nlist},Flat,RFlat", faiss.METRIC_INNER_PRODUCT)
+    ivf = faiss.extract_index_ivf(index)
+    ivf.cp.seed = 0
+    ivf.cp.niter = 10
+    ivf.cp.min_points_per_centroid = 1
+    ivf.cp.max_points_per_centroid = IVF_TRAIN_PER_LIST
     train_size = min(total, IVF_TRAIN_PER_LIST * nlist)
-    sample = vectors if train_size == total else vectors[np.sort(np.random.default_rng(0).choice(total, train_size, replace=False))]
-    quantizer = faiss.IndexFlatIP(dim)
-    index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
-    index.cp.seed = 0
-    index.cp.niter = 10
-    index.cp.min_points_per_centroid = 1
-    index.cp.max_points_per_centroid = IVF_TRAIN_PER_LIST
-    index.train(sample)
+    rng = np.random.default_rng(0)
+    index.train(vectors if train_size == total else vectors[np.sort(rng.choice(total, train_size, replace=False))])
+    index.add(vectors)
+    params = faiss.IndexRefineSearchParameters(
+        k_factor=IVF_REFINE_FACTOR, base_index_params=faiss.SearchParametersIVF(nprobe=min(nlist, IVF_NPROBE)))
     found_idx = np.full((n_queries, k), -1, np.int64)
     found_sim = np.full((n_queries, k), -np.inf, np.float32)
-    cells_d, cells = quantizer.search(vectors, nprobe)  # every vector's nprobe nearest cells, once
-    nearest = np.ascontiguousarray(cells[:, 0], dtype=np.int64)
-    index.add_core(total, faiss.swig_ptr(vectors), None, faiss.swig_ptr(nearest))
-    index.nprobe = nprobe
     for r0 in range(0, n_queries, IVF_QUERY_BATCH):  # bounded result memory per call
         r1 = min(n_queries, r0 + IVF_QUERY_BATCH)
-        sims, idx = index.search_preassigned(vectors[r0:r1], k + 1, cells[r0:r1], cells_d[r0:r1])
+        sims, idx = index.search(vectors[r0:r1], k + 1, params=params)
         rows = np.arange(r0, r1)[:, None]
         keep = (idx >= 0) & (idx != rows) & (sims >= threshold)
         idx = np.where(keep, idx, -1)
@@ -329,6 +330,8 @@ def _index_neighbors(vectors: np.ndarray, n_queries: int, k: int, threshold: flo
 
 
 IVF_NPROBE = 8
+IVF_PCA_DIM = 64
+IVF_REFINE_FACTOR = 2
 IVF_MAX_LISTS = 8192
 IVF_TRAIN_PER_LIST = 32
 IVF_QUERY_BATCH = 8192
