@@ -1,6 +1,6 @@
 """Duplicate detection on a generated set (tests/support/duplicate_set.py): 19 photos and 20 digits, each with
 4 injected copies (JPEG quality 10, half size, 5% cropped, PNG), and 30 look-alike non-copies (other digits of
-the same classes), embedded through the product's CLIP loader and preprocessing, hashed as uploaded, grouped
+the same classes), embedded through the product's embedding loader and preprocessing (ml.backbones, ml.embedding), hashed as uploaded, grouped
 by ml.duplicates at the default threshold.
 
 The hub is unreachable, so the backbone has random weights, and random weights do not separate copies from
@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from ml.duplicates import DEFAULT_THRESHOLD, find_duplicates
-from ml.zeroshot import load_zero_shot_model
+from ml.backbones import load_image_embedder
+from ml.embedding import embed_images
 from tests.support.duplicate_set import COPY_KINDS, duplicate_set, similarity_margin
 from tests.support.zeroshot import _few_threads  # noqa: F401 - autouse fixture
 
@@ -28,11 +29,9 @@ from tests.support.zeroshot import _few_threads  # noqa: F401 - autouse fixture
 @pytest.fixture(scope="module")
 def embedded():
     items = duplicate_set()
-    model = load_zero_shot_model("clip", "cls-tiny-clip", "random", device="cpu")
-    vectors = []
-    for start in range(0, len(items), 64):
-        pixels = torch.stack([model.preprocess(item.image) for item in items[start:start + 64]])
-        vectors.append(model.encode_images(pixels))
+    model = load_image_embedder("clip", "cls-tiny-clip", "random", device="cpu")  # what the embed task loads
+    vectors = [embed_images(model, [item.image for item in items[start:start + 64]])
+               for start in range(0, len(items), 64)]
     hashes = ["sha256:" + hashlib.sha256(item.data).hexdigest() for item in items]
     return items, torch.cat(vectors).numpy(), hashes
 
