@@ -27,6 +27,7 @@ import torch
 from handlers.errors import ImageError, InvalidRequest, PermanentError
 from handlers.images import decoded
 from handlers.storage import ObjectStore
+from ml.duplicates import DuplicateInputError, EmbeddingSet, check_embeddings, find_duplicates
 from ml.embedding_files import EMBEDDINGS_CONTENT_TYPE, EMBEDDINGS_SUFFIX, EmbeddingFileError, read_embeddings, write_embeddings
 from schemas.annotation import (
     MAX_IMAGE_ERROR_CHARS,
@@ -204,6 +205,10 @@ class EmbedHandler:
             if len(ids) and vectors.shape[1] != dim:
                 raise InvalidRequest(f"against file {url} holds {vectors.shape[1]}-d vectors; this model's are {dim}-d "
                                      "(compare embeddings of the same model only)")
+            try:  # NaN, zero or unnormalised vectors, repeated ids: refused now, not after the request's parts
+                await self.ctx.executors.on_cpu(check_embeddings, list(ids), vectors)
+            except DuplicateInputError as exc:
+                raise InvalidRequest(f"against file {url}: {exc}") from exc
             out.append((url, ids, vectors))
         return out
 
@@ -266,68 +271,39 @@ def _part_entries(images: Sequence[ImageRef], outputs: list, inline: bool
 def duplicate_groups(ids: list[str], hashes: list[str], vectors: list[torch.Tensor],
                      against: list[tuple[str, list[str], np.ndarray]], threshold: float) -> list[DuplicateGroup]:
     """Exact groups (same content hash) and near groups (cosine >= threshold) among the request's images and
-    the 'against' files (their ids as ``<url>#<id>``)."""
-    all_ids = list(ids)
-    matrices = [torch.stack(vectors).numpy().astype(np.float32)] if vectors else []
-    for url, file_ids, file_vectors in against:
-        all_ids += [f"{url}#{i}" for i in file_ids]
-        matrices.append(file_vectors.astype(np.float32))
-    if not all_ids:
+    the 'against' files (their ids as ``<url>#<id>``), by :func:`ml.duplicates.find_duplicates`.
+
+    A near group lists every image linked to it; byte-identical images inside it are also listed as an exact
+    group (so an id may be in one exact and one near group). ``similarity``: the lowest similarity among the
+    pairs that joined the group. Not truncated here (the caller moves groups that do not fit the record to a
+    file): the request's size bounds them."""
+    if not ids:
         return []
-    matrix = np.concatenate(matrices) if matrices else np.zeros((0, 1), np.float32)
-    hashes_all = list(hashes) + [None] * (len(all_ids) - len(hashes))
-    groups = find_groups(all_ids, hashes_all, matrix, threshold)
-    return [DuplicateGroup(ids=g["ids"], kind=g["kind"], similarity=g["similarity"]) for g in groups]
-
-
-def find_groups(ids: list[str], hashes: list[str | None], matrix: np.ndarray, threshold: float,
-                block: int = 1024) -> list[dict]:
-    """Exact groups by hash, then near groups (union of pairs with cosine >= threshold that involve at least one
-    image with a hash, i.e. one of this request's), by exact blocked matrix products."""
-    groups: list[dict] = []
-    by_hash: dict[str, list[int]] = {}
-    for index, digest in enumerate(hashes):
-        if digest is not None:
-            by_hash.setdefault(digest, []).append(index)
-    for members in by_hash.values():
-        if len(members) > 1:
-            groups.append({"ids": [ids[i] for i in members], "kind": "exact", "similarity": 1.0})
-    own = sum(1 for h in hashes if h is not None)  # the request's images come first
-    parent = list(range(len(ids)))
-    weakest: dict[int, float] = {}
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    edges: list[tuple[int, int, float]] = []
-    for start in range(0, own, block):
-        sims = matrix[start:min(start + block, own)] @ matrix.T
-        rows, cols = np.nonzero(sims >= threshold)
-        for r, c in zip(rows.tolist(), cols.tolist(), strict=True):
-            i = start + r
-            if c <= i and c < own:
-                continue  # each in-request pair once, and no self pairs
-            if hashes[c] is not None and hashes[c] == hashes[i]:
-                continue  # already an exact group
-            edges.append((i, c, float(sims[r, c])))
-    for i, j, sim in edges:
-        a, b = root(i), root(j)
-        low = min(sim, weakest.get(a, 1.0), weakest.get(b, 1.0))
-        if a != b:
-            parent[b] = a
-        weakest[a] = low
-    members: dict[int, list[int]] = {}
-    for i, j, _ in edges:
-        for k in (i, j):
-            members.setdefault(root(k), [])
-    for k in range(len(ids)):
-        r = root(k)
-        if r in members:
-            members[r].append(k)
-    for r, group in members.items():
-        groups.append({"ids": [ids[k] for k in sorted(set(group))], "kind": "near",
-                       "similarity": round(max(-1.0, min(1.0, weakest.get(r, 1.0))), 6)})
+    earlier = None
+    if against:
+        seen: set[str] = set()
+        earlier_ids, rows = [], []
+        for url, file_ids, file_vectors in against:
+            for row, file_id in enumerate(file_ids):
+                name = f"{url}#{file_id}"
+                if name not in seen:  # the same file named twice: compare it once
+                    seen.add(name)
+                    earlier_ids.append(name)
+                    rows.append(file_vectors[row])
+        if earlier_ids:
+            earlier = EmbeddingSet(ids=earlier_ids, vectors=np.stack(rows).astype(np.float32))
+    total = len(ids) + (len(earlier.ids) if earlier else 0)
+    report = find_duplicates(ids, torch.stack(vectors).float().numpy(), hashes=hashes, threshold=threshold,
+                             earlier=earlier, max_groups=total, max_group_size=total)
+    hash_of = dict(zip(ids, hashes, strict=True))
+    groups: list[DuplicateGroup] = []
+    for group in report.groups:
+        if group.kind == "near":
+            same_bytes: dict[str, list[str]] = {}
+            for image_id in group.ids:
+                same_bytes.setdefault(hash_of[image_id], []).append(image_id)
+            groups += [DuplicateGroup(ids=members, kind="exact", similarity=1.0)
+                       for members in same_bytes.values() if len(members) > 1]
+        groups.append(DuplicateGroup(ids=[*group.ids, *group.earlier_ids], kind=group.kind,
+                                     similarity=round(max(-1.0, min(1.0, group.min_similarity)), 6)))
     return groups

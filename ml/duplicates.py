@@ -46,6 +46,7 @@ __all__ = [
     "DuplicateInputError",
     "DuplicateReport",
     "EmbeddingSet",
+    "check_embeddings",
     "find_duplicates",
 ]
 
@@ -198,6 +199,13 @@ def find_duplicates(
 
 
 # ---------------------------------------------------------------------------------------------- checks
+def check_embeddings(ids: Sequence[str], vectors: np.ndarray) -> np.ndarray:
+    """``vectors`` as contiguous float32 after the checks :func:`find_duplicates` applies (unique string ids;
+    finite, non-zero, L2-normalised rows); raises :class:`DuplicateInputError` naming the first bad id. For
+    validating stored embeddings (an earlier file) before a request relies on them."""
+    return _check_vectors(vectors, _check_ids(ids, "ids"), "vectors")
+
+
 def _check_ids(ids: Sequence[str], what: str) -> list[str]:
     ids = list(ids)
     seen: set[str] = set()

@@ -195,3 +195,26 @@ def test_embed_cache_bound_in_bytes():
     huge = EmbeddingCache(100)
     huge.put("h", "m", torch.ones(10_000))
     assert len(huge) == 0
+
+
+async def test_against_file_with_unusable_vectors_is_refused_before_any_part(ctx, http_server, s3_server, s3_bucket):
+    from ml.embedding_files import write_embeddings
+
+    url = http_server.urls["astronaut_jpg"]
+    handler = AnnotationHandler(ctx)
+    dim = (await collect(handler, embed([("a", url)], "dim", output_path=f"s3://{s3_bucket}/x")))[-1].dim
+    good = np.zeros((2, dim), np.float32)
+    good[:, 0] = 1.0
+    files = {"nan": (["p", "q"], np.where(np.arange(2)[:, None] == 1, np.nan, good), "'q' is not finite"),
+             "zero": (["p", "q"], good * np.array([[1.0], [0.0]], np.float32), "'q' is zero"),
+             "scaled": (["p", "q"], good * 3, "'p' is not L2-normalised"),
+             "repeated": (["p", "p"], good, "repeat")}
+    for name, (ids, vectors, message) in files.items():
+        async with s3_server.client() as client:
+            await client.put_object(Bucket=s3_bucket, Key=f"{name}.npz", Body=write_embeddings(ids, vectors))
+        req = embed([("a", url)], f"against-{name}", output_path=f"s3://{s3_bucket}/x", duplicates={},
+                    against=[f"s3://{s3_bucket}/{name}.npz"])
+        with pytest.raises(PermanentError) as err:
+            await collect(handler, req)
+        assert err.value.code == "invalid_request" and f"{name}.npz" in err.value.message, err.value.message
+        assert message in err.value.message, err.value.message
