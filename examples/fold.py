@@ -26,7 +26,9 @@ The backend team can copy this as the reference for its own fold. Rules it shows
 
 Tables: ``labels`` (AI predictions: image id, class, confidence, source 'ai', model, request id, rank),
 ``image_errors``, ``annotation_requests``, ``training_jobs``, ``applied_labels`` (what a labeling
-workflow accepted), ``folded_messages`` (idempotency), ``rejected_messages`` (events that could not be folded).
+workflow accepted), ``embedding_parts`` (embed results: where each part's vectors are), ``duplicate_groups`` and
+``duplicate_members`` (an embed request's duplicate groups), ``folded_messages`` (idempotency),
+``rejected_messages`` (events that could not be folded).
 """
 
 from __future__ import annotations
@@ -86,6 +88,31 @@ CREATE TABLE IF NOT EXISTS training_jobs (
     error TEXT,
     updated_at TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS embedding_parts (
+    request_id TEXT NOT NULL,
+    part INTEGER NOT NULL,
+    embeddings_url TEXT,
+    dim INTEGER,
+    images INTEGER NOT NULL,
+    model TEXT NOT NULL,
+    duplicates_url TEXT,
+    PRIMARY KEY (request_id, part)
+);
+CREATE TABLE IF NOT EXISTS duplicate_groups (
+    request_id TEXT NOT NULL,
+    position INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    similarity DOUBLE PRECISION NOT NULL,
+    size INTEGER NOT NULL,
+    PRIMARY KEY (request_id, position)
+);
+CREATE TABLE IF NOT EXISTS duplicate_members (
+    request_id TEXT NOT NULL,
+    position INTEGER NOT NULL,
+    image_id TEXT NOT NULL,
+    PRIMARY KEY (request_id, position, image_id)
+);
+CREATE INDEX IF NOT EXISTS duplicate_members_by_image ON duplicate_members (image_id);
 CREATE TABLE IF NOT EXISTS rejected_messages (
     message_id TEXT PRIMARY KEY,
     topic TEXT NOT NULL,
@@ -103,7 +130,7 @@ CREATE TABLE IF NOT EXISTS applied_labels (
 
 JOB_COLUMNS = ("job_id", "status", "seq", "attempt", "progress", "metrics", "model_url", "error", "updated_at")
 TABLES = ("annotation_requests", "labels", "image_errors", "training_jobs", "applied_labels", "folded_messages",
-          "rejected_messages")
+          "rejected_messages", "embedding_parts", "duplicate_groups", "duplicate_members")
 MAX_REASON_CHARS = 500
 INT64 = 2**63
 
@@ -134,6 +161,27 @@ def _check_values(value: Any, depth: int = 0) -> None:
     elif isinstance(value, list):
         for item in value:
             _check_values(item, depth + 1)
+
+
+def _text(value: Any) -> str:
+    """A value for a TEXT column: SQLite would store any type there, PostgreSQL refuses; both refuse here."""
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {type(value).__name__}")
+    return value
+
+
+def _number(value: Any) -> float:
+    """A value for a DOUBLE PRECISION column (see :func:`_text`)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"expected a number, got {type(value).__name__}")
+    return float(value)
+
+
+def _int(value: Any) -> int:
+    """A value for an INTEGER/BIGINT column (see :func:`_text`)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"expected an integer, got {type(value).__name__}")
+    return value
 
 
 def _json(value: Any) -> str | None:
@@ -197,7 +245,8 @@ class Fold:
                             " ON CONFLICT (message_id) DO NOTHING", (key, topic, reason.replace("\x00", "\\0")))
 
     def _annotation(self, event: dict[str, Any]) -> None:
-        request_id = event["request_id"]
+        request_id = _text(event["request_id"])
+        _text(event["status"])
         model = event.get("model") or {}
         model_name = "/".join(str(model.get(k, "")) for k in ("family", "variant", "weights")) if model else None
         self.db.execute(
@@ -207,17 +256,18 @@ class Fold:
             " model = COALESCE(excluded.model, annotation_requests.model), parts = excluded.parts,"
             " parts_received = annotation_requests.parts_received + excluded.parts_received,"
             " error = COALESCE(excluded.error, annotation_requests.error), updated_at = excluded.updated_at",
-            (request_id, event["status"], model_name, event.get("parts", 1), 1 if event["status"] == "completed" else 0,
-             _json(event.get("error")), event["created_at"]),
+            (request_id, event["status"], model_name, _int(event.get("parts", 1)), 1 if event["status"] == "completed" else 0,
+             _json(event.get("error")), _text(event["created_at"])),
         )
         for result in event.get("results", []):
+            image_id = _text(result["id"])
             # The latest result for an image replaces any earlier one (its labels and its error).
-            self.db.execute("DELETE FROM labels WHERE request_id = ? AND image_id = ?", (request_id, result["id"]))
-            self.db.execute("DELETE FROM image_errors WHERE request_id = ? AND image_id = ?", (request_id, result["id"]))
+            self.db.execute("DELETE FROM labels WHERE request_id = ? AND image_id = ?", (request_id, image_id))
+            self.db.execute("DELETE FROM image_errors WHERE request_id = ? AND image_id = ?", (request_id, image_id))
             if result.get("error"):
                 self.db.execute(
                     "INSERT INTO image_errors (request_id, image_id, code, message) VALUES (?, ?, ?, ?)",
-                    (request_id, result["id"], result["error"]["code"], result["error"]["message"]),
+                    (request_id, image_id, _text(result["error"]["code"]), _text(result["error"]["message"])),
                 )
             accept = result.get("auto_accept")
             for rank, prediction in enumerate(result.get("predictions", [])):
@@ -226,9 +276,38 @@ class Fold:
                     " model) VALUES (?, ?, ?, ?, ?, ?, ?, 'ai', ?) ON CONFLICT (request_id, image_id, class) DO UPDATE"
                     " SET rank = excluded.rank, confidence = excluded.confidence, margin = excluded.margin,"
                     " auto_accept = excluded.auto_accept, model = excluded.model",
-                    (request_id, result["id"], rank, prediction["class"], prediction["confidence"], result.get("margin"),
+                    (request_id, image_id, rank, _text(prediction["class"]), _number(prediction["confidence"]),
+                     None if result.get("margin") is None else _number(result["margin"]),
                      None if accept is None or rank else int(bool(accept)), model_name or ""),
                 )
+
+        if event.get("task") == "embed" and event["status"] == "completed":
+            self._embedding(request_id, event, model_name or "")
+
+    def _embedding(self, request_id: str, event: dict[str, Any], model_name: str) -> None:
+        """An embed part: where its vectors are; the last part's duplicate groups (one row each, members apart
+        so "which groups hold this image" is one indexed lookup)."""
+        self.db.execute(
+            "INSERT INTO embedding_parts (request_id, part, embeddings_url, dim, images, model, duplicates_url)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (request_id, part) DO UPDATE SET"
+            " embeddings_url = excluded.embeddings_url, dim = excluded.dim, images = excluded.images,"
+            " model = excluded.model, duplicates_url = excluded.duplicates_url",
+            (request_id, event.get("part", 0), event.get("embeddings_url"), event.get("dim"),
+             sum(1 for r in event.get("results", []) if not r.get("error")), model_name, event.get("duplicates_url")),
+        )
+        groups = event.get("duplicates")
+        if groups is None:
+            return
+        self.db.execute("DELETE FROM duplicate_members WHERE request_id = ?", (request_id,))
+        self.db.execute("DELETE FROM duplicate_groups WHERE request_id = ?", (request_id,))
+        for position, group in enumerate(groups):
+            ids = list(dict.fromkeys(_text(i) for i in group["ids"]))
+            self.db.execute("INSERT INTO duplicate_groups (request_id, position, kind, similarity, size)"
+                            " VALUES (?, ?, ?, ?, ?)",
+                            (request_id, position, _text(group["kind"]), _number(group["similarity"]), len(ids)))
+            for image_id in ids:
+                self.db.execute("INSERT INTO duplicate_members (request_id, position, image_id) VALUES (?, ?, ?)",
+                                (request_id, position, image_id))
 
     def _training(self, event: dict[str, Any]) -> None:
         # The WHERE keeps a job from moving backwards: an event older than the stored seq changes nothing.
@@ -239,8 +318,9 @@ class Fold:
             " progress = COALESCE(excluded.progress, training_jobs.progress),"
             " metrics = COALESCE(excluded.metrics, training_jobs.metrics), model_url = excluded.model_url,"
             " error = excluded.error, updated_at = excluded.updated_at WHERE training_jobs.seq <= excluded.seq",
-            (event["job_id"], event["status"], event["seq"], event.get("attempt", 1), _json(event.get("progress")),
-             _json(event.get("metrics")), event.get("model_url"), _json(event.get("error")), event["created_at"]),
+            (_text(event["job_id"]), _text(event["status"]), _int(event["seq"]), _int(event.get("attempt", 1)),
+             _json(event.get("progress")), _json(event.get("metrics")), event.get("model_url"), _json(event.get("error")),
+             _text(event["created_at"])),
         )
 
     # ------------------------------------------------------------------ queries the workflows use
@@ -262,6 +342,17 @@ class Fold:
         for key in ("progress", "metrics", "error"):
             out[key] = json.loads(out[key]) if out[key] else None
         return out
+
+    def duplicates(self, request_id: str) -> list[dict[str, Any]]:
+        """The duplicate groups folded for an embed request, in event order: ``{"kind", "similarity", "ids"}`` (ids sorted)."""
+        groups = self.db.fetchall("SELECT position, kind, similarity FROM duplicate_groups WHERE request_id = ?"
+                                  " ORDER BY position", (request_id,))
+        members: dict[int, list[str]] = {}
+        for position, image_id in self.db.fetchall("SELECT position, image_id FROM duplicate_members"
+                                                   " WHERE request_id = ? ORDER BY position, image_id", (request_id,)):
+            members.setdefault(position, []).append(image_id)
+        return [{"kind": kind, "similarity": similarity, "ids": members.get(position, [])}
+                for position, kind, similarity in groups]
 
     def auto_apply(self, request_id: str, threshold: float | None = None) -> int:
         """Accept each image's top-1 AI label: the ones the worker marked ``auto_accept`` (the request named an
