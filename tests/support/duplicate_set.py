@@ -1,6 +1,7 @@
 """A duplicate-detection set from images that packages ship: photos (scikit-learn, scikit-image) and digits
-(scikit-learn), each original with injected copies (JPEG quality 10, resized to half, 5% cropped, PNG), and
-look-alike non-copies (different digits of the same class). For the quality test and the threshold choice."""
+(scikit-learn), each original with injected copies (testkit.image_copies: JPEG quality 10, resized to half,
+5% cropped, PNG), and look-alike non-copies (different digits of the same class). For the quality test and
+the threshold choice."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-COPY_KINDS = ("jpeg_q10", "half_size", "crop_5pct", "png")
+from testkit.image_copies import COPY_KINDS, encode, image_copies
+
 PHOTO_NAMES = ("astronaut", "chelsea", "coffee", "camera", "rocket", "immunohistochemistry", "hubble_deep_field",
                "coins", "moon", "page", "text", "brick", "grass", "gravel", "clock", "cell", "retina")
 DIGIT_SIZE = 128
@@ -25,22 +27,8 @@ class Item:
     original: str  # the id of the original this is a copy of (itself for an original)
 
 
-def _encode(image: Image.Image, fmt: str, **kw) -> bytes:
-    out = io.BytesIO()
-    image.save(out, format=fmt, **kw)
-    return out.getvalue()
-
-
 def _copies(name: str, image: Image.Image, data: bytes) -> list[Item]:
-    rgb = image.convert("RGB")
-    w, h = rgb.size
-    dx, dy = max(1, round(w * 0.05 / 2)), max(1, round(h * 0.05 / 2))  # 5% of each side, half at each edge
-    variants = {
-        "jpeg_q10": _encode(rgb, "JPEG", quality=10),
-        "half_size": _encode(rgb.resize((max(1, w // 2), max(1, h // 2)), Image.Resampling.BILINEAR), "JPEG", quality=85),
-        "crop_5pct": _encode(rgb.crop((dx, dy, w - dx, h - dy)), "JPEG", quality=85),
-        "png": _encode(image, "PNG"),
-    }
+    variants = image_copies(image)
     items = [Item(name, Image.open(io.BytesIO(data)).convert("RGB"), data, name)]
     for kind in COPY_KINDS:
         items.append(Item(f"{name}~{kind}", Image.open(io.BytesIO(variants[kind])).convert("RGB"), variants[kind], name))
@@ -81,11 +69,11 @@ def duplicate_set(digits_with_copies: int = 2, look_alikes: int = 3) -> list[Ite
     """Originals with their 4 copies each; plus ``look_alikes`` more digits per class, no copies."""
     items: list[Item] = []
     for name, image in photos():
-        items += _copies(name, image, _encode(image.convert("RGB"), "JPEG", quality=90))
+        items += _copies(name, image, encode(image.convert("RGB"), "JPEG", quality=90))
     for name, _, image in digits(digits_with_copies):
-        items += _copies(name, image, _encode(image, "PNG"))
+        items += _copies(name, image, encode(image, "PNG"))
     for name, _, image in digits(look_alikes, offset=digits_with_copies):
-        data = _encode(image, "PNG")
+        data = encode(image, "PNG")
         items.append(Item(name, image, data, name))
     return items
 
