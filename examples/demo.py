@@ -7,9 +7,13 @@ or DEMO_DATABASE_URL folds into a PostgreSQL database instead). Then:
 
 1. AI labeling: 10 real sample photos served on 127.0.0.1, zero-shot classified against 4 classes,
    folded, top-1 labels above a threshold applied;
-2. training: scikit-learn's digits as PNG files in S3 under <class>/<file>, a resnet10t fine-tuned
+2. duplicates: an ``embed`` request with ``duplicates`` over the photos plus injected copies
+   (testkit.image_copies: JPEG quality 10, half size, 5% cropped, PNG; and a byte-identical re-upload),
+   the vectors stored in S3, the duplicate groups folded and printed (``<photo>~<kind>`` is a copy of
+   ``<photo>``);
+3. training: scikit-learn's digits as PNG files in S3 under <class>/<file>, a resnet10t fine-tuned
    through Kafka with per-epoch progress, the model package in S3;
-3. inference with the trained model (``"model": "custom"``) on held-back digits.
+4. inference with the trained model (``"model": "custom"``) on held-back digits.
 
 ``--once`` (or DEMO_ONCE=1; automatic without a terminal) exits after the demo; otherwise the stack
 keeps running for ``cls-worker send ...`` until Ctrl-C. Every process it started is stopped on exit.
@@ -32,13 +36,27 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from examples.ports import free_port
+
+if TYPE_CHECKING:
+    import aioboto3
+
+    from examples.fold import Fold
 
 REPO = Path(__file__).resolve().parents[1]
 KAFKA_SH = REPO / "deploy" / "local" / "kafka.sh"
 CLASSES = ["person", "cat", "coffee cup", "flower"]
+BUCKET = "cls-demo"
+EMBEDDINGS_PREFIX = f"s3://{BUCKET}/embeddings"
+COPIED_PHOTOS = ("astronaut.jpg", "coffee.jpg", "camera-man.png")
+"""The photos step 2 injects copies of (every kind in testkit.image_copies.COPY_KINDS)."""
+REUPLOADED_PHOTO = "chelsea-the-cat.jpg"
+"""Uploaded a second time with the same bytes (an exact duplicate)."""
+COPY_SEPARATOR = "~"
 
 
 def bar(done: int, total: int, width: int = 30) -> str:
@@ -115,6 +133,7 @@ class Demo:
             "CLS_TRAINING_WORK_DIR": str(self.state / "training"),
             "CLS_DATASET_CACHE_DIR": str(self.state / "images"),
             "CLS_TORCH_THREADS": os.environ.get("CLS_TORCH_THREADS", "1"),
+            "CLS_EMBED_OUTPUT_PATH": EMBEDDINGS_PREFIX,
             "CLS_LOG_FORMAT": "json",
             "PYTHONUNBUFFERED": "1",
         }
@@ -179,6 +198,28 @@ def sample_photos() -> dict[str, bytes]:
     return out
 
 
+def injected_copies(photos: dict[str, bytes]) -> dict[str, bytes]:
+    """Copies of some of ``photos``, named ``<photo>~<kind>``: each kind of testkit.image_copies for
+    COPIED_PHOTOS, and REUPLOADED_PHOTO's own bytes again (``~reupload``)."""
+    from PIL import Image
+
+    from testkit.image_copies import image_copies
+
+    out = {}
+    for name in COPIED_PHOTOS:
+        with Image.open(io.BytesIO(photos[name])) as image:
+            image.load()
+            for kind, data in image_copies(image).items():
+                out[f"{name}{COPY_SEPARATOR}{kind}"] = data
+    out[f"{REUPLOADED_PHOTO}{COPY_SEPARATOR}reupload"] = photos[REUPLOADED_PHOTO]
+    return out
+
+
+def original_of(image_id: str) -> str:
+    """The photo an image id of step 2 is a copy of (itself for an original)."""
+    return image_id.split(COPY_SEPARATOR, 1)[0]
+
+
 async def produce(bootstrap: str, topic: str, key: str, body: dict) -> None:
     from aiokafka import AIOKafkaProducer
 
@@ -203,6 +244,11 @@ async def run(demo: Demo, once: bool, database: str | None = None) -> None:
         say("!" * 100)
     demo.start_kafka()
     endpoint = demo.start_s3()
+    import aioboto3
+
+    session = aioboto3.Session()
+    async with session.client("s3", endpoint_url=endpoint) as s3:
+        await s3.create_bucket(Bucket=BUCKET)  # embedding files (step 2), digits and the model package (step 3)
     subprocess.run([sys.executable, "-m", "consumers.cli", "topics", "create"], cwd=REPO, env=demo.worker_env(),
                    check=True, capture_output=True, timeout=120)
     say("• topics created (12 partitions per request topic, compacted control topic)")
@@ -245,20 +291,20 @@ async def run(demo: Demo, once: bool, database: str | None = None) -> None:
     for image_id, cls, confidence, model in rows[:6]:
         say(f"   {image_id:28s} -> {cls:12s} {confidence:.3f}   ({model})")
 
-    # ---------------------------------------------------------------- 2. training workflow
-    say("\n== 2. Training workflow ==")
-    import aioboto3
+    # ---------------------------------------------------------------- 2. duplicates in the photo set
+    say("\n== 2. Duplicates in the photo set (embed) ==")
+    await find_duplicates(demo, fold, session, endpoint, photos, base, weights, until)
 
+    # ---------------------------------------------------------------- 3. training workflow
+    say("\n== 3. Training workflow ==")
     from tests.fixtures.trained_model import DIGIT_CLASS_NAMES, digits_splits, write_digits_dataset
 
     digits_dir = Path(tempfile.mkdtemp(prefix="demo-digits-"))
     samples, class_names = write_digits_dataset(digits_dir)
     _, _, held_back = digits_splits(samples)
     held = set(held_back)
-    bucket = "cls-demo"
-    session = aioboto3.Session()
+    bucket = BUCKET
     async with session.client("s3", endpoint_url=endpoint) as s3:
-        await s3.create_bucket(Bucket=bucket)
         semaphore = asyncio.Semaphore(32)
 
         async def put(path: str, label: int) -> None:
@@ -315,8 +361,8 @@ async def run(demo: Demo, once: bool, database: str | None = None) -> None:
             threshold = "never" if row["threshold"] is None else f">= {row['threshold']:.4f}"
             say(f"   auto-accept at precision {row['precision']:.2f}: confidence {threshold}, coverage {row['coverage']:.3f}")
 
-    # ---------------------------------------------------------------- 3. inference with the trained model
-    say("\n== 3. Inference with the trained model (\"model\": \"custom\") on held-back digits ==")
+    # ---------------------------------------------------------------- 4. inference with the trained model
+    say("\n== 4. Inference with the trained model (\"model\": \"custom\") on held-back digits ==")
     files = {f"held/{i}.png": Path(p).read_bytes() for i, (p, _) in enumerate(held_back)}
     photos.update(files)
     infer_id = f"demo-infer-{uuid.uuid4().hex[:6]}"
@@ -341,11 +387,72 @@ async def run(demo: Demo, once: bool, database: str | None = None) -> None:
     say("\nDone. The folded tables are in " + fold_target)
     if not once:
         say(f"The stack keeps running: try `KAFKA_BOOTSTRAP_SERVERS={demo.bootstrap} AWS_ENDPOINT_URL={endpoint} "
-            f".venv/bin/cls-worker send annotate --classes cat,dog {base}/chelsea-the-cat.jpg`  (Ctrl-C stops everything)")
+            f".venv/bin/cls-worker send annotate --classes cat,dog {base}/chelsea-the-cat.jpg`, or `... send embed"
+            f" --duplicates 0.95 {base}/coffee.jpg {base}/chelsea-the-cat.jpg` (vectors under {EMBEDDINGS_PREFIX};"
+            " Ctrl-C stops everything)")
         while True:
             await asyncio.sleep(3600)
     stop_fold.set()
     await asyncio.wait_for(fold_task, 30)
+
+
+async def find_duplicates(demo: Demo, fold: Fold, session: aioboto3.Session, endpoint: str, photos: dict[str, bytes],
+                          base: str, weights: str, until: Callable[[Callable[[], bool], float, str], Awaitable[None]]) -> None:
+    """Step 2: embed the photos plus injected copies with ``duplicates``, fold the result, print the groups."""
+    import numpy as np
+
+    from schemas import topics
+    from schemas.annotation import DEFAULT_DUPLICATE_THRESHOLD
+
+    originals = [name for name in photos if COPY_SEPARATOR not in name]
+    copies = injected_copies({name: photos[name] for name in originals})
+    images = [{"id": name, "url": f"{base}/{name}"} for name in originals]
+    for index, (image_id, data) in enumerate(copies.items()):
+        extension = "png" if data.startswith(b"\x89PNG") else "jpg"
+        path = f"copies/{index}.{extension}"
+        photos[path] = data  # served by the demo's HTTP server
+        images.append({"id": image_id, "url": f"{base}/{path}"})
+    request_id = f"demo-dup-{uuid.uuid4().hex[:6]}"
+    started = time.monotonic()
+    await produce(demo.bootstrap, topics.ANNOTATION_REQUESTS, request_id,
+                  {"task": "embed", "model": "clip", "images": images, "output_path": EMBEDDINGS_PREFIX,
+                   "duplicates": {"threshold": DEFAULT_DUPLICATE_THRESHOLD}})
+    kinds = sorted({image_id.split(COPY_SEPARATOR)[1] for image_id in copies})
+    say(f"   sent {len(images)} images to embed (request {request_id}): {len(originals)} photos + {len(copies)} injected"
+        f" copies ({', '.join(kinds)}) named <photo>{COPY_SEPARATOR}<kind>; duplicates at cosine >= {DEFAULT_DUPLICATE_THRESHOLD}")
+    await until(lambda: fold.request_complete(request_id), 300, "embed results")
+    took = time.monotonic() - started
+    status, error = fold.query("SELECT status, error FROM annotation_requests WHERE request_id = ?", (request_id,))[0]
+    if status != "completed":
+        raise RuntimeError(f"embed request {status}: {error}")
+    parts = fold.query("SELECT embeddings_url, dim, images FROM embedding_parts WHERE request_id = ? ORDER BY part",
+                       (request_id,))
+    embedded = sum(row[2] for row in parts)
+    say(f"   embedded {embedded} of {len(images)} images in {took:.1f} s (request to folded result); vectors in"
+        f" {len(parts)} part file(s): {parts[0][0]}")
+    bucket_name, _, key = parts[0][0].removeprefix("s3://").partition("/")
+    async with session.client("s3", endpoint_url=endpoint) as s3:
+        body = await (await s3.get_object(Bucket=bucket_name, Key=key))["Body"].read()
+    with np.load(io.BytesIO(body), allow_pickle=False) as npz:  # as README "Embeddings" loads it
+        ids, vectors = npz["ids"], npz["embeddings"]
+    say(f"   read back with numpy: {len(ids)} ids, embeddings {vectors.dtype} {tuple(vectors.shape)}")
+
+    groups = fold.duplicates(request_id)
+    say(f"   {len(groups)} duplicate groups folded (tables duplicate_groups, duplicate_members):")
+    for group in groups:
+        shown = ", ".join(group["ids"][:6]) + (f", ... ({len(group['ids']) - 6} more)" if len(group["ids"]) > 6 else "")
+        say(f"     {group['kind']:5s}  similarity >= {group['similarity']:.4f}  {len(group['ids']):2d} images: {shown}")
+    together = sum(any(image_id in g["ids"] and original_of(image_id) in g["ids"] for g in groups) for image_id in copies)
+    exact_pairs = sum(any(g["kind"] == "exact" and {image_id, original_of(image_id)} <= set(g["ids"]) for g in groups)
+                      for image_id in copies)
+    mixed = sum(len({original_of(i) for i in g["ids"]}) > 1 for g in groups)
+    say(f"   injected copies in a group with their photo: {together} of {len(copies)}; found by content hash (exact):"
+        f" {exact_pairs}; groups joining different photos: {mixed} of {len(groups)}")
+    if weights == "random":
+        say("   ! NEAR-DUPLICATE GROUPS ARE NOT MEANINGFUL WITH RANDOM WEIGHTS: random features score unrelated photos")
+        say("   ! about as similar as copies (README \"Near-duplicates\"), so a near group here says nothing about the")
+        say("   ! photos in it. Exact groups (byte-identical files, SHA-256) hold with any weights. With pretrained")
+        say("   ! weights, set the threshold from the margin between copies and non-copies on your own images.")
 
 
 def main() -> int:

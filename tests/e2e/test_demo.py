@@ -1,4 +1,6 @@
-"""``make run``'s demo in its non-interactive mode finishes, exits 0 and leaves no process behind."""
+"""``make run``'s demo in its non-interactive mode finishes, exits 0 and leaves no process behind; its duplicate
+step's groups are in the fold's database (byte-identical copies as exact groups, every injected copy grouped
+with its photo)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,9 @@ import sys
 
 import pytest
 
+from examples.demo import COPIED_PHOTOS, REUPLOADED_PHOTO, original_of
+from examples.fold import Fold
+from testkit.image_copies import COPY_KINDS
 from tests.support.kafka import REPO
 
 pytestmark = pytest.mark.slow
@@ -21,6 +26,7 @@ def test_demo_once_runs_both_workflows_and_cleans_up(tmp_path):
     out = subprocess.run([sys.executable, "-m", "examples.demo"], cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=900, stdin=subprocess.DEVNULL)
     text = out.stdout + out.stderr
+    print(text)  # the demo's output: shown with -rP, and with the failure
     assert out.returncode == 0, text[-5000:]
     assert "ZERO-SHOT WEIGHTS ARE RANDOM" in text
     assert "AI labeling workflow" in text and "training curve" in text
@@ -30,6 +36,23 @@ def test_demo_once_runs_both_workflows_and_cleans_up(tmp_path):
     assert "calibration: temperature" in text
     accepted = re.search(r"auto-applied (\d+) of \d+ labels at precision 0.95: (\d+) right", text)
     assert accepted and int(accepted.group(1)) > 0 and int(accepted.group(2)) >= 0.95 * int(accepted.group(1))
+    assert "NEAR-DUPLICATE GROUPS ARE NOT MEANINGFUL WITH RANDOM WEIGHTS" in text
+    duplicates_id = re.search(r"sent (\d+) images to embed \(request (demo-dup-\w+)\)", text)
+    assert duplicates_id and int(duplicates_id.group(1)) == 10 + len(COPIED_PHOTOS) * len(COPY_KINDS) + 1
+    fold = Fold(tmp_path / "demo" / "fold.sqlite")
+    try:
+        groups = fold.duplicates(duplicates_id.group(2))
+        parts = fold.query("SELECT dim, images FROM embedding_parts WHERE request_id = ?", (duplicates_id.group(2),))
+    finally:
+        fold.close()
+    assert sum(images for _, images in parts) == int(duplicates_id.group(1)) and all(dim > 0 for dim, _ in parts)
+    exact = [set(g["ids"]) for g in groups if g["kind"] == "exact"]
+    # byte-identical: the re-upload, and the PNG photo re-saved as PNG (same bytes); found by hash with any weights
+    assert {REUPLOADED_PHOTO, f"{REUPLOADED_PHOTO}~reupload"} in exact and {"camera-man.png", "camera-man.png~png"} in exact
+    copies = [f"{name}~{kind}" for name in COPIED_PHOTOS for kind in COPY_KINDS]
+    apart = [c for c in copies if not any({c, original_of(c)} <= set(g["ids"]) for g in groups)]
+    assert not apart, f"copies not grouped with their photo: {apart}; groups {groups}"
+    assert re.search(rf"injected copies in a group with their photo: {len(copies) + 1} of {len(copies) + 1}", text)
     pids = [int(p) for p in re.search(r"workers are up \(pids ([0-9 ]+);", text).group(1).split()]
     for pid in pids:
         assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower()
