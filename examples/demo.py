@@ -427,6 +427,9 @@ async def find_duplicates(demo: Demo, fold: Fold, session: aioboto3.Session, end
         raise RuntimeError(f"embed request {status}: {error}")
     parts = fold.query("SELECT embeddings_url, dim, images FROM embedding_parts WHERE request_id = ? ORDER BY part",
                        (request_id,))
+    if not parts or not parts[0][0]:
+        errors = fold.query("SELECT image_id, code FROM image_errors WHERE request_id = ?", (request_id,))
+        raise RuntimeError(f"embed request {request_id} stored no vectors; image errors: {errors[:5]}")
     embedded = sum(row[2] for row in parts)
     say(f"   embedded {embedded} of {len(images)} images in {took:.1f} s (request to folded result); vectors in"
         f" {len(parts)} part file(s): {parts[0][0]}")
