@@ -36,7 +36,7 @@ if str(REPO) not in sys.path:  # run as a script: the repository root on the pat
 
 from handlers.images import DecodeLimits, decoded, decoded_tensor  # noqa: E402
 from ml.device import policy_for, stage_batch  # noqa: E402
-from ml.preprocess import decode_jpegs_cuda, tensor_preprocess_for  # noqa: E402
+from ml.preprocess import decode_jpegs, tensor_preprocess_for  # noqa: E402
 from tests.support.photos import photo_jpegs  # noqa: E402
 
 FAMILIES = ("vit_base_patch16_224", "convnext_tiny", "efficientnet_b0", "swin_tiny_patch4_window7_224")
@@ -160,7 +160,7 @@ def bench_annotation(args: argparse.Namespace, variant: str) -> dict[str, Any]:
         def end_to_end_gpu_decode() -> int:
             for start in range(0, len(datas), batch):
                 chunk = datas[start : start + batch]
-                images = decode_jpegs_cuda(chunk, device)
+                images = decode_jpegs(chunk, device)
                 images = [image if image is not None else cpu_decode_uint8(data, limits).to(device)
                           for image, data in zip(images, chunk, strict=True)]
                 model.encode_images(recipe.batch(images))
