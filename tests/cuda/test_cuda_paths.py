@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-import timm
 import torch
 
 from ml.device import Capabilities, choose_policy, policy_for, stage_batch
@@ -53,6 +52,8 @@ def test_autocast_inference_equals_fp32_within_tolerance(clip, photo_batch: torc
 
 
 def test_channels_last_for_conv_nets_with_the_same_outputs() -> None:
+    import timm  # here, not at the top: the dry run collects this module, and timm takes a second to import
+
     model = timm.create_model("resnet18", pretrained=False, num_classes=10).eval()
     reference = model.cuda()(torch.randn(4, 3, 224, 224, generator=torch.Generator().manual_seed(0)).cuda()).float()
     policy = policy_for("cuda", model)
