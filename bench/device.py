@@ -9,8 +9,9 @@ Run from the repository root:  .venv/bin/python bench/device.py [--dry] [--json-
    preprocessed tensors (the ceiling), then end to end from JPEG bytes in memory to embeddings with (i) CPU decode
    + tensor preprocessing on a thread pool, batches staged with pinned copies on a side stream, and (ii) on CUDA,
    batched nvJPEG decode + resize on the GPU; img/s and each as a ratio of the tower;
-3. training: steps of the training loop's recipe (ml.device policy, fused/foreach AdamW, GradScaler when fp16)
-   for four families at 224 px (--dry: 32 px), AMP against fp32, img/s and the ratio.
+3. training: the real ``ml.training.train()`` on a small synthetic JPEG set (bounded: --train-images, --train-epochs)
+   for four families at 224 px (--dry: four small ones at 32 px), AMP against fp32 (``TrainSpec.mixed_precision``),
+   the last epoch's training img/s as train() reports it, and the ratio.
 
 Prints one table per section and one JSON line (prefix ``BENCH_JSON ``).
 """
@@ -18,10 +19,11 @@ Prints one table per section and one JSON line (prefix ``BENCH_JSON ``).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
+import os
 import platform
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -36,11 +38,11 @@ if str(REPO) not in sys.path:  # run as a script: the repository root on the pat
 
 from handlers.images import DecodeLimits, decoded, decoded_tensor  # noqa: E402
 from ml.device import policy_for, stage_batch  # noqa: E402
-from ml.preprocess import decode_jpegs_cuda, tensor_preprocess_for  # noqa: E402
+from ml.preprocess import decode_jpegs, tensor_preprocess_for  # noqa: E402
 from tests.support.photos import photo_jpegs  # noqa: E402
 
 FAMILIES = ("vit_base_patch16_224", "convnext_tiny", "efficientnet_b0", "swin_tiny_patch4_window7_224")
-DRY_FAMILIES = ("vit_tiny_patch16_224", "convnext_atto", "efficientnet_b0", "resnet10t")  # the four kinds, small
+DRY_FAMILIES = ("test_vit", "test_convnext", "test_efficientnet", "test_resnet")  # the four kinds, timm's tiny test nets
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,6 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=None, help="default 256 on CUDA, 32 on the CPU, --dry 8")
     parser.add_argument("--decode-threads", type=int, default=None, help="CPU decode threads (default: the cores)")
     parser.add_argument("--seconds", type=float, default=None, help="time per measurement (default 10; --dry 1)")
+    parser.add_argument("--train-images", type=int, default=None, help="training samples per run (default 1536; --dry 8)")
+    parser.add_argument("--train-epochs", type=int, default=None, help="epochs per training run (default 2; --dry 1)")
+    parser.add_argument("--train-workers", type=int, default=None, help="data loader workers (default: cores, max 8)")
     parser.add_argument("--sections", default="preprocess,annotation,training")
     parser.add_argument("--json-out", default=None)
     return parser.parse_args(argv)
@@ -79,7 +84,7 @@ def sync() -> None:
 
 def environment() -> dict[str, Any]:
     info: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
-                            "cuda_runtime": torch.version.cuda, "cpu_cores": len(__import__("os").sched_getaffinity(0))}
+                            "cuda_runtime": torch.version.cuda, "cpu_cores": len(os.sched_getaffinity(0))}
     import torchvision
 
     info["torchvision"] = torchvision.__version__
@@ -160,7 +165,7 @@ def bench_annotation(args: argparse.Namespace, variant: str) -> dict[str, Any]:
         def end_to_end_gpu_decode() -> int:
             for start in range(0, len(datas), batch):
                 chunk = datas[start : start + batch]
-                images = decode_jpegs_cuda(chunk, device)
+                images = decode_jpegs(chunk, device)
                 images = [image if image is not None else cpu_decode_uint8(data, limits).to(device)
                           for image, data in zip(images, chunk, strict=True)]
                 model.encode_images(recipe.batch(images))
@@ -179,36 +184,63 @@ def cpu_decode_uint8(data: bytes, limits: DecodeLimits) -> torch.Tensor:
         return pixels.clone()
 
 
-def bench_training(args: argparse.Namespace, name: str) -> dict[str, Any]:
-    import timm.optim
+class _EpochRates:
+    """Training callbacks that keep each epoch's ``images_per_s`` (train steps only, validation excluded)."""
 
-    from ml.training.models import build_model
+    def __init__(self) -> None:
+        self.rates: list[float] = []
+
+    def on_epoch_end(self, epoch: int, epochs: int, metrics: dict[str, Any]) -> None:
+        self.rates.append(float(metrics["images_per_s"]))
+
+    def on_heartbeat(self, epoch: int, step: int, steps: int, metrics: dict[str, Any]) -> None:
+        return None
+
+    def should_stop(self) -> str | None:
+        return None
+
+
+def synthetic_image_set(folder: Path, count: int, size: int, classes: int, distinct: int = 64) -> list[tuple[str, int]]:
+    """``count`` labelled samples (round robin over ``classes``) over ``distinct`` JPEG files of ``size`` px, crops of
+    the sample photos: the data loader decodes and transforms every sample as in a real job."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, data in enumerate(photo_jpegs(min(count, distinct), (size, size))):
+        path = folder / f"{index:04d}.jpg"
+        path.write_bytes(data)
+        paths.append(str(path))
+    return [(paths[i % len(paths)], i % classes) for i in range(count)]
+
+
+def bench_training(args: argparse.Namespace, name: str, workdir: Path) -> dict[str, Any]:
+    """The real ``ml.training.train()`` (data loader from JPEG files, 'light' augmentation, the device policy,
+    fused AdamW, GradScaler when fp16, validation, packaging) with AMP and with fp32 on the same images; the
+    rate is the last epoch's training images/s as train() reports it (the first epoch warms up when there are two)."""
+    from ml.training import TrainSpec, train
 
     size = 32 if args.dry else 224
-    batch = 2 if args.dry else 64
-    model, _ = build_model(name, 10, size, pretrained=False, pretrained_path=None)
-    policy = policy_for(args.device, model)
-    model.to(policy.device, memory_format=policy.memory_format).train()
-    optimizer = timm.optim.create_optimizer_v2(model, "adamw", lr=1e-4,
-                                               **({"fused": True} if policy.cuda else {"foreach": True}))
-    images = policy.to_device(torch.randn(batch, 3, size, size))
-    targets = torch.randint(0, 10, (batch,)).to(policy.device)
-    criterion = torch.nn.CrossEntropyLoss()
-    result: dict[str, Any] = {"model": name, "image_size": size, "batch": batch, "device": str(policy.device)}
-    for label, run_policy in (("amp", policy), ("fp32", dataclasses.replace(policy, amp_dtype=None, grad_scaler=False))):
-        scaler = torch.amp.GradScaler(policy.device.type, enabled=run_policy.grad_scaler)
-
-        def step() -> int:
-            optimizer.zero_grad(set_to_none=True)
-            with run_policy.autocast():
-                loss = criterion(model(images), targets)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            return batch
-
-        result[f"{label}_img_s"] = rate(step, args.seconds, warmup=2)
-        result[f"{label}_dtype"] = str(run_policy.amp_dtype or torch.float32).replace("torch.", "")
+    batch = 4 if args.dry else 64
+    classes = 4
+    samples = synthetic_image_set(workdir / "images", args.train_images, size + size // 8, classes)
+    val = samples[: max(classes, batch)]
+    result: dict[str, Any] = {"model": name, "image_size": size, "batch": batch, "train_images": len(samples),
+                              "epochs": args.train_epochs}
+    for label, mixed in (("amp", True), ("fp32", False)):
+        spec = TrainSpec(model_name=name, num_classes=classes, class_names=[f"class{i}" for i in range(classes)],
+                         epochs=args.train_epochs, batch_size=batch, learning_rate=1e-4, augmentation="light",
+                         pretrained=False, image_size=size, device=args.device, num_workers=args.train_workers,
+                         report=False, mixed_precision=mixed, seed=0)
+        callbacks = _EpochRates()
+        started = time.perf_counter()
+        done = train(spec, samples, val, workdir / f"{name}-{label}", callbacks)
+        result[f"{label}_img_s"] = callbacks.rates[-1]
+        result[f"{label}_wall_s"] = time.perf_counter() - started
+        policy = policy_for(args.device, done.model)
+        result[f"{label}_dtype"] = str((policy.amp_dtype if mixed else None) or torch.float32).replace("torch.", "")
+        result["device"] = str(policy.device)
+        del done
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     result["amp_over_fp32"] = result["amp_img_s"] / result["fp32_img_s"]
     return result
 
@@ -222,6 +254,10 @@ def main(argv: list[str] | None = None) -> int:
     args.images = args.images or (8 if args.dry else 2048)
     args.batch_size = args.batch_size or (4 if args.dry else 256 if cuda else 32)
     args.seconds = args.seconds if args.seconds is not None else (0.0 if args.dry else 10.0)  # dry: one call each
+    args.train_images = args.train_images or (8 if args.dry else 1536)
+    args.train_epochs = args.train_epochs or (1 if args.dry else 2)
+    if args.train_workers is None:
+        args.train_workers = 0 if args.dry else min(8, len(os.sched_getaffinity(0)))
     variants = (args.variants or ("cls-tiny-clip" if args.dry else "ViT-B-32,ViT-L-14")).split(",")
     sections = set(args.sections.split(","))
     if args.dry:
@@ -245,12 +281,14 @@ def main(argv: list[str] | None = None) -> int:
                   f"{row['e2e_cpu_decode_img_s']:8.1f} ({row['e2e_cpu_decode_over_tower']:.2f})          {gpu}")
     if "training" in sections:
         result["training"] = []
-        print("\ntraining steps (img/s)                    amp        fp32    amp/fp32")
-        for name in DRY_FAMILIES if args.dry else FAMILIES:
-            row = bench_training(args, name)
-            result["training"].append(row)
-            print(f"  {name:<32} {row['amp_img_s']:9.1f} ({row['amp_dtype']}) {row['fp32_img_s']:9.1f}"
-                  f"   {row['amp_over_fp32']:.2f}")
+        print(f"\ntraining, ml.training.train() ({args.train_images} images, {args.train_epochs} epoch(s)), img/s"
+              "       amp        fp32    amp/fp32")
+        with tempfile.TemporaryDirectory(prefix="cls-device-bench-") as scratch:
+            for name in DRY_FAMILIES if args.dry else FAMILIES:
+                row = bench_training(args, name, Path(scratch) / name)
+                result["training"].append(row)
+                print(f"  {name:<32} {row['amp_img_s']:9.1f} ({row['amp_dtype']}) {row['fp32_img_s']:9.1f}"
+                      f"   {row['amp_over_fp32']:.2f}")
     line = json.dumps(result)
     print("\nBENCH_JSON " + line)
     if args.json_out:

@@ -98,6 +98,7 @@ async def annotation_context(settings: Settings):
         ctx = AnnotationContext(
             config=AnnotationConfig(part_size=w.result_part_size, max_images_per_request=w.max_images_per_request,
                                     default_templates=default_templates(settings), preprocess=w.preprocess,
+                                    gpu_decode=w.gpu_decode,
                                     part_budget_bytes=min(PART_BUDGET_BYTES, w.max_record_bytes // 2)),
             model_config=config,
             models=ModelRegistry(config, executors, store, on_loaded=metrics.observe_model_load),
@@ -114,6 +115,7 @@ async def annotation_context(settings: Settings):
         try:
             yield ctx
         finally:
+            await ctx.preprocessor.close()
             await batcher.close()
             await asyncio.to_thread(executors.shutdown)
 

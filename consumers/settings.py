@@ -142,6 +142,10 @@ class WorkerSettings(BaseSettings):
         default="tensor", description="Image preprocessing: torchvision tensor ops on decoded uint8 tensors ('tensor', "
         "ml/preprocess.py; about 2.5x the images/s of 'pil' per CPU core, bench/device.py) or the model families' "
         "Pillow transforms ('pil').")
+    gpu_decode: bool = Field(
+        default=True, description="With CLS_PREPROCESS=tensor and a model on CUDA: baseline JPEGs of concurrent images are "
+        "decoded together on the GPU (nvJPEG, torchvision.io.decode_jpeg) and resized / normalised there; other images "
+        "and any GPU decode failure take the CPU path. false: every image is decoded on the CPU pool.")
     batch_size: int = Field(default=32, ge=1)
     batch_wait_ms: float = Field(default=10.0, ge=0)
     result_part_size: int = Field(default=500, ge=1, description="Images per result part (N).")

@@ -1,8 +1,8 @@
 """The annotation handler: classify a request's images and yield its result parts in request order.
 
 Per request: pick the model (loading it on first use), compute the class embeddings once (cached
-across requests), then fetch -> decode+preprocess (CPU pool) -> micro-batched forward (GPU thread)
-for every image, with bounded concurrency. Part ``k`` (images ``[k*N, (k+1)*N)``) is yielded as soon
+across requests), then fetch -> decode+preprocess (``handlers.preprocessing``: the CPU pool, or batched
+JPEG decoding on the model's GPU) -> micro-batched forward (GPU thread) for every image, with bounded concurrency. Part ``k`` (images ``[k*N, (k+1)*N)``) is yielded as soon
 as its images are done, so the first results reach the backend before the last image is fetched.
 One bad image is an error entry; only an unusable request or model fails the whole request.
 """
@@ -23,8 +23,9 @@ from handlers.embedding import EmbedConfig, EmbedHandler, content_hash
 from handlers.errors import ImageError, InvalidRequest, PermanentError
 from handlers.executor import Executors
 from handlers.fetch import Fetcher
-from handlers.images import DecodeLimits, decoded, decoded_tensor
+from handlers.images import DecodeLimits
 from handlers.models import LoadedModel, ModelConfig, ModelRegistry
+from handlers.preprocessing import Preprocessor
 from handlers.storage import ObjectStore
 from ml.embedding_cache import EmbeddingCache
 from schemas.annotation import (
@@ -55,6 +56,7 @@ class AnnotationConfig:
     interactive_images_in_flight: int = 64  # interactive images: their own budget, never behind bulk ones
     part_budget_bytes: int = PART_BUDGET_BYTES
     preprocess: str = "tensor"  # CLS_PREPROCESS: "tensor" (ml.preprocess) or "pil" (the families' Pillow transforms)
+    gpu_decode: bool = True  # CLS_GPU_DECODE: with "tensor" and a model on CUDA, baseline JPEGs decoded there in batches
 
 
 @dataclass
@@ -74,10 +76,14 @@ class AnnotationContext:
     embedding_cache: EmbeddingCache | None = None  # image embeddings by (content hash, model): classify and embed
     images_semaphore: asyncio.Semaphore = field(init=False)
     interactive_semaphore: asyncio.Semaphore = field(init=False)
+    preprocessor: Preprocessor = field(init=False)  # fetched bytes -> model input, for classify and embed
 
     def __post_init__(self) -> None:
         self.images_semaphore = asyncio.Semaphore(self.config.images_in_flight)
         self.interactive_semaphore = asyncio.Semaphore(self.config.interactive_images_in_flight)
+        self.preprocessor = Preprocessor(self.config.preprocess, self.decode_limits, self.executors,
+                                         gpu_decode=self.config.gpu_decode, max_batch=self.batcher.max_batch,
+                                         max_wait_ms=self.batcher.max_wait_ms)
 
 
 def part_size_for(request: AnnotationRequest, configured: int, class_names: Sequence[str],
@@ -227,8 +233,7 @@ class AnnotationHandler:
                     cached = cache.get(digest, model.key)
                     if cached is not None:
                         return cached
-                pixels = await ctx.executors.on_cpu(_decode_and_preprocess, data, ctx.decode_limits, model,
-                                                    ctx.config.preprocess)
+                pixels = await ctx.preprocessor.pixels(data, model, request_id, priority)
             except ImageError as exc:
                 return ImageResult(id=image.id, error=ErrorInfo(code=exc.code, message=exc.message))
             # the key's model loaded now: after an eviction and reload, queued images go to the new instance
@@ -279,22 +284,6 @@ def _auto_accept(model: LoadedModel, rows: list[torch.Tensor], ranked: list[tupl
     classes_and_ok = decide(torch.stack(rows), precision)
     return [ok and bool(predictions) and predictions[0].class_name == top
             for (top, ok), (predictions, _) in zip(classes_and_ok, ranked, strict=True)]
-
-
-def _decode_and_preprocess(data: bytes, limits: DecodeLimits, model: LoadedModel, mode: str = "tensor") -> torch.Tensor:
-    # the decode budget is held until the image is preprocessed, and covers what preprocessing allocates
-    tensor_preprocess = getattr(model, "tensor_preprocess", None) if mode == "tensor" else None
-    if tensor_preprocess is not None:
-        with decoded_tensor(data, limits) as pixels:
-            try:
-                return tensor_preprocess(pixels)
-            except Exception as exc:
-                raise ImageError("decode_failed", f"preprocessing failed: {exc}") from exc
-    with decoded(data, limits, model.preprocess_bytes_per_pixel) as image:
-        try:
-            return model.preprocess(image)
-        except Exception as exc:  # e.g. a degenerate 1x0 image surviving decode
-            raise ImageError("decode_failed", f"preprocessing failed: {exc}") from exc
 
 
 def failed_result(request_id: str, error: ErrorInfo) -> AnnotationResult:

@@ -29,6 +29,7 @@ import structlog
 import torch
 
 from handlers.executor import Executors
+from ml.device import stack_rows
 
 log = structlog.get_logger("cls.batcher")
 
@@ -203,7 +204,7 @@ def _drain(queue: _Schedule) -> list[_Item]:
 
 def _stack_and_forward(forward: Callable[[Any], torch.Tensor], batch: Any) -> torch.Tensor:
     if isinstance(batch, list):  # not staged: stacked here, on the GPU thread (no tensor work on the event loop)
-        batch = torch.stack(batch)
+        batch = stack_rows(batch)
     return forward(batch)
 
 

@@ -1,8 +1,8 @@
 """The embed task: embed a request's images, store the vectors per part, report duplicates.
 
 Per request: check the output location's fence and the inline bound, pick the model (loading it on first
-use), read the ``against`` files, then fetch -> content hash -> embedding cache -> decode+preprocess (CPU
-pool) -> micro-batched forward (GPU thread) for every image, with the same bounded concurrency and lanes
+use), read the ``against`` files, then fetch -> content hash -> embedding cache -> decode+preprocess (the same
+path as classify, ``handlers.preprocessing``) -> micro-batched forward (GPU thread) for every image, with the same bounded concurrency and lanes
 as classify. Part ``k`` (images ``[k*N, (k+1)*N)``) is written to ``<output>/<request id>/part-<k>.npz``
 (``ml.embedding_files``) and its result yielded as soon as its images are done; with ``duplicates`` the
 last part carries the duplicate groups (or points to ``duplicates.json`` beside the vectors when they do
@@ -25,7 +25,6 @@ import structlog
 import torch
 
 from handlers.errors import ImageError, InvalidRequest, PermanentError
-from handlers.images import decoded
 from handlers.storage import ObjectStore
 from ml.duplicates import DuplicateInputError, EmbeddingSet, check_embeddings, find_duplicates
 from ml.embedding_files import EMBEDDINGS_CONTENT_TYPE, EMBEDDINGS_SUFFIX, EmbeddingFileError, read_embeddings, write_embeddings
@@ -178,7 +177,7 @@ class EmbedHandler:
                 cached = ctx.embedding_cache.get(digest, model.key) if ctx.embedding_cache else None
                 if cached is not None:
                     return digest, cached
-                pixels = await ctx.executors.on_cpu(decode_and_preprocess, data, ctx.decode_limits, model)
+                pixels = await ctx.preprocessor.pixels(data, model, request_id, priority)
             except ImageError as exc:
                 return ImageResult(id=image.id, error=ErrorInfo(code=exc.code, message=exc.message))
             current = ctx.models.peek(model.key) or model
@@ -236,15 +235,6 @@ class EmbedHandler:
 def content_hash(data: bytes) -> str:
     """The image's identity for the embedding cache and exact duplicates: SHA-256 of its bytes."""
     return hashlib.sha256(data).hexdigest()
-
-
-def decode_and_preprocess(data: bytes, limits, model) -> torch.Tensor:  # noqa: ANN001 - as in handlers.annotation
-    # the decode budget is held until the image is preprocessed, and covers what preprocessing allocates
-    with decoded(data, limits, model.preprocess_bytes_per_pixel) as image:
-        try:
-            return model.preprocess(image)
-        except Exception as exc:  # e.g. a degenerate 1x0 image surviving decode
-            raise ImageError("decode_failed", f"preprocessing failed: {exc}") from exc
 
 
 def _part_entries(images: Sequence[ImageRef], outputs: list, inline: bool

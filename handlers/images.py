@@ -291,6 +291,20 @@ def decoded_tensor(data: bytes, limits: DecodeLimits) -> Iterator[torch.Tensor]:
         yield pixels
 
 
+def batched_jpeg_size(data: bytes, limits: DecodeLimits) -> tuple[int, int] | None:
+    """The checks of :func:`decoded` for an image the batched device decoder may take (the same errors, from the
+    header, before any pixel is decoded): its (width, height) after EXIF orientation when it is a baseline JPEG
+    in RGB or grey, None for anything else (which the per-image path decodes). Reserves no decode budget: the
+    host holds only the encoded bytes; device memory is bounded per decode call (``ml.preprocess``)."""
+    from ml.preprocess import is_baseline_jpeg
+
+    image = _open(data)
+    _check_shape(image, limits)
+    if image.format != "JPEG" or image.mode not in ("RGB", "L") or not is_baseline_jpeg(data):
+        return None
+    return _oriented_size(image)
+
+
 def _oriented_size(image: Image.Image) -> tuple[int, int]:
     """(width, height) after the EXIF orientation is applied (5-8 swap the sides)."""
     try:

@@ -38,6 +38,7 @@ __all__ = [
     "policy_for",
     "resolve_device",
     "run_halving_on_oom",
+    "stack_rows",
     "stage_batch",
     "StagedBatch",
     "to_device",
@@ -232,11 +233,22 @@ class StagedBatch:
 _copy_streams: dict[int, torch.cuda.Stream] = {}
 
 
+def stack_rows(rows: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack(rows)``; when some rows are already on a CUDA device (decoded and preprocessed there) and
+    others on the CPU (the per-image fallback path), the CPU rows are copied to that device first."""
+    devices = {row.device for row in rows}
+    if len(devices) > 1:
+        target = next(device for device in devices if device.type != "cpu")
+        rows = [row.to(target) for row in rows]
+    return torch.stack(rows)
+
+
 def stage_batch(rows: list[torch.Tensor] | torch.Tensor, device: torch.device) -> StagedBatch:
     """Stack ``rows`` and, on CUDA, start their copy to ``device`` from pinned memory on a side stream, so the
-    copy of the next batch overlaps the forward of this one. Any thread may call it (not only the model's)."""
-    batch = rows if isinstance(rows, torch.Tensor) else torch.stack(rows)
-    if device.type != "cuda":
+    copy of the next batch overlaps the forward of this one (rows already on the device, decoded there, are just
+    stacked). Any thread may call it (not only the model's)."""
+    batch = rows if isinstance(rows, torch.Tensor) else stack_rows(rows)
+    if device.type != "cuda" or batch.device.type != "cpu":
         return StagedBatch(batch.contiguous())
     host = batch.pin_memory()
     index = device.index if device.index is not None else torch.cuda.current_device()

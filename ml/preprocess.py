@@ -8,10 +8,14 @@ transforms (:func:`tensor_preprocess_for`), so there is one source of sizes, int
 Antialiased bicubic resizing in torch differs from Pillow's by a little (rounding of the uint8 passes); the
 parity tests (tests/unit/test_preprocess_parity.py) measure it on real photos.
 
-Decoding: :func:`decode_cpu` (libjpeg-turbo / libpng through ``torchvision.io.decode_image``) and, on CUDA,
-:func:`decode_jpegs_cuda`, one batched nvJPEG call for baseline JPEGs; an image it cannot take (progressive,
-CMYK, a decode failure) comes back as None so the caller decodes it on the CPU. The untrusted-input checks
-(size, aspect ratio, decode memory budget) belong to ``handlers.images`` and run before any of these.
+Decoding: :func:`decode_cpu` (libjpeg-turbo / libpng through ``torchvision.io.decode_image``) and
+:func:`decode_jpegs`, one batched ``decode_jpeg`` call for baseline JPEGs on a device (nvJPEG on CUDA); an image
+it cannot take (progressive, CMYK, a decode failure) comes back as None so the caller decodes it on the CPU.
+:func:`preprocess_jpegs` is the worker's batched path on top of it (CLS_GPU_DECODE): decode a batch on the
+model's device in chunks of bounded pixels, check each image against its header's size, resize and normalise
+there; None per image that must take the CPU path. Both take any device, so the CPU stands in for CUDA in the
+tests. The untrusted-input checks (size, aspect ratio, decode memory budget) belong to ``handlers.images`` and
+run before any of these.
 """
 
 from __future__ import annotations
@@ -29,9 +33,13 @@ __all__ = [
     "PREPROCESS_MODES",
     "TensorPreprocess",
     "UnsupportedTransform",
+    "DECODE_BATCH_PIXELS",
+    "EncodedJpeg",
+    "JpegBatch",
     "decode_cpu",
-    "decode_jpegs_cuda",
+    "decode_jpegs",
     "is_baseline_jpeg",
+    "preprocess_jpegs",
     "tensor_preprocess_for",
 ]
 
@@ -194,9 +202,10 @@ def is_baseline_jpeg(data: bytes, max_scan: int = 1 << 20) -> bool:
     return False
 
 
-def decode_jpegs_cuda(datas: Sequence[bytes], device: torch.device) -> list[torch.Tensor | None]:
-    """Decode baseline JPEGs on ``device`` in one batched nvJPEG call: uint8 ``[3, H, W]`` on the GPU per image,
-    None for an image to decode on the CPU instead (not baseline, or the GPU decoder refused it)."""
+def decode_jpegs(datas: Sequence[bytes], device: torch.device | str) -> list[torch.Tensor | None]:
+    """Decode baseline JPEGs on ``device`` in one batched ``decode_jpeg`` call (nvJPEG on CUDA): uint8
+    ``[3, H, W]`` RGB on the device per image (EXIF orientation applied), None for an image to decode on the CPU
+    path instead (not baseline, or the batched decoder refused it)."""
     out: list[torch.Tensor | None] = [None] * len(datas)
     chosen = [i for i, data in enumerate(datas) if is_baseline_jpeg(data)]
     if not chosen:
@@ -213,4 +222,65 @@ def decode_jpegs_cuda(datas: Sequence[bytes], device: torch.device) -> list[torc
                 decoded.append(None)
     for index, image in zip(chosen, decoded, strict=True):
         out[index] = image
+    return out
+
+
+DECODE_BATCH_PIXELS = 128 * 1024 * 1024
+"""Pixels decoded on the device at once by :func:`preprocess_jpegs` (384 MB of uint8 RGB, plus one image's resize
+work at a time): a batch of large JPEGs is decoded in several calls, so device memory stays bounded whatever the
+batch holds (one image is at most CLS_MAX_IMAGE_PIXELS, checked from its header before)."""
+
+
+@dataclass(frozen=True)
+class EncodedJpeg:
+    """A JPEG that passed the decode-limit checks, and its (width, height) after EXIF orientation as its header
+    says (a decode of another size is not trusted: CPU path)."""
+
+    data: bytes
+    size: tuple[int, int]
+
+    @property
+    def pixels(self) -> int:
+        return self.size[0] * self.size[1]
+
+
+@dataclass(frozen=True)
+class JpegBatch:
+    """The JPEGs of one batched decode (what the decode batcher's forward takes)."""
+
+    jpegs: tuple[EncodedJpeg, ...]
+
+    @classmethod
+    def of(cls, jpegs: Sequence[EncodedJpeg]) -> JpegBatch:
+        return cls(tuple(jpegs))
+
+
+def preprocess_jpegs(batch: JpegBatch | Sequence[EncodedJpeg], recipe: TensorPreprocess, device: torch.device | str,
+                     max_batch_pixels: int = DECODE_BATCH_PIXELS) -> list[torch.Tensor | None]:
+    """Decode a batch of checked JPEGs on ``device`` (:func:`decode_jpegs`, in chunks of at most
+    ``max_batch_pixels``) and resize / crop / normalise each there: float32 ``[3, h, w]`` on ``device`` per image,
+    or None for one to run through the CPU path (not baseline, refused by the decoder, a decoded size other than
+    its header's, or a failure while resizing, out of memory included)."""
+    jpegs = list(batch.jpegs if isinstance(batch, JpegBatch) else batch)
+    out: list[torch.Tensor | None] = [None] * len(jpegs)
+    start = 0
+    while start < len(jpegs):
+        end, pixels = start + 1, jpegs[start].pixels
+        while end < len(jpegs) and pixels + jpegs[end].pixels <= max_batch_pixels:
+            pixels += jpegs[end].pixels
+            end += 1
+        try:
+            decoded = decode_jpegs([jpeg.data for jpeg in jpegs[start:end]], device)
+        except RuntimeError:  # out of memory before any image: all of this chunk on the CPU path
+            decoded = [None] * (end - start)
+        for offset, image in enumerate(decoded):
+            width, height = jpegs[start + offset].size
+            if image is None or tuple(image.shape) != (3, height, width):
+                continue
+            try:
+                out[start + offset] = recipe(image)
+            except RuntimeError:
+                continue
+        del decoded
+        start = end
     return out

@@ -31,6 +31,8 @@ class TrainSpec:
     ``report``: write report.html (curves, confusion matrix, reliability, auto-accept, worst images) into the package.
     ``warmup_epochs`` / ``label_smoothing`` None: scaled with the schedule (``schedule.schedule_defaults``);
     the resolved numbers are what the run uses and what config.json records.
+    ``mixed_precision`` (runtime only): autocast as the device policy says (``ml.device``); False trains in fp32
+    on any device (bench/device.py's baseline for AMP).
     """
 
     model_name: str
@@ -55,6 +57,7 @@ class TrainSpec:
     class_weighting: str = "none"
     export: list[str] = field(default_factory=list)
     report: bool = True
+    mixed_precision: bool = True
 
     def __post_init__(self) -> None:
         from ml.training.schedule import schedule_defaults
@@ -126,7 +129,7 @@ class TrainSpec:
     def to_json_dict(self) -> dict[str, Any]:
         """The fields recorded in the package's config.json (local paths and runtime settings left out)."""
         data = dataclasses.asdict(self)
-        for runtime_only in ("pretrained_path", "device", "heartbeat_s", "num_workers", "report"):
+        for runtime_only in ("pretrained_path", "device", "heartbeat_s", "num_workers", "report", "mixed_precision"):
             data.pop(runtime_only)
         data["pretrained_from_file"] = self.pretrained_path is not None
         return data

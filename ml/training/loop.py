@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -172,6 +173,8 @@ class _TrainingRun:
         )
         self.data_config: DataConfig = resolve_data_config(self.model, spec.image_size, spec.augmentation)
         self.policy: DevicePolicy = policy_for(self.device, self.model)
+        if not spec.mixed_precision:
+            self.policy = dataclasses.replace(self.policy, amp_dtype=None, grad_scaler=False)
         self.model.to(self.device, memory_format=self.policy.memory_format)
         if self.cuda:
             torch.backends.cudnn.benchmark = True

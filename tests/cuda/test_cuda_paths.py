@@ -1,17 +1,17 @@
 """The CUDA code paths, on a real GPU (marker ``cuda``: deselected where CUDA is absent; bench/device_check.sh
 runs them): autocast inference against fp32, channels_last, out-of-memory halving provoked by a real
-allocation failure, GradScaler steps, pinned copies on a side stream, GPU JPEG decoding against the CPU's."""
+allocation failure, GradScaler steps, pinned copies on a side stream, GPU JPEG decoding against the CPU's, and the
+worker's batched GPU decode path (CLS_GPU_DECODE) with its per-image fallback."""
 
 from __future__ import annotations
 
 import dataclasses
 
 import pytest
-import timm
 import torch
 
 from ml.device import Capabilities, choose_policy, policy_for, stage_batch
-from ml.preprocess import decode_cpu, decode_jpegs_cuda, is_baseline_jpeg
+from ml.preprocess import decode_cpu, decode_jpegs, is_baseline_jpeg
 from tests.support.photos import encode_jpeg, photo_jpegs, photos
 
 pytestmark = pytest.mark.cuda
@@ -52,6 +52,8 @@ def test_autocast_inference_equals_fp32_within_tolerance(clip, photo_batch: torc
 
 
 def test_channels_last_for_conv_nets_with_the_same_outputs() -> None:
+    import timm  # here, not at the top: the dry run collects this module, and timm takes a second to import
+
     model = timm.create_model("resnet18", pretrained=False, num_classes=10).eval()
     reference = model.cuda()(torch.randn(4, 3, 224, 224, generator=torch.Generator().manual_seed(0)).cuda()).float()
     policy = policy_for("cuda", model)
@@ -147,7 +149,7 @@ def test_gpu_jpeg_decode_matches_the_cpu_decode(clip) -> None:  # type: ignore[n
     from ml.preprocess import tensor_preprocess_for
 
     datas = photo_jpegs() + [encode_jpeg(photos(("coffee",))[0], progressive=True)]
-    decoded = decode_jpegs_cuda(datas, torch.device("cuda", 0))
+    decoded = decode_jpegs(datas, torch.device("cuda", 0))
     assert decoded[-1] is None and not is_baseline_jpeg(datas[-1])  # progressive: the CPU decodes it
     worst = 0.0
     for data, image in zip(datas[:-1], decoded[:-1], strict=True):
@@ -163,5 +165,61 @@ def test_gpu_jpeg_decode_matches_the_cpu_decode(clip) -> None:  # type: ignore[n
     cpu_scores = clip.scores(clip.encode_images(recipe.batch([decode_cpu(d) for d in datas[:-1]])), text)
     print(f"GPU vs CPU decode: worst mean pixel difference {worst:.3f}, "
           f"max confidence difference {(gpu_scores - cpu_scores).abs().max().item():.2e}")
+    assert torch.equal(gpu_scores.argmax(dim=1), cpu_scores.argmax(dim=1))
+    assert (gpu_scores - cpu_scores).abs().max().item() < 1e-2
+
+
+async def test_worker_decodes_baseline_jpegs_on_the_gpu_and_falls_back_per_image(clip) -> None:  # type: ignore[no-untyped-def]
+    """handlers.preprocessing on a real GPU (tests/unit/test_batched_decode.py and the annotation handler test run
+    the same with the CPU standing in): baseline JPEGs of concurrent images decoded in shared nvJPEG batches and
+    preprocessed on the GPU, the rest on the CPU path with its errors; the same top-1 and confidences within 1e-2."""
+    import asyncio
+
+    from handlers.errors import ImageError
+    from handlers.executor import Executors
+    from handlers.images import DecodeLimits
+    from handlers.models import ModelKey, ZeroShotHandle
+    from handlers.preprocessing import Preprocessor, decode_and_preprocess
+
+    handle = ZeroShotHandle(ModelKey("clip", "ViT-B-32", "random"), clip)
+    limits = DecodeLimits()
+    corrupt = bytearray(photo_jpegs(1)[0])
+    corrupt[len(corrupt) // 3 : len(corrupt) // 3 + 2000] = b"\xff" * 2000
+    datas = photo_jpegs() + [encode_jpeg(photos(("coffee",))[0], progressive=True), bytes(corrupt), b"not an image"]
+    executors = Executors()
+    preprocessor = Preprocessor("tensor", limits, executors, max_batch=32, max_wait_ms=50)
+    assert preprocessor.batched_device(handle) == clip.device
+
+    async def one(data: bytes) -> torch.Tensor | str:
+        try:
+            return await preprocessor.pixels(data, handle, "cuda-test")
+        except ImageError as exc:
+            return exc.code
+
+    try:
+        got = await asyncio.gather(*(one(data) for data in datas))
+    finally:
+        await preprocessor.close()
+        executors.shutdown()
+    assert got[-1] == "not_an_image"
+    stats = preprocessor.decode_batcher.stats
+    print(f"GPU decode batches {stats.batches} for {stats.images} images; fallbacks {preprocessor.fallbacks}")
+    assert stats.images == len(datas) - 2 and stats.batches < stats.images  # every baseline JPEG, batched
+    assert all(isinstance(row, torch.Tensor) and row.device.type == "cuda" for row in got[:-3])
+    assert isinstance(got[-3], torch.Tensor) and got[-3].device.type == "cpu"  # progressive: the CPU path
+    assert preprocessor.fallbacks >= 1
+    try:  # the corrupt JPEG: whatever the GPU decoder made of it, the outcome the CPU path has too (or pixels)
+        expected: object = decode_and_preprocess(datas[-2], limits, handle, "tensor")
+    except ImageError as exc:
+        expected = exc.code
+    assert isinstance(got[-2], torch.Tensor) or got[-2] == expected
+    rows = got[:-3]
+    cpu_rows = [decode_and_preprocess(data, limits, handle, "tensor") for data in datas[:-3]]
+    rows.append(got[-3])  # with the progressive JPEG's CPU row: one batch of CUDA and CPU rows
+    cpu_rows.append(decode_and_preprocess(datas[-3], limits, handle, "tensor"))
+    text = clip.text_embeddings(CLASSES, ["a photo of a {}."])
+    gpu_scores = clip.scores(handle.forward(handle.stage(rows)), text)  # type: ignore[arg-type]
+    cpu_scores = clip.scores(handle.forward(handle.stage(cpu_rows)), text)
+    print(f"worker GPU decode vs CPU path: max confidence difference {(gpu_scores - cpu_scores).abs().max().item():.2e}")
     assert torch.equal(gpu_scores.argmax(dim=1), cpu_scores.argmax(dim=1))
     assert (gpu_scores - cpu_scores).abs().max().item() < 1e-2

@@ -12,11 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-from consumers.annotation_worker import annotation_context
+from consumers.annotation_worker import annotation_context, decode_limits
 from consumers.settings import KafkaSettings, Settings, WorkerSettings
 from handlers.annotation import AnnotationHandler, rank
-from handlers.errors import PermanentError
-from schemas.annotation import AnnotationRequest
+from handlers.errors import ImageError, PermanentError
+from handlers.images import batched_jpeg_size
+from handlers.preprocessing import Preprocessor
+from schemas.annotation import AnnotationRequest, EmbedRequest
 
 TINY = {"clip_variant": "cls-tiny-clip", "clip_weights": "random", "default_prompt_templates": "a photo of a {}."}
 
@@ -201,3 +203,56 @@ async def test_prompts_rendered_and_tokenised_after_the_cache_lookup_off_the_gpu
         assert hit and threads == []  # a cache hit renders and tokenises nothing
     finally:
         del model.model.tokenize_prompts
+
+
+async def test_batched_jpeg_decode_gives_the_per_image_results_and_errors(http_server):
+    """CLS_GPU_DECODE's path with the CPU standing in for CUDA (tests/cuda runs it on a GPU): baseline JPEGs of
+    concurrent requests are decoded in shared batches; every other image, and any the batched decoder refuses,
+    takes the per-image CPU path with its errors; classify and embed give the per-image path's results."""
+    names = ["astronaut_jpg", "coffee_jpg", "exif_rotated_jpg", "china_jpg", "flower_jpg", "cmyk_jpg", "chelsea_png",
+             "truncated_jpg", "not_an_image", "bomb_png"]
+    images = [(name, http_server.urls[name]) for name in names]
+    taken, refused = set(), set()
+    for name in names:
+        try:
+            (taken if batched_jpeg_size(http_server.body(name), decode_limits(settings())) else refused).add(name)
+        except ImageError:
+            pass  # refused by the header checks: the same error entry on both paths
+    assert {"astronaut_jpg", "coffee_jpg", "exif_rotated_jpg"} <= taken and {"cmyk_jpg", "chelsea_png", "truncated_jpg"} <= refused
+
+    def embed(request_id: str) -> EmbedRequest:
+        return EmbedRequest.model_validate({"task": "embed", "model": "clip", "request_id": request_id, "inline": True,
+                                            "images": [{"id": i, "url": u} for i, u in images]})
+
+    async with annotation_context(settings()) as ctx:
+        handler = AnnotationHandler(ctx)
+        model = await ctx.models.get(ctx.model_config.key_for("clip", None))
+        assert ctx.preprocessor.batched_device(model) is None  # a model on the CPU: per-image decoding
+        reference = (await collect(handler, request(images, "per-image")))[0].results
+        reference_embed = (await collect(handler, embed("per-image-embed")))[0].results
+        batched = Preprocessor("tensor", ctx.decode_limits, ctx.executors, max_batch=16, max_wait_ms=100,
+                               batched_device_types=frozenset({"cpu"}))
+        ctx.preprocessor = batched
+        try:
+            assert batched.batched_device(model) == torch.device("cpu")
+            parts_a, parts_b, parts_embed = await asyncio.gather(
+                collect(handler, request(images, "batched-a")), collect(handler, request(images, "batched-b")),
+                collect(handler, embed("batched-embed")))
+        finally:
+            await batched.close()
+    stats = batched.decode_batcher.stats
+    assert stats.images == 3 * len(taken) and stats.batches < stats.images  # decoded together, across requests
+    assert stats.multi_request_batches >= 1
+    assert batched.fallbacks == 3 * len(refused)  # embed's images took the same Preprocessor as classify's
+    for results in (parts_a[0].results, parts_b[0].results):
+        for got, expected in zip(results, reference, strict=True):
+            assert got.id == expected.id
+            assert (got.error and got.error.code) == (expected.error and expected.error.code), got.id
+            assert [p.class_name for p in got.predictions] == [p.class_name for p in expected.predictions], got.id
+            for p, q in zip(got.predictions, expected.predictions, strict=True):
+                assert abs(p.confidence - q.confidence) < 1e-5, got.id
+    for got, expected in zip(parts_embed[0].results, reference_embed, strict=True):
+        assert (got.error and got.error.code) == (expected.error and expected.error.code), got.id
+        if expected.embedding is not None:
+            assert got.embedding is not None
+            assert max(abs(a - b) for a, b in zip(got.embedding, expected.embedding, strict=True)) < 2e-3, got.id

@@ -6,6 +6,7 @@ them as baseline JPEGs, optionally as random 4:3 crops at a fixed size (the benc
 
 from __future__ import annotations
 
+import functools
 import io
 import random
 
@@ -18,15 +19,20 @@ PHOTO_NAMES = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry
 
 
 def photos(names: tuple[str, ...] = PHOTO_NAMES) -> list[Image.Image]:
-    """The named sample photos as RGB Pillow images (grey ones converted)."""
+    """The named sample photos as RGB Pillow images (grey ones converted); new images on every call."""
+    return [Image.fromarray(_photo_array(name)).convert("RGB") for name in names]
+
+
+@functools.cache
+def _photo_array(name: str) -> np.ndarray:
+    """One sample photo's pixels, loaded once per process (loading them all takes about a second)."""
     import skimage.data
     from sklearn.datasets import load_sample_image
 
-    images = []
-    for name in names:
-        array = load_sample_image(name) if name.endswith(".jpg") else getattr(skimage.data, name)()
-        images.append(Image.fromarray(np.asarray(array, dtype=np.uint8)).convert("RGB"))
-    return images
+    array = load_sample_image(name) if name.endswith(".jpg") else getattr(skimage.data, name)()
+    array = np.asarray(array, dtype=np.uint8)
+    array.flags.writeable = False
+    return array
 
 
 def encode_jpeg(image: Image.Image, quality: int = 90, **options: object) -> bytes:

@@ -17,7 +17,7 @@ import timm
 import torch
 from PIL import Image
 
-from handlers.annotation import _decode_and_preprocess
+from handlers.preprocessing import decode_and_preprocess as _decode_and_preprocess
 from handlers.errors import ImageError
 from handlers.images import DecodeBudget, DecodeLimits, decode_image, decoded, decoded_tensor
 from ml.device import policy_for
