@@ -146,13 +146,13 @@ async def test_ai_labeling_workflow(stack: Stack, http_server, kill, tmp_path):
 
     # The fold is idempotent: replaying both topics from offset 0, twice, changes nothing.
     before = stack.fold.dump()
-    db_bytes = Path(stack.fold.path).read_bytes()
+    db_bytes = Path(stack.fold.target).read_bytes()
     for replay in range(2):
         folded = await replay_into(stack.fold, stack.bootstrap, [w.annotation_results_topic, w.training_status_topic],
                                    f"{stack.prefix}-replay-{replay}")
         assert folded == 0
     assert stack.fold.dump() == before
-    assert Path(stack.fold.path).read_bytes() == db_bytes
+    assert Path(stack.fold.target).read_bytes() == db_bytes
 
 
 _RESULTS: dict[str, dict] = {}
