@@ -68,7 +68,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script: the repository root on the path
     sys.path.insert(0, str(REPO))
 
-from examples.ports import free_port  # noqa: E402
+from testkit.local import free_port  # noqa: E402
 
 KAFKA_SH = REPO / "deploy" / "local" / "kafka.sh"
 IMAGE_SIZE = (640, 480)
@@ -856,7 +856,7 @@ def run_e2e(args: argparse.Namespace, workdir: Path, urls: list[str], classes: l
             server: ImageServer, inproc: InProcess, rounds: list[dict[str, Any]]) -> dict[str, Any]:
     from consumers.settings import KafkaSettings, Settings, WorkerSettings
     from consumers.topics_admin import create_topics
-    from tests.support.kafka import topic_env
+    from testkit.kafka import topic_env
 
     broker = Broker(workdir / "kafka")
     worker: Worker | None = None
