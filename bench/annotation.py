@@ -279,7 +279,9 @@ def load_rows(load: dict[str, Any], result: dict[str, Any], cfg: dict[str, Any])
          f"p95 {busy['p95_ms']} ms (x{load['p95_ratio']} idle), max {busy['max_ms']} ms; bulk still running when "
          f"the probes ended: {load['bulk_running_when_probes_ended']}"),
         (f"one bulk batch forward ({batch} images, in the worker)", f"{load['bulk_batch_forward_ms']} ms",
-         f"mean over the windows without probes{in_process}"),
+         f"mean over the windows without probes{in_process}; interactive batches during the probes: "
+         f"{w['probes']['interactive_forwards']}, {_fmt(w['probes']['interactive_forward_s'], ' s')} each; model "
+         f"thread busy {w['before']['forward_busy']}, {w['probes']['forward_busy']}, {w['after']['forward_busy']}"),
         ("target: p95 under load <= idle p95 + one forward", f"{busy['p95_ms']} ms",
          f"budget {load['p95_budget_ms']} ms: {ok(load['latency_ok'])}"),
         ("bulk throughput without / with probes", f"{load['bulk_images_per_s_without_probes']}",
@@ -348,8 +350,9 @@ def main(argv: list[str] | None = None) -> int:
                 sizes = args.batch_sizes if r == 0 else inproc.focus_sizes(rounds[0]["model"])
                 rounds.append({"model": inproc.model_round(sizes), "baseline": inproc.baseline_round()})
         else:
-            print(f"end to end: broker, worker, warm-up, latency, then {args.rounds} round(s) of (a), (c), (b) ...",
-                  flush=True)
+            then = [f"{args.rounds} round(s) of (a), (c), (b)"] if "throughput" in args.scenarios else []
+            then += ["latency under load"] if "load" in args.scenarios else []
+            print(f"end to end: broker, worker, warm-up, latency, then {' and '.join(then)} ...", flush=True)
             urls = [server.url(p.name) for p in paths]
             result["e2e"] = run_e2e(args, workdir, urls, classes, templates, server, inproc, rounds)
         result["summary"] = summarize(result)

@@ -26,6 +26,8 @@ from bench.common import CpuProbe, percentile, wait_all
 
 FORWARD_SUM = 'cls_batch_forward_seconds_sum{lane="bulk"}'
 FORWARD_COUNT = 'cls_batch_forward_seconds_count{lane="bulk"}'
+INTERACTIVE_SUM = 'cls_batch_forward_seconds_sum{lane="interactive"}'
+INTERACTIVE_COUNT = 'cls_batch_forward_seconds_count{lane="interactive"}'
 LATENCY_SLACK_TARGET = 1.0  # p95 under load <= idle p95 + this many bulk batch forwards
 THROUGHPUT_LOSS_TARGET = 0.10
 FAIRNESS_TARGET = 1.2
@@ -55,11 +57,16 @@ class _Window:
             return m1.get(name, 0.0) - self.m0.get(name, 0.0)
 
         images = delta("cls_batch_images_sum") - own_images
-        forwards = delta(FORWARD_COUNT)
-        return {"seconds": round(t1 - self.t0, 2), "bulk_images": int(images),
-                "bulk_images_per_s": round(images / (t1 - self.t0), 2),
+        forwards, interactive = delta(FORWARD_COUNT), delta(INTERACTIVE_COUNT)
+        seconds = t1 - self.t0
+        return {"seconds": round(seconds, 2), "bulk_images": int(images),
+                "bulk_images_per_s": round(images / seconds, 2),
                 "bulk_forwards": int(forwards),
                 "bulk_forward_s": round(delta(FORWARD_SUM) / forwards, 3) if forwards else None,
+                "interactive_forwards": int(interactive),
+                "interactive_forward_s": round(delta(INTERACTIVE_SUM) / interactive, 3) if interactive else None,
+                # the share of the window the model thread spent in forwards (1.0: never idle)
+                "forward_busy": round((delta(FORWARD_SUM) + delta(INTERACTIVE_SUM)) / seconds, 3),
                 "others_cores": cpu.get("others_cores"), "loadavg_1m": round(os.getloadavg()[0], 2)}
 
 
