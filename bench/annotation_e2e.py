@@ -204,6 +204,9 @@ def run_e2e(args: argparse.Namespace, workdir: Path, urls: list[str], classes: l
             "CLS_SEED": str(args.seed),
             "CLS_METRICS_PORT": str(metrics_port),
             "CLS_METRICS_HOST": "127.0.0.1",
+            # the bench sends the same images again (rounds, the 2,000-image bulk request): measure the forwards,
+            # not the image-embedding cache (--worker-env CLS_EMBEDDING_CACHE_MB=256 measures with it)
+            "CLS_EMBEDDING_CACHE_MB": "0",
         }
         env.update(dict(item.split("=", 1) for item in args.worker_env))
         out["worker_env"] = {k: v for k, v in env.items() if k not in topics and k != "CLS_DEFAULT_PROMPT_TEMPLATES"}
