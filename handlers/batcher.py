@@ -39,6 +39,11 @@ from ml.device import stack_rows
 log = structlog.get_logger("cls.batcher")
 
 
+_CONTINUATION_STEPS = 8
+"""Event-loop turns from an image's result to its request queueing its scoring on the model thread (the
+waiter's task, the handler's gather, the handler; 3 today), with room to spare; they cost microseconds."""
+
+
 @dataclass
 class _Item:
     pixels: torch.Tensor
@@ -117,6 +122,7 @@ class _Lane:
         self.forward: Callable[[Any], torch.Tensor] | None = forward
         self.stage = stage
         self.queue = _Schedule()
+        self._interactive_done = False  # the batch that just ran held interactive images
         self.task = asyncio.create_task(self._loop(), name=f"batcher-{key}")
 
     async def _loop(self) -> None:
@@ -126,7 +132,7 @@ class _Lane:
                 if self.queue.empty():
                     if running is None:
                         break
-                    await running  # images may arrive meanwhile: look at the queue again
+                    await self._finish(running)  # images may arrive meanwhile: look at the queue again
                     running = None
                     continue
                 items = await self._gather()
@@ -137,12 +143,12 @@ class _Lane:
                 staged = asyncio.ensure_future(self._stage(items))
                 if running is not None:
                     try:
-                        await running
+                        await self._finish(running)
                         if items[0].priority != "interactive" and not self.queue.empty(interactive_only=True):
                             # interactive images came while the previous batch ran: they go before this bulk one
                             urgent = self._take_interactive()
                             running = asyncio.ensure_future(self._run(urgent, asyncio.ensure_future(self._stage(urgent))))
-                            await running
+                            await self._finish(running)
                     except asyncio.CancelledError:
                         staged.cancel()
                         for item in items:
@@ -159,6 +165,15 @@ class _Lane:
             self.forward = None  # let the model go
             for item in _drain(self.queue):  # only on close(): cancelled with its waiter
                 item.future.cancel()
+
+    async def _finish(self, running: asyncio.Task[None]) -> None:
+        """Wait for the running batch; after one with interactive images, let their requests go on first: their
+        scoring is queued on the model thread before the next (bulk) forward, not a whole forward after it."""
+        await running
+        if self._interactive_done:
+            self._interactive_done = False
+            for _ in range(_CONTINUATION_STEPS):
+                await asyncio.sleep(0)
 
     async def _gather(self) -> list[_Item]:
         """The next batch from the queue (not empty): up to ``max_batch`` images; a batch opened by an interactive
@@ -229,6 +244,7 @@ class _Lane:
         for item, row in zip(items, outputs, strict=True):
             if not item.future.done():
                 item.future.set_result(row)
+        self._interactive_done = lane == "interactive"
 
 
 def _drain(queue: _Schedule) -> list[_Item]:

@@ -227,3 +227,31 @@ async def test_interactive_images_go_before_the_bulk_batch_staged_behind_the_run
     gate.set()
     await asyncio.gather(*waiters)
     assert list(batcher.stats.log) == [[("A", "bulk")] * 4, [("I", "interactive")], [("A", "bulk")] * 4]
+
+
+async def test_an_interactive_request_scores_before_the_next_bulk_forward(batcher):
+    """On the model thread, an interactive request's scoring (queued by its handler once its image is back, as
+    ``AnnotationHandler`` does) runs right after its forward, before the bulk forward staged behind it: the
+    order of the model thread's calls, not time."""
+    gate = threading.Event()
+    order: list[str] = []
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        gate.wait(10)  # bounded: the test opens it
+        order.append(f"forward {x.shape[0]}")
+        return x
+
+    async def interactive_request() -> None:  # the handler's shape: the image in a task, gathered, then scored
+        await asyncio.gather(asyncio.create_task(batcher.submit("m", forward, torch.zeros(1), "I", "interactive")))
+        await batcher.executors.on_gpu(order.append, "score I")
+
+    waiters = [asyncio.create_task(batcher.submit("m", forward, torch.zeros(1), "A", "bulk")) for _ in range(8)]
+    for _ in range(100):  # batch 1 (max_batch=4) runs; batch 2 is gathered and waits for it
+        await asyncio.sleep(0.01)
+        if batcher.stats.batches == 1 and batcher._lanes["m"].queue.empty():
+            break
+    waiters.append(asyncio.create_task(interactive_request()))
+    await asyncio.sleep(0.01)
+    gate.set()
+    await asyncio.gather(*waiters)
+    assert order == ["forward 4", "forward 1", "score I", "forward 4"], order
