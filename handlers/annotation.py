@@ -223,13 +223,14 @@ class AnnotationHandler:
         """One image -> its model output row, or an error entry."""
         ctx = self.ctx
         budget = ctx.interactive_semaphore if priority == "interactive" else ctx.images_semaphore
+        on_cpu = ctx.executors.on_cpu_first if priority == "interactive" else ctx.executors.on_cpu
         async with window, budget:
             cache = ctx.embedding_cache if model.forward_is_embedding else None
             digest = None
             try:
                 data = await ctx.fetcher.fetch(image.url)
                 if cache is not None:  # the same bytes, the same model: the embedding an embed request stored
-                    digest = await ctx.executors.on_cpu(content_hash, data)
+                    digest = await on_cpu(content_hash, data)
                     cached = cache.get(digest, model.key)
                     if cached is not None:
                         return cached

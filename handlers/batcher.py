@@ -213,7 +213,9 @@ class _Lane:
         rows = [item.pixels for item in items]
         if self.stage is None:
             return rows  # stacked on the model thread by _stack_and_forward
-        return await self.batcher.executors.on_cpu(self.stage, rows)
+        executors = self.batcher.executors
+        run = executors.on_cpu_first if any(item.priority == "interactive" for item in items) else executors.on_cpu
+        return await run(self.stage, rows)  # an interactive batch is not staged behind bulk decodes
 
     async def _run(self, items: list[_Item], staged: asyncio.Future[Any]) -> None:
         stats = self.batcher.stats
