@@ -6,7 +6,8 @@
    it, three windows while it runs: ``--load-window-s`` without probes, the probes again, and
    ``--load-window-s`` without probes. The bulk request must still run when the probes end (checked).
    Bulk throughput per window comes from the worker's metrics (images batched per second, the probes'
-   own images left out); the time of one bulk batch forward is the worker's own mean
+   own images left out; whole batches, so a window should hold many), and so does the share of the window
+   the model thread spent in bulk forwards; the time of one bulk batch forward is the worker's own mean
    (``cls_batch_forward_seconds{lane="bulk"}``) over the same windows.
 3. Fairness: two equal bulk requests (``--fair-images`` each) produced together; each one's finish time
    (its last result part) from the first produce.
@@ -65,8 +66,9 @@ class _Window:
                 "bulk_forward_s": round(delta(FORWARD_SUM) / forwards, 3) if forwards else None,
                 "interactive_forwards": int(interactive),
                 "interactive_forward_s": round(delta(INTERACTIVE_SUM) / interactive, 3) if interactive else None,
-                # the share of the window the model thread spent in forwards (1.0: never idle)
+                # the share of the window the model thread spent in forwards (1.0: never idle), and in bulk ones
                 "forward_busy": round((delta(FORWARD_SUM) + delta(INTERACTIVE_SUM)) / seconds, 3),
+                "bulk_busy": round(delta(FORWARD_SUM) / seconds, 3),
                 "others_cores": cpu.get("others_cores"), "loadavg_1m": round(os.getloadavg()[0], 2)}
 
 
@@ -115,6 +117,9 @@ async def load_scenario(session: Any) -> dict[str, Any]:
     out["bulk_images_per_s_without_probes"] = round(rate_without, 2)
     out["bulk_images_per_s_with_probes"] = windows["probes"]["bulk_images_per_s"]
     out["bulk_throughput_loss"] = round(1 - windows["probes"]["bulk_images_per_s"] / rate_without, 3) if rate_without else None
+    # the same from the model thread's time in bulk forwards (not quantised by whole batches in a window)
+    busy_without = (windows["before"]["bulk_busy"] + windows["after"]["bulk_busy"]) / 2
+    out["bulk_busy_loss"] = round(1 - windows["probes"]["bulk_busy"] / busy_without, 3) if busy_without else None
     forwards = [w for w in (windows["before"], windows["after"]) if w["bulk_forward_s"]]
     forward_s = sum(w["bulk_forward_s"] * w["bulk_forwards"] for w in forwards) / max(1, sum(w["bulk_forwards"] for w in forwards))
     out["bulk_batch_forward_ms"] = round(1000 * forward_s, 1)
