@@ -52,7 +52,10 @@ class AnnotationConfig:
     max_images_per_request: int = 10_000
     default_templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])
     images_in_flight: int = 128  # bulk images in fetch/decode/forward at once, all bulk requests together
-    request_window: int = 32  # of which one bulk request holds at most this many (admission is windowed)
+    # of which one bulk request holds at most this many (admission is windowed); the worker sets two batches,
+    # so one request alone has its next batch decoded while one runs (one batch's worth split its batches
+    # in two: a few images, then the rest)
+    request_window: int = 64
     interactive_images_in_flight: int = 64  # interactive images: their own budget, never behind bulk ones
     part_budget_bytes: int = PART_BUDGET_BYTES
     preprocess: str = "tensor"  # CLS_PREPROCESS: "tensor" (ml.preprocess) or "pil" (the families' Pillow transforms)
