@@ -37,10 +37,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 try:
-    from tests.fixtures.trained_model import DIGIT_CLASS_NAMES, digits_splits, write_digits_dataset
+    from testkit.images import DIGIT_CLASS_NAMES, digits_splits, write_digits_dataset
 except ModuleNotFoundError:  # run as a script: put the repository root on the path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tests.fixtures.trained_model import DIGIT_CLASS_NAMES, digits_splits, write_digits_dataset
+    from testkit.images import DIGIT_CLASS_NAMES, digits_splits, write_digits_dataset
 
 from bench import finetune
 from ml.training import NullCallbacks, TrainingStopped, TrainSpec, train

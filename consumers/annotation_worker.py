@@ -94,11 +94,12 @@ async def annotation_context(settings: Settings):
     async with storage_and_fetcher(settings) as (store, fetcher):
         config = model_config(settings)
         batcher = MicroBatcher(executors, max_batch=w.batch_size, max_wait_ms=w.batch_wait_ms,
-                               observe=metrics.observe_batch)
+                               observe=metrics.observe_batch, observe_forward=metrics.observe_forward)
         ctx = AnnotationContext(
             config=AnnotationConfig(part_size=w.result_part_size, max_images_per_request=w.max_images_per_request,
                                     default_templates=default_templates(settings), preprocess=w.preprocess,
                                     gpu_decode=w.gpu_decode,
+                                    request_window=2 * w.batch_size, images_in_flight=max(128, 4 * w.batch_size),
                                     part_budget_bytes=min(PART_BUDGET_BYTES, w.max_record_bytes // 2)),
             model_config=config,
             models=ModelRegistry(config, executors, store, on_loaded=metrics.observe_model_load),

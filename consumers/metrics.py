@@ -30,6 +30,9 @@ PAUSED_PARTITIONS = Gauge("cls_paused_partitions", "Partitions paused because th
 
 BATCH_SIZE = Histogram("cls_batch_images", "Images per model forward", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
 BATCH_REQUESTS = Histogram("cls_batch_requests", "Distinct requests sharing one model forward", buckets=(1, 2, 3, 4, 8, 16))
+BATCH_FORWARD_SECONDS = Histogram("cls_batch_forward_seconds", "Time of one model forward (stack + forward on the "
+                                  "GPU thread); lane=interactive when the batch holds an interactive image", ["lane"],
+                                  buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16))
 IMAGES = Counter("cls_images_total", "Images classified (rate() gives images per second)")
 MODEL_LOAD_SECONDS = Gauge("cls_model_load_seconds", "Time to load and warm a model", ["family", "variant"])
 TEXT_CACHE = Counter("cls_text_cache_total", "Text-embedding cache lookups", ["result"])
@@ -42,6 +45,10 @@ def observe_batch(size: int, requests: int) -> None:
     BATCH_SIZE.observe(size)
     BATCH_REQUESTS.observe(requests)
     IMAGES.inc(size)
+
+
+def observe_forward(lane: str, seconds: float) -> None:
+    BATCH_FORWARD_SECONDS.labels(lane).observe(seconds)
 
 
 def observe_text_cache(hit: bool) -> None:

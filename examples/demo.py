@@ -26,29 +26,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
-import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from examples.ports import free_port
+from testkit.local import REPO, LocalBroker, LocalS3, WorkerProcess, worker_env
 
 if TYPE_CHECKING:
     import aioboto3
 
     from examples.fold import Fold
 
-REPO = Path(__file__).resolve().parents[1]
-KAFKA_SH = REPO / "deploy" / "local" / "kafka.sh"
 CLASSES = ["person", "cat", "coffee cup", "flower"]
 BUCKET = "cls-demo"
 EMBEDDINGS_PREFIX = f"s3://{BUCKET}/embeddings"
@@ -69,133 +65,62 @@ def say(text: str = "") -> None:
 
 
 class Demo:
+    """The stack the demo runs (all of it from ``testkit.local`` and ``testkit.images``), stopped by ``stop``."""
+
     def __init__(self, state: Path) -> None:
         self.state = state
-        self.kafka_port = int(os.environ.get("DEMO_KAFKA_PORT") or free_port(pair=True))
-        self.kafka_env = {**os.environ, "KAFKA_PORT": str(self.kafka_port), "KAFKA_STATE_DIR": str(state / "kafka")}
-        self.bootstrap = f"127.0.0.1:{self.kafka_port}"
-        self.workers: list[subprocess.Popen] = []
-        self.moto = None
-        self.http = None
-        self.kafka_started = False
+        port = int(os.environ["DEMO_KAFKA_PORT"]) if os.environ.get("DEMO_KAFKA_PORT") else None
+        self.broker = LocalBroker(state / "kafka", port=port)
+        self.bootstrap = self.broker.bootstrap
+        self.s3 = LocalS3()
+        self.images = None
+        self.workers: list[WorkerProcess] = []
 
-    # ------------------------------------------------------------------ infrastructure
     def start_kafka(self) -> None:
         say(f"• starting Kafka (KRaft, jars from Maven Central) on {self.bootstrap} ...")
-        out = subprocess.run([str(KAFKA_SH), "start"], env=self.kafka_env, capture_output=True, text=True, timeout=300)
-        if out.returncode != 0:
-            raise RuntimeError(f"Kafka did not start:\n{out.stdout}\n{out.stderr}")
-        self.kafka_started = True
+        self.bootstrap = self.broker.start()
 
     def start_s3(self) -> str:
-        from moto.server import ThreadedMotoServer
-
-        port = free_port()
-        self.moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-        self.moto.start()
-        endpoint = f"http://127.0.0.1:{port}"
+        endpoint = self.s3.start()
         os.environ.update({"AWS_ACCESS_KEY_ID": "demo", "AWS_SECRET_ACCESS_KEY": "demo", "AWS_DEFAULT_REGION": "us-east-1",
                            "AWS_ENDPOINT_URL": endpoint})
         say(f"• local S3 API (moto) on {endpoint}")
         return endpoint
 
-    def start_http(self, files: dict[str, bytes]) -> str:
-        import http.server
+    def start_images(self, photos: dict[str, bytes]):
+        """The image server on 127.0.0.1 with ``photos`` at ``/custom/<name>`` (``add`` serves more)."""
+        from testkit.images import content_type, start_image_server
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802
-                body = files.get(self.path.lstrip("/"))
-                if body is None:
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Type", "image/png" if self.path.endswith(".png") else "image/jpeg")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.http = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.http.serve_forever, daemon=True).start()
-        return f"http://127.0.0.1:{self.http.server_address[1]}"
+        self.images = start_image_server()
+        for name, body in photos.items():
+            self.images.add(name, body, content_type=content_type(name))
+        return self.images
 
     def worker_env(self) -> dict[str, str]:
         return {
             **os.environ,
-            "KAFKA_BOOTSTRAP_SERVERS": self.bootstrap,
-            "CLS_CLIP_WEIGHTS": os.environ.get("CLS_CLIP_WEIGHTS", "random"),
+            **worker_env(self.bootstrap, self.state),
             "CLS_CLIP_VARIANT": os.environ.get("CLS_CLIP_VARIANT", "ViT-B-32"),
             "CLS_DEFAULT_PROMPT_TEMPLATES": os.environ.get("CLS_DEFAULT_PROMPT_TEMPLATES", "a photo of a {}.|a picture of a {}."),
-            "CLS_ALLOW_PRIVATE_NETWORKS": "true",  # the demo's images are served on 127.0.0.1
-            "CLS_MODEL_DIR": str(self.state / "models"),
-            "CLS_TRAINING_WORK_DIR": str(self.state / "training"),
-            "CLS_DATASET_CACHE_DIR": str(self.state / "images"),
             "CLS_TORCH_THREADS": os.environ.get("CLS_TORCH_THREADS", "1"),
             "CLS_EMBED_OUTPUT_PATH": EMBEDDINGS_PREFIX,
-            "CLS_LOG_FORMAT": "json",
-            "PYTHONUNBUFFERED": "1",
         }
 
-    def start_worker(self, kind: str) -> subprocess.Popen:
-        log = open(self.state / f"{kind}.log", "ab")
-        proc = subprocess.Popen([sys.executable, "-m", "consumers.cli", kind], cwd=REPO, env=self.worker_env(),
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.workers.append(proc)
-        return proc
-
-    def wait_log(self, kind: str, event: str, timeout_s: float = 180) -> None:
-        deadline = time.monotonic() + timeout_s
-        path = self.state / f"{kind}.log"
-        while time.monotonic() < deadline:
-            if path.exists() and f'"event": "{event}"' in path.read_text(errors="replace"):
-                return
-            for proc in self.workers:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"a worker exited ({proc.returncode}); see {self.state}/*.log")
-            time.sleep(0.3)
-        raise RuntimeError(f"{kind} worker not ready within {timeout_s}s; see {path}")
+    def start_worker(self, kind: str) -> WorkerProcess:
+        worker = WorkerProcess.cli(kind, self.worker_env(), self.state / f"{kind}.log", die_with_parent=True)
+        self.workers.append(worker)
+        return worker
 
     def stop(self) -> None:
-        for proc in self.workers:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.workers:
-            try:
-                proc.wait(timeout=40)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
-        if self.http is not None:
-            self.http.shutdown()
-        if self.moto is not None:
-            self.moto.stop()
-        if self.kafka_started:
-            subprocess.run([str(KAFKA_SH), "stop"], env=self.kafka_env, capture_output=True, timeout=90)
+        for worker in self.workers:
+            worker.terminate()
+        for worker in self.workers:
+            worker.stop(timeout_s=40)
+        if self.images is not None:
+            self.images.stop()
+        self.s3.stop()
+        self.broker.stop()
         say("• stopped workers, S3 API and Kafka")
-
-
-def sample_photos() -> dict[str, bytes]:
-    """Ten real photos from scikit-image and scikit-learn."""
-    import numpy as np
-    from PIL import Image
-    from skimage import data
-    from sklearn.datasets import load_sample_image
-
-    arrays = {
-        "astronaut.jpg": data.astronaut(), "chelsea-the-cat.jpg": data.chelsea(), "coffee.jpg": data.coffee(),
-        "camera-man.png": data.camera(), "rocket.jpg": data.rocket(), "china.jpg": load_sample_image("china.jpg"),
-        "flower.jpg": load_sample_image("flower.jpg"), "hubble.jpg": data.hubble_deep_field(),
-        "immunohistochemistry.jpg": data.immunohistochemistry(), "cat-detail.png": data.chelsea()[50:250, 100:350],
-    }
-    out = {}
-    for name, array in arrays.items():
-        image = Image.fromarray(np.asarray(array))
-        buf = io.BytesIO()
-        image.save(buf, "PNG" if name.endswith(".png") else "JPEG", quality=90)
-        out[name] = buf.getvalue()
-    return out
 
 
 def injected_copies(photos: dict[str, bytes]) -> dict[str, bytes]:
@@ -221,14 +146,9 @@ def original_of(image_id: str) -> str:
 
 
 async def produce(bootstrap: str, topic: str, key: str, body: dict) -> None:
-    from aiokafka import AIOKafkaProducer
+    from testkit.kafka import produce as produce_record
 
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True)
-    await producer.start()
-    try:
-        await producer.send_and_wait(topic, json.dumps(body).encode(), key=key.encode())
-    finally:
-        await producer.stop()
+    await produce_record(bootstrap, topic, body, key=key)
 
 
 async def run(demo: Demo, once: bool, database: str | None = None) -> None:
@@ -254,8 +174,8 @@ async def run(demo: Demo, once: bool, database: str | None = None) -> None:
     say("• topics created (12 partitions per request topic, compacted control topic)")
     for kind in ("annotation", "training"):
         demo.start_worker(kind)
-    demo.wait_log("annotation", "partitions_assigned")
-    demo.wait_log("training", "partitions_assigned")
+    for worker in demo.workers:
+        await worker.wait_for_log("partitions_assigned", timeout_s=180)
     say("• annotation and training workers are up (pids " + " ".join(str(p.pid) for p in demo.workers)
         + "; logs: " + str(demo.state) + "/*.log)")
 
@@ -276,8 +196,11 @@ async def run(demo: Demo, once: bool, database: str | None = None) -> None:
 
     # ---------------------------------------------------------------- 1. AI labeling workflow
     say("\n== 1. AI labeling workflow ==")
+    from testkit.images import sample_photos
+
     photos = sample_photos()
-    base = demo.start_http(photos)
+    server = demo.start_images(photos)
+    base = server.url("custom")  # every file the demo serves is under it (server.add)
     request_id = f"demo-label-{uuid.uuid4().hex[:6]}"
     images = [{"id": name, "url": f"{base}/{name}"} for name in photos]
     await produce(demo.bootstrap, topics.ANNOTATION_REQUESTS, request_id,
@@ -297,7 +220,7 @@ async def run(demo: Demo, once: bool, database: str | None = None) -> None:
 
     # ---------------------------------------------------------------- 3. training workflow
     say("\n== 3. Training workflow ==")
-    from tests.fixtures.trained_model import DIGIT_CLASS_NAMES, digits_splits, write_digits_dataset
+    from testkit.images import DIGIT_CLASS_NAMES, digits_splits, write_digits_dataset
 
     digits_dir = Path(tempfile.mkdtemp(prefix="demo-digits-"))
     samples, class_names = write_digits_dataset(digits_dir)
@@ -364,7 +287,8 @@ async def run(demo: Demo, once: bool, database: str | None = None) -> None:
     # ---------------------------------------------------------------- 4. inference with the trained model
     say("\n== 4. Inference with the trained model (\"model\": \"custom\") on held-back digits ==")
     files = {f"held/{i}.png": Path(p).read_bytes() for i, (p, _) in enumerate(held_back)}
-    photos.update(files)
+    for path, body in files.items():
+        server.add(path, body, content_type="image/png")
     infer_id = f"demo-infer-{uuid.uuid4().hex[:6]}"
     await produce(demo.bootstrap, topics.ANNOTATION_REQUESTS, infer_id,
                   {"task": "classify", "model": "custom", "model_url": output, "top_k": 1, "threshold": 0.0,
@@ -410,7 +334,7 @@ async def find_duplicates(demo: Demo, fold: Fold, session: aioboto3.Session, end
     for index, (image_id, data) in enumerate(copies.items()):
         extension = "png" if data.startswith(b"\x89PNG") else "jpg"
         path = f"copies/{index}.{extension}"
-        photos[path] = data  # served by the demo's HTTP server
+        demo.images.add(path, data, content_type="image/png" if extension == "png" else "image/jpeg")  # served
         images.append({"id": image_id, "url": f"{base}/{path}"})
     request_id = f"demo-dup-{uuid.uuid4().hex[:6]}"
     started = time.monotonic()

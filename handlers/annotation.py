@@ -52,7 +52,10 @@ class AnnotationConfig:
     max_images_per_request: int = 10_000
     default_templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])
     images_in_flight: int = 128  # bulk images in fetch/decode/forward at once, all bulk requests together
-    request_window: int = 32  # of which one bulk request holds at most this many (admission is windowed)
+    # of which one bulk request holds at most this many (admission is windowed); the worker sets two batches,
+    # so one request alone has its next batch decoded while one runs (one batch's worth split its batches
+    # in two: a few images, then the rest)
+    request_window: int = 64
     interactive_images_in_flight: int = 64  # interactive images: their own budget, never behind bulk ones
     part_budget_bytes: int = PART_BUDGET_BYTES
     preprocess: str = "tensor"  # CLS_PREPROCESS: "tensor" (ml.preprocess) or "pil" (the families' Pillow transforms)
@@ -223,13 +226,14 @@ class AnnotationHandler:
         """One image -> its model output row, or an error entry."""
         ctx = self.ctx
         budget = ctx.interactive_semaphore if priority == "interactive" else ctx.images_semaphore
+        on_cpu = ctx.executors.on_cpu_first if priority == "interactive" else ctx.executors.on_cpu
         async with window, budget:
             cache = ctx.embedding_cache if model.forward_is_embedding else None
             digest = None
             try:
                 data = await ctx.fetcher.fetch(image.url)
                 if cache is not None:  # the same bytes, the same model: the embedding an embed request stored
-                    digest = await ctx.executors.on_cpu(content_hash, data)
+                    digest = await on_cpu(content_hash, data)
                     cached = cache.get(digest, model.key)
                     if cached is not None:
                         return cached

@@ -7,8 +7,13 @@ CPU pool (the model's ``stage``: stacked and, on CUDA, copied from pinned memory
 host-to-device copy overlaps the running forward; the GPU thread only ever waits on CUDA events.
 
 Scheduling: interactive images are taken first (a person waits for them); bulk images are taken round
-robin by request, so a second bulk request is not stuck behind the first. An interactive image waits at
-most for the batch already running, and joins the batch being filled like any other image.
+robin by request, so a second bulk request is not stuck behind the first. A batch that starts with an
+interactive image takes interactive images only, and interactive images that arrive while a batch runs go
+before the bulk batch staged behind it: an interactive image waits at most for the forward already running
+plus its own short one (not a full bulk forward or two: the p95 under load was idle + about two bulk
+forwards). One that arrives while a bulk batch is being gathered joins it like any other image. A bulk
+batch waits up to ``max_wait_ms`` for more images; an interactive one only until its first image has waited
+that long (it waited behind the running batch already).
 
 A lane exists only while it has work: it ends when its queue is empty after a batch, and it is never
 cancelled from outside, so every queued image gets its result or its error. A lane holds the forward
@@ -34,37 +39,50 @@ from ml.device import stack_rows
 log = structlog.get_logger("cls.batcher")
 
 
+_CONTINUATION_STEPS = 8
+"""Event-loop turns from an image's result to its request queueing its scoring on the model thread (the
+waiter's task, the handler's gather, the handler; 3 today), with room to spare; they cost microseconds."""
+
+
 @dataclass
 class _Item:
     pixels: torch.Tensor
     request_id: str
     future: asyncio.Future[torch.Tensor]
     priority: str = "bulk"
+    queued_at: float = field(default_factory=time.monotonic)
 
 
 class _Schedule:
-    """A lane's waiting images: interactive first (FIFO), then bulk round robin by request."""
+    """A lane's waiting images: interactive first (FIFO), then bulk round robin by request. With
+    ``interactive_only`` the getters see the interactive images alone."""
 
     def __init__(self) -> None:
         self.interactive: collections.deque[_Item] = collections.deque()
         self.bulk: collections.OrderedDict[str, collections.deque[_Item]] = collections.OrderedDict()
         self._size = 0
         self._ready = asyncio.Event()
+        self._interactive_ready = asyncio.Event()
 
     def put_nowait(self, item: _Item) -> None:
         if item.priority == "interactive":
             self.interactive.append(item)
+            self._interactive_ready.set()
         else:
             self.bulk.setdefault(item.request_id, collections.deque()).append(item)
         self._size += 1
         self._ready.set()
 
-    def empty(self) -> bool:
-        return self._size == 0
+    def empty(self, interactive_only: bool = False) -> bool:
+        return not self.interactive if interactive_only else self._size == 0
 
-    def get_nowait(self) -> _Item:
+    def get_nowait(self, interactive_only: bool = False) -> _Item:
         if self.interactive:
             item = self.interactive.popleft()
+            if not self.interactive:
+                self._interactive_ready.clear()
+        elif interactive_only or not self.bulk:
+            raise IndexError("no image waiting")
         else:
             request_id, queue = next(iter(self.bulk.items()))
             item = queue.popleft()
@@ -76,10 +94,11 @@ class _Schedule:
             self._ready.clear()
         return item
 
-    async def get(self) -> _Item:
-        while self.empty():
-            await self._ready.wait()
-        return self.get_nowait()
+    async def get(self, interactive_only: bool = False) -> _Item:
+        ready = self._interactive_ready if interactive_only else self._ready
+        while self.empty(interactive_only):
+            await ready.wait()
+        return self.get_nowait(interactive_only)
 
 
 @dataclass
@@ -103,38 +122,20 @@ class _Lane:
         self.forward: Callable[[Any], torch.Tensor] | None = forward
         self.stage = stage
         self.queue = _Schedule()
+        self._interactive_done = False  # the batch that just ran held interactive images
         self.task = asyncio.create_task(self._loop(), name=f"batcher-{key}")
 
     async def _loop(self) -> None:
-        max_batch = self.batcher.max_batch
-        wait_s = self.batcher.max_wait_ms / 1000
         running: asyncio.Task[None] | None = None  # the batch on the model thread while the next one is gathered
         try:
             while True:
                 if self.queue.empty():
                     if running is None:
                         break
-                    await running  # images may arrive meanwhile: look at the queue again
+                    await self._finish(running)  # images may arrive meanwhile: look at the queue again
                     running = None
                     continue
-                items = [self.queue.get_nowait()]
-                deadline = time.monotonic() + wait_s
-                while len(items) < max_batch:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        # take whatever is already queued without waiting
-                        while len(items) < max_batch and not self.queue.empty():
-                            items.append(self.queue.get_nowait())
-                        break
-                    try:
-                        items.append(await asyncio.wait_for(self.queue.get(), remaining))
-                    except TimeoutError:
-                        break
-                    except asyncio.CancelledError:  # close(): cancel the waiters of the batch being gathered
-                        for item in items:
-                            item.future.cancel()
-                        raise
-                items = [item for item in items if not item.future.cancelled()]
+                items = await self._gather()
                 if not items:
                     continue
                 # Stage this batch (stack; on CUDA its copy from pinned memory on a side stream) on the CPU pool
@@ -142,7 +143,12 @@ class _Lane:
                 staged = asyncio.ensure_future(self._stage(items))
                 if running is not None:
                     try:
-                        await running
+                        await self._finish(running)
+                        if items[0].priority != "interactive" and not self.queue.empty(interactive_only=True):
+                            # interactive images came while the previous batch ran: they go before this bulk one
+                            urgent = self._take_interactive()
+                            running = asyncio.ensure_future(self._run(urgent, asyncio.ensure_future(self._stage(urgent))))
+                            await self._finish(running)
                     except asyncio.CancelledError:
                         staged.cancel()
                         for item in items:
@@ -160,11 +166,56 @@ class _Lane:
             for item in _drain(self.queue):  # only on close(): cancelled with its waiter
                 item.future.cancel()
 
+    async def _finish(self, running: asyncio.Task[None]) -> None:
+        """Wait for the running batch; after one with interactive images, let their requests go on first: their
+        scoring is queued on the model thread before the next (bulk) forward, not a whole forward after it."""
+        await running
+        if self._interactive_done:
+            self._interactive_done = False
+            for _ in range(_CONTINUATION_STEPS):
+                await asyncio.sleep(0)
+
+    async def _gather(self) -> list[_Item]:
+        """The next batch from the queue (not empty): up to ``max_batch`` images; a batch opened by an interactive
+        image takes interactive images only, and waits for more only until that image has waited ``max_wait_ms``."""
+        max_batch = self.batcher.max_batch
+        first = self.queue.get_nowait()
+        items = [first]
+        only = first.priority == "interactive"
+        deadline = (first.queued_at if only else time.monotonic()) + self.batcher.max_wait_ms / 1000
+        while len(items) < max_batch:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                # take whatever is already queued without waiting
+                while len(items) < max_batch and not self.queue.empty(only):
+                    items.append(self.queue.get_nowait(only))
+                break
+            try:
+                items.append(await asyncio.wait_for(self.queue.get(only), remaining))
+            except TimeoutError:
+                break
+            except asyncio.CancelledError:  # close(): cancel the waiters of the batch being gathered
+                for item in items:
+                    item.future.cancel()
+                raise
+        return [item for item in items if not item.future.cancelled()]
+
+    def _take_interactive(self) -> list[_Item]:
+        """Every waiting interactive image (up to ``max_batch``): they waited for the running batch already."""
+        items = []
+        while len(items) < self.batcher.max_batch and not self.queue.empty(interactive_only=True):
+            item = self.queue.get_nowait(interactive_only=True)
+            if not item.future.cancelled():
+                items.append(item)
+        return items
+
     async def _stage(self, items: list[_Item]) -> Any:
         rows = [item.pixels for item in items]
         if self.stage is None:
             return rows  # stacked on the model thread by _stack_and_forward
-        return await self.batcher.executors.on_cpu(self.stage, rows)
+        executors = self.batcher.executors
+        run = executors.on_cpu_first if any(item.priority == "interactive" for item in items) else executors.on_cpu
+        return await run(self.stage, rows)  # an interactive batch is not staged behind bulk decodes
 
     async def _run(self, items: list[_Item], staged: asyncio.Future[Any]) -> None:
         stats = self.batcher.stats
@@ -179,8 +230,10 @@ class _Lane:
         self.batcher.observe(len(items), len(requests))
         forward = self.forward
         assert forward is not None
+        lane = "interactive" if any(item.priority == "interactive" for item in items) else "bulk"
         try:
-            outputs = await self.batcher.executors.on_gpu(_stack_and_forward, forward, await staged)
+            outputs, seconds = await self.batcher.executors.on_gpu(_stack_and_forward, forward, await staged)
+            self.batcher.observe_forward(lane, seconds)
         except asyncio.CancelledError:  # close(): the waiters are cancelled, never left waiting
             for item in items:
                 item.future.cancel()
@@ -193,6 +246,7 @@ class _Lane:
         for item, row in zip(items, outputs, strict=True):
             if not item.future.done():
                 item.future.set_result(row)
+        self._interactive_done = lane == "interactive"
 
 
 def _drain(queue: _Schedule) -> list[_Item]:
@@ -202,23 +256,28 @@ def _drain(queue: _Schedule) -> list[_Item]:
     return items
 
 
-def _stack_and_forward(forward: Callable[[Any], torch.Tensor], batch: Any) -> torch.Tensor:
+def _stack_and_forward(forward: Callable[[Any], torch.Tensor], batch: Any) -> tuple[torch.Tensor, float]:
+    """The batch's outputs and the seconds the model thread spent on them."""
+    started = time.perf_counter()
     if isinstance(batch, list):  # not staged: stacked here, on the GPU thread (no tensor work on the event loop)
         batch = stack_rows(batch)
-    return forward(batch)
+    return forward(batch), time.perf_counter() - started
 
 
 class MicroBatcher:
     """Collects single images from any number of requests into batched forwards, per model."""
 
     def __init__(self, executors: Executors, max_batch: int = 32, max_wait_ms: float = 10.0,
-                 observe: Callable[[int, int], None] | None = None) -> None:
+                 observe: Callable[[int, int], None] | None = None,
+                 observe_forward: Callable[[str, float], None] | None = None) -> None:
         self.executors = executors
         self.max_batch = max_batch
         self.max_wait_ms = max_wait_ms
         self.stats = BatchStats()
         self._lanes: dict[Any, _Lane] = {}
         self.observe = observe or (lambda size, requests: None)
+        # (lane, seconds) of every forward; lane "interactive" when the batch holds an interactive image
+        self.observe_forward = observe_forward or (lambda lane, seconds: None)
 
     async def submit(self, key: Any, forward: Callable[[Any], torch.Tensor], pixels: torch.Tensor,
                      request_id: str, priority: str = "bulk",

@@ -55,9 +55,11 @@ class Preprocessor:
 
     async def pixels(self, data: bytes, model: Any, request_id: str, priority: str = "bulk") -> torch.Tensor:
         """``data`` preprocessed for ``model`` (on the model's device when decoded there); ImageError per image."""
+        # an interactive image is decoded on its own CPU thread, never behind a bulk request's decodes
+        on_cpu = self.executors.on_cpu_first if priority == "interactive" else self.executors.on_cpu
         device = self.batched_device(model)
         if device is not None:
-            size = await self.executors.on_cpu(batched_jpeg_size, data, self.limits)
+            size = await on_cpu(batched_jpeg_size, data, self.limits)
             if size is not None:
                 recipe = model.tensor_preprocess
                 forward = functools.partial(preprocess_jpegs, recipe=recipe, device=device,
@@ -71,7 +73,7 @@ class Preprocessor:
                 if out is not None:
                     return out
             self.fallbacks += 1
-        return await self.executors.on_cpu(decode_and_preprocess, data, self.limits, model, self.mode)
+        return await on_cpu(decode_and_preprocess, data, self.limits, model, self.mode)
 
     async def close(self) -> None:
         await self.decode_batcher.close()

@@ -17,7 +17,7 @@ from examples.fold import Fold, run_fold
 from schemas import topics
 from testkit.containers import WorkerSpec, WorkerStack
 from tests.containers.conftest import photo_jpeg
-from tests.fixtures.trained_model import DIGIT_CLASS_NAMES, digits_splits, write_digits_dataset
+from testkit.images import DIGIT_CLASS_NAMES, digits_splits, write_digits_dataset
 from tests.support.kafka import committed_offsets, end_offsets, produce, read_until, topic_env
 
 pytestmark = pytest.mark.container

@@ -14,7 +14,7 @@ import pytest
 from examples.demo import COPIED_PHOTOS, REUPLOADED_PHOTO, original_of
 from examples.fold import Fold
 from testkit.image_copies import COPY_KINDS
-from tests.support.kafka import REPO
+from testkit.local import REPO
 
 pytestmark = pytest.mark.slow
 

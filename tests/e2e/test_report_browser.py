@@ -7,7 +7,7 @@ import shutil
 
 from tests.fixtures.trained_model import digits_dataset, trained_digits  # noqa: F401  (fixtures)
 from tests.support.browser import Browser
-from tests.support.kafka import REPO
+from testkit.local import REPO
 
 SCREENSHOT = REPO / ".state" / "test-artifacts" / "report.png"
 

@@ -18,8 +18,9 @@ import pytest
 from PIL import Image
 
 from examples.fold import Fold, run_fold
-from tests.fixtures.trained_model import DIGIT_CLASS_NAMES, digits_splits, write_digits_dataset
-from tests.support.kafka import REPO, WorkerProcess, produce, provision, settings_for, topic_env
+from testkit.images import DIGIT_CLASS_NAMES, digits_splits, write_digits_dataset
+from testkit.kafka import produce, provision, settings_for, topic_env
+from testkit.local import REPO, WorkerProcess
 
 pytestmark = [pytest.mark.kafka, pytest.mark.s3, pytest.mark.slow]
 
@@ -160,14 +161,14 @@ _RESULTS: dict[str, dict] = {}
 
 async def replay_into(fold: Fold, bootstrap: str, topics: list[str], group: str) -> int:
     """Read the topics from offset 0 to their current end into ``fold``; returns events folded."""
-    from tests.support.kafka import end_offsets
+    from testkit.kafka import end_offsets
 
     ends: dict = {}
     for topic in topics:
         ends.update(await end_offsets(bootstrap, topic))
     stop = asyncio.Event()
     task = asyncio.create_task(run_fold(fold, bootstrap, topics, group, stop))
-    from tests.support.kafka import committed_offsets
+    from testkit.kafka import committed_offsets
 
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

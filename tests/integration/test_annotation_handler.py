@@ -256,3 +256,23 @@ async def test_batched_jpeg_decode_gives_the_per_image_results_and_errors(http_s
         if expected.embedding is not None:
             assert got.embedding is not None
             assert max(abs(a - b) for a, b in zip(got.embedding, expected.embedding, strict=True)) < 2e-3, got.id
+
+
+async def test_interactive_images_decode_while_bulk_decodes_fill_the_cpu_pool(tiny_ctx, http_server):
+    """Every CPU-pool thread busy (bulk decodes) and more work queued behind them: an interactive request is
+    still decoded, classified and answered; a bulk one waits for the pool (its parts arrive after)."""
+    handler = AnnotationHandler(tiny_ctx)
+    images = [("i0", http_server.urls["astronaut_jpg"])]
+    await collect(handler, request(images, "warm-classes"))  # the class embeddings cached: no CPU-pool work left
+    release = threading.Event()
+    workers = tiny_ctx.executors.cpu._max_workers
+    blockers = [tiny_ctx.executors.cpu.submit(release.wait, 30) for _ in range(workers + 4)]  # bounded waits
+    try:
+        bulk = asyncio.create_task(collect(handler, request(images, "bulk-behind", priority="bulk")))
+        parts = await asyncio.wait_for(collect(handler, request(images, "ui", priority="interactive")), timeout=20)
+        assert parts[0].results[0].error is None and parts[0].results[0].predictions
+        assert not bulk.done()  # the bulk image is still queued behind the busy pool
+    finally:
+        release.set()
+    assert (await asyncio.wait_for(bulk, timeout=30))[0].results[0].error is None
+    assert all(b.result(timeout=5) for b in blockers)

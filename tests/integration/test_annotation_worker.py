@@ -8,8 +8,9 @@ import urllib.request
 
 import pytest
 
-from examples.ports import free_port
-from tests.support.kafka import WorkerProcess, produce, provision, read_until, settings_for, topic_env
+from testkit.local import free_port
+from testkit.kafka import produce, provision, read_until, settings_for, topic_env
+from testkit.local import WorkerProcess
 
 pytestmark = pytest.mark.kafka
 

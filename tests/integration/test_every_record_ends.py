@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 
 from tests.integration.test_runtime import annotation_request, assert_no_lag, start_echo
-from tests.support.kafka import committed_offsets, produce, provision, read_until, settings_for
+from testkit.kafka import committed_offsets, produce, provision, read_until, settings_for
 
 pytestmark = pytest.mark.kafka
 
@@ -157,7 +157,7 @@ async def test_stuck_partition_gauge_and_readiness(topic_prefix, kafka_bootstrap
 
     from consumers.health import HealthServer
     from consumers.runtime import ConsumerRuntime
-    from examples.ports import free_port
+    from testkit.local import free_port
     from tests.support.echo_worker import echo_pipeline
 
     settings = settings_for(topic_prefix, stuck_record_s=1.0, metrics_port=free_port(), metrics_host="127.0.0.1")

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support.kafka import WorkerProcess, produce, provision, read_until, settings_for, topic_env
+from testkit.kafka import produce, provision, read_until, settings_for, topic_env
+from testkit.local import WorkerProcess
 
 pytestmark = [pytest.mark.kafka, pytest.mark.s3]
 

@@ -17,7 +17,7 @@ from aiokafka import AIOKafkaProducer
 
 from tests.integration.test_annotation_worker import start_annotation_worker
 from tests.integration.test_training_worker import start_training_worker
-from tests.support.kafka import committed_offsets, end_offsets, provision, read_until, settings_for
+from testkit.kafka import committed_offsets, end_offsets, provision, read_until, settings_for
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 

@@ -10,7 +10,7 @@ import pytest
 from consumers.settings import WorkerSettings
 from tests.integration.test_annotation_worker import start_annotation_worker
 from tests.support.hostile_images import hostile_images
-from tests.support.kafka import produce, provision, read_until, settings_for
+from testkit.kafka import produce, provision, read_until, settings_for
 
 pytestmark = pytest.mark.kafka
 

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from tests.integration.test_runtime import annotation_request, assert_no_lag, start_echo
-from tests.support.kafka import produce, provision, read_until, settings_for
+from testkit.kafka import produce, provision, read_until, settings_for
 
 pytestmark = pytest.mark.kafka
 

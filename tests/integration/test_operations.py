@@ -22,7 +22,8 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from consumers.settings import KafkaSettings, WorkerSettings
-from tests.support.kafka import WorkerProcess, committed_offsets, end_offsets, read_until, send, topic_env
+from testkit.kafka import committed_offsets, end_offsets, read_until, send, topic_env
+from testkit.local import WorkerProcess
 
 REPO = Path(__file__).resolve().parents[2]
 RUNBOOK = REPO / "docs" / "operations.md"

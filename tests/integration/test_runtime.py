@@ -9,16 +9,8 @@ import signal
 
 import pytest
 
-from tests.support.kafka import (
-    WorkerProcess,
-    committed_offsets,
-    end_offsets,
-    produce,
-    provision,
-    read_until,
-    settings_for,
-    topic_env,
-)
+from testkit.kafka import committed_offsets, end_offsets, produce, provision, read_until, settings_for, topic_env
+from testkit.local import WorkerProcess
 
 pytestmark = pytest.mark.kafka
 
@@ -198,7 +190,7 @@ async def test_sigterm_drains_in_flight_work_and_exits_zero(tmp_path, topics, to
 
 
 async def test_kafka_tool_shows_group_with_zero_lag(tmp_path, topics, topic_prefix, kafka_bootstrap, kafka_broker):
-    from tests.fixtures.kafka import KAFKA_SH
+    from testkit.local import KAFKA_SH
     import os
     import subprocess
 

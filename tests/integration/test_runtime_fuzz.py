@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings as hsettings, strategies as 
 
 from consumers.runtime import ConsumerRuntime
 from tests.support.echo_worker import echo_pipeline
-from tests.support.kafka import committed_offsets, end_offsets, produce, provision, read_until, settings_for
+from testkit.kafka import committed_offsets, end_offsets, produce, provision, read_until, settings_for
 
 pytestmark = pytest.mark.kafka
 

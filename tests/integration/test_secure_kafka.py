@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 
 from consumers.settings import KafkaSettings, Settings, WorkerSettings
-from tests.fixtures.kafka import LocalBroker
+from testkit.local import LocalBroker
 from tests.integration.test_operations import runbook_block, run_block
-from tests.support.kafka import WorkerProcess, produce, provision, read_until, topic_env
+from testkit.kafka import produce, provision, read_until, topic_env
+from testkit.local import WorkerProcess
 
 pytestmark = pytest.mark.kafka
 

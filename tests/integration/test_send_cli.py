@@ -11,7 +11,8 @@ import sys
 import pytest
 
 from tests.integration.test_runtime import start_echo
-from tests.support.kafka import REPO, provision, settings_for, topic_env
+from testkit.kafka import provision, settings_for, topic_env
+from testkit.local import REPO
 
 pytestmark = pytest.mark.kafka
 

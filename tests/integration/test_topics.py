@@ -9,8 +9,9 @@ import sys
 import pytest
 
 from consumers.topics_admin import create_topics, topic_specs
-from tests.fixtures.kafka import KAFKA_SH
-from tests.support.kafka import REPO, settings_for, topic_env
+from testkit.local import KAFKA_SH
+from testkit.kafka import settings_for, topic_env
+from testkit.local import REPO
 
 pytestmark = pytest.mark.kafka
 

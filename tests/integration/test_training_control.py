@@ -14,7 +14,8 @@ from aiokafka import AIOKafkaProducer
 from PIL import Image
 
 from tests.integration.test_training_worker import final, start_training_worker, statuses_of
-from tests.support.kafka import WorkerProcess, provision, read_until, settings_for
+from testkit.kafka import provision, read_until, settings_for
+from testkit.local import WorkerProcess
 
 pytestmark = [pytest.mark.kafka, pytest.mark.s3]
 

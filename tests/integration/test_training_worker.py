@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.trained_model import DIGIT_CLASS_NAMES, write_digits_dataset
-from tests.support.kafka import WorkerProcess, produce, provision, read_until, settings_for, topic_env
+from testkit.images import DIGIT_CLASS_NAMES, write_digits_dataset
+from testkit.kafka import produce, provision, read_until, settings_for, topic_env
+from testkit.local import WorkerProcess
 
 pytestmark = [pytest.mark.kafka, pytest.mark.s3]
 

@@ -10,7 +10,7 @@ import zlib
 import numpy as np
 from PIL import Image
 
-from tests.fixtures.http_server import huge_blank_png
+from testkit.images import huge_blank_png
 
 
 def _encode(image: Image.Image, fmt: str, **params: object) -> bytes:

@@ -136,7 +136,8 @@ def _image(seed: int):
 
 async def test_interactive_images_first_and_bulk_requests_round_robin(batcher):
     """While a batch runs, bulk requests A and B queue 8 images each and an interactive request 2: the next
-    batch starts with the interactive images, and A and B then alternate (the batcher's record of batches)."""
+    batch holds the interactive images alone (a short forward, not a full bulk one), and A and B then
+    alternate (the batcher's record of batches)."""
     gate = threading.Event()
 
     def forward(x: torch.Tensor) -> torch.Tensor:
@@ -160,6 +161,97 @@ async def test_interactive_images_first_and_bulk_requests_round_robin(batcher):
     batches = list(batcher.stats.log)[1:]
     taken = [rid for batch in batches for rid, _ in batch]
     assert taken[:2] == ["I", "I"], batches  # interactive waited only for the running batch
+    assert batches[0] == [("I", "interactive")] * 2, batches  # and no bulk image lengthens its forward
     assert taken[2:10] == ["A", "B"] * 4, batches  # bulk: round robin by request
+    assert [len(b) for b in batches[1:]] == [4, 4, 4, 4], batches  # bulk batches full again
     assert sorted(taken) == sorted(["I"] * 2 + ["A"] * 8 + ["B"] * 8)
-    assert ("I", "interactive") in batches[0] and ("A", "bulk") in batches[0]  # still micro-batched together
+
+
+async def test_interactive_image_joins_a_bulk_batch_being_filled(batcher):
+    """A bulk batch still gathering (its wait not over, not full) takes an interactive image that arrives:
+    micro-batching is kept; and the interactive image goes first among what is waiting."""
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    bulk = asyncio.create_task(batcher.submit("m", forward, torch.zeros(1), "A", "bulk"))
+    for _ in range(100):  # the lane took A and waits (max_wait_ms=50) for more
+        await asyncio.sleep(0)
+        if batcher.lanes() and batcher._lanes["m"].queue.empty():
+            break
+    interactive = asyncio.create_task(batcher.submit("m", forward, torch.zeros(1), "I", "interactive"))
+    await asyncio.gather(bulk, interactive)
+    assert list(batcher.stats.log) == [[("A", "bulk"), ("I", "interactive")]]
+
+
+async def test_a_batch_opened_by_interactive_images_takes_interactive_ones_only(batcher):
+    """Interactive images that waited behind a running batch go in a batch of their own; the bulk images
+    queued with them wait for the next one (the batcher's record), even when the batch is not full."""
+    gate = threading.Event()
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        gate.wait(10)  # bounded: the test opens it
+        return x
+
+    first = asyncio.create_task(batcher.submit("m", forward, torch.zeros(1), "warm", "bulk"))
+    for _ in range(100):
+        await asyncio.sleep(0.01)
+        if batcher.stats.batches:
+            break
+    waiters = [asyncio.create_task(batcher.submit("m", forward, torch.zeros(1), "I", "interactive"))]
+    waiters += [asyncio.create_task(batcher.submit("m", forward, torch.zeros(1), "A", "bulk")) for _ in range(3)]
+    waiters.append(asyncio.create_task(batcher.submit("m", forward, torch.zeros(1), "J", "interactive")))
+    await asyncio.sleep(0.01)
+    gate.set()
+    await asyncio.gather(first, *waiters)
+    batches = list(batcher.stats.log)[1:]
+    assert batches == [[("I", "interactive"), ("J", "interactive")], [("A", "bulk")] * 3], batches
+
+
+async def test_interactive_images_go_before_the_bulk_batch_staged_behind_the_running_one(batcher):
+    """While a batch runs, the next bulk batch is already gathered and staged; an interactive image that arrives
+    then still runs before it (the batcher's record): it waits for the running forward only."""
+    gate = threading.Event()
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        gate.wait(10)  # bounded: the test opens it
+        return x
+
+    waiters = [asyncio.create_task(batcher.submit("m", forward, torch.zeros(1), "A", "bulk")) for _ in range(8)]
+    for _ in range(100):  # batch 1 (max_batch=4) runs; batch 2 is gathered and waits for it
+        await asyncio.sleep(0.01)
+        if batcher.stats.batches == 1 and batcher._lanes["m"].queue.empty():
+            break
+    assert batcher.stats.batches == 1 and batcher._lanes["m"].queue.empty()
+    waiters.append(asyncio.create_task(batcher.submit("m", forward, torch.zeros(1), "I", "interactive")))
+    await asyncio.sleep(0.01)
+    gate.set()
+    await asyncio.gather(*waiters)
+    assert list(batcher.stats.log) == [[("A", "bulk")] * 4, [("I", "interactive")], [("A", "bulk")] * 4]
+
+
+async def test_an_interactive_request_scores_before_the_next_bulk_forward(batcher):
+    """On the model thread, an interactive request's scoring (queued by its handler once its image is back, as
+    ``AnnotationHandler`` does) runs right after its forward, before the bulk forward staged behind it: the
+    order of the model thread's calls, not time."""
+    gate = threading.Event()
+    order: list[str] = []
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        gate.wait(10)  # bounded: the test opens it
+        order.append(f"forward {x.shape[0]}")
+        return x
+
+    async def interactive_request() -> None:  # the handler's shape: the image in a task, gathered, then scored
+        await asyncio.gather(asyncio.create_task(batcher.submit("m", forward, torch.zeros(1), "I", "interactive")))
+        await batcher.executors.on_gpu(order.append, "score I")
+
+    waiters = [asyncio.create_task(batcher.submit("m", forward, torch.zeros(1), "A", "bulk")) for _ in range(8)]
+    for _ in range(100):  # batch 1 (max_batch=4) runs; batch 2 is gathered and waits for it
+        await asyncio.sleep(0.01)
+        if batcher.stats.batches == 1 and batcher._lanes["m"].queue.empty():
+            break
+    waiters.append(asyncio.create_task(interactive_request()))
+    await asyncio.sleep(0.01)
+    gate.set()
+    await asyncio.gather(*waiters)
+    assert order == ["forward 4", "forward 1", "score I", "forward 4"], order

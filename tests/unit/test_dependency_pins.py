@@ -10,7 +10,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-from tests.support.kafka import REPO
+from testkit.local import REPO
 
 SAFETY_FLOORS = {"torch": "2.6", "timm": "1.0.15", "aiohttp": "3.14.5"}
 JUST_BELOW = {"torch": "2.5.1", "timm": "1.0.14", "aiohttp": "3.14.4"}

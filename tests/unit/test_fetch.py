@@ -28,7 +28,7 @@ from handlers.fetch import (
     is_noncanonical_numeric_host,
 )
 from handlers.images import DecodeLimits, fetch_image
-from tests.fixtures.http_server import SLOW_SECONDS
+from testkit.images import SLOW_SECONDS
 
 FETCH_ERROR_ROUTES = [
     "not_found",

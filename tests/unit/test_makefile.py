@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 
-from tests.support.kafka import REPO
+from testkit.local import REPO
 
 
 def test_setup_is_up_to_date_after_it_ran():
