@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass, field
 
 import structlog
@@ -22,6 +23,7 @@ from handlers.batcher import MicroBatcher
 from handlers.embedding import EmbedConfig, EmbedHandler, content_hash
 from handlers.errors import ImageError, InvalidRequest, PermanentError
 from handlers.executor import Executors
+from handlers.parts import parts_in_order
 from handlers.fetch import Fetcher
 from handlers.images import DecodeLimits
 from handlers.models import LoadedModel, ModelConfig, ModelRegistry
@@ -167,31 +169,18 @@ class AnnotationHandler:
         size = part_size_for(request, ctx.config.part_size, classes, ctx.config.part_budget_bytes)
         images = request.images
         parts = [images[i:i + size] for i in range(0, len(images), size)]
-        tasks: dict[int, list[asyncio.Task[torch.Tensor | ImageResult]]] = {}
-
         priority = request.priority or "bulk"
         # Admission is windowed per request: a bulk request holds at most request_window images in
         # flight, so the shared budget is split between concurrent bulk requests; interactive images
         # use their own budget and go first in the batcher.
         window = asyncio.Semaphore(ctx.config.request_window if priority == "bulk" else len(images))
 
-        def start(k: int) -> None:
-            tasks[k] = [asyncio.create_task(self._embed(model, image, request_id, priority, window))
-                        for image in parts[k]]
+        def handle(image: ImageRef) -> Awaitable[torch.Tensor | ImageResult]:
+            return self._embed(model, image, request_id, priority, window)
 
         failed_images = 0
-        try:
-            start(0)
-            for k, part_images in enumerate(parts):
-                if k + 1 < len(parts):
-                    start(k + 1)  # one part ahead: fetching overlaps the model
-                current = tasks.pop(k)
-                try:
-                    outputs = await asyncio.gather(*current)
-                except BaseException:
-                    for task in current:
-                        task.cancel()
-                    raise
+        async with aclosing(parts_in_order(parts, handle)) as stream:
+            async for k, part_images, outputs in stream:
                 results = await self._part_results(model, part_images, outputs, prepared, classes, top_k, request.threshold,
                                                    request.auto_accept_precision)
                 failed_images += sum(1 for r in results if r.error is not None)
@@ -204,10 +193,6 @@ class AnnotationHandler:
                     part=k,
                     parts=len(parts),
                 )
-        finally:
-            for pending in tasks.values():
-                for task in pending:
-                    task.cancel()
         log.info(
             "annotation_summary",
             model=model.descriptor.variant,

@@ -15,7 +15,8 @@ import asyncio
 import hashlib
 import json
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import quote
@@ -24,6 +25,7 @@ import numpy as np
 import structlog
 import torch
 
+from handlers.parts import parts_in_order
 from handlers.errors import ImageError, InvalidRequest, PermanentError
 from handlers.storage import ObjectStore
 from ml.duplicates import DuplicateInputError, EmbeddingSet, check_embeddings, find_duplicates
@@ -107,27 +109,16 @@ class EmbedHandler:
         parts = [images[i:i + size] for i in range(0, len(images), size)]
         priority = request.priority or "bulk"
         window = asyncio.Semaphore(ctx.config.request_window if priority == "bulk" else len(images))
-        tasks: dict[int, list[asyncio.Task[tuple[str, torch.Tensor] | ImageResult]]] = {}
 
-        def start(k: int) -> None:
-            tasks[k] = [asyncio.create_task(self._image(model, image, request_id, priority, window)) for image in parts[k]]
+        def handle(image: ImageRef) -> Awaitable[tuple[str, torch.Tensor] | ImageResult]:
+            return self._image(model, image, request_id, priority, window)
 
         all_ids: list[str] = []
         all_hashes: list[str] = []
         all_vectors: list[torch.Tensor] = []
         failed_images = 0
-        try:
-            start(0)
-            for k, part_images in enumerate(parts):
-                if k + 1 < len(parts):
-                    start(k + 1)
-                current = tasks.pop(k)
-                try:
-                    outputs = await asyncio.gather(*current)
-                except BaseException:
-                    for task in current:
-                        task.cancel()
-                    raise
+        async with aclosing(parts_in_order(parts, handle)) as stream:
+            async for k, part_images, outputs in stream:
                 results, ids, hashes, vectors = _part_entries(part_images, outputs, request.inline)
                 failed_images += len(part_images) - len(ids)
                 url = None
@@ -157,10 +148,6 @@ class EmbedHandler:
                     duplicates=duplicates,
                     duplicates_url=duplicates_url,
                 )
-        finally:
-            for pending in tasks.values():
-                for task in pending:
-                    task.cancel()
         log.info("embed_summary", model=model.descriptor.variant, family=model.descriptor.family,
                  images=len(images), failed_images=failed_images, parts=len(parts), part_size=size,
                  batches_shared=ctx.batcher.forget(request_id), seconds=round(time.monotonic() - started, 3))
