@@ -16,7 +16,7 @@ With a text tower (CLIP, SigLIP: zero-shot class weights ``W``, one L2-normalise
   zero-shot weights and ``lambda_c`` the zero-shot model's mean softmax probability of class ``c`` on the
   support examples of ``c`` (CLAP's initialisation of its multipliers, kept fixed). Simplifications, on
   purpose: the prototypes are not re-normalised inside the logits, so ``J`` is strictly convex and its
-  unique minimum is found exactly (full-batch L-BFGS, float64) instead of by 300 epochs of SGD; no
+  unique minimum is found exactly (trust-region Newton-CG, float64) instead of by 300 epochs of SGD; no
   augmentation (the support set is a set of embeddings); ``lambda_c`` is floored at ``1e-3``.
 
 Without a text tower (timm, models trained here):
@@ -27,9 +27,10 @@ Without a text tower (timm, models trained here):
   scaled by ``sqrt(D)``.
 
 ``auto`` cross-validates every candidate of the family on the support set (stratified folds, as many
-as the rarest class allows, at most 5) and fits the best on the whole set. With fewer than 2 examples
-in some class there is nothing to cross-validate: ``auto`` then takes the family's default
-(``tip_adapter`` with a text tower, ``prototype`` without) and ``cv_accuracy`` is None.
+as the rarest class allows, at most 5) and fits the best on the whole set. With a single example in
+some class: with a text tower, plain folds (a class missing from a training fold falls back to
+zero-shot, as it would in use); without one there is nothing to cross-validate, so ``auto`` takes
+``prototype`` and ``cv_accuracy`` is None. Ties go to the first candidate in the lists above.
 
 Classes without examples: with a text tower they keep their zero-shot weights (Tip-Adapter's cache adds
 nothing to them; the linear probe does not move them); without one, :class:`MissingExamplesError`.
@@ -52,6 +53,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.optimize import minimize
 from scipy.special import log_softmax, softmax
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import KFold, StratifiedKFold
+from threadpoolctl import threadpool_limits
 
 __all__ = [
     "DEFAULT_METHOD",
@@ -230,7 +234,15 @@ def fit_few_shot(support: SupportSet, method: str = DEFAULT_METHOD, zero_shot: Z
     ``zero_shot`` is the text classifier over ``support.classes`` (CLIP/SigLIP), None for a backbone
     without a text tower. Raises :class:`FewShotError` for a method the family cannot run, and
     :class:`MissingExamplesError` for classes without examples when there is no text classifier.
+    The BLAS and OpenMP pools are held to one thread meanwhile (process-wide; these are many small
+    products, which a multi-threaded OpenBLAS on a busy machine runs 10-20x slower). scikit-learn is
+    imported with this module, not inside the limit, whose libraries it would load unlimited.
     """
+    with threadpool_limits(limits=1):
+        return _fit_few_shot(support, method, zero_shot, seed)
+
+
+def _fit_few_shot(support: SupportSet, method: str, zero_shot: ZeroShotWeights | None, seed: int) -> FewShotResult:
     has_text = zero_shot is not None
     allowed = candidate_methods(has_text)
     if method != "auto" and method not in allowed:
@@ -245,12 +257,12 @@ def fit_few_shot(support: SupportSet, method: str = DEFAULT_METHOD, zero_shot: Z
         shown = ", ".join(repr(m) for m in missing[:10])
         raise MissingExamplesError(f"classes without examples and no text tower to fall back to: {shown}"
                                    + (f" and {len(missing) - 10} more" if len(missing) > 10 else ""))
-    folds = _fold_count(counts)
+    folds = _fold_count(counts, has_text, len(support.labels))
     methods = allowed if method == "auto" else (method,)
     scores: dict[str, float] = {}
     tip_params = TIP_DEFAULT
     if folds >= 2:
-        splits = _splits(support, folds, seed)
+        splits = _splits(support, folds, seed, stratified=_fold_count(counts, False, 0) >= 2)
         for name in methods:
             if name == "tip_adapter":
                 tip_params, scores[name] = _cross_validate_tip(support, zero_shot, splits)
@@ -300,8 +312,6 @@ def _prototypes(support: SupportSet) -> np.ndarray:
 
 
 def _fit_logistic_regression(support: SupportSet) -> FewShotHead:
-    from sklearn.linear_model import LogisticRegression
-
     present = np.unique(support.labels)
     scale = float(np.sqrt(support.embeddings.shape[1]))
     if present.size == 1:  # one class: scikit-learn refuses; every query gets it
@@ -350,9 +360,25 @@ def clap_lambdas(support: SupportSet, zero_shot: ZeroShotWeights) -> np.ndarray:
     return np.where(counts > 0, np.maximum(lambdas, CLAP_LAMBDA_FLOOR), 0.0)
 
 
+def clap_hessian_product(weights: np.ndarray, direction: np.ndarray, support: SupportSet, zero_shot: ZeroShotWeights,
+                         lambdas: np.ndarray, trainable: np.ndarray) -> np.ndarray:
+    """The Hessian of :func:`clap_objective` at ``weights`` times ``direction`` (both ``[C, D]``)."""
+    features = support.embeddings.astype(np.float64)
+    scale = zero_shot.logit_scale
+    direction = np.where(trainable[:, None], direction, 0.0)
+    probabilities = softmax(scale * (features @ weights.T), axis=1)
+    d_logits = scale * (features @ direction.T)
+    d_probabilities = probabilities * (d_logits - (probabilities * d_logits).sum(axis=1, keepdims=True))
+    product = scale * (d_probabilities.T @ features) / features.shape[0] + 2.0 * lambdas[:, None] * direction / weights.shape[0]
+    product[~trainable] = 0.0
+    return product
+
+
 def fit_clap_linear_probe(support: SupportSet, zero_shot: ZeroShotWeights) -> np.ndarray:
     """The minimiser of CLAP's objective (see the module docstring), float64 ``[C, D]``; classes without
-    examples keep their zero-shot rows."""
+    examples keep their zero-shot rows. Trust-region Newton-CG with exact Hessian-vector products: the
+    objective is badly conditioned (``logit_scale`` 100 against penalties down to 1e-3), where L-BFGS
+    needs thousands of steps."""
     lambdas = clap_lambdas(support, zero_shot)
     trainable = support.counts() > 0
     start = zero_shot.weights.astype(np.float64)
@@ -362,8 +388,12 @@ def fit_clap_linear_probe(support: SupportSet, zero_shot: ZeroShotWeights) -> np
         value, grad = clap_objective(flat.reshape(shape), support, zero_shot, lambdas, trainable)
         return value, grad.ravel()
 
-    solution = minimize(objective, start.ravel(), jac=True, method="L-BFGS-B",
-                        options={"maxiter": 2000, "gtol": 1e-10, "ftol": 1e-15, "maxcor": 30})
+    def hessian_product(flat: np.ndarray, direction: np.ndarray) -> np.ndarray:
+        return clap_hessian_product(flat.reshape(shape), direction.reshape(shape), support, zero_shot, lambdas,
+                                    trainable).ravel()
+
+    solution = minimize(objective, start.ravel(), jac=True, hessp=hessian_product, method="trust-ncg",
+                        options={"gtol": 1e-10, "maxiter": 200})
     weights = solution.x.reshape(shape)
     weights[~trainable] = start[~trainable]
     return weights
@@ -372,17 +402,20 @@ def fit_clap_linear_probe(support: SupportSet, zero_shot: ZeroShotWeights) -> np
 # -- cross-validation ----------------------------------------------------------------------------------------
 
 
-def _fold_count(counts: np.ndarray) -> int:
+def _fold_count(counts: np.ndarray, has_text: bool, size: int) -> int:
+    """Stratified folds: as many as the rarest class allows (at most 5). With a text tower, a class left
+    out of a training fold falls back to zero-shot, which is what the held-out example would meet in use:
+    so a support set with single examples is still cross-validated, in plain folds."""
     present = counts[counts > 0]
-    if present.size < 2:
-        return 0
-    return int(min(MAX_FOLDS, present.min()))
+    if present.size >= 2 and present.min() >= 2:
+        return int(min(MAX_FOLDS, present.min()))
+    if has_text and size >= 2:
+        return int(min(MAX_FOLDS, size))
+    return 0
 
 
-def _splits(support: SupportSet, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    from sklearn.model_selection import StratifiedKFold
-
-    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+def _splits(support: SupportSet, folds: int, seed: int, stratified: bool) -> list[tuple[np.ndarray, np.ndarray]]:
+    splitter = (StratifiedKFold if stratified else KFold)(n_splits=folds, shuffle=True, random_state=seed)
     return list(splitter.split(support.embeddings, support.labels))
 
 

@@ -137,12 +137,14 @@ def test_bad_support_sets_are_typed_errors():
         fit_few_shot(support, "auto", ZeroShotWeights(zero_shot.weights[:2]))
 
 
-def test_one_shot_cannot_cross_validate_so_auto_takes_the_default():
+def test_one_shot_cross_validates_only_with_a_text_tower():
     support, zero_shot, queries = _problem(shots=1)
     with_text = fit_few_shot(support, "auto", zero_shot)
     without = fit_few_shot(support, "auto", None)
-    assert (with_text.method, with_text.cv_accuracy, with_text.cv_folds) == ("tip_adapter", None, 0)
-    assert (without.method, without.cv_accuracy) == ("prototype", None)
+    # with a text tower a held-out class falls back to zero-shot, so single examples still cross-validate
+    assert with_text.cv_folds == 4 and set(with_text.candidates) == {"tip_adapter", "linear_probe"}
+    assert with_text.cv_accuracy == max(with_text.candidates.values())
+    assert (without.method, without.cv_accuracy, without.cv_folds, without.candidates) == ("prototype", None, 0, {})
     for method in ("knn", "logistic_regression", "prototype"):
         probabilities = fit_few_shot(support, method, None).probabilities(queries)
         np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)

@@ -1,0 +1,259 @@
+"""Label audit on image embeddings: which given labels are probably wrong, what they should be, which
+images are outliers, and which near-duplicates disagree.
+
+For ``N`` L2-normalised embeddings with given labels (class indices):
+
+- **out-of-sample probabilities**: k-fold multinomial logistic regression (scikit-learn, L-BFGS, float32,
+  features scaled by ``sqrt(D)``); every image is scored by the model fitted on the other folds. The BLAS
+  pool is limited to one thread per fit (an oversubscribed OpenBLAS on a busy 2-core machine runs ~8x
+  slower) and the folds run ``jobs`` at a time.
+- **confident learning** (Northcutt, Jiang & Chuang, JAIR 2021, section 3): per-class thresholds
+  ``t_j = mean of p_j(x) over the examples labeled j`` (mean self-confidence); an example labeled ``i``
+  counts towards the confident joint ``C[i][j]`` for ``j = argmax_{k: p_k(x) >= t_k} p_k(x)`` (examples
+  with no class above its threshold are not counted); the off-diagonal entries of ``C`` are the label
+  issues (the paper's ``C_confusion``-free "C_{y~,y*}" method) and ``j`` is the suggested label.
+- **issue score** ``1 - p_label(x)`` (one minus the self-confidence, the paper's ranking): sort by it.
+- **outlier score** ``1 - mean cosine similarity to the k nearest other images``.
+- **disagreeing near-duplicates**: pairs among each image's ``k`` nearest neighbours with cosine
+  similarity ``>= duplicate_threshold`` and different labels.
+
+Neighbours are exact (blocked ``X X^T``) up to ``exact_neighbours_max`` images; above it, candidates come
+from the embeddings projected on their top ``candidate_dims`` principal axes (``4 k`` per image) and are
+re-scored with the full vectors, so the similarities reported are exact but a true neighbour may be
+missed (the price of not doing ``N^2 D`` work at 100,000 images).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import warnings
+
+import numpy as np
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from threadpoolctl import threadpool_limits
+
+__all__ = [
+    "AuditError",
+    "AuditOptions",
+    "AuditTable",
+    "ConfidentLearning",
+    "audit",
+    "confident_learning",
+    "disagreeing_duplicates",
+    "nearest_neighbours",
+    "out_of_sample_probabilities",
+]
+
+
+class AuditError(ValueError):
+    """The audit cannot run on what was given (a request error: ``invalid_request``)."""
+
+
+@dataclass(frozen=True)
+class AuditOptions:
+    folds: int = 5
+    neighbours: int = 10
+    duplicate_threshold: float = 0.95
+    regularization: float = 1.0  # LogisticRegression's C
+    max_iter: int = 100
+    seed: int = 0
+    jobs: int = 2  # folds fitted at once (threads; each fit's BLAS is single-threaded)
+    exact_neighbours_max: int = 20_000
+    candidate_dims: int = 64
+    block_rows: int = 1024
+
+
+@dataclass(frozen=True)
+class ConfidentLearning:
+    thresholds: np.ndarray  # [C] t_j; NaN for classes nobody is labeled with
+    confident_joint: np.ndarray  # [C, C] int64, rows: given label, columns: suggested label
+    label_issue: np.ndarray  # [N] bool
+    suggested_label: np.ndarray  # [N] int64; the given label where there is no issue
+
+
+@dataclass(frozen=True)
+class AuditTable:
+    """One row per image, in input order."""
+
+    labels: np.ndarray  # [N] given labels
+    label_probability: np.ndarray  # [N] out-of-sample probability of the given label
+    predicted_label: np.ndarray  # [N] out-of-sample argmax
+    suggested_label: np.ndarray  # [N]
+    label_issue: np.ndarray  # [N] bool
+    issue_score: np.ndarray  # [N] 1 - label_probability
+    outlier_score: np.ndarray  # [N]
+    duplicate_pairs: list[tuple[int, int, float]]  # (i, j, similarity), i < j, labels differ
+    confident_joint: np.ndarray
+    thresholds: np.ndarray
+    cv_accuracy: float  # out-of-sample accuracy against the given labels
+    folds: int
+
+    def order(self) -> np.ndarray:
+        """Row indices by issue score, highest first (ties: input order)."""
+        return np.argsort(-self.issue_score, kind="stable")
+
+
+def _validate(embeddings: np.ndarray, labels: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    embeddings = np.asarray(embeddings, dtype=np.float32)
+    labels = np.asarray(labels, dtype=np.int64)
+    if embeddings.ndim != 2 or labels.shape != (embeddings.shape[0],):
+        raise AuditError(f"{labels.shape} labels for embeddings of shape {embeddings.shape}")
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise AuditError("labels outside the classes")
+    if not np.isfinite(embeddings).all():
+        raise AuditError("embeddings are not finite")
+    counts = np.bincount(labels, minlength=num_classes)
+    if (counts > 0).sum() < 2:
+        raise AuditError("an audit needs images of at least 2 classes")
+    if counts.max() < 2:
+        raise AuditError("an audit needs at least 2 images of some class")
+    return embeddings, labels
+
+
+def _folds(labels: np.ndarray, wanted: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Stratified folds; classes rarer than the fold count are spread round-robin (scikit-learn would warn)."""
+    counts = np.bincount(labels)
+    folds = int(max(2, min(wanted, counts.max())))
+    rng = np.random.default_rng(seed)
+    assignment = np.empty(labels.size, dtype=np.int64)
+    offset = 0
+    for label in np.flatnonzero(counts):
+        rows = np.flatnonzero(labels == label)
+        rng.shuffle(rows)
+        assignment[rows] = (np.arange(rows.size) + offset) % folds
+        offset += rows.size  # rotate so small classes do not all start in fold 0
+    return [(np.flatnonzero(assignment != k), np.flatnonzero(assignment == k)) for k in range(folds)]
+
+
+def out_of_sample_probabilities(embeddings: np.ndarray, labels: np.ndarray, num_classes: int,
+                                options: AuditOptions = AuditOptions()) -> tuple[np.ndarray, int]:
+    """``([N, C] float32 probabilities, folds)``: each row from the model fitted without that row's fold.
+    A class absent from a fold's training rows gets probability 0 there."""
+    embeddings, labels = _validate(embeddings, labels, num_classes)
+    features = embeddings * np.float32(np.sqrt(embeddings.shape[1]))
+    splits = _folds(labels, options.folds, options.seed)
+    probabilities = np.zeros((labels.size, num_classes), dtype=np.float32)
+
+    def fit_fold(split: tuple[np.ndarray, np.ndarray]) -> None:
+        train_rows, test_rows = split
+        present = np.unique(labels[train_rows])
+        if present.size == 1:
+            probabilities[np.ix_(test_rows, present)] = 1.0
+            return
+        model = LogisticRegression(C=options.regularization, max_iter=options.max_iter)
+        model.fit(features[train_rows], labels[train_rows])
+        probabilities[np.ix_(test_rows, model.classes_)] = model.predict_proba(features[test_rows])
+
+    with threadpool_limits(limits=1), warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # max_iter bounds the time; a near-optimum is enough
+        if options.jobs > 1:
+            with ThreadPoolExecutor(max_workers=min(options.jobs, len(splits))) as pool:
+                list(pool.map(fit_fold, splits))
+        else:
+            for split in splits:
+                fit_fold(split)
+    return probabilities, len(splits)
+
+
+def confident_learning(probabilities: np.ndarray, labels: np.ndarray) -> ConfidentLearning:
+    """The confident-learning rule on out-of-sample ``probabilities`` ``[N, C]`` and given ``labels``."""
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    n, c = probabilities.shape
+    counts = np.bincount(labels, minlength=c)
+    self_confidence = probabilities[np.arange(n), labels]
+    sums = np.bincount(labels, weights=self_confidence, minlength=c)
+    thresholds = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+    # A class nobody is labeled with has no threshold: no example is confidently assigned to it.
+    above = probabilities >= np.where(np.isnan(thresholds), np.inf, thresholds)[None, :]
+    masked = np.where(above, probabilities, -np.inf)
+    suggested = masked.argmax(axis=1)
+    counted = above.any(axis=1)
+    joint = np.zeros((c, c), dtype=np.int64)
+    np.add.at(joint, (labels[counted], suggested[counted]), 1)
+    issue = counted & (suggested != labels)
+    return ConfidentLearning(thresholds, joint, issue, np.where(issue, suggested, labels))
+
+
+def nearest_neighbours(embeddings: np.ndarray, k: int, options: AuditOptions = AuditOptions()) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` most similar other rows of each row (cosine on L2-normalised rows): ``(indices [N, k],
+    similarities [N, k])``, most similar first. Exact up to ``options.exact_neighbours_max`` rows, else
+    principal-axes candidates re-scored exactly (see the module docstring)."""
+    embeddings = np.asarray(embeddings, dtype=np.float32)
+    n = embeddings.shape[0]
+    k = int(min(k, n - 1))
+    if k <= 0:
+        return np.zeros((n, 0), dtype=np.int64), np.zeros((n, 0), dtype=np.float32)
+    if n <= options.exact_neighbours_max or embeddings.shape[1] <= options.candidate_dims:
+        return _top_k(embeddings, embeddings, k, options.block_rows)
+    centered = embeddings - embeddings.mean(axis=0)
+    covariance = (centered.T @ centered).astype(np.float64)
+    _, vectors = np.linalg.eigh(covariance)
+    projected = np.ascontiguousarray(embeddings @ vectors[:, -options.candidate_dims:].astype(np.float32))
+    candidates, _ = _top_k(projected, projected, min(4 * k, n - 1), options.block_rows)
+    exact = np.einsum("nd,nkd->nk", embeddings, embeddings[candidates])
+    order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
+    rows = np.arange(n)[:, None]
+    return candidates[rows, order], exact[rows, order]
+
+
+def _top_k(queries: np.ndarray, keys: np.ndarray, k: int, block_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    n = queries.shape[0]
+    indices = np.empty((n, k), dtype=np.int64)
+    similarities = np.empty((n, k), dtype=np.float32)
+    for start in range(0, n, block_rows):
+        stop = min(n, start + block_rows)
+        block = queries[start:stop] @ keys.T
+        block[np.arange(stop - start), np.arange(start, stop)] = -np.inf  # not its own neighbour
+        top = np.argpartition(-block, k - 1, axis=1)[:, :k]
+        values = np.take_along_axis(block, top, axis=1)
+        order = np.argsort(-values, axis=1, kind="stable")
+        indices[start:stop] = np.take_along_axis(top, order, axis=1)
+        similarities[start:stop] = np.take_along_axis(values, order, axis=1)
+    return indices, similarities
+
+
+def disagreeing_duplicates(indices: np.ndarray, similarities: np.ndarray, labels: np.ndarray,
+                           threshold: float) -> list[tuple[int, int, float]]:
+    """Neighbour pairs with similarity >= ``threshold`` and different labels: ``(i, j, similarity)``,
+    ``i < j``, each pair once, most similar first."""
+    rows, columns = np.nonzero(similarities >= threshold)
+    pairs: dict[tuple[int, int], float] = {}
+    for row, column in zip(rows.tolist(), columns.tolist()):
+        other = int(indices[row, column])
+        if labels[row] != labels[other]:
+            pairs[(min(row, other), max(row, other))] = float(similarities[row, column])
+    return sorted(((i, j, s) for (i, j), s in pairs.items()), key=lambda pair: (-pair[2], pair[0], pair[1]))
+
+
+def audit(embeddings: np.ndarray, labels: np.ndarray, num_classes: int,
+          options: AuditOptions = AuditOptions()) -> AuditTable:
+    """The whole audit table for ``embeddings`` ``[N, D]`` (L2-normalised) with given class indices."""
+    embeddings, labels = _validate(embeddings, labels, num_classes)
+    probabilities, folds = out_of_sample_probabilities(embeddings, labels, num_classes, options)
+    rule = confident_learning(probabilities, labels)
+    label_probability = probabilities[np.arange(labels.size), labels]
+    neighbour_indices, neighbour_similarities = nearest_neighbours(embeddings, options.neighbours, options)
+    if neighbour_similarities.shape[1]:
+        outlier = 1.0 - neighbour_similarities.mean(axis=1)
+    else:
+        outlier = np.zeros(labels.size, dtype=np.float32)
+    predicted = probabilities.argmax(axis=1)
+    return AuditTable(
+        labels=labels,
+        label_probability=label_probability,
+        predicted_label=predicted,
+        suggested_label=rule.suggested_label,
+        label_issue=rule.label_issue,
+        issue_score=(1.0 - label_probability).astype(np.float32),
+        outlier_score=outlier.astype(np.float32),
+        duplicate_pairs=disagreeing_duplicates(neighbour_indices, neighbour_similarities, labels,
+                                               options.duplicate_threshold),
+        confident_joint=rule.confident_joint,
+        thresholds=rule.thresholds,
+        cv_accuracy=float((predicted == labels).mean()),
+        folds=folds,
+    )
