@@ -4,7 +4,9 @@ images are outliers, and which near-duplicates disagree.
 For ``N`` L2-normalised embeddings with given labels (class indices):
 
 - **out-of-sample probabilities**: k-fold multinomial logistic regression (scikit-learn, L-BFGS, float32,
-  features scaled by ``sqrt(D)``); every image is scored by the model fitted on the other folds. The BLAS
+  features scaled by ``sqrt(D)``, ``C = 0.01``: measured on digits embeddings and on noisy synthetic 512-d
+  vectors, weaker regularisation overfits the flipped labels (precision 0.61 instead of 1.0 at 10k noisy
+  vectors), stronger loses recall); every image is scored by the model fitted on the other folds. The BLAS
   pool is limited to one thread per fit (an oversubscribed OpenBLAS on a busy 2-core machine runs ~8x
   slower) and the folds run ``jobs`` at a time.
 - **confident learning** (Northcutt, Jiang & Chuang, JAIR 2021, section 3): per-class thresholds
@@ -57,7 +59,7 @@ class AuditOptions:
     folds: int = 5
     neighbours: int = 10
     duplicate_threshold: float = 0.95
-    regularization: float = 1.0  # LogisticRegression's C
+    regularization: float = 0.01  # LogisticRegression's C on the sqrt(D)-scaled features (raw: C = 0.01 D)
     max_iter: int = 100
     seed: int = 0
     jobs: int = 2  # folds fitted at once (threads; each fit's BLAS is single-threaded)
