@@ -16,8 +16,8 @@ For ``N`` L2-normalised embeddings with given labels (class indices):
   issues (the paper's ``C_confusion``-free "C_{y~,y*}" method) and ``j`` is the suggested label.
 - **issue score** ``1 - p_label(x)`` (one minus the self-confidence, the paper's ranking): sort by it.
 - **outlier score** ``1 - mean cosine similarity to the k nearest other images``.
-- **disagreeing near-duplicates**: pairs among each image's ``k`` nearest neighbours with cosine
-  similarity ``>= duplicate_threshold`` and different labels.
+- **disagreeing near-duplicates**: pairs with cosine similarity ``>= duplicate_threshold`` and different
+  labels, within the near-duplicate groups of ``ml.duplicates``.
 
 Neighbours are exact (blocked ``X X^T``) up to ``exact_neighbours_max`` images; above it, candidates come
 from the embeddings projected on their top ``candidate_dims`` principal axes (``4 k`` per image) and are
@@ -66,6 +66,7 @@ class AuditOptions:
     exact_neighbours_max: int = 20_000
     candidate_dims: int = 64
     block_rows: int = 1024
+    max_pairs: int = 10_000  # disagreeing near-duplicate pairs reported
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,7 @@ class AuditTable:
     label_issue: np.ndarray  # [N] bool
     issue_score: np.ndarray  # [N] 1 - label_probability
     outlier_score: np.ndarray  # [N]
-    duplicate_pairs: list[tuple[int, int, float]]  # (i, j, similarity), i < j, labels differ
+    duplicate_pairs: list[tuple[int, int, float]]  # (i, j, similarity), i < j, labels differ, most similar first
     confident_joint: np.ndarray
     thresholds: np.ndarray
     cv_accuracy: float  # out-of-sample accuracy against the given labels
@@ -218,17 +219,29 @@ def _top_k(queries: np.ndarray, keys: np.ndarray, k: int, block_rows: int) -> tu
     return indices, similarities
 
 
-def disagreeing_duplicates(indices: np.ndarray, similarities: np.ndarray, labels: np.ndarray,
-                           threshold: float) -> list[tuple[int, int, float]]:
-    """Neighbour pairs with similarity >= ``threshold`` and different labels: ``(i, j, similarity)``,
-    ``i < j``, each pair once, most similar first."""
-    rows, columns = np.nonzero(similarities >= threshold)
-    pairs: dict[tuple[int, int], float] = {}
-    for row, column in zip(rows.tolist(), columns.tolist()):
-        other = int(indices[row, column])
-        if labels[row] != labels[other]:
-            pairs[(min(row, other), max(row, other))] = float(similarities[row, column])
-    return sorted(((i, j, s) for (i, j), s in pairs.items()), key=lambda pair: (-pair[2], pair[0], pair[1]))
+def disagreeing_duplicates(embeddings: np.ndarray, labels: np.ndarray, threshold: float,
+                           max_pairs: int = 10_000) -> list[tuple[int, int, float]]:
+    """Near-duplicate pairs with different labels: ``(i, j, similarity)``, ``i < j``, similarity >=
+    ``threshold``, most similar first, at most ``max_pairs``. The groups come from
+    :func:`ml.duplicates.find_duplicates` (exact search up to its ``EXACT_MAX`` items, a faiss index above);
+    within a group holding more than one label, every differently-labeled pair at or above the threshold
+    is reported (members linked only through a third are not a pair)."""
+    from ml.duplicates import find_duplicates
+
+    embeddings = np.asarray(embeddings, dtype=np.float32)
+    ids = [str(i) for i in range(embeddings.shape[0])]
+    report = find_duplicates(ids, embeddings, threshold=threshold, max_groups=max_pairs)
+    cutoff = threshold - 1e-6  # identical vectors may score 0.99999994 in float32
+    pairs: list[tuple[int, int, float]] = []
+    for group in report.groups:
+        members = np.array(sorted(int(i) for i in group.ids))
+        if np.unique(labels[members]).size < 2:
+            continue
+        similarity = embeddings[members] @ embeddings[members].T
+        rows, columns = np.nonzero(np.triu(similarity >= cutoff, k=1) & (labels[members][:, None] != labels[members][None, :]))
+        pairs.extend((int(members[r]), int(members[c]), float(min(similarity[r, c], 1.0))) for r, c in zip(rows, columns))
+    pairs.sort(key=lambda pair: (-pair[2], pair[0], pair[1]))
+    return pairs[:max_pairs]
 
 
 def audit(embeddings: np.ndarray, labels: np.ndarray, num_classes: int,
@@ -238,7 +251,7 @@ def audit(embeddings: np.ndarray, labels: np.ndarray, num_classes: int,
     probabilities, folds = out_of_sample_probabilities(embeddings, labels, num_classes, options)
     rule = confident_learning(probabilities, labels)
     label_probability = probabilities[np.arange(labels.size), labels]
-    neighbour_indices, neighbour_similarities = nearest_neighbours(embeddings, options.neighbours, options)
+    _, neighbour_similarities = nearest_neighbours(embeddings, options.neighbours, options)
     if neighbour_similarities.shape[1]:
         outlier = 1.0 - neighbour_similarities.mean(axis=1)
     else:
@@ -252,8 +265,7 @@ def audit(embeddings: np.ndarray, labels: np.ndarray, num_classes: int,
         label_issue=rule.label_issue,
         issue_score=(1.0 - label_probability).astype(np.float32),
         outlier_score=outlier.astype(np.float32),
-        duplicate_pairs=disagreeing_duplicates(neighbour_indices, neighbour_similarities, labels,
-                                               options.duplicate_threshold),
+        duplicate_pairs=disagreeing_duplicates(embeddings, labels, options.duplicate_threshold, options.max_pairs),
         confident_joint=rule.confident_joint,
         thresholds=rule.thresholds,
         cv_accuracy=float((predicted == labels).mean()),

@@ -24,10 +24,7 @@ class DigitEmbeddings:
 
 def _embed(model, samples: list[tuple[str, int]]) -> tuple[np.ndarray, np.ndarray]:
     pixels = torch.stack([model.preprocess(Image.open(path)) for path, _ in samples])
-    module = model.model
-    with torch.inference_mode():
-        chunks = [module.forward_head(module.forward_features(batch), pre_logits=True) for batch in pixels.split(256)]
-    features = torch.nn.functional.normalize(torch.cat(chunks).float().flatten(1), dim=-1)
+    features = torch.cat([model.embed(batch) for batch in pixels.split(256)])  # the "custom" family's embedding
     return features.numpy(), np.array([label for _, label in samples], dtype=np.int64)
 
 

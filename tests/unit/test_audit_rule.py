@@ -66,11 +66,16 @@ def test_neighbours_exact_and_by_candidates_against_brute_force():
 
 
 def test_disagreeing_duplicates_each_pair_once():
-    indices = np.array([[1, 2], [0, 2], [0, 1]])
-    similarities = np.array([[0.99, 0.5], [0.99, 0.97], [0.5, 0.97]], dtype=np.float32)
-    assert disagreeing_duplicates(indices, similarities, np.array([0, 1, 1]), 0.95) == [(0, 1, pytest.approx(0.99))]
-    assert disagreeing_duplicates(indices, similarities, np.array([0, 1, 2]), 0.95) == [
-        (0, 1, pytest.approx(0.99)), (1, 2, pytest.approx(0.97))]
+    rng = np.random.default_rng(3)
+    base = _unit(rng.normal(size=(4, 64)))
+    # 0 and 1: copies of one image (cos ~0.999); 2: a copy of image 0 too; 3 and 4: unrelated images
+    embeddings = _unit(np.vstack([base[0], base[0] + 0.01 * rng.normal(size=64), base[0], base[1], base[2]]))
+    assert disagreeing_duplicates(embeddings, np.array([0, 0, 0, 1, 2]), 0.95) == []
+    pairs = disagreeing_duplicates(embeddings, np.array([0, 1, 0, 1, 2]), 0.95)
+    assert [(i, j) for i, j, _ in pairs] == [(0, 1), (1, 2)] or [(i, j) for i, j, _ in pairs] == [(1, 2), (0, 1)]
+    assert all(s >= 0.95 for *_, s in pairs)
+    assert len(disagreeing_duplicates(embeddings, np.array([0, 1, 2, 1, 2]), 0.95)) == 3  # 0-1, 0-2, 1-2
+    assert len(disagreeing_duplicates(embeddings, np.array([0, 1, 2, 1, 2]), 0.95, max_pairs=2)) == 2
 
 
 def test_out_of_sample_means_out_of_fold():
