@@ -71,6 +71,7 @@ __all__ = [
     "candidate_methods",
     "fit_few_shot",
     "support_set_key",
+    "zero_shot_weights",
 ]
 
 TEXT_METHODS = ("linear_probe", "tip_adapter")  # the first is the default and wins ties
@@ -102,6 +103,15 @@ class ZeroShotWeights:
 
     def logits(self, features: np.ndarray) -> np.ndarray:
         return self.logit_scale * (np.asarray(features, dtype=np.float64) @ self.weights.T.astype(np.float64))
+
+
+def zero_shot_weights(model, classes: Sequence[str], templates: Sequence[str]) -> ZeroShotWeights:  # noqa: ANN001
+    """The text classifier of a zero-shot model (``ml.zeroshot.ZeroShotModel``: CLIP or SigLIP) over
+    ``classes``: its L2-normalised class embeddings and its own logit scale. SigLIP's bias is the same for
+    every class, so a softmax over the classes (what the few-shot heads give) does not see it."""
+    weights = model.text_embeddings(list(classes), list(templates)).float().cpu().numpy()
+    weights /= np.maximum(np.linalg.norm(weights, axis=1, keepdims=True), 1e-12)
+    return ZeroShotWeights(weights.astype(np.float32), float(model.logit_scale))
 
 
 @dataclass(frozen=True)
