@@ -20,8 +20,8 @@ For ``N`` L2-normalised embeddings with given labels (class indices):
   labels, within the near-duplicate groups of ``ml.duplicates``.
 
 Neighbours are exact (blocked ``X X^T``) up to ``exact_neighbours_max`` images; above it, candidates come
-from the embeddings projected on their top ``candidate_dims`` principal axes (``4 k`` per image) and are
-re-scored with the full vectors, so the similarities reported are exact but a true neighbour may be
+from the embeddings projected on their top ``candidate_dims`` principal axes (``4 k`` per image, faiss'
+flat index) and are re-scored with the full vectors, so the similarities reported are exact but a true neighbour may be
 missed (the price of not doing ``N^2 D`` work at 100,000 images).
 """
 
@@ -196,11 +196,25 @@ def nearest_neighbours(embeddings: np.ndarray, k: int, options: AuditOptions = A
     covariance = (centered.T @ centered).astype(np.float64)
     _, vectors = np.linalg.eigh(covariance)
     projected = np.ascontiguousarray(embeddings @ vectors[:, -options.candidate_dims:].astype(np.float32))
-    candidates, _ = _top_k(projected, projected, min(4 * k, n - 1), options.block_rows)
+    candidates = _flat_candidates(projected, min(4 * k, n - 1))
     exact = np.einsum("nd,nkd->nk", embeddings, embeddings[candidates])
     order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
     rows = np.arange(n)[:, None]
     return candidates[rows, order], exact[rows, order]
+
+
+def _flat_candidates(projected: np.ndarray, k: int) -> np.ndarray:
+    """The ``k`` nearest other rows by inner product in the projected space (faiss' exact flat index: its
+    top-k heaps instead of a partition of every ``n``-wide similarity row)."""
+    import faiss
+
+    index = faiss.IndexFlatIP(projected.shape[1])
+    index.add(projected)
+    _, found = index.search(projected, k + 1)
+    rows = np.arange(projected.shape[0])[:, None]
+    found = np.where(found < 0, rows, found)  # padding (fewer than k + 1 rows): itself, dropped below
+    keep = np.argsort(found == rows, axis=1, kind="stable")[:, :k]  # self (usually first) to the end
+    return np.take_along_axis(found, keep, axis=1).astype(np.int64)
 
 
 def _top_k(queries: np.ndarray, keys: np.ndarray, k: int, block_rows: int) -> tuple[np.ndarray, np.ndarray]:
