@@ -13,7 +13,7 @@ For ``N`` L2-normalised embeddings with given labels (class indices):
   ``t_j = mean of p_j(x) over the examples labeled j`` (mean self-confidence); an example labeled ``i``
   counts towards the confident joint ``C[i][j]`` for ``j = argmax_{k: p_k(x) >= t_k} p_k(x)`` (examples
   with no class above its threshold are not counted); the off-diagonal entries of ``C`` are the label
-  issues (the paper's ``C_confusion``-free "C_{y~,y*}" method) and ``j`` is the suggested label.
+  issues (the paper's ``C_{y~,y*}`` method, not its pruning variants) and ``j`` is the suggested label.
 - **issue score** ``1 - p_label(x)`` (one minus the self-confidence, the paper's ranking): sort by it.
 - **outlier score** ``1 - mean cosine similarity to the k nearest other images``.
 - **disagreeing near-duplicates**: pairs with cosine similarity ``>= duplicate_threshold`` and different
