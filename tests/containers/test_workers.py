@@ -71,12 +71,12 @@ async def test_ai_labeling_workflow_through_containers(stack: WorkerStack, tmp_p
         await asyncio.wait_for(folding, 30)
     threshold = 1 / len(CLASSES)  # a softmax over 4 classes always puts its top-1 at >= 0.25
     assert fold.auto_apply(request_id, threshold) == len(images)
-    rows = fold.db.execute("SELECT image_id, class, confidence, model FROM applied_labels WHERE request_id = ?",
-                           (request_id,)).fetchall()
+    rows = fold.query("SELECT image_id, class, confidence, model FROM applied_labels WHERE request_id = ?",
+                      (request_id,))
     assert {r[0] for r in rows} == {image["id"] for image in images}
     for _, cls, confidence, model in rows:
         assert cls in CLASSES and confidence >= threshold and model == "clip/cls-tiny-clip/random"
-    labels = fold.db.execute("SELECT COUNT(*) FROM labels WHERE request_id = ?", (request_id,)).fetchone()[0]
+    labels = fold.query("SELECT COUNT(*) FROM labels WHERE request_id = ?", (request_id,))[0][0]
     assert labels == len(images) * len(CLASSES)
 
 
