@@ -98,4 +98,8 @@ for target in "${targets[@]}"; do
   esac
 done
 say "done in $((SECONDS - total)) s"
+# A dependency change leaves the superseded worker layers (~7 GB) behind: keep the disk bounded. Tagged
+# images stay; the build cache keeps its most recently used CLS_BUILD_CACHE_KEEP (the wheelhouse among it).
+"$DOCKER" image prune -f >/dev/null 2>&1 || true
+"$DOCKER" builder prune -f --keep-storage "${CLS_BUILD_CACHE_KEEP:-20GB}" >/dev/null 2>&1 || true
 "$DOCKER" image ls --format '{{.Repository}}:{{.Tag}}\t{{.Size}}' | grep -E "^(${BASE%%:*}|${WORKER%%:*}|${KAFKA%%:*}|${S3%%:*}):" >&2 || true
