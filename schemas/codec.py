@@ -111,13 +111,27 @@ def entity_id_of(body: dict[str, Any], id_field: str, key: bytes | None) -> str 
     return None
 
 
+def _without_union_tag(errors: list[Any], body: dict[str, Any]) -> list[Any]:
+    """Field paths as the sender wrote them: a tagged union (annotation ``task``) prefixes each error's
+    ``loc`` with the tag (``classify.classes``); the message has no such level, so it is dropped
+    (``classes``; an error of the whole request is reported at the root)."""
+    tag = body.get("task")
+    if not isinstance(tag, str):
+        return errors
+    for error in errors:
+        loc = tuple(error.get("loc", ()))
+        if loc and loc[0] == tag and error.get("type") not in ("union_tag_invalid", "union_tag_not_found"):
+            error["loc"] = loc[1:]
+    return errors
+
+
 def decode(adapter: TypeAdapter[Any], body: dict[str, Any], id_field: str, key: bytes | None) -> Any:
     """Validate ``body``; fill the id from the key when absent. Returns the model or ``Invalid``."""
     entity_id = entity_id_of(body, id_field, key)
     try:
         model = adapter.validate_python(body)
     except ValidationError as exc:
-        errors = exc.errors(include_url=False, include_input=False, include_context=False)
+        errors = _without_union_tag(exc.errors(include_url=False, include_input=False, include_context=False), body)
         details = validation_details(errors[:MAX_ERROR_DETAILS], max_chars=MAX_DETAIL_CHARS)
         summary = "; ".join(f"{d.loc}: {d.msg}" for d in details[:5])
         more = len(errors) - len(details)

@@ -97,6 +97,7 @@ def test_timm_weights_without_the_classifier_load_and_others_are_refused(tmp_pat
 def test_trained_model_embeddings_are_its_pre_logits_features(photos):
     import timm
 
+    from ml.device import policy_for
     from ml.trained import TrainedModel
 
     torch.manual_seed(2)
@@ -104,7 +105,7 @@ def test_trained_model_embeddings_are_its_pre_logits_features(photos):
     config = {"class_names": ["a", "b", "c"], "model_name": "resnet10t", "input_size": [3, 64, 64],
               "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "interpolation": "bicubic", "crop_pct": 1.0}
     try:
-        trained = TrainedModel(module, config, torch.device("cpu"), "0" * 64)
+        trained = TrainedModel(module, config, policy_for("cpu", module), "0" * 64)
     except (KeyError, TypeError) as exc:  # the package config's required fields changed
         pytest.fail(f"TrainedModel config for the test is out of date: {exc}")
     pixels = torch.stack([trained.preprocess(p) for p in photos])
