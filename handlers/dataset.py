@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
-import json
 import os
 import uuid
 from collections.abc import Callable
@@ -23,17 +22,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from handlers.errors import HandlerError, ImageError, PermanentError
+from handlers import manifests
+from handlers.errors import ImageError, PermanentError
 from handlers.executor import Executors
 from handlers.fetch import Fetcher
-from pydantic import ValidationError
-
 from handlers.images import DecodeLimits, decoded
 from schemas.training import LabeledUrl, TrainingDataset
 
 INVALID_DATASET = "invalid_dataset"
 TOO_MANY_BAD_IMAGES = "too_many_bad_images"
-MAX_MANIFEST_BYTES = 256 * 1024 * 1024
+MAX_MANIFEST_BYTES = manifests.MAX_MANIFEST_BYTES
 
 
 class DownloadStopped(Exception):
@@ -113,39 +111,18 @@ def _has_exif_rotation(data: bytes) -> bool:
         return img.getexif().get(0x0112, 1) != 1
 
 
-def _describe_without_content(exc: ValueError) -> str:
-    """What is wrong with a manifest line, never the line's content (the object may hold anything)."""
-    if isinstance(exc, ValidationError):
-        problems = [f"{'.'.join(str(p) for p in error['loc']) or 'line'}: {error['msg']}"
-                    for error in exc.errors(include_input=False, include_url=False, include_context=False)]
-        return "; ".join(problems[:5])
-    if isinstance(exc, json.JSONDecodeError):
-        return f"not JSON ({exc.msg} at column {exc.colno})"
-    return type(exc).__name__
+class _ManifestLine(LabeledUrl):
+    split: object = "train"
 
 
 async def read_manifest(fetcher: Fetcher, url: str) -> tuple[list[LabeledUrl], list[LabeledUrl]]:
     """Entries of a JSON Lines manifest, split into (train, val) by their ``split`` field."""
-    try:
-        if url.startswith("s3://") and fetcher.store is not None:
-            raw = await fetcher.store.get_bytes(url, max_bytes=MAX_MANIFEST_BYTES)
-        else:
-            raw = await fetcher.fetch(url)
-    except HandlerError as exc:
-        if exc.retryable:
-            raise  # transient: the runtime retries the job
-        raise PermanentError(INVALID_DATASET, f"manifest {url}: {exc.code}: {exc.message}") from exc
+    lines = await manifests.read_manifest(fetcher, url, _ManifestLine, error_code=INVALID_DATASET,
+                                          max_bytes=MAX_MANIFEST_BYTES)
     train, val = [], []
-    for number, line in enumerate(raw.decode("utf-8", "replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-            entry = LabeledUrl.model_validate(item)
-        except ValueError as exc:
-            raise PermanentError(INVALID_DATASET, f"manifest {url} line {number}: {_describe_without_content(exc)}"[:500]) from exc
-        split = str(item.get("split", "train")).lower()
-        (val if split in ("val", "valid", "validation") else train).append(entry)
+    for line in lines:
+        entry = LabeledUrl(url=line.url, label=line.label)
+        (val if str(line.split).lower() in ("val", "valid", "validation") else train).append(entry)
     return train, val
 
 

@@ -111,7 +111,7 @@ class EmbedHandler:
         window = asyncio.Semaphore(ctx.config.request_window if priority == "bulk" else len(images))
 
         def handle(image: ImageRef) -> Awaitable[tuple[str, torch.Tensor] | ImageResult]:
-            return self._image(model, image, request_id, priority, window)
+            return self.embed_image(model, image, request_id, priority, window)
 
         all_ids: list[str] = []
         all_hashes: list[str] = []
@@ -152,9 +152,11 @@ class EmbedHandler:
                  images=len(images), failed_images=failed_images, parts=len(parts), part_size=size,
                  batches_shared=ctx.batcher.forget(request_id), seconds=round(time.monotonic() - started, 3))
 
-    async def _image(self, model: EmbeddingHandle, image: ImageRef, request_id: str, priority: str,
-                     window: asyncio.Semaphore) -> tuple[str, torch.Tensor] | ImageResult:
-        """One image -> (content hash, its normalised embedding), or an error entry."""
+    async def embed_image(self, model: EmbeddingHandle, image: ImageRef, request_id: str, priority: str,
+                          window: asyncio.Semaphore) -> tuple[str, torch.Tensor] | ImageResult:
+        """One image -> (content hash, its normalised embedding), or an error entry. The whole path (fenced
+        fetch, embedding cache, decode, micro-batched forward) under the lane's budget and the request's
+        ``window``; the embed task, few-shot support sets and the audit all embed through here."""
         ctx = self.ctx
         budget = ctx.interactive_semaphore if priority == "interactive" else ctx.images_semaphore
         async with window, budget:
