@@ -8,11 +8,11 @@ tensors, returned as they were stored (callers must not modify them).
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from collections.abc import Hashable
 
 import torch
+
+from ml.lru import ByteBoundedLRU
 
 __all__ = ["ENTRY_OVERHEAD_BYTES", "EmbeddingCache"]
 
@@ -27,41 +27,30 @@ class EmbeddingCache:
         if max_bytes < 0:
             raise ValueError("max_bytes must be >= 0")
         self.max_bytes = max_bytes
-        self.bytes = 0
-        self.hits = 0
-        self.misses = 0
-        self._entries: OrderedDict[tuple[str, Hashable], torch.Tensor] = OrderedDict()
-        self._lock = threading.Lock()
+        self._lru: ByteBoundedLRU[tuple[str, Hashable], torch.Tensor] = ByteBoundedLRU(
+            lambda _key, vector: self.cost(vector), max_bytes=max_bytes)
 
     @staticmethod
     def cost(vector: torch.Tensor) -> int:
         return vector.element_size() * vector.nelement() + ENTRY_OVERHEAD_BYTES
 
+    @property
+    def bytes(self) -> int:
+        return self._lru.bytes
+
+    @property
+    def hits(self) -> int:
+        return self._lru.hits
+
+    @property
+    def misses(self) -> int:
+        return self._lru.misses
+
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._lru)
 
     def get(self, content_hash: str, model_key: Hashable) -> torch.Tensor | None:
-        with self._lock:
-            value = self._entries.get((content_hash, model_key))
-            if value is None:
-                self.misses += 1
-                return None
-            self._entries.move_to_end((content_hash, model_key))
-            self.hits += 1
-            return value
+        return self._lru.get((content_hash, model_key))
 
     def put(self, content_hash: str, model_key: Hashable, vector: torch.Tensor) -> None:
-        row = vector.detach().to("cpu", torch.float32).reshape(-1).clone()
-        size = self.cost(row)
-        if size > self.max_bytes:
-            return
-        key = (content_hash, model_key)
-        with self._lock:
-            old = self._entries.pop(key, None)
-            if old is not None:
-                self.bytes -= self.cost(old)
-            self._entries[key] = row
-            self.bytes += size
-            while self.bytes > self.max_bytes:
-                _, evicted = self._entries.popitem(last=False)
-                self.bytes -= self.cost(evicted)
+        self._lru.put((content_hash, model_key), vector.detach().to("cpu", torch.float32).reshape(-1).clone())

@@ -45,8 +45,6 @@ bounded number of fitted heads by that key, so a bulk request with the same supp
 from __future__ import annotations
 
 import hashlib
-import threading
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -56,6 +54,8 @@ from scipy.special import log_softmax, softmax
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 from threadpoolctl import threadpool_limits
+
+from ml.lru import ByteBoundedLRU
 
 __all__ = [
     "DEFAULT_METHOD",
@@ -479,43 +479,12 @@ def support_set_key(model_key: str, support: SupportSet, method: str, zero_shot:
     return digest.hexdigest()
 
 
-class FewShotHeadCache:
-    """A thread-safe LRU of fitted heads by :func:`support_set_key`, at most ``max_entries`` heads and
-    ``max_bytes`` of their arrays (a Tip-Adapter head holds the whole support set)."""
+class FewShotHeadCache(ByteBoundedLRU[str, FewShotResult]):
+    """A thread-safe LRU (``ml.lru``) of fitted heads by :func:`support_set_key`, at most ``max_entries`` heads
+    and ``max_bytes`` of their arrays (a Tip-Adapter head holds the whole support set)."""
 
     def __init__(self, max_entries: int = 32, max_bytes: int = 512 * 2**20) -> None:
-        self.max_entries = max_entries
-        self.max_bytes = max_bytes
-        self._entries: OrderedDict[str, tuple[FewShotResult, int]] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def get(self, key: str) -> FewShotResult | None:
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is None:
-                self.misses += 1
-                return None
-            self._entries.move_to_end(key)
-            self.hits += 1
-            return entry[0]
-
-    def put(self, key: str, result: FewShotResult) -> None:
-        size = _head_bytes(result.head)
-        with self._lock:
-            if key in self._entries:
-                self._bytes -= self._entries.pop(key)[1]
-            if size > self.max_bytes or self.max_entries <= 0:
-                return
-            self._entries[key] = (result, size)
-            self._bytes += size
-            while len(self._entries) > self.max_entries or self._bytes > self.max_bytes:
-                self._bytes -= self._entries.popitem(last=False)[1][1]
+        super().__init__(lambda _key, result: _head_bytes(result.head), max_bytes=max_bytes, max_entries=max_entries)
 
     def get_or_fit(self, key: str, fit: Callable[[], FewShotResult]) -> tuple[FewShotResult, bool]:
         """The cached result for ``key`` or ``fit()`` stored under it; the flag says whether it was cached.
