@@ -141,7 +141,7 @@ async def test_failing_examples_are_counted_and_skipped(ctx, colour_urls, http_s
     assert parts[0].few_shot.examples_failed == 2
     assert parts[0].few_shot.examples_per_class == dict.fromkeys(COLOURS, 2)
     # every example failing is the request's error, not a silent zero-shot answer
-    err = await error_of(AnnotationHandler(ctx), request(queries(colour_urls)[:1], "fs-none", classes=["red"],
+    err = await error_of(AnnotationHandler(ctx), request(queries(colour_urls)[:1], "fs-none", classes=["red"], top_k=1,
                                                          examples=[{"url": http_server.urls["not_found"], "label": "red"}]))
     assert err.code == "invalid_request" and "none of the 1 examples" in err.message and "http_status" in err.message
 
@@ -273,3 +273,25 @@ async def test_few_shot_on_digits_with_the_model_trained_here(trained_digits, s3
     accuracy = np.mean([r.predictions[0].class_name == names[label] for r, (_, _, label) in zip(results, test, strict=True)])
     print(f"\nfew-shot on digits (custom, 3 shots, {summary.method}, cv {summary.cv_accuracy}): accuracy {accuracy:.3f}")
     assert accuracy >= 0.8  # chance: 0.1
+
+
+@pytest.mark.parametrize("class_char", ["c", "\x03", "\U0001f600"])
+def test_worst_case_few_shot_part_fits_the_budget(class_char):
+    """The few-shot summary is in every part: part_size_for counts it, from the classes, so a part still fits."""
+    from handlers.annotation import part_size_for
+    from handlers.fewshot import summary_bytes
+    from schemas.annotation import FewShotSummary
+    from tests.unit.test_part_size import BUDGET, worst_part
+
+    classes = [class_char * 190 + str(i) for i in range(300)]
+    request = AnnotationRequest.model_validate({
+        "task": "classify", "model": "custom", "model_url": "s3://b/m", "request_id": "r", "classes": classes,
+        "top_k": 5, "examples": [{"url": "https://example.com/e.jpg", "label": c} for c in classes],
+        "images": [{"id": "\x02" * 200 + str(i), "url": f"https://example.com/{i}.jpg"} for i in range(2000)]})
+    n = part_size_for(request, 500, classes, BUDGET, extra_envelope_bytes=summary_bytes(classes))
+    assert 1 <= n < part_size_for(request, 500, classes, BUDGET)
+    summary = FewShotSummary(method="logistic_regression", examples_per_class=dict.fromkeys(classes, 10_000),
+                             examples_failed=10_000, cv_accuracy=0.123456789012345, fitted=False)
+    for outcome in ("error", "predictions"):
+        part = worst_part(request, n, classes, outcome).model_copy(update={"few_shot": summary})
+        assert len(part.to_json_bytes()) <= BUDGET, (n, outcome)
