@@ -257,14 +257,23 @@ class FewShotClassifier:
 
     async def _support_set(self, model, examples: Sequence[LabeledExample], classes: Sequence[str],  # noqa: ANN001
                            request_id: str, priority: str, window: asyncio.Semaphore) -> tuple[SupportSet, int]:
-        """Embed every example (concurrently, under the request's window); (the support set of those that
-        worked, how many failed)."""
+        """Embed every example (concurrently, under the request's window; a URL named twice is fetched once);
+        (the support set of those that worked, how many failed)."""
         embedder = self.handler.embedder
-        refs = [ImageRef(id=f"example-{i}", url=example.url) for i, example in enumerate(examples)]
-        outputs = await asyncio.gather(*(embedder.embed_image(model, ref, request_id, priority, window) for ref in refs))
+        urls = list(dict.fromkeys(example.url for example in examples))
+        refs = [ImageRef(id=f"example-{i}", url=url) for i, url in enumerate(urls)]
+        tasks = [asyncio.ensure_future(embedder.embed_image(model, ref, request_id, priority, window)) for ref in refs]
+        try:
+            embedded = await asyncio.gather(*tasks)
+        except BaseException:  # one failed beyond an image error (or the request was cancelled): stop the others
+            for task in tasks:
+                task.cancel()
+            raise
+        output_of = dict(zip(urls, embedded, strict=True))
         vectors, labels = [], []
         errors: Counter[str] = Counter()
-        for example, out in zip(examples, outputs, strict=True):
+        for example in examples:
+            out = output_of[example.url]
             if isinstance(out, ImageResult):
                 errors[out.error.code if out.error else "unknown"] += 1
                 continue

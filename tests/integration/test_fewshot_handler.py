@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ pytestmark = pytest.mark.s3
 
 TINY = {"clip_variant": "cls-tiny-clip", "clip_weights": "random", "default_prompt_templates": "a photo of a {}.",
         "timm_weights": "random"}
-LIMIT = 12  # CLS_FEWSHOT_MAX_EXAMPLES in these tests
+LIMIT = WorkerSettings().fewshot_max_examples  # CLS_FEWSHOT_MAX_EXAMPLES: the default, 2000
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
 
 
@@ -172,16 +173,21 @@ async def test_timm_few_shot_classes_from_labels_and_missing_classes(ctx, colour
 
 async def test_manifest_examples_limits_and_bad_lines(ctx, colour_urls, s3_server, s3_bucket):
     handler = AnnotationHandler(ctx)
-    at_limit = [{"url": colour_urls[name][k], "label": name} for name in COLOURS for k in range(4)]
-    assert len(at_limit) == LIMIT
+    # the largest support set: LIMIT examples (the 12 support images named over and over: each fetched once)
+    at_limit = [{"url": colour_urls[name][k % 4], "label": name} for k in range(LIMIT // 3 + 1) for name in COLOURS]
+    at_limit = at_limit[:LIMIT]
+    assert len(at_limit) == LIMIT == 2000
+    counts = {name: sum(e["label"] == name for e in at_limit) for name in COLOURS}
     manifest = "\n".join(json.dumps(e) for e in at_limit).encode() + b"\n\n"
     url = await put(s3_server, s3_bucket, "fewshot/support.jsonl", manifest)
+    started = time.monotonic()
     parts = await collect(handler, request(queries(colour_urls)[:2], "fs-manifest", classes=list(COLOURS),
                                            examples_url=url))
-    assert parts[0].few_shot.examples_per_class == dict.fromkeys(COLOURS, 4)
+    print(f"\n{LIMIT} examples (12 distinct images) fetched, embedded and fitted in {time.monotonic() - started:.2f} s")
+    assert parts[0].few_shot.examples_per_class == counts and parts[0].few_shot.fitted
     inline = await collect(handler, request(queries(colour_urls)[:2], "fs-inline-limit", classes=list(COLOURS),
                                             examples=at_limit))
-    assert inline[0].few_shot.examples_per_class == dict.fromkeys(COLOURS, 4)
+    assert inline[0].few_shot == parts[0].few_shot.model_copy(update={"fitted": False})  # the same support set
 
     over = at_limit + [at_limit[0]]
     err = await error_of(handler, request(queries(colour_urls)[:1], "fs-inline-over", classes=list(COLOURS),
