@@ -116,6 +116,8 @@ async def annotation_context(settings: Settings):
             fewshot=FewShotConfig(max_examples=w.fewshot_max_examples,
                                   head_cache_bytes=w.fewshot_head_cache_mb * 1024 * 1024),
         )
+        ctx.fewshot_heads.on_head = metrics.observe_few_shot_head
+        ctx.fewshot_heads.on_fit = metrics.observe_few_shot_fit
         try:
             yield ctx
         finally:

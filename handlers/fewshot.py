@@ -86,6 +86,8 @@ class FewShotHeads:
         self.cache = FewShotHeadCache(max_entries=config.head_cache_entries, max_bytes=config.head_cache_bytes)
         self._pending: dict[str, asyncio.Task[FewShotResult]] = {}
         self.fits = 0
+        self.on_head: Callable[[bool], None] | None = None  # metrics hook: True when this request fitted
+        self.on_fit: Callable[[float], None] | None = None  # metrics hook: seconds of one fit
 
     async def get_or_fit(self, key: str, fit: Callable[[], FewShotResult],
                          executors: Executors) -> tuple[FewShotResult, bool]:
@@ -93,6 +95,8 @@ class FewShotHeads:
         a cancelled request does not cancel a fit that other requests wait for."""
         cached = self.cache.get(key)
         if cached is not None:
+            if self.on_head is not None:
+                self.on_head(False)
             return cached, False
         task = self._pending.get(key)
         fitted = task is None
@@ -101,10 +105,16 @@ class FewShotHeads:
             task = asyncio.ensure_future(self._fit(key, fit, executors))
             self._pending[key] = task
             task.add_done_callback(functools.partial(self._done, key))
-        return await asyncio.shield(task), fitted
+        result = await asyncio.shield(task)
+        if self.on_head is not None:
+            self.on_head(fitted)
+        return result, fitted
 
     async def _fit(self, key: str, fit: Callable[[], FewShotResult], executors: Executors) -> FewShotResult:
+        started = time.monotonic()
         result = await executors.on_cpu(fit)
+        if self.on_fit is not None:
+            self.on_fit(time.monotonic() - started)
         self.cache.put(key, result)
         return result
 

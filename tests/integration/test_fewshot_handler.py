@@ -91,9 +91,15 @@ async def put(s3_server, bucket: str, key: str, body: bytes) -> str:
 
 
 async def test_clip_few_shot_result_then_head_cache_hit(ctx, colour_urls):
+    from prometheus_client import REGISTRY
+
+    def heads(result: str) -> float:
+        return REGISTRY.get_sample_value("cls_fewshot_heads_total", {"result": result}) or 0.0
+
     handler = AnnotationHandler(ctx)
     support = examples(colour_urls, 3)
     fits, cache = ctx.fewshot_heads.fits, ctx.embedding_cache
+    fitted_before, cached_before = heads("fitted"), heads("cached")
     parts = await collect(handler, request(queries(colour_urls), "fs-1", classes=list(COLOURS), examples=support))
     assert [p.part for p in parts] == [0, 1] and all(p.status == "completed" for p in parts)
     summary = parts[0].few_shot
@@ -123,6 +129,7 @@ async def test_clip_few_shot_result_then_head_cache_hit(ctx, colour_urls):
     assert {a[0].few_shot.method for a in answers} == {"tip_adapter"}
     assert sorted(a[0].few_shot.fitted for a in answers) == [False, False, True]
     assert ctx.fewshot_heads.fits == fits + 2
+    assert (heads("fitted"), heads("cached")) == (fitted_before + 2, cached_before + 3)  # the worker's metrics
 
 
 async def test_clip_classes_without_examples_fall_back_to_zero_shot(ctx, colour_urls):
