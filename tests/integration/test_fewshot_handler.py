@@ -25,7 +25,7 @@ from schemas.codec import ANNOTATION_ADAPTER
 pytestmark = pytest.mark.s3
 
 TINY = {"clip_variant": "cls-tiny-clip", "clip_weights": "random", "default_prompt_templates": "a photo of a {}.",
-        "timm_weights": "random"}
+        "timm_weights": "random", "siglip_variant": "cls-tiny-siglip", "siglip_weights": "random"}
 LIMIT = WorkerSettings().fewshot_max_examples  # CLS_FEWSHOT_MAX_EXAMPLES: the default, 2000
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
 
@@ -139,6 +139,15 @@ async def test_clip_classes_without_examples_fall_back_to_zero_shot(ctx, colour_
     summary = parts[0].few_shot
     assert summary.examples_per_class == dict.fromkeys(COLOURS, 2)  # purple: none, its zero-shot weights
     assert all({p.class_name for p in r.predictions} == {*COLOURS, "purple"} for p in parts for r in p.results)
+
+
+async def test_siglip_few_shot_confidences_are_a_softmax(ctx, colour_urls):
+    parts = await collect(AnnotationHandler(ctx), request(queries(colour_urls), "fs-siglip", model="siglip",
+                                                          classes=list(COLOURS), examples=examples(colour_urls, 2),
+                                                          few_shot={"method": "linear_probe"}))
+    assert parts[0].model.family == "siglip" and parts[0].few_shot.method == "linear_probe"
+    for r in (r for p in parts for r in p.results):  # zero-shot SigLIP is a sigmoid per class; the few-shot head is not
+        assert sum(p.confidence for p in r.predictions) == pytest.approx(1.0, abs=1e-4)
 
 
 async def test_failing_examples_are_counted_and_skipped(ctx, colour_urls, http_server):
