@@ -19,6 +19,7 @@ from handlers.batcher import MicroBatcher
 from handlers.embedding import EmbedConfig
 from handlers.executor import Executors
 from handlers.fetch import Fetcher, FetchLimits
+from handlers.fewshot import FewShotConfig
 from handlers.images import DecodeBudget, DecodeLimits
 from handlers.models import ModelConfig, ModelRegistry, parse_allowed_variants, parse_variant_weights
 from handlers.storage import ObjectStore
@@ -112,7 +113,11 @@ async def annotation_context(settings: Settings):
             embed_config=EmbedConfig(output_path=w.embed_output_path, inline_max_images=w.embed_inline_max_images,
                                      against_max_bytes=w.embed_against_max_mb * 1024 * 1024),
             embedding_cache=EmbeddingCache(w.embedding_cache_mb * 1024 * 1024) if w.embedding_cache_mb else None,
+            fewshot=FewShotConfig(max_examples=w.fewshot_max_examples,
+                                  head_cache_bytes=w.fewshot_head_cache_mb * 1024 * 1024),
         )
+        ctx.fewshot_heads.on_head = metrics.observe_few_shot_head
+        ctx.fewshot_heads.on_fit = metrics.observe_few_shot_fit
         try:
             yield ctx
         finally:

@@ -36,6 +36,10 @@ BATCH_FORWARD_SECONDS = Histogram("cls_batch_forward_seconds", "Time of one mode
 IMAGES = Counter("cls_images_total", "Images classified (rate() gives images per second)")
 MODEL_LOAD_SECONDS = Gauge("cls_model_load_seconds", "Time to load and warm a model", ["family", "variant"])
 TEXT_CACHE = Counter("cls_text_cache_total", "Text-embedding cache lookups", ["result"])
+FEW_SHOT_HEADS = Counter("cls_fewshot_heads_total", "Few-shot heads a request used: fitted, or from the head cache "
+                         "(or another request's fit in flight)", ["result"])
+FEW_SHOT_FIT_SECONDS = Histogram("cls_fewshot_fit_seconds", "Time of one few-shot fit (CPU pool, auto's cross-validation "
+                                 "included)", buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120))
 TRAINING_EPOCH_SECONDS = Histogram("cls_training_epoch_seconds", "Training epoch duration",
                                    buckets=(1, 5, 10, 30, 60, 300, 900, 3600, 14400))
 GPU_MEMORY_BYTES = Gauge("cls_gpu_memory_allocated_bytes", "torch.cuda.memory_allocated() where there is a GPU")
@@ -53,6 +57,14 @@ def observe_forward(lane: str, seconds: float) -> None:
 
 def observe_text_cache(hit: bool) -> None:
     TEXT_CACHE.labels("hit" if hit else "miss").inc()
+
+
+def observe_few_shot_head(fitted: bool) -> None:
+    FEW_SHOT_HEADS.labels("fitted" if fitted else "cached").inc()
+
+
+def observe_few_shot_fit(seconds: float) -> None:
+    FEW_SHOT_FIT_SECONDS.observe(seconds)
 
 
 def observe_model_load(key, seconds: float) -> None:

@@ -1,6 +1,7 @@
 """``cls-worker send``: produce a request and follow its events to the end (a command-line for people).
 
     cls-worker send annotate --classes cat,dog,bird https://.../a.jpg https://.../b.jpg
+    cls-worker send classify --classes cat,dog --examples support.jsonl https://.../a.jpg   # few-shot
     cls-worker send embed --output s3://bucket/vectors --duplicates 0.95 https://.../a.jpg https://.../b.jpg
     cls-worker send train --dataset s3://bucket/prefix/ --model-name convnext_tiny --output s3://bucket/models/x
     cls-worker send request.json            # any request as JSON (the topic follows from its "task")
@@ -27,7 +28,7 @@ from pydantic import ValidationError
 
 from consumers.settings import Settings
 from consumers.topics_admin import topic_partitions
-from schemas.annotation import AnnotationRequest, EmbedRequest
+from schemas.annotation import MAX_FEW_SHOT_EXAMPLES, AnnotationRequest, EmbedRequest, LabeledExample
 from schemas.topics import CONTENT_TYPE_JSON, Headers
 from schemas.training import CancelRequest, TrainingRequest
 
@@ -35,7 +36,7 @@ from schemas.training import CancelRequest, TrainingRequest
 def add_send_parser(sub: Any, func: Any) -> None:
     p = sub.add_parser("send", help="produce a request and follow its events", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", help="annotate | embed | train | cancel | a request JSON file")
+    p.add_argument("what", help="annotate (or classify) | embed | train | cancel | a request JSON file")
     p.add_argument("urls", nargs="*", help="image URLs (annotate, embed)")
     p.add_argument("--classes", help="comma-separated class names (annotate)")
     p.add_argument("--model", default="clip", choices=["clip", "siglip", "custom", "timm"])
@@ -43,6 +44,12 @@ def add_send_parser(sub: Any, func: Any) -> None:
     p.add_argument("--model-url", help="trained model package (with --model custom)")
     p.add_argument("--top-k", type=int, default=None, help="default: min(3, number of classes)")
     p.add_argument("--threshold", type=float, default=0.1)
+    p.add_argument("--examples", metavar="MANIFEST",
+                   help="classify few-shot: labeled examples as JSON Lines of {url, label}; a local file is sent inline "
+                        "(examples), an s3:// or file:// URL is read by the worker (examples_url)")
+    p.add_argument("--few-shot-method", choices=["auto", "linear_probe", "tip_adapter", "prototype", "knn",
+                                                 "logistic_regression"],
+                   help="classify few-shot: the method (default auto: picked by cross-validation on the examples)")
     p.add_argument("--duplicates", type=float, metavar="THRESHOLD", help="embed: report duplicate groups (cosine >= THRESHOLD)")
     p.add_argument("--against", action="append", help="embed: an earlier embeddings_url to find duplicates against (repeatable)")
     p.add_argument("--inline", action="store_true", help="embed: vectors in the result too (small requests)")
@@ -76,7 +83,7 @@ async def build_request(settings: Settings, args: argparse.Namespace) -> tuple[s
     """(topic, id, body) for the command line."""
     w = settings.worker
     entity_id = args.entity_id or str(uuid.uuid4())
-    if args.what == "annotate":
+    if args.what in ("annotate", "classify"):
         if not args.urls:
             raise ValueError("give at least one image URL")
         body: dict[str, Any] = {
@@ -90,6 +97,16 @@ async def build_request(settings: Settings, args: argparse.Namespace) -> tuple[s
             body["model_variant"] = args.model_variant
         if args.model_url:
             body["model_url"] = args.model_url
+        if args.examples:
+            if "://" in args.examples:
+                body["examples_url"] = args.examples
+            else:
+                body["examples"] = read_examples(Path(args.examples))
+            labels = {e["label"] for e in body.get("examples") or []}
+            if "classes" not in body and labels:
+                body["top_k"] = args.top_k or min(3, len(labels))
+        if args.few_shot_method:
+            body["few_shot"] = {"method": args.few_shot_method}
         AnnotationRequest.model_validate(body)
         return w.annotation_requests_topic, entity_id, body
     if args.what == "embed":
@@ -149,6 +166,29 @@ async def build_request(settings: Settings, args: argparse.Namespace) -> tuple[s
     raise ValueError(f"unknown task {task!r} in {path}")
 
 
+def read_examples(path: Path) -> list[dict[str, str]]:
+    """A local JSON Lines file of ``{url, label}`` -> the ``examples`` list (blank lines skipped); ValueError naming
+    the line that is not one."""
+    if not path.is_file():
+        raise ValueError(f"--examples {path}: no such file (a local JSON Lines file, or an s3:// or file:// URL)")
+    examples = []
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            if len(examples) >= MAX_FEW_SHOT_EXAMPLES:
+                raise ValueError(f"--examples {path}: more than {MAX_FEW_SHOT_EXAMPLES} examples (put them in S3 and "
+                                 "pass the s3:// URL)")
+            try:
+                example = LabeledExample.model_validate(json.loads(line))
+            except ValueError as exc:
+                raise ValueError(f"--examples {path} line {number}: not an object of url and label ({exc.__class__.__name__})") from exc
+            examples.append({"url": example.url, "label": example.label})
+    if not examples:
+        raise ValueError(f"--examples {path}: no examples")
+    return examples
+
+
 async def list_dataset(settings: Settings, prefix: str) -> list[str]:
     """Image URLs under an s3:// prefix laid out as <class>/<file>."""
     from handlers.storage import ObjectStore
@@ -169,6 +209,13 @@ def render(event: dict[str, Any]) -> str:
             return f"failed: {event['error']['code']}: {event['error']['message']}"
         lines = [f"part {event['part'] + 1}/{event['parts']}  model={event['model']['family']}/{event['model']['variant']}"
                  f" weights={event['model']['weights']}"]
+        few_shot = event.get("few_shot")
+        if few_shot and event["part"] == 0:
+            counts = few_shot["examples_per_class"]
+            cv = "n/a" if few_shot.get("cv_accuracy") is None else f"{few_shot['cv_accuracy']:.3f}"
+            lines.append(f"  few-shot: {few_shot['method']} on {sum(counts.values())} examples of {len(counts)} classes"
+                         f" (cv accuracy {cv}; {few_shot['examples_failed']} failed; "
+                         f"{'fitted' if few_shot['fitted'] else 'cached head'})")
         if event.get("task") == "embed":
             lines[0] += f"  dim={event.get('dim')}  vectors={event.get('embeddings_url') or '(none)'}"
         for result in event["results"]:

@@ -167,6 +167,12 @@ class WorkerSettings(BaseSettings):
     timm_weights: str = Field(default="pretrained", description="Weights of a timm embed model without model_url: "
                               "'pretrained' (hub cache) or 'random' (tests).")
 
+    # few-shot classify (issue 13)
+    fewshot_max_examples: int = Field(default=2000, ge=1, le=10_000, description="Labeled examples one classify request "
+                                      "may carry (inline or in its examples_url manifest).")
+    fewshot_head_cache_mb: int = Field(default=256, ge=0, description="Fitted few-shot heads kept across requests by "
+                                       "support-set hash, in MB (0: off; concurrent identical requests still fit once).")
+
     # training
     training_work_dir: str = "~/.cache/cls-workers/training"
     dataset_cache_dir: str = "~/.cache/cls-workers/images"

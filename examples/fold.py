@@ -27,7 +27,8 @@ The backend team can copy this as the reference for its own fold. Rules it shows
 Tables: ``labels`` (AI predictions: image id, class, confidence, source 'ai', model, request id, rank),
 ``image_errors``, ``annotation_requests``, ``training_jobs``, ``applied_labels`` (what a labeling
 workflow accepted), ``embedding_parts`` (embed results: where each part's vectors are), ``duplicate_groups`` and
-``duplicate_members`` (an embed request's duplicate groups), ``folded_messages`` (idempotency),
+``duplicate_members`` (an embed request's duplicate groups), ``few_shot_requests`` (what a few-shot classify
+request learned from: method, examples, cross-validated accuracy), ``folded_messages`` (idempotency),
 ``rejected_messages`` (events that could not be folded).
 """
 
@@ -113,6 +114,15 @@ CREATE TABLE IF NOT EXISTS duplicate_members (
     PRIMARY KEY (request_id, position, image_id)
 );
 CREATE INDEX IF NOT EXISTS duplicate_members_by_image ON duplicate_members (image_id);
+CREATE TABLE IF NOT EXISTS few_shot_requests (
+    request_id TEXT PRIMARY KEY,
+    method TEXT NOT NULL,
+    examples INTEGER NOT NULL,
+    examples_failed INTEGER NOT NULL,
+    examples_per_class TEXT NOT NULL,
+    cv_accuracy DOUBLE PRECISION,
+    fitted INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS rejected_messages (
     message_id TEXT PRIMARY KEY,
     topic TEXT NOT NULL,
@@ -130,7 +140,7 @@ CREATE TABLE IF NOT EXISTS applied_labels (
 
 JOB_COLUMNS = ("job_id", "status", "seq", "attempt", "progress", "metrics", "model_url", "error", "updated_at")
 TABLES = ("annotation_requests", "labels", "image_errors", "training_jobs", "applied_labels", "folded_messages",
-          "rejected_messages", "embedding_parts", "duplicate_groups", "duplicate_members")
+          "rejected_messages", "embedding_parts", "duplicate_groups", "duplicate_members", "few_shot_requests")
 MAX_REASON_CHARS = 500
 INT64 = 2**63
 
@@ -283,6 +293,22 @@ class Fold:
 
         if event.get("task") == "embed" and event["status"] == "completed":
             self._embedding(request_id, event, model_name or "")
+        if event.get("few_shot") is not None:
+            self._few_shot(request_id, event["few_shot"])
+
+    def _few_shot(self, request_id: str, summary: dict[str, Any]) -> None:
+        """A few-shot classify part's summary (the same on every part; the latest part folded wins)."""
+        counts = {_text(name): _int(n) for name, n in summary["examples_per_class"].items()}
+        cv = summary.get("cv_accuracy")
+        self.db.execute(
+            "INSERT INTO few_shot_requests (request_id, method, examples, examples_failed, examples_per_class,"
+            " cv_accuracy, fitted) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (request_id) DO UPDATE SET"
+            " method = excluded.method, examples = excluded.examples, examples_failed = excluded.examples_failed,"
+            " examples_per_class = excluded.examples_per_class, cv_accuracy = excluded.cv_accuracy,"
+            " fitted = excluded.fitted",
+            (request_id, _text(summary["method"]), sum(counts.values()), _int(summary["examples_failed"]),
+             _json(counts), None if cv is None else _number(cv), int(bool(summary["fitted"]))),
+        )
 
     def _embedding(self, request_id: str, event: dict[str, Any], model_name: str) -> None:
         """An embed part: where its vectors are; the last part's duplicate groups (one row each, members apart

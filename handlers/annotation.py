@@ -23,6 +23,7 @@ from handlers.batcher import MicroBatcher
 from handlers.embedding import EmbedConfig, EmbedHandler, content_hash
 from handlers.errors import ImageError, InvalidRequest, PermanentError
 from handlers.executor import Executors
+from handlers.fewshot import FewShotClassifier, FewShotConfig, FewShotHeads
 from handlers.parts import parts_in_order
 from handlers.fetch import Fetcher
 from handlers.images import DecodeLimits
@@ -79,6 +80,8 @@ class AnnotationContext:
     store: ObjectStore | None = None  # where embed writes vectors and reads 'against' files
     embed_config: EmbedConfig = field(default_factory=EmbedConfig)
     embedding_cache: EmbeddingCache | None = None  # image embeddings by (content hash, model): classify and embed
+    fewshot: FewShotConfig = field(default_factory=FewShotConfig)  # classify with examples: limits, head cache size
+    fewshot_heads: FewShotHeads = field(init=False)  # fitted few-shot heads by support-set key, single flight
     images_semaphore: asyncio.Semaphore = field(init=False)
     interactive_semaphore: asyncio.Semaphore = field(init=False)
     preprocessor: Preprocessor = field(init=False)  # fetched bytes -> model input, for classify and embed
@@ -86,19 +89,21 @@ class AnnotationContext:
     def __post_init__(self) -> None:
         self.images_semaphore = asyncio.Semaphore(self.config.images_in_flight)
         self.interactive_semaphore = asyncio.Semaphore(self.config.interactive_images_in_flight)
+        self.fewshot_heads = FewShotHeads(self.fewshot)
         self.preprocessor = Preprocessor(self.config.preprocess, self.decode_limits, self.executors,
                                          gpu_decode=self.config.gpu_decode, max_batch=self.batcher.max_batch,
                                          max_wait_ms=self.batcher.max_wait_ms)
 
 
 def part_size_for(request: AnnotationRequest, configured: int, class_names: Sequence[str],
-                  budget_bytes: int = PART_BUDGET_BYTES) -> int:
+                  budget_bytes: int = PART_BUDGET_BYTES, extra_envelope_bytes: int = 0) -> int:
     """N for this request: the configured part size, lowered so a part's JSON stays within ``budget_bytes``.
 
     The bound is on the encoded size of the worst case of every image (its id, ``top_k`` of the longest
     class names, or an error entry whose message is cut to ``MAX_IMAGE_ERROR_CHARS``), so it holds
     whatever the outcome; and it depends only on the request (and the model's class names), so a
-    redelivery gets the same parts.
+    redelivery gets the same parts. ``extra_envelope_bytes``: a bound of what else every part carries (the
+    few-shot summary).
     """
     top_k = min(request.top_k, len(class_names))
     longest_class = max((_json_bytes(c) for c in class_names), default=10)
@@ -106,7 +111,7 @@ def part_size_for(request: AnnotationRequest, configured: int, class_names: Sequ
     predictions = 2 + top_k * (longest_class + len('{"class":,"confidence":0.12345678901234567},'))
     error = len('"error":{"code":"","message":""}') + 64 + 2 * MAX_IMAGE_ERROR_CHARS  # 2: escaped quotes and backslashes
     per_image = len('{"id":,"predictions":,"margin":-0.12345678901234567,"auto_accept":false},') + longest_id + predictions + error
-    envelope = 2048  # request id, model descriptor, part fields, created_at
+    envelope = 2048 + extra_envelope_bytes  # request id, model descriptor, part fields, created_at
     return max(1, min(configured, (budget_bytes - envelope) // per_image))
 
 
@@ -134,6 +139,7 @@ class AnnotationHandler:
     def __init__(self, ctx: AnnotationContext) -> None:
         self.ctx = ctx
         self.embedder = EmbedHandler(ctx, ctx.store)
+        self.few_shot = FewShotClassifier(self)
 
     async def handle(self, request: AnnotationRequest | EmbedRequest) -> AsyncIterator[AnnotationResult]:
         if isinstance(request, EmbedRequest):
@@ -152,6 +158,10 @@ class AnnotationHandler:
                 "invalid_request",
                 f"{len(request.images)} images; this worker accepts at most {ctx.config.max_images_per_request} per request",
             )
+        if request.has_examples:  # few-shot: a head fitted on the request's labeled examples
+            async for part in self.few_shot.classify(request):
+                yield part
+            return
         key = ctx.model_config.key_for(request.model, request.model_variant, request.model_url)
         model = await ctx.models.get(key)
         classes = model.class_names(request.classes)

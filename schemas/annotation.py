@@ -15,6 +15,11 @@ loadable).
 
 Large requests are answered in parts: part ``k`` of ``parts`` holds the images at request positions
 ``[k*N, (k+1)*N)`` for the worker's configured N, so a redelivered request yields the same parts.
+
+Few-shot: a classify request with labeled ``examples`` (or an ``examples_url`` manifest) is classified by a
+head fitted on their embeddings (``few_shot.method``; ``auto`` picks by cross-validation on the support set).
+Its confidences are a softmax over the classes for every family (SigLIP too); classes without examples keep
+their zero-shot weights (clip, siglip) or are refused (custom, timm). Each part says what ran in ``few_shot``.
 """
 
 from __future__ import annotations
@@ -72,6 +77,8 @@ def prompt_volume_problem(classes: list[str], templates: list[str], templates_or
     return None
 
 ModelFamily = Literal["clip", "siglip", "custom"]
+ClassifyModelFamily = Literal["clip", "siglip", "custom", "timm"]
+"""Classify: 'timm' (a backbone without a classifier) only with few-shot examples."""
 EmbedModelFamily = Literal["clip", "siglip", "custom", "timm"]
 MAX_AGAINST_FILES = 64
 """Earlier embedding files one embed request may compare against."""
@@ -87,16 +94,77 @@ class ImageRef(BaseModel):
     url: Url
 
 
+# Few-shot classification (issue 13): a labeled support set adapts the classifier per request.
+MAX_FEW_SHOT_EXAMPLES = 10_000
+"""Examples one request may carry inline or in its manifest (the worker's CLS_FEWSHOT_MAX_EXAMPLES may be lower)."""
+MAX_LABEL_LENGTH = MAX_CLASS_NAME_LENGTH
+FEW_SHOT_TEXT_METHODS = ("linear_probe", "tip_adapter")
+"""Methods for models with a text tower (clip, siglip); ``ml.fewshot.TEXT_METHODS``."""
+FEW_SHOT_VISION_METHODS = ("prototype", "knn", "logistic_regression")
+"""Methods for models without one (custom, timm); ``ml.fewshot.VISION_METHODS``."""
+FewShotMethod = Literal["auto", "linear_probe", "tip_adapter", "prototype", "knn", "logistic_regression"]
+
+
+class LabeledExample(BaseModel):
+    """One support example: an image URL and its label (one of the request's classes)."""
+
+    model_config = ConfigDict(extra="ignore", str_strip_whitespace=True)
+    url: Url
+    label: str = Field(min_length=1, max_length=MAX_LABEL_LENGTH)
+
+
+class FewShotSpec(BaseModel):
+    """How to learn from the examples: ``auto`` (cross-validation on the support set picks the method) or one method."""
+
+    model_config = ConfigDict(extra="ignore")
+    method: FewShotMethod = Field(
+        default="auto",
+        description="auto | linear_probe | tip_adapter (clip, siglip: with the zero-shot text classifier) | prototype | "
+                    "knn | logistic_regression (custom, timm). auto cross-validates the family's methods on the "
+                    "support set and fits the best; with one example in some class it takes linear_probe (text "
+                    "tower) or prototype.")
+
+
+def few_shot_problem(model: str, classes: list[str] | None, examples: list[LabeledExample] | None,
+                     examples_url: str | None, few_shot: FewShotSpec | None) -> str | None:
+    """Why a classify request's few-shot fields do not fit together (or with ``model``), or None."""
+    has_examples = examples is not None or examples_url is not None
+    if examples is not None and examples_url is not None:
+        return "give either examples or examples_url, not both"
+    if few_shot is not None and not has_examples:
+        return "few_shot needs examples or examples_url (the labeled support set)"
+    if model == "timm" and not has_examples:
+        return "model 'timm' classifies only with few-shot examples (or use task 'embed')"
+    if few_shot is not None and few_shot.method != "auto":
+        allowed = FEW_SHOT_TEXT_METHODS if model in ("clip", "siglip") else FEW_SHOT_VISION_METHODS
+        if few_shot.method not in allowed:
+            return (f"few-shot method {few_shot.method!r} is not available for model {model!r}; "
+                    f"use auto or one of {list(allowed)}")
+    if examples is not None:
+        labels = {example.label for example in examples}
+        if classes:
+            unknown = sorted(labels - set(classes))
+            if unknown:
+                return f"example labels that are not among the classes: {unknown[:10]}"
+        elif len(labels) > MAX_CLASSES:
+            return f"{len(labels)} distinct example labels; at most {MAX_CLASSES} classes"
+    return None
+
+
 class AnnotationRequest(InputModel):
     """``cls.annotation.requests``, keyed by request id."""
 
     task: Literal["classify"] = Field(description="Discriminator: always 'classify'.")
     request_id: Identifier | None = Field(default=None, description="Defaults to the record key, then to a new UUID.")
-    model: ModelFamily = Field(default="clip", description="clip | siglip (zero-shot) | custom (a model trained here).")
+    model: ClassifyModelFamily = Field(
+        default="clip",
+        description="clip | siglip (zero-shot) | custom (a model trained here) | timm (a timm backbone by name, only "
+                    "with few-shot examples).")
     model_variant: str | None = Field(
         default=None,
         max_length=200,
-        description="Architecture, e.g. 'ViT-B-32', 'ViT-L-14', 'google/siglip-base-patch16-224'. Default from settings.",
+        description="Architecture, e.g. 'ViT-B-32', 'ViT-L-14', 'google/siglip-base-patch16-224'; with 'timm' the timm "
+                    "model name (required). Default from settings.",
     )
     model_url: Url | None = Field(default=None, description="With model 'custom': where the trained model package is (s3://.../ prefix).")
     images: list[ImageRef] = Field(min_length=1, max_length=MAX_IMAGES_PER_REQUEST)
@@ -126,6 +194,18 @@ class AnnotationRequest(InputModel):
         f"Limits: {MAX_PLACEHOLDERS_PER_TEMPLATE} placeholders per template; classes x templates <= {MAX_PROMPTS} "
         f"prompts of {MAX_PROMPT_CHARS} characters in all (the worker's default templates count too).",
     )
+    examples: list[LabeledExample] | None = Field(
+        default=None, min_length=1, max_length=MAX_FEW_SHOT_EXAMPLES,
+        description="Few-shot: labeled support images [{url, label}]; each label one of classes (without classes on "
+                    "custom/timm, the labels are the classes). The worker embeds them (cached by content) and fits a "
+                    "head; examples that fail to fetch or decode are skipped and counted. At most "
+                    "CLS_FEWSHOT_MAX_EXAMPLES (default 2000) per request.")
+    examples_url: Url | None = Field(
+        default=None,
+        description="Few-shot: a JSON Lines manifest of {url, label} (s3://, or file:// where the worker allows it) "
+                    "instead of inline examples, for large support sets.")
+    few_shot: FewShotSpec | None = Field(
+        default=None, description="Few-shot options (with examples or examples_url; default method auto).")
 
     @field_validator("classes")
     @classmethod
@@ -178,6 +258,16 @@ class AnnotationRequest(InputModel):
                 raise ValueError("auto_accept_precision is only allowed with model 'custom'")
         if self.model == "custom" and not self.model_url:
             raise ValueError("model 'custom' needs model_url (the trained model package)")
+        if self.model == "timm":
+            if not self.model_variant:
+                raise ValueError("model 'timm' needs model_variant (a timm model name)")
+            if self.auto_accept_precision is not None:
+                raise ValueError("auto_accept_precision is only allowed with model 'custom'")
+        problem = few_shot_problem(self.model, self.classes, self.examples, self.examples_url, self.few_shot)
+        if problem:
+            raise ValueError(problem)
+        if self.has_examples and self.auto_accept_precision is not None:
+            raise ValueError("auto_accept_precision needs the trained model's own classifier, not few-shot examples")
         if self.classes is not None and self.top_k > len(self.classes):
             raise ValueError(f"top_k ({self.top_k}) must be within 1..len(classes) ({len(self.classes)})")
         if self.classes and self.prompt_templates and self.model != "custom":
@@ -185,6 +275,11 @@ class AnnotationRequest(InputModel):
             if problem:
                 raise ValueError(problem)
         return self
+
+    @property
+    def has_examples(self) -> bool:
+        """Whether this is a few-shot request (examples inline or by manifest)."""
+        return self.examples is not None or self.examples_url is not None
 
 
 def unique_image_ids(images: list[ImageRef]) -> list[ImageRef]:
@@ -347,6 +442,22 @@ class DuplicateGroup(BaseModel):
     similarity: float = Field(ge=-1.0, le=1.0, description="The lowest pairwise similarity that joined the group (1.0 for exact).")
 
 
+class FewShotSummary(BaseModel):
+    """What a few-shot classify request ran: the method, the support set it learned from, how well."""
+
+    model_config = ConfigDict(extra="forbid")
+    method: str = Field(description="The method that classified (auto's pick): linear_probe, tip_adapter, prototype, "
+                                    "knn or logistic_regression.")
+    examples_per_class: dict[str, int] = Field(
+        description="Usable examples per class (classes without any are absent: zero-shot fallback).")
+    examples_failed: int = Field(ge=0, description="Examples skipped because they could not be fetched or decoded.")
+    cv_accuracy: float | None = Field(
+        default=None, ge=0.0, le=1.0,
+        description="Cross-validated accuracy of the method on the support set (stratified folds); null when some "
+                    "class has a single example (nothing to cross-validate).")
+    fitted: bool = Field(description="false: the head came from the worker's cache (same model, support set and method).")
+
+
 class AnnotationResult(OutputModel):
     """``cls.annotation.results``, keyed by request id; one or more parts per request."""
 
@@ -368,6 +479,8 @@ class AnnotationResult(OutputModel):
     duplicates_url: str | None = Field(
         default=None, description="Embed: the JSON file holding all groups when they were too many for the record "
                                   "(then 'duplicates' holds the first ones).")
+    few_shot: FewShotSummary | None = Field(
+        default=None, description="Classify with examples: what the few-shot head is (on every part).")
 
     @staticmethod
     def message_id_for(request_id: str, part: int) -> str:

@@ -27,8 +27,11 @@ from schemas.annotation import (
     AnnotationResult,
     DuplicateGroup,
     EmbedRequest,
+    FewShotSpec,
+    FewShotSummary,
     ImageRef,
     ImageResult,
+    LabeledExample,
     ModelDescriptor,
     Prediction,
 )
@@ -252,6 +255,24 @@ def annotation_request_examples() -> list[dict[str, Any]]:
                                       ImageRef(id="img-2", url="https://images.example.com/cats/1-copy.jpg")],
                               output_path="s3://embeddings/project-7", duplicates={"threshold": 0.95},
                               ).model_dump(mode="json", by_alias=True, exclude_none=True)),
+        _example("fewShot", "Few-shot CLIP: the team's labeled examples adapt the zero-shot classifier (auto picks "
+                            "the method by cross-validation on them).",
+                 AnnotationRequest(task="classify", request_id="req-2025-0006", model="clip",
+                                   images=[ImageRef(id="img-20", url="https://images.example.com/20.jpg")],
+                                   classes=["cat", "dog"], top_k=2, threshold=0.0,
+                                   examples=[LabeledExample(url="https://images.example.com/cats/1.jpg", label="cat"),
+                                             LabeledExample(url="https://images.example.com/cats/2.jpg", label="cat"),
+                                             LabeledExample(url="https://images.example.com/dogs/1.jpg", label="dog"),
+                                             LabeledExample(url="https://images.example.com/dogs/2.jpg", label="dog")],
+                                   few_shot=FewShotSpec(method="auto"),
+                                   ).model_dump(mode="json", by_alias=True, exclude_none=True)),
+        _example("fewShotManifest", "Few-shot on a timm backbone with a large support set in a JSON Lines manifest "
+                                    "of {url, label}; the labels are the classes.",
+                 AnnotationRequest(task="classify", request_id="req-2025-0007", model="timm",
+                                   model_variant="convnext_tiny",
+                                   images=[ImageRef(id="img-21", url="https://images.example.com/21.jpg")],
+                                   examples_url="s3://labels/project-7/support.jsonl", top_k=1,
+                                   ).model_dump(mode="json", by_alias=True, exclude_none=True)),
     ]
 
 
@@ -305,7 +326,19 @@ def annotation_result_examples() -> list[AnnotationResult]:
         dim=768,
         duplicates=[DuplicateGroup(ids=["img-1", "img-2"], kind="near", similarity=0.981)],
     )
-    return [completed, part, failed, embedded]
+    few_shot = AnnotationResult(
+        message_id=AnnotationResult.message_id_for("req-2025-0006", 0),
+        request_id="req-2025-0006",
+        created_at=_EXAMPLE_TIME,
+        status="completed",
+        model=clip,
+        results=[ImageResult(id="img-20", margin=0.64,
+                             predictions=[Prediction(class_name="dog", confidence=0.82),
+                                          Prediction(class_name="cat", confidence=0.18)])],
+        few_shot=FewShotSummary(method="linear_probe", examples_per_class={"cat": 2, "dog": 2}, examples_failed=0,
+                                cv_accuracy=1.0, fitted=True),
+    )
+    return [completed, part, failed, embedded, few_shot]
 
 
 def training_request_examples() -> list[dict[str, Any]]:
@@ -434,6 +467,7 @@ def _messages(payload_of: dict[str, str]) -> dict[str, dict[str, Any]]:
         "Part 1 of 3 of a large request: images at request positions [N, 2N).",
         "The whole request could not run: invalid_request with the validation errors.",
         "An embed result: the part's vectors at embeddings_url (ids + float16 embeddings), duplicate groups in the last part.",
+        "A few-shot result: which method ran, the examples per class it learned from, its cross-validated accuracy.",
     ])
     training_statuses = _output_examples(training_status_examples(), [
         "The job was accepted (seq 0).",
@@ -447,7 +481,7 @@ def _messages(payload_of: dict[str, str]) -> dict[str, dict[str, Any]]:
         "annotationRequest": {
             "name": "annotation-request",
             "title": "Annotation request",
-            "summary": "Classify images by URL (task classify: clip, siglip, custom) or embed them (task embed: clip, "
+            "summary": "Classify images by URL (task classify: clip, siglip, custom; few-shot with labeled examples, also timm) or embed them (task embed: clip, "
                        "siglip, custom, timm).",
             "description": (AnnotationRequest.__doc__ or "").strip() + "\n\n" + _module_doc(AnnotationRequest)
                            + "\n\n" + (EmbedRequest.__doc__ or "").strip(),

@@ -37,6 +37,9 @@ def test_demo_once_runs_both_workflows_and_cleans_up(tmp_path):
     accepted = re.search(r"auto-applied (\d+) of \d+ labels at precision 0.95: (\d+) right", text)
     assert accepted and int(accepted.group(1)) > 0 and int(accepted.group(2)) >= 0.95 * int(accepted.group(1))
     assert "NEAR-DUPLICATE GROUPS ARE NOT MEANINGFUL WITH RANDOM WEIGHTS" in text
+    few_shot = re.search(r"zero-shot accuracy ([0-9.]+)   few-shot accuracy ([0-9.]+)", text)
+    assert few_shot and float(few_shot.group(2)) > float(few_shot.group(1)), few_shot  # examples beat random zero-shot
+    assert re.search(r"few-shot head: \w+ on 12 examples \(0 failed\)", text)
     duplicates_id = re.search(r"sent (\d+) images to embed \(request (demo-dup-\w+)\)", text)
     assert duplicates_id and int(duplicates_id.group(1)) == 10 + len(COPIED_PHOTOS) * len(COPY_KINDS) + 1
     fold = Fold(tmp_path / "demo" / "fold.sqlite")

@@ -259,3 +259,20 @@ def test_embed_folds_to_the_same_rows_on_both_databases(tmp_path, postgres_url):
     assert folds[0].dump() == folds[1].dump() and folds[0].duplicates("e") == folds[1].duplicates("e")
     for fold in folds:
         fold.close()
+
+
+def test_few_shot_summaries_fold_once_per_request(fold):
+    summary = {"method": "linear_probe", "examples_per_class": {"cat": 3, "dog": 2}, "examples_failed": 1,
+               "cv_accuracy": 0.8, "fitted": True}
+    for k in (1, 0):  # every part carries the same summary; parts in any order
+        value = json.loads(part("fs", k, 2, f"fs-{k}"))
+        assert fold.apply("r", json.dumps({**value, "few_shot": summary}).encode())
+    assert fold.request_complete("fs")
+    assert fold.query("SELECT method, examples, examples_failed, examples_per_class, cv_accuracy, fitted"
+                      " FROM few_shot_requests") == [("linear_probe", 5, 1, '{"cat":3,"dog":2}', 0.8, 1)]
+    value = json.loads(part("fs2", 0, 1, "fs2-0"))
+    assert fold.apply("r", json.dumps({**value, "few_shot": {**summary, "cv_accuracy": None, "fitted": False}}).encode())
+    assert fold.query("SELECT cv_accuracy, fitted FROM few_shot_requests WHERE request_id = 'fs2'") == [(None, 0)]
+    bad = {**summary, "examples_per_class": {"cat": "many"}}  # not a count: rejected whole, labels too
+    assert not fold.apply("r", json.dumps({**json.loads(part("fs3", 0, 1, "fs3-0")), "few_shot": bad}).encode())
+    assert fold.query("SELECT COUNT(*) FROM labels WHERE request_id = 'fs3'") == [(0,)]

@@ -1,0 +1,343 @@
+"""Few-shot classify: a classify request with labeled examples (``examples`` or ``examples_url``).
+
+Per request: pick the model, read the support set (inline, or a JSON Lines manifest through the fenced
+fetcher / object store, bounded by CLS_FEWSHOT_MAX_EXAMPLES), embed every example through
+``EmbedHandler.embed_image`` (fenced fetch, the embedding cache by content hash, the batcher's embed lane:
+a support set sent again is not embedded again), skip and count the examples that fail, then fit the head
+(``ml.fewshot.fit_few_shot``) in the CPU pool -- never on the event loop or the GPU thread. Fitted heads are
+kept in a bounded cache by ``ml.fewshot.support_set_key`` (model, classes, zero-shot weights, support
+embeddings and labels, method), and concurrent requests with the same key share one fit (single flight).
+
+The query images are embedded like the examples: for CLIP/SigLIP the classify forward is the normalised
+embedding (shared with zero-shot classify through the cache), for ``custom`` and ``timm`` the embed path
+(pooled pre-logits features). Their confidences are the head's softmax over the classes, ranked with the
+request's ``top_k`` and ``threshold`` as any classify result; every part carries the ``few_shot`` summary.
+
+Classes without examples keep their zero-shot weights where there is a text tower (clip, siglip); without
+one (custom, timm) they are an ``invalid_request`` naming them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import structlog
+import torch
+
+from handlers.errors import InvalidRequest
+from handlers.manifests import MAX_MANIFEST_BYTES, read_manifest
+from handlers.parts import parts_in_order
+from ml.fewshot import (
+    FewShotError,
+    FewShotHeadCache,
+    FewShotResult,
+    SupportSet,
+    ZeroShotWeights,
+    fit_few_shot,
+    support_set_key,
+)
+from schemas.annotation import (
+    MAX_CLASSES,
+    AnnotationRequest,
+    AnnotationResult,
+    FewShotSummary,
+    ImageRef,
+    ImageResult,
+    LabeledExample,
+    Prediction,
+    prompt_volume_problem,
+)
+
+if TYPE_CHECKING:
+    from handlers.annotation import AnnotationHandler
+    from handlers.executor import Executors
+
+log = structlog.get_logger("cls.fewshot")
+
+MAX_FEW_SHOT_EXAMPLES_LIMIT = "CLS_FEWSHOT_MAX_EXAMPLES"
+MANIFEST_BYTES_PER_EXAMPLE = 8 * 1024
+"""A manifest line is a URL (<= 4096 characters) and a label (<= 200): a manifest of N examples may be this many
+bytes per example (plus 1 MiB), so an oversized object is refused before it is parsed."""
+SUMMARY_BYTES = len('"few_shot":{"method":"logistic_regression","examples_per_class":{},"examples_failed":10000,'
+                    '"cv_accuracy":0.12345678901234567,"fitted":false},')
+PER_CLASS_BYTES = len(':10000,')
+
+
+@dataclass(frozen=True)
+class FewShotConfig:
+    max_examples: int = 2000  # CLS_FEWSHOT_MAX_EXAMPLES: support examples per request (inline or manifest)
+    head_cache_bytes: int = 256 * 2**20  # CLS_FEWSHOT_HEAD_CACHE_MB: fitted heads kept across requests
+    head_cache_entries: int = 64
+
+
+class FewShotHeads:
+    """Fitted heads by support-set key: a bounded cache plus single flight, so concurrent requests with the same
+    support set fit once. ``fits`` counts the fits started (metrics, tests)."""
+
+    def __init__(self, config: FewShotConfig) -> None:
+        self.cache = FewShotHeadCache(max_entries=config.head_cache_entries, max_bytes=config.head_cache_bytes)
+        self._pending: dict[str, asyncio.Task[FewShotResult]] = {}
+        self.fits = 0
+        self.on_head: Callable[[bool], None] | None = None  # metrics hook: True when this request fitted
+        self.on_fit: Callable[[float], None] | None = None  # metrics hook: seconds of one fit
+
+    async def get_or_fit(self, key: str, fit: Callable[[], FewShotResult],
+                         executors: Executors) -> tuple[FewShotResult, bool]:
+        """(the head for ``key``, whether this call fitted it). ``fit`` runs in the CPU pool, as a task of its own:
+        a cancelled request does not cancel a fit that other requests wait for."""
+        cached = self.cache.get(key)
+        if cached is not None:
+            if self.on_head is not None:
+                self.on_head(False)
+            return cached, False
+        task = self._pending.get(key)
+        fitted = task is None
+        if task is None:
+            self.fits += 1
+            task = asyncio.ensure_future(self._fit(key, fit, executors))
+            self._pending[key] = task
+            task.add_done_callback(functools.partial(self._done, key))
+        result = await asyncio.shield(task)
+        if self.on_head is not None:
+            self.on_head(fitted)
+        return result, fitted
+
+    async def _fit(self, key: str, fit: Callable[[], FewShotResult], executors: Executors) -> FewShotResult:
+        started = time.monotonic()
+        result = await executors.on_cpu(fit)
+        if self.on_fit is not None:
+            self.on_fit(time.monotonic() - started)
+        self.cache.put(key, result)
+        return result
+
+    def _done(self, key: str, task: asyncio.Task[FewShotResult]) -> None:
+        self._pending.pop(key, None)
+        if not task.cancelled():
+            task.exception()  # retrieved: every waiter re-raises it itself
+
+
+def summary_bytes(classes: Sequence[str]) -> int:
+    """Upper bound of the encoded ``few_shot`` summary over ``classes`` (counted in a part's envelope)."""
+    from handlers.annotation import _json_bytes
+
+    return SUMMARY_BYTES + sum(_json_bytes(c) + PER_CLASS_BYTES for c in classes)
+
+
+def model_key_text(key: object) -> str:
+    return "\x1f".join(str(getattr(key, name)) for name in ("family", "variant", "weights"))
+
+
+class FewShotClassifier:
+    """``classify(request) -> async iterator of AnnotationResult parts`` for a classify request with examples."""
+
+    def __init__(self, handler: AnnotationHandler) -> None:
+        self.handler = handler
+        self.ctx = handler.ctx
+
+    async def examples(self, request: AnnotationRequest) -> list[LabeledExample]:
+        """The support set as given: inline, or read from ``examples_url``; bounded by CLS_FEWSHOT_MAX_EXAMPLES."""
+        limit = self.ctx.fewshot.max_examples
+        if request.examples is not None:
+            if len(request.examples) > limit:
+                raise InvalidRequest(f"{len(request.examples)} examples; this worker accepts at most {limit} per "
+                                     f"request ({MAX_FEW_SHOT_EXAMPLES_LIMIT})")
+            return list(request.examples)
+        assert request.examples_url is not None
+        max_bytes = min(MAX_MANIFEST_BYTES, 2**20 + limit * MANIFEST_BYTES_PER_EXAMPLE)
+        examples = await read_manifest(self.ctx.fetcher, request.examples_url, LabeledExample, error_code="invalid_request",
+                                       max_lines=limit, max_bytes=max_bytes, limit_name=MAX_FEW_SHOT_EXAMPLES_LIMIT)
+        if not examples:
+            raise InvalidRequest(f"manifest {request.examples_url} holds no examples")
+        return examples
+
+    @staticmethod
+    def classes_of(request: AnnotationRequest, examples: Sequence[LabeledExample]) -> list[str]:
+        """The request's classes; without them, the examples' labels (sorted). Labels must be among the classes."""
+        labels = {example.label for example in examples}
+        if request.classes:
+            unknown = sorted(labels - set(request.classes))
+            if unknown:
+                raise InvalidRequest(f"example labels that are not among the classes: {unknown[:10]}"
+                                     + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""))
+            return list(request.classes)
+        if len(labels) > MAX_CLASSES:
+            raise InvalidRequest(f"{len(labels)} distinct example labels; at most {MAX_CLASSES} classes")
+        return sorted(labels)
+
+    async def classify(self, request: AnnotationRequest) -> AsyncIterator[AnnotationResult]:
+        ctx = self.ctx
+        started = time.monotonic()
+        request_id = request.request_id or ""
+        key = ctx.model_config.key_for(request.model, request.model_variant, request.model_url)
+        model = await ctx.models.get(key)
+        examples = await self.examples(request)
+        classes = self.classes_of(request, examples)
+        has_text = request.model in ("clip", "siglip")
+        zero_shot = None
+        text_cache_hit = None
+        if has_text:
+            templates = request.prompt_templates or ctx.config.default_templates
+            problem = prompt_volume_problem(classes, templates, "templates" if request.prompt_templates
+                                            else "default templates (CLS_DEFAULT_PROMPT_TEMPLATES)")
+            if problem:
+                raise InvalidRequest(problem)
+            prepared, text_cache_hit = await model.prepare(classes, templates, ctx.executors)
+            if ctx.on_text_cache is not None:
+                ctx.on_text_cache(text_cache_hit)
+            zero_shot = ZeroShotWeights(prepared.float().cpu().numpy(), float(model.model.logit_scale))
+        else:
+            self._check_every_class_has_examples(classes, {example.label for example in examples})
+
+        priority = request.priority or "bulk"
+        window = asyncio.Semaphore(ctx.config.request_window if priority == "bulk"
+                                   else len(request.images) + len(examples))
+        support, failed = await self._support_set(model, examples, classes, request_id, priority, window)
+        method = request.few_shot.method if request.few_shot is not None else "auto"
+        head_key = await ctx.executors.on_cpu(support_set_key, model_key_text(model.key), support, method, zero_shot)
+        try:
+            head, fitted = await ctx.fewshot_heads.get_or_fit(
+                head_key, functools.partial(fit_few_shot, support, method, zero_shot), ctx.executors)
+        except FewShotError as exc:  # e.g. a class whose every example failed, without a text tower
+            raise InvalidRequest(str(exc)) from exc
+        summary = FewShotSummary(
+            method=head.method, examples_per_class=dict(head.examples_per_class), examples_failed=failed,
+            cv_accuracy=None if head.cv_accuracy is None else round(float(head.cv_accuracy), 6), fitted=fitted)
+        top_k = min(request.top_k, len(classes))
+
+        from handlers.annotation import part_size_for
+
+        size = part_size_for(request, ctx.config.part_size, classes, ctx.config.part_budget_bytes,
+                             extra_envelope_bytes=summary_bytes(classes))
+        images = request.images
+        parts = [images[i:i + size] for i in range(0, len(images), size)]
+
+        def handle(image: ImageRef) -> Awaitable[torch.Tensor | ImageResult]:
+            return self._query_embedding(model, image, request_id, priority, window)
+
+        failed_images = 0
+        async with aclosing(parts_in_order(parts, handle)) as stream:
+            async for k, part_images, outputs in stream:
+                results = await self._part_results(head, part_images, outputs, classes, top_k, request.threshold)
+                failed_images += sum(1 for r in results if r.error is not None)
+                yield AnnotationResult(
+                    message_id=AnnotationResult.message_id_for(request_id, k),
+                    request_id=request_id,
+                    status="completed",
+                    model=model.descriptor,
+                    results=results,
+                    part=k,
+                    parts=len(parts),
+                    few_shot=summary,
+                )
+        log.info(
+            "few_shot_summary",
+            model=model.descriptor.variant,
+            family=model.descriptor.family,
+            method=head.method,
+            requested_method=method,
+            examples=len(examples),
+            examples_failed=failed,
+            classes=len(classes),
+            cv_accuracy=summary.cv_accuracy,
+            fitted=fitted,
+            images=len(images),
+            failed_images=failed_images,
+            parts=len(parts),
+            part_size=size,
+            text_cache=None if text_cache_hit is None else ("hit" if text_cache_hit else "miss"),
+            batches_shared=ctx.batcher.forget(request_id),
+            seconds=round(time.monotonic() - started, 3),
+        )
+
+    @staticmethod
+    def _check_every_class_has_examples(classes: Sequence[str], labels: set[str]) -> None:
+        missing = [c for c in classes if c not in labels]
+        if missing:
+            raise InvalidRequest(f"classes without examples and no text tower to fall back to: {missing[:10]}"
+                                 + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+                                 + " (give examples of every class, or use clip/siglip for a zero-shot fallback)")
+
+    async def _support_set(self, model, examples: Sequence[LabeledExample], classes: Sequence[str],  # noqa: ANN001
+                           request_id: str, priority: str, window: asyncio.Semaphore) -> tuple[SupportSet, int]:
+        """Embed every example (concurrently, under the request's window; a URL named twice is fetched once);
+        (the support set of those that worked, how many failed)."""
+        embedder = self.handler.embedder
+        urls = list(dict.fromkeys(example.url for example in examples))
+        refs = [ImageRef(id=f"example-{i}", url=url) for i, url in enumerate(urls)]
+        tasks = [asyncio.ensure_future(embedder.embed_image(model, ref, request_id, priority, window)) for ref in refs]
+        try:
+            embedded = await asyncio.gather(*tasks)
+        except BaseException:  # one failed beyond an image error (or the request was cancelled): stop the others
+            for task in tasks:
+                task.cancel()
+            raise
+        output_of = dict(zip(urls, embedded, strict=True))
+        vectors, labels = [], []
+        errors: Counter[str] = Counter()
+        for example in examples:
+            out = output_of[example.url]
+            if isinstance(out, ImageResult):
+                errors[out.error.code if out.error else "unknown"] += 1
+                continue
+            vectors.append(out[1])
+            labels.append(example.label)
+        failed = sum(errors.values())
+        if failed:
+            log.info("few_shot_examples_failed", request_id=request_id, failed=failed, codes=dict(errors))
+        if not vectors:
+            codes = ", ".join(f"{code} x{n}" for code, n in errors.most_common(5))
+            raise InvalidRequest(f"none of the {len(examples)} examples could be used ({codes})")
+        try:
+            support = await self.ctx.executors.on_cpu(_support, vectors, labels, classes)
+        except FewShotError as exc:
+            raise InvalidRequest(str(exc)) from exc
+        return support, failed
+
+    async def _query_embedding(self, model, image: ImageRef, request_id: str, priority: str,  # noqa: ANN001
+                               window: asyncio.Semaphore) -> torch.Tensor | ImageResult:
+        """One query image -> its normalised embedding, or an error entry. Zero-shot models: the classify path
+        (its forward is the embedding, staged to the device, cached); custom and timm: the embed path."""
+        if model.forward_is_embedding and getattr(model, "stage", None) is not None:
+            return await self.handler._embed(model, image, request_id, priority, window)
+        out = await self.handler.embedder.embed_image(model, image, request_id, priority, window)
+        return out if isinstance(out, ImageResult) else out[1]
+
+    async def _part_results(self, head: FewShotResult, images: Sequence[ImageRef], outputs: list,
+                            classes: Sequence[str], top_k: int, threshold: float) -> list[ImageResult]:
+        good = [i for i, out in enumerate(outputs) if isinstance(out, torch.Tensor)]
+        ranked: list[tuple[list[Prediction], float]] = []
+        if good:  # the head is numpy: scoring in the CPU pool
+            ranked = await self.ctx.executors.on_cpu(_rank_rows, head, [outputs[i] for i in good], classes, top_k,
+                                                     threshold)
+        row_of = {index: row for row, index in enumerate(good)}
+        results: list[ImageResult] = []
+        for i, image in enumerate(images):
+            out = outputs[i]
+            if isinstance(out, ImageResult):
+                results.append(out)
+                continue
+            predictions, margin = ranked[row_of[i]]
+            results.append(ImageResult(id=image.id, predictions=predictions, margin=round(margin, 6)))
+        return results
+
+
+def _support(vectors: list[torch.Tensor], labels: list[str], classes: Sequence[str]) -> SupportSet:
+    embeddings = torch.stack([v.float().cpu() for v in vectors]).numpy()
+    return SupportSet.from_examples(embeddings, labels, classes)
+
+
+def _rank_rows(head: FewShotResult, rows: list[torch.Tensor], classes: Sequence[str], top_k: int,
+               threshold: float) -> list[tuple[list[Prediction], float]]:
+    from handlers.annotation import rank
+
+    features = torch.stack([r.float().cpu() for r in rows]).numpy()
+    probabilities = torch.from_numpy(np.ascontiguousarray(head.probabilities(features)))
+    return [rank(row, classes, top_k, threshold) for row in probabilities]
