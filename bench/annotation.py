@@ -280,7 +280,8 @@ def load_rows(load: dict[str, Any], result: dict[str, Any], cfg: dict[str, Any])
          f"p95 {busy['p95_ms']} ms (x{load['p95_ratio']} idle), max {busy['max_ms']} ms; bulk still running when "
          f"the probes ended: {load['bulk_running_when_probes_ended']}"),
         (f"one bulk batch forward ({batch} images, in the worker)", f"{load['bulk_batch_forward_ms']} ms",
-         f"mean over the windows without probes{in_process}; interactive batches during the probes: "
+         f"per-image forward time x {batch} over the windows without probes (mean forward as batched "
+         f"{load.get('bulk_mean_forward_ms')} ms){in_process}; interactive batches during the probes: "
          f"{w['probes']['interactive_forwards']}, {_fmt(w['probes']['interactive_forward_s'], ' s')} each; model "
          f"thread busy {w['before']['forward_busy']}, {w['probes']['forward_busy']}, {w['after']['forward_busy']}"),
         ("target: p95 under load <= idle p95 + one forward", f"{busy['p95_ms']} ms",

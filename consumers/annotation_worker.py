@@ -95,7 +95,8 @@ async def annotation_context(settings: Settings):
     async with storage_and_fetcher(settings) as (store, fetcher):
         config = model_config(settings)
         batcher = MicroBatcher(executors, max_batch=w.batch_size, max_wait_ms=w.batch_wait_ms,
-                               observe=metrics.observe_batch, observe_forward=metrics.observe_forward)
+                               observe=metrics.observe_batch, observe_forward=metrics.observe_forward,
+                               active_batch=w.batch_size_while_interactive, active_s=w.interactive_active_s)
         ctx = AnnotationContext(
             config=AnnotationConfig(part_size=w.result_part_size, max_images_per_request=w.max_images_per_request,
                                     default_templates=default_templates(settings), preprocess=w.preprocess,

@@ -19,7 +19,7 @@ from handlers.models import ModelConfig, ModelKey, ModelRegistry
 @pytest.fixture
 async def batcher():
     executors = Executors(cpu_workers=1)
-    b = MicroBatcher(executors, max_batch=4, max_wait_ms=50)
+    b = MicroBatcher(executors, max_batch=4, max_wait_ms=50, active_batch=4)  # the scheduling rules alone
     yield b
     await b.close()
     executors.shutdown()
@@ -255,3 +255,31 @@ async def test_an_interactive_request_scores_before_the_next_bulk_forward(batche
     gate.set()
     await asyncio.gather(*waiters)
     assert order == ["forward 4", "forward 1", "score I", "forward 4"], order
+
+
+async def test_bulk_batches_are_smaller_while_a_person_is_active_and_full_again_after():
+    """While interactive images arrive (within active_s), bulk batches hold at most active_batch images, so the
+    forward an interactive image may wait for is shorter; once nobody is active, bulk batches are full again."""
+    executors = Executors(cpu_workers=1)
+    b = MicroBatcher(executors, max_batch=4, max_wait_ms=20, active_batch=2, active_s=0.5)
+    try:
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            return x
+
+        async def bulk(tag: str) -> None:
+            await asyncio.gather(*(b.submit("m", forward, torch.zeros(1), tag) for _ in range(8)))
+
+        await bulk("before")
+        await b.submit("m", forward, torch.zeros(1), "person", "interactive")
+        assert b.person_active() and b.bulk_batch_limit() == 2
+        await bulk("during")
+        await asyncio.sleep(0.6)
+        assert not b.person_active() and b.bulk_batch_limit() == 4
+        await bulk("after")
+        sizes = {tag: [len(batch) for batch in b.stats.log if batch[0][0] == tag] for tag in ("before", "during", "after")}
+        assert sizes == {"before": [4, 4], "during": [2, 2, 2, 2], "after": [4, 4]}, sizes
+        with pytest.raises(ValueError):
+            MicroBatcher(executors, max_batch=4, active_s=-1)
+    finally:
+        await b.close()
+        executors.shutdown()
