@@ -178,7 +178,8 @@ class AnnotationRequest(InputModel):
     priority: Literal["interactive", "bulk"] | None = Field(
         default=None,
         description="Scheduling lane. 'interactive' (a person waits) is handled before bulk work, with its own "
-                    "in-flight budget; default: interactive up to CLS_INTERACTIVE_MAX_IMAGES images (16), else bulk; "
+                    "in-flight budget; default: interactive up to CLS_INTERACTIVE_MAX_IMAGES images (16; few-shot examples count, an "
+                    "examples_url makes it bulk), else bulk; "
                     "always interactive on the interactive topic.",
     )
     auto_accept_precision: float | None = Field(
@@ -368,17 +369,23 @@ def lane_of(body: dict, topic_lane: str, interactive_max_images: int) -> str:
     """The lane of a request read from a topic of lane ``topic_lane`` (the raw body: decided before validation).
 
     The interactive topic makes every request interactive; on the request topic, an explicit
-    ``priority`` wins, else a request of at most ``interactive_max_images`` images is interactive.
+    ``priority`` wins, else a request with at most ``interactive_max_images`` images to embed is interactive:
+    its images plus its few-shot ``examples``; a support set or image list behind a manifest URL
+    (``examples_url``, ``manifest_url``) is of unknown size, so such a request is bulk.
     """
     if topic_lane == "interactive":
         return "interactive"
     priority = body.get("priority")
     if priority in ("interactive", "bulk"):
         return str(priority)
+    if body.get("examples_url") or body.get("manifest_url"):
+        return "bulk"
     images = body.get("images")
-    if isinstance(images, list) and 0 < len(images) <= interactive_max_images:
-        return "interactive"
-    return "bulk"
+    examples = body.get("examples")
+    if not isinstance(images, list):
+        return "bulk"
+    count = len(images) + (len(examples) if isinstance(examples, list) else 0)
+    return "interactive" if 0 < len(images) and count <= interactive_max_images else "bulk"
 
 
 class Prediction(BaseModel):

@@ -21,6 +21,7 @@ async def topics(kafka_bootstrap, topic_prefix):
     return settings
 
 
+@pytest.mark.slow
 async def test_interactive_requests_overtake_a_saturating_bulk_request(tmp_path, topics, topic_prefix, kafka_bootstrap):
     w = topics.worker
     worker = start_echo(tmp_path, topic_prefix, ECHO_BULK_SLEEP_S="12", CLS_MAX_IN_FLIGHT="1",
@@ -72,3 +73,10 @@ def test_lane_rule():
     assert lane_of({**many, "priority": "interactive"}, "bulk", 16) == "interactive"
     assert lane_of({**many, "priority": "bulk"}, "interactive", 16) == "interactive"  # the topic wins
     assert lane_of({"images": "nope"}, "bulk", 16) == "bulk"
+    # few-shot examples are images to embed too; a manifest is of unknown size
+    examples = [{"url": "http://x/e.jpg", "label": "cat"}] * 16
+    assert lane_of({**one, "examples": examples}, "bulk", 16) == "bulk"
+    assert lane_of({**one, "examples": examples[:15]}, "bulk", 16) == "interactive"
+    assert lane_of({**one, "examples_url": "s3://b/support.jsonl"}, "bulk", 16) == "bulk"
+    assert lane_of({"task": "audit", "manifest_url": "s3://b/audit.jsonl"}, "bulk", 16) == "bulk"
+    assert lane_of({**one, "examples": examples, "priority": "interactive"}, "bulk", 16) == "interactive"
