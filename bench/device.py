@@ -39,7 +39,7 @@ if str(REPO) not in sys.path:  # run as a script: the repository root on the pat
 from handlers.images import DecodeLimits, decoded, decoded_tensor  # noqa: E402
 from ml.device import policy_for, stage_batch  # noqa: E402
 from ml.preprocess import decode_jpegs, tensor_preprocess_for  # noqa: E402
-from tests.support.photos import photo_jpegs  # noqa: E402
+from testkit.photos import photo_jpegs  # noqa: E402
 
 FAMILIES = ("vit_base_patch16_224", "convnext_tiny", "efficientnet_b0", "swin_tiny_patch4_window7_224")
 DRY_FAMILIES = ("test_vit", "test_convnext", "test_efficientnet", "test_resnet")  # the four kinds, timm's tiny test nets

@@ -15,7 +15,7 @@ import pytest
 
 from testkit.containers import ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY, free_port
 from tests.containers.conftest import photo_jpeg
-from tests.support.kafka import REPO
+from testkit.local import REPO
 
 pytestmark = pytest.mark.container
 

@@ -18,7 +18,7 @@ from schemas import topics
 from testkit.containers import WorkerSpec, WorkerStack
 from tests.containers.conftest import photo_jpeg
 from testkit.images import DIGIT_CLASS_NAMES, digits_splits, write_digits_dataset
-from tests.support.kafka import committed_offsets, end_offsets, produce, read_until, topic_env
+from testkit.kafka import committed_offsets, end_offsets, produce, read_until, topic_env
 
 pytestmark = pytest.mark.container
 

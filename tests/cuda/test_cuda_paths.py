@@ -12,7 +12,7 @@ import torch
 
 from ml.device import Capabilities, choose_policy, policy_for, stage_batch
 from ml.preprocess import decode_cpu, decode_jpegs, is_baseline_jpeg
-from tests.support.photos import encode_jpeg, photo_jpegs, photos
+from testkit.photos import encode_jpeg, photo_jpegs, photos
 
 pytestmark = pytest.mark.cuda
 CLASSES = ["cat", "dog", "person", "coffee cup", "rocket", "flower", "building", "coins"]

@@ -35,6 +35,7 @@ def start_annotation_worker(tmp_path, prefix: str, name: str = "annotation", **e
                          tmp_path / f"{name}.log")
 
 
+@pytest.mark.slow
 async def test_annotation_worker_end_to_end(tmp_path, kafka_bootstrap, topic_prefix, http_server, s3_server):
     settings = settings_for(topic_prefix)
     await provision(settings)

@@ -82,8 +82,8 @@ def _record(rng: random.Random, topic_kind: str, i: int) -> tuple[bytes | None, 
         return None, key or f"tomb{i}".encode()
     if kind == 4:
         return b'{"request_id": "\\ud800", "job_id": "\\udfff", "task": "cancel"}', key
-    if kind == 5:  # huge lists
-        n = rng.choice([5_000, 30_000])
+    if kind == 5:  # long lists: one in ten huge (past every limit), the rest just past the part and class bounds
+        n = rng.choice([5_000, 30_000]) if rng.random() < 0.1 else rng.choice([501, 2_001])
         return json.dumps({"request_id": f"big-{i}", "job_id": f"big-{i}", "task": "classify",
                            "images": [{"id": str(j), "url": "x"} for j in range(n)], "classes": ["a"] * 100}).encode(), key
     if topic_kind == "annotation":

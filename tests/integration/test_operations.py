@@ -202,6 +202,7 @@ async def wait_committed(bootstrap: str, group: str, topic: str, timeout_s: floa
 
 
 @pytest.mark.kafka
+@pytest.mark.slow
 async def test_runbook_commands_against_live_broker(tmp_path, kafka_bootstrap, topic_prefix):
     names = topic_env(topic_prefix)
     requests, results = names["CLS_ANNOTATION_REQUESTS_TOPIC"], names["CLS_ANNOTATION_RESULTS_TOPIC"]

@@ -74,6 +74,7 @@ async def wait_log(worker: WorkerProcess, event: str, timeout_s: float = 60, **f
     raise AssertionError(f"no {event} {fields} within {timeout_s}s:\n{worker.log_text()[-4000:]}")
 
 
+@pytest.mark.slow
 async def test_control_topic_garbage_is_dead_lettered_once_and_never_stops_cancels_or_training(
         tmp_path, kafka_bootstrap, topic_prefix, http_server, s3_bucket):
     settings = settings_for(topic_prefix)

@@ -87,6 +87,7 @@ async def wait_final(bootstrap: str, topic: str, job_id: str, timeout_s: float =
     return statuses_of(records, job_id)
 
 
+@pytest.mark.slow
 async def test_digits_trained_through_kafka_reach_90_percent(tmp_path, kafka_bootstrap, topic_prefix, digits_s3, s3_server):
     bucket, urls, class_names, _ = digits_s3
     settings = settings_for(topic_prefix)
@@ -152,6 +153,7 @@ def four_family_request(model_name: str, urls: list[str], output: str) -> dict:
     }
 
 
+@pytest.mark.slow
 async def test_four_families_and_bad_requests_in_one_worker(tmp_path, kafka_bootstrap, topic_prefix, digits_s3, http_server):
     bucket, urls, _, _ = digits_s3
     settings = settings_for(topic_prefix)
@@ -219,6 +221,7 @@ async def test_cancel_while_running_and_before_start(tmp_path, kafka_bootstrap, 
     assert [e["status"] for e in early_events] == ["cancelled"]
 
 
+@pytest.mark.slow
 async def test_sigkill_mid_training_resumes_from_checkpoint(tmp_path, kafka_bootstrap, topic_prefix, digits_s3):
     bucket, urls, _, _ = digits_s3
     settings = settings_for(topic_prefix)
@@ -256,6 +259,7 @@ async def test_sigkill_mid_training_resumes_from_checkpoint(tmp_path, kafka_boot
     assert [e["attempt"] for e in queued] == [1, 2] and queued[0]["message_id"] == queued[1]["message_id"]
 
 
+@pytest.mark.slow
 async def test_sigterm_checkpoints_then_resumes_and_max_jobs_exits(tmp_path, kafka_bootstrap, topic_prefix, digits_s3):
     bucket, urls, _, _ = digits_s3
     settings = settings_for(topic_prefix)
@@ -293,6 +297,7 @@ async def test_sigterm_checkpoints_then_resumes_and_max_jobs_exits(tmp_path, kaf
     assert "checkpoint_restored" in second.log_text()
 
 
+@pytest.mark.slow
 async def test_scale_out_rebalance_checkpoints_and_the_job_resumes(tmp_path, kafka_bootstrap, topic_prefix, digits_s3):
     bucket, urls, _, _ = digits_s3
     settings = settings_for(topic_prefix)

@@ -16,7 +16,7 @@ import ml.preprocess
 from handlers.errors import ImageError
 from handlers.images import DecodeLimits, batched_jpeg_size, decoded_tensor
 from ml.preprocess import EncodedJpeg, JpegBatch, TensorPreprocess, preprocess_jpegs
-from tests.support.photos import encode_jpeg, photo_jpegs, photos
+from testkit.photos import encode_jpeg, photo_jpegs, photos
 
 LIMITS = DecodeLimits()
 RECIPE = TensorPreprocess(resize=48, crop=(48, 48), interpolation=InterpolationMode.BICUBIC,

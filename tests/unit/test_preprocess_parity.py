@@ -23,7 +23,7 @@ from handlers.images import DecodeBudget, DecodeLimits, decode_image, decoded, d
 from ml.device import policy_for
 from ml.preprocess import TensorPreprocess, is_baseline_jpeg, tensor_preprocess_for
 from tests.support.hostile_images import hostile_images
-from tests.support.photos import encode_jpeg, photo_jpegs, photos
+from testkit.photos import encode_jpeg, photo_jpegs, photos
 from tests.support.zeroshot import _few_threads  # noqa: F401 - autouse fixture
 
 LIMITS = DecodeLimits()

@@ -7,6 +7,7 @@ macro-F1 on a balanced test split.
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from ml.trained import TrainedModel
@@ -40,6 +41,7 @@ def _macro_f1(package_dir, test) -> float:
     return classification_metrics(np.array([l for _, l in test]), predictions, model.class_names)["macro_f1"]
 
 
+@pytest.mark.slow
 def test_class_weighting_raises_macro_f1_on_imbalanced_digits(digits_dataset, tmp_path):
     samples, _, _ = digits_dataset
     train_samples, val_samples, test = _imbalanced_splits(samples)
