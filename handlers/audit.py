@@ -154,7 +154,7 @@ class AuditHandler:
         options = AuditOptions(folds=request.options.folds, neighbours=request.options.neighbours,
                                duplicate_threshold=request.options.duplicate_threshold, jobs=config.jobs)
         try:
-            table = await ctx.executors.on_cpu(audit, embeddings, labels[good], len(classes), options)
+            table = await ctx.executors.on_cpu(fit_audit, embeddings, labels[good], len(classes), options)
         except AuditError as exc:
             if errors:
                 first = next(iter(errors.values())).error
@@ -229,10 +229,12 @@ class AuditHandler:
     async def _embed_all(self, model: EmbeddingHandle, images: Sequence[AuditImage], request_id: str,
                          priority: str) -> tuple[np.ndarray, dict[int, ImageResult]]:
         """Every image's normalised embedding (row = request position; zero for a failed image) and the
-        error entries by position."""
+        error entries by position. Images with the same bytes get the first one's vector (two forwards of the
+        same pixels in different batches may differ in the last bits)."""
         ctx = self.ctx
         matrix = np.zeros((len(images), model.dim), dtype=np.float32)
         errors: dict[int, ImageResult] = {}
+        first_of: dict[str, int] = {}
         window = asyncio.Semaphore(ctx.config.request_window if priority == "bulk" else min(len(images), EMBED_CHUNK))
         chunks = [range(start, min(start + EMBED_CHUNK, len(images))) for start in range(0, len(images), EMBED_CHUNK)]
 
@@ -245,7 +247,12 @@ class AuditHandler:
                     if isinstance(out, ImageResult):
                         errors[position] = out
                     else:
-                        matrix[position] = out[1].float().numpy()
+                        digest, vector = out
+                        if digest in first_of:
+                            matrix[position] = matrix[first_of[digest]]
+                        else:
+                            first_of[digest] = position
+                            matrix[position] = vector.float().numpy()
         return matrix, errors
 
     async def _fit_conflicts(self, conflicts: list[LabelConflict], folder: str,
@@ -266,20 +273,31 @@ class AuditHandler:
         return kept, url
 
 
+def fit_audit(embeddings: np.ndarray, labels: np.ndarray, num_classes: int, options: AuditOptions) -> AuditTable:
+    """``ml.audit.audit`` on the vectors as ``embeddings.npz`` stores them (float16), L2-normalised again, in
+    place: the table is a function of the stored file, and noise in the last bits of a forward pass rarely
+    reaches it."""
+    embeddings[...] = embeddings.astype(np.float16)
+    norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
+    np.divide(embeddings, norms, out=embeddings, where=norms > 0)
+    return audit(embeddings, labels, num_classes, options)
+
+
 def _rounded(values: np.ndarray, low: float, high: float) -> list[float]:
     return np.round(np.clip(values.astype(np.float64), low, high), DECIMALS).tolist()
 
 
 def review_order(images: Sequence[AuditImage], classes: Sequence[str], good: np.ndarray,
                  errors: dict[int, ImageResult], table: AuditTable) -> _Review:
-    """The table in review order: audited images by issue score (highest first; ties: request order), then the
-    failed ones in request order; each audited position's entry fields; the conflicts by id."""
+    """The table in review order: audited images by issue score as published (rounded to :data:`DECIMALS`;
+    highest first, ties in request order), then the failed ones in request order; each audited position's entry
+    fields; the conflicts by id."""
     positions = good.tolist()
-    ranked = good[table.order()].tolist()
+    issue_score = _rounded(table.issue_score, 0.0, 1.0)
+    ranked = good[np.argsort(-np.asarray(issue_score), kind="stable")].tolist()  # ties as published: request order
     order = ranked + sorted(errors)
     label_probability = _rounded(table.label_probability, 0.0, 1.0)
     suggested_probability = _rounded(table.suggested_probability, 0.0, 1.0)
-    issue_score = _rounded(table.issue_score, 0.0, 1.0)
     outlier_score = _rounded(table.outlier_score, 0.0, 2.0)
     issue = table.label_issue.tolist()
     suggested = table.suggested_label.tolist()
