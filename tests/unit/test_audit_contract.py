@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 
 import numpy as np
 import pytest
@@ -139,3 +140,51 @@ def test_csv_round_trips_strange_values_and_failed_rows():
                            entry["suggested_label"], repr(entry["suggested_probability"]), repr(entry["issue_score"]),
                            repr(entry["outlier_score"]), ""]
     assert [entry["rank"] for entry in sorted(review.entries.values(), key=lambda e: e["rank"])] == list(range(38))
+
+
+async def test_send_audit_inlines_a_local_manifest_and_refuses_a_large_one(tmp_path):
+    import argparse
+
+    from consumers.send import add_send_parser, build_request, render
+    from consumers.settings import KafkaSettings, Settings, WorkerSettings
+    from schemas.annotation import MAX_IMAGES_PER_REQUEST
+
+    parser = argparse.ArgumentParser()
+    add_send_parser(parser.add_subparsers(), func=None)
+    settings = Settings(kafka=KafkaSettings(), worker=WorkerSettings())
+    manifest = tmp_path / "labels.jsonl"
+    manifest.write_text("\n".join(json_line(k, "ab"[k % 2]) for k in range(6)) + "\n\n")
+    topic, request_id, body = await build_request(settings, parser.parse_args(
+        ["send", "audit", "--manifest", str(manifest), "--id", "a1", "--folds", "3", "--classes", "a,b,c",
+         "--output", "s3://b/audits"]))
+    assert (topic, request_id) == (settings.worker.annotation_requests_topic, "a1")
+    assert body["images"][1] == {"id": "i1", "url": "https://e.com/1.jpg", "label": "b"} and len(body["images"]) == 6
+    assert body["options"] == {"folds": 3} and body["classes"] == ["a", "b", "c"] and body["output_path"] == "s3://b/audits"
+    _, _, by_url = await build_request(settings, parser.parse_args(["send", "audit", "--manifest", "s3://b/labels.jsonl"]))
+    assert by_url["manifest_url"] == "s3://b/labels.jsonl" and "images" not in by_url
+    large = tmp_path / "large.jsonl"
+    large.write_text("\n".join(json_line(k, "ab"[k % 2]) for k in range(MAX_IMAGES_PER_REQUEST + 1)))
+    for args, reason in ((["--manifest", str(large)], "upload it"), ([], "needs --manifest"),
+                         (["--manifest", str(tmp_path / "none.jsonl")], "no such file")):
+        with pytest.raises(ValueError, match=reason):
+            await build_request(settings, parser.parse_args(["send", "audit", *args]))
+    single = tmp_path / "single.jsonl"
+    single.write_text(json_line(0, "a") + "\n" + json_line(1, "a"))
+    with pytest.raises(ValidationError, match="at least 2 labels"):
+        await build_request(settings, parser.parse_args(["send", "audit", "--manifest", str(single)]))
+
+    entry = AuditEntry(label="cat", label_probability=0.1, label_issue=True, suggested_label="dog",
+                       suggested_probability=0.85, issue_score=0.9, outlier_score=0.2, rank=0)
+    event = AnnotationResult(message_id="m", request_id="a1", status="completed", task="audit",
+                             model=ModelDescriptor(family="clip", variant="ViT-B-32", weights="random"),
+                             results=[ImageResult(id="img-7", audit=entry)], audit_url="s3://b/a1/audit.csv",
+                             audit_summary=AuditSummary(images=1, audited=1, label_issues=1, label_conflicts=1, classes=2,
+                                                        folds=2, cv_accuracy=0.5),
+                             label_conflicts=[LabelConflict(ids=["img-7", "img-8"], labels=["cat", "dog"], similarity=0.99)])
+    text = render(json.loads(event.to_json_bytes()))
+    assert "#0 img-7: cat p=0.100 outlier=0.200  ISSUE -> dog (0.850)" in text and "table=s3://b/a1/audit.csv" in text
+    assert "label conflict (similarity 0.990): img-7 (cat), img-8 (dog)" in text
+
+
+def json_line(k: int, label: str) -> str:
+    return json.dumps({"id": f"i{k}", "url": f"https://e.com/{k}.jpg", "label": label})
