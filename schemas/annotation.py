@@ -560,7 +560,8 @@ def _short_ascii(message: str) -> str:
 
 class ImageResult(BaseModel):
     """Predictions for one image, or its error (then ``predictions`` is empty). Embed results: ``predictions``
-    is empty; ``embedding`` holds the vector when the request asked for it inline."""
+    is empty; ``embedding`` holds the vector when the request asked for it inline. Audit results:
+    ``predictions`` is empty; ``audit`` holds the image's row."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     id: str
