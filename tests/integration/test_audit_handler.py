@@ -194,6 +194,8 @@ async def test_refused_before_any_image_is_fetched(ctx, http_server, s3_server, 
     two_labels = [json.dumps(entry(k, "ab"[k % 2])) for k in range(6)]
     over = await refusal("over", [json.dumps(entry(k, "ab"[k % 2])) for k in range(MAX_IMAGES + 1)])
     assert over.code == "invalid_request" and "CLS_AUDIT_MAX_IMAGES" in over.message
+    inline_over = await refusal("inline-over", None, images=[entry(k, "ab"[k % 2]) for k in range(MAX_IMAGES + 1)])
+    assert inline_over.code == "invalid_request" and f"CLS_AUDIT_MAX_IMAGES={MAX_IMAGES}" in inline_over.message
     cases = {
         "one-label": ([json.dumps(entry(k, "a")) for k in range(6)], {}, "at least 2 labels"),
         "single-image-label": ([*two_labels, json.dumps(entry(9, "c"))], {}, "at least 2 images"),
