@@ -15,6 +15,7 @@ from consumers.runtime import ConsumerRuntime
 from consumers.settings import Settings
 from consumers.worker import configure_torch_threads, serve
 from handlers.annotation import PART_BUDGET_BYTES, AnnotationConfig, AnnotationContext, AnnotationHandler, failed_result
+from handlers.audit import AuditConfig
 from handlers.batcher import MicroBatcher
 from handlers.embedding import EmbedConfig
 from handlers.executor import Executors
@@ -116,6 +117,7 @@ async def annotation_context(settings: Settings):
             embedding_cache=EmbeddingCache(w.embedding_cache_mb * 1024 * 1024) if w.embedding_cache_mb else None,
             fewshot=FewShotConfig(max_examples=w.fewshot_max_examples,
                                   head_cache_bytes=w.fewshot_head_cache_mb * 1024 * 1024),
+            audit_config=AuditConfig(max_images=w.audit_max_images, max_cells=w.audit_max_cells),
         )
         ctx.fewshot_heads.on_head = metrics.observe_few_shot_head
         ctx.fewshot_heads.on_fit = metrics.observe_few_shot_fit

@@ -3,6 +3,7 @@
     cls-worker send annotate --classes cat,dog,bird https://.../a.jpg https://.../b.jpg
     cls-worker send classify --classes cat,dog --examples support.jsonl https://.../a.jpg   # few-shot
     cls-worker send embed --output s3://bucket/vectors --duplicates 0.95 https://.../a.jpg https://.../b.jpg
+    cls-worker send audit --manifest labels.jsonl --output s3://bucket/audits   # {"id", "url", "label"} per line
     cls-worker send train --dataset s3://bucket/prefix/ --model-name convnext_tiny --output s3://bucket/models/x
     cls-worker send request.json            # any request as JSON (the topic follows from its "task")
 
@@ -28,7 +29,14 @@ from pydantic import ValidationError
 
 from consumers.settings import Settings
 from consumers.topics_admin import topic_partitions
-from schemas.annotation import MAX_FEW_SHOT_EXAMPLES, AnnotationRequest, EmbedRequest, LabeledExample
+from schemas.annotation import (
+    MAX_FEW_SHOT_EXAMPLES,
+    MAX_IMAGES_PER_REQUEST,
+    AnnotationRequest,
+    AuditRequest,
+    EmbedRequest,
+    LabeledExample,
+)
 from schemas.topics import CONTENT_TYPE_JSON, Headers
 from schemas.training import CancelRequest, TrainingRequest
 
@@ -36,9 +44,9 @@ from schemas.training import CancelRequest, TrainingRequest
 def add_send_parser(sub: Any, func: Any) -> None:
     p = sub.add_parser("send", help="produce a request and follow its events", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", help="annotate (or classify) | embed | train | cancel | a request JSON file")
+    p.add_argument("what", help="annotate (or classify) | embed | audit | train | cancel | a request JSON file")
     p.add_argument("urls", nargs="*", help="image URLs (annotate, embed)")
-    p.add_argument("--classes", help="comma-separated class names (annotate)")
+    p.add_argument("--classes", help="comma-separated class names (annotate; audit: the labels allowed)")
     p.add_argument("--model", default="clip", choices=["clip", "siglip", "custom", "timm"])
     p.add_argument("--model-variant")
     p.add_argument("--model-url", help="trained model package (with --model custom)")
@@ -53,9 +61,13 @@ def add_send_parser(sub: Any, func: Any) -> None:
     p.add_argument("--duplicates", type=float, metavar="THRESHOLD", help="embed: report duplicate groups (cosine >= THRESHOLD)")
     p.add_argument("--against", action="append", help="embed: an earlier embeddings_url to find duplicates against (repeatable)")
     p.add_argument("--inline", action="store_true", help="embed: vectors in the result too (small requests)")
+    p.add_argument("--manifest", help="audit: a local JSON Lines file of {\"id\", \"url\", \"label\"} (sent inline, up to "
+                                      f"{MAX_IMAGES_PER_REQUEST} lines) or its s3:// / https:// URL (up to the worker's "
+                                      "CLS_AUDIT_MAX_IMAGES)")
+    p.add_argument("--folds", type=int, help="audit: cross-validation folds (default 5)")
     p.add_argument("--dataset", help="s3://bucket/prefix/ with <class>/<file> keys (train)")
     p.add_argument("--model-name", help="timm model name (train)")
-    p.add_argument("--output", help="output_path s3://... (train; default: <dataset>/../models/<job id>; embed: "
+    p.add_argument("--output", help="output_path s3://... (train; default: <dataset>/../models/<job id>; embed, audit: "
                                     "default CLS_EMBED_OUTPUT_PATH)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=32)
@@ -124,6 +136,18 @@ async def build_request(settings: Settings, args: argparse.Namespace) -> tuple[s
             body["duplicates"] = {"threshold": args.duplicates}
         EmbedRequest.model_validate(body)
         return w.annotation_requests_topic, entity_id, body
+    if args.what == "audit":
+        body = {"task": "audit", "request_id": entity_id, "model": args.model, **audit_images(args.manifest)}
+        for field, value in (("model_variant", args.model_variant), ("model_url", args.model_url),
+                             ("output_path", args.output)):
+            if value:
+                body[field] = value
+        if args.classes:
+            body["classes"] = [c.strip() for c in args.classes.split(",") if c.strip()]
+        if args.folds is not None:
+            body["options"] = {"folds": args.folds}
+        AuditRequest.model_validate(body)
+        return w.annotation_requests_topic, entity_id, body
     if args.what == "train":
         if not args.dataset or not args.model_name:
             raise ValueError("train needs --dataset s3://bucket/prefix/ and --model-name")
@@ -149,12 +173,12 @@ async def build_request(settings: Settings, args: argparse.Namespace) -> tuple[s
         return w.training_control_topic, args.entity_id, body
     path = Path(args.what)
     if not path.exists():
-        raise ValueError(f"{args.what!r} is neither annotate|embed|train|cancel nor a request file")
+        raise ValueError(f"{args.what!r} is neither annotate|embed|audit|train|cancel nor a request file")
     body = json.loads(path.read_text())
     task = body.get("task")
-    if task in ("classify", "embed"):
+    if task in ("classify", "embed", "audit"):
         entity_id = body.setdefault("request_id", entity_id)
-        (AnnotationRequest if task == "classify" else EmbedRequest).model_validate(body)
+        {"classify": AnnotationRequest, "embed": EmbedRequest, "audit": AuditRequest}[task].model_validate(body)
         return w.annotation_requests_topic, entity_id, body
     if task == "train":
         entity_id = body.setdefault("job_id", entity_id)
@@ -189,6 +213,34 @@ def read_examples(path: Path) -> list[dict[str, str]]:
     return examples
 
 
+MANIFEST_URL_PREFIXES = ("s3://", "http://", "https://", "file://")
+
+
+def audit_images(manifest: str | None) -> dict[str, Any]:
+    """``{"manifest_url": ...}`` for a URL, or ``{"images": [...]}`` read from a local JSON Lines file (blank
+    lines skipped); a file over the inline limit is refused with what to do instead."""
+    if not manifest:
+        raise ValueError("audit needs --manifest FILE.jsonl (or its s3:// URL): {\"id\", \"url\", \"label\"} per line")
+    if manifest.startswith(MANIFEST_URL_PREFIXES):
+        return {"manifest_url": manifest}
+    path = Path(manifest)
+    if not path.is_file():
+        raise ValueError(f"--manifest {manifest}: no such file (or give an s3:// URL)")
+    images: list[Any] = []
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            if len(images) >= MAX_IMAGES_PER_REQUEST:
+                raise ValueError(f"{manifest} has more than {MAX_IMAGES_PER_REQUEST} images, the most a request carries "
+                                 "inline: upload it (e.g. aws s3 cp) and pass --manifest s3://bucket/key.jsonl")
+            try:
+                images.append(json.loads(line))
+            except ValueError as exc:
+                raise ValueError(f"{manifest} line {number}: not JSON ({exc})") from exc
+    return {"images": images}
+
+
 async def list_dataset(settings: Settings, prefix: str) -> list[str]:
     """Image URLs under an s3:// prefix laid out as <class>/<file>."""
     from handlers.storage import ObjectStore
@@ -218,9 +270,18 @@ def render(event: dict[str, Any]) -> str:
                          f"{'fitted' if few_shot['fitted'] else 'cached head'})")
         if event.get("task") == "embed":
             lines[0] += f"  dim={event.get('dim')}  vectors={event.get('embeddings_url') or '(none)'}"
+        if event.get("task") == "audit":
+            summary = event.get("audit_summary") or {}
+            lines[0] += (f"  audited={summary.get('audited')}/{summary.get('images')}  label_issues={summary.get('label_issues')}"
+                         f"  cv_accuracy={summary.get('cv_accuracy')}  table={event.get('audit_url')}")
         for result in event["results"]:
             if result.get("error"):
                 lines.append(f"  {result['id']}: ERROR {result['error']['code']}: {result['error']['message'][:120]}")
+            elif result.get("audit"):
+                a = result["audit"]
+                flag = f"  ISSUE -> {a['suggested_label']} ({a['suggested_probability']:.3f})" if a["label_issue"] else ""
+                lines.append(f"  #{a['rank']} {result['id']}: {a['label']} p={a['label_probability']:.3f}"
+                             f" outlier={a['outlier_score']:.3f}{flag}")
             elif event.get("task") == "embed":
                 lines.append(f"  {result['id']}: embedded")
             else:
@@ -230,6 +291,11 @@ def render(event: dict[str, Any]) -> str:
             lines.append(f"  duplicates ({group['kind']}, similarity >= {group['similarity']:.3f}): {', '.join(group['ids'])}")
         if event.get("duplicates_url"):
             lines.append(f"  all duplicate groups: {event['duplicates_url']}")
+        for conflict in event.get("label_conflicts") or []:
+            pairs = ", ".join(f"{i} ({label})" for i, label in zip(conflict["ids"], conflict["labels"]))
+            lines.append(f"  label conflict (similarity {conflict['similarity']:.3f}): {pairs}")
+        if event.get("label_conflicts_url"):
+            lines.append(f"  all label conflicts: {event['label_conflicts_url']}")
         return "\n".join(lines)
     status = event["status"]
     progress = event.get("progress") or {}

@@ -177,6 +177,11 @@ class WorkerSettings(BaseSettings):
                                       "may carry (inline or in its examples_url manifest).")
     fewshot_head_cache_mb: int = Field(default=256, ge=0, description="Fitted few-shot heads kept across requests by "
                                        "support-set hash, in MB (0: off; concurrent identical requests still fit once).")
+    # audit task (issue 13)
+    audit_max_images: int = Field(default=100_000, ge=1, description="Images of one audit request: a manifest_url may "
+                                  "list this many (inline images stay within the contract's 10,000).")
+    audit_max_cells: int = Field(default=10_000_000, ge=1, description="Images x classes of one audit: the fit's time "
+                                 "and its probability table grow with both.")
 
     # training
     training_work_dir: str = "~/.cache/cls-workers/training"

@@ -15,7 +15,10 @@ or DEMO_DATABASE_URL folds into a PostgreSQL database instead). Then:
    others classified with and without them (zero-shot), both accuracies printed;
 4. training: scikit-learn's digits as PNG files in S3 under <class>/<file>, a resnet10t fine-tuned
    through Kafka with per-epoch progress, the model package in S3;
-5. inference with the trained model (``"model": "custom"``) on held-back digits.
+5. inference with the trained model (``"model": "custom"``) on held-back digits;
+6. label audit: the held-back digits with 10% of their labels deliberately wrong, audited (``"task": "audit"``)
+   on the trained model's embeddings; the review queue folded, precision and recall of ``label_issue``
+   against the injected wrong labels printed.
 
 ``--once`` (or DEMO_ONCE=1; automatic without a terminal) exits after the demo; otherwise the stack
 keeps running for ``cls-worker send ...`` until Ctrl-C. Every process it started is stopped on exit.
@@ -50,6 +53,8 @@ if TYPE_CHECKING:
 CLASSES = ["person", "cat", "coffee cup", "flower"]
 BUCKET = "cls-demo"
 EMBEDDINGS_PREFIX = f"s3://{BUCKET}/embeddings"
+AUDITS_PREFIX = f"s3://{BUCKET}/audits"
+AUDIT_WRONG_FRACTION = 0.1
 COPIED_PHOTOS = ("astronaut.jpg", "coffee.jpg", "camera-man.png")
 """The photos step 2 injects copies of (every kind in testkit.image_copies.COPY_KINDS)."""
 REUPLOADED_PHOTO = "chelsea-the-cat.jpg"
@@ -317,6 +322,10 @@ async def run(demo: Demo, once: bool, database: str | None = None) -> None:
     right = sum(truth[image_id] == cls for image_id, cls in applied_rows)
     say(f"   auto-applied {accepted} of {len(held_back)} labels at precision 0.95: {right} right"
         f" ({right / max(1, accepted):.3f})")
+
+    # ---------------------------------------------------------------- 6. label audit
+    say("\n== 6. Label audit (\"task\": \"audit\"): injected wrong labels found ==")
+    await audit_labels(demo, fold, output, base, held_back, until)
     shutil.rmtree(digits_dir, ignore_errors=True)
 
     say("\nDone. The folded tables are in " + fold_target)
@@ -329,6 +338,50 @@ async def run(demo: Demo, once: bool, database: str | None = None) -> None:
             await asyncio.sleep(3600)
     stop_fold.set()
     await asyncio.wait_for(fold_task, 30)
+
+
+async def audit_labels(demo: Demo, fold: Fold, model_url: str, base: str, held_back: list[tuple[str, int]],
+                       until: Callable[[Callable[[], bool], float, str], Awaitable[None]]) -> None:
+    """Step 6: the held-back digits (served by step 5) with some labels made wrong on purpose, audited with the
+    trained model as the backbone; the review queue from the fold, scored against the injected errors."""
+    import random
+
+    from schemas import topics
+    from testkit.images import DIGIT_CLASS_NAMES
+
+    rng = random.Random(0)
+    wrong = set(rng.sample(range(len(held_back)), int(len(held_back) * AUDIT_WRONG_FRACTION)))
+    images = []
+    for i, (_, label) in enumerate(held_back):
+        given = (label + rng.randrange(1, len(DIGIT_CLASS_NAMES))) % len(DIGIT_CLASS_NAMES) if i in wrong else label
+        images.append({"id": f"digit-{i}", "url": f"{base}/held/{i}.png", "label": DIGIT_CLASS_NAMES[given]})
+    request_id = f"demo-audit-{uuid.uuid4().hex[:6]}"
+    started = time.monotonic()
+    await produce(demo.bootstrap, topics.ANNOTATION_REQUESTS, request_id,
+                  {"task": "audit", "model": "custom", "model_url": model_url, "images": images,
+                   "output_path": AUDITS_PREFIX})
+    say(f"   sent {len(images)} held-back digits with their labels, {len(wrong)} of them deliberately wrong"
+        f" (request {request_id}; backbone: the model trained in step 4)")
+    await until(lambda: fold.request_complete(request_id), 300, "audit results")
+    took = time.monotonic() - started
+    status, error = fold.query("SELECT status, error FROM annotation_requests WHERE request_id = ?", (request_id,))[0]
+    if status != "completed":
+        raise RuntimeError(f"audit request {status}: {error}")
+    (audit_url, audited, issues, cv_accuracy), = fold.query(
+        "SELECT audit_url, audited, label_issues, cv_accuracy FROM audit_requests WHERE request_id = ?", (request_id,))
+    flagged = {row["image_id"] for row in fold.review_queue(request_id, limit=len(images), issues_only=True)}
+    injected = {f"digit-{i}" for i in wrong}
+    hits = len(flagged & injected)
+    say(f"   audited {audited} images in {took:.1f} s (request to folded result); cross-validated accuracy against the"
+        f" given labels {cv_accuracy:.3f}; table: {audit_url}")
+    say(f"   label_issue on {issues} images: precision {hits / max(1, len(flagged)):.3f}, recall"
+        f" {hits / max(1, len(injected)):.3f} against the {len(injected)} injected wrong labels")
+    say("   the head of the review queue (table audit_entries, by rank):")
+    for row in fold.review_queue(request_id, limit=5):
+        origin = "injected" if row["image_id"] in injected else "as given"
+        suggestion = f"-> {row['suggested_label']}" if row["label_issue"] else "(no issue)"
+        say(f"     #{row['rank']} {row['image_id']:10s} labeled {row['label']:6s} p={row['label_probability']:.3f}"
+            f" {suggestion:10s} [{origin}]")
 
 
 async def find_duplicates(demo: Demo, fold: Fold, session: aioboto3.Session, endpoint: str, photos: dict[str, bytes],

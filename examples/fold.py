@@ -28,8 +28,10 @@ Tables: ``labels`` (AI predictions: image id, class, confidence, source 'ai', mo
 ``image_errors``, ``annotation_requests``, ``training_jobs``, ``applied_labels`` (what a labeling
 workflow accepted), ``embedding_parts`` (embed results: where each part's vectors are), ``duplicate_groups`` and
 ``duplicate_members`` (an embed request's duplicate groups), ``few_shot_requests`` (what a few-shot classify
-request learned from: method, examples, cross-validated accuracy), ``folded_messages`` (idempotency),
-``rejected_messages`` (events that could not be folded).
+request learned from: method, examples, cross-validated accuracy), ``audit_requests`` (an audit's summary and
+files), ``audit_entries`` (one row per audited image: label, label_issue, suggested_label, scores, rank; the review
+queue is ``ORDER BY rank``), ``label_conflicts`` (an audit's disagreeing near-duplicates), ``folded_messages``
+(idempotency), ``rejected_messages`` (events that could not be folded).
 """
 
 from __future__ import annotations
@@ -114,6 +116,44 @@ CREATE TABLE IF NOT EXISTS duplicate_members (
     PRIMARY KEY (request_id, position, image_id)
 );
 CREATE INDEX IF NOT EXISTS duplicate_members_by_image ON duplicate_members (image_id);
+CREATE TABLE IF NOT EXISTS audit_requests (
+    request_id TEXT PRIMARY KEY,
+    audit_url TEXT,
+    embeddings_url TEXT,
+    label_conflicts_url TEXT,
+    images INTEGER NOT NULL,
+    audited INTEGER NOT NULL,
+    label_issues INTEGER NOT NULL,
+    label_conflicts INTEGER NOT NULL,
+    classes INTEGER NOT NULL,
+    folds INTEGER NOT NULL,
+    cv_accuracy DOUBLE PRECISION NOT NULL,
+    model TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit_entries (
+    request_id TEXT NOT NULL,
+    image_id TEXT NOT NULL,
+    rank INTEGER NOT NULL,
+    label TEXT NOT NULL,
+    label_probability DOUBLE PRECISION NOT NULL,
+    label_issue INTEGER NOT NULL,
+    suggested_label TEXT NOT NULL,
+    suggested_probability DOUBLE PRECISION NOT NULL,
+    issue_score DOUBLE PRECISION NOT NULL,
+    outlier_score DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (request_id, image_id)
+);
+CREATE INDEX IF NOT EXISTS audit_entries_by_rank ON audit_entries (request_id, rank);
+CREATE TABLE IF NOT EXISTS label_conflicts (
+    request_id TEXT NOT NULL,
+    position INTEGER NOT NULL,
+    image_a TEXT NOT NULL,
+    image_b TEXT NOT NULL,
+    label_a TEXT NOT NULL,
+    label_b TEXT NOT NULL,
+    similarity DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (request_id, position)
+);
 CREATE TABLE IF NOT EXISTS few_shot_requests (
     request_id TEXT PRIMARY KEY,
     method TEXT NOT NULL,
@@ -140,7 +180,10 @@ CREATE TABLE IF NOT EXISTS applied_labels (
 
 JOB_COLUMNS = ("job_id", "status", "seq", "attempt", "progress", "metrics", "model_url", "error", "updated_at")
 TABLES = ("annotation_requests", "labels", "image_errors", "training_jobs", "applied_labels", "folded_messages",
-          "rejected_messages", "embedding_parts", "duplicate_groups", "duplicate_members", "few_shot_requests")
+          "rejected_messages", "embedding_parts", "duplicate_groups", "duplicate_members", "few_shot_requests",
+          "audit_requests", "audit_entries", "label_conflicts")
+AUDIT_COLUMNS = ("image_id", "rank", "label", "label_probability", "label_issue", "suggested_label",
+                 "suggested_probability", "issue_score", "outlier_score")
 MAX_REASON_CHARS = 500
 INT64 = 2**63
 
@@ -192,6 +235,13 @@ def _int(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"expected an integer, got {type(value).__name__}")
     return value
+
+
+def _flag(value: Any) -> int:
+    """A boolean for an INTEGER column (0/1, the same in both databases)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"expected a boolean, got {type(value).__name__}")
+    return int(value)
 
 
 def _json(value: Any) -> str | None:
@@ -295,6 +345,52 @@ class Fold:
             self._embedding(request_id, event, model_name or "")
         if event.get("few_shot") is not None:
             self._few_shot(request_id, event["few_shot"])
+        if event.get("task") == "audit" and event["status"] == "completed":
+            self._audit(request_id, event, model_name or "")
+
+    def _audit(self, request_id: str, event: dict[str, Any], model_name: str) -> None:
+        """An audit part: the request's summary and file URLs, one row per audited image (its rank in the review
+        queue), and the last part's label conflicts."""
+        summary = event["audit_summary"]
+        self.db.execute(
+            "INSERT INTO audit_requests (request_id, audit_url, embeddings_url, label_conflicts_url, images, audited,"
+            " label_issues, label_conflicts, classes, folds, cv_accuracy, model) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (request_id) DO UPDATE SET audit_url = excluded.audit_url,"
+            " embeddings_url = excluded.embeddings_url,"
+            " label_conflicts_url = COALESCE(excluded.label_conflicts_url, audit_requests.label_conflicts_url),"
+            " images = excluded.images, audited = excluded.audited, label_issues = excluded.label_issues,"
+            " label_conflicts = excluded.label_conflicts, classes = excluded.classes, folds = excluded.folds,"
+            " cv_accuracy = excluded.cv_accuracy, model = excluded.model",
+            (request_id, event.get("audit_url"), event.get("embeddings_url"), event.get("label_conflicts_url"),
+             _int(summary["images"]), _int(summary["audited"]), _int(summary["label_issues"]),
+             _int(summary["label_conflicts"]), _int(summary["classes"]), _int(summary["folds"]),
+             _number(summary["cv_accuracy"]), model_name),
+        )
+        for result in event.get("results", []):
+            entry = result.get("audit")
+            if entry is None:
+                continue  # an error entry: image_errors has it
+            self.db.execute(
+                "INSERT INTO audit_entries (request_id, image_id, rank, label, label_probability, label_issue,"
+                " suggested_label, suggested_probability, issue_score, outlier_score) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (request_id, image_id) DO UPDATE SET rank = excluded.rank, label = excluded.label,"
+                " label_probability = excluded.label_probability, label_issue = excluded.label_issue,"
+                " suggested_label = excluded.suggested_label, suggested_probability = excluded.suggested_probability,"
+                " issue_score = excluded.issue_score, outlier_score = excluded.outlier_score",
+                (request_id, _text(result["id"]), _int(entry["rank"]), _text(entry["label"]),
+                 _number(entry["label_probability"]), _flag(entry["label_issue"]), _text(entry["suggested_label"]),
+                 _number(entry["suggested_probability"]), _number(entry["issue_score"]), _number(entry["outlier_score"])),
+            )
+        conflicts = event.get("label_conflicts")
+        if conflicts is None:
+            return
+        self.db.execute("DELETE FROM label_conflicts WHERE request_id = ?", (request_id,))
+        for position, conflict in enumerate(conflicts):
+            (image_a, image_b), (label_a, label_b) = conflict["ids"], conflict["labels"]
+            self.db.execute("INSERT INTO label_conflicts (request_id, position, image_a, image_b, label_a, label_b,"
+                            " similarity) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                            (request_id, position, _text(image_a), _text(image_b), _text(label_a), _text(label_b),
+                             _number(conflict["similarity"])))
 
     def _few_shot(self, request_id: str, summary: dict[str, Any]) -> None:
         """A few-shot classify part's summary (the same on every part; the latest part folded wins)."""
@@ -379,6 +475,14 @@ class Fold:
             members.setdefault(position, []).append(image_id)
         return [{"kind": kind, "similarity": similarity, "ids": members.get(position, [])}
                 for position, kind, similarity in groups]
+
+    def review_queue(self, request_id: str, limit: int = 100, issues_only: bool = False) -> list[dict[str, Any]]:
+        """An audit's images in review order (rank; parts may arrive in any order): ``AUDIT_COLUMNS`` per row,
+        ``label_issue`` as a bool; with ``issues_only``, the flagged ones only."""
+        condition = " AND label_issue = 1" if issues_only else ""
+        rows = self.db.fetchall(f"SELECT {', '.join(AUDIT_COLUMNS)} FROM audit_entries WHERE request_id = ?{condition}"  # noqa: S608
+                                " ORDER BY rank LIMIT ?", (request_id, limit))
+        return [{**dict(zip(AUDIT_COLUMNS, row, strict=True)), "label_issue": bool(row[4])} for row in rows]
 
     def auto_apply(self, request_id: str, threshold: float | None = None) -> int:
         """Accept each image's top-1 AI label: the ones the worker marked ``auto_accept`` (the request named an

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import structlog
 import torch
 
+from handlers.audit import AuditConfig, AuditHandler
 from handlers.batcher import MicroBatcher
 from handlers.embedding import EmbedConfig, EmbedHandler, content_hash
 from handlers.errors import ImageError, InvalidRequest, PermanentError
@@ -35,6 +36,7 @@ from schemas.annotation import (
     MAX_IMAGE_ERROR_CHARS,
     AnnotationRequest,
     AnnotationResult,
+    AuditRequest,
     EmbedRequest,
     ImageRef,
     ImageResult,
@@ -82,6 +84,7 @@ class AnnotationContext:
     embedding_cache: EmbeddingCache | None = None  # image embeddings by (content hash, model): classify and embed
     fewshot: FewShotConfig = field(default_factory=FewShotConfig)  # classify with examples: limits, head cache size
     fewshot_heads: FewShotHeads = field(init=False)  # fitted few-shot heads by support-set key, single flight
+    audit_config: AuditConfig = field(default_factory=AuditConfig)  # "task": "audit" limits
     images_semaphore: asyncio.Semaphore = field(init=False)
     interactive_semaphore: asyncio.Semaphore = field(init=False)
     preprocessor: Preprocessor = field(init=False)  # fetched bytes -> model input, for classify and embed
@@ -140,10 +143,15 @@ class AnnotationHandler:
         self.ctx = ctx
         self.embedder = EmbedHandler(ctx, ctx.store)
         self.few_shot = FewShotClassifier(self)
+        self.auditor = AuditHandler(ctx, self.embedder)
 
-    async def handle(self, request: AnnotationRequest | EmbedRequest) -> AsyncIterator[AnnotationResult]:
+    async def handle(self, request: AnnotationRequest | EmbedRequest | AuditRequest) -> AsyncIterator[AnnotationResult]:
         if isinstance(request, EmbedRequest):
             async for part in self.embedder.handle(request):
+                yield part
+            return
+        if isinstance(request, AuditRequest):
+            async for part in self.auditor.handle(request):
                 yield part
             return
         async for part in self.classify(request):

@@ -85,6 +85,7 @@ class AuditTable:
     label_probability: np.ndarray  # [N] out-of-sample probability of the given label
     predicted_label: np.ndarray  # [N] out-of-sample argmax
     suggested_label: np.ndarray  # [N]
+    suggested_probability: np.ndarray  # [N] out-of-sample probability of the suggested label
     label_issue: np.ndarray  # [N] bool
     issue_score: np.ndarray  # [N] 1 - label_probability
     outlier_score: np.ndarray  # [N]
@@ -276,6 +277,7 @@ def audit(embeddings: np.ndarray, labels: np.ndarray, num_classes: int,
         label_probability=label_probability,
         predicted_label=predicted,
         suggested_label=rule.suggested_label,
+        suggested_probability=probabilities[np.arange(labels.size), rule.suggested_label],
         label_issue=rule.label_issue,
         issue_score=(1.0 - label_probability).astype(np.float32),
         outlier_score=outlier.astype(np.float32),

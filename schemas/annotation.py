@@ -15,6 +15,8 @@ loadable).
 
 Large requests are answered in parts: part ``k`` of ``parts`` holds the images at request positions
 ``[k*N, (k+1)*N)`` for the worker's configured N, so a redelivered request yields the same parts.
+The one exception is ``"task": "audit"``: its parts are in review order (highest ``issue_score`` first, ties
+in request order, failed images last), which is just as deterministic for the same embeddings.
 
 Few-shot: a classify request with labeled ``examples`` (or an ``examples_url`` manifest) is classified by a
 head fitted on their embeddings (``few_shot.method``; ``auto`` picks by cross-validation on the support set).
@@ -357,12 +359,128 @@ class EmbedRequest(InputModel):
         return self
 
 
-AnyAnnotationRequest = Annotated[AnnotationRequest | EmbedRequest, Field(discriminator="task")]
-"""What the annotation request topics carry: ``task`` classify or embed."""
+MAX_AUDIT_FOLDS = 20
+MAX_AUDIT_NEIGHBOURS = 100
+
+
+class AuditImage(ImageRef):
+    """One image to audit: the caller's id, where to fetch it, and the label it has now."""
+
+    label: str = Field(min_length=1, max_length=MAX_CLASS_NAME_LENGTH, description="The image's current label (a class name).")
+
+
+class AuditSpec(BaseModel):
+    """How the audit is computed (see the README's audit section)."""
+
+    model_config = ConfigDict(extra="ignore")
+    folds: int = Field(default=5, ge=2, le=MAX_AUDIT_FOLDS,
+                       description="Cross-validation folds (fewer when no class has this many images).")
+    neighbours: int = Field(default=10, ge=1, le=MAX_AUDIT_NEIGHBOURS,
+                            description="Nearest images the outlier score averages over.")
+    duplicate_threshold: float = Field(
+        default=DEFAULT_DUPLICATE_THRESHOLD, gt=0.0, le=1.0,
+        description="Cosine similarity at or above which two differently labeled images are a label conflict.")
+
+
+def audit_label_problem(labels: list[str], classes: list[str] | None) -> str | None:
+    """Why an audit of images with these ``labels`` (over ``classes``, default: the labels) cannot run, or None:
+    a label outside the classes, fewer than 2 labels, or a label held by a single image (no fold could score
+    it out of sample)."""
+    counts: dict[str, int] = {}
+    for label in labels:
+        counts[label] = counts.get(label, 0) + 1
+    if classes is not None:
+        unknown = sorted(set(counts) - set(classes))
+        if unknown:
+            return f"{len(unknown)} label(s) are not in classes: {[u[:60] for u in unknown[:10]]}"
+    if len(counts) < 2:
+        return f"an audit needs images of at least 2 labels; got {len(counts)}"
+    single = sorted(label for label, count in counts.items() if count < 2)
+    if single:
+        return (f"every label needs at least 2 images (cross-validation scores each image by a model that did not see it); "
+                f"{len(single)} label(s) have one: {[s[:60] for s in single[:10]]}")
+    return None
+
+
+class AuditRequest(InputModel):
+    """``"task": "audit"`` on the annotation request topics: which current labels are probably wrong.
+
+    The worker embeds the images (as ``embed`` does), scores each image's label out of sample (k-fold logistic
+    regression on the embeddings), flags label issues by the confident-learning rule with a suggested label,
+    and scores outliers and differently labeled near-duplicates. **Parts are in review order**, not request
+    order (an exception to the parts rule): part 0 holds the images with the highest ``issue_score``; ties keep
+    request order; images that failed come last. The last part lists ``label_conflicts``; every part names the
+    whole table as CSV (``audit_url``) and the vectors (``embeddings_url``), both under
+    ``<output_path>/<request_id>/``.
+    """
+
+    task: Literal["audit"] = Field(description="Discriminator: always 'audit'.")
+    request_id: Identifier | None = Field(default=None, description="Defaults to the record key, then to a new UUID.")
+    model: EmbedModelFamily = Field(default="clip", description="The embedding backbone, as for embed requests.")
+    model_variant: str | None = Field(default=None, max_length=200, description="As for embed requests.")
+    model_url: Url | None = Field(default=None, description="As for embed requests ('custom', 'timm').")
+    images: list[AuditImage] | None = Field(
+        default=None, min_length=1, max_length=MAX_IMAGES_PER_REQUEST,
+        description="The images with their labels; or manifest_url for larger sets.")
+    manifest_url: Url | None = Field(
+        default=None,
+        description="Instead of images: a JSON Lines object ({\"id\", \"url\", \"label\"} per line; s3:// or a fetchable "
+                    "URL), up to the worker's CLS_AUDIT_MAX_IMAGES lines.")
+    classes: list[str] | None = Field(
+        default=None, max_length=MAX_CLASSES,
+        description="The class names labels may take (a label outside them is invalid); default: the labels given. "
+                    "A class no image holds is never suggested.")
+    output_path: OutputUrl | None = Field(
+        default=None,
+        description="Prefix the files go under (as for embed; default CLS_EMBED_OUTPUT_PATH): "
+                    "<output_path>/<request_id>/audit.csv and embeddings.npz.")
+    options: AuditSpec = Field(default_factory=AuditSpec, description="Folds, neighbours, conflict threshold.")
+    priority: Literal["interactive", "bulk"] | None = Field(default=None, description="Scheduling lane, as for classify requests.")
+
+    @field_validator("classes")
+    @classmethod
+    def _classes_valid(cls, classes: list[str] | None) -> list[str] | None:
+        if classes is None:
+            return None
+        if not classes:
+            raise ValueError("classes must not be empty")
+        for name in classes:
+            if not name:
+                raise ValueError("class names must be non-empty")
+            if len(name) > MAX_CLASS_NAME_LENGTH:
+                raise ValueError(f"class name longer than {MAX_CLASS_NAME_LENGTH} characters")
+        if len(set(classes)) != len(classes):
+            raise ValueError(f"class names must be unique; duplicated: {sorted({c for c in classes if classes.count(c) > 1})[:10]}")
+        return classes
+
+    @field_validator("images")
+    @classmethod
+    def _unique_image_ids(cls, images: list[AuditImage] | None) -> list[AuditImage] | None:
+        return None if images is None else unique_image_ids(images)  # type: ignore[return-value]
+
+    @model_validator(mode="after")
+    def _model_specific(self) -> "AuditRequest":
+        if (self.images is None) == (self.manifest_url is None):
+            raise ValueError("give either images or manifest_url (one of them)")
+        if self.model in ("clip", "siglip") and self.model_url is not None:
+            raise ValueError("model_url is only allowed with model 'custom' or 'timm'")
+        if self.model == "custom" and not self.model_url:
+            raise ValueError("model 'custom' needs model_url (the trained model package)")
+        if self.model == "timm" and not self.model_variant:
+            raise ValueError("model 'timm' needs model_variant (a timm model name)")
+        if self.images is not None:
+            problem = audit_label_problem([image.label for image in self.images], self.classes)
+            if problem:
+                raise ValueError(problem)
+        return self
+
+
+AnyAnnotationRequest = Annotated[AnnotationRequest | EmbedRequest | AuditRequest, Field(discriminator="task")]
+"""What the annotation request topics carry: ``task`` classify, embed or audit."""
 
 
 class AnnotationRequestMessage(RootModel[AnyAnnotationRequest]):
-    """A record on the annotation request topics: a classify request or an embed request (by ``task``)."""
+    """A record on the annotation request topics: a classify, embed or audit request (by ``task``)."""
 
 
 def lane_of(body: dict, topic_lane: str, interactive_max_images: int) -> str:
@@ -394,6 +512,42 @@ class Prediction(BaseModel):
     confidence: float = Field(ge=0.0, le=1.0)
 
 
+class AuditEntry(BaseModel):
+    """One image's audit. Probabilities are out of sample: from the model fitted on the other folds."""
+
+    model_config = ConfigDict(extra="forbid")
+    label: str = Field(description="The label the request gave.")
+    label_probability: float = Field(ge=0.0, le=1.0, description="Out-of-sample probability of the given label.")
+    label_issue: bool = Field(description="The confident-learning rule says the label is probably wrong.")
+    suggested_label: str = Field(description="The class the rule assigns (the given label when there is no issue).")
+    suggested_probability: float = Field(ge=0.0, le=1.0, description="Out-of-sample probability of suggested_label.")
+    issue_score: float = Field(ge=0.0, le=1.0, description="1 - label_probability: the review order, highest first.")
+    outlier_score: float = Field(ge=0.0, le=2.0, description="1 - mean cosine similarity to the nearest other images.")
+    rank: int = Field(ge=0, description="0-based position in the review order (by issue_score; ties: request order).")
+
+
+class LabelConflict(BaseModel):
+    """Two near-duplicate images with different labels."""
+
+    model_config = ConfigDict(extra="forbid")
+    ids: list[str] = Field(min_length=2, max_length=2)
+    labels: list[str] = Field(min_length=2, max_length=2, description="Their labels, in the order of ids.")
+    similarity: float = Field(ge=-1.0, le=1.0, description="Cosine similarity of their embeddings.")
+
+
+class AuditSummary(BaseModel):
+    """The whole audit in numbers (on every part)."""
+
+    model_config = ConfigDict(extra="forbid")
+    images: int = Field(ge=0, description="Images in the request.")
+    audited: int = Field(ge=0, description="Images embedded and scored (the others have error entries).")
+    label_issues: int = Field(ge=0, description="Images flagged label_issue.")
+    label_conflicts: int = Field(ge=0, description="Differently labeled near-duplicate pairs found (all, file included).")
+    classes: int = Field(ge=0)
+    folds: int = Field(ge=0, description="Cross-validation folds used.")
+    cv_accuracy: float = Field(ge=0.0, le=1.0, description="Out-of-sample accuracy against the given labels.")
+
+
 MAX_IMAGE_ERROR_CHARS = 240
 """A per-image error message is stored as at most this many printable ASCII characters (an image
 host's reason phrase can be kilobytes of anything), so a result part's size has a known bound."""
@@ -406,7 +560,8 @@ def _short_ascii(message: str) -> str:
 
 class ImageResult(BaseModel):
     """Predictions for one image, or its error (then ``predictions`` is empty). Embed results: ``predictions``
-    is empty; ``embedding`` holds the vector when the request asked for it inline."""
+    is empty; ``embedding`` holds the vector when the request asked for it inline. Audit results:
+    ``predictions`` is empty; ``audit`` holds the image's row."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     id: str
@@ -418,6 +573,7 @@ class ImageResult(BaseModel):
                     "classes (the first prediction, when it is in the requested classes) may be accepted at that precision.")
     embedding: list[float] | None = Field(
         default=None, description="Embed with inline: the L2-normalised vector (float16 precision).")
+    audit: AuditEntry | None = Field(default=None, description="Audit results: this image's audit row (absent on an error entry).")
     error: ErrorInfo | None = Field(
         default=None, description=f"Why this image failed; the message is at most {MAX_IMAGE_ERROR_CHARS} printable ASCII characters.")
 
@@ -476,11 +632,14 @@ class AnnotationResult(OutputModel):
     part: int = Field(default=0, ge=0)
     parts: int = Field(default=1, ge=1)
     error: ErrorInfo | None = Field(default=None, description="Why the whole request failed (status 'failed').")
-    task: Literal["classify", "embed"] | None = Field(default=None, description="'embed' on embed results (absent: classify).")
+    task: Literal["classify", "embed", "audit"] | None = Field(
+        default=None, description="'embed' or 'audit' on those results (absent: classify). Audit parts are in review "
+                                  "order (highest issue_score first, failed images last), not request order.")
     embeddings_url: str | None = Field(
         default=None, description="Embed: the .npz object holding this part's vectors ('ids', float16 'embeddings'; "
-                                  "the images without an error entry, in request order). Absent when none succeeded.")
-    dim: int | None = Field(default=None, ge=1, description="Embed: the vectors' dimension.")
+                                  "the images without an error entry, in request order). Absent when none succeeded. "
+                                  "Audit: one object with all the request's vectors (request order), on every part.")
+    dim: int | None = Field(default=None, ge=1, description="Embed, audit: the vectors' dimension.")
     duplicates: list[DuplicateGroup] | None = Field(
         default=None, description="Embed with 'duplicates': the groups found (last part only).")
     duplicates_url: str | None = Field(
@@ -488,6 +647,16 @@ class AnnotationResult(OutputModel):
                                   "(then 'duplicates' holds the first ones).")
     few_shot: FewShotSummary | None = Field(
         default=None, description="Classify with examples: what the few-shot head is (on every part).")
+    audit_url: str | None = Field(
+        default=None, description="Audit: the whole table as CSV (header row; one row per image in review order; "
+                                  "id,label,label_probability,label_issue,suggested_label,suggested_probability,"
+                                  "issue_score,outlier_score,error).")
+    audit_summary: AuditSummary | None = Field(default=None, description="Audit: the whole audit in numbers.")
+    label_conflicts: list[LabelConflict] | None = Field(
+        default=None, description="Audit: differently labeled near-duplicates, most similar first (last part only).")
+    label_conflicts_url: str | None = Field(
+        default=None, description="Audit: the JSON file holding all conflicts when they were too many for the record "
+                                  "(then 'label_conflicts' holds the first ones).")
 
     @staticmethod
     def message_id_for(request_id: str, part: int) -> str:

@@ -25,12 +25,16 @@ from schemas import topics
 from schemas.annotation import (
     AnnotationRequest,
     AnnotationResult,
+    AuditEntry,
+    AuditRequest,
+    AuditSummary,
     DuplicateGroup,
     EmbedRequest,
     FewShotSpec,
     FewShotSummary,
     ImageRef,
     ImageResult,
+    LabelConflict,
     LabeledExample,
     ModelDescriptor,
     Prediction,
@@ -273,6 +277,10 @@ def annotation_request_examples() -> list[dict[str, Any]]:
                                    images=[ImageRef(id="img-21", url="https://images.example.com/21.jpg")],
                                    examples_url="s3://labels/project-7/support.jsonl", top_k=1,
                                    ).model_dump(mode="json", by_alias=True, exclude_none=True)),
+        _example("audit", "A label audit of a labeled set listed in a JSON Lines manifest ({id, url, label} per line).",
+                 AuditRequest(task="audit", request_id="req-2025-0008", model="clip",
+                              manifest_url="s3://datasets/pets/labels.jsonl", output_path="s3://audits/project-7",
+                              ).model_dump(mode="json", by_alias=True, exclude_none=True)),
     ]
 
 
@@ -338,7 +346,28 @@ def annotation_result_examples() -> list[AnnotationResult]:
         few_shot=FewShotSummary(method="linear_probe", examples_per_class={"cat": 2, "dog": 2}, examples_failed=0,
                                 cv_accuracy=1.0, fitted=True),
     )
-    return [completed, part, failed, embedded, few_shot]
+    audited = AnnotationResult(
+        message_id=AnnotationResult.message_id_for("req-2025-0008", 0),
+        request_id="req-2025-0008",
+        created_at=_EXAMPLE_TIME,
+        status="completed",
+        task="audit",
+        model=clip,
+        results=[ImageResult(id="img-7", audit=AuditEntry(label="cat", label_probability=0.031, label_issue=True,
+                                                          suggested_label="dog", suggested_probability=0.952,
+                                                          issue_score=0.969, outlier_score=0.212, rank=0)),
+                 ImageResult(id="img-3", audit=AuditEntry(label="dog", label_probability=0.88, label_issue=False,
+                                                          suggested_label="dog", suggested_probability=0.88,
+                                                          issue_score=0.12, outlier_score=0.18, rank=1)),
+                 ImageResult(id="img-9", error=ErrorInfo(code="http_status", message="HTTP 404 from https://images.example.com/9.jpg"))],
+        embeddings_url="s3://audits/project-7/req-2025-0008/embeddings.npz",
+        dim=512,
+        audit_url="s3://audits/project-7/req-2025-0008/audit.csv",
+        audit_summary=AuditSummary(images=3, audited=2, label_issues=1, label_conflicts=1, classes=2, folds=2,
+                                   cv_accuracy=0.5),
+        label_conflicts=[LabelConflict(ids=["img-7", "img-3"], labels=["cat", "dog"], similarity=0.991)],
+    )
+    return [completed, part, failed, embedded, few_shot, audited]
 
 
 def training_request_examples() -> list[dict[str, Any]]:
@@ -468,6 +497,8 @@ def _messages(payload_of: dict[str, str]) -> dict[str, dict[str, Any]]:
         "The whole request could not run: invalid_request with the validation errors.",
         "An embed result: the part's vectors at embeddings_url (ids + float16 embeddings), duplicate groups in the last part.",
         "A few-shot result: which method ran, the examples per class it learned from, its cross-validated accuracy.",
+        "An audit result (its only part): entries in review order (highest issue_score first, failed images last), "
+        "the whole table at audit_url, label conflicts in the last part.",
     ])
     training_statuses = _output_examples(training_status_examples(), [
         "The job was accepted (seq 0).",
@@ -481,10 +512,12 @@ def _messages(payload_of: dict[str, str]) -> dict[str, dict[str, Any]]:
         "annotationRequest": {
             "name": "annotation-request",
             "title": "Annotation request",
-            "summary": "Classify images by URL (task classify: clip, siglip, custom; few-shot with labeled examples, also timm) or embed them (task embed: clip, "
-                       "siglip, custom, timm).",
+            "summary": "Classify images by URL (task classify: clip, siglip, custom; few-shot with labeled examples, also "
+                       "timm), embed them (task embed: clip, siglip, custom, timm) or audit their labels (task audit: "
+                       "the embed backbones).",
             "description": (AnnotationRequest.__doc__ or "").strip() + "\n\n" + _module_doc(AnnotationRequest)
-                           + "\n\n" + (EmbedRequest.__doc__ or "").strip(),
+                           + "\n\n" + (EmbedRequest.__doc__ or "").strip()
+                           + "\n\n" + (AuditRequest.__doc__ or "").strip(),
             "contentType": CONTENT_TYPE_JSON,
             "headers": input_headers_schema(Headers.REQUEST_ID),
             "payload": ref("annotation-request"),

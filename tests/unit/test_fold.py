@@ -276,3 +276,61 @@ def test_few_shot_summaries_fold_once_per_request(fold):
     bad = {**summary, "examples_per_class": {"cat": "many"}}  # not a count: rejected whole, labels too
     assert not fold.apply("r", json.dumps({**json.loads(part("fs3", 0, 1, "fs3-0")), "few_shot": bad}).encode())
     assert fold.query("SELECT COUNT(*) FROM labels WHERE request_id = 'fs3'") == [(0,)]
+
+
+def audit_part(request: str, k: int, parts: int, mid: str, entries: list[tuple[str, str, bool, str, float, int]],
+               conflicts=None, error_ids: tuple[str, ...] = ()) -> bytes:
+    """An audit part: ``entries`` are (id, label, label_issue, suggested_label, issue_score, rank)."""
+    results = [{"id": i, "predictions": [], "audit": {
+        "label": label, "label_probability": round(1 - score, 6), "label_issue": issue, "suggested_label": suggested,
+        "suggested_probability": 0.9 if issue else round(1 - score, 6), "issue_score": score, "outlier_score": 0.25,
+        "rank": rank}} for i, label, issue, suggested, score, rank in entries]
+    results += [{"id": i, "predictions": [], "error": {"code": "http_status", "message": "HTTP 404"}} for i in error_ids]
+    event = {"event_type": "annotation.result", "message_id": mid, "request_id": request, "status": "completed",
+             "task": "audit", "model": {"family": "clip", "variant": "ViT-B-32", "weights": "random"}, "part": k,
+             "parts": parts, "created_at": "2026-11-30T00:00:00Z", "results": results,
+             "embeddings_url": f"s3://b/a/{request}/embeddings.npz", "dim": 512, "audit_url": f"s3://b/a/{request}/audit.csv",
+             "audit_summary": {"images": 5, "audited": 4, "label_issues": 1, "label_conflicts": 1, "classes": 2,
+                               "folds": 2, "cv_accuracy": 0.75}}
+    if conflicts is not None:
+        event["label_conflicts"] = conflicts
+    return json.dumps(event).encode()
+
+
+AUDIT_STREAM = [
+    audit_part("a1", 1, 2, "a1-1", [("cat-3", "cat", False, "cat", 0.2, 2), ("dog-1", "dog", False, "dog", 0.1, 3)],
+               conflicts=[{"ids": ["cat-7", "dog-1"], "labels": ["cat", "dog"], "similarity": 0.991}], error_ids=("gone",)),
+    audit_part("a1", 0, 2, "a1-0", [("cat-7", "cat", True, "dog", 0.93, 0), ("dog-4", "dog", False, "dog", 0.41, 1)]),
+]
+
+
+def test_audit_results_fold_into_a_review_queue(fold):
+    assert fold.apply("r", AUDIT_STREAM[0])  # the last part first
+    assert not fold.request_complete("a1")
+    assert fold.apply("r", AUDIT_STREAM[1]) and fold.request_complete("a1")
+    assert not fold.apply("r", AUDIT_STREAM[0])  # redelivered: skipped
+    queue = fold.review_queue("a1")
+    assert [row["image_id"] for row in queue] == ["cat-7", "dog-4", "cat-3", "dog-1"]  # by rank, whatever the parts' order
+    assert queue[0] == {"image_id": "cat-7", "rank": 0, "label": "cat", "label_probability": 0.07, "label_issue": True,
+                        "suggested_label": "dog", "suggested_probability": 0.9, "issue_score": 0.93, "outlier_score": 0.25}
+    assert [row["image_id"] for row in fold.review_queue("a1", issues_only=True)] == ["cat-7"]
+    assert fold.query("SELECT image_id, code FROM image_errors WHERE request_id = ?", ("a1",)) == [("gone", "http_status")]
+    assert fold.query("SELECT image_a, image_b, label_a, label_b, similarity FROM label_conflicts WHERE request_id = ?",
+                      ("a1",)) == [("cat-7", "dog-1", "cat", "dog", 0.991)]
+    assert fold.query("SELECT audit_url, audited, label_issues, cv_accuracy, model FROM audit_requests") == [
+        ("s3://b/a/a1/audit.csv", 4, 1, 0.75, "clip/ViT-B-32/random")]
+    assert fold.query("SELECT COUNT(*) FROM labels")[0][0] == 0  # an audit proposes no labels by itself
+    # a malformed entry (label_issue as text) is rejected with its whole part
+    bad = audit_part("a2", 0, 1, "a2-0", [("x", "cat", False, "cat", 0.5, 0)]).replace(b'"label_issue": false',
+                                                                                           b'"label_issue": "no"')
+    assert not fold.apply("r", bad)
+    assert fold.review_queue("a2") == [] and fold.query("SELECT reason FROM rejected_messages")[0][0].startswith("TypeError")
+
+
+def test_audit_folds_to_the_same_rows_on_both_databases(tmp_path, postgres_url):
+    folds = [Fold(tmp_path / "f.sqlite"), Fold(postgres_url)]
+    for fold in folds:
+        assert all(fold.apply("r", value) for value in AUDIT_STREAM)
+    assert folds[0].dump() == folds[1].dump() and folds[0].review_queue("a1") == folds[1].review_queue("a1")
+    for fold in folds:
+        fold.close()
