@@ -206,7 +206,7 @@ class EmbedHandler:
         kept: list[DuplicateGroup] = []
         used = 0
         for group in groups:
-            used += len(group.model_dump_json()) + 1
+            used += len(group.model_dump_json().encode()) + 1  # bytes: ids may be any Unicode
             if used > budget // 2:
                 break
             kept.append(group)
