@@ -44,7 +44,7 @@ chromium:
 # Container tests (marker `container`) run when a Docker engine answers and the local images exist;
 # otherwise pytest prints that they were deselected. CLS_REQUIRE_CONTAINERS=1 (.ci/run) makes that a failure.
 test: setup chromium
-	$(PY) -m pytest --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest --durations=40 $(PYTEST_ARGS)
 
 test-containers: setup
 	$(PY) -m pytest --durations=15 -m container tests/containers $(PYTEST_ARGS)

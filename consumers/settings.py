@@ -150,7 +150,7 @@ class WorkerSettings(BaseSettings):
     batch_wait_ms: float = Field(default=10.0, ge=0)
     batch_size_while_interactive: int | None = Field(
         default=None, ge=1, description="Bulk batches hold at most this many images while a person is active (an "
-                                        "interactive image within CLS_INTERACTIVE_ACTIVE_S); default half of CLS_BATCH_SIZE.")
+                                        "interactive image within CLS_INTERACTIVE_ACTIVE_S); default three quarters of CLS_BATCH_SIZE.")
     interactive_active_s: float = Field(default=10.0, ge=0, description="How long after an interactive image bulk "
                                         "batches stay at CLS_BATCH_SIZE_WHILE_INTERACTIVE (0: never smaller).")
     result_part_size: int = Field(default=500, ge=1, description="Images per result part (N).")
