@@ -202,14 +202,10 @@ class AnnotationHandler:
                 results = await self._part_results(model, part_images, outputs, prepared, classes, top_k, request.threshold,
                                                    request.auto_accept_precision)
                 failed_images += sum(1 for r in results if r.error is not None)
-                yield AnnotationResult(
-                    message_id=AnnotationResult.message_id_for(request_id, k),
-                    request_id=request_id,
-                    status="completed",
+                yield AnnotationResult.completed_part(
+                    request_id, k, len(parts),
                     model=model.descriptor,
                     results=results,
-                    part=k,
-                    parts=len(parts),
                 )
         log.info(
             "annotation_summary",

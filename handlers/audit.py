@@ -185,15 +185,11 @@ class AuditHandler:
                 else:
                     results.append(ImageResult(id=images[position].id, audit=AuditEntry(**review.entries[position])))
             last = k == parts - 1
-            yield AnnotationResult(
-                message_id=AnnotationResult.message_id_for(request_id, k),
-                request_id=request_id,
-                status="completed",
+            yield AnnotationResult.completed_part(
+                request_id, k, parts,
                 task="audit",
                 model=model.descriptor,
                 results=results,
-                part=k,
-                parts=parts,
                 embeddings_url=embeddings_url,
                 dim=model.dim,
                 audit_url=audit_url,

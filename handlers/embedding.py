@@ -134,15 +134,11 @@ class EmbedHandler:
                     groups = await ctx.executors.on_cpu(
                         duplicate_groups, all_ids, all_hashes, all_vectors, against, request.duplicates.threshold)
                     duplicates, duplicates_url = await self._fit_groups(groups, output, request_id, budget)
-                yield AnnotationResult(
-                    message_id=AnnotationResult.message_id_for(request_id, k),
-                    request_id=request_id,
-                    status="completed",
+                yield AnnotationResult.completed_part(
+                    request_id, k, len(parts),
                     task="embed",
                     model=model.descriptor,
                     results=results,
-                    part=k,
-                    parts=len(parts),
                     embeddings_url=url,
                     dim=model.dim,
                     duplicates=duplicates,

@@ -227,14 +227,10 @@ class FewShotClassifier:
             async for k, part_images, outputs in stream:
                 results = await self._part_results(head, part_images, outputs, classes, top_k, request.threshold)
                 failed_images += sum(1 for r in results if r.error is not None)
-                yield AnnotationResult(
-                    message_id=AnnotationResult.message_id_for(request_id, k),
-                    request_id=request_id,
-                    status="completed",
+                yield AnnotationResult.completed_part(
+                    request_id, k, len(parts),
                     model=model.descriptor,
                     results=results,
-                    part=k,
-                    parts=len(parts),
                     few_shot=summary,
                 )
         log.info(
