@@ -26,7 +26,8 @@ their zero-shot weights (clip, siglip) or are refused (custom, timm). Each part 
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from collections import Counter
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, field_validator, model_validator
 
@@ -213,20 +214,7 @@ class AnnotationRequest(InputModel):
     @field_validator("classes")
     @classmethod
     def _classes_valid(cls, classes: list[str] | None) -> list[str] | None:
-        if classes is None:
-            return None
-        cleaned = [c.strip() for c in classes]
-        if not cleaned:
-            raise ValueError("classes must not be empty")
-        for name in cleaned:
-            if not name:
-                raise ValueError("class names must be non-empty")
-            if len(name) > MAX_CLASS_NAME_LENGTH:
-                raise ValueError(f"class name longer than {MAX_CLASS_NAME_LENGTH} characters")
-        duplicates = sorted({c for c in cleaned if cleaned.count(c) > 1})
-        if duplicates:
-            raise ValueError(f"class names must be unique; duplicated: {duplicates}")
-        return cleaned
+        return None if classes is None else check_class_names([c.strip() for c in classes])
 
     @field_validator("prompt_templates")
     @classmethod
@@ -283,6 +271,22 @@ class AnnotationRequest(InputModel):
     def has_examples(self) -> bool:
         """Whether this is a few-shot request (examples inline or by manifest)."""
         return self.examples is not None or self.examples_url is not None
+
+
+def check_class_names(names: list[str]) -> list[str]:
+    """``names`` unchanged when they are a non-empty list of unique, non-empty names of at most
+    ``MAX_CLASS_NAME_LENGTH`` characters; else ValueError (naming at most 10 repeated names)."""
+    if not names:
+        raise ValueError("classes must not be empty")
+    for name in names:
+        if not name:
+            raise ValueError("class names must be non-empty")
+        if len(name) > MAX_CLASS_NAME_LENGTH:
+            raise ValueError(f"class name longer than {MAX_CLASS_NAME_LENGTH} characters")
+    if len(set(names)) != len(names):
+        counts = Counter(names)
+        raise ValueError(f"class names must be unique; duplicated: {sorted(n for n, c in counts.items() if c > 1)[:10]}")
+    return names
 
 
 def unique_image_ids(images: list[ImageRef]) -> list[ImageRef]:
@@ -440,18 +444,7 @@ class AuditRequest(InputModel):
     @field_validator("classes")
     @classmethod
     def _classes_valid(cls, classes: list[str] | None) -> list[str] | None:
-        if classes is None:
-            return None
-        if not classes:
-            raise ValueError("classes must not be empty")
-        for name in classes:
-            if not name:
-                raise ValueError("class names must be non-empty")
-            if len(name) > MAX_CLASS_NAME_LENGTH:
-                raise ValueError(f"class name longer than {MAX_CLASS_NAME_LENGTH} characters")
-        if len(set(classes)) != len(classes):
-            raise ValueError(f"class names must be unique; duplicated: {sorted({c for c in classes if classes.count(c) > 1})[:10]}")
-        return classes
+        return None if classes is None else check_class_names(classes)
 
     @field_validator("images")
     @classmethod
@@ -661,3 +654,10 @@ class AnnotationResult(OutputModel):
     @staticmethod
     def message_id_for(request_id: str, part: int) -> str:
         return derive_message_id("annotation.result", request_id, part)
+
+    @classmethod
+    def completed_part(cls, request_id: str, part: int, parts: int, **fields: Any) -> "AnnotationResult":
+        """Part ``part`` of ``parts`` of a completed request, its message id derived from the request id and the
+        part (the same on redelivery); ``fields``: the task's own (model, results, few_shot, embeddings_url, ...)."""
+        return cls(message_id=cls.message_id_for(request_id, part), request_id=request_id, status="completed",
+                   part=part, parts=parts, **fields)
