@@ -14,7 +14,7 @@ CONSTRAINTS := constraints.txt
 JARS := deploy/local/lib/.complete
 PYTEST_ARGS ?=
 
-.PHONY: setup chromium run test test-containers engine images bench bench-annotation bench-training bench-duplicates kafka-start kafka-stop schemas clean constraints
+.PHONY: setup chromium run test test-containers engine images bench bench-annotation bench-training bench-duplicates bench-records kafka-start kafka-stop schemas clean constraints
 
 setup: $(STAMP) $(JARS)
 
@@ -60,7 +60,7 @@ images: $(JARS) engine
 run: setup
 	$(PY) -m examples.demo $(DEMO_ARGS)
 
-bench: bench-annotation bench-training bench-duplicates
+bench: bench-annotation bench-training bench-duplicates bench-records
 
 bench-annotation: setup
 	$(PY) bench/annotation.py
@@ -70,6 +70,9 @@ bench-training: setup
 
 bench-duplicates: setup
 	$(PY) bench/duplicates.py
+
+bench-records: setup
+	$(PY) bench/records.py
 
 kafka-start: $(JARS)
 	deploy/local/kafka.sh start

@@ -9,6 +9,8 @@ RECORDS_HANDLED = Counter("cls_records_handled_total", "Records handled and comm
 RECORDS_DLQ = Counter("cls_records_dlq_total", "Records sent to the dead-letter topic", ["topic", "code"])
 RECORDS_INVALID = Counter("cls_records_invalid_total", "Requests answered with invalid_request", ["topic"])
 RETRIES = Counter("cls_handler_retries_total", "Retries after a retryable failure", ["topic"])
+COMMITS = Counter("cls_offset_commits_total", "Offset commit requests sent (one may cover many records; "
+                  "records handled / commits is the coalescing ratio)", ["topic"])
 EVENTS_PRODUCED = Counter("cls_events_produced_total", "Events produced and acknowledged", ["topic"])
 HANDLER_SECONDS = Histogram(
     "cls_handler_seconds",

@@ -232,6 +232,7 @@ class ConsumerRuntime:
             heartbeat_interval_ms=worker.heartbeat_interval_ms,
             max_partition_fetch_bytes=worker.max_record_bytes + 64 * 1024,
             isolation_level="read_committed",
+            fetch_max_wait_ms=worker.fetch_max_wait_ms,
         )
         if self._producer is None:
             self._producer = new_producer(self.settings)
@@ -723,6 +724,10 @@ class ConsumerRuntime:
         self._jobs.pop(key, None)
         self._running[job.lane] -= 1
         metrics.LANE_IN_FLIGHT.labels(job.lane).set(self._running[job.lane])
+        if not self._stopping.is_set():
+            # The freed slot goes to the lane's next parked record now, not when the poll loop next comes
+            # round (it may be waiting up to poll_timeout_ms for new records meanwhile).
+            self._launch_parked()
         self._slot_freed.set()
         if job.held:
             self._held.discard(job.tp)
@@ -751,7 +756,10 @@ class ConsumerRuntime:
 
     async def _commit(self, tp: TopicPartition) -> None:
         """Commit the partition's committable offset; when the record there is in flight, its start
-        count goes into the commit metadata (so a process death while handling it is counted)."""
+        count goes into the commit metadata (so a process death while handling it is counted).
+
+        Records finishing while a commit is in flight wait for the lock; by then that commit (or the next
+        one) covers them, so one commit request serves many short records (``cls_offset_commits_total``)."""
         consumer = self._consumer
         offsets = self._offsets.get(tp)
         if consumer is None or offsets is None:
@@ -765,6 +773,7 @@ class ConsumerRuntime:
             try:
                 await consumer.commit({tp: (offset, attempts_metadata(count))})
                 offsets.committed = offset
+                metrics.COMMITS.labels(self.pipeline.input_topic).inc()
                 head = self._heads.get(tp)
                 if head is not None:
                     head.offset, head.attempts = offset, count

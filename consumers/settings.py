@@ -94,6 +94,10 @@ class WorkerSettings(BaseSettings):
     session_timeout_ms: int = Field(default=30_000, ge=1000)
     heartbeat_interval_ms: int = Field(default=3_000, ge=100)
     poll_timeout_ms: int = Field(default=200, ge=10)
+    fetch_max_wait_ms: int = Field(default=100, ge=1, le=10_000, description="How long the broker may hold a "
+                                   "fetch for a partition with nothing new. A fetch in flight holds back the next "
+                                   "one for partitions just drained, so with one partition caught up and others "
+                                   "backlogged this bounds the gap between their fetches (Kafka's default is 500).")
     max_poll_records: int = Field(default=50, ge=1)
     max_record_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     retry_attempts: int = Field(default=3, ge=0, description="Retries of a retryable failure before a failed event.")

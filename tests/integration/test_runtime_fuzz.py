@@ -72,3 +72,35 @@ async def _run_batch(bootstrap: str, batch: list[tuple[bytes, str | None]]) -> N
     for tp, end in ends.items():
         if end:
             assert committed.get(tp) == end, (committed, ends)
+
+
+async def test_commits_of_concurrent_records_are_coalesced(kafka_bootstrap):
+    """160 records, 16 at a time: each record's offset is committed (lag 0, every result published), with
+    far fewer commit requests than records (one request covers the records that finished while the
+    previous one was in flight)."""
+    from consumers import metrics
+    from tests.support.echo_worker import echo_pipeline
+
+    prefix = f"co{uuid.uuid4().hex[:10]}"
+    settings = settings_for(prefix, request_topic_partitions=2, max_in_flight=16, interactive_max_in_flight=16)
+    await provision(settings)
+    w = settings.worker
+    n = 160
+    for i in range(n):
+        body = {"task": "classify", "model": "clip", "request_id": f"co-{i}", "classes": ["a", "b", "c"],
+                "images": [{"id": "x", "url": "https://example.com/x.jpg"}]}
+        await produce(kafka_bootstrap, w.annotation_requests_topic, body, key=f"co-{i}")
+    commits = metrics.COMMITS.labels(w.annotation_requests_topic)
+    before = commits._value.get()
+    runtime = ConsumerRuntime(settings, echo_pipeline(settings, sleep_s=0.05), group_id=w.annotation_group_id,
+                              max_records=n)
+    await asyncio.wait_for(runtime.run(), timeout=120)
+    sent_commits = commits._value.get() - before
+    assert runtime.stats["handled"] == n, runtime.stats
+    results = await read_until(kafka_bootstrap, w.annotation_results_topic, lambda rs: len(rs) >= n, 30)
+    assert {r.key for r in results} == {f"co-{i}".encode() for i in range(n)}
+    ends = await end_offsets(kafka_bootstrap, w.annotation_requests_topic)
+    committed = await committed_offsets(kafka_bootstrap, w.annotation_group_id)
+    assert all(committed.get(tp) == end for tp, end in ends.items() if end), (committed, ends)
+    assert 0 < sent_commits <= n // 2, f"{sent_commits} commit requests for {n} records"
+    print(f"{n} records, {sent_commits:.0f} commit requests")
