@@ -94,9 +94,11 @@ class Stack:
             await asyncio.sleep(0.2)
 
 
-@pytest.fixture
-async def stack(tmp_path, kafka_bootstrap, topic_prefix, s3_server):
-    stack = Stack(tmp_path, topic_prefix, kafka_bootstrap)
+@pytest.fixture(scope="module")
+async def stack(tmp_path_factory, kafka_bootstrap, s3_server):
+    """One stack (topics, both workers, the fold) for the module's four runs: each run has its own request
+    and job ids, and a run that kills a worker leaves its restarted replacement to the next."""
+    stack = Stack(tmp_path_factory.mktemp("workflows"), f"t{uuid.uuid4().hex[:10]}", kafka_bootstrap)
     await stack.start()
     try:
         yield stack
@@ -129,7 +131,7 @@ async def test_ai_labeling_workflow(stack: Stack, http_server, kill, tmp_path):
     applied = stack.fold.auto_apply(request_id, threshold)
     # 6. one label per image, with the model and its confidence
     rows = stack.fold.query("SELECT image_id, class, confidence, source, model, request_id FROM applied_labels"
-                            " ORDER BY image_id")
+                            " WHERE request_id = ? ORDER BY image_id", (request_id,))
     assert applied == len(images) == len(rows)
     assert {r[0] for r in rows} == {img["id"] for img in images}
     for image_id, cls, confidence, source, model, rid in rows:
@@ -150,7 +152,7 @@ async def test_ai_labeling_workflow(stack: Stack, http_server, kill, tmp_path):
     db_bytes = Path(stack.fold.target).read_bytes()
     for replay in range(2):
         folded = await replay_into(stack.fold, stack.bootstrap, [w.annotation_results_topic, w.training_status_topic],
-                                   f"{stack.prefix}-replay-{replay}")
+                                   f"{stack.prefix}-replay-{request_id}-{replay}")
         assert folded == 0
     assert stack.fold.dump() == before
     assert Path(stack.fold.target).read_bytes() == db_bytes
