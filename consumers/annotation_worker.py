@@ -13,17 +13,14 @@ from consumers.lanes import annotation_lanes
 from consumers.pipeline import Pipeline
 from consumers.runtime import ConsumerRuntime
 from consumers.settings import Settings
-from consumers.worker import configure_torch_threads, serve
+from consumers.worker import configure_torch_threads, decode_limits, serve, storage_and_fetcher
 from handlers.annotation import PART_BUDGET_BYTES, AnnotationConfig, AnnotationContext, AnnotationHandler, failed_result
 from handlers.audit import AuditConfig
 from handlers.batcher import MicroBatcher
 from handlers.embedding import EmbedConfig
 from handlers.executor import Executors
-from handlers.fetch import Fetcher, FetchLimits
 from handlers.fewshot import FewShotConfig
-from handlers.images import DecodeBudget, DecodeLimits
 from handlers.models import ModelConfig, ModelRegistry, parse_allowed_variants, parse_variant_weights
-from handlers.storage import ObjectStore
 from ml.embedding_cache import EmbeddingCache
 from schemas.codec import ANNOTATION_ADAPTER
 
@@ -43,22 +40,6 @@ def model_config(settings: Settings) -> ModelConfig:
     )
 
 
-def fetch_limits(settings: Settings) -> FetchLimits:
-    w = settings.worker
-    return FetchLimits(
-        max_bytes=w.fetch_max_bytes, connect_timeout_s=w.fetch_connect_timeout_s, read_timeout_s=w.fetch_read_timeout_s,
-        total_timeout_s=w.fetch_total_timeout_s, max_redirects=w.fetch_max_redirects, concurrency=w.fetch_concurrency,
-        allow_private_networks=w.allow_private_networks, allow_file_urls=w.allow_file_urls, file_root=w.file_root,
-    )
-
-
-def decode_limits(settings: Settings) -> DecodeLimits:
-    """Per-image limits and the worker's one shared decode budget."""
-    w = settings.worker
-    return DecodeLimits(max_pixels=w.max_image_pixels, max_aspect_ratio=w.max_aspect_ratio,
-                        budget=DecodeBudget(w.decode_memory_mb * 1024 * 1024))
-
-
 def default_templates(settings: Settings) -> list[str]:
     if settings.worker.default_prompt_templates:
         return [t for t in settings.worker.default_prompt_templates.split("|") if t.strip()]
@@ -76,16 +57,6 @@ def preload_keys(settings: Settings, config: ModelConfig) -> list:
         family, _, variant = item.partition(":")
         keys.append(config.key_for(family.strip(), variant.strip() or None))
     return keys
-
-
-@contextlib.asynccontextmanager
-async def storage_and_fetcher(settings: Settings):
-    """The object store and the URL fetcher every worker uses (fetching s3:// goes through the store)."""
-    w = settings.worker
-    store = ObjectStore(endpoint_url=w.s3_endpoint_url, region=w.s3_region, allow_file_urls=w.allow_file_urls,
-                        file_root=w.file_root, allowed_buckets=w.s3_allowed_buckets)
-    async with store, Fetcher(fetch_limits(settings), store=store) as fetcher:
-        yield store, fetcher
 
 
 @contextlib.asynccontextmanager

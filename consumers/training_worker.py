@@ -14,13 +14,12 @@ import contextlib
 import structlog
 
 from consumers import metrics
-from consumers.annotation_worker import decode_limits, storage_and_fetcher
 from consumers.control_reader import ControlReader
 from consumers.health import HealthServer
 from consumers.pipeline import Pipeline
 from consumers.runtime import ConsumerRuntime
 from consumers.settings import Settings, WorkerSettings
-from consumers.worker import configure_torch_threads, serve
+from consumers.worker import configure_torch_threads, decode_limits, serve, storage_and_fetcher
 from handlers.executor import Executors
 from handlers.training import CancelRegistry, TrainingContext, TrainingHandler, TrainingSettings, failed_status
 from schemas.codec import TRAINING_ADAPTER

@@ -1,8 +1,11 @@
-"""Run a pipeline as a long-lived worker process: logging, signals, start-up errors, exit codes."""
+"""Run a pipeline as a long-lived worker process: logging, signals, start-up errors, exit codes; and the I/O
+both workers build from the settings (object store, URL fetcher, decode limits), here so that the training
+worker does not import the annotation worker's model stack."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from collections.abc import Awaitable, Callable
@@ -11,6 +14,10 @@ import structlog
 from aiokafka.errors import KafkaError
 
 from consumers.runtime import ConsumerRuntime
+from consumers.settings import Settings
+from handlers.fetch import Fetcher, FetchLimits
+from handlers.images import DecodeBudget, DecodeLimits
+from handlers.storage import ObjectStore
 
 log = structlog.get_logger("cls.worker")
 
@@ -31,6 +38,32 @@ class _BootstrapErrors(logging.Filter):
             self.errors.append(record.getMessage())
             return False
         return True
+
+
+def fetch_limits(settings: Settings) -> FetchLimits:
+    w = settings.worker
+    return FetchLimits(
+        max_bytes=w.fetch_max_bytes, connect_timeout_s=w.fetch_connect_timeout_s, read_timeout_s=w.fetch_read_timeout_s,
+        total_timeout_s=w.fetch_total_timeout_s, max_redirects=w.fetch_max_redirects, concurrency=w.fetch_concurrency,
+        allow_private_networks=w.allow_private_networks, allow_file_urls=w.allow_file_urls, file_root=w.file_root,
+    )
+
+
+def decode_limits(settings: Settings) -> DecodeLimits:
+    """Per-image limits and the worker's one shared decode budget."""
+    w = settings.worker
+    return DecodeLimits(max_pixels=w.max_image_pixels, max_aspect_ratio=w.max_aspect_ratio,
+                        budget=DecodeBudget(w.decode_memory_mb * 1024 * 1024))
+
+
+@contextlib.asynccontextmanager
+async def storage_and_fetcher(settings: Settings):
+    """The object store and the URL fetcher every worker uses (fetching s3:// goes through the store)."""
+    w = settings.worker
+    store = ObjectStore(endpoint_url=w.s3_endpoint_url, region=w.s3_region, allow_file_urls=w.allow_file_urls,
+                        file_root=w.file_root, allowed_buckets=w.s3_allowed_buckets)
+    async with store, Fetcher(fetch_limits(settings), store=store) as fetcher:
+        yield store, fetcher
 
 
 def configure_torch_threads(threads: int | None) -> None:

@@ -33,8 +33,6 @@ from dataclasses import dataclass
 import warnings
 
 import numpy as np
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
 from threadpoolctl import threadpool_limits
 
 __all__ = [
@@ -136,6 +134,9 @@ def out_of_sample_probabilities(embeddings: np.ndarray, labels: np.ndarray, num_
                                 options: AuditOptions = AuditOptions()) -> tuple[np.ndarray, int]:
     """``([N, C] float32 probabilities, folds)``: each row from the model fitted without that row's fold.
     A class absent from a fold's training rows gets probability 0 there."""
+    from sklearn.exceptions import ConvergenceWarning  # scikit-learn's import takes ~0.9 s: only when auditing
+    from sklearn.linear_model import LogisticRegression
+
     embeddings, labels = _validate(embeddings, labels, num_classes)
     features = embeddings * np.float32(np.sqrt(embeddings.shape[1]))
     splits = _folds(labels, options.folds, options.seed)

@@ -51,8 +51,6 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.optimize import minimize
 from scipy.special import log_softmax, softmax
-from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedKFold
 from threadpoolctl import threadpool_limits
 
 from ml.lru import ByteBoundedLRU
@@ -329,6 +327,8 @@ def _fit_logistic_regression(support: SupportSet) -> FewShotHead:
         bias = np.full(support.num_classes, -1e4, dtype=np.float32)
         bias[present[0]] = 0.0
         return LinearHead(weights, 1.0, bias, method="logistic_regression")
+    from sklearn.linear_model import LogisticRegression  # ~0.9 s to import: only when a head is fitted
+
     model = LogisticRegression(C=1.0, max_iter=500)
     model.fit(support.embeddings * scale, support.labels)
     weights = np.zeros((support.num_classes, support.embeddings.shape[1]), dtype=np.float32)
@@ -424,6 +424,8 @@ def _fold_count(counts: np.ndarray) -> int:
 
 
 def _splits(support: SupportSet, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    from sklearn.model_selection import StratifiedKFold
+
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     return list(splitter.split(support.embeddings, support.labels))
 
