@@ -185,3 +185,35 @@ async def test_a_package_at_output_path_is_republished_only_for_its_own_job(http
     assert own[0].model_dump(exclude={"created_at"}) == expected.model_dump(exclude={"created_at"})
     assert own[0].metrics.metrics_url == f"{output}/metrics.json"
     assert "confusion_matrix" in own[0].metrics.omitted and len(own[0].to_json_bytes()) < max_metrics_bytes + 2048
+
+
+class RecordingStore(ObjectStore):
+    """The real store, recording the checkpoint uploads."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.checkpoints: list[str] = []
+
+    async def upload_file(self, local_path, url, content_type=None) -> None:
+        if url.endswith("/state.pt"):
+            self.checkpoints.append(url)
+        await super().upload_file(local_path, url, content_type)
+
+
+async def test_every_epoch_but_the_last_uploads_its_checkpoint(http_server, s3_server, s3_bucket, tmp_path):
+    """The last epoch's checkpoint stays local: the package is uploaded next (for ViT-B, model and optimizer
+    state are a gigabyte per upload)."""
+    output = f"s3://{s3_bucket}/out/job-last"
+    executors = Executors(cpu_workers=2)
+    try:
+        async with RecordingStore(endpoint_url=s3_server.endpoint_url) as store, \
+                Fetcher(http_server.fetch_limits(), store=store) as fetcher:
+            ctx = TrainingContext(settings=TrainingSettings(work_dir=str(tmp_path / "work"),
+                                                            dataset_cache_dir=str(tmp_path / "images"), device="cpu"),
+                                  store=store, fetcher=fetcher, decode_limits=DecodeLimits(), executors=executors,
+                                  cancels=CancelRegistry())
+            events = [e async for e in TrainingHandler(ctx).handle(small_request(http_server, "job-last", output, 3))]
+    finally:
+        executors.shutdown()
+    assert [e.status for e in events] == ["queued", "running", "running", "running", "completed"]
+    assert store.checkpoints == [f"{output}.checkpoints/state.pt"] * 2  # after epochs 1 and 2, not 3
