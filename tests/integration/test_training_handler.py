@@ -33,6 +33,14 @@ def png(value: int) -> bytes:
     return out.getvalue()
 
 
+def training_context(tmp_path, store, fetcher, executors, on_epoch=None, **settings) -> TrainingContext:
+    """The handler's context on the real store and fetcher, with work and image caches under ``tmp_path``."""
+    return TrainingContext(settings=TrainingSettings(work_dir=str(tmp_path / "work"), dataset_cache_dir=str(tmp_path / "images"),
+                                                     device="cpu", **settings),
+                           store=store, fetcher=fetcher, decode_limits=DecodeLimits(), executors=executors,
+                           cancels=CancelRegistry(), on_epoch=on_epoch)
+
+
 async def test_stale_preempt_and_late_cancel(http_server, s3_server, s3_bucket, tmp_path):
     urls = [http_server.add(f"th/{'dark' if i % 2 else 'light'}/{i}.png", png(20 if i % 2 else 230), content_type="image/png")
             for i in range(12)]
@@ -46,10 +54,7 @@ async def test_stale_preempt_and_late_cancel(http_server, s3_server, s3_bucket, 
     try:
         async with ObjectStore(endpoint_url=s3_server.endpoint_url) as store, \
                 Fetcher(http_server.fetch_limits(), store=store) as fetcher:
-            ctx = TrainingContext(settings=TrainingSettings(work_dir=str(tmp_path / "work"),
-                                                            dataset_cache_dir=str(tmp_path / "images"), device="cpu"),
-                                  store=store, fetcher=fetcher, decode_limits=DecodeLimits(), executors=executors,
-                                  cancels=CancelRegistry())
+            ctx = training_context(tmp_path, store, fetcher, executors)
             handler = TrainingHandler(ctx)
             ctx.preempt({"job-h"})  # left over from an earlier delivery that finished anyway
             events = [e async for e in handler.handle(request)]
@@ -104,10 +109,7 @@ async def test_a_new_delivery_stops_and_joins_the_previous_training_thread(http_
     try:
         async with GatedStore(endpoint_url=s3_server.endpoint_url) as store, \
                 Fetcher(http_server.fetch_limits(), store=store) as fetcher:
-            ctx = TrainingContext(settings=TrainingSettings(work_dir=str(tmp_path / "work"),
-                                                            dataset_cache_dir=str(tmp_path / "images"), device="cpu"),
-                                  store=store, fetcher=fetcher, decode_limits=DecodeLimits(), executors=executors,
-                                  cancels=CancelRegistry(), on_epoch=epoch_ends.append)
+            ctx = training_context(tmp_path, store, fetcher, executors, on_epoch=epoch_ends.append)
             handler = TrainingHandler(ctx)
             first: list[TrainingStatus] = []
             second: list[TrainingStatus] = []
@@ -166,10 +168,7 @@ async def test_a_package_at_output_path_is_republished_only_for_its_own_job(http
     try:
         async with ObjectStore(endpoint_url=s3_server.endpoint_url) as store, \
                 Fetcher(http_server.fetch_limits(), store=store) as fetcher:
-            ctx = TrainingContext(settings=TrainingSettings(work_dir=str(tmp_path / "work"), dataset_cache_dir=str(tmp_path / "images"),
-                                                            device="cpu", max_metrics_bytes=max_metrics_bytes),
-                                  store=store, fetcher=fetcher, decode_limits=DecodeLimits(), executors=executors,
-                                  cancels=CancelRegistry())
+            ctx = training_context(tmp_path, store, fetcher, executors, max_metrics_bytes=max_metrics_bytes)
             handler = TrainingHandler(ctx)
             own = [e async for e in handler.handle(small_request(http_server, "job-owner", output))]
             for job_id, path, written_by in (("job-other", output, "job 'job-owner'"),
@@ -208,10 +207,7 @@ async def test_every_epoch_but_the_last_uploads_its_checkpoint(http_server, s3_s
     try:
         async with RecordingStore(endpoint_url=s3_server.endpoint_url) as store, \
                 Fetcher(http_server.fetch_limits(), store=store) as fetcher:
-            ctx = TrainingContext(settings=TrainingSettings(work_dir=str(tmp_path / "work"),
-                                                            dataset_cache_dir=str(tmp_path / "images"), device="cpu"),
-                                  store=store, fetcher=fetcher, decode_limits=DecodeLimits(), executors=executors,
-                                  cancels=CancelRegistry())
+            ctx = training_context(tmp_path, store, fetcher, executors)
             events = [e async for e in TrainingHandler(ctx).handle(small_request(http_server, "job-last", output, 3))]
     finally:
         executors.shutdown()
