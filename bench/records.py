@@ -28,7 +28,7 @@ from aiokafka import AIOKafkaProducer  # noqa: E402
 
 from consumers.logging_setup import configure_logging  # noqa: E402
 from consumers.runtime import ConsumerRuntime  # noqa: E402
-from tests.support.echo_worker import echo_pipeline  # noqa: E402
+from testkit.echo_worker import echo_pipeline  # noqa: E402
 from testkit.kafka import provision, settings_for  # noqa: E402
 from testkit.local import LocalBroker  # noqa: E402
 

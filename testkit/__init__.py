@@ -1,6 +1,7 @@
 """Test kit for the backend and this project's own suite, installed with the project (so scripts outside
-``tests/`` use it too): ``testkit.local`` (free ports, a Kafka broker from jars, an S3 API, worker
-subprocesses), ``testkit.kafka`` (clients, per-run topics), ``testkit.images`` (sample pictures, digits, an
+``tests/`` use it too): ``testkit.local`` (free ports, a Kafka broker from jars, an S3 API in its own process
+(``testkit.s3server``), worker subprocesses), ``testkit.echo_worker`` (the real consumer runtime with a trivial
+handler, for runtime tests and ``bench/records.py``), ``testkit.kafka`` (clients, per-run topics), ``testkit.images`` (sample pictures, digits, an
 image server on loopback), ``testkit.image_copies`` (injected near-copies), and ``testkit.containers``
 (Kafka, an S3 API and the workers as containers with testcontainers, wired together). The local pieces bind
 127.0.0.1 and every wait is bounded."""

@@ -130,6 +130,7 @@ class LocalS3:
 
     def __init__(self) -> None:
         self._proc: subprocess.Popen[str] | None = None
+        self._errors: Any = None  # the server's stderr, shown when it fails to start
         self.endpoint_url = ""
 
     def start(self, timeout_s: float = 60) -> str:
@@ -139,9 +140,10 @@ class LocalS3:
                                       preexec_fn=set_parent_death_signal)
         line = _read_line(self._proc, timeout_s)
         if not line.startswith("PORT="):
-            self.stop()
             self._errors.seek(0)
-            raise RuntimeError(f"the S3 API server did not start: {line!r}\n{self._errors.read()[-3000:]}")
+            errors = self._errors.read()[-3000:]
+            self.stop()
+            raise RuntimeError(f"the S3 API server did not start: {line!r}\n{errors}")
         self.endpoint_url = f"http://127.0.0.1:{int(line.split('=', 1)[1])}"
         return self.endpoint_url
 
@@ -154,6 +156,9 @@ class LocalS3:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=15)
+        errors, self._errors = self._errors, None
+        if errors is not None:
+            errors.close()
 
 
 def _read_line(proc: subprocess.Popen[str], timeout_s: float) -> str:

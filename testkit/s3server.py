@@ -19,7 +19,7 @@ def main() -> int:
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one access-log line per request otherwise
     server = _moto_server()
     server.start()
-    host, port = server.get_host_and_port()
+    _, port = server.get_host_and_port()
     print(f"PORT={port}", flush=True)
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -158,7 +158,7 @@ async def test_stuck_partition_gauge_and_readiness(topic_prefix, kafka_bootstrap
     from consumers.health import HealthServer
     from consumers.runtime import ConsumerRuntime
     from testkit.local import free_port
-    from tests.support.echo_worker import echo_pipeline
+    from testkit.echo_worker import echo_pipeline
 
     settings = settings_for(topic_prefix, stuck_record_s=1.0, metrics_port=free_port(), metrics_host="127.0.0.1")
     await provision(settings)

@@ -237,7 +237,7 @@ async def test_runbook_commands_against_live_broker(tmp_path, kafka_bootstrap, t
     assert "retention.ms=604800000" in described, described
 
     # -- a worker handles 5 requests; one malformed record goes to the DLQ
-    worker = WorkerProcess("tests.support.echo_worker", [], {**names, "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap},
+    worker = WorkerProcess("testkit.echo_worker", [], {**names, "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap},
                            tmp_path / "echo.log")
     try:
         await worker.wait_for_log("partitions_assigned", timeout_s=60)

@@ -40,7 +40,7 @@ def start_echo(tmp_path, prefix: str, name: str = "worker", **env: str) -> Worke
     # a killed worker holds its partitions until its session times out: 6 s instead of 30 s
     full_env = {**topic_env(prefix), "CLS_LOG_LEVEL": "DEBUG", "CLS_RETRY_BACKOFF_S": "0.05",
                 "CLS_SESSION_TIMEOUT_MS": "6000", "CLS_HEARTBEAT_INTERVAL_MS": "500", **env}
-    return WorkerProcess("tests.support.echo_worker", [], full_env, tmp_path / f"{name}.log")
+    return WorkerProcess("testkit.echo_worker", [], full_env, tmp_path / f"{name}.log")
 
 
 async def assert_no_lag(bootstrap: str, group: str, topic: str) -> None:

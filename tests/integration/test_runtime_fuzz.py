@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
 from consumers.runtime import ConsumerRuntime
-from tests.support.echo_worker import echo_pipeline
+from testkit.echo_worker import echo_pipeline
 from testkit.kafka import committed_offsets, end_offsets, produce, provision, read_until, settings_for
 
 pytestmark = pytest.mark.kafka
@@ -79,7 +79,6 @@ async def test_commits_of_concurrent_records_are_coalesced(kafka_bootstrap):
     far fewer commit requests than records (one request covers the records that finished while the
     previous one was in flight)."""
     from consumers import metrics
-    from tests.support.echo_worker import echo_pipeline
 
     prefix = f"co{uuid.uuid4().hex[:10]}"
     settings = settings_for(prefix, request_topic_partitions=2, max_in_flight=16, interactive_max_in_flight=16)

@@ -98,7 +98,7 @@ async def handled_over_sasl(tmp_path: Path, broker: SaslBroker, names: dict[str,
     request_id = f"req-{mechanism.lower()}-{user}"
     env = {**names, **sasl_env(broker, mechanism, user, password),
            "ECHO_GROUP_ID": f"{names['CLS_ANNOTATION_GROUP_ID']}-{request_id}"}
-    worker = WorkerProcess("tests.support.echo_worker", [], env, tmp_path / f"{request_id}.log")
+    worker = WorkerProcess("testkit.echo_worker", [], env, tmp_path / f"{request_id}.log")
     try:
         await worker.wait_for_log("partitions_assigned", timeout_s=60)
         body = {"task": "classify", "model": "clip", "images": [{"id": "a", "url": "https://example.com/a.jpg"}],
@@ -124,7 +124,7 @@ async def refused_at_startup(tmp_path: Path, broker: SaslBroker, names: dict[str
     if cli:
         worker = WorkerProcess("consumers.cli", ["annotation"], {**env, **CLI_ENV}, tmp_path / f"{name}.log")
     else:
-        worker = WorkerProcess("tests.support.echo_worker", [], env, tmp_path / f"{name}.log")
+        worker = WorkerProcess("testkit.echo_worker", [], env, tmp_path / f"{name}.log")
     started = time.monotonic()
     try:
         code = await worker.wait_exit(45)  # kills it and fails if it keeps retrying

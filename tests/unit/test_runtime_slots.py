@@ -9,7 +9,7 @@ import asyncio
 from aiokafka import ConsumerRecord, TopicPartition
 
 from consumers.runtime import ConsumerRuntime, _Job
-from tests.support.echo_worker import echo_pipeline
+from testkit.echo_worker import echo_pipeline
 from testkit.kafka import settings_for
 
 
