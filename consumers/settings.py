@@ -159,6 +159,16 @@ class WorkerSettings(BaseSettings):
                                         "batches stay at CLS_BATCH_SIZE_WHILE_INTERACTIVE (0: never smaller).")
     result_part_size: int = Field(default=500, ge=1, description="Images per result part (N).")
     default_prompt_templates: str | None = Field(default=None, description="'|'-separated; default: open_clip's ImageNet ensemble.")
+    quick_prompt_templates: str = Field(
+        default="a photo of a {}.", description="'|'-separated templates that answer an interactive request at once "
+        "when the default ensemble of its classes is not cached yet; the ensemble is then computed in the background "
+        "and answers the next request (the result's model.prompt_set says which). Empty: interactive requests wait "
+        "for the ensemble, as bulk ones do.")
+    text_cache_dir: str | None = Field(
+        default=None, description="Class text embeddings on local disk (one file per model, class and template "
+        "list), shared by the workers of a node and kept across restarts; unset: memory only.")
+    text_cache_disk_mb: int = Field(default=256, ge=0, description="Bound of CLS_TEXT_CACHE_DIR in MB (least "
+                                    "recently used files out; 0: no disk cache).")
 
     # input limits (issue 10)
     max_aspect_ratio: float = Field(default=20.0, ge=1.0, description="Long side / short side of an image; beyond it: bad_aspect_ratio.")
@@ -219,6 +229,14 @@ class WorkerSettings(BaseSettings):
     @classmethod
     def _upper(cls, value: str) -> str:
         return value.upper()
+
+    @field_validator("quick_prompt_templates", "default_prompt_templates")
+    @classmethod
+    def _templates_name_the_class(cls, value: str | None) -> str | None:
+        for template in (value or "").split("|"):
+            if template.strip() and "{}" not in template and "{c}" not in template:
+                raise ValueError(f"prompt template {template!r} has no class placeholder ({{}} or {{c}})")
+        return value
 
 
 class Settings:

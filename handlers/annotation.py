@@ -56,6 +56,9 @@ class AnnotationConfig:
     part_size: int = 500
     max_images_per_request: int = 10_000
     default_templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])
+    # CLS_QUICK_PROMPT_TEMPLATES: an interactive request whose classes' default ensemble is not cached is answered
+    # with these at once, the ensemble computed in the background (empty: interactive requests wait for it)
+    quick_templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])
     images_in_flight: int = 128  # bulk images in fetch/decode/forward at once, all bulk requests together
     # of which one bulk request holds at most this many (admission is windowed); the worker sets two batches,
     # so one request alone has its next batch decoded while one runs (one batch's worth split its batches
@@ -179,15 +182,17 @@ class AnnotationHandler:
                                             else "default templates (CLS_DEFAULT_PROMPT_TEMPLATES)")
             if problem:
                 raise InvalidRequest(problem)
-        prepared, text_cache_hit = await model.prepare(classes, templates, ctx.executors)
+        priority = request.priority or "bulk"
+        prepared, text_cache_hit, prompt_set = await self._prepare(model, request, classes, templates, priority)
         if ctx.on_text_cache is not None and request.model != "custom":
             ctx.on_text_cache(text_cache_hit)
+        descriptor = model.descriptor if prompt_set is None else model.descriptor.model_copy(
+            update={"prompt_set": prompt_set})
         top_k = min(request.top_k, len(classes))
 
         size = part_size_for(request, ctx.config.part_size, classes, ctx.config.part_budget_bytes)
         images = request.images
         parts = [images[i:i + size] for i in range(0, len(images), size)]
-        priority = request.priority or "bulk"
         # Admission is windowed per request: a bulk request holds at most request_window images in
         # flight, so the shared budget is split between concurrent bulk requests; interactive images
         # use their own budget and go first in the batcher.
@@ -204,9 +209,11 @@ class AnnotationHandler:
                 failed_images += sum(1 for r in results if r.error is not None)
                 yield AnnotationResult.completed_part(
                     request_id, k, len(parts),
-                    model=model.descriptor,
+                    model=descriptor,
                     results=results,
                 )
+        if prompt_set == "quick":  # answered: now the full ensemble, for the next request with these classes
+            model.start_background(classes, templates)  # type: ignore[attr-defined]
         log.info(
             "annotation_summary",
             model=model.descriptor.variant,
@@ -216,9 +223,28 @@ class AnnotationHandler:
             parts=len(parts),
             part_size=size,
             text_cache="hit" if text_cache_hit else "miss",
+            prompt_set=prompt_set,
             batches_shared=ctx.batcher.forget(request_id),
             seconds=round(time.monotonic() - started, 3),
         )
+
+    async def _prepare(self, model: LoadedModel, request: AnnotationRequest, classes: list[str],
+                       templates: list[str], priority: str) -> tuple[object, bool, str | None]:
+        """The class side of a request: (prepared, cache hit, prompt set). Zero-shot requests with the worker's
+        default templates: an interactive one whose ensemble is not cached gets the quick set ('quick');
+        everything else the templates in full ('full', or 'request' for the request's own templates)."""
+        if request.model not in ("clip", "siglip"):
+            prepared, hit = await model.prepare(classes, templates, self.ctx.executors)
+            return prepared, hit, None
+        if request.prompt_templates:
+            prepared, hit = await model.prepare(classes, templates, self.ctx.executors)
+            return prepared, hit, "request"
+        quick = self.ctx.config.quick_templates
+        if priority == "interactive" and quick and list(quick) != list(templates):
+            prepared, hit, quick_used = await model.prepare_interactive(classes, templates, quick)  # type: ignore[attr-defined]
+            return prepared, hit, "quick" if quick_used else "full"
+        prepared, hit = await model.prepare(classes, templates, self.ctx.executors)
+        return prepared, hit, "full"
 
     async def _embed(self, model: LoadedModel, image: ImageRef, request_id: str, priority: str,
                      window: asyncio.Semaphore) -> torch.Tensor | ImageResult:
