@@ -593,8 +593,8 @@ class ModelDescriptor(BaseModel):
         "default ensemble (CLS_DEFAULT_PROMPT_TEMPLATES; default the 80 ImageNet templates); 'quick': the worker's "
         "small interactive set (CLS_QUICK_PROMPT_TEMPLATES; default 'a photo of a {}.'), used to answer an "
         "interactive request at once while the full ensemble for its classes is computed in the background "
-        "(a later request gets 'full'; CLIP reports ~1.5 points less ImageNet accuracy for one template than for "
-        "the 80); 'request': the request's own prompt_templates.",
+        "(a later request gets 'full'; CLIP's paper reports 3.5 points less ImageNet accuracy for the one template "
+        "than for the 80); 'request': the request's own prompt_templates.",
     )
 
 
