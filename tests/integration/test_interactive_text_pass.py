@@ -168,3 +168,15 @@ def test_prefetch_classes_warms_the_disk_cache(tmp_path, capsys):
             assert hit and prompts[0] == 0 and text.shape[0] == 2
 
     asyncio.run(read_back())
+
+
+def test_template_settings_must_name_the_class():
+    import pytest
+    from pydantic import ValidationError
+
+    from consumers.settings import WorkerSettings
+
+    for name in ("quick_prompt_templates", "default_prompt_templates"):
+        with pytest.raises(ValidationError, match="no class placeholder"):
+            WorkerSettings(**{name: "a photo of a {}.|a photo"})
+    assert WorkerSettings(quick_prompt_templates="").quick_prompt_templates == ""  # empty: no quick answers
