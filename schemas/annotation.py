@@ -86,6 +86,7 @@ EmbedModelFamily = Literal["clip", "siglip", "custom", "timm"]
 MAX_AGAINST_FILES = 64
 """Earlier embedding files one embed request may compare against."""
 DEFAULT_DUPLICATE_THRESHOLD = 0.96
+DEFAULT_LABEL_CONFLICT_THRESHOLD = 0.95
 ANNOTATION_RESULT_EVENT = "annotation.result"
 
 
@@ -383,7 +384,7 @@ class AuditSpec(BaseModel):
     neighbours: int = Field(default=10, ge=1, le=MAX_AUDIT_NEIGHBOURS,
                             description="Nearest images the outlier score averages over.")
     duplicate_threshold: float = Field(
-        default=DEFAULT_DUPLICATE_THRESHOLD, gt=0.0, le=1.0,
+        default=DEFAULT_LABEL_CONFLICT_THRESHOLD, gt=0.0, le=1.0,
         description="Cosine similarity at or above which two differently labeled images are a label conflict.")
 
 
