@@ -9,11 +9,11 @@ For ``N`` L2-normalised embeddings with given labels (class indices):
   vectors), stronger loses recall); every image is scored by the model fitted on the other folds. The BLAS
   pool is limited to one thread per fit (an oversubscribed OpenBLAS on a busy 2-core machine runs ~8x
   slower) and the folds run ``jobs`` at a time.
-- **neighbour vote**: the labels of each image's ``neighbours`` most similar other images vote with weights
-  ``exp((cos - 1) / 0.05)`` (out of sample: an image is never its own neighbour); the probabilities the rule
-  sees are ``(1 - neighbour_weight) * logistic + neighbour_weight * vote``. The two err differently (a linear
-  model on the whole space, a local vote), and measured on real ImageNet features of look-alike classes
-  (``bench/learned.py``) the mixture finds more flipped labels than either, at the same precision.
+- **neighbour vote** (optional, ``neighbour_weight``, default 0): the labels of each image's ``neighbours``
+  most similar other images vote with weights ``exp((cos - 1) / 0.05)`` (out of sample: an image is never its
+  own neighbour); the probabilities the rule sees are ``(1 - neighbour_weight) * logistic + neighbour_weight *
+  vote``. Measured on real ImageNet features (docs/learned-features.md) a half-and-half mixture found more
+  flipped labels on one set and fewer on the other, at slightly lower precision: not the default.
 - **confident learning** (Northcutt, Jiang & Chuang, JAIR 2021, section 3): per-class thresholds
   ``t_j = mean of p_j(x) over the examples labeled j`` (mean self-confidence); an example labeled ``i``
   counts towards the confident joint ``C[i][j]`` for ``j = argmax_{k: p_k(x) >= t_k} p_k(x)`` (examples
@@ -24,10 +24,10 @@ For ``N`` L2-normalised embeddings with given labels (class indices):
 - **disagreeing near-duplicates**: pairs with cosine similarity ``>= duplicate_threshold`` and different
   labels, within the near-duplicate groups of ``ml.duplicates``.
 
-Neighbours are exact (blocked ``X X^T``) up to ``exact_neighbours_max`` images; above it, candidates come
-from the embeddings projected on their top ``candidate_dims`` principal axes (``4 k`` per image, faiss'
-flat index) and are re-scored with the full vectors, so the similarities reported are exact but a true neighbour may be
-missed (the price of not doing ``N^2 D`` work at 100,000 images).
+Neighbours are exact (blocked ``X X^T``) up to ``exact_neighbours_max`` images; above it they come from the
+faiss IVF index of ``ml.duplicates`` (PCA to 64 dimensions, ``2 sqrt(N)`` cells, 8 probed per image, candidates
+re-scored with the full vectors), so the similarities reported are exact but a true neighbour may be missed
+(the price of not doing ``N^2 D`` work at 100,000 images; ``bench/audit.py`` times it).
 """
 
 from __future__ import annotations
@@ -67,10 +67,10 @@ class AuditOptions:
     seed: int = 0
     jobs: int = 2  # folds fitted at once (threads; each fit's BLAS is single-threaded)
     exact_neighbours_max: int = 20_000
-    candidate_dims: int = 64
+    candidate_dims: int = 64  # unused: the IVF index reduces to its own 64 dimensions (kept for callers)
     block_rows: int = 1024
     max_pairs: int = 10_000  # disagreeing near-duplicate pairs reported
-    neighbour_weight: float = 0.5  # share of the neighbour vote in the probabilities (0: logistic regression only)
+    neighbour_weight: float = 0.0  # share of the neighbour vote in the probabilities (0: logistic regression only)
 
 
 @dataclass(frozen=True)
@@ -198,41 +198,30 @@ def nearest_neighbours(embeddings: np.ndarray, k: int, options: AuditOptions = A
     k = int(min(k, n - 1))
     if k <= 0:
         return np.zeros((n, 0), dtype=np.int64), np.zeros((n, 0), dtype=np.float32)
-    if n <= options.exact_neighbours_max or embeddings.shape[1] <= options.candidate_dims:
+    if n <= options.exact_neighbours_max:
         return _top_k(embeddings, embeddings, k, options.block_rows)
-    centered = embeddings - embeddings.mean(axis=0)
-    covariance = (centered.T @ centered).astype(np.float64)
-    _, vectors = np.linalg.eigh(covariance)
-    projected = np.ascontiguousarray(embeddings @ vectors[:, -options.candidate_dims:].astype(np.float32))
-    candidates = _flat_candidates(projected, min(4 * k, n - 1))
-    exact = np.einsum("nd,nkd->nk", embeddings, embeddings[candidates])
-    order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
-    rows = np.arange(n)[:, None]
-    return candidates[rows, order], exact[rows, order]
+    from ml.duplicates import index_top_k
+
+    indices, similarities = index_top_k(embeddings, k)
+    missing = indices < 0  # a row whose probed cells held fewer than k others: the exact pass for those rows
+    if missing.any():
+        rows = np.flatnonzero(missing.any(axis=1))
+        indices[rows], similarities[rows] = _top_k(embeddings[rows], embeddings, k, options.block_rows, offset=rows)
+    return indices, similarities
 
 
-def _flat_candidates(projected: np.ndarray, k: int) -> np.ndarray:
-    """The ``k`` nearest other rows by inner product in the projected space (faiss' exact flat index: its
-    top-k heaps instead of a partition of every ``n``-wide similarity row)."""
-    import faiss
-
-    index = faiss.IndexFlatIP(projected.shape[1])
-    index.add(projected)
-    _, found = index.search(projected, k + 1)
-    rows = np.arange(projected.shape[0])[:, None]
-    found = np.where(found < 0, rows, found)  # padding (fewer than k + 1 rows): itself, dropped below
-    keep = np.argsort(found == rows, axis=1, kind="stable")[:, :k]  # self (usually first) to the end
-    return np.take_along_axis(found, keep, axis=1).astype(np.int64)
-
-
-def _top_k(queries: np.ndarray, keys: np.ndarray, k: int, block_rows: int) -> tuple[np.ndarray, np.ndarray]:
+def _top_k(queries: np.ndarray, keys: np.ndarray, k: int, block_rows: int,
+           offset: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` most similar keys of each query, the query's own row excluded (``offset[i]``: the key row of
+    query ``i``; by default query ``i`` is key ``i``)."""
     n = queries.shape[0]
+    own = np.arange(n) if offset is None else np.asarray(offset)
     indices = np.empty((n, k), dtype=np.int64)
     similarities = np.empty((n, k), dtype=np.float32)
     for start in range(0, n, block_rows):
         stop = min(n, start + block_rows)
         block = queries[start:stop] @ keys.T
-        block[np.arange(stop - start), np.arange(start, stop)] = -np.inf  # not its own neighbour
+        block[np.arange(stop - start), own[start:stop]] = -np.inf  # not its own neighbour
         top = np.argpartition(-block, k - 1, axis=1)[:, :k]
         values = np.take_along_axis(block, top, axis=1)
         order = np.argsort(-values, axis=1, kind="stable")

@@ -405,6 +405,14 @@ def _index_neighbors(vectors: np.ndarray, n_queries: int, k: int, threshold: flo
     return found_idx, found_sim
 
 
+def index_top_k(vectors: np.ndarray, k: int, threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's ``k`` most similar other rows by the faiss IVF index of :func:`find_duplicates` (approximate
+    candidates, exact similarities): ``(indices [n, k], similarities [n, k])``, most similar first; -1 and
+    -inf pad a row whose probed cells held fewer than ``k`` other rows."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    return _index_neighbors(vectors, len(vectors), k, -np.inf, threads)
+
+
 IVF_NPROBE = 8
 IVF_PCA_DIM = 64
 IVF_REFINE_FACTOR = 2
