@@ -63,7 +63,7 @@ __all__ = [
 ]
 
 DEFAULT_THRESHOLD = 0.96
-"""Cosine similarity at or above which two images are near-duplicates whatever their hashes."""
+"""Cosine similarity at or above which two images are near-duplicates whatever their hashes (docs/learned-features.md: chosen by measurement)."""
 DEFAULT_HASH_DISTANCE = 10
 """Perceptual-hash bits (of 64) at or below which two images with cosine >= ``DEFAULT_HASH_MIN_COSINE`` are copies."""
 DEFAULT_HASH_MIN_COSINE = 0.6
