@@ -14,6 +14,7 @@ from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas import topics as default_topics
+from schemas.annotation import MAX_IMAGES_PER_REQUEST
 
 
 class KafkaSettings(BaseSettings):
@@ -141,7 +142,7 @@ class WorkerSettings(BaseSettings):
     text_cache_size: int = Field(default=512, ge=1, description="Class text embeddings cached across requests, in entries (with CLS_TEXT_CACHE_MB).")
     device: str = Field(default="auto", description="auto (CUDA when available), cuda, cuda:N or cpu.")
     seed: int = Field(default=0, description="Seed of random weights ('random' in tests).")
-    max_images_per_request: int = Field(default=10_000, ge=1, description="Images one classify or embed request may carry.")
+    max_images_per_request: int = Field(default=MAX_IMAGES_PER_REQUEST, ge=1, description="Images one classify or embed request may carry; default: the contract's ceiling.")
     preprocess: Literal["pil", "tensor"] = Field(
         default="tensor", description="Image preprocessing: torchvision tensor ops on decoded uint8 tensors ('tensor', "
         "ml/preprocess.py; about 2.5x the images/s of 'pil' per CPU core, bench/device.py) or the model families' "
