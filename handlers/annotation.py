@@ -108,7 +108,7 @@ def part_size_for(request: AnnotationRequest, configured: int, class_names: Sequ
     redelivery gets the same parts. ``extra_envelope_bytes``: a bound of what else every part carries (the
     few-shot summary).
     """
-    top_k = min(request.top_k, len(class_names))
+    top_k = request.top_k_for(len(class_names))
     longest_class = max((_json_bytes(c) for c in class_names), default=10)
     longest_id = max(_json_bytes(img.id) for img in request.images)
     predictions = 2 + top_k * (longest_class + len('{"class":,"confidence":0.12345678901234567},'))
@@ -182,7 +182,7 @@ class AnnotationHandler:
         prepared, text_cache_hit = await model.prepare(classes, templates, ctx.executors)
         if ctx.on_text_cache is not None and request.model != "custom":
             ctx.on_text_cache(text_cache_hit)
-        top_k = min(request.top_k, len(classes))
+        top_k = request.top_k_for(len(classes))
 
         size = part_size_for(request, ctx.config.part_size, classes, ctx.config.part_budget_bytes)
         images = request.images
