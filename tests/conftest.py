@@ -20,6 +20,7 @@ pytest_plugins = [
     "tests.fixtures.postgres",
     "tests.fixtures.http_server",
     "tests.fixtures.trained_model",
+    "tests.fixtures.light_venv",
 ]
 
 REQUIRE_CONTAINERS_ENV = "CLS_REQUIRE_CONTAINERS"
