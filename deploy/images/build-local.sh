@@ -76,7 +76,7 @@ build_worker() {
     -t "$WORKER" "$REPO"
 }
 
-# The CPU image, then a smoke check in it: torch without CUDA, an open_clip and a timm forward pass.
+# The CPU image, then a smoke check in it: both workers import, torch without CUDA, a timm and an open_clip forward pass.
 build_worker_cpu() {
   exists "$CPU_BASE" || die "$CPU_BASE missing: build-local.sh cpu-base"
   # shellcheck disable=SC2046
@@ -88,6 +88,7 @@ SMOKE='
 import torch, timm, open_clip
 from PIL import Image
 from ml.backbones import load_zero_shot_model
+import consumers.annotation_worker, consumers.training_worker, ml.fewshot, ml.audit, ml.duplicates  # every dependency
 assert not torch.cuda.is_available() and not torch.backends.cuda.is_built()
 out = timm.create_model("resnet18", pretrained=False, num_classes=4).eval()(torch.rand(2, 3, 64, 64))
 clip = load_zero_shot_model("clip", "cls-tiny-clip", "random", device="cpu", seed=0)
