@@ -43,7 +43,7 @@ DEFAULT_TOP_K = 3
 MAX_CLASS_NAME_LENGTH = 200
 MAX_PROMPT_TEMPLATES = 100
 MAX_TEMPLATE_LENGTH = 300
-# Prompt volume (issue 10): what one request may make a worker render, tokenise and embed.
+# Prompt volume: what one request may make a worker render, tokenise and embed.
 MAX_PLACEHOLDERS_PER_TEMPLATE = 4
 """Class placeholders (``{}`` or ``{c}``, whichever the template uses) in one template."""
 MAX_PROMPTS = 160_000
@@ -83,13 +83,13 @@ def prompt_volume_problem(classes: list[str], templates: list[str], templates_or
                 f"the limit MAX_PROMPT_CHARS is {MAX_PROMPT_CHARS}")
     return None
 
-ModelFamily = Literal["clip", "siglip", "custom"]
 ClassifyModelFamily = Literal["clip", "siglip", "custom", "timm"]
 """Classify: 'timm' (a backbone without a classifier) only with few-shot examples."""
 EmbedModelFamily = Literal["clip", "siglip", "custom", "timm"]
 MAX_AGAINST_FILES = 64
 """Earlier embedding files one embed request may compare against."""
-DEFAULT_DUPLICATE_THRESHOLD = 0.95
+DEFAULT_DUPLICATE_THRESHOLD = 0.96
+DEFAULT_LABEL_CONFLICT_THRESHOLD = 0.95
 ANNOTATION_RESULT_EVENT = "annotation.result"
 
 
@@ -101,7 +101,7 @@ class ImageRef(BaseModel):
     url: Url
 
 
-# Few-shot classification (issue 13): a labeled support set adapts the classifier per request.
+# Few-shot classification: a labeled support set adapts the classifier per request.
 MAX_FEW_SHOT_EXAMPLES = 10_000
 """Examples one request may carry inline or in its manifest (the worker's CLS_FEWSHOT_MAX_EXAMPLES may be lower)."""
 MAX_LABEL_LENGTH = MAX_CLASS_NAME_LENGTH
@@ -312,7 +312,8 @@ def unique_image_ids(images: list[ImageRef]) -> list[ImageRef]:
 
 class DuplicatesSpec(BaseModel):
     """Find duplicates among the request's images (and the ``against`` files): exact ones by content hash,
-    near ones by cosine similarity of the embeddings at or above ``threshold``."""
+    near ones by cosine similarity of the embeddings at or above ``threshold``, or by a perceptual hash within
+    10 bits when their cosine is at least 0.6 (re-encodes, resizes, brightness changes)."""
 
     model_config = ConfigDict(extra="ignore")
     threshold: float = Field(default=DEFAULT_DUPLICATE_THRESHOLD, gt=0.0, le=1.0,
@@ -323,7 +324,7 @@ class EmbedRequest(InputModel):
     """``"task": "embed"`` on the annotation request topics: L2-normalised image embeddings, stored for the backend.
 
     Each result part names the object holding its vectors (``embeddings_url``: a ``.npz`` with ``ids`` and
-    float16 ``embeddings``, see the README); ``inline: true`` also puts each vector in its result entry
+    float16 ``embeddings``, see docs/contract.md); ``inline: true`` also puts each vector in its result entry
     (bounded by the worker's CLS_EMBED_INLINE_MAX_IMAGES and by the record size). With ``duplicates``, the
     last part lists duplicate groups (exact by content hash, near by cosine similarity).
     """
@@ -384,7 +385,7 @@ class AuditImage(ImageRef):
 
 
 class AuditSpec(BaseModel):
-    """How the audit is computed (see the README's audit section)."""
+    """How the audit is computed (see docs/contract.md, Label audit)."""
 
     model_config = ConfigDict(extra="ignore")
     folds: int = Field(default=5, ge=2, le=MAX_AUDIT_FOLDS,
@@ -392,7 +393,7 @@ class AuditSpec(BaseModel):
     neighbours: int = Field(default=10, ge=1, le=MAX_AUDIT_NEIGHBOURS,
                             description="Nearest images the outlier score averages over.")
     duplicate_threshold: float = Field(
-        default=DEFAULT_DUPLICATE_THRESHOLD, gt=0.0, le=1.0,
+        default=DEFAULT_LABEL_CONFLICT_THRESHOLD, gt=0.0, le=1.0,
         description="Cosine similarity at or above which two differently labeled images are a label conflict.")
 
 
@@ -599,13 +600,25 @@ class ModelDescriptor(BaseModel):
     weights: str = Field(description="Weights source: pretrained tag, hub id, path/URL, or 'random' (tests only).")
 
 
+class DuplicateSignals(BaseModel):
+    """Why a near group was joined: each linking pair had cosine >= the threshold, or a perceptual hash within
+    10 of 64 bits and cosine >= 0.6. ``cosine``: the lowest cosine among the links; ``hash_distance``: the
+    largest perceptual-hash distance among them (null when no linked pair had both hashes)."""
+
+    model_config = ConfigDict(extra="forbid")
+    hash_distance: int | None = Field(default=None, ge=0, le=64)
+    cosine: float | None = Field(default=None, ge=-1.0, le=1.0)
+
+
 class DuplicateGroup(BaseModel):
-    """Images that are copies of each other: ``exact`` (same bytes) or ``near`` (cosine similarity)."""
+    """Images that are copies of each other: ``exact`` (same bytes) or ``near`` (cosine similarity, or a
+    perceptual-hash match that the embedding does not contradict; ``signals`` says which)."""
 
     model_config = ConfigDict(extra="forbid")
     ids: list[str] = Field(min_length=2, description="Image ids; ids from an 'against' file are '<file url>#<id>'.")
     kind: Literal["exact", "near"]
-    similarity: float = Field(ge=-1.0, le=1.0, description="The lowest pairwise similarity that joined the group (1.0 for exact).")
+    similarity: float = Field(ge=-1.0, le=1.0, description="The lowest pairwise cosine similarity that joined the group (1.0 for exact).")
+    signals: DuplicateSignals | None = Field(default=None, description="Near groups: the signals of the links that joined them.")
 
 
 class FewShotSummary(BaseModel):
