@@ -316,9 +316,20 @@ def review_order(images: Sequence[AuditImage], classes: Sequence[str], good: np.
     return _Review(order=order, entries=entries, conflicts=conflicts, summary=summary)
 
 
+FORMULA_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
+"""A text cell starting with one of these is read as a formula by spreadsheets (OWASP's CSV injection list)."""
+
+
+def spreadsheet_text(value: str) -> str:
+    """A text cell a spreadsheet shows as text: prefixed with ``'`` when it starts with a formula trigger."""
+    return "'" + value if value.startswith(FORMULA_TRIGGERS) else value
+
+
 def audit_csv(images: Sequence[AuditImage], review: _Review, errors: dict[int, ImageResult]) -> bytes:
     """``audit.csv``: the header :data:`CSV_COLUMNS`, then one row per image in review order (UTF-8, the csv
-    module's quoting; values verbatim, so a spreadsheet may read an id starting with '=' as a formula)."""
+    module's quoting). Text cells (ids, labels, error codes) that start with ``=``, ``+``, ``-``, ``@``, a tab
+    or a carriage return get a leading ``'`` (:func:`spreadsheet_text`), so no spreadsheet evaluates them."""
+    text = spreadsheet_text
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(CSV_COLUMNS)
@@ -327,9 +338,9 @@ def audit_csv(images: Sequence[AuditImage], review: _Review, errors: dict[int, I
         entry = review.entries.get(position)
         if entry is None:
             error = errors[position].error
-            writer.writerow([image.id, image.label, "", "", "", "", "", "", error.code if error else ""])
+            writer.writerow([text(image.id), text(image.label), "", "", "", "", "", "", text(error.code) if error else ""])
             continue
-        writer.writerow([image.id, entry["label"], entry["label_probability"], "true" if entry["label_issue"] else "false",
-                         entry["suggested_label"], entry["suggested_probability"], entry["issue_score"],
-                         entry["outlier_score"], ""])
+        writer.writerow([text(image.id), text(entry["label"]), entry["label_probability"],
+                         "true" if entry["label_issue"] else "false", text(entry["suggested_label"]),
+                         entry["suggested_probability"], entry["issue_score"], entry["outlier_score"], ""])
     return buffer.getvalue().encode("utf-8")
