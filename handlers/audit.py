@@ -28,13 +28,13 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
 
 import numpy as np
 import structlog
 
 from handlers.embedding import EmbedHandler
 from handlers.errors import InvalidRequest, PermanentError
+from handlers.keys import key_segment
 from handlers.manifests import MAX_MANIFEST_BYTES, parse_manifest, read_manifest_bytes
 from handlers.parts import parts_in_order
 from ml.audit import AuditError, AuditOptions, AuditTable, audit
@@ -98,8 +98,9 @@ def audit_part_size(images: Sequence[AuditImage], classes: Sequence[str], config
 
 
 def request_folder(prefix: str, request_id: str) -> str:
-    """``<prefix>/<request id>`` (the id percent-encoded, as the embed task's part files)."""
-    return f"{prefix.rstrip('/')}/{quote(request_id, safe='-_.')}"
+    """``<prefix>/<request id>`` (the id as one key segment, ``handlers.keys.key_segment``, as the embed task's
+    part files)."""
+    return f"{prefix.rstrip('/')}/{key_segment(request_id)}"
 
 
 @dataclass(frozen=True)
