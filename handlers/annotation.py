@@ -25,6 +25,7 @@ from handlers.embedding import EmbedConfig, EmbedHandler, content_hash
 from handlers.errors import ImageError, InvalidRequest, PermanentError
 from handlers.executor import Executors
 from handlers.fewshot import FewShotClassifier, FewShotConfig, FewShotHeads
+from handlers.manifests import ManifestLimits
 from handlers.parts import parts_in_order
 from handlers.fetch import Fetcher
 from handlers.images import DecodeLimits
@@ -85,6 +86,7 @@ class AnnotationContext:
     fewshot: FewShotConfig = field(default_factory=FewShotConfig)  # classify with examples: limits, head cache size
     fewshot_heads: FewShotHeads = field(init=False)  # fitted few-shot heads by support-set key, single flight
     audit_config: AuditConfig = field(default_factory=AuditConfig)  # "task": "audit" limits
+    manifest_limits: ManifestLimits = field(default_factory=ManifestLimits)  # examples_url / manifest_url bounds
     images_semaphore: asyncio.Semaphore = field(init=False)
     interactive_semaphore: asyncio.Semaphore = field(init=False)
     preprocessor: Preprocessor = field(init=False)  # fetched bytes -> model input, for classify and embed

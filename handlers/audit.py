@@ -1,7 +1,7 @@
 """The audit task: which of a labeled set's current labels are probably wrong, in review order.
 
 Per request: check the output location's fence, read the images (inline, or a JSON Lines manifest of up to
-CLS_AUDIT_MAX_IMAGES lines, parsed in the CPU pool) and their labels, refuse what cannot be audited (a label
+CLS_AUDIT_MAX_IMAGES lines, streamed and parsed in the CPU pool) and their labels, refuse what cannot be audited (a label
 outside ``classes``, a single label, a label held by one image, more images x classes than CLS_AUDIT_MAX_CELLS)
 before any image is fetched, then embed every image through :meth:`EmbedHandler.embed_image` (fenced fetch,
 embedding cache, micro-batched forward) into one preallocated float32 matrix, a chunk of images at a time.
@@ -35,7 +35,7 @@ import structlog
 from handlers.embedding import EmbedHandler
 from handlers.errors import InvalidRequest, PermanentError
 from handlers.keys import key_segment
-from handlers.manifests import MAX_MANIFEST_BYTES, parse_manifest, read_manifest_bytes
+from handlers.manifests import read_manifest
 from handlers.parts import parts_in_order
 from ml.audit import AuditError, AuditOptions, AuditTable, audit
 from ml.embedding_files import EMBEDDINGS_CONTENT_TYPE, write_embeddings
@@ -212,9 +212,9 @@ class AuditHandler:
                                      f"CLS_AUDIT_MAX_IMAGES={config.max_images}")
             return list(request.images)
         url = request.manifest_url or ""
-        raw = await read_manifest_bytes(self.ctx.fetcher, url, max_bytes=MAX_MANIFEST_BYTES, error_code="invalid_request")
-        images = await self.ctx.executors.on_cpu(parse_manifest, raw, url, AuditImage, max_lines=config.max_images,
-                                                 error_code="invalid_request", limit_name="CLS_AUDIT_MAX_IMAGES")
+        images = await read_manifest(self.ctx.fetcher, url, AuditImage, executors=self.ctx.executors,
+                                     error_code="invalid_request", limits=self.ctx.manifest_limits,
+                                     max_lines=config.max_images, limit_name="CLS_AUDIT_MAX_IMAGES")
         if not images:
             raise InvalidRequest(f"manifest {url} has no entries")
         try:
