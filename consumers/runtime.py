@@ -158,6 +158,13 @@ class ConsumerRuntime:
     to ``CLS_MAX_ATTEMPTS`` times, then ends the record with a ``failed`` event (when one can be built
     and fits) or a dead letter whose ``dlq-error-code`` says why. A record that killed the process
     ``CLS_MAX_ATTEMPTS`` times (counted in the commit metadata) is dead-lettered as ``crash_loop``.
+
+    Crash attribution: the start count of a partition's head is written before it runs. A head started
+    before (a worker died while it was in flight) is a suspect: it waits until nothing else is in flight,
+    then runs alone in the process (every partition paused), one suspect at a time, so a death is counted
+    against the record that caused it, never against an innocent record that happened to be in flight.
+    A dead-lettered record whose request/job id can be read (body, else key) is also answered with a
+    ``failed`` event carrying the dead letter's code, so the backend always hears an end.
     """
 
     def __init__(
