@@ -90,7 +90,7 @@ class AnnotationHandler:
             ctx.on_text_cache(text_cache_hit)
         descriptor = model.descriptor if prompt_set is None else model.descriptor.model_copy(
             update={"prompt_set": prompt_set})
-        top_k = min(request.top_k, len(classes))
+        top_k = request.top_k_for(len(classes))
 
         size = part_size_for(request, ctx.config.part_size, classes, ctx.config.part_budget_bytes)
         images = request.images
