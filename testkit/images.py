@@ -205,6 +205,25 @@ def huge_blank_png(width: int, height: int) -> bytes:
     )
 
 
+
+def ico_with_frame(frame: bytes, directory_size: int = 16) -> bytes:
+    """An ICO whose one directory entry says ``directory_size`` square and holds ``frame`` (PNG or BMP bytes)."""
+    side = directory_size % 256
+    entry = struct.pack("<BBBBHHII", side, side, 0, 0, 1, 32, len(frame), 6 + 16)
+    return struct.pack("<HHH", 0, 1, 1) + entry + frame
+
+
+def ico_bomb(width: int, height: int) -> bytes:
+    """An ICO whose directory says 16x16 and that embeds a blank ``width x height`` PNG: a few KB on the wire;
+    Pillow decodes the embedded frame while opening the file."""
+    return ico_with_frame(huge_blank_png(width, height))
+
+
+def ico_bmp_frame(width: int, height: int) -> bytes:
+    """An ICO whose BMP frame's info header claims ``width x height`` (pixel data truncated)."""
+    header = struct.pack("<IiiHHIIiiII", 40, width, 2 * height, 1, 32, 0, 0, 0, 0, 0, 0)
+    return ico_with_frame(header + b"\x00" * 64)
+
 def reference_samples() -> dict[str, tuple[bytes, str]]:
     """Route name -> (bytes, content type): real photos in many formats and modes, and broken or hostile
     files; what each decodes to is in ``GOOD_SIZES`` and ``EXPECTED_ERRORS``."""
