@@ -197,7 +197,13 @@ class WorkerSettings(BaseSettings):
     # fences and limits (issue 10)
     s3_allowed_buckets: str = Field(default="", description="Comma-separated buckets any s3:// URL may name; empty: any.")
     training_memory_budget_mb: int | None = Field(
-        default=None, ge=1, description="Host memory one training batch may need (estimate); default: half the available memory.")
+        default=None, ge=1, description="Host memory one training job may need (estimate: the model's parameters x 24 B "
+        "for weights, gradients and AdamW state, plus one batch's activations and loader buffers); default: half the "
+        "memory available at start-up.")
+    allowed_training_models: str = Field(
+        default="", description="Comma-separated timm architectures (fnmatch patterns, e.g. 'resnet*,convnext_tiny') a "
+        "training request may name; empty: any timm architecture whose estimated memory fits "
+        "CLS_TRAINING_MEMORY_BUDGET_MB.")
     training_max_workers: int | None = Field(
         default=None, ge=0, description="Cap on a request's num_workers; default: the CPU cores this process may use.")
     clip_variant_weights: str = Field(

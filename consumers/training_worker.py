@@ -33,7 +33,8 @@ def training_settings(w: WorkerSettings) -> TrainingSettings:
                             checkpoint_suffix=w.checkpoint_prefix_suffix, heartbeat_s=w.heartbeat_s,
                             device=w.device, download_concurrency=w.fetch_concurrency,
                             max_metrics_bytes=w.max_record_bytes // 8,
-                            memory_budget_bytes=training_memory_budget(w), max_workers=w.training_max_workers)
+                            memory_budget_bytes=training_memory_budget(w), max_workers=w.training_max_workers,
+                            allowed_models=tuple(p.strip() for p in w.allowed_training_models.split(",") if p.strip()))
 
 
 def training_memory_budget(w: WorkerSettings) -> int:

@@ -339,7 +339,8 @@ its 3 B/pixel tensor copy that the tensor path keeps afterwards."""
 
 
 @contextlib.contextmanager
-def decoded_tensor(data: bytes, limits: DecodeLimits) -> Iterator[torch.Tensor]:
+def decoded_tensor(data: bytes, limits: DecodeLimits,
+                   work_bytes: Callable[[int, int], int] | None = None) -> Iterator[torch.Tensor]:
     """:func:`decoded` for the tensor path: the same checks and budget first, then a uint8 ``[3, H, W]`` RGB
     tensor. Baseline JPEGs and plain RGB/grey PNGs are decoded by torchvision; anything else, and any failure
     there, is decoded by Pillow exactly as :func:`decoded` does, so the per-image errors are the same."""
@@ -348,7 +349,7 @@ def decoded_tensor(data: bytes, limits: DecodeLimits) -> Iterator[torch.Tensor]:
     def work(image: Image.Image) -> int:
         return TENSOR_WORK_BYTES_PER_PIXEL if _directly_decodable(image) else 0
 
-    with _opened(data, limits, work) as image:
+    with _opened(data, limits, work, work_bytes) as image:
         pixels = None
         if _directly_decodable(image):
             try:
