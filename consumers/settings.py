@@ -170,7 +170,9 @@ class WorkerSettings(BaseSettings):
                                           "(s3://bucket/prefix or, with file URLs allowed, file:///dir).")
     embed_inline_max_images: int = Field(default=64, ge=0, description="An embed request may ask for inline vectors "
                                          "up to this many images.")
-    embed_against_max_mb: int = Field(default=256, ge=1, description="An embed request's 'against' files together, in MB.")
+    embed_against_max_mb: int = Field(default=256, ge=1, description="An embed request's 'against' files together, in "
+                                      "MB: as stored, and their arrays once decompressed (from the .npy headers, "
+                                      "checked before they are read).")
     embedding_cache_mb: int = Field(default=256, ge=0, description="Image embeddings cached by (content hash, model), "
                                     "shared by classify and embed, in MB (0: off).")
     timm_weights: str = Field(default="pretrained", description="Weights of a timm embed model without model_url: "
