@@ -212,8 +212,9 @@ class WorkerSettings(BaseSettings):
         default="", description="Comma-separated variant=weights (tag, path, s3:// or 'random') overriding the per-variant default tag.")
     allowed_model_variants: str = Field(
         default="", description="Comma-separated family:variant a message may ask for (clip:ViT-L-14, siglip:<hub id>, "
-        "clip:* for any open_clip architecture); empty: the configured variants, open_clip's architectures and the "
-        "SigLIP variants this package knows.")
+        "clip:* for any open_clip architecture); empty: the configured variants, the open_clip architectures up to "
+        "ViT-L-14's size (handlers.models.DEFAULT_CLIP_VARIANTS), the SigLIP variants this package knows and the "
+        "timm embedders of handlers.models.DEFAULT_TIMM_VARIANTS.")
 
     # test-only fault injection: crash (os._exit(137)) after the events of the Nth handled record
     # are acknowledged by the broker and before its offset is committed.
