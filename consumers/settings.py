@@ -183,6 +183,11 @@ class WorkerSettings(BaseSettings):
                                       "may carry (inline or in its examples_url manifest).")
     fewshot_head_cache_mb: int = Field(default=256, ge=0, description="Fitted few-shot heads kept across requests by "
                                        "support-set hash, in MB (0: off; concurrent identical requests still fit once).")
+    fewshot_max_fit_cost: int = Field(default=1_000_000_000, ge=1, description="Classes x examples x embedding dim "
+                                      "of one few-shot fit, checked before any example is embedded (the fit's CPU "
+                                      "time grows with it: ~2.5 s for 100 x 2,000 x 512 on one busy core).")
+    fewshot_fit_threads: int = Field(default=1, ge=1, le=64, description="Threads of the few-shot fit pool (fits "
+                                     "never run on the CPU pool that decodes images; more fits wait their turn).")
     # audit task (issue 13)
     audit_max_images: int = Field(default=100_000, ge=1, description="Images of one audit request: a manifest_url may "
                                   "list this many (inline images stay within the contract's 10,000).")

@@ -4,7 +4,8 @@ Per request: pick the model, read the support set (inline, or a JSON Lines manif
 fetcher / object store, bounded by CLS_FEWSHOT_MAX_EXAMPLES), embed every example through
 ``EmbedHandler.embed_image`` (fenced fetch, the embedding cache by content hash, the batcher's embed lane:
 a support set sent again is not embedded again), skip and count the examples that fail, then fit the head
-(``ml.fewshot.fit_few_shot``) in the CPU pool -- never on the event loop or the GPU thread. Fitted heads are
+(``ml.fewshot.fit_few_shot``) in the fit pool (``Executors.fit``) -- never on the event loop, the GPU thread or the
+CPU pool that decodes images. Fitted heads are
 kept in a bounded cache by ``ml.fewshot.support_set_key`` (model, classes, zero-shot weights, support
 embeddings and labels, method), and concurrent requests with the same key share one fit (single flight).
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -32,6 +34,7 @@ import numpy as np
 import structlog
 import torch
 
+from handlers.admission import Budget, admit
 from handlers.errors import InvalidRequest
 from handlers.manifests import MAX_MANIFEST_BYTES, read_manifest
 from handlers.parts import parts_in_order
@@ -76,6 +79,7 @@ class FewShotConfig:
     max_examples: int = 2000  # CLS_FEWSHOT_MAX_EXAMPLES: support examples per request (inline or manifest)
     head_cache_bytes: int = 256 * 2**20  # CLS_FEWSHOT_HEAD_CACHE_MB: fitted heads kept across requests
     head_cache_entries: int = 64
+    max_fit_cost: int = 1_000_000_000  # CLS_FEWSHOT_MAX_FIT_COST: classes x examples x embedding dim of one fit
 
 
 class FewShotHeads:
@@ -84,44 +88,67 @@ class FewShotHeads:
 
     def __init__(self, config: FewShotConfig) -> None:
         self.cache = FewShotHeadCache(max_entries=config.head_cache_entries, max_bytes=config.head_cache_bytes)
-        self._pending: dict[str, asyncio.Task[FewShotResult]] = {}
+        self._pending: dict[str, _Flight] = {}
         self.fits = 0
+        self.cancelled = 0  # fits stopped because every request waiting for them was cancelled (tests, logs)
         self.on_head: Callable[[bool], None] | None = None  # metrics hook: True when this request fitted
         self.on_fit: Callable[[float], None] | None = None  # metrics hook: seconds of one fit
 
-    async def get_or_fit(self, key: str, fit: Callable[[], FewShotResult],
+    async def get_or_fit(self, key: str, fit: Callable[..., FewShotResult],
                          executors: Executors) -> tuple[FewShotResult, bool]:
-        """(the head for ``key``, whether this call fitted it). ``fit`` runs in the CPU pool, as a task of its own:
-        a cancelled request does not cancel a fit that other requests wait for."""
+        """(the head for ``key``, whether this call fitted it). ``fit(should_stop=...)`` runs in the executors' fit
+        pool, as a task of its own: a cancelled request does not cancel a fit that other requests wait for; when the
+        last request waiting for a fit is cancelled (its handler timed out, the worker drains), the fit is dropped
+        if it has not started, and told to stop if it has."""
         cached = self.cache.get(key)
         if cached is not None:
             if self.on_head is not None:
                 self.on_head(False)
             return cached, False
-        task = self._pending.get(key)
-        fitted = task is None
-        if task is None:
+        flight = self._pending.get(key)
+        fitted = flight is None
+        if flight is None:
             self.fits += 1
-            task = asyncio.ensure_future(self._fit(key, fit, executors))
-            self._pending[key] = task
-            task.add_done_callback(functools.partial(self._done, key))
-        result = await asyncio.shield(task)
+            stop = threading.Event()
+            flight = _Flight(asyncio.ensure_future(self._fit(key, fit, executors, stop)), stop)
+            self._pending[key] = flight
+            flight.task.add_done_callback(functools.partial(self._done, key, flight))
+        flight.waiters += 1
+        try:
+            result = await asyncio.shield(flight.task)
+        finally:
+            flight.waiters -= 1
+            if flight.waiters == 0 and not flight.task.done():  # every waiter is gone: nobody needs this fit
+                flight.stop.set()
+                flight.task.cancel()
+                self.cancelled += 1
         if self.on_head is not None:
             self.on_head(fitted)
         return result, fitted
 
-    async def _fit(self, key: str, fit: Callable[[], FewShotResult], executors: Executors) -> FewShotResult:
+    async def _fit(self, key: str, fit: Callable[..., FewShotResult], executors: Executors,
+                   stop: threading.Event) -> FewShotResult:
         started = time.monotonic()
-        result = await executors.on_cpu(fit)
+        result = await executors.on_fit(fit, should_stop=stop.is_set)
         if self.on_fit is not None:
             self.on_fit(time.monotonic() - started)
         self.cache.put(key, result)
         return result
 
-    def _done(self, key: str, task: asyncio.Task[FewShotResult]) -> None:
-        self._pending.pop(key, None)
+    def _done(self, key: str, flight: _Flight, task: asyncio.Task[FewShotResult]) -> None:
+        if self._pending.get(key) is flight:
+            del self._pending[key]
         if not task.cancelled():
             task.exception()  # retrieved: every waiter re-raises it itself
+
+
+@dataclass
+class _Flight:
+    """One fit in progress: its task, its stop flag, and how many requests wait for it."""
+
+    task: asyncio.Task[FewShotResult]
+    stop: threading.Event
+    waiters: int = 0
 
 
 def summary_bytes(classes: Sequence[str]) -> int:
@@ -180,6 +207,11 @@ class FewShotClassifier:
         model = await ctx.models.get(key)
         examples = await self.examples(request)
         classes = self.classes_of(request, examples)
+        # the fit's work grows with classes x examples x dim: admitted before any example is fetched or embedded
+        admit(Budget("fewshot_fit", ctx.fewshot.max_fit_cost, "CLS_FEWSHOT_MAX_FIT_COST", unit="count"),
+              len(classes) * len(examples) * model.dim,
+              f"a few-shot fit of {len(classes)} classes x {len(examples)} examples x {model.dim}-d embeddings",
+              hint="send fewer classes or examples")
         has_text = request.model in ("clip", "siglip")
         zero_shot = None
         text_cache_hit = None
