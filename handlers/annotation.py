@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import structlog
 import torch
 
+from handlers.admission import Budget, admit
 from handlers.audit import AuditConfig, AuditHandler
 from handlers.batcher import MicroBatcher
 from handlers.embedding import EmbedConfig, EmbedHandler, content_hash
@@ -161,11 +162,8 @@ class AnnotationHandler:
         ctx = self.ctx
         started = time.monotonic()
         request_id = request.request_id or ""
-        if len(request.images) > ctx.config.max_images_per_request:
-            raise PermanentError(
-                "invalid_request",
-                f"{len(request.images)} images; this worker accepts at most {ctx.config.max_images_per_request} per request",
-            )
+        admit(Budget("request_images", ctx.config.max_images_per_request, "CLS_MAX_IMAGES_PER_REQUEST", unit="count"),
+              len(request.images), "images in one classify request")
         if request.has_examples:  # few-shot: a head fitted on the request's labeled examples
             async for part in self.few_shot.classify(request):
                 yield part

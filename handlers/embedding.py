@@ -63,7 +63,7 @@ INLINE_CHARS_PER_VALUE = 10
 class EmbedConfig:
     output_path: str | None = None  # CLS_EMBED_OUTPUT_PATH: default prefix (s3://bucket/prefix or file://...)
     inline_max_images: int = 64  # CLS_EMBED_INLINE_MAX_IMAGES: "inline": true only up to this many images
-    against_max_bytes: int = 256 * 1024 * 1024  # CLS_EMBED_AGAINST_MAX_BYTES: all 'against' files together
+    against_max_bytes: int = 256 * 1024 * 1024  # CLS_EMBED_AGAINST_MAX_MB: the against files together, stored and read
 
 
 def embed_part_size(request: EmbedRequest, configured: int, dim: int, budget_bytes: int) -> int:
