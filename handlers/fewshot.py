@@ -22,12 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -37,10 +35,9 @@ import torch
 from handlers.admission import Budget, admit
 from handlers.errors import InvalidRequest
 from handlers.manifests import MAX_MANIFEST_BYTES, read_manifest
-from handlers.parts import parts_in_order
+from handlers.parts import json_bytes, part_size_for, parts_in_order, rank
 from ml.fewshot import (
     FewShotError,
-    FewShotHeadCache,
     FewShotResult,
     SupportSet,
     ZeroShotWeights,
@@ -60,8 +57,8 @@ from schemas.annotation import (
 )
 
 if TYPE_CHECKING:
-    from handlers.annotation import AnnotationHandler
-    from handlers.executor import Executors
+    from handlers.context import AnnotationContext
+    from handlers.embedding import EmbedHandler
 
 log = structlog.get_logger("cls.fewshot")
 
@@ -74,88 +71,9 @@ SUMMARY_BYTES = len('"few_shot":{"method":"logistic_regression","examples_per_cl
 PER_CLASS_BYTES = len(':10000,')
 
 
-@dataclass(frozen=True)
-class FewShotConfig:
-    max_examples: int = 2000  # CLS_FEWSHOT_MAX_EXAMPLES: support examples per request (inline or manifest)
-    head_cache_bytes: int = 256 * 2**20  # CLS_FEWSHOT_HEAD_CACHE_MB: fitted heads kept across requests
-    head_cache_entries: int = 64
-    max_fit_cost: int = 1_000_000_000  # CLS_FEWSHOT_MAX_FIT_COST: classes x examples x embedding dim of one fit
-
-
-class FewShotHeads:
-    """Fitted heads by support-set key: a bounded cache plus single flight, so concurrent requests with the same
-    support set fit once. ``fits`` counts the fits started (metrics, tests)."""
-
-    def __init__(self, config: FewShotConfig) -> None:
-        self.cache = FewShotHeadCache(max_entries=config.head_cache_entries, max_bytes=config.head_cache_bytes)
-        self._pending: dict[str, _Flight] = {}
-        self.fits = 0
-        self.cancelled = 0  # fits stopped because every request waiting for them was cancelled (tests, logs)
-        self.on_head: Callable[[bool], None] | None = None  # metrics hook: True when this request fitted
-        self.on_fit: Callable[[float], None] | None = None  # metrics hook: seconds of one fit
-
-    async def get_or_fit(self, key: str, fit: Callable[..., FewShotResult],
-                         executors: Executors) -> tuple[FewShotResult, bool]:
-        """(the head for ``key``, whether this call fitted it). ``fit(should_stop=...)`` runs in the executors' fit
-        pool, as a task of its own: a cancelled request does not cancel a fit that other requests wait for; when the
-        last request waiting for a fit is cancelled (its handler timed out, the worker drains), the fit is dropped
-        if it has not started, and told to stop if it has."""
-        cached = self.cache.get(key)
-        if cached is not None:
-            if self.on_head is not None:
-                self.on_head(False)
-            return cached, False
-        flight = self._pending.get(key)
-        fitted = flight is None
-        if flight is None:
-            self.fits += 1
-            stop = threading.Event()
-            flight = _Flight(asyncio.ensure_future(self._fit(key, fit, executors, stop)), stop)
-            self._pending[key] = flight
-            flight.task.add_done_callback(functools.partial(self._done, key, flight))
-        flight.waiters += 1
-        try:
-            result = await asyncio.shield(flight.task)
-        finally:
-            flight.waiters -= 1
-            if flight.waiters == 0 and not flight.task.done():  # every waiter is gone: nobody needs this fit
-                flight.stop.set()
-                flight.task.cancel()
-                self.cancelled += 1
-        if self.on_head is not None:
-            self.on_head(fitted)
-        return result, fitted
-
-    async def _fit(self, key: str, fit: Callable[..., FewShotResult], executors: Executors,
-                   stop: threading.Event) -> FewShotResult:
-        started = time.monotonic()
-        result = await executors.on_fit(fit, should_stop=stop.is_set)
-        if self.on_fit is not None:
-            self.on_fit(time.monotonic() - started)
-        self.cache.put(key, result)
-        return result
-
-    def _done(self, key: str, flight: _Flight, task: asyncio.Task[FewShotResult]) -> None:
-        if self._pending.get(key) is flight:
-            del self._pending[key]
-        if not task.cancelled():
-            task.exception()  # retrieved: every waiter re-raises it itself
-
-
-@dataclass
-class _Flight:
-    """One fit in progress: its task, its stop flag, and how many requests wait for it."""
-
-    task: asyncio.Task[FewShotResult]
-    stop: threading.Event
-    waiters: int = 0
-
-
 def summary_bytes(classes: Sequence[str]) -> int:
     """Upper bound of the encoded ``few_shot`` summary over ``classes`` (counted in a part's envelope)."""
-    from handlers.annotation import _json_bytes
-
-    return SUMMARY_BYTES + sum(_json_bytes(c) + PER_CLASS_BYTES for c in classes)
+    return SUMMARY_BYTES + sum(json_bytes(c) + PER_CLASS_BYTES for c in classes)
 
 
 def model_key_text(key: object) -> str:
@@ -165,9 +83,9 @@ def model_key_text(key: object) -> str:
 class FewShotClassifier:
     """``classify(request) -> async iterator of AnnotationResult parts`` for a classify request with examples."""
 
-    def __init__(self, handler: AnnotationHandler) -> None:
-        self.handler = handler
-        self.ctx = handler.ctx
+    def __init__(self, ctx: AnnotationContext, embedder: EmbedHandler) -> None:
+        self.ctx = ctx
+        self.embedder = embedder
 
     async def examples(self, request: AnnotationRequest) -> list[LabeledExample]:
         """The support set as given: inline, or read from ``examples_url``; bounded by CLS_FEWSHOT_MAX_EXAMPLES."""
@@ -244,7 +162,6 @@ class FewShotClassifier:
             cv_accuracy=None if head.cv_accuracy is None else round(float(head.cv_accuracy), 6), fitted=fitted)
         top_k = min(request.top_k, len(classes))
 
-        from handlers.annotation import part_size_for
 
         size = part_size_for(request, ctx.config.part_size, classes, ctx.config.part_budget_bytes,
                              extra_envelope_bytes=summary_bytes(classes))
@@ -297,7 +214,7 @@ class FewShotClassifier:
                            request_id: str, priority: str, window: asyncio.Semaphore) -> tuple[SupportSet, int]:
         """Embed every example (concurrently, under the request's window; a URL named twice is fetched once);
         (the support set of those that worked, how many failed)."""
-        embedder = self.handler.embedder
+        embedder = self.embedder
         urls = list(dict.fromkeys(example.url for example in examples))
         refs = [ImageRef(id=f"example-{i}", url=url) for i, url in enumerate(urls)]
         tasks = [asyncio.ensure_future(embedder.embed_image(model, ref, request_id, priority, window)) for ref in refs]
@@ -334,8 +251,8 @@ class FewShotClassifier:
         """One query image -> its normalised embedding, or an error entry. Zero-shot models: the classify path
         (its forward is the embedding, staged to the device, cached); custom and timm: the embed path."""
         if model.forward_is_embedding and getattr(model, "stage", None) is not None:
-            return await self.handler._embed(model, image, request_id, priority, window)
-        out = await self.handler.embedder.embed_image(model, image, request_id, priority, window)
+            return await self.embedder.forward_image(model, image, request_id, priority, window)
+        out = await self.embedder.embed_image(model, image, request_id, priority, window)
         return out if isinstance(out, ImageResult) else out[1]
 
     async def _part_results(self, head: FewShotResult, images: Sequence[ImageRef], outputs: list,
@@ -364,8 +281,6 @@ def _support(vectors: list[torch.Tensor], labels: list[str], classes: Sequence[s
 
 def _rank_rows(head: FewShotResult, rows: list[torch.Tensor], classes: Sequence[str], top_k: int,
                threshold: float) -> list[tuple[list[Prediction], float]]:
-    from handlers.annotation import rank
-
     features = torch.stack([r.float().cpu() for r in rows]).numpy()
     probabilities = torch.from_numpy(np.ascontiguousarray(head.probabilities(features)))
     return [rank(row, classes, top_k, threshold) for row in probabilities]

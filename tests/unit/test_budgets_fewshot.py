@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from handlers.executor import Executors
-from handlers.fewshot import FewShotConfig, FewShotHeads
+from handlers.context import FewShotConfig, FewShotHeads
 from ml.fewshot import FitCancelled, SupportSet, ZeroShotWeights, fit_few_shot
 
 
