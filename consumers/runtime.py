@@ -40,7 +40,7 @@ from aiokafka.errors import (
 )
 
 from consumers import metrics
-from consumers.dlq import dlq_headers, truncated
+from consumers.dlq import DLQ_HEADROOM_BYTES, dead_letter_for
 from consumers.offsets import PartitionOffsets
 from consumers.pipeline import Pipeline
 from consumers.settings import Settings
@@ -56,7 +56,6 @@ from schemas.codec import (
     unpaired_surrogate_at,
 )
 from schemas.common import ErrorInfo, OutputModel, derive_message_id
-from schemas.topics import dlq_topic
 
 log = structlog.get_logger("cls.runtime")
 
@@ -663,13 +662,10 @@ class ConsumerRuntime:
                 delay = min(max(worker.retry_backoff_max_s, 0.05), delay * 2)
 
     async def _to_dlq(self, record: ConsumerRecord, code: str, message: str) -> None:
-        size = len(record.value or b"") + len(record.key or b"") + sum(len(k) + len(v) for k, v in record.headers or ())
-        if size > self.settings.worker.max_record_bytes + 32 * 1024:
-            # Larger than any topic of ours accepts (it came from a topic provisioned elsewhere): the
-            # dead letter keeps key, headers, position and the value's head, and says how large it was.
-            record = truncated(record)
-        headers = dlq_headers(record, code, message)
-        await self._send_with_retry(dlq_topic(record.topic), record.value, record.key, headers, None)
+        """Dead-letter ``record``, cut to fit (``consumers.dlq``: a key or header of any size never makes
+        the send fail for good)."""
+        letter = dead_letter_for(record, code, message, self.settings.worker.max_record_bytes + DLQ_HEADROOM_BYTES)
+        await self._send_with_retry(letter.topic, letter.value, letter.key, letter.headers, None)
         metrics.RECORDS_DLQ.labels(record.topic, code).inc()
         log.warning("record_dead_lettered", code=code, error=message[:300])
 

@@ -221,6 +221,13 @@ class WorkerSettings(BaseSettings):
         "ViT-L-14's size (handlers.models.DEFAULT_CLIP_VARIANTS), the SigLIP variants this package knows and the "
         "timm embedders of handlers.models.DEFAULT_TIMM_VARIANTS.")
 
+    # budgets: manifests (training manifest_url, few-shot examples_url, audit manifest_url)
+    manifest_max_bytes: int = Field(default=256 * 1024 * 1024, ge=1024, description="A manifest's size in bytes "
+                                    "(streamed, never whole in memory); over it: the request fails naming this setting.")
+    manifest_max_line_bytes: int = Field(default=64 * 1024, ge=256, description="One manifest line in bytes.")
+    manifest_max_lines: int = Field(default=1_000_000, ge=1, description="Entries of a training manifest (few-shot "
+                                    "and audit manifests are bounded by CLS_FEWSHOT_MAX_EXAMPLES / CLS_AUDIT_MAX_IMAGES).")
+
     # test-only fault injection: crash (os._exit(137)) after the events of the Nth handled record
     # are acknowledged by the broker and before its offset is committed.
     fault_crash_after_publish: int | None = Field(default=None, ge=1)

@@ -19,7 +19,7 @@ from consumers.health import HealthServer
 from consumers.pipeline import Pipeline
 from consumers.runtime import ConsumerRuntime
 from consumers.settings import Settings, WorkerSettings
-from consumers.worker import configure_torch_threads, decode_limits, serve, storage_and_fetcher
+from consumers.worker import configure_torch_threads, decode_limits, manifest_limits, serve, storage_and_fetcher
 from handlers.executor import Executors
 from handlers.training import CancelRegistry, TrainingContext, TrainingHandler, TrainingSettings, failed_status
 from schemas.codec import TRAINING_ADAPTER
@@ -34,7 +34,8 @@ def training_settings(w: WorkerSettings) -> TrainingSettings:
                             device=w.device, download_concurrency=w.fetch_concurrency,
                             max_metrics_bytes=w.max_record_bytes // 8,
                             memory_budget_bytes=training_memory_budget(w), max_workers=w.training_max_workers,
-                            allowed_models=tuple(p.strip() for p in w.allowed_training_models.split(",") if p.strip()))
+                            allowed_models=tuple(p.strip() for p in w.allowed_training_models.split(",") if p.strip()),
+                            manifest_limits=manifest_limits(w))
 
 
 def training_memory_budget(w: WorkerSettings) -> int:

@@ -17,6 +17,7 @@ from handlers.batcher import MicroBatcher
 from handlers.executor import Executors
 from handlers.fetch import Fetcher
 from handlers.images import DecodeLimits
+from handlers.manifests import ManifestLimits
 from handlers.models import ModelConfig, ModelRegistry
 from handlers.parts import PART_BUDGET_BYTES
 from handlers.preprocessing import Preprocessor
@@ -150,6 +151,7 @@ class AnnotationContext:
     fewshot: FewShotConfig = field(default_factory=FewShotConfig)  # classify with examples: limits, head cache size
     fewshot_heads: FewShotHeads = field(init=False)  # fitted few-shot heads by support-set key, single flight
     audit_config: AuditConfig = field(default_factory=AuditConfig)  # "task": "audit" limits
+    manifest_limits: ManifestLimits = field(default_factory=ManifestLimits)  # examples_url / manifest_url bounds
     images_semaphore: asyncio.Semaphore = field(init=False)
     interactive_semaphore: asyncio.Semaphore = field(init=False)
     preprocessor: Preprocessor = field(init=False)  # fetched bytes -> model input, for classify and embed

@@ -31,7 +31,6 @@ from schemas.training import LabeledUrl, TrainingDataset
 
 INVALID_DATASET = "invalid_dataset"
 TOO_MANY_BAD_IMAGES = "too_many_bad_images"
-MAX_MANIFEST_BYTES = manifests.MAX_MANIFEST_BYTES
 
 
 class DownloadStopped(Exception):
@@ -50,10 +49,12 @@ class PreparedDataset:
     total: int = 0
 
 
-def label_of(entry: LabeledUrl | str) -> tuple[str, str]:
+def label_of(entry: LabeledUrl | str | tuple[str, str]) -> tuple[str, str]:
     """(url, label) of an entry; a plain URL's label is its parent folder name."""
     if isinstance(entry, LabeledUrl):
         return entry.url, entry.label
+    if isinstance(entry, tuple):
+        return entry
     path = unquote(urlsplit(entry).path).rstrip("/")
     parts = path.split("/")
     if len(parts) < 2 or not parts[-2]:
@@ -115,27 +116,37 @@ class _ManifestLine(LabeledUrl):
     split: object = "train"
 
 
-async def read_manifest(fetcher: Fetcher, url: str) -> tuple[list[LabeledUrl], list[LabeledUrl]]:
-    """Entries of a JSON Lines manifest, split into (train, val) by their ``split`` field."""
-    lines = await manifests.read_manifest(fetcher, url, _ManifestLine, error_code=INVALID_DATASET,
-                                          max_bytes=MAX_MANIFEST_BYTES)
-    train, val = [], []
-    for line in lines:
-        entry = LabeledUrl(url=line.url, label=line.label)
-        (val if str(line.split).lower() in ("val", "valid", "validation") else train).append(entry)
+VAL_SPLITS = ("val", "valid", "validation")
+
+
+def _compact(line: _ManifestLine) -> tuple[str, str, bool]:
+    """A manifest line as kept while the manifest streams: (url, label, is it a validation image)."""
+    return line.url, line.label, isinstance(line.split, str) and line.split.lower() in VAL_SPLITS
+
+
+async def read_manifest(fetcher: Fetcher, url: str, executors: Executors,
+                        limits: manifests.ManifestLimits = manifests.ManifestLimits(),
+                        ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """Entries of a JSON Lines manifest as (url, label), split into (train, val) by their ``split`` field;
+    streamed and parsed in the CPU pool (``handlers.manifests``), at most CLS_MANIFEST_MAX_LINES entries."""
+    lines = await manifests.read_manifest(fetcher, url, _ManifestLine, executors=executors, error_code=INVALID_DATASET,
+                                          limits=limits, convert=_compact)
+    train = [(line_url, label) for line_url, label, is_val in lines if not is_val]
+    val = [(line_url, label) for line_url, label, is_val in lines if is_val]
     return train, val
 
 
 async def prepare_dataset(dataset: TrainingDataset, *, fetcher: Fetcher, executors: Executors, cache: DatasetCache,
                           limits: DecodeLimits, max_bad_fraction: float, concurrency: int = 16,
-                          should_stop: Callable[[], str | None] | None = None) -> PreparedDataset:
+                          should_stop: Callable[[], str | None] | None = None,
+                          manifest_limits: manifests.ManifestLimits = manifests.ManifestLimits()) -> PreparedDataset:
     """Resolve labels, download and check every image (``concurrency`` at a time); fail as soon as too many
     are unusable. ``should_stop`` is asked before each image: a reason (``"cancel"``, ``"preempt"``) ends
     the downloads with ``DownloadStopped``."""
-    train_entries = list(dataset.train_urls)
-    val_entries = list(dataset.val_urls)
+    train_entries: list[LabeledUrl | str | tuple[str, str]] = list(dataset.train_urls)
+    val_entries: list[LabeledUrl | str | tuple[str, str]] = list(dataset.val_urls)
     if dataset.manifest_url:
-        extra_train, extra_val = await read_manifest(fetcher, dataset.manifest_url)
+        extra_train, extra_val = await read_manifest(fetcher, dataset.manifest_url, executors, manifest_limits)
         train_entries += extra_train
         val_entries += extra_val
     index = {name: i for i, name in enumerate(dataset.class_names)}

@@ -18,7 +18,6 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import aclosing
 from typing import TYPE_CHECKING
-from urllib.parse import quote
 
 import numpy as np
 import structlog
@@ -27,6 +26,7 @@ import torch
 from handlers.admission import Budget, admit
 from handlers.parts import parts_in_order
 from handlers.errors import ImageError, InvalidRequest, PermanentError
+from handlers.keys import key_segment
 from handlers.storage import ObjectStore
 from ml.duplicates import DuplicateInputError, EmbeddingSet, check_embeddings, find_duplicates
 from ml.embedding_files import (
@@ -70,8 +70,9 @@ def embed_part_size(request: EmbedRequest, configured: int, dim: int, budget_byt
 
 
 def part_url(prefix: str, request_id: str, part: int) -> str:
-    """Where part ``part`` of ``request_id`` is stored under ``prefix`` (the id is percent-encoded)."""
-    return f"{prefix.rstrip('/')}/{quote(request_id, safe='-_.')}/part-{part:05d}{EMBEDDINGS_SUFFIX}"
+    """Where part ``part`` of ``request_id`` is stored under ``prefix`` (the id as one key segment,
+    ``handlers.keys.key_segment``: percent-encoded, never ``..``)."""
+    return f"{prefix.rstrip('/')}/{key_segment(request_id)}/part-{part:05d}{EMBEDDINGS_SUFFIX}"
 
 
 class EmbedHandler:

@@ -13,6 +13,7 @@ import ipaddress
 import os
 import re
 import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -236,6 +237,33 @@ class Fetcher:
         async with self._semaphore:
             return await fetch_one(url)
 
+    async def fetch_into(self, url: str, sink: Callable[[bytes], Awaitable[None]], max_bytes: int) -> None:
+        """Stream the bytes at ``url`` into ``sink``, chunk by chunk, under the same fences and timeouts as
+        :meth:`fetch` but with its own size limit (``max_bytes``; over it: ``ImageError(too_large)``). For
+        large documents (manifests) that must never be whole in memory."""
+        try:
+            scheme = urlsplit(url).scheme.lower()
+        except ValueError as exc:
+            raise ImageError(UNSUPPORTED_URL, f"invalid URL {url!r}: {exc}") from exc
+        async with self._semaphore:
+            if scheme in ("http", "https"):
+                await self._fetch_http(url, lambda response: self._stream_body(response, url, sink, max_bytes))
+            elif scheme == "s3":
+                if self.store is None:
+                    raise ImageError(UNSUPPORTED_URL, f"no object store configured for {url!r}")
+                await self.store.read_into(url, sink, max_bytes)
+            elif scheme == "file":
+                fence = self.store.files if self.store is not None else FileFence(self.limits.allow_file_urls,
+                                                                                  self.limits.file_root)
+                try:
+                    fence.path(url)
+                except PermanentError as exc:
+                    raise ImageError(exc.code, exc.message) from exc
+                store = self.store or ObjectStore(allow_file_urls=True, file_root=self.limits.file_root)
+                await store.read_into(url, sink, max_bytes)
+            else:
+                raise ImageError(UNSUPPORTED_URL, f"unsupported URL scheme {scheme!r}: {url!r}")
+
     # -- http(s) --------------------------------------------------------------------------------
 
     def _check_hop(self, url: URL, original: str) -> None:
@@ -258,7 +286,8 @@ class Fetcher:
         if is_blocked_address(literal):
             raise ImageError(BLOCKED_URL, f"non-public address {literal!r} refused")
 
-    async def _fetch_http(self, url: str) -> bytes:
+    async def _fetch_http(self, url: str,
+                          read: Callable[[aiohttp.ClientResponse], Awaitable[bytes]] | None = None) -> bytes:
         if self._session is None:
             raise RuntimeError("Fetcher is not open: use 'async with Fetcher(...)'")
         limits = self.limits
@@ -280,7 +309,7 @@ class Fetcher:
                             raise ImageError(
                                 HTTP_STATUS, f"HTTP {response.status} {response.reason or ''} for {url}"
                             )
-                        return await self._read_body(response, url)
+                        return await (read(response) if read is not None else self._read_body(response, url))
                 raise ImageError(FETCH_FAILED, f"more than {limits.max_redirects} redirects for {url}")
         except ImageError:
             raise
@@ -309,6 +338,21 @@ class Fetcher:
                 raise ImageError(TOO_LARGE, f"{url}: body over limit {max_bytes} bytes")
             chunks.append(chunk)
         return b"".join(chunks)
+
+    async def _stream_body(self, response: aiohttp.ClientResponse, url: str,
+                           sink: Callable[[bytes], Awaitable[None]], max_bytes: int) -> bytes:
+        declared = response.content_length
+        if declared is not None and declared > max_bytes:
+            response.close()
+            raise ImageError(TOO_LARGE, f"{url}: Content-Length {declared} > limit {max_bytes}")
+        total = 0
+        async for chunk in response.content.iter_chunked(_CHUNK):
+            total += len(chunk)
+            if total > max_bytes:
+                response.close()
+                raise ImageError(TOO_LARGE, f"{url}: body over limit {max_bytes} bytes")
+            await sink(chunk)
+        return b""
 
     # -- s3:// ----------------------------------------------------------------------------------
 

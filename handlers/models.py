@@ -26,6 +26,7 @@ from PIL import Image
 
 from handlers.errors import BLOCKED_URL, PermanentError
 from handlers.executor import Executors
+from handlers.keys import local_child
 from handlers.storage import ObjectStore
 from ml.device import StagedBatch, stage_batch
 from ml.preprocess import tensor_preprocess_for
@@ -511,8 +512,8 @@ class ModelRegistry:
         if weights.endswith("/"):
             if not (target / ".complete").exists():
                 for url in await self.store.list(weights):
-                    relative = url[len(weights):]
-                    await self.store.download_file(url, target / relative)
+                    local = local_child(target, url[len(weights):], MODEL_UNAVAILABLE)  # never outside target
+                    await self.store.download_file(url, local)
                 target.mkdir(parents=True, exist_ok=True)
                 (target / ".complete").touch()
             return str(target)

@@ -41,6 +41,7 @@ from handlers.executor import Executors
 from handlers.fetch import Fetcher
 from handlers.images import DecodeLimits
 from handlers.lifecycle import Abandoned
+from handlers.manifests import ManifestLimits
 from handlers.storage import ObjectStore
 from schemas.common import ErrorInfo
 from schemas.training import (
@@ -99,6 +100,7 @@ class TrainingSettings:
     max_workers: int | None = None  # cap on num_workers; None: the usable CPU cores
     allowed_models: tuple[str, ...] = ()  # CLS_ALLOWED_TRAINING_MODELS: timm names or fnmatch patterns; (): any
     max_metrics_bytes: int = 512 * 1024  # encoded metrics kept in a completed event (the worker: max_record_bytes / 8)
+    manifest_limits: ManifestLimits = field(default_factory=ManifestLimits)  # a dataset's manifest_url bounds
 
 
 class _Delivery:
@@ -357,7 +359,7 @@ class TrainingHandler:
                 request.dataset, fetcher=ctx.fetcher, executors=ctx.executors,
                 cache=DatasetCache(ctx.settings.dataset_cache_dir), limits=ctx.decode_limits,
                 max_bad_fraction=request.config.max_bad_fraction, concurrency=ctx.settings.download_concurrency,
-                should_stop=should_stop,
+                should_stop=should_stop, manifest_limits=ctx.settings.manifest_limits,
             )
         except DownloadStopped as stopped:
             if stopped.reason == "cancel":
@@ -490,7 +492,7 @@ class TrainingHandler:
             if exc.retryable:
                 raise
             return None
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested too deeply to parse
             metrics = None
         if not isinstance(metrics, dict):  # a metrics.json that is not ours: someone else's package
             return {PACKAGE_JOB_ID: None}

@@ -164,7 +164,10 @@ def dlq_headers_schema() -> dict[str, Any]:
     codes = "; ".join(f"`{code}`: {why}" for code, why in DLQ_ERROR_CODES.items())
     return {
         "type": "object",
-        "description": "The original record's headers, unchanged, plus these five (values are UTF-8).",
+        "description": ("The original record's headers (any dlq-* header it carried dropped), plus these five "
+                        "(values are UTF-8). A record too large for the DLQ topic is cut to fit: its value's head "
+                        "(dlq-value-truncated: the full size), its key's head (dlq-key-truncated), the heads of its "
+                        "header names and values, then as many headers as fit (dlq-headers-dropped: how many not)."),
         "required": [Headers.DLQ_ERROR_CODE, Headers.DLQ_ERROR_MESSAGE, Headers.DLQ_SOURCE_TOPIC,
                      Headers.DLQ_SOURCE_PARTITION, Headers.DLQ_SOURCE_OFFSET],
         "properties": {
@@ -579,8 +582,8 @@ def _messages(payload_of: dict[str, str]) -> dict[str, dict[str, Any]]:
             "title": "Dead-lettered record",
             "summary": "A consumed record the workers could not attribute to any request: kept for operators.",
             "description": (
-                "The original value bytes, key and headers, unchanged (so the value may not be JSON), plus "
-                "the dlq-* headers saying why and where from. A JSON object that names a request but fails "
+                "The original value bytes, key and headers, unchanged unless too large (so the value may not be "
+                "JSON), plus the dlq-* headers saying why and where from. A JSON object that names a request but fails "
                 "validation is not dead-lettered: it gets a failed result/status event with code "
                 "invalid_request instead."
             ),
