@@ -76,8 +76,9 @@ def test_an_icon_frame_over_the_decode_budget_is_refused_by_the_budget():
     assert limits.budget.in_use == 0
 
 
-def test_an_icon_is_opened_inside_its_reservation():
-    """With the whole budget held elsewhere, an icon's frame is not decoded until the budget frees up."""
+def test_an_icon_waits_for_its_reservation():
+    """With the whole budget held elsewhere, an icon's decode waits until the budget frees up (the peak-RSS test
+    above shows that its frame is not decoded before the reservation either)."""
     budget = DecodeBudget(64 * 1024 * 1024)
     limits = DecodeLimits(budget=budget)
     data = ico_bomb(1_000, 1_000)
