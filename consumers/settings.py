@@ -218,8 +218,8 @@ class WorkerSettings(BaseSettings):
     allowed_model_variants: str = Field(
         default="", description="Comma-separated family:variant a message may ask for (clip:ViT-L-14, siglip:<hub id>, "
         "clip:* for any open_clip architecture); empty: the configured variants, the open_clip architectures up to "
-        "ViT-L-14's size (handlers.models.DEFAULT_CLIP_VARIANTS), the SigLIP variants this package knows and the "
-        "timm embedders of handlers.models.DEFAULT_TIMM_VARIANTS.")
+        "ViT-L-14's size (handlers.model_config.DEFAULT_CLIP_VARIANTS), the SigLIP variants this package knows and the "
+        "timm embedders of handlers.model_config.DEFAULT_TIMM_VARIANTS.")
 
     # budgets: manifests (training manifest_url, few-shot examples_url, audit manifest_url)
     manifest_max_bytes: int = Field(default=256 * 1024 * 1024, ge=1024, description="A manifest's size in bytes "
