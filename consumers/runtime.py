@@ -72,7 +72,7 @@ class _Job:
     start_count: int = 1
     mark_first: bool = False  # the record is the head: record the attempt durably before handling
     crash_loop: bool = False  # killed the worker max_attempts times: dead-letter it, do not handle it
-    held: bool = False  # suspected of killing the worker: handled alone on its partition
+    held: bool = False  # suspected of killing the worker: handled alone in the process (nothing else in flight)
     lane: str = "default"
     body: dict[str, Any] | None = None  # the parsed value, when it parsed (lane choice)
     parked: bool = False  # taken (its offset pending) but waiting for a slot in its lane
@@ -158,6 +158,13 @@ class ConsumerRuntime:
     to ``CLS_MAX_ATTEMPTS`` times, then ends the record with a ``failed`` event (when one can be built
     and fits) or a dead letter whose ``dlq-error-code`` says why. A record that killed the process
     ``CLS_MAX_ATTEMPTS`` times (counted in the commit metadata) is dead-lettered as ``crash_loop``.
+
+    Crash attribution: the start count of a partition's head is written before it runs. A head started
+    before (a worker died while it was in flight) is a suspect: it waits until nothing else is in flight,
+    then runs alone in the process (every partition paused), one suspect at a time, so a death is counted
+    against the record that caused it, never against an innocent record that happened to be in flight.
+    A dead-lettered record whose request/job id can be read (body, else key) is also answered with a
+    ``failed`` event carrying the dead letter's code, so the backend always hears an end.
     """
 
     def __init__(
@@ -185,7 +192,11 @@ class ConsumerRuntime:
         self._jobs: dict[tuple[TopicPartition, int], _Job] = {}
         self._offsets: dict[TopicPartition, PartitionOffsets] = {}
         self._heads: dict[TopicPartition, _Head] = {}
-        self._held: set[TopicPartition] = set()  # a suspect record runs alone on these partitions
+        self._held: set[TopicPartition] = set()  # partitions whose suspect record waits or runs: read after it
+        # Suspects (records started before, when a worker died): each runs alone in the process, one at a time
+        # and with nothing else in flight, so a death while it runs is counted against it and no other record.
+        self._suspects: collections.deque[_Job] = collections.deque()
+        self._isolated: _Job | None = None  # the suspect running now
         self._commit_lock = asyncio.Lock()
         self._stopping = asyncio.Event()
         self._slot_freed = asyncio.Event()
@@ -263,6 +274,7 @@ class ConsumerRuntime:
         while not self._stopping.is_set():
             if self.max_records is not None and self._handled >= self.max_records:
                 break
+            self._launch_suspect()
             self._launch_parked()
             room = self._room()
             self._apply_pauses(room <= 0)
@@ -303,10 +315,7 @@ class ConsumerRuntime:
         if head is None:  # revoked meanwhile
             return
         for record in records:
-            if tp in self._held:  # a suspect record runs alone: read the rest again after it
-                consumer.seek(tp, record.offset)
-                return
-            if self._room() <= 0 and (tp, record.offset) not in self._jobs:  # read more than there is room for
+            if tp in self._held:  # its suspect record waits or runs alone: read the rest again after it
                 consumer.seek(tp, record.offset)
                 return
             if head.offset is None:  # no commit yet in this group: the first record read is the head
@@ -315,11 +324,48 @@ class ConsumerRuntime:
             if prior >= self.max_attempts:
                 self._start(tp, record, start_count=prior, crash_loop=True)
                 continue
-            held = prior >= 1  # it was being handled when a worker died: alone, so the count is its own
-            self._start(tp, record, start_count=prior + 1, mark_first=record.offset == head.offset, held=held)
-            if held:
-                self._held.add(tp)
-                self._apply_pauses(False)
+            if prior >= 1:  # it was being handled when a worker died: alone, so the count is its own
+                self._suspect(tp, record, start_count=prior + 1)
+                continue
+            if self._quarantined or (self._room() <= 0 and (tp, record.offset) not in self._jobs):
+                consumer.seek(tp, record.offset)  # a suspect goes first / read more than there is room for
+                return
+            self._start(tp, record, start_count=1, mark_first=record.offset == head.offset)
+
+    @property
+    def _quarantined(self) -> bool:
+        """Whether a suspect waits or runs: then nothing else starts."""
+        return bool(self._suspects) or self._isolated is not None
+
+    def _suspect(self, tp: TopicPartition, record: ConsumerRecord, start_count: int) -> None:
+        """Take a suspect record: it waits until nothing else is in flight, then runs alone (``_launch_suspect``)."""
+        key = (tp, record.offset)
+        if key in self._jobs:
+            return
+        self._offsets.setdefault(tp, PartitionOffsets()).take(record.offset)
+        job = _Job(record=record, tp=tp, start_count=start_count, mark_first=True, held=True, parked=True)
+        job.lane = self.pipeline.lane_of_topic(tp.topic)
+        self._jobs[key] = job
+        self._taken += 1
+        metrics.RECORDS_CONSUMED.labels(tp.topic).inc()
+        self._suspects.append(job)
+        self._held.add(tp)
+        log.warning("suspect_record_waits", partition=tp.partition, offset=record.offset, attempt=start_count,
+                    in_flight=sum(self._running.values()), suspects=len(self._suspects))
+        self._apply_pauses(False)
+        self._launch_suspect()
+
+    def _launch_suspect(self) -> None:
+        """Start the next suspect when nothing else is in flight (and none is running)."""
+        if self._isolated is not None or not self._suspects or sum(self._running.values()) > 0:
+            return
+        if self._stopping.is_set():
+            return
+        job = self._suspects.popleft()
+        self._isolated = job
+        log.warning("suspect_record_runs_alone", partition=job.tp.partition, offset=job.record.offset,
+                    attempt=job.start_count, max_attempts=self.max_attempts)
+        self._launch(job)
 
     async def _head(self, tp: TopicPartition) -> _Head | None:
         """The partition's committed offset and the attempts recorded for its record (fetched once)."""
@@ -344,12 +390,12 @@ class ConsumerRuntime:
         return head
 
     def _apply_pauses(self, all_paused: bool) -> None:
-        """Pause what cannot be taken now: everything when there is no room; else each topic whose lane
-        is full and whose read-ahead is used up; partitions with a suspect record always."""
+        """Pause what cannot be taken now: everything when there is no room or while a suspect record waits
+        or runs; else each topic whose lane is full and whose read-ahead is used up."""
         consumer = self._consumer
         assert consumer is not None
         assignment = consumer.assignment()
-        if all_paused:
+        if all_paused or self._quarantined:
             want = set(assignment)
         else:
             want = self._held & assignment
@@ -395,7 +441,7 @@ class ConsumerRuntime:
 
     # ---------------------------------------------------------------- per record
     def _start(self, tp: TopicPartition, record: ConsumerRecord, *, start_count: int = 1, mark_first: bool = False,
-               crash_loop: bool = False, held: bool = False) -> None:
+               crash_loop: bool = False) -> None:
         """Take a record (its offset becomes pending) and run it, or park it until its lane has a slot."""
         key = (tp, record.offset)
         if key in self._jobs:  # already in flight (a re-fetch after resume): never twice
@@ -403,13 +449,12 @@ class ConsumerRuntime:
         if tp in self._rewind and record.offset <= self._rewind[tp]:
             del self._rewind[tp]  # the rewind reached its target
         self._offsets.setdefault(tp, PartitionOffsets()).take(record.offset)
-        job = _Job(record=record, tp=tp, start_count=start_count, mark_first=mark_first, crash_loop=crash_loop,
-                   held=held)
+        job = _Job(record=record, tp=tp, start_count=start_count, mark_first=mark_first, crash_loop=crash_loop)
         job.lane = self._lane_of(job)
         self._jobs[key] = job
         self._taken += 1
         metrics.RECORDS_CONSUMED.labels(tp.topic).inc()
-        if held or crash_loop or (self._free(job.lane) > 0 and not self._parked[job.lane]):
+        if crash_loop or (self._free(job.lane) > 0 and not self._parked[job.lane] and not self._quarantined):
             self._launch(job)
         else:
             job.parked = True
@@ -438,6 +483,8 @@ class ConsumerRuntime:
         job.task = asyncio.create_task(self._run_job(job), name=f"record-{tp.topic}-{tp.partition}-{record.offset}")
 
     def _launch_parked(self) -> None:
+        if self._quarantined:
+            return
         for lane, queue in self._parked.items():
             while queue and self._free(lane) > 0:
                 self._launch(queue.popleft())
@@ -448,7 +495,11 @@ class ConsumerRuntime:
         for job in jobs:
             if not job.parked:
                 continue
-            self._parked[job.lane].remove(job)
+            if job.held:
+                self._suspects.remove(job)
+                self._held.discard(job.tp)
+            else:
+                self._parked[job.lane].remove(job)
             self._jobs.pop((job.tp, job.record.offset), None)
             self._taken -= 1
             offsets = self._offsets.get(job.tp)
@@ -469,9 +520,10 @@ class ConsumerRuntime:
             if job.mark_first:
                 await self._mark_started(job)
             if job.crash_loop:
-                await self._to_dlq(record, "crash_loop",
-                                   f"the worker died {job.start_count} times while handling this record "
-                                   f"(CLS_MAX_ATTEMPTS={self.max_attempts})")
+                message = (f"the worker died {job.start_count} times while handling this record "
+                           f"(CLS_MAX_ATTEMPTS={self.max_attempts})")
+                await self._to_dlq(record, "crash_loop", message)
+                produced = await self._answer_dead_letter(job, "crash_loop", message)
                 outcome = "dlq"
                 return
             while True:
@@ -520,7 +572,36 @@ class ConsumerRuntime:
             except Exception as publish_exc:  # noqa: BLE001 - fall back to the dead letter
                 log.warning("failed_event_not_published", error=repr(publish_exc)[:300])
         await self._to_dlq(job.record, code, message)
-        return "dlq", 0
+        return "dlq", 0 if job.entity_id is not None else await self._answer_dead_letter(job, code, message)
+
+    def _readable_id(self, record: ConsumerRecord) -> str | None:
+        """The request/job id a record names (body, else key), when one can be read without handling it."""
+        if record.value is None:  # a tombstone names no request
+            return None
+        try:
+            body = parse_json_object(record.value)
+        except NotAJsonObject:
+            body = {}
+        try:
+            return entity_id_of(body, self.pipeline.id_field, record.key)
+        except InvalidId:
+            return None
+
+    async def _answer_dead_letter(self, job: _Job, code: str, message: str) -> int:
+        """A dead-lettered record whose id can be read is answered with a ``failed`` event with the dead
+        letter's code, so the backend hears an end (best effort: the dead letter is already acknowledged)."""
+        entity_id = job.entity_id or self._readable_id(job.record)
+        if entity_id is None:
+            return 0
+        error = ErrorInfo(code=code, message=message[:1000], retryable=False)
+        try:
+            await self._publish(self.pipeline.failed_event(entity_id, error), entity_id)
+        except (asyncio.CancelledError, _LeftForRedelivery):
+            raise
+        except Exception as exc:  # noqa: BLE001 - e.g. an id too long for an event: the dead letter stands alone
+            log.warning("dead_letter_not_answered", code=code, error=repr(exc)[:300])
+            return 0
+        return 1
 
     async def _process(self, job: _Job) -> tuple[str, int]:
         record = job.record
@@ -528,7 +609,7 @@ class ConsumerRuntime:
             body = job.body if job.body is not None else parse_json_object(record.value)
         except NotAJsonObject as exc:
             await self._to_dlq(record, "not_json_object", str(exc))
-            return "dlq", 0
+            return "dlq", await self._answer_dead_letter(job, "not_json_object", str(exc))
         try:
             entity_id = entity_id_of(body, self.pipeline.id_field, record.key)
         except InvalidId as exc:
@@ -720,13 +801,16 @@ class ConsumerRuntime:
         self._jobs.pop(key, None)
         self._running[job.lane] -= 1
         metrics.LANE_IN_FLIGHT.labels(job.lane).set(self._running[job.lane])
-        if not self._stopping.is_set():
-            # The freed slot goes to the lane's next parked record now, not when the poll loop next comes
-            # round (it may be waiting up to poll_timeout_ms for new records meanwhile).
-            self._launch_parked()
-        self._slot_freed.set()
+        if job is self._isolated:
+            self._isolated = None
         if job.held:
             self._held.discard(job.tp)
+        if not self._stopping.is_set():
+            # The freed slot goes to the next suspect, else the lane's next parked record, now, not when the
+            # poll loop next comes round (it may be waiting up to poll_timeout_ms for new records meanwhile).
+            self._launch_suspect()
+            self._launch_parked()
+        self._slot_freed.set()
         metrics.IN_FLIGHT.labels(record.topic).set(len(self._jobs))
         elapsed = time.monotonic() - job.started
         self.stats[outcome] = self.stats.get(outcome, 0) + 1

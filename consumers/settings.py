@@ -197,6 +197,9 @@ class WorkerSettings(BaseSettings):
     # training
     training_work_dir: str = "~/.cache/cls-workers/training"
     dataset_cache_dir: str = "~/.cache/cls-workers/images"
+    dataset_cache_mb: int = Field(default=10 * 1024, ge=1, description="Training images cached on local disk, in MB: "
+                                  "least recently used files are removed to make room; a job whose own images do "
+                                  "not fit fails with too_large.")
     heartbeat_s: float = Field(default=30.0, gt=0)
     checkpoint_prefix_suffix: str = Field(default=".checkpoints", description="Checkpoints go to <output_path><suffix>/")
     max_jobs: int | None = Field(default=None, ge=1)

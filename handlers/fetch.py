@@ -110,6 +110,14 @@ def is_blocked_address(address: str) -> bool:
     )
 
 
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    return True
+
+
 def _is_local_name(host: str) -> bool:
     name = host.rstrip(".").lower()
     return name == "localhost" or name.endswith(".localhost")
@@ -236,6 +244,42 @@ class Fetcher:
             raise ImageError(UNSUPPORTED_URL, f"unsupported URL scheme {scheme!r}: {url!r}")
         async with self._semaphore:
             return await fetch_one(url)
+
+    async def check(self, url: str) -> None:
+        """Raise ``ImageError`` (``blocked_url`` / ``unsupported_url``) when fetching ``url`` now would be refused
+        by a fence (scheme, file root, bucket list, private networks: a host name is resolved), without
+        fetching it: for bytes kept from an earlier fetch (a cache), served only if the URL is still allowed."""
+        try:
+            scheme = urlsplit(url).scheme.lower()
+        except ValueError as exc:
+            raise ImageError(UNSUPPORTED_URL, f"invalid URL {url!r}: {exc}") from exc
+        try:
+            if scheme in ("http", "https"):
+                current = URL(url)
+                self._check_hop(current, url)
+                host = (current.raw_host or "").strip("[]")
+                if not self.limits.allow_private_networks and not _is_ip_literal(host):
+                    try:
+                        await GuardedResolver().resolve(host, current.port or 0)
+                    except BlockedAddressError as exc:
+                        raise ImageError(BLOCKED_URL, f"{url}: {exc}") from exc
+                    except OSError:
+                        pass  # unresolvable now: nothing it could reach, the fetch itself would fail the same way
+            elif scheme == "s3":
+                if self.store is None:
+                    raise ImageError(UNSUPPORTED_URL, f"no object store configured for {url!r}")
+                self.store.check(url)
+            elif scheme == "file":
+                (self.store.files if self.store is not None
+                 else FileFence(self.limits.allow_file_urls, self.limits.file_root)).path(url)
+            else:
+                raise ImageError(UNSUPPORTED_URL, f"unsupported URL scheme {scheme!r}: {url!r}")
+        except ImageError:
+            raise
+        except PermanentError as exc:
+            raise ImageError(exc.code, exc.message) from exc
+        except (ValueError, aiohttp.InvalidURL) as exc:
+            raise ImageError(UNSUPPORTED_URL, f"invalid URL {url!r}: {exc}") from exc
 
     async def fetch_into(self, url: str, sink: Callable[[bytes], Awaitable[None]], max_bytes: int) -> None:
         """Stream the bytes at ``url`` into ``sink``, chunk by chunk, under the same fences and timeouts as

@@ -101,6 +101,7 @@ class TrainingSettings:
     allowed_models: tuple[str, ...] = ()  # CLS_ALLOWED_TRAINING_MODELS: timm names or fnmatch patterns; (): any
     max_metrics_bytes: int = 512 * 1024  # encoded metrics kept in a completed event (the worker: max_record_bytes / 8)
     manifest_limits: ManifestLimits = field(default_factory=ManifestLimits)  # a dataset's manifest_url bounds
+    dataset_cache_bytes: int | None = 10 * 1024**3  # CLS_DATASET_CACHE_MB: the image cache on disk (None: unbounded)
 
 
 class _Delivery:
@@ -357,7 +358,7 @@ class TrainingHandler:
         try:
             data = await prepare_dataset(
                 request.dataset, fetcher=ctx.fetcher, executors=ctx.executors,
-                cache=DatasetCache(ctx.settings.dataset_cache_dir), limits=ctx.decode_limits,
+                cache=DatasetCache(ctx.settings.dataset_cache_dir, ctx.settings.dataset_cache_bytes), limits=ctx.decode_limits,
                 max_bad_fraction=request.config.max_bad_fraction, concurrency=ctx.settings.download_concurrency,
                 should_stop=should_stop, manifest_limits=ctx.settings.manifest_limits,
             )

@@ -63,7 +63,9 @@ DLQ_ERROR_CODES = {
     "invalid_id": "the id in the body is not valid Unicode text (an unpaired surrogate): it cannot be a key or header",
     "event_too_large": "the record's failed event would not fit CLS_MAX_RECORD_BYTES either",
     "attempts_exhausted": "handling failed unexpectedly CLS_MAX_ATTEMPTS times and no failed event could be published",
-    "crash_loop": "the worker process died CLS_MAX_ATTEMPTS times while handling this record (OOM kill, native crash)",
+    "crash_loop": "the worker process died CLS_MAX_ATTEMPTS times while handling this record (OOM kill, native crash); "
+                  "after a death, records that were in flight run one at a time, alone, so only the record that "
+                  "kills the worker is counted",
 }
 """``dlq-error-code`` values the workers write (documented in the DLQ message's headers schema)."""
 
@@ -165,7 +167,9 @@ def dlq_headers_schema() -> dict[str, Any]:
     return {
         "type": "object",
         "description": ("The original record's headers (any dlq-* header it carried dropped), plus these five "
-                        "(values are UTF-8). A record too large for the DLQ topic is cut to fit: its value's head "
+                        "(values are UTF-8). A dead-lettered record whose request or job id can be read (body, else "
+                        "key) is also answered with a failed result/status event whose error code is the "
+                        "dlq-error-code. A record too large for the DLQ topic is cut to fit: its value's head "
                         "(dlq-value-truncated: the full size), its key's head (dlq-key-truncated), the heads of its "
                         "header names and values, then as many headers as fit (dlq-headers-dropped: how many not)."),
         "required": [Headers.DLQ_ERROR_CODE, Headers.DLQ_ERROR_MESSAGE, Headers.DLQ_SOURCE_TOPIC,

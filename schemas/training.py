@@ -173,6 +173,8 @@ class TrainingMetrics(BaseModel):
     auto_accept: list[AutoAcceptRow] | None = Field(
         default=None, description="Global thresholds for target precisions 0.90, 0.95, 0.98, 0.99 (per class: metrics.json).")
     report_url: str | None = Field(default=None, description="report.html beside the package, when written.")
+    report_skipped: str | None = Field(default=None, description="Why report.html was not written (the model package "
+                                       "is complete without it); absent when it was.")
 
 
 class TrainingStatus(OutputModel):

@@ -615,12 +615,17 @@ class _TrainingRun:
         if spec.report:
             from ml.training.report import REPORT_FILE, write_report
 
-            metrics["report_url"] = REPORT_FILE  # relative to the package; the handler makes it absolute
             report_path = self.workdir / "export" / REPORT_FILE
             report_path.parent.mkdir(parents=True, exist_ok=True)
-            write_report(report_path, metrics, spec.class_names, spec.model_name,
-                         self._confidently_wrong(softmax(logits, temperature), targets.numpy()))
-            extra_files[REPORT_FILE] = report_path
+            try:
+                write_report(report_path, metrics, spec.class_names, spec.model_name,
+                             self._confidently_wrong(softmax(logits, temperature), targets.numpy()))
+            except Exception as exc:  # noqa: BLE001 - a report never costs the trained model: the package goes on
+                log.warning("report.html skipped: %s: %s", type(exc).__name__, str(exc)[:300])
+                metrics["report_skipped"] = f"{type(exc).__name__}: {exc}"[:500]
+            else:
+                metrics["report_url"] = REPORT_FILE  # relative to the package; the handler makes it absolute
+                extra_files[REPORT_FILE] = report_path
         if "onnx" in spec.export:
             from ml.training.export import export_onnx
 
