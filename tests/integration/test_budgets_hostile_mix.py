@@ -123,7 +123,11 @@ async def test_hostile_mix_ends_every_record_within_bounded_memory(tmp_path, kaf
         "giant": train("giant", model_name="vit_gigantic_patch14_clip_224", batch_size=1, image_size=None),
         "manifest-big": {**train("manifest-big"), "dataset": {"class_names": ["a", "b"],
                                                               "manifest_url": f"{bucket}/manifests/big.jsonl"}},
-        "..": train(".."),
+        # a '..' job id and '$' class names (matplotlib mathtext in the report): trains, and its package and report
+        # land under its own output_path
+        "..": {**train(".."), "dataset": {"class_names": ["$x^2$", "$\\alpha$"],
+                                         "train_urls": [{"url": url[f"img{k}"], "label": ["$x^2$", "$\\alpha$"][k % 2]}
+                                                        for k in range(8)]}},
     }
 
     common = {"CLS_RETRY_BACKOFF_S": "0.05", "CLS_RETRY_BACKOFF_MAX_S": "0.2", "CLS_S3_ALLOWED_BUCKETS": s3_bucket,
@@ -198,7 +202,8 @@ async def test_hostile_mix_ends_every_record_within_bounded_memory(tmp_path, kaf
     assert "CLS_TRAINING_MEMORY_BUDGET_MB" in status["giant"]["error"]["message"]
     assert status["manifest-big"]["status"] == "failed", status["manifest-big"]
     assert "CLS_MANIFEST_MAX_BYTES" in status["manifest-big"]["error"]["message"], status["manifest-big"]
-    assert status[".."]["status"] in TERMINAL
+    assert status[".."]["status"] == "completed", status[".."]
+    assert status[".."]["model_url"].startswith(f"{bucket}/models/dotdot")
 
     async with s3_server.client() as client:
         listed = await client.list_objects_v2(Bucket=s3_bucket)
