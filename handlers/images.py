@@ -131,7 +131,8 @@ def _mb(nbytes: int) -> int:
 def estimate_decode_bytes(image: Image.Image, data_len: int = 0) -> int:
     """Peak bytes of decoding ``image``'s first frame to RGB, from its header (an upper bound).
 
-    Decoded frame (x2 for whole-frame decoders), a possible EXIF-rotated copy, and the RGB conversion: high-depth
+    Decoded frame (x2 for whole-frame decoders), a tiled TIFF's tile buffer, a possible EXIF-rotated copy, and the
+    RGB conversion: high-depth
     greyscale an array copy + 1 B (L) + 4 B (RGB) per pixel plus a bounded work space, alpha compositing 16 B,
     anything else 4 B; plus the encoded bytes and a fixed allowance. Measured peaks stay below it (see
     tests/unit/test_decode_limits.py).
@@ -142,6 +143,7 @@ def estimate_decode_bytes(image: Image.Image, data_len: int = 0) -> int:
     per_pixel = stored * (2 if image.format in _WHOLE_FRAME_DECODERS else 1)
     per_pixel += stored  # an EXIF rotation or a detached first frame (PNG's EXIF may follow the pixels: not read here)
     extra = data_len + _FIXED_BYTES
+    extra += tiff_tile_pixels(image) * 8  # libtiff's buffer for one tile (up to 8 B/pixel: 16-bit RGBA)
     mode = image.mode
     if mode in _HIGH_DEPTH_MODES:
         per_pixel += stored + 5  # numpy's copy of the frame, then L and RGB
@@ -153,6 +155,18 @@ def estimate_decode_bytes(image: Image.Image, data_len: int = 0) -> int:
     return pixels * per_pixel + extra
 
 
+
+
+def tiff_tile_pixels(image: Image.Image) -> int:
+    """The pixels of one tile of a tiled TIFF, from its header (``TileWidth x TileLength``; 0 for anything else):
+    libtiff allocates a whole tile to decode, even when the tile is far larger than the image."""
+    if image.format != "TIFF":
+        return 0
+    tags = getattr(image, "tag_v2", {})
+    width, length = tags.get(322), tags.get(323)
+    if not isinstance(width, int) or not isinstance(length, int):
+        return 0
+    return max(0, width) * max(0, length)
 
 
 def _looks_like_image(data: bytes) -> bool:
@@ -281,6 +295,8 @@ def _opened(data: bytes, limits: DecodeLimits, work_per_pixel: Callable[[Image.I
         return
     image = _open(data)
     _check_shape(image.size, limits)
+    if tiff_tile_pixels(image) > limits.max_pixels:
+        raise ImageError(TOO_MANY_PIXELS, f"TIFF tile of {tiff_tile_pixels(image)} pixels > limit {limits.max_pixels}")
     width, height = image.size
     estimate = estimate_decode_bytes(image, len(data)) + work_per_pixel(image) * width * height
     estimate += work_bytes(width, height) if work_bytes is not None else 0

@@ -27,6 +27,7 @@ from testkit.pictures import (
     ico_with_frame,
     reference_samples,
     sample_photos,
+    tiled_tiff,
     varied_jpegs,
     write_digits_dataset,
 )
@@ -52,6 +53,7 @@ __all__ = [
     "reference_samples",
     "sample_photos",
     "start_image_server",
+    "tiled_tiff",
     "varied_jpegs",
     "write_digits_dataset",
 ]

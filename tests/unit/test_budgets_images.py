@@ -18,7 +18,7 @@ from PIL import Image
 
 from handlers.errors import DECODE_FAILED, NOT_AN_IMAGE, TOO_MANY_PIXELS, ImageError
 from handlers.images import DecodeBudget, DecodeLimits, batched_jpeg_size, decode_image, decoded_tensor, eager_frame_size
-from testkit.images import ico_bmp_frame, ico_bomb, ico_with_frame
+from testkit.images import ico_bmp_frame, ico_bomb, ico_with_frame, tiled_tiff
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -132,3 +132,14 @@ def test_a_many_frame_tiff_costs_its_first_frame_only():
         assert probe.is_animated
     image = decode_image(data, DecodeLimits())
     assert image.size == (8, 8) and image.getpixel((0, 0)) == (0, 0, 0)
+
+
+def test_a_tiff_tile_larger_than_the_image_counts_in_the_decode():
+    """A 16x16 TIFF with 16384x16384 tiles: libtiff allocates the whole 256 MB tile to decode it."""
+    data = tiled_tiff(16, 16, 16_384, 16_384)
+    with Image.open(io.BytesIO(data)) as probe:
+        assert probe.size == (16, 16)
+    assert _code(data, DecodeLimits()) == TOO_MANY_PIXELS  # 268 M tile pixels > CLS_MAX_IMAGE_PIXELS
+    limits = DecodeLimits(budget=DecodeBudget(64 * 1024 * 1024))
+    assert _code(tiled_tiff(16, 16, 4_096, 4_096), limits) == TOO_MANY_PIXELS  # 16 M pixels x 8 B > 64 MB
+    assert limits.budget.in_use == 0
