@@ -27,7 +27,7 @@ from tests.integration.test_training_worker import start_training_worker
 from testkit.images import ico_bmp_frame, ico_bomb
 from testkit.kafka import provision, read_until, send, settings_for
 
-pytestmark = [pytest.mark.kafka, pytest.mark.s3]
+pytestmark = [pytest.mark.kafka, pytest.mark.s3, pytest.mark.slow]
 
 FEW_SHOT_SETS, FEW_SHOT_CLASSES = 50, 100
 MANIFEST_CAP = 8 * 1024 * 1024  # CLS_MANIFEST_MAX_BYTES here (256 MiB by default); the big manifest is twice it
