@@ -18,7 +18,8 @@ Memory is bounded by design, from the header, before any pixel is decoded:
   ICO, whose directory cannot be trusted and whose frame Pillow decodes while opening: its frames' own headers
   are read first (:func:`eager_frame_size`) and the file is opened inside the reservation. Formats outside
   ``_ALLOWED_FORMATS`` (ICNS, CUR, EPS, PSD, ...) are not opened at all (``not_an_image``); multi-frame files
-  (TIFF, GIF, MPO, APNG, animated WebP) have only their first frame decoded and their frames never counted;
+  (TIFF, GIF, MPO, APNG, animated WebP) have only their first frame decoded and their frames never counted; a
+  tiled TIFF's tile, which libtiff allocates whole, is checked and counted like the frame;
 - every decode reserves its estimate in a shared :class:`DecodeBudget` (a thread-safe semaphore on bytes,
   first come first served) until the caller is done with the image, so the decodes running at once never
   hold more than the budget, however many threads decode.
@@ -132,9 +133,8 @@ def estimate_decode_bytes(image: Image.Image, data_len: int = 0) -> int:
     """Peak bytes of decoding ``image``'s first frame to RGB, from its header (an upper bound).
 
     Decoded frame (x2 for whole-frame decoders), a tiled TIFF's tile buffer, a possible EXIF-rotated copy, and the
-    RGB conversion: high-depth
-    greyscale an array copy + 1 B (L) + 4 B (RGB) per pixel plus a bounded work space, alpha compositing 16 B,
-    anything else 4 B; plus the encoded bytes and a fixed allowance. Measured peaks stay below it (see
+    RGB conversion: high-depth greyscale an array copy + 1 B (L) + 4 B (RGB) per pixel plus a bounded work space,
+    alpha compositing 16 B, anything else 4 B; plus the encoded bytes and a fixed allowance. Measured peaks stay below it (see
     tests/unit/test_decode_limits.py).
     """
     width, height = image.size
