@@ -326,15 +326,16 @@ async def test_a_fit_over_the_cost_budget_is_refused_before_any_example_is_fetch
     from handlers.admission import REFUSED
 
     configured = ctx.fewshot
-    ctx.fewshot = dataclasses.replace(configured, max_fit_cost=1000)
+    ctx.fewshot = dataclasses.replace(configured, max_fit_cost=100)
     urls = [http_server.add(f"fit-cost/{k}.png", png((200, 20, 20), k), content_type="image/png") for k in range(6)]
     before = REFUSED.labels("fewshot_fit")._value.get()
     try:
         error = await error_of(AnnotationHandler(ctx), request(
-            [("q", urls[5])], "fit-cost", examples=[{"url": u, "label": "ab"[k % 2]} for k, u in enumerate(urls[:4])]))
+            [("q", urls[5])], "fit-cost", classes=["a", "b"], top_k=2,
+            examples=[{"url": u, "label": "ab"[k % 2]} for k, u in enumerate(urls[:4])]))
     finally:
         ctx.fewshot = configured
     assert error.code == "invalid_request", error
-    assert "2 classes x 4 examples x" in error.message and "> budget 1,000 (CLS_FEWSHOT_MAX_FIT_COST)" in error.message
+    assert "2 classes x 4 examples x" in error.message and "> budget 100 (CLS_FEWSHOT_MAX_FIT_COST)" in error.message
     assert REFUSED.labels("fewshot_fit")._value.get() == before + 1
     assert http_server.hits("fit-cost/") == 0
