@@ -118,16 +118,6 @@ class ManifestParser(Generic[M, T]):
         self.entries.append(self.convert(entry) if self.convert is not None else entry)
 
 
-def parse_manifest(raw: bytes, url: str, model: type[M], *, max_lines: int | None, error_code: str,
-                   limit_name: str = "", max_line_bytes: int = MAX_LINE_BYTES) -> list[M]:
-    """Validated entries of a whole JSON Lines document in memory (blank lines skipped); the rules of
-    :class:`ManifestParser`. For small documents (a local file ``cls-worker send`` inlines)."""
-    parser: ManifestParser[M, M] = ManifestParser(url, model, error_code=error_code, max_lines=max_lines or MAX_LINES,
-                                                  max_line_bytes=max_line_bytes, limit_name=limit_name)
-    parser.feed(raw)
-    return parser.finish()
-
-
 async def read_manifest(fetcher: Fetcher, url: str, model: type[M], *, executors: Executors, error_code: str,
                         limits: ManifestLimits = ManifestLimits(), max_lines: int | None = None,
                         max_bytes: int | None = None, limit_name: str = "CLS_MANIFEST_MAX_LINES",
