@@ -30,18 +30,11 @@ from handlers.errors import TOO_LARGE, ImageError, PermanentError
 from handlers.executor import Executors
 from handlers.fetch import Fetcher
 from handlers.images import DecodeLimits, decoded
+from handlers.lifecycle import Stopped
 from schemas.training import LabeledUrl, TrainingDataset
 
 INVALID_DATASET = "invalid_dataset"
 TOO_MANY_BAD_IMAGES = "too_many_bad_images"
-
-
-class DownloadStopped(Exception):
-    """The job was asked to stop (``reason``: ``"cancel"`` or ``"preempt"``) while its images downloaded."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 @dataclass
@@ -207,7 +200,7 @@ async def prepare_dataset(dataset: TrainingDataset, *, fetcher: Fetcher, executo
                           manifest_limits: manifests.ManifestLimits = manifests.ManifestLimits()) -> PreparedDataset:
     """Resolve labels, download and check every image (``concurrency`` at a time); fail as soon as too many
     are unusable. ``should_stop`` is asked before each image: a reason (``"cancel"``, ``"preempt"``) ends
-    the downloads with ``DownloadStopped``."""
+    the downloads with ``handlers.lifecycle.Stopped``."""
     train_entries: list[LabeledUrl | str | tuple[str, str]] = list(dataset.train_urls)
     val_entries: list[LabeledUrl | str | tuple[str, str]] = list(dataset.val_urls)
     if dataset.manifest_url:
@@ -274,7 +267,7 @@ async def _download_all(urls: list[str], *, fetcher: Fetcher, executors: Executo
         for position in positions:
             reason = should_stop() if should_stop is not None else None
             if reason is not None:
-                raise DownloadStopped(reason)
+                raise Stopped(reason)
             result = await one(urls[position])
             results[position] = result
             if isinstance(result, ImageError):

@@ -74,7 +74,7 @@ class _SlowFit:
 
 async def test_a_fit_nobody_waits_for_is_stopped_and_one_not_started_never_runs():
     executors = Executors(cpu_workers=2, fit_workers=1)
-    heads = FewShotHeads(FewShotConfig())
+    heads = FewShotHeads(FewShotConfig(max_examples=2000, head_cache_bytes=2**20, max_fit_cost=10**9))
     first, second = _SlowFit(), _SlowFit()
     try:
         running = asyncio.ensure_future(heads.get_or_fit("a", lambda should_stop: first(should_stop), executors))
@@ -97,7 +97,7 @@ async def test_a_fit_nobody_waits_for_is_stopped_and_one_not_started_never_runs(
 
 async def test_fits_share_a_bounded_pool_and_a_fit_other_requests_wait_for_goes_on():
     executors = Executors(cpu_workers=2, fit_workers=1)
-    heads = FewShotHeads(FewShotConfig())
+    heads = FewShotHeads(FewShotConfig(max_examples=2000, head_cache_bytes=2**20, max_fit_cost=10**9))
     support, zero_shot = _support()
     fit = lambda should_stop: fit_few_shot(support, "tip_adapter", zero_shot, should_stop=should_stop)  # noqa: E731
     try:
