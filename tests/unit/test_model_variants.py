@@ -71,12 +71,12 @@ def test_an_explicit_allow_list():
 def test_the_default_allow_list_refuses_architectures_a_worker_cannot_hold(variant):
     """Multi-GB downloads and up to ~20 GB allocated: only by setting (clip:<variant> or clip:*)."""
     with pytest.raises(PermanentError) as err:
-        ModelConfig(clip_weights="random").key_for("clip", variant)
+        model_config(clip_weights="random").key_for("clip", variant)
     assert err.value.code == "model_unavailable" and "CLS_ALLOWED_MODEL_VARIANTS=clip:<variant>" in err.value.message
-    allowed = ModelConfig(clip_weights="random", allowed_variants=parse_allowed_variants(f"clip:{variant}"))
+    allowed = model_config(clip_weights="random", allowed_variants=parse_allowed_variants(f"clip:{variant}"))
     assert allowed.key_for("clip", variant).variant == variant
 
 
 @pytest.mark.parametrize("variant", ["RN50", "ViT-B-16", "ViT-L-14", "ViT-L-14-336", "convnext_base_w"])
 def test_the_default_allow_list_admits_the_usual_sizes(variant):
-    assert ModelConfig(clip_weights="random").key_for("clip", variant).variant == variant
+    assert model_config(clip_weights="random").key_for("clip", variant).variant == variant
