@@ -29,6 +29,7 @@ from schemas.annotation import (
     AuditRequest,
     AuditSummary,
     DuplicateGroup,
+    DuplicateSignals,
     EmbedRequest,
     FewShotSpec,
     FewShotSummary,
@@ -339,7 +340,8 @@ def annotation_result_examples() -> list[AnnotationResult]:
                  ImageResult(id="img-3", error=ErrorInfo(code="http_status", message="HTTP 404 from https://images.example.com/3.jpg"))],
         embeddings_url="s3://embeddings/project-7/req-2025-0005/part-00000.npz",
         dim=768,
-        duplicates=[DuplicateGroup(ids=["img-1", "img-2"], kind="near", similarity=0.981)],
+        duplicates=[DuplicateGroup(ids=["img-1", "img-2"], kind="near", similarity=0.981,
+                                   signals=DuplicateSignals(hash_distance=4, cosine=0.981))],
     )
     few_shot = AnnotationResult(
         message_id=AnnotationResult.message_id_for("req-2025-0006", 0),

@@ -168,6 +168,8 @@ class TrainingMetrics(BaseModel):
     macro_f1: float | None = Field(default=None, description="Unweighted mean F1 over the classes with validation images.")
     balanced_accuracy: float | None = Field(default=None, description="Mean recall over the classes with validation images.")
     temperature: float | None = Field(default=None, gt=0.0, description="Fitted on validation (NLL); custom inference applies it.")
+    temperature_note: str | None = Field(
+        default=None, description="Why the temperature was not fitted (a validation split without errors keeps it at 1).")
     ece: BeforeAfter | None = Field(default=None, description="Expected calibration error, 15 equal-width bins.")
     nll: BeforeAfter | None = Field(default=None, description="Mean negative log-likelihood.")
     auto_accept: list[AutoAcceptRow] | None = Field(

@@ -69,6 +69,7 @@ def _summary(metrics: Mapping[str, Any]) -> str:
     rows = [("val_accuracy", metrics.get("val_accuracy")), ("macro_f1", metrics.get("macro_f1")),
             ("balanced_accuracy", metrics.get("balanced_accuracy")), ("best_epoch", metrics.get("best_epoch")),
             ("temperature", metrics.get("temperature")),
+            *([("temperature note", _e(metrics["temperature_note"]))] if metrics.get("temperature_note") else []),
             ("ECE before / after", f"{_fmt(ece.get('before'))} / {_fmt(ece.get('after'))}"),
             ("NLL before / after", f"{_fmt(nll.get('before'))} / {_fmt(nll.get('after'))}")]
     return "<table>" + "".join(f"<tr><th>{_e(k)}</th><td>{v if isinstance(v, str) else _fmt(v)}</td></tr>" for k, v in rows) + "</table>"

@@ -14,10 +14,11 @@ from handlers.annotation import AnnotationHandler
 from handlers.errors import PermanentError
 from handlers.executor import Executors
 from handlers.keys import KeyOutsidePrefix, key_segment, local_child
-from handlers.models import ModelConfig, ModelRegistry
+from handlers.models import ModelRegistry
 from handlers.storage import ObjectStore
 from schemas.annotation import EmbedRequest
 from tests.integration.test_embed_handler import settings
+from tests.support.configs import model_config
 
 
 @pytest.mark.parametrize("text", ["..", ".", "...", "", "a/../b", "../../etc", "%2e%2e", "..%2F"])
@@ -58,7 +59,7 @@ async def test_weights_prefix_with_a_dot_dot_key_is_refused(tmp_path, s3_server,
     executors = Executors(cpu_workers=1)
     try:
         async with ObjectStore(endpoint_url=s3_server.endpoint_url) as store:
-            registry = ModelRegistry(ModelConfig(model_dir=str(model_dir)), executors, store)
+            registry = ModelRegistry(model_config(model_dir=str(model_dir)), executors, store)
             with pytest.raises(PermanentError) as info:
                 await registry._local_weights(f"s3://{s3_bucket}/weights/")
     finally:

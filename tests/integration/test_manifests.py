@@ -104,13 +104,14 @@ def test_deeply_nested_package_config_is_a_package_error():
 
 
 async def test_deeply_nested_package_config_makes_the_model_unavailable(tmp_path, s3_server, s3_bucket):
-    from handlers.models import ModelConfig, ModelRegistry
+    from handlers.models import ModelRegistry
+    from tests.support.configs import model_config
 
     await _put(s3_server, s3_bucket, "pkg/config.json", b'{"format": ' + DEEP + b"}")
     executors = Executors(cpu_workers=1)
     try:
         async with ObjectStore(endpoint_url=s3_server.endpoint_url) as store:
-            registry = ModelRegistry(ModelConfig(model_dir=str(tmp_path / "models")), executors, store)
+            registry = ModelRegistry(model_config(model_dir=str(tmp_path / "models")), executors, store)
             with pytest.raises(PermanentError) as err:
                 await registry._fetch_package(f"s3://{s3_bucket}/pkg")
     finally:
