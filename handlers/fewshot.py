@@ -161,7 +161,7 @@ class FewShotClassifier:
         summary = FewShotSummary(
             method=head.method, examples_per_class=dict(head.examples_per_class), examples_failed=failed,
             cv_accuracy=None if head.cv_accuracy is None else round(float(head.cv_accuracy), 6), fitted=fitted)
-        top_k = min(request.top_k, len(classes))
+        top_k = request.top_k_for(len(classes))
 
 
         size = part_size_for(request, ctx.config.part_size, classes, ctx.config.part_budget_bytes,

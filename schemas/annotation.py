@@ -8,7 +8,9 @@ Confidence semantics:
 - ``custom``: a softmax over the trained model's classes, or over the subset named in ``classes``.
 
 ``top_k`` is applied first (the k most confident classes, sorted by confidence), then ``threshold``
-drops those below it. ``margin`` is top-1 minus top-2 confidence (before both), so a labeling UI can
+drops those below it. ``top_k`` defaults to 3; one above the number of classes (the request's, or the
+custom model's when the request names none) means all of them: unset with 2 classes answers at most 2
+predictions, and so does ``top_k: 10``. It is never a reason to refuse a request. ``margin`` is top-1 minus top-2 confidence (before both), so a labeling UI can
 sort uncertain images first. One bad image yields an error entry for that image, never a failed
 request; ``status: failed`` means the whole request could not run (invalid request, model not
 loadable).
@@ -36,6 +38,8 @@ from schemas.urls import OutputUrl, Url
 
 MAX_IMAGES_PER_REQUEST = 10_000
 MAX_CLASSES = 2_000
+DEFAULT_TOP_K = 3
+"""``top_k`` when a classify request does not say; one above the number of classes means all of them."""
 MAX_CLASS_NAME_LENGTH = 200
 MAX_PROMPT_TEMPLATES = 100
 MAX_TEMPLATE_LENGTH = 300
@@ -176,7 +180,11 @@ class AnnotationRequest(InputModel):
         max_length=MAX_CLASSES,
         description="Class names (required for clip/siglip; for custom, an optional subset of the model's classes).",
     )
-    top_k: int = Field(default=3, ge=1, le=MAX_CLASSES, description="Keep at most this many classes per image (applied first).")
+    top_k: int = Field(
+        default=DEFAULT_TOP_K, ge=1, le=MAX_CLASSES,
+        description=f"Keep at most this many classes per image (applied first); default {DEFAULT_TOP_K}. Above the number "
+                    "of classes (the request's, or the custom model's) it means all of them: the worker uses "
+                    "min(top_k, number of classes).")
     threshold: float = Field(default=0.1, ge=0.0, le=1.0, description="Then drop predictions below this confidence.")
     priority: Literal["interactive", "bulk"] | None = Field(
         default=None,
@@ -259,13 +267,15 @@ class AnnotationRequest(InputModel):
             raise ValueError(problem)
         if self.has_examples and self.auto_accept_precision is not None:
             raise ValueError("auto_accept_precision needs the trained model's own classifier, not few-shot examples")
-        if self.classes is not None and self.top_k > len(self.classes):
-            raise ValueError(f"top_k ({self.top_k}) must be within 1..len(classes) ({len(self.classes)})")
         if self.classes and self.prompt_templates and self.model != "custom":
             problem = prompt_volume_problem(self.classes, self.prompt_templates)
             if problem:
                 raise ValueError(problem)
         return self
+
+    def top_k_for(self, class_count: int) -> int:
+        """How many predictions per image at most, for ``class_count`` classes: ``min(top_k, class_count)``."""
+        return min(self.top_k, class_count)
 
     @property
     def has_examples(self) -> bool:

@@ -339,3 +339,19 @@ async def test_a_fit_over_the_cost_budget_is_refused_before_any_example_is_fetch
     assert "2 classes x 4 examples x" in error.message and "> budget 100 (CLS_FEWSHOT_MAX_FIT_COST)" in error.message
     assert REFUSED.labels("fewshot_fit")._value.get() == before + 1
     assert http_server.hits("fit-cost/") == 0
+
+
+async def test_few_shot_top_k_unset_equal_larger_smaller_than_the_classes(ctx, colour_urls):
+    """Few-shot answers as classify does: unset -> min(3, classes); above the class count -> every class."""
+    handler = AnnotationHandler(ctx)
+    two = ["red", "green"]
+    support = examples(colour_urls, 2, classes=two)
+    for top_k, expected in ((None, 2), (2, 2), (7, 2), (1, 1)):
+        body = {"task": "classify", "model": "clip", "request_id": f"fs-topk-{top_k}", "threshold": 0.0,
+                "classes": two, "examples": support, "images": [{"id": "q", "url": colour_urls["red"][4]}]}
+        if top_k is not None:
+            body["top_k"] = top_k
+        parts = await collect(handler, AnnotationRequest.model_validate(body))
+        (result,) = parts[0].results
+        assert parts[0].few_shot is not None and len(result.predictions) == expected, (top_k, result)
+        assert {p.class_name for p in result.predictions} <= set(two)
