@@ -69,7 +69,7 @@ def preload_keys(settings: Settings, config: ModelConfig) -> list:
 async def annotation_context(settings: Settings):
     """The handler's dependencies, built once; closed on exit."""
     w = settings.worker
-    executors = Executors()
+    executors = Executors(fit_workers=w.fewshot_fit_threads)
     async with storage_and_fetcher(settings) as (store, fetcher):
         config = model_config(settings)
         batcher = MicroBatcher(executors, max_batch=w.batch_size, max_wait_ms=w.batch_wait_ms,
@@ -94,7 +94,8 @@ async def annotation_context(settings: Settings):
                                      against_max_bytes=w.embed_against_max_mb * 1024 * 1024),
             embedding_cache=EmbeddingCache(w.embedding_cache_mb * 1024 * 1024) if w.embedding_cache_mb else None,
             fewshot=FewShotConfig(max_examples=w.fewshot_max_examples,
-                                  head_cache_bytes=w.fewshot_head_cache_mb * 1024 * 1024),
+                                  head_cache_bytes=w.fewshot_head_cache_mb * 1024 * 1024,
+                                  max_fit_cost=w.fewshot_max_fit_cost),
             audit_config=AuditConfig(max_images=w.audit_max_images, max_cells=w.audit_max_cells),
             manifest_limits=manifest_limits(w),
         )

@@ -17,6 +17,7 @@ from contextlib import aclosing
 import structlog
 import torch
 
+from handlers.admission import Budget, admit
 from handlers.audit import AuditHandler
 from handlers.context import AnnotationConfig, AnnotationContext
 from handlers.embedding import EmbedHandler
@@ -66,11 +67,8 @@ class AnnotationHandler:
         ctx = self.ctx
         started = time.monotonic()
         request_id = request.request_id or ""
-        if len(request.images) > ctx.config.max_images_per_request:
-            raise PermanentError(
-                "invalid_request",
-                f"{len(request.images)} images; this worker accepts at most {ctx.config.max_images_per_request} per request",
-            )
+        admit(Budget("request_images", ctx.config.max_images_per_request, "CLS_MAX_IMAGES_PER_REQUEST", unit="count"),
+              len(request.images), "images in one classify request")
         if request.has_examples:  # few-shot: a head fitted on the request's labeled examples
             async for part in self.few_shot.classify(request):
                 yield part

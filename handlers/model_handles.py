@@ -111,7 +111,8 @@ class CustomHandle:
         self.key = key
         self.model = model
         self.descriptor = ModelDescriptor(family="custom", variant=model.info_variant, weights=key.weights)
-        self.preprocess_bytes_per_pixel = 0  # timm's eval transform resizes with Pillow first
+        self.preprocess_bytes_per_pixel = 0  # timm's eval transform resizes with Pillow first ...
+        self.preprocess_work_bytes = model.preprocess_work_bytes  # ... to the package's size: reserved per image
         self.embed_lane = ("embed", key)  # another output than forward: never in one batch with classify images
         self.forward_is_embedding = False
         self.dim = probe_dim(self)

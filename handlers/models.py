@@ -24,6 +24,7 @@ from handlers.errors import BLOCKED_URL, PermanentError
 from handlers.executor import Executors
 from handlers.keys import local_child
 from handlers.model_config import (  # noqa: F401 - the model's identity and config, importable from here
+    DEFAULT_CLIP_VARIANTS,
     DEFAULT_TIMM_VARIANTS,
     MODEL_UNAVAILABLE,
     ModelConfig,
