@@ -99,14 +99,14 @@ class AnnotationContext:
 
 
 def part_size_for(request: AnnotationRequest, configured: int, class_names: Sequence[str],
-                  budget_bytes: int = PART_BUDGET_BYTES, extra_envelope_bytes: int = 0) -> int:
+                  budget_bytes: int = PART_BUDGET_BYTES, extra_envelope_bytes: int = 0, multi_label: bool = False) -> int:
     """N for this request: the configured part size, lowered so a part's JSON stays within ``budget_bytes``.
 
     The bound is on the encoded size of the worst case of every image (its id, ``top_k`` of the longest
     class names, or an error entry whose message is cut to ``MAX_IMAGE_ERROR_CHARS``), so it holds
     whatever the outcome; and it depends only on the request (and the model's class names), so a
     redelivery gets the same parts. ``extra_envelope_bytes``: a bound of what else every part carries (the
-    few-shot summary).
+    few-shot summary). ``multi_label``: every image also lists up to ``top_k`` class names as its ``labels``.
     """
     top_k = min(request.top_k, len(class_names))
     longest_class = max((_json_bytes(c) for c in class_names), default=10)
@@ -114,6 +114,8 @@ def part_size_for(request: AnnotationRequest, configured: int, class_names: Sequ
     predictions = 2 + top_k * (longest_class + len('{"class":,"confidence":0.12345678901234567},'))
     error = len('"error":{"code":"","message":""}') + 64 + 2 * MAX_IMAGE_ERROR_CHARS  # 2: escaped quotes and backslashes
     per_image = len('{"id":,"predictions":,"margin":-0.12345678901234567,"auto_accept":false},') + longest_id + predictions + error
+    if multi_label:
+        per_image += len('"labels":[],') + top_k * (longest_class + 1)
     envelope = 2048 + extra_envelope_bytes  # request id, model descriptor, part fields, created_at
     return max(1, min(configured, (budget_bytes - envelope) // per_image))
 
@@ -179,12 +181,19 @@ class AnnotationHandler:
                                             else "default templates (CLS_DEFAULT_PROMPT_TEMPLATES)")
             if problem:
                 raise InvalidRequest(problem)
-        prepared, text_cache_hit = await model.prepare(classes, templates, ctx.executors)
+        multi_label = request.multi_label or bool(getattr(model, "multi_label", False))  # custom: the package decides
+        if request.multi_label and request.model == "custom" and not getattr(model, "multi_label", False):
+            raise InvalidRequest(f"multi_label is true but the package at {request.model_url} is single-label "
+                                 "(trained without multi_label)")
+        text_classes = list(classes)
+        if multi_label and request.model != "custom":
+            text_classes += list(getattr(model, "multi_label_extra_classes", ()))
+        prepared, text_cache_hit = await model.prepare(text_classes, templates, ctx.executors)
         if ctx.on_text_cache is not None and request.model != "custom":
             ctx.on_text_cache(text_cache_hit)
         top_k = min(request.top_k, len(classes))
 
-        size = part_size_for(request, ctx.config.part_size, classes, ctx.config.part_budget_bytes)
+        size = part_size_for(request, ctx.config.part_size, classes, ctx.config.part_budget_bytes, multi_label=multi_label)
         images = request.images
         parts = [images[i:i + size] for i in range(0, len(images), size)]
         priority = request.priority or "bulk"
@@ -200,7 +209,7 @@ class AnnotationHandler:
         async with aclosing(parts_in_order(parts, handle)) as stream:
             async for k, part_images, outputs in stream:
                 results = await self._part_results(model, part_images, outputs, prepared, classes, top_k, request.threshold,
-                                                   request.auto_accept_precision)
+                                                   request.auto_accept_precision, multi_label)
                 failed_images += sum(1 for r in results if r.error is not None)
                 yield AnnotationResult.completed_part(
                     request_id, k, len(parts),
@@ -249,11 +258,16 @@ class AnnotationHandler:
 
     async def _part_results(self, model: LoadedModel, images: Sequence[ImageRef], outputs: list, prepared: object,
                             classes: Sequence[str], top_k: int, threshold: float,
-                            auto_accept_precision: float | None = None) -> list[ImageResult]:
+                            auto_accept_precision: float | None = None, multi_label: bool = False) -> list[ImageResult]:
         good = [i for i, out in enumerate(outputs) if isinstance(out, torch.Tensor)]
         ranked: list[tuple[list[Prediction], float]] = []
+        tag_sets: list[list[str] | None] = [None] * len(good)
         accepted: list[bool | None] = [None] * len(good)
-        if good:  # stacking, scoring and ranking on the GPU thread: no tensor work on the event loop
+        if good and multi_label:
+            rows = [outputs[i] for i in good]
+            ranked, tag_sets = await self.ctx.executors.on_gpu(_score_multi_label, model, rows, prepared, classes, top_k,
+                                                               threshold)
+        elif good:  # stacking, scoring and ranking on the GPU thread: no tensor work on the event loop
             rows = [outputs[i] for i in good]
             ranked = await self.ctx.executors.on_gpu(_score_and_rank, model, rows, prepared, classes, top_k, threshold)
             if auto_accept_precision is not None:
@@ -266,6 +280,9 @@ class AnnotationHandler:
                 results.append(out)
                 continue
             predictions, margin = ranked[row_of[i]]
+            if multi_label:
+                results.append(ImageResult(id=image.id, predictions=predictions, labels=tag_sets[row_of[i]]))
+                continue
             results.append(ImageResult(id=image.id, predictions=predictions, margin=round(margin, 6),
                                        auto_accept=accepted[row_of[i]]))
         return results
@@ -275,6 +292,25 @@ def _score_and_rank(model: LoadedModel, rows: list[torch.Tensor], prepared: obje
                     top_k: int, threshold: float) -> list[tuple[list[Prediction], float]]:
     confidences = model.confidences(torch.stack(rows), prepared)
     return [rank(row, classes, top_k, threshold) for row in confidences]
+
+
+def _score_multi_label(model: LoadedModel, rows: list[torch.Tensor], prepared: object, classes: Sequence[str],
+                       top_k: int, threshold: float) -> tuple[list[tuple[list[Prediction], float]], list[list[str]]]:
+    """Independent per-class probabilities ranked (``top_k`` caps, ``threshold`` per class) and each image's tag set:
+    a multi-label package's per-class thresholds (at most ``top_k``), else the predictions' classes."""
+    stacked = torch.stack(rows)
+    thresholds = model.tag_thresholds(prepared) if hasattr(model, "tag_thresholds") else None
+    confidences = (model.multi_label_confidences(stacked, prepared) if thresholds is None and hasattr(model, "multi_label_confidences")
+                   else model.confidences(stacked, prepared))
+    ranked = [rank(row, classes, top_k, threshold) for row in confidences]
+    if thresholds is None:
+        return ranked, [[p.class_name for p in predictions] for predictions, _ in ranked]
+    tag_sets: list[list[str]] = []
+    for row in confidences:
+        hits = sorted(((float(p), c) for c, (p, t) in enumerate(zip(row.tolist(), thresholds.tolist())) if p >= t),
+                      key=lambda hit: -hit[0])
+        tag_sets.append([classes[c] for _, c in hits[:top_k]])
+    return ranked, tag_sets
 
 
 def _auto_accept(model: LoadedModel, rows: list[torch.Tensor], ranked: list[tuple[list[Prediction], float]],

@@ -2,7 +2,9 @@
 
 Entries are ``{"url", "label"}`` objects or plain URLs labeled by their parent folder
 (``.../<class>/<file>``, the ImageFolder convention); ``manifest_url`` points to a JSON Lines file of
-``{"url", "label", "split"}``. Images go through the same fetching and decoding as annotation (size and
+``{"url", "label", "split"}``. A multi-label job's entries and lines are ``{"url", "labels": [...]}`` (an empty list
+is an image with none of the tags); an entry or line that does not fit the job (a plain URL, ``label`` instead of
+``labels`` or the reverse, a repeated or unknown tag) is ``invalid_request`` naming it. Images go through the same fetching and decoding as annotation (size and
 pixel limits, private-network rule) and are kept in a cache shared by jobs: files named by the hash of
 their content, found again by the hash of their URL. Downloads run in a bounded pool (the fetch
 concurrency setting), so a manifest of hundreds of thousands of images never means as many tasks, and
@@ -27,7 +29,7 @@ from handlers.errors import ImageError, PermanentError
 from handlers.executor import Executors
 from handlers.fetch import Fetcher
 from handlers.images import DecodeLimits, decoded
-from schemas.training import LabeledUrl, TrainingDataset
+from schemas.training import LabeledUrl, TrainingDataset, multi_label_entry_problem
 
 INVALID_DATASET = "invalid_dataset"
 TOO_MANY_BAD_IMAGES = "too_many_bad_images"
@@ -44,8 +46,10 @@ class DownloadStopped(Exception):
 
 @dataclass
 class PreparedDataset:
-    train: list[tuple[str, int]]
-    val: list[tuple[str, int]]
+    """Local samples ``(path, class index)``; multi-label: ``(path, tuple of class indices)``."""
+
+    train: list[tuple[str, int | tuple[int, ...]]]
+    val: list[tuple[str, int | tuple[int, ...]]]
     bad: list[tuple[str, str]] = field(default_factory=list)  # (url, error code: message)
     total: int = 0
 
@@ -115,34 +119,46 @@ class _ManifestLine(LabeledUrl):
     split: object = "train"
 
 
-async def read_manifest(fetcher: Fetcher, url: str) -> tuple[list[LabeledUrl], list[LabeledUrl]]:
-    """Entries of a JSON Lines manifest, split into (train, val) by their ``split`` field."""
+async def read_manifest(fetcher: Fetcher, url: str, multi_label: bool = False,
+                        class_names: list[str] | None = None) -> tuple[list[LabeledUrl], list[LabeledUrl]]:
+    """Entries of a JSON Lines manifest, split into (train, val) by their ``split`` field. A line that does not fit
+    a multi-label (or single-label) job is ``invalid_request`` naming its line number."""
     lines = await manifests.read_manifest(fetcher, url, _ManifestLine, error_code=INVALID_DATASET,
                                           max_bytes=MAX_MANIFEST_BYTES)
+    names = set(class_names or [])
     train, val = [], []
-    for line in lines:
-        entry = LabeledUrl(url=line.url, label=line.label)
+    for number, line in enumerate(lines, 1):
+        problem = multi_label_entry_problem(line, multi_label, names)
+        if problem:
+            raise PermanentError("invalid_request", f"manifest {url} entry {number} {problem}"[:1000])
+        entry = LabeledUrl(url=line.url, label=line.label, labels=line.labels)
         (val if str(line.split).lower() in ("val", "valid", "validation") else train).append(entry)
     return train, val
 
 
 async def prepare_dataset(dataset: TrainingDataset, *, fetcher: Fetcher, executors: Executors, cache: DatasetCache,
                           limits: DecodeLimits, max_bad_fraction: float, concurrency: int = 16,
-                          should_stop: Callable[[], str | None] | None = None) -> PreparedDataset:
+                          should_stop: Callable[[], str | None] | None = None,
+                          multi_label: bool = False) -> PreparedDataset:
     """Resolve labels, download and check every image (``concurrency`` at a time); fail as soon as too many
     are unusable. ``should_stop`` is asked before each image: a reason (``"cancel"``, ``"preempt"``) ends
-    the downloads with ``DownloadStopped``."""
+    the downloads with ``DownloadStopped``. ``multi_label``: entries carry ``labels`` (checked by the request
+    schema inline, here for manifest lines) and samples get tuples of class indices."""
     train_entries = list(dataset.train_urls)
     val_entries = list(dataset.val_urls)
     if dataset.manifest_url:
-        extra_train, extra_val = await read_manifest(fetcher, dataset.manifest_url)
+        extra_train, extra_val = await read_manifest(fetcher, dataset.manifest_url, multi_label, dataset.class_names)
         train_entries += extra_train
         val_entries += extra_val
     index = {name: i for i, name in enumerate(dataset.class_names)}
-    labeled: list[tuple[str, str, str]] = []  # split, url, label
+    labeled: list[tuple[str, str, str | tuple[str, ...]]] = []  # split, url, label (multi-label: tags)
     unknown: list[str] = []
     for split, entries in (("train", train_entries), ("val", val_entries)):
         for entry in entries:
+            if multi_label:
+                assert isinstance(entry, LabeledUrl) and entry.labels is not None  # checked by schema / manifest
+                labeled.append((split, entry.url, tuple(entry.labels)))
+                continue
             url, label = label_of(entry)
             if label not in index:
                 unknown.append(f"{label!r} ({url})")
@@ -164,7 +180,8 @@ async def prepare_dataset(dataset: TrainingDataset, *, fetcher: Fetcher, executo
         if isinstance(path, ImageError):
             prepared.bad.append((url, f"{path.code}: {path.message}"))
             continue
-        (prepared.train if split == "train" else prepared.val).append((path, index[label]))
+        target = tuple(sorted(index[t] for t in label)) if isinstance(label, tuple) else index[label]
+        (prepared.train if split == "train" else prepared.val).append((path, target))
     return prepared
 
 

@@ -353,7 +353,7 @@ class TrainingHandler:
                 request.dataset, fetcher=ctx.fetcher, executors=ctx.executors,
                 cache=DatasetCache(ctx.settings.dataset_cache_dir), limits=ctx.decode_limits,
                 max_bad_fraction=request.config.max_bad_fraction, concurrency=ctx.settings.download_concurrency,
-                should_stop=should_stop,
+                should_stop=should_stop, multi_label=request.config.multi_label,
             )
         except DownloadStopped as stopped:
             if stopped.reason == "cancel":
