@@ -29,7 +29,8 @@ def write_mosaics(directory: Path, count: int, *, seed: int = 0, size: int = MOS
     ``pool`` (``train`` | ``val`` | ``test`` | ``all``) picks which digit images are used (digit images are cut
     60/20/20 by index). Each tile is a target digit with probability ``p_target`` (then uniformly one of
     ``tags``), else one of the other digits: mosaics with no tag, one, a repeated one and several all occur.
-    ``tile_count`` 4 (2x2) or 9 (3x3).
+    ``tile_count`` 4 (2x2) or 9 (3x3). When ``tags`` name all ten digits, a non-target tile stays blank (a set with
+    many negatives per image: few tags of ten).
     """
     from sklearn.datasets import load_digits
 
@@ -51,7 +52,10 @@ def write_mosaics(directory: Path, count: int, *, seed: int = 0, size: int = MOS
         canvas = np.zeros((8 * side, 8 * side), dtype=np.float32)
         present: set[int] = set()
         for tile in range(side * side):
-            digit = rng.choice(target_digits) if rng.random() < p_target else rng.choice(other_digits)
+            digit = rng.choice(target_digits) if rng.random() < p_target else (
+                rng.choice(other_digits) if other_digits else None)
+            if digit is None:
+                continue
             if digit in target_digits:
                 present.add(digit)
             pixels = digits.images[rng.choice(by_digit[digit])]

@@ -92,7 +92,7 @@ async def test_multilabel_training_inference_and_siglip(tmp_path, kafka_bootstra
         await produce(kafka_bootstrap, w.training_requests_topic, bad, key="job-ml-bad")
         await produce(kafka_bootstrap, w.training_requests_topic, train_request(train_entries, val_entries, output),
                       key="job-ml")
-        events = await wait_status(kafka_bootstrap, w.training_status_topic, "job-ml", timeout_s=300)
+        events = await wait_status(kafka_bootstrap, w.training_status_topic, "job-ml", timeout_s=900)
         bad_events = keyed(await read_until(kafka_bootstrap, w.training_status_topic,
                                             lambda rs: keyed(rs, "job-ml-bad"), timeout_s=30), "job-ml-bad")
     finally:
