@@ -224,3 +224,54 @@ def test_clip_rule_is_the_two_way_softmax_against_the_neutral_prompt():
         assert torch.allclose(scores[:, c], pair, atol=1e-6)
     # independent: dropping a class leaves the others' scores unchanged
     assert torch.allclose(neutral_sigmoid_scores(images, texts[[0, 3]], scale)[:, 0], scores[:, 0], atol=1e-6)
+
+
+# -- send and fold -----------------------------------------------------------------------------------------------
+
+async def test_send_builds_multi_label_classify_and_train_requests(tmp_path):
+    from consumers.cli import build_parser
+    from consumers.send import build_request
+    from consumers.settings import KafkaSettings, Settings, WorkerSettings
+
+    async def built(argv: list[str]) -> dict:
+        args, extra = build_parser().parse_known_args(["send", *argv])
+        args.urls = [*args.urls, *extra]
+        return (await build_request(Settings(KafkaSettings(), WorkerSettings()), args))[2]
+
+    body = await built(["classify", "--model", "siglip", "--multi-label", "--classes", "cat,dog", "https://x/a.jpg"])
+    assert body["multi_label"] is True and body["classes"] == ["cat", "dog"]
+    manifest = tmp_path / "tags.jsonl"
+    manifest.write_text('{"url": "s3://b/1.png", "labels": ["dog", "cat"]}\n'
+                        '{"url": "s3://b/2.png", "labels": [], "split": "val"}\n'
+                        '{"url": "s3://b/3.png", "labels": ["car"]}\n')
+    body = await built(["train", "--multi-label", "--manifest", str(manifest), "--model-name", "resnet10t",
+                        "--output", "s3://b/models/m", "--multi-label-loss", "asymmetric"])
+    assert body["config"]["multi_label"] is True and body["config"]["multi_label_loss"] == "asymmetric"
+    assert body["dataset"]["class_names"] == ["car", "cat", "dog"] and body["config"]["num_classes"] == 3
+    assert body["dataset"]["train_urls"] == [{"url": "s3://b/1.png", "labels": ["dog", "cat"]},
+                                             {"url": "s3://b/3.png", "labels": ["car"]}]
+    assert body["dataset"]["val_urls"] == [{"url": "s3://b/2.png", "labels": []}]
+    with pytest.raises(ValueError, match="not in class_names"):  # --classes narrower than the labels: refused here
+        await built(["train", "--multi-label", "--manifest", str(manifest), "--model-name", "resnet10t",
+                     "--output", "s3://b/models/m", "--classes", "cat,dog"])
+
+
+def test_fold_stores_several_accepted_tags_per_image(tmp_path):
+    from examples.fold import Fold
+    from schemas.annotation import AnnotationResult, ImageResult, ModelDescriptor, Prediction
+
+    def part(request_id: str, tag_sets: dict[str, list[str]]) -> bytes:
+        results = [ImageResult(id=image, labels=tags,
+                               predictions=[Prediction(class_name=t, confidence=0.9) for t in tags])
+                   for image, tags in tag_sets.items()]
+        return AnnotationResult.completed_part(request_id, 0, 1, results=results, model=ModelDescriptor(
+            family="custom", variant="resnet10t", weights="s3://b/m")).to_json_bytes()
+
+    fold = Fold(tmp_path / "fold.sqlite")
+    assert fold.apply("results", part("r1", {"a": ["cat", "dog"], "b": [], "c": ["car"]}))
+    assert fold.apply_tags("r1") == 3
+    assert fold.tags_of("a") == ["cat", "dog"] and fold.tags_of("b") == [] and fold.tags_of("c") == ["car"]
+    # a later request's tag sets replace the AI tags of the images it answered, and only those
+    assert fold.apply("results", part("r2", {"a": ["dog"], "b": ["cat", "car"]}))
+    fold.apply_tags("r2")
+    assert fold.tags_of("a") == ["dog"] and fold.tags_of("b") == ["car", "cat"] and fold.tags_of("c") == ["car"]
