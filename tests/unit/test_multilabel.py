@@ -275,3 +275,35 @@ def test_fold_stores_several_accepted_tags_per_image(tmp_path):
     assert fold.apply("results", part("r2", {"a": ["dog"], "b": ["cat", "car"]}))
     fold.apply_tags("r2")
     assert fold.tags_of("a") == ["dog"] and fold.tags_of("b") == ["car", "cat"] and fold.tags_of("c") == ["car"]
+
+
+# -- few-shot one-vs-rest ----------------------------------------------------------------------------------------
+
+def _tagged_embeddings(n: int, seed: int, directions: np.ndarray) -> tuple[np.ndarray, list[list[str]]]:
+    """Unit vectors that are the sum of the directions of the tags each carries (plus noise)."""
+    rng = np.random.default_rng(seed)
+    present = rng.random((n, len(directions))) < 0.4
+    vectors = present.astype(float) @ directions + 0.1 * rng.normal(size=(n, directions.shape[1]))
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors, [[CLASSES[c] for c in np.flatnonzero(row)] for row in present]
+
+
+def test_one_vs_rest_heads_learn_tags_and_keep_the_zero_shot_rule_without_positives():
+    from ml.fewshot import MissingExamplesError
+    from ml.fewshot_multilabel import fit_one_vs_rest
+
+    directions = np.linalg.qr(np.random.default_rng(0).normal(size=(32, 3)))[0].T  # 3 orthonormal directions
+    support, labels = _tagged_embeddings(60, 1, directions)
+    labels = [[t for t in tags if t != "car"] for tags in labels]  # no example of "car"
+    zero_shot = 0.3 * np.random.default_rng(2).normal(size=(60, 3))  # a weak, uninformative zero-shot rule
+    head = fit_one_vs_rest(support, labels, CLASSES, zero_shot)
+    assert head.positives.keys() == {"cat", "dog"} and not head.fitted[2]
+    queries, truth = _tagged_embeddings(200, 3, directions)
+    query_zero_shot = 0.3 * np.random.default_rng(4).normal(size=(200, 3))
+    probabilities = head.probabilities(queries, query_zero_shot)
+    assert np.allclose(probabilities[:, 2], 1 / (1 + np.exp(-query_zero_shot[:, 2])))  # "car": its zero-shot rule
+    for c in (0, 1):
+        has = np.array([CLASSES[c] in tags for tags in truth])
+        assert average_precision_score(has, probabilities[:, c]) > 0.9
+    with pytest.raises(MissingExamplesError, match="car"):
+        fit_one_vs_rest(support, labels, CLASSES, None)
