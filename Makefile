@@ -14,7 +14,7 @@ CONSTRAINTS := constraints.txt
 JARS := deploy/local/lib/.complete
 PYTEST_ARGS ?=
 
-.PHONY: setup chromium run test test-containers engine images bench bench-annotation bench-training bench-duplicates bench-records kafka-start kafka-stop schemas clean constraints
+.PHONY: setup chromium run test test-containers engine images bench bench-annotation bench-training bench-duplicates bench-records kafka-start kafka-stop schemas docs clean constraints
 
 setup: $(STAMP) $(JARS)
 
@@ -82,6 +82,10 @@ kafka-stop:
 
 schemas: setup
 	$(VENV)/bin/cls-worker schemas export schemas/json --asyncapi docs/asyncapi.yaml
+
+# docs/configuration.md from the settings' declarations (consumers/settings.py); a test fails while it is stale
+docs: setup
+	$(PY) -m consumers.settings_doc docs/configuration.md
 
 clean:
 	rm -rf $(VENV) deploy/local/lib deploy/local/target .state .pytest_cache

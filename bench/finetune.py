@@ -2,7 +2,7 @@
 
 Run from the repository root:  .venv/bin/python -m bench.training --scenario finetune
 
-The question (issue 14): does fine-tuning a pretrained backbone for a few epochs with our defaults lose
+The question: does fine-tuning a pretrained backbone for a few epochs with our defaults lose
 anything to the loop an ML engineer would write by hand (AdamW, the same learning rate, constant, no warmup,
 no label smoothing)? And what do warmup and label smoothing cost at 3-5 epochs?
 

@@ -35,7 +35,7 @@ from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordTooLarge
 from consumers.dlq import TRUNCATED_VALUE_BYTES, dead_letter, truncated
 from consumers.settings import Settings
 from consumers.topics_admin import topic_partitions
-from handlers.training import CancelRegistry
+from handlers.cancels import CancelRegistry
 from schemas.codec import CANCEL_ADAPTER, Invalid, NotAJsonObject, decode, parse_json_object
 from schemas.topics import Headers, dlq_topic
 

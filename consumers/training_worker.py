@@ -21,7 +21,8 @@ from consumers.runtime import ConsumerRuntime
 from consumers.settings import Settings, WorkerSettings
 from consumers.worker import configure_torch_threads, decode_limits, serve, storage_and_fetcher
 from handlers.executor import Executors
-from handlers.training import CancelRegistry, TrainingContext, TrainingHandler, TrainingSettings, failed_status
+from handlers.cancels import CancelRegistry
+from handlers.training import TrainingContext, TrainingHandler, TrainingSettings, failed_status
 from schemas.codec import TRAINING_ADAPTER
 
 log = structlog.get_logger("cls.training_worker")

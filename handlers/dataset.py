@@ -29,19 +29,12 @@ from handlers.errors import ImageError, PermanentError
 from handlers.executor import Executors
 from handlers.fetch import Fetcher
 from handlers.images import DecodeLimits, decoded
+from handlers.lifecycle import Stopped
 from schemas.training import LabeledUrl, TrainingDataset, multi_label_entry_problem
 
 INVALID_DATASET = "invalid_dataset"
 TOO_MANY_BAD_IMAGES = "too_many_bad_images"
 MAX_MANIFEST_BYTES = manifests.MAX_MANIFEST_BYTES
-
-
-class DownloadStopped(Exception):
-    """The job was asked to stop (``reason``: ``"cancel"`` or ``"preempt"``) while its images downloaded."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 @dataclass
@@ -142,8 +135,8 @@ async def prepare_dataset(dataset: TrainingDataset, *, fetcher: Fetcher, executo
                           multi_label: bool = False) -> PreparedDataset:
     """Resolve labels, download and check every image (``concurrency`` at a time); fail as soon as too many
     are unusable. ``should_stop`` is asked before each image: a reason (``"cancel"``, ``"preempt"``) ends
-    the downloads with ``DownloadStopped``. ``multi_label``: entries carry ``labels`` (checked by the request
-    schema inline, here for manifest lines) and samples get tuples of class indices."""
+    the downloads with ``handlers.lifecycle.Stopped``. ``multi_label``: entries carry ``labels`` (checked by the
+    request schema inline, here for manifest lines) and samples get tuples of class indices."""
     train_entries = list(dataset.train_urls)
     val_entries = list(dataset.val_urls)
     if dataset.manifest_url:
@@ -211,7 +204,7 @@ async def _download_all(urls: list[str], *, fetcher: Fetcher, executors: Executo
         for position in positions:
             reason = should_stop() if should_stop is not None else None
             if reason is not None:
-                raise DownloadStopped(reason)
+                raise Stopped(reason)
             result = await one(urls[position])
             results[position] = result
             if isinstance(result, ImageError):

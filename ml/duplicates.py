@@ -51,7 +51,7 @@ __all__ = [
 ]
 
 DEFAULT_THRESHOLD = 0.95
-"""Cosine similarity at or above which two images are near-duplicates (see README: chosen by measurement)."""
+"""Cosine similarity at or above which two images are near-duplicates (see docs/methods.md: chosen by measurement)."""
 DEFAULT_NEIGHBORS = 16
 DEFAULT_MAX_GROUPS = 1000
 DEFAULT_MAX_GROUP_SIZE = 1000

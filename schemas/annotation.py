@@ -47,7 +47,7 @@ MAX_CLASSES = 2_000
 MAX_CLASS_NAME_LENGTH = 200
 MAX_PROMPT_TEMPLATES = 100
 MAX_TEMPLATE_LENGTH = 300
-# Prompt volume (issue 10): what one request may make a worker render, tokenise and embed.
+# Prompt volume: what one request may make a worker render, tokenise and embed.
 MAX_PLACEHOLDERS_PER_TEMPLATE = 4
 """Class placeholders (``{}`` or ``{c}``, whichever the template uses) in one template."""
 MAX_PROMPTS = 160_000
@@ -87,7 +87,6 @@ def prompt_volume_problem(classes: list[str], templates: list[str], templates_or
                 f"the limit MAX_PROMPT_CHARS is {MAX_PROMPT_CHARS}")
     return None
 
-ModelFamily = Literal["clip", "siglip", "custom"]
 ClassifyModelFamily = Literal["clip", "siglip", "custom", "timm"]
 """Classify: 'timm' (a backbone without a classifier) only with few-shot examples."""
 EmbedModelFamily = Literal["clip", "siglip", "custom", "timm"]
@@ -105,7 +104,7 @@ class ImageRef(BaseModel):
     url: Url
 
 
-# Few-shot classification (issue 13): a labeled support set adapts the classifier per request.
+# Few-shot classification: a labeled support set adapts the classifier per request.
 MAX_FEW_SHOT_EXAMPLES = 10_000
 """Examples one request may carry inline or in its manifest (the worker's CLS_FEWSHOT_MAX_EXAMPLES may be lower)."""
 MAX_LABEL_LENGTH = MAX_CLASS_NAME_LENGTH
@@ -331,7 +330,7 @@ class EmbedRequest(InputModel):
     """``"task": "embed"`` on the annotation request topics: L2-normalised image embeddings, stored for the backend.
 
     Each result part names the object holding its vectors (``embeddings_url``: a ``.npz`` with ``ids`` and
-    float16 ``embeddings``, see the README); ``inline: true`` also puts each vector in its result entry
+    float16 ``embeddings``, see docs/contract.md); ``inline: true`` also puts each vector in its result entry
     (bounded by the worker's CLS_EMBED_INLINE_MAX_IMAGES and by the record size). With ``duplicates``, the
     last part lists duplicate groups (exact by content hash, near by cosine similarity).
     """
@@ -392,7 +391,7 @@ class AuditImage(ImageRef):
 
 
 class AuditSpec(BaseModel):
-    """How the audit is computed (see the README's audit section)."""
+    """How the audit is computed (see docs/contract.md, Label audit)."""
 
     model_config = ConfigDict(extra="ignore")
     folds: int = Field(default=5, ge=2, le=MAX_AUDIT_FOLDS,

@@ -30,7 +30,7 @@ import urllib.request
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -478,10 +478,6 @@ class WorkerStack:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-    def with_(self, **changes: Any) -> WorkerStack:
-        """A copy with some fields changed (not started)."""
-        return replace(self, **changes)
 
 
 def _publish(container, port: int, host_port: int) -> None:  # noqa: ANN001

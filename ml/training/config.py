@@ -14,7 +14,6 @@ AUGMENTATIONS = ("none", "light", "medium", "heavy")
 CLASS_WEIGHTINGS = ("none", "balanced", "sampler")
 MULTI_LABEL_LOSSES = ("bce", "asymmetric")
 EXPORT_FORMATS = ("onnx",)
-STOP_REASONS = ("cancel", "preempt")
 
 
 @dataclass

@@ -165,7 +165,7 @@ async def test_siglip_family_gives_independent_sigmoids(http_server):
         assert abs(sum(p.confidence for p in result.predictions) - 1.0) > 1e-3  # not a softmax
 
 
-# -- prompt volume (issue 10) -------------------------------------------------------------------------------
+# -- prompt volume -------------------------------------------------------------------------------
 
 
 async def test_default_templates_count_towards_the_prompt_limit(http_server):

@@ -138,7 +138,7 @@ def test_json_schema_export(tmp_path):
     assert "class" in prediction["properties"]
 
 
-# -- prompt volume (issue 10): invalid_request naming the limit, counted without rendering ----------------
+# -- prompt volume: invalid_request naming the limit, counted without rendering ----------------
 
 
 @pytest.mark.parametrize(
