@@ -191,6 +191,9 @@ class WorkerSettings(BaseSettings):
     # training
     training_work_dir: str = Field(default="~/.cache/cls-workers/training", description="Local work directory of training jobs.")
     dataset_cache_dir: str = Field(default="~/.cache/cls-workers/images", description="Downloaded training images, cached by URL.")
+    dataset_cache_mb: int = Field(default=10 * 1024, ge=1, description="Training images cached on local disk, in MB: "
+                                  "least recently used files are removed to make room; a job whose own images do "
+                                  "not fit fails with too_large.")
     heartbeat_s: float = Field(default=30.0, gt=0, description="Seconds between a training job's running events.")
     checkpoint_prefix_suffix: str = Field(default=".checkpoints", description="Checkpoints go to <output_path><suffix>/")
     max_jobs: int | None = Field(default=None, ge=1, description="Training worker: exit after this many jobs (tests, one-shot workers).")
@@ -207,6 +210,13 @@ class WorkerSettings(BaseSettings):
         default="", description="Comma-separated family:variant a message may ask for (clip:ViT-L-14, siglip:<hub id>, "
         "clip:* for any open_clip architecture); empty: the configured variants, open_clip's architectures and the "
         "SigLIP variants this package knows.")
+
+    # budgets: manifests (training manifest_url, few-shot examples_url, audit manifest_url)
+    manifest_max_bytes: int = Field(default=256 * 1024 * 1024, ge=1024, description="A manifest's size in bytes "
+                                    "(streamed, never whole in memory); over it: the request fails naming this setting.")
+    manifest_max_line_bytes: int = Field(default=64 * 1024, ge=256, description="One manifest line in bytes.")
+    manifest_max_lines: int = Field(default=1_000_000, ge=1, description="Entries of a training manifest (few-shot "
+                                    "and audit manifests are bounded by CLS_FEWSHOT_MAX_EXAMPLES / CLS_AUDIT_MAX_IMAGES).")
 
     # test-only fault injection: crash (os._exit(137)) after the events of the Nth handled record
     # are acknowledged by the broker and before its offset is committed.

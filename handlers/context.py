@@ -16,6 +16,7 @@ from handlers.batcher import MicroBatcher
 from handlers.executor import Executors
 from handlers.fetch import Fetcher
 from handlers.images import DecodeLimits
+from handlers.manifests import ManifestLimits
 from handlers.model_config import ModelConfig
 from handlers.models import ModelRegistry
 from handlers.parts import PART_BUDGET_BYTES
@@ -129,6 +130,7 @@ class AnnotationContext:
     store: ObjectStore | None = None  # where embed writes vectors and reads 'against' files
     embedding_cache: EmbeddingCache | None = None  # image embeddings by (content hash, model): classify and embed
     fewshot_heads: FewShotHeads = field(init=False)  # fitted few-shot heads by support-set key, single flight
+    manifest_limits: ManifestLimits = field(default_factory=ManifestLimits)  # examples_url / manifest_url bounds
     images_semaphore: asyncio.Semaphore = field(init=False)
     interactive_semaphore: asyncio.Semaphore = field(init=False)
     preprocessor: Preprocessor = field(init=False)  # fetched bytes -> model input, for classify and embed

@@ -95,8 +95,9 @@ class FewShotClassifier:
             return list(request.examples)
         assert request.examples_url is not None
         max_bytes = min(MAX_MANIFEST_BYTES, 2**20 + limit * MANIFEST_BYTES_PER_EXAMPLE)
-        examples = await read_manifest(self.ctx.fetcher, request.examples_url, LabeledExample, error_code="invalid_request",
-                                       max_lines=limit, max_bytes=max_bytes, limit_name=MAX_FEW_SHOT_EXAMPLES_LIMIT)
+        examples = await read_manifest(self.ctx.fetcher, request.examples_url, LabeledExample, executors=self.ctx.executors,
+                                       error_code="invalid_request", limits=self.ctx.manifest_limits, max_lines=limit,
+                                       max_bytes=max_bytes, limit_name=MAX_FEW_SHOT_EXAMPLES_LIMIT)
         if not examples:
             raise InvalidRequest(f"manifest {request.examples_url} holds no examples")
         return examples

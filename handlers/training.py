@@ -39,6 +39,7 @@ from handlers.executor import Executors
 from handlers.fetch import Fetcher
 from handlers.images import DecodeLimits
 from handlers.lifecycle import Abandoned, Stopped
+from handlers.manifests import ManifestLimits
 from handlers.storage import ObjectStore
 from schemas.common import ErrorInfo
 from schemas.training import (
@@ -74,6 +75,8 @@ class TrainingSettings:
     memory_budget_bytes: int | None = None  # None: half the memory available when a job is checked
     max_workers: int | None = None  # cap on num_workers; None: the usable CPU cores
     max_metrics_bytes: int = 512 * 1024  # encoded metrics kept in a completed event (the worker: max_record_bytes / 8)
+    manifest_limits: ManifestLimits = field(default_factory=ManifestLimits)  # a dataset's manifest_url bounds
+    dataset_cache_bytes: int | None = 10 * 1024**3  # CLS_DATASET_CACHE_MB: the image cache on disk (None: unbounded)
 
 
 class _Delivery:
@@ -322,9 +325,10 @@ class TrainingHandler:
         try:
             data = await prepare_dataset(
                 request.dataset, fetcher=ctx.fetcher, executors=ctx.executors,
-                cache=DatasetCache(ctx.settings.dataset_cache_dir), limits=ctx.decode_limits,
+                cache=DatasetCache(ctx.settings.dataset_cache_dir, ctx.settings.dataset_cache_bytes), limits=ctx.decode_limits,
                 max_bad_fraction=request.config.max_bad_fraction, concurrency=ctx.settings.download_concurrency,
-                should_stop=should_stop, multi_label=request.config.multi_label,
+                should_stop=should_stop, manifest_limits=ctx.settings.manifest_limits,
+                multi_label=request.config.multi_label,
             )
         except Stopped as stopped:
             if stopped.reason == "cancel":
@@ -438,7 +442,7 @@ class TrainingHandler:
             if exc.retryable:
                 raise
             return None
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested too deeply to parse
             metrics = None
         if not isinstance(metrics, dict):  # a metrics.json that is not ours: someone else's package
             return {PACKAGE_JOB_ID: None}

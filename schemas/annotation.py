@@ -92,7 +92,8 @@ ClassifyModelFamily = Literal["clip", "siglip", "custom", "timm"]
 EmbedModelFamily = Literal["clip", "siglip", "custom", "timm"]
 MAX_AGAINST_FILES = 64
 """Earlier embedding files one embed request may compare against."""
-DEFAULT_DUPLICATE_THRESHOLD = 0.95
+DEFAULT_DUPLICATE_THRESHOLD = 0.96
+DEFAULT_LABEL_CONFLICT_THRESHOLD = 0.95
 ANNOTATION_RESULT_EVENT = "annotation.result"
 
 
@@ -319,7 +320,8 @@ def unique_image_ids(images: list[ImageRef]) -> list[ImageRef]:
 
 class DuplicatesSpec(BaseModel):
     """Find duplicates among the request's images (and the ``against`` files): exact ones by content hash,
-    near ones by cosine similarity of the embeddings at or above ``threshold``."""
+    near ones by cosine similarity of the embeddings at or above ``threshold``, or by a perceptual hash within
+    10 bits when their cosine is at least 0.6 (re-encodes, resizes, brightness changes)."""
 
     model_config = ConfigDict(extra="ignore")
     threshold: float = Field(default=DEFAULT_DUPLICATE_THRESHOLD, gt=0.0, le=1.0,
@@ -399,7 +401,7 @@ class AuditSpec(BaseModel):
     neighbours: int = Field(default=10, ge=1, le=MAX_AUDIT_NEIGHBOURS,
                             description="Nearest images the outlier score averages over.")
     duplicate_threshold: float = Field(
-        default=DEFAULT_DUPLICATE_THRESHOLD, gt=0.0, le=1.0,
+        default=DEFAULT_LABEL_CONFLICT_THRESHOLD, gt=0.0, le=1.0,
         description="Cosine similarity at or above which two differently labeled images are a label conflict.")
 
 
@@ -611,13 +613,25 @@ class ModelDescriptor(BaseModel):
     weights: str = Field(description="Weights source: pretrained tag, hub id, path/URL, or 'random' (tests only).")
 
 
+class DuplicateSignals(BaseModel):
+    """Why a near group was joined: each linking pair had cosine >= the threshold, or a perceptual hash within
+    10 of 64 bits and cosine >= 0.6. ``cosine``: the lowest cosine among the links; ``hash_distance``: the
+    largest perceptual-hash distance among them (null when no linked pair had both hashes)."""
+
+    model_config = ConfigDict(extra="forbid")
+    hash_distance: int | None = Field(default=None, ge=0, le=64)
+    cosine: float | None = Field(default=None, ge=-1.0, le=1.0)
+
+
 class DuplicateGroup(BaseModel):
-    """Images that are copies of each other: ``exact`` (same bytes) or ``near`` (cosine similarity)."""
+    """Images that are copies of each other: ``exact`` (same bytes) or ``near`` (cosine similarity, or a
+    perceptual-hash match that the embedding does not contradict; ``signals`` says which)."""
 
     model_config = ConfigDict(extra="forbid")
     ids: list[str] = Field(min_length=2, description="Image ids; ids from an 'against' file are '<file url>#<id>'.")
     kind: Literal["exact", "near"]
-    similarity: float = Field(ge=-1.0, le=1.0, description="The lowest pairwise similarity that joined the group (1.0 for exact).")
+    similarity: float = Field(ge=-1.0, le=1.0, description="The lowest pairwise cosine similarity that joined the group (1.0 for exact).")
+    signals: DuplicateSignals | None = Field(default=None, description="Near groups: the signals of the links that joined them.")
 
 
 class FewShotSummary(BaseModel):
