@@ -65,6 +65,10 @@ def add_send_parser(sub: Any, func: Any) -> None:
                                       f"{MAX_IMAGES_PER_REQUEST} lines) or its s3:// / https:// URL (up to the worker's "
                                       "CLS_AUDIT_MAX_IMAGES)")
     p.add_argument("--folds", type=int, help="audit: cross-validation folds (default 5)")
+    p.add_argument("--multi-label", action="store_true",
+                   help="classify: independent per-class probabilities and a tag set per image; train: a multi-label "
+                        "job from --manifest (JSON Lines of {\"url\", \"labels\": [...], \"split\"})")
+    p.add_argument("--multi-label-loss", choices=["bce", "asymmetric"], help="train --multi-label: the loss (default bce)")
     p.add_argument("--dataset", help="s3://bucket/prefix/ with <class>/<file> keys (train)")
     p.add_argument("--model-name", help="timm model name (train)")
     p.add_argument("--output", help="output_path s3://... (train; default: <dataset>/../models/<job id>; embed, audit: "
@@ -119,6 +123,8 @@ async def build_request(settings: Settings, args: argparse.Namespace) -> tuple[s
                 body["top_k"] = args.top_k or min(3, len(labels))
         if args.few_shot_method:
             body["few_shot"] = {"method": args.few_shot_method}
+        if args.multi_label:
+            body["multi_label"] = True
         AnnotationRequest.model_validate(body)
         return w.annotation_requests_topic, entity_id, body
     if args.what == "embed":
@@ -149,10 +155,17 @@ async def build_request(settings: Settings, args: argparse.Namespace) -> tuple[s
         AuditRequest.model_validate(body)
         return w.annotation_requests_topic, entity_id, body
     if args.what == "train":
-        if not args.dataset or not args.model_name:
-            raise ValueError("train needs --dataset s3://bucket/prefix/ and --model-name")
-        urls = await list_dataset(settings, args.dataset)
-        class_names = sorted({u.rsplit("/", 2)[-2] for u in urls})
+        if args.multi_label:
+            if not args.manifest or not args.model_name or not args.output:
+                raise ValueError("train --multi-label needs --manifest FILE.jsonl, --model-name and --output s3://...")
+            train_urls, val_urls, class_names = multi_label_dataset(Path(args.manifest), args.classes)
+            urls: list[Any] = train_urls
+        else:
+            if not args.dataset or not args.model_name:
+                raise ValueError("train needs --dataset s3://bucket/prefix/ and --model-name")
+            urls = await list_dataset(settings, args.dataset)
+            val_urls = []
+            class_names = sorted({u.rsplit("/", 2)[-2] for u in urls})
         output = args.output or args.dataset.rstrip("/").rsplit("/", 1)[0] + f"/models/{entity_id}"
         config: dict[str, Any] = {
             "model_name": args.model_name, "num_classes": len(class_names), "epochs": args.epochs,
@@ -161,8 +174,12 @@ async def build_request(settings: Settings, args: argparse.Namespace) -> tuple[s
         }
         if args.image_size:
             config["image_size"] = args.image_size
+        if args.multi_label:
+            config["multi_label"] = True
+            if args.multi_label_loss:
+                config["multi_label_loss"] = args.multi_label_loss
         body = {"task": "train", "job_id": entity_id, "config": config,
-                "dataset": {"train_urls": urls, "val_urls": [], "class_names": class_names}, "output_path": output}
+                "dataset": {"train_urls": urls, "val_urls": val_urls, "class_names": class_names}, "output_path": output}
         TrainingRequest.model_validate(body)
         return w.training_requests_topic, entity_id, body
     if args.what == "cancel":
@@ -188,6 +205,25 @@ async def build_request(settings: Settings, args: argparse.Namespace) -> tuple[s
         CancelRequest.model_validate(body)
         return w.training_control_topic, body["job_id"], body
     raise ValueError(f"unknown task {task!r} in {path}")
+
+
+def multi_label_dataset(path: Path, classes: str | None) -> tuple[list[dict], list[dict], list[str]]:
+    """(train entries, val entries, class names) from a local JSON Lines file of ``{"url", "labels", "split"}``
+    (split ``val`` goes to validation, anything else to training). Class names: ``classes`` (comma-separated), else
+    every label used, sorted."""
+    train: list[dict] = []
+    val: list[dict] = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        entry = json.loads(line)
+        if not isinstance(entry, dict) or not isinstance(entry.get("labels"), list) or "url" not in entry:
+            raise ValueError(f"{path} line {number}: expected {{\"url\", \"labels\": [...]}}")
+        item = {"url": entry["url"], "labels": entry["labels"]}
+        (val if str(entry.get("split", "train")).lower() in ("val", "valid", "validation") else train).append(item)
+    names = ([c.strip() for c in classes.split(",") if c.strip()] if classes
+             else sorted({str(label) for entry in train + val for label in entry["labels"]}))
+    return train, val, names
 
 
 def read_examples(path: Path) -> list[dict[str, str]]:
@@ -286,7 +322,8 @@ def render(event: dict[str, Any]) -> str:
                 lines.append(f"  {result['id']}: embedded")
             else:
                 preds = ", ".join(f"{p['class']} {p['confidence']:.3f}" for p in result["predictions"]) or "(below threshold)"
-                lines.append(f"  {result['id']}: {preds}")
+                tags = f"  tags: {', '.join(result['labels']) or '(none)'}" if result.get("labels") is not None else ""
+                lines.append(f"  {result['id']}: {preds}{tags}")
         for group in event.get("duplicates") or []:
             lines.append(f"  duplicates ({group['kind']}, similarity >= {group['similarity']:.3f}): {', '.join(group['ids'])}")
         if event.get("duplicates_url"):

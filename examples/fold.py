@@ -25,7 +25,8 @@ The backend team can copy this as the reference for its own fold. Rules it shows
   those. :meth:`Fold.auto_accept_threshold` reads a trained job's table (``metrics.auto_accept``) instead.
 
 Tables: ``labels`` (AI predictions: image id, class, confidence, source 'ai', model, request id, rank),
-``image_errors``, ``annotation_requests``, ``training_jobs``, ``applied_labels`` (what a labeling
+``tags`` (a multi-label result's tag set per image: several rows, or none), ``applied_tags`` (the tags a workflow
+accepted, several per image: :meth:`Fold.apply_tags`), ``image_errors``, ``annotation_requests``, ``training_jobs``, ``applied_labels`` (what a labeling
 workflow accepted), ``embedding_parts`` (embed results: where each part's vectors are), ``duplicate_groups`` and
 ``duplicate_members`` (an embed request's duplicate groups), ``few_shot_requests`` (what a few-shot classify
 request learned from: method, examples, cross-validated accuracy), ``audit_requests`` (an audit's summary and
@@ -72,6 +73,23 @@ CREATE TABLE IF NOT EXISTS labels (
     source TEXT NOT NULL DEFAULT 'ai',
     model TEXT NOT NULL,
     PRIMARY KEY (request_id, image_id, class)
+);
+CREATE TABLE IF NOT EXISTS tags (
+    request_id TEXT NOT NULL,
+    image_id TEXT NOT NULL,
+    class TEXT NOT NULL,
+    confidence DOUBLE PRECISION,
+    model TEXT NOT NULL,
+    PRIMARY KEY (request_id, image_id, class)
+);
+CREATE TABLE IF NOT EXISTS applied_tags (
+    image_id TEXT NOT NULL,
+    class TEXT NOT NULL,
+    confidence DOUBLE PRECISION,
+    source TEXT NOT NULL,
+    model TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    PRIMARY KEY (image_id, class)
 );
 CREATE TABLE IF NOT EXISTS image_errors (
     request_id TEXT NOT NULL,
@@ -181,7 +199,7 @@ CREATE TABLE IF NOT EXISTS applied_labels (
 JOB_COLUMNS = ("job_id", "status", "seq", "attempt", "progress", "metrics", "model_url", "error", "updated_at")
 TABLES = ("annotation_requests", "labels", "image_errors", "training_jobs", "applied_labels", "folded_messages",
           "rejected_messages", "embedding_parts", "duplicate_groups", "duplicate_members", "few_shot_requests",
-          "audit_requests", "audit_entries", "label_conflicts")
+          "audit_requests", "audit_entries", "label_conflicts", "tags", "applied_tags")
 AUDIT_COLUMNS = ("image_id", "rank", "label", "label_probability", "label_issue", "suggested_label",
                  "suggested_probability", "issue_score", "outlier_score")
 MAX_REASON_CHARS = 500
@@ -287,6 +305,14 @@ class Fold:
             # The latest result for an image replaces any earlier one (its labels and its error).
             self.db.execute("DELETE FROM labels WHERE request_id = ? AND image_id = ?", (request_id, image_id))
             self.db.execute("DELETE FROM image_errors WHERE request_id = ? AND image_id = ?", (request_id, image_id))
+            self.db.execute("DELETE FROM tags WHERE request_id = ? AND image_id = ?", (request_id, image_id))
+            confidences = {_text(p["class"]): _number(p["confidence"]) for p in result.get("predictions", [])}
+            for tag in result.get("labels") or []:  # a multi-label result: the image's tag set
+                self.db.execute(
+                    "INSERT INTO tags (request_id, image_id, class, confidence, model) VALUES (?, ?, ?, ?, ?)"
+                    " ON CONFLICT (request_id, image_id, class) DO NOTHING",
+                    (request_id, image_id, _text(tag), confidences.get(_text(tag)), model_name or ""),
+                )
             if result.get("error"):
                 self.db.execute(
                     "INSERT INTO image_errors (request_id, image_id, code, message) VALUES (?, ?, ?, ?)",
@@ -460,6 +486,29 @@ class Fold:
                 " source = excluded.source, model = excluded.model, request_id = excluded.request_id",
                 (request_id,) if threshold is None else (request_id, threshold),
             )
+
+    def apply_tags(self, request_id: str) -> int:
+        """Accept a multi-label request's tag sets: each image it answered gets exactly its tags in
+        ``applied_tags`` (several, or none: an image with no tag has its earlier AI tags removed). Returns the
+        number of tags stored."""
+        with self.db.transaction():
+            images = [row[0] for row in self.db.fetchall(
+                "SELECT DISTINCT image_id FROM labels WHERE request_id = ? UNION"
+                " SELECT DISTINCT image_id FROM tags WHERE request_id = ?", (request_id, request_id))]
+            for image_id in images:
+                self.db.execute("DELETE FROM applied_tags WHERE image_id = ? AND source = 'ai'", (image_id,))
+            return self.db.execute(
+                "INSERT INTO applied_tags (image_id, class, confidence, source, model, request_id)"
+                " SELECT image_id, class, confidence, 'ai', model, request_id FROM tags WHERE request_id = ?"
+                " ON CONFLICT (image_id, class) DO UPDATE SET confidence = excluded.confidence,"
+                " model = excluded.model, request_id = excluded.request_id",
+                (request_id,),
+            )
+
+    def tags_of(self, image_id: str) -> list[str]:
+        """The accepted tags of one image, sorted."""
+        return [row[0] for row in self.db.fetchall("SELECT class FROM applied_tags WHERE image_id = ? ORDER BY class",
+                                                   (image_id,))]
 
     def auto_accept_threshold(self, job_id: str, precision: float) -> float | None:
         """The global confidence threshold a completed training job validated for ``precision`` (the smallest

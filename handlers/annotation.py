@@ -83,14 +83,21 @@ class AnnotationHandler:
             if problem:
                 raise InvalidRequest(problem)
         priority = request.priority or "bulk"
-        prepared, text_cache_hit, prompt_set = await self._prepare(model, request, classes, templates, priority)
+        multi_label = request.multi_label or bool(getattr(model, "multi_label", False))  # custom: the package decides
+        if request.multi_label and request.model == "custom" and not getattr(model, "multi_label", False):
+            raise InvalidRequest(f"multi_label is true but the package at {request.model_url} is single-label "
+                                 "(trained without multi_label)")
+        text_classes = list(classes)
+        if multi_label and request.model != "custom":
+            text_classes += list(getattr(model, "multi_label_extra_classes", ()))
+        prepared, text_cache_hit, prompt_set = await self._prepare(model, request, text_classes, templates, priority)
         if ctx.on_text_cache is not None and request.model != "custom":
             ctx.on_text_cache(text_cache_hit)
         descriptor = model.descriptor if prompt_set is None else model.descriptor.model_copy(
             update={"prompt_set": prompt_set})
         top_k = request.top_k_for(len(classes))
 
-        size = part_size_for(request, ctx.config.part_size, classes, ctx.config.part_budget_bytes)
+        size = part_size_for(request, ctx.config.part_size, classes, ctx.config.part_budget_bytes, multi_label=multi_label)
         images = request.images
         parts = [images[i:i + size] for i in range(0, len(images), size)]
         # Admission is windowed per request: a bulk request holds at most request_window images in
@@ -105,7 +112,7 @@ class AnnotationHandler:
         async with aclosing(parts_in_order(parts, handle)) as stream:
             async for k, part_images, outputs in stream:
                 results = await self._part_results(model, part_images, outputs, prepared, classes, top_k, request.threshold,
-                                                   request.auto_accept_precision)
+                                                   request.auto_accept_precision, multi_label)
                 failed_images += sum(1 for r in results if r.error is not None)
                 yield AnnotationResult.completed_part(
                     request_id, k, len(parts),
@@ -148,11 +155,16 @@ class AnnotationHandler:
 
     async def _part_results(self, model: LoadedModel, images: Sequence[ImageRef], outputs: list, prepared: object,
                             classes: Sequence[str], top_k: int, threshold: float,
-                            auto_accept_precision: float | None = None) -> list[ImageResult]:
+                            auto_accept_precision: float | None = None, multi_label: bool = False) -> list[ImageResult]:
         good = [i for i, out in enumerate(outputs) if isinstance(out, torch.Tensor)]
         ranked: list[tuple[list[Prediction], float]] = []
+        tag_sets: list[list[str] | None] = [None] * len(good)
         accepted: list[bool | None] = [None] * len(good)
-        if good:  # stacking, scoring and ranking on the GPU thread: no tensor work on the event loop
+        if good and multi_label:
+            rows = [outputs[i] for i in good]
+            ranked, tag_sets = await self.ctx.executors.on_gpu(_score_multi_label, model, rows, prepared, classes, top_k,
+                                                               threshold)
+        elif good:  # stacking, scoring and ranking on the GPU thread: no tensor work on the event loop
             rows = [outputs[i] for i in good]
             ranked = await self.ctx.executors.on_gpu(_score_and_rank, model, rows, prepared, classes, top_k, threshold)
             if auto_accept_precision is not None:
@@ -165,6 +177,9 @@ class AnnotationHandler:
                 results.append(out)
                 continue
             predictions, margin = ranked[row_of[i]]
+            if multi_label:
+                results.append(ImageResult(id=image.id, predictions=predictions, labels=tag_sets[row_of[i]]))
+                continue
             results.append(ImageResult(id=image.id, predictions=predictions, margin=round(margin, 6),
                                        auto_accept=accepted[row_of[i]]))
         return results
@@ -174,6 +189,25 @@ def _score_and_rank(model: LoadedModel, rows: list[torch.Tensor], prepared: obje
                     top_k: int, threshold: float) -> list[tuple[list[Prediction], float]]:
     confidences = model.confidences(torch.stack(rows), prepared)
     return [rank(row, classes, top_k, threshold) for row in confidences]
+
+
+def _score_multi_label(model: LoadedModel, rows: list[torch.Tensor], prepared: object, classes: Sequence[str],
+                       top_k: int, threshold: float) -> tuple[list[tuple[list[Prediction], float]], list[list[str]]]:
+    """Independent per-class probabilities ranked (``top_k`` caps, ``threshold`` per class) and each image's tag set:
+    a multi-label package's per-class thresholds (at most ``top_k``), else the predictions' classes."""
+    stacked = torch.stack(rows)
+    thresholds = model.tag_thresholds(prepared) if hasattr(model, "tag_thresholds") else None
+    confidences = (model.multi_label_confidences(stacked, prepared) if thresholds is None and hasattr(model, "multi_label_confidences")
+                   else model.confidences(stacked, prepared))
+    ranked = [rank(row, classes, top_k, threshold) for row in confidences]
+    if thresholds is None:
+        return ranked, [[p.class_name for p in predictions] for predictions, _ in ranked]
+    tag_sets: list[list[str]] = []
+    for row in confidences:
+        hits = sorted(((float(p), c) for c, (p, t) in enumerate(zip(row.tolist(), thresholds.tolist())) if p >= t),
+                      key=lambda hit: -hit[0])
+        tag_sets.append([classes[c] for _, c in hits[:top_k]])
+    return ranked, tag_sets
 
 
 def _auto_accept(model: LoadedModel, rows: list[torch.Tensor], ranked: list[tuple[list[Prediction], float]],

@@ -2,7 +2,9 @@
 
 Entries are ``{"url", "label"}`` objects or plain URLs labeled by their parent folder
 (``.../<class>/<file>``, the ImageFolder convention); ``manifest_url`` points to a JSON Lines file of
-``{"url", "label", "split"}``. Images go through the same fetching and decoding as annotation (size and
+``{"url", "label", "split"}``. A multi-label job's entries and lines are ``{"url", "labels": [...]}`` (an empty list
+is an image with none of the tags); an entry or line that does not fit the job (a plain URL, ``label`` instead of
+``labels`` or the reverse, a repeated or unknown tag) is ``invalid_request`` naming it. Images go through the same fetching and decoding as annotation (size and
 pixel limits, private-network rule) and are kept in a cache shared by jobs, bounded in bytes
 (:class:`DatasetCache`), served only for URLs their fences still allow. Downloads run in a bounded pool (the fetch
 concurrency setting), so a manifest of hundreds of thousands of images never means as many tasks, and
@@ -31,7 +33,7 @@ from handlers.executor import Executors
 from handlers.fetch import Fetcher
 from handlers.images import DecodeLimits, decoded
 from handlers.lifecycle import Stopped
-from schemas.training import LabeledUrl, TrainingDataset
+from schemas.training import LabeledUrl, TrainingDataset, multi_label_entry_problem
 
 INVALID_DATASET = "invalid_dataset"
 TOO_MANY_BAD_IMAGES = "too_many_bad_images"
@@ -39,8 +41,10 @@ TOO_MANY_BAD_IMAGES = "too_many_bad_images"
 
 @dataclass
 class PreparedDataset:
-    train: list[tuple[str, int]]
-    val: list[tuple[str, int]]
+    """Local samples ``(path, class index)``; multi-label: ``(path, tuple of class indices)``."""
+
+    train: list[tuple[str, int | tuple[int, ...]]]
+    val: list[tuple[str, int | tuple[int, ...]]]
     bad: list[tuple[str, str]] = field(default_factory=list)  # (url, error code: message)
     total: int = 0
 
@@ -177,9 +181,11 @@ class _ManifestLine(LabeledUrl):
 VAL_SPLITS = ("val", "valid", "validation")
 
 
-def _compact(line: _ManifestLine) -> tuple[str, str, bool]:
-    """A manifest line as kept while the manifest streams: (url, label, is it a validation image)."""
-    return line.url, line.label, isinstance(line.split, str) and line.split.lower() in VAL_SPLITS
+def _compact(line: _ManifestLine) -> tuple[str, str | tuple[str, ...], bool]:
+    """A manifest line as kept while the manifest streams: (url, label (a multi-label line: its tags as a tuple),
+    is it a validation image)."""
+    label = line.label if line.labels is None else tuple(line.labels)
+    return line.url, label, isinstance(line.split, str) and line.split.lower() in VAL_SPLITS
 
 
 async def read_manifest(fetcher: Fetcher, url: str, executors: Executors,
@@ -197,21 +203,38 @@ async def read_manifest(fetcher: Fetcher, url: str, executors: Executors,
 async def prepare_dataset(dataset: TrainingDataset, *, fetcher: Fetcher, executors: Executors, cache: DatasetCache,
                           limits: DecodeLimits, max_bad_fraction: float, concurrency: int = 16,
                           should_stop: Callable[[], str | None] | None = None,
-                          manifest_limits: manifests.ManifestLimits = manifests.ManifestLimits()) -> PreparedDataset:
+                          manifest_limits: manifests.ManifestLimits = manifests.ManifestLimits(),
+                          multi_label: bool = False) -> PreparedDataset:
     """Resolve labels, download and check every image (``concurrency`` at a time); fail as soon as too many
     are unusable. ``should_stop`` is asked before each image: a reason (``"cancel"``, ``"preempt"``) ends
-    the downloads with ``handlers.lifecycle.Stopped``."""
+    the downloads with ``handlers.lifecycle.Stopped``. ``multi_label``: entries carry ``labels`` (checked by the
+    request schema inline, here for manifest lines) and samples get tuples of class indices."""
     train_entries: list[LabeledUrl | str | tuple[str, str]] = list(dataset.train_urls)
     val_entries: list[LabeledUrl | str | tuple[str, str]] = list(dataset.val_urls)
     if dataset.manifest_url:
         extra_train, extra_val = await read_manifest(fetcher, dataset.manifest_url, executors, manifest_limits)
+        names = set(dataset.class_names)
+        for number, (line_url, label) in enumerate(extra_train + extra_val, 1):
+            entry = LabeledUrl(url=line_url, labels=list(label)) if isinstance(label, tuple) else LabeledUrl(
+                url=line_url, label=label)
+            problem = multi_label_entry_problem(entry, multi_label, names)
+            if problem:
+                raise PermanentError("invalid_request", f"manifest {dataset.manifest_url} entry {number} ({line_url}) "
+                                                        f"{problem}"[:1000])
         train_entries += extra_train
         val_entries += extra_val
     index = {name: i for i, name in enumerate(dataset.class_names)}
-    labeled: list[tuple[str, str, str]] = []  # split, url, label
+    labeled: list[tuple[str, str, str | tuple[str, ...]]] = []  # split, url, label (multi-label: tags)
     unknown: list[str] = []
     for split, entries in (("train", train_entries), ("val", val_entries)):
         for entry in entries:
+            if multi_label:  # checked by the schema (inline) or above (manifest)
+                if isinstance(entry, tuple):
+                    labeled.append((split, entry[0], tuple(entry[1])))
+                else:
+                    assert isinstance(entry, LabeledUrl) and entry.labels is not None
+                    labeled.append((split, entry.url, tuple(entry.labels)))
+                continue
             url, label = label_of(entry)
             if label not in index:
                 unknown.append(f"{label!r} ({url})")
@@ -233,7 +256,8 @@ async def prepare_dataset(dataset: TrainingDataset, *, fetcher: Fetcher, executo
         if isinstance(path, ImageError):
             prepared.bad.append((url, f"{path.code}: {path.message}"))
             continue
-        (prepared.train if split == "train" else prepared.val).append((path, index[label]))
+        target = tuple(sorted(index[t] for t in label)) if isinstance(label, tuple) else index[label]
+        (prepared.train if split == "train" else prepared.val).append((path, target))
     return prepared
 
 

@@ -104,6 +104,15 @@ class ZeroShotHandle:
     def confidences(self, outputs: torch.Tensor, prepared: torch.Tensor) -> torch.Tensor:
         return self.model.scores(outputs, prepared)
 
+    @property
+    def multi_label_extra_classes(self) -> tuple[str, ...]:
+        """Text rows a multi-label request adds after its classes (CLIP: the class-neutral prompt)."""
+        return tuple(getattr(self.model, "multi_label_extra_classes", ()))
+
+    def multi_label_confidences(self, outputs: torch.Tensor, prepared: torch.Tensor) -> torch.Tensor:
+        """Independent per-class probabilities (SigLIP: its sigmoid; CLIP: class prompt vs neutral prompt)."""
+        return self.model.multi_label_scores(outputs, prepared)
+
 class CustomHandle:
     """A model trained here: forward = softmax over all its classes; a requested subset renormalises."""
 
@@ -128,9 +137,16 @@ class CustomHandle:
     def stage(self, rows: list[torch.Tensor]) -> StagedBatch:
         return stage_batch(rows, self.model.device)
 
+    @property
+    def multi_label(self) -> bool:
+        return bool(getattr(self.model, "multi_label", False))
+
     def forward(self, pixels: torch.Tensor | StagedBatch) -> torch.Tensor:
-        # log-probabilities over all classes: a subset renormalises them without underflow (calibrated
-        # confidences of a low temperature are tiny for the unlikely classes)
+        # multi-label: calibrated per-class logits (their sigmoid is each tag's probability); else log-probabilities
+        # over all classes: a subset renormalises them without underflow (calibrated confidences of a low
+        # temperature are tiny for the unlikely classes)
+        if self.multi_label:
+            return self.model.calibrated_logits(pixels)
         return self.model.log_probabilities(pixels)
 
     def class_names(self, requested: Sequence[str] | None) -> list[str]:
@@ -157,8 +173,14 @@ class CustomHandle:
         return list(zip(tops, self.model.auto_accept(outputs.exp(), precision), strict=True))
 
     def confidences(self, outputs: torch.Tensor, prepared: list[int]) -> torch.Tensor:
+        if self.multi_label:  # independent per class: a subset selects
+            return outputs[:, prepared].sigmoid()
         # softmax over a subset of the logits == the full softmax renormalised over that subset
         return outputs[:, prepared].softmax(dim=1)
+
+    def tag_thresholds(self, prepared: list[int]) -> torch.Tensor | None:
+        """Multi-label: the package's per-class thresholds for the prepared classes; None for single-label."""
+        return self.model.thresholds[prepared] if self.multi_label else None
 
 class TimmHandle:
     """A timm backbone (embed only): its pooled pre-logits features, normalised."""

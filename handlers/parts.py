@@ -55,14 +55,14 @@ PART_BUDGET_BYTES = 512 * 1024
 
 
 def part_size_for(request: AnnotationRequest, configured: int, class_names: Sequence[str],
-                  budget_bytes: int = PART_BUDGET_BYTES, extra_envelope_bytes: int = 0) -> int:
+                  budget_bytes: int = PART_BUDGET_BYTES, extra_envelope_bytes: int = 0, multi_label: bool = False) -> int:
     """N for this request: the configured part size, lowered so a part's JSON stays within ``budget_bytes``.
 
     The bound is on the encoded size of the worst case of every image (its id, ``top_k`` of the longest
     class names, or an error entry whose message is cut to ``MAX_IMAGE_ERROR_CHARS``), so it holds
     whatever the outcome; and it depends only on the request (and the model's class names), so a
     redelivery gets the same parts. ``extra_envelope_bytes``: a bound of what else every part carries (the
-    few-shot summary).
+    few-shot summary). ``multi_label``: every image also lists up to ``top_k`` class names as its ``labels``.
     """
     top_k = request.top_k_for(len(class_names))
     longest_class = max((json_bytes(c) for c in class_names), default=10)
@@ -70,6 +70,8 @@ def part_size_for(request: AnnotationRequest, configured: int, class_names: Sequ
     predictions = 2 + top_k * (longest_class + len('{"class":,"confidence":0.12345678901234567},'))
     error = len('"error":{"code":"","message":""}') + 64 + 2 * MAX_IMAGE_ERROR_CHARS  # 2: escaped quotes and backslashes
     per_image = len('{"id":,"predictions":,"margin":-0.12345678901234567,"auto_accept":false},') + longest_id + predictions + error
+    if multi_label:
+        per_image += len('"labels":[],') + top_k * (longest_class + 1)
     envelope = 2048 + extra_envelope_bytes  # request id, model descriptor, part fields, created_at
     return max(1, min(configured, (budget_bytes - envelope) // per_image))
 

@@ -332,6 +332,7 @@ class TrainingHandler:
                 cache=DatasetCache(ctx.settings.dataset_cache_dir, ctx.settings.dataset_cache_bytes), limits=ctx.decode_limits,
                 max_bad_fraction=request.config.max_bad_fraction, concurrency=ctx.settings.download_concurrency,
                 should_stop=should_stop, manifest_limits=ctx.settings.manifest_limits,
+                multi_label=request.config.multi_label,
             )
         except Stopped as stopped:
             if stopped.reason == "cancel":

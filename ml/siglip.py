@@ -192,6 +192,12 @@ class SiglipZeroShotModel(ZeroShotEmbeddingModel):
     def scores(self, image_embeddings: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
         return sigmoid_scores(image_embeddings, text_embeddings, self.logit_scale, self.logit_bias)
 
+    multi_label_extra_classes: tuple[str, ...] = ()
+
+    def multi_label_scores(self, image_embeddings: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
+        """Independent per-class sigmoids by construction: the same as :meth:`scores`."""
+        return self.scores(image_embeddings, text_embeddings)
+
     def _image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.module.vision_model(pixel_values=pixels).pooler_output
 

@@ -3,6 +3,10 @@
 Confidences are calibrated: ``softmax(logits / temperature)`` with the temperature fitted on validation at
 training time (``config.json`` ``calibration.temperature``; 1.0 for a package without one). The package's
 auto-accept thresholds say whether a top-1 label may be accepted at a stated precision (:meth:`auto_accept`).
+
+A multi-label package (``config.json`` ``"multi_label": true``) has one independent probability per class:
+``sigmoid(a_c * logit_c + b_c)`` with the per-class calibration ``calibration.per_class[c] = {a, b}``, and a tag
+is predicted when it reaches ``thresholds[c]`` (:meth:`tags`). A subset of classes selects, never renormalises.
 """
 
 from __future__ import annotations
@@ -43,6 +47,12 @@ class TrainedModel:
         calibration = config.get("calibration") or {}
         self.temperature: float = float(calibration.get("temperature", 1.0))
         self.auto_accept_tables: dict[str, Any] | None = calibration.get("auto_accept") or None
+        self.multi_label = bool(config.get("multi_label", False))
+        per_class = calibration.get("per_class") or {}
+        self.calibration_a = torch.tensor([float((per_class.get(n) or {}).get("a", 1.0)) for n in self.class_names])
+        self.calibration_b = torch.tensor([float((per_class.get(n) or {}).get("b", 0.0)) for n in self.class_names])
+        thresholds = config.get("thresholds") or {}
+        self.thresholds = torch.tensor([float(thresholds.get(n, 0.5)) for n in self.class_names])
         self._transform = eval_transform(self.data_config)
 
     @classmethod
@@ -90,13 +100,46 @@ class TrainedModel:
             image = image.convert("RGB")
         return self._transform(image)
 
+    def calibrated_logits(self, pixels: torch.Tensor | StagedBatch) -> torch.Tensor:
+        """Multi-label: ``a_c * logit_c + b_c`` per class (CPU float32 ``[B, num_classes]``); their sigmoid is the
+        calibrated probability of each tag."""
+        if isinstance(pixels, StagedBatch):
+            pixels = pixels.get()
+        if pixels.dim() == 3:
+            pixels = pixels.unsqueeze(0)
+
+        def run(batch: torch.Tensor) -> torch.Tensor:
+            with torch.inference_mode():
+                on_device = self.policy.to_device(batch.to(torch.float32))
+                with self.policy.autocast():
+                    logits = self.model(on_device)
+                return logits.float().cpu() * self.calibration_a + self.calibration_b
+
+        return run_halving_on_oom(run, pixels, self.device)
+
+    def tags(self, probabilities: torch.Tensor, subset: Sequence[str] | None = None) -> list[list[str]]:
+        """Multi-label: per row of :meth:`predict` probabilities (over ``subset`` when given), the classes that reach
+        their threshold, most probable first."""
+        indices = self.subset_indices(subset) or list(range(self.num_classes))
+        thresholds = self.thresholds[indices]
+        out: list[list[str]] = []
+        for row in probabilities:
+            hits = [(float(p), self.class_names[i]) for p, i, t in zip(row.tolist(), indices, thresholds.tolist()) if p >= t]
+            out.append([name for _, name in sorted(hits, key=lambda h: -h[0])])
+        return out
+
     def predict(self, pixels: torch.Tensor, subset: Sequence[str] | None = None) -> torch.Tensor:
-        """Calibrated softmax probabilities (``softmax(logits / temperature)``), CPU float32: ``[B, num_classes]``,
+        """Multi-label packages: the calibrated sigmoid per class, ``[B, num_classes]`` or ``[B, len(subset)]``.
+        Otherwise calibrated softmax probabilities (``softmax(logits / temperature)``), CPU float32: ``[B, num_classes]``,
         or ``[B, len(subset)]`` in subset order.
 
         With ``subset`` the softmax runs over those classes' logits only (probabilities renormalised among them).
         ``pixels`` is ``[B, 3, H, W]`` (or one ``[3, H, W]``) from :meth:`preprocess`.
         """
+        if self.multi_label:
+            indices = self.subset_indices(subset)
+            logits = self.calibrated_logits(pixels)
+            return (logits if indices is None else logits[:, indices]).sigmoid()
         return self.log_probabilities(pixels, subset).exp()
 
     def log_probabilities(self, pixels: torch.Tensor | StagedBatch, subset: Sequence[str] | None = None) -> torch.Tensor:

@@ -214,6 +214,20 @@ def softmax_scores(
     return logits.softmax(dim=-1)
 
 
+NEUTRAL_CLASS = "object"
+"""CLIP's multi-label rule compares each class prompt with this class-neutral one (rendered with the same templates)."""
+
+
+def neutral_sigmoid_scores(
+    image_embeddings: torch.Tensor, text_embeddings: torch.Tensor, logit_scale: torch.Tensor
+) -> torch.Tensor:
+    """CLIP multi-label confidences: the LAST text row is the class-neutral prompt (:data:`NEUTRAL_CLASS`);
+    ``p_c = sigmoid(logit_scale * (cos_c - cos_neutral))``, i.e. the two-way softmax of class c's prompt against
+    the neutral prompt, independent per class. Returns ``[B, C]`` (the neutral column dropped)."""
+    logits = logit_scale * (image_embeddings.float() @ text_embeddings.float().T)
+    return (logits[:, :-1] - logits[:, -1:]).sigmoid()
+
+
 def sigmoid_scores(
     image_embeddings: torch.Tensor,
     text_embeddings: torch.Tensor,

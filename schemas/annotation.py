@@ -7,6 +7,14 @@ Confidence semantics:
   sum to 1, several classes may be confident at once.
 - ``custom``: a softmax over the trained model's classes, or over the subset named in ``classes``.
 
+Multi-label (``multi_label: true``): every class gets an independent probability and an image may have any number of
+the classes, none included. ``siglip``: its sigmoid, as above. ``clip``: ``sigmoid(logit_scale * (cos(image, class
+prompt) - cos(image, class-neutral prompt)))``, the two-way softmax of the class prompt against the prompt rendered
+for "object" (a rule without examples: trust its ranking within a class more than its absolute values). ``custom``
+follows the package: a multi-label package gives its calibrated per-class sigmoids whatever the request says, and
+each result lists ``labels``, the tags reaching the package's per-class thresholds. ``top_k`` caps, ``threshold``
+applies to each class's own probability, and ``margin`` is absent.
+
 ``top_k`` is applied first (the k most confident classes, sorted by confidence), then ``threshold``
 drops those below it. ``top_k`` defaults to 3; one above the number of classes (the request's, or the
 custom model's when the request names none) means all of them: unset with 2 classes answers at most 2
@@ -186,6 +194,11 @@ class AnnotationRequest(InputModel):
                     "of classes (the request's, or the custom model's) it means all of them: the worker uses "
                     "min(top_k, number of classes).")
     threshold: float = Field(default=0.1, ge=0.0, le=1.0, description="Then drop predictions below this confidence.")
+    multi_label: bool = Field(
+        default=False,
+        description="Tags, not one class: an independent probability per class (siglip: its sigmoid; clip: class prompt "
+                    "against a class-neutral prompt; custom: follows the package, which must be multi-label). "
+                    "Results list 'labels' (the tag set); 'margin' is absent.")
     priority: Literal["interactive", "bulk"] | None = Field(
         default=None,
         description="Scheduling lane. 'interactive' (a person waits) is handled before bulk work, with its own "
@@ -265,6 +278,11 @@ class AnnotationRequest(InputModel):
         problem = few_shot_problem(self.model, self.classes, self.examples, self.examples_url, self.few_shot)
         if problem:
             raise ValueError(problem)
+        if self.multi_label and self.has_examples:
+            raise ValueError("multi_label is not available with few-shot examples on this worker (zero-shot or custom only)")
+        if self.multi_label and self.auto_accept_precision is not None:
+            raise ValueError("auto_accept_precision is single-label (the top-1 class); a multi-label package's per-class "
+                             "auto-accept thresholds are in its config.json")
         if self.has_examples and self.auto_accept_precision is not None:
             raise ValueError("auto_accept_precision needs the trained model's own classifier, not few-shot examples")
         if self.classes and self.prompt_templates and self.model != "custom":
@@ -570,7 +588,12 @@ class ImageResult(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     id: str
     predictions: list[Prediction] = Field(default_factory=list)
-    margin: float | None = Field(default=None, description="top-1 minus top-2 confidence (before top_k/threshold).")
+    margin: float | None = Field(default=None, description="top-1 minus top-2 confidence (before top_k/threshold); absent for multi-label.")
+    labels: list[str] | None = Field(
+        default=None,
+        description="Multi-label results: the image's tag set, most probable first (possibly empty). Zero-shot: the "
+                    "classes of 'predictions'; custom: the classes whose calibrated probability reaches the package's "
+                    "per-class threshold, at most top_k.")
     auto_accept: bool | None = Field(
         default=None,
         description="Only when the request set auto_accept_precision: whether the model's top-1 class over all its "

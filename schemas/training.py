@@ -9,7 +9,7 @@ are progress only and may be folded loosely.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -27,10 +27,48 @@ TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
 TRAINING_STATUS_EVENT = "training.status"
 
 
+MAX_LABELS_PER_IMAGE = MAX_CLASSES
+MultiLabelLoss = Literal["bce", "asymmetric"]
+
+
 class LabeledUrl(BaseModel):
+    """A dataset entry: ``{"url", "label"}`` (single-label jobs) or ``{"url", "labels": [...]}`` (multi-label jobs;
+    an empty list is an image with none of the tags)."""
+
     model_config = ConfigDict(extra="ignore", str_strip_whitespace=True)
     url: Url
-    label: str = Field(min_length=1, max_length=200)
+    label: str | None = Field(default=None, min_length=1, max_length=200)
+    labels: list[Annotated[str, Field(min_length=1, max_length=200)]] | None = Field(
+        default=None, max_length=MAX_LABELS_PER_IMAGE,
+                                     description="Multi-label jobs: the image's tags (class names), possibly none.")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "LabeledUrl":
+        if (self.label is None) == (self.labels is None):
+            raise ValueError("an entry needs either 'label' (single-label) or 'labels' (multi-label), not both or neither")
+        return self
+
+
+def multi_label_entry_problem(entry: "LabeledUrl | str", multi_label: bool, class_names: list[str] | set[str]) -> str | None:
+    """Why a dataset entry does not fit the job, or None: a multi-label job takes ``labels`` (known, distinct class
+    names); a single-label job takes ``label`` or a folder-labeled URL. (A single-label entry's label outside the
+    classes is left to the dataset step, which reports them all together.)"""
+    if not multi_label:
+        if isinstance(entry, LabeledUrl) and entry.labels is not None:
+            return "has 'labels' but config.multi_label is false (give one 'label', or set multi_label)"
+        return None
+    if not isinstance(entry, LabeledUrl):
+        return "is a plain URL; multi-label jobs need {\"url\", \"labels\": [...]} (folder labels are single-label)"
+    if entry.labels is None:
+        return "has 'label' but config.multi_label is true (give 'labels': [...], possibly empty)"
+    cleaned = [label.strip() for label in entry.labels]
+    repeated = sorted({label for label in cleaned if cleaned.count(label) > 1})
+    if repeated:
+        return f"repeats labels {[r[:60] for r in repeated[:5]]}"
+    unknown = [label for label in cleaned if label not in class_names]
+    if unknown:
+        return f"has labels not in class_names: {[u[:60] for u in unknown[:5]]}"
+    return None
 
 
 class TrainingConfig(BaseModel):
@@ -64,6 +102,14 @@ class TrainingConfig(BaseModel):
         default="none",
         description="Imbalanced classes: none | balanced (loss weight n / (C * n_c) per class) | sampler (every class "
                     "drawn equally often, with replacement).")
+    multi_label: bool = Field(
+        default=False,
+        description="Each image has a set of tags (dataset entries {url, labels: [...]}): one sigmoid per class, "
+                    "best epoch by validation mAP, per-class calibration and thresholds in config.json.")
+    multi_label_loss: MultiLabelLoss = Field(
+        default="bce",
+        description="Multi-label only: bce (binary cross-entropy) | asymmetric (Ridnik et al. 2021, for sets where "
+                    "most tags of an image are negatives).")
     export: list[ExportFormat] = Field(
         default_factory=list, max_length=1,
         description="Extra formats in the package: 'onnx' adds model.onnx (dynamic batch, raw logits), checked "
@@ -77,7 +123,9 @@ class TrainingDataset(BaseModel):
     train_urls: list[LabeledUrl | Url] = Field(default_factory=list, max_length=MAX_DATASET_URLS)
     val_urls: list[LabeledUrl | Url] = Field(default_factory=list, max_length=MAX_DATASET_URLS)
     class_names: list[str] = Field(min_length=2, max_length=MAX_CLASSES)
-    manifest_url: Url | None = Field(default=None, description="JSON Lines file of {url, label, split} for large datasets.")
+    manifest_url: Url | None = Field(
+        default=None,
+        description="JSON Lines file of {url, label, split} (multi-label: {url, labels, split}) for large datasets.")
 
     @field_validator("class_names")
     @classmethod
@@ -113,6 +161,16 @@ class TrainingRequest(InputModel):
                 f"config.num_classes ({self.config.num_classes}) must equal len(dataset.class_names) "
                 f"({len(self.dataset.class_names)})"
             )
+        names = set(self.dataset.class_names)
+        problems: list[str] = []
+        for split in ("train_urls", "val_urls"):
+            for index, entry in enumerate(getattr(self.dataset, split)):
+                problem = multi_label_entry_problem(entry, self.config.multi_label, names)
+                if problem:
+                    problems.append(f"dataset.{split}[{index}] {problem}")
+        if problems:
+            count = f"{len(problems)} dataset entries do not fit the job; " if len(problems) > 1 else ""
+            raise ValueError(count + "; ".join(problems[:3]))
         return self
 
 
@@ -165,7 +223,14 @@ class TrainingMetrics(BaseModel):
     best_epoch: int | None = None
     metrics_url: str | None = Field(default=None, description="<output_path>/metrics.json, set when large metrics were left out of this event.")
     omitted: list[str] | None = Field(default=None, description="Names of the metrics left out of this event (they are in metrics_url).")
-    macro_f1: float | None = Field(default=None, description="Unweighted mean F1 over the classes with validation images.")
+    macro_f1: float | None = Field(default=None, description="Unweighted mean F1 over the classes with validation images "
+                                                             "(multi-label: with positive validation images, at the per-class thresholds).")
+    multi_label: bool | None = Field(default=None, description="True for a multi-label model (val_accuracy: exact tag sets).")
+    map: float | None = Field(default=None, description="Multi-label: mean over the classes of the validation average precision.")
+    per_class_ap: dict[str, float | None] | None = Field(default=None, description="Multi-label: average precision per class (null: no positive).")
+    micro_f1: float | None = Field(default=None, description="Multi-label: F1 over all (image, class) pairs at the per-class thresholds.")
+    thresholds: dict[str, float] | None = Field(
+        default=None, description="Multi-label: per-class probability thresholds (best validation F1), as in config.json.")
     balanced_accuracy: float | None = Field(default=None, description="Mean recall over the classes with validation images.")
     temperature: float | None = Field(default=None, gt=0.0, description="Fitted on validation (NLL); custom inference applies it.")
     temperature_note: str | None = Field(

@@ -119,8 +119,9 @@ def train_transform(cfg: DataConfig, augmentation: str) -> Callable:
     )
 
 
-def build_mixup(augmentation: str, num_classes: int, label_smoothing: float) -> Mixup | None:
-    """Batch mixup/cutmix for ``heavy`` (targets become soft, smoothed), else None."""
+def build_mixup(augmentation: str, num_classes: int, label_smoothing: float, multi_label: bool = False) -> Mixup | None:
+    """Batch mixup/cutmix for ``heavy`` (targets become soft, smoothed), else None. ``multi_label``: the targets are
+    multi-hot vectors, mixed with the same weights as the images."""
     if augmentation != "heavy":
         return None
     return Mixup(
@@ -131,4 +132,5 @@ def build_mixup(augmentation: str, num_classes: int, label_smoothing: float) -> 
         mode="batch",
         label_smoothing=label_smoothing,
         num_classes=num_classes,
+        multi_label=multi_label,
     )

@@ -12,6 +12,7 @@ from ml.training.errors import ConfigError
 
 AUGMENTATIONS = ("none", "light", "medium", "heavy")
 CLASS_WEIGHTINGS = ("none", "balanced", "sampler")
+MULTI_LABEL_LOSSES = ("bce", "asymmetric")
 EXPORT_FORMATS = ("onnx",)
 
 
@@ -30,6 +31,9 @@ class TrainSpec:
     ``report``: write report.html (curves, confusion matrix, reliability, auto-accept, worst images) into the package.
     ``warmup_epochs`` / ``label_smoothing`` None: scaled with the schedule (``schedule.schedule_defaults``);
     the resolved numbers are what the run uses and what config.json records.
+    ``multi_label``: each image has a set of labels (samples carry tuples of class indices): one sigmoid per
+    class, ``multi_label_loss`` ``bce`` or ``asymmetric``, best epoch by validation mAP, per-class calibration
+    and thresholds (``ml.training.multilabel``); ``label_smoothing`` does not apply.
     ``mixed_precision`` (runtime only): autocast as the device policy says (``ml.device``); False trains in fp32
     on any device (bench/device.py's baseline for AMP).
     """
@@ -57,6 +61,8 @@ class TrainSpec:
     export: list[str] = field(default_factory=list)
     report: bool = True
     mixed_precision: bool = True
+    multi_label: bool = False
+    multi_label_loss: str = "bce"
 
     def __post_init__(self) -> None:
         from ml.training.schedule import schedule_defaults
@@ -120,6 +126,8 @@ class TrainSpec:
         unknown_exports = [f for f in self.export if f not in EXPORT_FORMATS]
         if unknown_exports:
             problems.append(f"export formats {unknown_exports} are not supported (supported: {list(EXPORT_FORMATS)})")
+        if self.multi_label_loss not in MULTI_LABEL_LOSSES:
+            problems.append(f"multi_label_loss must be one of {MULTI_LABEL_LOSSES}, got {self.multi_label_loss!r}")
         if self.heartbeat_s <= 0:
             problems.append("heartbeat_s must be > 0")
         if problems:
@@ -131,6 +139,9 @@ class TrainSpec:
         for runtime_only in ("pretrained_path", "device", "heartbeat_s", "num_workers", "report", "mixed_precision"):
             data.pop(runtime_only)
         data["pretrained_from_file"] = self.pretrained_path is not None
+        if not self.multi_label:  # a single-label run's record (and resume fingerprint) as before
+            data.pop("multi_label")
+            data.pop("multi_label_loss")
         return data
 
 

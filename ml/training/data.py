@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 from ml.training.errors import DatasetError
 
 Sample = tuple[str, int]
+"""``(path, class index)``; a multi-label sample is ``(path, tuple of class indices)`` (possibly empty)."""
 
 
 def stratified_split(samples: Sequence[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
@@ -21,12 +22,23 @@ def stratified_split(samples: Sequence[Sample], fraction: float, seed: int) -> t
 
     Every class with at least 2 samples gives at least one to val and keeps at least one for train; a class with
     a single sample stays in train. Deterministic for a given seed; both outputs keep the input order.
+    Multi-label samples (a tuple of class indices) are grouped by their rarest tag (images without tags form one
+    more group), so every tag with a few images lands in both splits.
     """
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"fraction must be in (0, 1), got {fraction}")
     by_class: dict[int, list[int]] = defaultdict(list)
+    tag_counts: dict[int, int] = defaultdict(int)
+    for _, label in samples:
+        if isinstance(label, tuple):
+            for tag in label:
+                tag_counts[tag] += 1
     for index, (_, label) in enumerate(samples):
-        by_class[int(label)].append(index)
+        if isinstance(label, tuple):
+            group = min(label, key=lambda t: (tag_counts[t], t)) if label else -1
+        else:
+            group = int(label)
+        by_class[group].append(index)
     rng = random.Random(seed)
     val_indices: set[int] = set()
     for label in sorted(by_class):
@@ -42,12 +54,21 @@ def stratified_split(samples: Sequence[Sample], fraction: float, seed: int) -> t
     return train, val
 
 
-def check_samples(samples: Sequence[Sample], num_classes: int, split: str) -> list[Sample]:
-    """Return the samples as ``(str path, int label)``; DatasetError when empty or a label is out of range."""
+def check_samples(samples: Sequence[Sample], num_classes: int, split: str, multi_label: bool = False) -> list[Sample]:
+    """Return the samples as ``(str path, int label)`` (multi-label: ``(str path, tuple of distinct sorted class
+    indices)``); DatasetError when empty or a label is out of range."""
     if not samples:
         raise DatasetError(f"the {split} split is empty")
     checked: list[Sample] = []
     for path, label in samples:
+        if multi_label:
+            if not isinstance(label, (tuple, list)) or any(
+                    isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < num_classes for t in label):
+                raise DatasetError(f"{split} sample {path!s}: labels {label!r} are not class indices in [0, {num_classes})")
+            if len(set(label)) != len(label):
+                raise DatasetError(f"{split} sample {path!s}: labels {label!r} repeat a class")
+            checked.append((str(path), tuple(sorted(int(t) for t in label))))
+            continue
         if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < num_classes:
             raise DatasetError(f"{split} sample {path!s}: label {label!r} is not a class index in [0, {num_classes})")
         checked.append((str(path), int(label)))
@@ -78,17 +99,23 @@ def split_readable(samples: Sequence[Sample]) -> tuple[list[Sample], list[Sample
 
 
 class ImageFileDataset(Dataset):
-    """``(path, label)`` samples decoded with PIL (``convert("RGB")``) and transformed."""
+    """``(path, label)`` samples decoded with PIL (``convert("RGB")``) and transformed. With ``num_classes``,
+    labels are tuples of class indices, returned as multi-hot float vectors."""
 
-    def __init__(self, samples: Sequence[Sample], transform: Callable) -> None:
+    def __init__(self, samples: Sequence[Sample], transform: Callable, num_classes: int | None = None) -> None:
         self.samples = list(samples)
         self.transform = transform
+        self.num_classes = num_classes
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int | torch.Tensor]:
         path, label = self.samples[index]
+        if self.num_classes is not None:
+            target = torch.zeros(self.num_classes, dtype=torch.float32)
+            target[list(label)] = 1.0
+            return self.transform(load_rgb(path)), target
         return self.transform(load_rgb(path)), label
 
 

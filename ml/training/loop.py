@@ -51,6 +51,7 @@ from ml.training.data import (
 )
 from ml.device import DevicePolicy, is_out_of_memory, policy_for
 from ml.training.errors import ConfigError, TrainingOutOfMemory, TrainingStopped
+from ml.training import multilabel
 from ml.training.metrics import classification_metrics
 from ml.training.models import build_model, check_model_name
 from ml.training.package import ONNX_FILE, PACKAGE_DIR, build_package_config, write_package
@@ -76,8 +77,8 @@ def train(
     """
     spec.validate()
     check_model_name(spec.model_name)
-    train_samples = check_samples(train_samples, spec.num_classes, "train")
-    val_samples = check_samples(val_samples, spec.num_classes, "val")
+    train_samples = check_samples(train_samples, spec.num_classes, "train", spec.multi_label)
+    val_samples = check_samples(val_samples, spec.num_classes, "val", spec.multi_label)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     run = _TrainingRun(spec, train_samples, val_samples, workdir, callbacks)
@@ -107,7 +108,12 @@ def run_fingerprint(spec: TrainSpec, train_samples: list[Sample], val_samples: l
 def _labels_digest(samples: list[Sample]) -> str:
     digest = hashlib.sha256()
     for _, label in samples:
-        digest.update(label.to_bytes(4, "little"))
+        if isinstance(label, tuple):  # multi-label: the count of tags, then the tags
+            digest.update(len(label).to_bytes(4, "little", signed=True))
+            for tag in label:
+                digest.update(tag.to_bytes(4, "little"))
+        else:
+            digest.update(label.to_bytes(4, "little"))
     return f"{len(samples)}:{digest.hexdigest()}"
 
 
@@ -125,6 +131,8 @@ class _EpochProgress:
 
 @dataclass
 class _Best:
+    """The best epoch so far. ``score`` picks it: validation accuracy (single-label) or mAP (multi-label)."""
+
     epoch: int = 0
     val_accuracy: float = -1.0
     val_loss: float = math.inf
@@ -132,10 +140,11 @@ class _Best:
     state: dict[str, torch.Tensor] | None = None
     targets: np.ndarray | None = None
     predictions: np.ndarray | None = None
+    score: float = -1.0
 
-    def improved_by(self, val_accuracy: float, val_loss: float) -> bool:
-        """Higher accuracy wins; equal accuracy and lower loss also wins."""
-        return val_accuracy > self.val_accuracy or (val_accuracy == self.val_accuracy and val_loss < self.val_loss)
+    def improved_by(self, score: float, val_loss: float) -> bool:
+        """Higher score wins; an equal score and lower loss also wins."""
+        return score > self.score or (score == self.score and val_loss < self.val_loss)
 
 
 class _TrainingRun:
@@ -179,14 +188,19 @@ class _TrainingRun:
         if self.cuda:
             torch.backends.cudnn.benchmark = True
 
-        sample_weights = (balanced_sample_weights(train_samples, spec.num_classes)
-                          if spec.class_weighting == "sampler" else None)
+        multi = spec.multi_label
+        sample_weights = None
+        if spec.class_weighting == "sampler":
+            sample_weights = (multilabel.balanced_sample_weights([label for _, label in train_samples], spec.num_classes)
+                              if multi else balanced_sample_weights(train_samples, spec.num_classes))
         self.batches = EpochBatches(len(train_samples), spec.batch_size, spec.seed, shuffle=True, weights=sample_weights)
         self.val_batches = EpochBatches(len(val_samples), spec.batch_size, spec.seed, shuffle=False)
         self.steps = self.batches.steps_per_epoch
-        train_set = ImageFileDataset(train_samples, train_transform(self.data_config, spec.augmentation))
+        hot = spec.num_classes if multi else None  # multi-label targets: multi-hot vectors
+        train_set = ImageFileDataset(train_samples, train_transform(self.data_config, spec.augmentation), hot)
         self.train_loader = self._loader(train_set, self.batches, salt=1)
-        self.val_loader = self._loader(ImageFileDataset(val_samples, eval_transform(self.data_config)), self.val_batches, salt=2)
+        self.val_loader = self._loader(ImageFileDataset(val_samples, eval_transform(self.data_config), hot),
+                                       self.val_batches, salt=2)
         self.val_size = len(val_samples)
         self.val_samples = val_samples
 
@@ -200,17 +214,32 @@ class _TrainingRun:
             self.optimizer, warmup_cosine(spec.epochs * self.steps, warmup_steps)
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.policy.grad_scaler)
-        self.mixup = build_mixup(spec.augmentation, spec.num_classes, spec.label_smoothing)
+        self.mixup = build_mixup(spec.augmentation, spec.num_classes, 0.0 if multi else spec.label_smoothing,
+                                 multi_label=multi)
         class_weights = None
-        if spec.class_weighting == "balanced":
+        self.criterion: nn.Module
+        if multi:  # BCE / asymmetric on (mixed) multi-hot targets; "balanced" weights each class's positives
+            pos_weight = None
+            if spec.class_weighting == "balanced":
+                pos_weight = torch.tensor(multilabel.balanced_pos_weights([label for _, label in train_samples],
+                                                                          spec.num_classes),
+                                          dtype=torch.float32, device=self.device)
+            self.criterion = multilabel.build_loss(spec.multi_label_loss, pos_weight)
+            self.val_criterion = multilabel.BceLoss()
+            spec_class_weighting = "none"  # handled above
+        else:
+            spec_class_weighting = spec.class_weighting
+        if spec_class_weighting == "balanced":
             class_weights = torch.tensor(balanced_class_weights(train_samples, spec.num_classes), dtype=torch.float32,
                                          device=self.device)
-        self.criterion: nn.Module
-        if self.mixup is not None:
+        if multi:
+            pass  # criteria set above
+        elif self.mixup is not None:
             self.criterion = SoftTargetCrossEntropy() if class_weights is None else _WeightedSoftTargetCrossEntropy(class_weights)
+            self.val_criterion = nn.CrossEntropyLoss(reduction="sum")
         else:
             self.criterion = nn.CrossEntropyLoss(weight=class_weights, label_smoothing=spec.label_smoothing)
-        self.val_criterion = nn.CrossEntropyLoss(reduction="sum")
+            self.val_criterion = nn.CrossEntropyLoss(reduction="sum")
 
         self.completed_epochs = 0
         self.start_step = 0
@@ -287,13 +316,14 @@ class _TrainingRun:
         self._flush_progress(loss_sum, phase_started, time.monotonic())
 
         val_started = time.monotonic()
-        val_loss, val_accuracy, targets, predictions = self._validate(epoch)
+        val_loss, val_accuracy, targets, predictions, val_map = self._validate(epoch)
         self.val_time_s = time.monotonic() - val_started
+        score = val_accuracy if val_map is None else val_map
 
         train_loss = self.progress.loss_sum / max(1, self.progress.count)
-        if self.best.improved_by(val_accuracy, val_loss):
+        if self.best.improved_by(score, val_loss):
             state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
-            self.best = _Best(epoch + 1, val_accuracy, val_loss, train_loss, state, targets, predictions)
+            self.best = _Best(epoch + 1, val_accuracy, val_loss, train_loss, state, targets, predictions, score)
             self.bad_epochs = 0
         else:
             self.bad_epochs += 1
@@ -318,6 +348,9 @@ class _TrainingRun:
             "stopped_early": self.stopped_early,
             **self._batch_metrics(),
         }
+        if val_map is not None:
+            metrics["val_map"] = val_map
+            metrics["best_val_map"] = self.best.score
         self.history.append(metrics)
         self.completed_epochs = epoch + 1
         self.start_step = 0
@@ -423,14 +456,21 @@ class _TrainingRun:
 
     def _mix(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         assert self.mixup is not None
-        if images.shape[0] == 1:  # mixup needs pairs: a lone sample trains on its smoothed one-hot target
+        if images.shape[0] == 1:  # mixup needs pairs: a lone sample trains on its own target
+            if self.spec.multi_label:
+                return images, targets
             return images, mixup_target(targets, self.spec.num_classes, 1.0, self.spec.label_smoothing)
         if images.shape[0] % 2:
             images, targets = images[:-1], targets[:-1]
         return self.mixup(images, targets)
 
-    def _validate(self, epoch: int) -> tuple[float, float, np.ndarray, np.ndarray]:
+    def _validate(self, epoch: int) -> tuple[float, float, np.ndarray, np.ndarray, float | None]:
+        """(val_loss, val_accuracy, targets, predictions, val_map). Multi-label: targets and predictions are 0/1
+        matrices (predictions at 0.5), accuracy is exact-set accuracy at 0.5 and ``val_map`` the mAP; else
+        ``val_map`` is None."""
         self.model.eval()
+        multi = self.spec.multi_label
+        all_scores: list[torch.Tensor] = []
         loss_total = torch.zeros((), device=self.device, dtype=torch.float64)
         all_targets: list[torch.Tensor] = []
         all_predictions: list[torch.Tensor] = []
@@ -439,9 +479,15 @@ class _TrainingRun:
             for index, (images, targets) in enumerate(self.val_loader):
                 images, targets = self._to_device(images, targets)
                 logits = self._eval_logits(images).float()
-                loss_total += self.val_criterion(logits, targets).double()
-                all_targets.append(targets)
-                all_predictions.append(logits.argmax(dim=1))
+                if multi:  # the criterion is a per-image mean: make it a sum
+                    loss_total += self.val_criterion(logits, targets).double() * images.shape[0]
+                    all_scores.append(logits.sigmoid())
+                    all_predictions.append((logits >= 0).long())
+                    all_targets.append(targets.long())
+                else:
+                    loss_total += self.val_criterion(logits, targets).double()
+                    all_targets.append(targets)
+                    all_predictions.append(logits.argmax(dim=1))
                 now = time.monotonic()
                 if now - last_beat >= self.spec.heartbeat_s:
                     last_beat = now
@@ -455,9 +501,16 @@ class _TrainingRun:
         targets_np = torch.cat(all_targets).cpu().numpy()
         predictions_np = torch.cat(all_predictions).cpu().numpy()
         val_loss = float(loss_total.item()) / max(1, len(targets_np))
-        val_accuracy = float((targets_np == predictions_np).mean())
+        val_map = None
+        if multi:
+            val_accuracy = float((targets_np == predictions_np).all(axis=1).mean())
+            scores = torch.cat(all_scores).cpu().numpy()
+            val_map = multilabel.mean_average_precision(
+                multilabel.per_class_average_precision(scores, targets_np, self.spec.class_names))
+        else:
+            val_accuracy = float((targets_np == predictions_np).mean())
         self.model.train()
-        return val_loss, val_accuracy, targets_np, predictions_np
+        return val_loss, val_accuracy, targets_np, predictions_np, val_map
 
     # -- helpers ---------------------------------------------------------------------------------------------
 
@@ -524,6 +577,7 @@ class _TrainingRun:
                 "epoch": best.epoch,
                 "val_accuracy": best.val_accuracy,
                 "val_loss": best.val_loss,
+                "score": best.score,
                 "train_loss": best.train_loss,
                 "state": None if best_is_model else best.state,
                 "targets": None if best.targets is None else torch.from_numpy(best.targets.astype(np.int64)),
@@ -556,6 +610,7 @@ class _TrainingRun:
             state=best_state,
             targets=None if best["targets"] is None else best["targets"].numpy(),
             predictions=None if best["predictions"] is None else best["predictions"].numpy(),
+            score=float(best.get("score", best["val_accuracy"])),
         )
         self.bad_epochs = int(state["bad_epochs"])
         self.stopped_early = bool(state["stopped_early"])
@@ -572,6 +627,8 @@ class _TrainingRun:
         best_state = self.best.state
         assert best_state is not None and self.best.targets is not None and self.best.predictions is not None
         self.model.load_state_dict(best_state)
+        if spec.multi_label:
+            return self._finish_multilabel(best_state)
         report = classification_metrics(self.best.targets, self.best.predictions, spec.class_names)
         logits, targets = self._best_val_logits()
         fitted = calibrate(logits, targets)
@@ -612,7 +669,6 @@ class _TrainingRun:
             best_epoch=self.best.epoch,
             calibration={"temperature": temperature, "auto_accept": tables},
         )
-        model = self.model.to("cpu").to(memory_format=torch.contiguous_format).eval()
         extra_files: dict[str, Path] = {}
         if spec.report:
             from ml.training.report import REPORT_FILE, write_report
@@ -628,6 +684,13 @@ class _TrainingRun:
             else:
                 metrics["report_url"] = REPORT_FILE  # relative to the package; the handler makes it absolute
                 extra_files[REPORT_FILE] = report_path
+        return self._package(best_state, config, metrics, extra_files)
+
+    def _package(self, best_state: dict[str, torch.Tensor], config: dict[str, Any], metrics: dict[str, Any],
+                 extra_files: dict[str, Path]) -> TrainResult:
+        """ONNX when asked, then the package written; the run's result."""
+        spec = self.spec
+        model = self.model.to("cpu").to(memory_format=torch.contiguous_format).eval()
         if "onnx" in spec.export:
             from ml.training.export import export_onnx
 
@@ -647,6 +710,70 @@ class _TrainingRun:
             stopped_early=self.stopped_early,
             model=model,
         )
+
+    def _finish_multilabel(self, best_state: dict[str, torch.Tensor]) -> TrainResult:
+        """Metrics, per-class calibration, thresholds and auto-accept tables on validation; the package."""
+        spec = self.spec
+        names = spec.class_names
+        logits, targets = self._best_val_logits()
+        truth = targets.numpy().astype(np.int64)
+        raw = multilabel.calibrated_probabilities(logits, np.ones(len(names)), np.zeros(len(names)))
+        calibration = multilabel.fit_calibration(logits, truth, names)
+        a, b = multilabel.calibration_arrays(calibration, names)
+        probabilities = multilabel.calibrated_probabilities(logits, a, b)
+        per_class_ap = multilabel.per_class_average_precision(probabilities, truth, names)
+        thresholds = multilabel.tune_thresholds(probabilities, truth)
+        f1 = multilabel.f1_report(probabilities, truth, thresholds, names)
+        tables = multilabel.auto_accept_tables(probabilities, truth, names)
+        threshold_map = {name: float(thresholds[c]) for c, name in enumerate(names)}
+        metrics: dict[str, Any] = {
+            "multi_label": True,
+            "train_loss": self.best.train_loss,
+            "val_loss": self.best.val_loss,
+            "val_accuracy": f1["subset_accuracy"],
+            "best_epoch": self.best.epoch,
+            "epochs_run": self.completed_epochs,
+            "stopped_early": self.stopped_early,
+            "map": multilabel.mean_average_precision(per_class_ap),
+            "per_class_ap": per_class_ap,
+            "micro_f1": f1["micro_f1"],
+            "macro_f1": f1["macro_f1"],
+            "thresholds": threshold_map,
+            "ece": {"before": multilabel.expected_calibration_error(raw, truth),
+                    "after": multilabel.expected_calibration_error(probabilities, truth)},
+            "nll": {"before": multilabel.mean_nll(raw, truth), "after": multilabel.mean_nll(probabilities, truth)},
+            "calibration": {name: row["method"] for name, row in calibration.items()},
+            "auto_accept": auto_accept_summary(tables),
+            "auto_accept_per_class": tables["per_class"],
+            "auto_accept_global": tables["global"],
+            "per_class": f1["per_class"],
+            "epochs": copy.deepcopy(self.history),
+        }
+        config = build_package_config(
+            model_name=spec.model_name,
+            model_kwargs=self.model_kwargs,
+            class_names=names,
+            data_config=self.data_config.to_json_dict(),
+            training={
+                **{k: v for k, v in spec.to_json_dict().items() if k != "class_names"},
+                "train_size": self.batches.num_samples,
+                "val_size": self.val_size,
+            },
+            best_epoch=self.best.epoch,
+            calibration={"per_class": calibration, "auto_accept": tables},
+        )
+        config["multi_label"] = True
+        config["thresholds"] = threshold_map
+        extra_files: dict[str, Path] = {}
+        if spec.report:
+            from ml.training.report import REPORT_FILE, write_multilabel_report
+
+            metrics["report_url"] = REPORT_FILE
+            report_path = self.workdir / "export" / REPORT_FILE
+            report_path.parent.mkdir(parents=True, exist_ok=True)
+            write_multilabel_report(report_path, metrics, names, spec.model_name, probabilities, truth)
+            extra_files[REPORT_FILE] = report_path
+        return self._package(best_state, config, metrics, extra_files)
 
     def _best_val_logits(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Validation logits of the best weights (float32, CPU) and their targets: one more validation pass."""

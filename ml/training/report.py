@@ -171,3 +171,74 @@ def _wrong_grid(wrong: Sequence[tuple[str, str, str, float]]) -> bytes:
             axis.imshow(np.asarray(image.convert("RGB")))
         axis.set_title(f"true {true}\npred {predicted} ({confidence:.2f})", fontsize=8)
     return _png(figure)
+
+
+MAX_PR_CLASSES = 40
+
+
+def write_multilabel_report(path: Path, metrics: Mapping[str, Any], class_names: Sequence[str], model_name: str,
+                            probabilities: np.ndarray, truth: np.ndarray) -> Path:
+    """The multi-label page: mAP and F1 summary, training curves, per-class PR curves (the tuned threshold
+    marked; the first ``MAX_PR_CLASSES`` classes), per-class AP / threshold / calibration / F1, auto-accept."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    ece, nll = metrics.get("ece") or {}, metrics.get("nll") or {}
+    rows = [("mAP", metrics.get("map")), ("micro_f1", metrics.get("micro_f1")), ("macro_f1", metrics.get("macro_f1")),
+            ("exact tag sets (val_accuracy)", metrics.get("val_accuracy")), ("best_epoch", metrics.get("best_epoch")),
+            ("ECE before / after", f"{_fmt(ece.get('before'))} / {_fmt(ece.get('after'))}"),
+            ("NLL before / after", f"{_fmt(nll.get('before'))} / {_fmt(nll.get('after'))}")]
+    summary = "<table>" + "".join(f"<tr><th>{_e(k)}</th><td>{v if isinstance(v, str) else _fmt(v)}</td></tr>"
+                                  for k, v in rows) + "</table>"
+    per_class = metrics.get("per_class") or {}
+    ap, methods = metrics.get("per_class_ap") or {}, metrics.get("calibration") or {}
+    body = "".join(f"<tr><th>{_e(name)}</th><td>{_fmt(ap.get(name), 3)}</td><td>{_fmt(r.get('threshold'), 3)}</td>"
+                   f"<td>{_e(methods.get(name, '-'))}</td><td>{_fmt(r['precision'], 3)}</td><td>{_fmt(r['recall'], 3)}</td>"
+                   f"<td>{_fmt(r['f1'], 3)}</td><td>{r['support']}</td></tr>" for name, r in per_class.items())
+    table = ("<table><tr><th>class</th><th>AP</th><th>threshold</th><th>calibration</th><th>precision</th>"
+             "<th>recall</th><th>F1</th><th>positives</th></tr>" + body + "</table>")
+    thresholds = metrics.get("thresholds") or {}
+    sections = [
+        f"<h1>{_e(model_name)}: multi-label training report</h1>", summary,
+        "<h2>Training curves</h2>" + _img(_curves(metrics.get("epochs") or []), "training curves"),
+        "<h2>Precision-recall per class</h2>" + _img(_pr_curves(probabilities, truth, class_names, thresholds), "PR curves"),
+        "<h2>Per class</h2>" + table,
+        "<h2>Auto-accept (all tags pooled; per class in metrics.json)</h2>" + _auto_accept_table(metrics),
+    ]
+    page = ("<!doctype html><html><head><meta charset='utf-8'><title>" + _e(model_name) + " report</title><style>"
+            "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+            "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+            "img{max-width:100%}</style></head><body>" + "\n".join(sections) + "</body></html>\n")
+    path = Path(path)
+    path.write_text(page, encoding="utf-8")
+    return path
+
+
+def _pr_curves(probabilities: np.ndarray, truth: np.ndarray, class_names: Sequence[str],
+               thresholds: Mapping[str, float]) -> bytes:
+    import matplotlib.pyplot as plt
+
+    shown = list(class_names)[:MAX_PR_CLASSES]
+    columns = min(4, max(1, len(shown)))
+    rows = (len(shown) + columns - 1) // columns
+    figure, axes = plt.subplots(rows, columns, figsize=(3 * columns, 2.6 * rows), squeeze=False)
+    for axis in axes.ravel()[len(shown):]:
+        axis.axis("off")
+    for c, (axis, name) in enumerate(zip(axes.ravel(), shown)):
+        scores, positives = probabilities[:, c], truth[:, c].astype(bool)
+        order = np.argsort(-scores, kind="stable")
+        hits = np.cumsum(positives[order])
+        total = max(1, int(positives.sum()))
+        axis.plot(hits / total, hits / np.arange(1, len(order) + 1), "-")
+        threshold = thresholds.get(name)
+        if threshold is not None and positives.any():
+            accepted = scores >= threshold
+            tp = int((accepted & positives).sum())
+            axis.plot([tp / total], [tp / max(1, int(accepted.sum()))], "ro")
+        axis.set_title(str(name)[:30], fontsize=9)
+        axis.set_xlim(0, 1.02)
+        axis.set_ylim(0, 1.02)
+        axis.set_xlabel("recall", fontsize=8)
+        axis.set_ylabel("precision", fontsize=8)
+    figure.tight_layout()
+    return _png(figure)
