@@ -30,6 +30,7 @@ from handlers.fetch import Fetcher
 from handlers.images import DecodeLimits
 from handlers.models import LoadedModel, ModelConfig, ModelRegistry
 from handlers.preprocessing import Preprocessor
+from handlers.select import SelectHandler
 from handlers.storage import ObjectStore
 from ml.embedding_cache import EmbeddingCache
 from schemas.annotation import (
@@ -41,6 +42,7 @@ from schemas.annotation import (
     ImageRef,
     ImageResult,
     Prediction,
+    SelectRequest,
     prompt_volume_problem,
 )
 from schemas.common import ErrorInfo
@@ -144,14 +146,20 @@ class AnnotationHandler:
         self.embedder = EmbedHandler(ctx, ctx.store)
         self.few_shot = FewShotClassifier(self)
         self.auditor = AuditHandler(ctx, self.embedder)
+        self.selector = SelectHandler(ctx, self.embedder)
 
-    async def handle(self, request: AnnotationRequest | EmbedRequest | AuditRequest) -> AsyncIterator[AnnotationResult]:
+    async def handle(self, request: AnnotationRequest | EmbedRequest | AuditRequest | SelectRequest
+                     ) -> AsyncIterator[AnnotationResult]:
         if isinstance(request, EmbedRequest):
             async for part in self.embedder.handle(request):
                 yield part
             return
         if isinstance(request, AuditRequest):
             async for part in self.auditor.handle(request):
+                yield part
+            return
+        if isinstance(request, SelectRequest):
+            async for part in self.selector.handle(request):
                 yield part
             return
         async for part in self.classify(request):
