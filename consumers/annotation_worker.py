@@ -14,13 +14,12 @@ from consumers.pipeline import Pipeline
 from consumers.runtime import ConsumerRuntime
 from consumers.settings import Settings
 from consumers.worker import configure_torch_threads, decode_limits, serve, storage_and_fetcher
-from handlers.annotation import PART_BUDGET_BYTES, AnnotationConfig, AnnotationContext, AnnotationHandler, failed_result
-from handlers.audit import AuditConfig
+from handlers.annotation import AnnotationHandler, failed_result
 from handlers.batcher import MicroBatcher
-from handlers.embedding import EmbedConfig
+from handlers.context import AnnotationConfig, AnnotationContext, AuditConfig, EmbedConfig, FewShotConfig
 from handlers.executor import Executors
-from handlers.fewshot import FewShotConfig
 from handlers.models import ModelConfig, ModelRegistry, parse_allowed_variants, parse_variant_weights
+from handlers.parts import PART_BUDGET_BYTES
 from ml.embedding_cache import EmbeddingCache
 from schemas.codec import ANNOTATION_ADAPTER
 

@@ -10,31 +10,22 @@ One bad image is an error entry; only an unusable request or model fails the who
 from __future__ import annotations
 
 import asyncio
-import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass, field
 
 import structlog
 import torch
 
-from handlers.audit import AuditConfig, AuditHandler
-from handlers.batcher import MicroBatcher
-from handlers.embedding import EmbedConfig, EmbedHandler, content_hash
-from handlers.errors import ImageError, InvalidRequest, PermanentError
-from handlers.executor import Executors
-from handlers.fewshot import FewShotClassifier, FewShotConfig, FewShotHeads
-from handlers.parts import parts_in_order
-from handlers.fetch import Fetcher
-from handlers.images import DecodeLimits
-from handlers.models import LoadedModel, ModelConfig, ModelRegistry
-from handlers.preprocessing import Preprocessor
+from handlers.audit import AuditHandler
+from handlers.context import AnnotationConfig, AnnotationContext
+from handlers.embedding import EmbedHandler
+from handlers.errors import InvalidRequest, PermanentError
+from handlers.fewshot import FewShotClassifier
+from handlers.models import LoadedModel
+from handlers.parts import PART_BUDGET_BYTES, part_size_for, parts_in_order, rank
 from handlers.select import SelectHandler
-from handlers.storage import ObjectStore
-from ml.embedding_cache import EmbeddingCache
 from schemas.annotation import (
-    MAX_IMAGE_ERROR_CHARS,
     AnnotationRequest,
     AnnotationResult,
     AuditRequest,
@@ -47,96 +38,10 @@ from schemas.annotation import (
 )
 from schemas.common import ErrorInfo
 
+__all__ = ["PART_BUDGET_BYTES", "AnnotationConfig", "AnnotationContext", "AnnotationHandler", "failed_result",
+           "part_size_for", "rank"]  # the context, configs and part helpers live in handlers.context / handlers.parts
+
 log = structlog.get_logger("cls.annotation")
-
-PART_BUDGET_BYTES = 512 * 1024
-"""A result part is kept well below 1 MB (Kafka's default max message size) and CLS_MAX_RECORD_BYTES."""
-
-
-@dataclass
-class AnnotationConfig:
-    part_size: int = 500
-    max_images_per_request: int = 10_000
-    default_templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])
-    images_in_flight: int = 128  # bulk images in fetch/decode/forward at once, all bulk requests together
-    # of which one bulk request holds at most this many (admission is windowed); the worker sets two batches,
-    # so one request alone has its next batch decoded while one runs (one batch's worth split its batches
-    # in two: a few images, then the rest)
-    request_window: int = 64
-    interactive_images_in_flight: int = 64  # interactive images: their own budget, never behind bulk ones
-    part_budget_bytes: int = PART_BUDGET_BYTES
-    preprocess: str = "tensor"  # CLS_PREPROCESS: "tensor" (ml.preprocess) or "pil" (the families' Pillow transforms)
-    gpu_decode: bool = True  # CLS_GPU_DECODE: with "tensor" and a model on CUDA, baseline JPEGs decoded there in batches
-
-
-@dataclass
-class AnnotationContext:
-    """Everything the handler needs, built once at worker start-up."""
-
-    config: AnnotationConfig
-    model_config: ModelConfig
-    models: ModelRegistry
-    fetcher: Fetcher
-    decode_limits: DecodeLimits
-    batcher: MicroBatcher
-    executors: Executors
-    on_text_cache: Callable[[bool], None] | None = None  # metrics hook: True on a hit
-    store: ObjectStore | None = None  # where embed writes vectors and reads 'against' files
-    embed_config: EmbedConfig = field(default_factory=EmbedConfig)
-    embedding_cache: EmbeddingCache | None = None  # image embeddings by (content hash, model): classify and embed
-    fewshot: FewShotConfig = field(default_factory=FewShotConfig)  # classify with examples: limits, head cache size
-    fewshot_heads: FewShotHeads = field(init=False)  # fitted few-shot heads by support-set key, single flight
-    audit_config: AuditConfig = field(default_factory=AuditConfig)  # "task": "audit" limits
-    images_semaphore: asyncio.Semaphore = field(init=False)
-    interactive_semaphore: asyncio.Semaphore = field(init=False)
-    preprocessor: Preprocessor = field(init=False)  # fetched bytes -> model input, for classify and embed
-
-    def __post_init__(self) -> None:
-        self.images_semaphore = asyncio.Semaphore(self.config.images_in_flight)
-        self.interactive_semaphore = asyncio.Semaphore(self.config.interactive_images_in_flight)
-        self.fewshot_heads = FewShotHeads(self.fewshot)
-        self.preprocessor = Preprocessor(self.config.preprocess, self.decode_limits, self.executors,
-                                         gpu_decode=self.config.gpu_decode, max_batch=self.batcher.max_batch,
-                                         max_wait_ms=self.batcher.max_wait_ms)
-
-
-def part_size_for(request: AnnotationRequest, configured: int, class_names: Sequence[str],
-                  budget_bytes: int = PART_BUDGET_BYTES, extra_envelope_bytes: int = 0) -> int:
-    """N for this request: the configured part size, lowered so a part's JSON stays within ``budget_bytes``.
-
-    The bound is on the encoded size of the worst case of every image (its id, ``top_k`` of the longest
-    class names, or an error entry whose message is cut to ``MAX_IMAGE_ERROR_CHARS``), so it holds
-    whatever the outcome; and it depends only on the request (and the model's class names), so a
-    redelivery gets the same parts. ``extra_envelope_bytes``: a bound of what else every part carries (the
-    few-shot summary).
-    """
-    top_k = min(request.top_k, len(class_names))
-    longest_class = max((_json_bytes(c) for c in class_names), default=10)
-    longest_id = max(_json_bytes(img.id) for img in request.images)
-    predictions = 2 + top_k * (longest_class + len('{"class":,"confidence":0.12345678901234567},'))
-    error = len('"error":{"code":"","message":""}') + 64 + 2 * MAX_IMAGE_ERROR_CHARS  # 2: escaped quotes and backslashes
-    per_image = len('{"id":,"predictions":,"margin":-0.12345678901234567,"auto_accept":false},') + longest_id + predictions + error
-    envelope = 2048 + extra_envelope_bytes  # request id, model descriptor, part fields, created_at
-    return max(1, min(configured, (budget_bytes - envelope) // per_image))
-
-
-def _json_bytes(text: str) -> int:
-    """Encoded size of ``text`` as a JSON string (UTF-8, quotes and escapes included)."""
-    return len(json.dumps(text, ensure_ascii=False).encode("utf-8", "replace"))
-
-
-def rank(confidences: torch.Tensor, classes: Sequence[str], top_k: int, threshold: float) -> tuple[list[Prediction], float]:
-    """Sorted predictions of one image: ``top_k`` first, then ``threshold``; and the top-1/top-2 margin."""
-    values, indices = torch.sort(confidences.float(), descending=True)
-    values_list = values.tolist()
-    margin = values_list[0] - values_list[1] if len(values_list) > 1 else values_list[0]
-    predictions = [
-        Prediction(class_name=classes[i], confidence=min(1.0, max(0.0, v)))
-        for v, i in zip(values_list[:top_k], indices[:top_k].tolist(), strict=True)
-        if v >= threshold
-    ]
-    return predictions, margin
-
 
 class AnnotationHandler:
     """``handle(request) -> async iterator of AnnotationResult parts``."""
@@ -144,7 +49,7 @@ class AnnotationHandler:
     def __init__(self, ctx: AnnotationContext) -> None:
         self.ctx = ctx
         self.embedder = EmbedHandler(ctx, ctx.store)
-        self.few_shot = FewShotClassifier(self)
+        self.few_shot = FewShotClassifier(ctx, self.embedder)
         self.auditor = AuditHandler(ctx, self.embedder)
         self.selector = SelectHandler(ctx, self.embedder)
 
@@ -202,7 +107,7 @@ class AnnotationHandler:
         window = asyncio.Semaphore(ctx.config.request_window if priority == "bulk" else len(images))
 
         def handle(image: ImageRef) -> Awaitable[torch.Tensor | ImageResult]:
-            return self._embed(model, image, request_id, priority, window)
+            return self.embedder.forward_image(model, image, request_id, priority, window)
 
         failed_images = 0
         async with aclosing(parts_in_order(parts, handle)) as stream:
@@ -227,33 +132,6 @@ class AnnotationHandler:
             batches_shared=ctx.batcher.forget(request_id),
             seconds=round(time.monotonic() - started, 3),
         )
-
-    async def _embed(self, model: LoadedModel, image: ImageRef, request_id: str, priority: str,
-                     window: asyncio.Semaphore) -> torch.Tensor | ImageResult:
-        """One image -> its model output row, or an error entry."""
-        ctx = self.ctx
-        budget = ctx.interactive_semaphore if priority == "interactive" else ctx.images_semaphore
-        on_cpu = ctx.executors.on_cpu_first if priority == "interactive" else ctx.executors.on_cpu
-        async with window, budget:
-            cache = ctx.embedding_cache if model.forward_is_embedding else None
-            digest = None
-            try:
-                data = await ctx.fetcher.fetch(image.url)
-                if cache is not None:  # the same bytes, the same model: the embedding an embed request stored
-                    digest = await on_cpu(content_hash, data)
-                    cached = cache.get(digest, model.key)
-                    if cached is not None:
-                        return cached
-                pixels = await ctx.preprocessor.pixels(data, model, request_id, priority)
-            except ImageError as exc:
-                return ImageResult(id=image.id, error=ErrorInfo(code=exc.code, message=exc.message))
-            # the key's model loaded now: after an eviction and reload, queued images go to the new instance
-            current = ctx.models.peek(model.key) or model
-            output = await ctx.batcher.submit(model.key, current.forward, pixels, request_id, priority,
-                                              stage=current.stage)
-            if cache is not None and digest is not None:
-                cache.put(digest, model.key, output)
-            return output
 
     async def _part_results(self, model: LoadedModel, images: Sequence[ImageRef], outputs: list, prepared: object,
                             classes: Sequence[str], top_k: int, threshold: float,

@@ -36,7 +36,7 @@ import structlog
 from handlers.embedding import EmbedHandler
 from handlers.errors import InvalidRequest, PermanentError
 from handlers.manifests import MAX_MANIFEST_BYTES, parse_manifest, read_manifest_bytes
-from handlers.parts import parts_in_order
+from handlers.parts import json_bytes, parts_in_order
 from ml.audit import AuditError, AuditOptions, AuditTable, audit
 from ml.embedding_files import EMBEDDINGS_CONTENT_TYPE, write_embeddings
 from schemas.annotation import (
@@ -55,7 +55,7 @@ from schemas.annotation import (
 )
 
 if TYPE_CHECKING:
-    from handlers.annotation import AnnotationContext
+    from handlers.context import AnnotationContext, AuditConfig
     from handlers.models import EmbeddingHandle
 
 log = structlog.get_logger("cls.audit")
@@ -75,22 +75,11 @@ EMBED_CHUNK = 256
 """Images started at once (one chunk ahead, as parts are): 100,000 tasks at once would cost memory, not speed."""
 
 
-@dataclass(frozen=True)
-class AuditConfig:
-    max_images: int = 100_000  # CLS_AUDIT_MAX_IMAGES: images of one audit (inline images stay <= 10,000)
-    max_cells: int = 10_000_000  # CLS_AUDIT_MAX_CELLS: images x classes (the fit's time and probability table)
-    jobs: int = 2  # folds fitted at once (each fit's BLAS single-threaded)
-
-
-def _json_bytes(text: str) -> int:
-    return len(json.dumps(text, ensure_ascii=False).encode("utf-8", "replace"))
-
-
 def audit_part_size(images: Sequence[AuditImage], classes: Sequence[str], configured: int, budget_bytes: int) -> int:
     """N for an audit: the configured part size, lowered so a part's JSON (audit entries or error entries, the
     envelope with its URLs and summary) stays within ``budget_bytes``; depends only on the request."""
-    longest_id = max(_json_bytes(image.id) for image in images)
-    longest_class = max(_json_bytes(c) for c in classes)
+    longest_id = max(json_bytes(image.id) for image in images)
+    longest_class = max(json_bytes(c) for c in classes)
     number = 24  # a rounded score or a rank, with its separator
     entry = (len('"audit":{"label":,"label_probability":,"label_issue":false,"suggested_label":,'
                  '"suggested_probability":,"issue_score":,"outlier_score":,"rank":}') + 2 * longest_class + 5 * number)

@@ -17,7 +17,6 @@ import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import quote
 
@@ -41,21 +40,14 @@ from schemas.annotation import (
 from schemas.common import ErrorInfo
 
 if TYPE_CHECKING:
-    from handlers.annotation import AnnotationContext
-    from handlers.models import EmbeddingHandle
+    from handlers.context import AnnotationContext
+    from handlers.models import EmbeddingHandle, LoadedModel
 
 log = structlog.get_logger("cls.embedding")
 
 DUPLICATES_FILE = "duplicates.json"
 INLINE_CHARS_PER_VALUE = 10
 """Upper bound of one inline vector component's JSON: ``-0.12345,`` (values are rounded to 5 decimals)."""
-
-
-@dataclass(frozen=True)
-class EmbedConfig:
-    output_path: str | None = None  # CLS_EMBED_OUTPUT_PATH: default prefix (s3://bucket/prefix or file://...)
-    inline_max_images: int = 64  # CLS_EMBED_INLINE_MAX_IMAGES: "inline": true only up to this many images
-    against_max_bytes: int = 256 * 1024 * 1024  # CLS_EMBED_AGAINST_MAX_BYTES: all 'against' files together
 
 
 def embed_part_size(request: EmbedRequest, configured: int, dim: int, budget_bytes: int) -> int:
@@ -147,6 +139,35 @@ class EmbedHandler:
         log.info("embed_summary", model=model.descriptor.variant, family=model.descriptor.family,
                  images=len(images), failed_images=failed_images, parts=len(parts), part_size=size,
                  batches_shared=ctx.batcher.forget(request_id), seconds=round(time.monotonic() - started, 3))
+
+    async def forward_image(self, model: LoadedModel, image: ImageRef, request_id: str, priority: str,
+                            window: asyncio.Semaphore) -> torch.Tensor | ImageResult:
+        """One image -> its model output row (the classify forward), or an error entry. The same path as
+        ``embed_image`` on the model's classify lane; where the forward is the embedding, the embedding cache
+        (by content hash) is shared with embed requests."""
+        ctx = self.ctx
+        budget = ctx.interactive_semaphore if priority == "interactive" else ctx.images_semaphore
+        on_cpu = ctx.executors.on_cpu_first if priority == "interactive" else ctx.executors.on_cpu
+        async with window, budget:
+            cache = ctx.embedding_cache if model.forward_is_embedding else None
+            digest = None
+            try:
+                data = await ctx.fetcher.fetch(image.url)
+                if cache is not None:  # the same bytes, the same model: the embedding an embed request stored
+                    digest = await on_cpu(content_hash, data)
+                    cached = cache.get(digest, model.key)
+                    if cached is not None:
+                        return cached
+                pixels = await ctx.preprocessor.pixels(data, model, request_id, priority)
+            except ImageError as exc:
+                return ImageResult(id=image.id, error=ErrorInfo(code=exc.code, message=exc.message))
+            # the key's model loaded now: after an eviction and reload, queued images go to the new instance
+            current = ctx.models.peek(model.key) or model
+            output = await ctx.batcher.submit(model.key, current.forward, pixels, request_id, priority,
+                                              stage=current.stage)
+            if cache is not None and digest is not None:
+                cache.put(digest, model.key, output)
+            return output
 
     async def embed_image(self, model: EmbeddingHandle, image: ImageRef, request_id: str, priority: str,
                           window: asyncio.Semaphore) -> tuple[str, torch.Tensor] | ImageResult:

@@ -25,7 +25,6 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -34,10 +33,9 @@ import torch
 
 from handlers.errors import InvalidRequest
 from handlers.manifests import MAX_MANIFEST_BYTES, read_manifest
-from handlers.parts import parts_in_order
+from handlers.parts import json_bytes, part_size_for, parts_in_order, rank
 from ml.fewshot import (
     FewShotError,
-    FewShotHeadCache,
     FewShotResult,
     SupportSet,
     ZeroShotWeights,
@@ -57,8 +55,8 @@ from schemas.annotation import (
 )
 
 if TYPE_CHECKING:
-    from handlers.annotation import AnnotationHandler
-    from handlers.executor import Executors
+    from handlers.context import AnnotationContext
+    from handlers.embedding import EmbedHandler
 
 log = structlog.get_logger("cls.fewshot")
 
@@ -71,64 +69,9 @@ SUMMARY_BYTES = len('"few_shot":{"method":"logistic_regression","examples_per_cl
 PER_CLASS_BYTES = len(':10000,')
 
 
-@dataclass(frozen=True)
-class FewShotConfig:
-    max_examples: int = 2000  # CLS_FEWSHOT_MAX_EXAMPLES: support examples per request (inline or manifest)
-    head_cache_bytes: int = 256 * 2**20  # CLS_FEWSHOT_HEAD_CACHE_MB: fitted heads kept across requests
-    head_cache_entries: int = 64
-
-
-class FewShotHeads:
-    """Fitted heads by support-set key: a bounded cache plus single flight, so concurrent requests with the same
-    support set fit once. ``fits`` counts the fits started (metrics, tests)."""
-
-    def __init__(self, config: FewShotConfig) -> None:
-        self.cache = FewShotHeadCache(max_entries=config.head_cache_entries, max_bytes=config.head_cache_bytes)
-        self._pending: dict[str, asyncio.Task[FewShotResult]] = {}
-        self.fits = 0
-        self.on_head: Callable[[bool], None] | None = None  # metrics hook: True when this request fitted
-        self.on_fit: Callable[[float], None] | None = None  # metrics hook: seconds of one fit
-
-    async def get_or_fit(self, key: str, fit: Callable[[], FewShotResult],
-                         executors: Executors) -> tuple[FewShotResult, bool]:
-        """(the head for ``key``, whether this call fitted it). ``fit`` runs in the CPU pool, as a task of its own:
-        a cancelled request does not cancel a fit that other requests wait for."""
-        cached = self.cache.get(key)
-        if cached is not None:
-            if self.on_head is not None:
-                self.on_head(False)
-            return cached, False
-        task = self._pending.get(key)
-        fitted = task is None
-        if task is None:
-            self.fits += 1
-            task = asyncio.ensure_future(self._fit(key, fit, executors))
-            self._pending[key] = task
-            task.add_done_callback(functools.partial(self._done, key))
-        result = await asyncio.shield(task)
-        if self.on_head is not None:
-            self.on_head(fitted)
-        return result, fitted
-
-    async def _fit(self, key: str, fit: Callable[[], FewShotResult], executors: Executors) -> FewShotResult:
-        started = time.monotonic()
-        result = await executors.on_cpu(fit)
-        if self.on_fit is not None:
-            self.on_fit(time.monotonic() - started)
-        self.cache.put(key, result)
-        return result
-
-    def _done(self, key: str, task: asyncio.Task[FewShotResult]) -> None:
-        self._pending.pop(key, None)
-        if not task.cancelled():
-            task.exception()  # retrieved: every waiter re-raises it itself
-
-
 def summary_bytes(classes: Sequence[str]) -> int:
     """Upper bound of the encoded ``few_shot`` summary over ``classes`` (counted in a part's envelope)."""
-    from handlers.annotation import _json_bytes
-
-    return SUMMARY_BYTES + sum(_json_bytes(c) + PER_CLASS_BYTES for c in classes)
+    return SUMMARY_BYTES + sum(json_bytes(c) + PER_CLASS_BYTES for c in classes)
 
 
 def model_key_text(key: object) -> str:
@@ -138,9 +81,9 @@ def model_key_text(key: object) -> str:
 class FewShotClassifier:
     """``classify(request) -> async iterator of AnnotationResult parts`` for a classify request with examples."""
 
-    def __init__(self, handler: AnnotationHandler) -> None:
-        self.handler = handler
-        self.ctx = handler.ctx
+    def __init__(self, ctx: AnnotationContext, embedder: EmbedHandler) -> None:
+        self.ctx = ctx
+        self.embedder = embedder
 
     async def examples(self, request: AnnotationRequest) -> list[LabeledExample]:
         """The support set as given: inline, or read from ``examples_url``; bounded by CLS_FEWSHOT_MAX_EXAMPLES."""
@@ -212,7 +155,6 @@ class FewShotClassifier:
             cv_accuracy=None if head.cv_accuracy is None else round(float(head.cv_accuracy), 6), fitted=fitted)
         top_k = min(request.top_k, len(classes))
 
-        from handlers.annotation import part_size_for
 
         size = part_size_for(request, ctx.config.part_size, classes, ctx.config.part_budget_bytes,
                              extra_envelope_bytes=summary_bytes(classes))
@@ -265,7 +207,7 @@ class FewShotClassifier:
                            request_id: str, priority: str, window: asyncio.Semaphore) -> tuple[SupportSet, int]:
         """Embed every example (concurrently, under the request's window; a URL named twice is fetched once);
         (the support set of those that worked, how many failed)."""
-        embedder = self.handler.embedder
+        embedder = self.embedder
         urls = list(dict.fromkeys(example.url for example in examples))
         refs = [ImageRef(id=f"example-{i}", url=url) for i, url in enumerate(urls)]
         tasks = [asyncio.ensure_future(embedder.embed_image(model, ref, request_id, priority, window)) for ref in refs]
@@ -302,8 +244,8 @@ class FewShotClassifier:
         """One query image -> its normalised embedding, or an error entry. Zero-shot models: the classify path
         (its forward is the embedding, staged to the device, cached); custom and timm: the embed path."""
         if model.forward_is_embedding and getattr(model, "stage", None) is not None:
-            return await self.handler._embed(model, image, request_id, priority, window)
-        out = await self.handler.embedder.embed_image(model, image, request_id, priority, window)
+            return await self.embedder.forward_image(model, image, request_id, priority, window)
+        out = await self.embedder.embed_image(model, image, request_id, priority, window)
         return out if isinstance(out, ImageResult) else out[1]
 
     async def _part_results(self, head: FewShotResult, images: Sequence[ImageRef], outputs: list,
@@ -332,8 +274,6 @@ def _support(vectors: list[torch.Tensor], labels: list[str], classes: Sequence[s
 
 def _rank_rows(head: FewShotResult, rows: list[torch.Tensor], classes: Sequence[str], top_k: int,
                threshold: float) -> list[tuple[list[Prediction], float]]:
-    from handlers.annotation import rank
-
     features = torch.stack([r.float().cpu() for r in rows]).numpy()
     probabilities = torch.from_numpy(np.ascontiguousarray(head.probabilities(features)))
     return [rank(row, classes, top_k, threshold) for row in probabilities]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -24,9 +23,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import structlog
 
-from handlers.audit import listed_images, embed_matrix, request_folder
+from handlers.audit import embed_matrix, listed_images, request_folder
 from handlers.embedding import EmbedHandler
 from handlers.errors import InvalidRequest, PermanentError
+from handlers.parts import json_bytes
 from ml.select import SelectError, SelectOptions, Selection, select
 from schemas.annotation import (
     MAX_CLASSES,
@@ -43,7 +43,7 @@ from schemas.annotation import (
 )
 
 if TYPE_CHECKING:
-    from handlers.annotation import AnnotationContext
+    from handlers.context import AnnotationContext
     from handlers.models import EmbeddingHandle
 
 log = structlog.get_logger("cls.select")
@@ -55,15 +55,11 @@ pool image (its id and error code, the other cells empty)."""
 DECIMALS = 6
 
 
-def _json_bytes(text: str) -> int:
-    return len(json.dumps(text, ensure_ascii=False).encode("utf-8", "replace"))
-
-
 def select_part_size(pool: Sequence[ImageRef], classes: Sequence[str], configured: int, budget_bytes: int) -> int:
     """N for a selection: the configured part size, lowered so a part's JSON (select entries or error entries, the
     envelope with its URL and summary) stays within ``budget_bytes``; depends only on the request."""
-    longest_id = max(_json_bytes(image.id) for image in pool)
-    longest_class = max((_json_bytes(c) for c in classes), default=10)
+    longest_id = max(json_bytes(image.id) for image in pool)
+    longest_class = max((json_bytes(c) for c in classes), default=10)
     entry = (len('{"id":,"rank":,"score":,"reason":"uncertain","predicted":{"class":,"confidence":}},') + longest_id
              + longest_class + 3 * 24)
     error = len('{"id":,"predictions":[],"error":{"code":"","message":""}},') + longest_id + 64 + 2 * MAX_IMAGE_ERROR_CHARS

@@ -20,6 +20,7 @@ pytest_plugins = [
     "tests.fixtures.postgres",
     "tests.fixtures.http_server",
     "tests.fixtures.trained_model",
+    "tests.fixtures.real_backbone",
 ]
 
 REQUIRE_CONTAINERS_ENV = "CLS_REQUIRE_CONTAINERS"

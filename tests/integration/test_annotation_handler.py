@@ -99,7 +99,7 @@ async def test_large_request_answered_in_parts_in_order(http_server):
 
 
 async def test_part_size_shrinks_for_long_ids_and_classes(tiny_ctx, http_server):
-    from handlers.annotation import part_size_for
+    from handlers.parts import part_size_for
 
     long = request([("x" * 250, http_server.urls["astronaut_jpg"])], classes=[f"{'c' * 190}{i}" for i in range(50)], top_k=50)
     n = part_size_for(long, 500, long.classes)

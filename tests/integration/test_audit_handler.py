@@ -17,7 +17,8 @@ from PIL import Image
 from consumers.annotation_worker import annotation_context
 from consumers.settings import KafkaSettings, Settings, WorkerSettings
 from handlers.annotation import AnnotationHandler
-from handlers.audit import CSV_COLUMNS, AuditConfig
+from handlers.audit import CSV_COLUMNS
+from handlers.context import AuditConfig
 from handlers.errors import PermanentError
 from schemas.annotation import AnnotationResult, AuditRequest
 

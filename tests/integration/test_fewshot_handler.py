@@ -300,7 +300,7 @@ async def test_few_shot_on_digits_with_the_model_trained_here(trained_digits, s3
 @pytest.mark.parametrize("class_char", ["c", "\x03", "\U0001f600"])
 def test_worst_case_few_shot_part_fits_the_budget(class_char):
     """The few-shot summary is in every part: part_size_for counts it, from the classes, so a part still fits."""
-    from handlers.annotation import part_size_for
+    from handlers.parts import part_size_for
     from handlers.fewshot import summary_bytes
     from schemas.annotation import FewShotSummary
     from tests.unit.test_part_size import BUDGET, worst_part

@@ -16,7 +16,7 @@ import pytest
 
 from consumers.annotation_worker import annotation_context
 from handlers.annotation import AnnotationHandler
-from handlers.audit import AuditConfig
+from handlers.context import AuditConfig
 from handlers.errors import PermanentError
 from handlers.select import CSV_COLUMNS
 from schemas.annotation import AnnotationResult, SelectRequest

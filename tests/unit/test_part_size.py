@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from handlers.annotation import part_size_for
+from handlers.parts import part_size_for
 from schemas.annotation import (
     MAX_IMAGE_ERROR_CHARS,
     AnnotationRequest,
