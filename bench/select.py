@@ -5,7 +5,7 @@ from the PyPI wheel, ``testkit.real_backbone``; 1280-d, L2-normalised) of two da
 
 - ``digits``: scikit-learn's 1,797 handwritten digits (8x8, upscaled), 10 classes;
 - ``photo-crops``: small random crops (5-20% of the area, any aspect 3:4-4:3, flipped, brightness and contrast
-  jittered, a fifth in grey) of the ten sample photos of scikit-image and scikit-learn, 150 per photo; the class
+  jittered, a fifth in grey) of the ten sample photos of scikit-image and scikit-learn, 100 per photo; the class
   is the photo, so one class holds a face, a flag and a space suit (many clusters per class).
 
 Per data set and seed: a stratified quarter is held back as the test split, the rest is the pool. From zero
@@ -38,9 +38,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ml.select import SelectOptions, select  # noqa: E402
 
 STRATEGIES = ("random", "typiclust", "margin", "kcenter", "auto")
+SWITCH_POINTS = (3, 9)
+"""auto's switch point alternatives (labels per class below which it stays typical; the default is 5): with 2 labels
+per class per round, typical picks up to 2, 6 or 8 labels per class."""
 CACHE = Path(os.environ.get("CLS_BENCH_CACHE", "~/.cache/cls-workers/bench-select")).expanduser()
 SIDE = 128
-ROUNDS = 20
+ROUNDS = 10
+PER_ROUND = 2  # labels per class per round: 10 rounds reach 20 labels per class
+DIMS = 128  # the features projected on their top principal axes (fitted on each seed's pool), for the probe's speed
 
 
 # --- data sets and features -----------------------------------------------------------------------------------
@@ -55,7 +60,7 @@ def digits_images() -> tuple[list, np.ndarray]:
     return images, digits.target.astype(np.int64)
 
 
-def photo_crop_images(per_photo: int = 150, seed: int = 0) -> tuple[list, np.ndarray]:
+def photo_crop_images(per_photo: int = 100, seed: int = 0) -> tuple[list, np.ndarray]:
     from PIL import Image, ImageEnhance
 
     from testkit.photos import photos
@@ -141,26 +146,37 @@ def probe_accuracy(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
     return float((model.predict(x_test * scale) == y_test).mean())
 
 
+def projected(x: np.ndarray, pool_rows: np.ndarray) -> np.ndarray:
+    """``x`` on the top :data:`DIMS` principal axes of the pool, L2-normalised again."""
+    mean = x[pool_rows].mean(axis=0)
+    centred = x[pool_rows] - mean
+    _, vectors = np.linalg.eigh((centred.T @ centred).astype(np.float64))
+    out = ((x - mean) @ vectors[:, ::-1][:, :DIMS]).astype(np.float32)
+    return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
 def curve(x: np.ndarray, y: np.ndarray, strategy: str, seed: int, switch: float | None = None) -> list[float]:
-    """Test accuracy after each round (labels = classes x round)."""
+    """Test accuracy after each round (labels = classes x PER_ROUND x round)."""
     pool_rows, test_rows = split(y, seed)
+    x = projected(x, pool_rows)
     classes = int(y.max()) + 1
     labeled: list[int] = []
     accuracies = []
     for round_ in range(ROUNDS):
         unlabeled = np.setdiff1d(pool_rows, labeled)
-        options = SelectOptions(seed=seed * 1000 + round_) if switch is None else \
-            SelectOptions(seed=seed * 1000 + round_, auto_switch_per_class=switch)
-        picked = select(x[unlabeled], x[labeled], y[labeled], classes, classes, strategy, options)  # type: ignore[arg-type]
+        options = SelectOptions(seed=seed * 1000 + round_, cv_accuracy=False) if switch is None else \
+            SelectOptions(seed=seed * 1000 + round_, cv_accuracy=False, auto_switch_per_class=switch)
+        picked = select(x[unlabeled], x[labeled], y[labeled], classes, PER_ROUND * classes, strategy,  # type: ignore[arg-type]
+                        options)
         labeled += unlabeled[picked.rows].tolist()
         accuracies.append(probe_accuracy(x[labeled], y[labeled], x[test_rows], y[test_rows]))
     return accuracies
 
 
 def labels_to_reach(mean: np.ndarray, target: float) -> int | None:
-    """Rounds (labels per class) the mean curve needs to reach ``target``; None if it never does."""
+    """Labels per class the mean curve needs to reach ``target``; None if it never does."""
     reached = np.flatnonzero(mean >= target - 1e-9)
-    return int(reached[0]) + 1 if reached.size else None
+    return PER_ROUND * (int(reached[0]) + 1) if reached.size else None
 
 
 def run_dataset(name: str, seeds: int, strategies: dict[str, tuple[str, float | None]]) -> dict[str, np.ndarray]:
@@ -174,21 +190,21 @@ def run_dataset(name: str, seeds: int, strategies: dict[str, tuple[str, float | 
 
 
 def report(name: str, curves: dict[str, np.ndarray], classes: int) -> None:
-    shown = [1, 2, 3, 5, 7, 10, 15, 20]
+    shown = [PER_ROUND * (k + 1) for k in range(ROUNDS)]
     print(f"\n{name}: test accuracy (mean over {next(iter(curves.values())).shape[0]} seeds) at labels per class "
-          f"({classes} classes, {classes} labels per round)")
+          f"({classes} classes, {PER_ROUND * classes} labels per round)")
     print(f"{'strategy':<14}" + "".join(f"{k:>7}" for k in shown) + "   to reach random@20")
     random_final = curves["random"].mean(axis=0)[-1]
     for label, values in curves.items():
         mean = values.mean(axis=0)
         reach = labels_to_reach(mean, random_final)
-        print(f"{label:<14}" + "".join(f"{mean[k - 1]:7.3f}" for k in shown) + f"   {reach if reach else '>20'}")
+        print(f"{label:<14}" + "".join(f"{mean[k // PER_ROUND - 1]:7.3f}" for k in shown) + f"   {reach if reach else '>20'}")
     if "auto" in curves:
         auto, random = curves["auto"].mean(axis=0), curves["random"].mean(axis=0)
         worst = int(np.argmin(auto - random))
         reach = labels_to_reach(auto, random_final)
         print(f"targets: auto >= random at every round: {'MET' if (auto >= random - 1e-9).all() else 'NOT MET'} "
-              f"(smallest difference {auto[worst] - random[worst]:+.3f} at {worst + 1}/class); "
+              f"(smallest difference {auto[worst] - random[worst]:+.3f} at {PER_ROUND * (worst + 1)}/class); "
               f"auto reaches random@20/class ({random_final:.3f}) with {reach if reach else '>20'}/class: "
               f"{'MET' if reach is not None and reach <= 10 else 'NOT MET'}")
 
@@ -204,7 +220,7 @@ def plot(path: Path, results: dict[str, dict[str, np.ndarray]], classes: dict[st
         for label, values in curves.items():
             if label.startswith("auto@"):
                 continue
-            labels = classes[name] * np.arange(1, values.shape[1] + 1)
+            labels = PER_ROUND * classes[name] * np.arange(1, values.shape[1] + 1)
             mean, std = values.mean(axis=0), values.std(axis=0)
             axis.plot(labels, mean, label=label, linewidth=2.2 if label == "auto" else 1.4)
             axis.fill_between(labels, mean - std, mean + std, alpha=0.12)
@@ -241,23 +257,42 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--datasets", default=",".join(DATASETS))
-    parser.add_argument("--switch", action="store_true", help="also auto at switch points 1, 2, 3, 5, 8 labels/class")
+    parser.add_argument("--switch", action="store_true", help="also auto at other switch points (SWITCH_POINTS)")
     parser.add_argument("--plot", type=Path, default=None, help="write the accuracy-vs-labels plot (PNG) here")
     parser.add_argument("--scale", action="store_true", help="also time a 100,000-image selection")
     parser.add_argument("--only-scale", action="store_true")
+    parser.add_argument("--out", type=Path, help="also save the curves (npz) here")
+    parser.add_argument("--combine", help="comma-separated npz files of earlier runs: report and plot them instead")
     args = parser.parse_args()
     import torch
 
     torch.set_num_threads(2)
+    if args.combine:
+        results, classes = {}, {}
+        for path in args.combine.split(","):
+            with np.load(path) as data:
+                name = str(data["dataset"])
+                classes[name] = int(data["classes"])
+                results[name] = {key[len("curve:"):]: data[key] for key in data.files if key.startswith("curve:")}
+            report(name, results[name], classes[name])
+            if args.out:
+                np.savez(args.out, dataset=name, classes=classes[name],
+                         **{f"curve:{label}": values for label, values in results[name].items()})
+        if args.plot:
+            plot(args.plot, results, classes)
+        return
     if not args.only_scale:
         strategies: dict[str, tuple[str, float | None]] = {s: (s, None) for s in STRATEGIES}
         if args.switch:
-            strategies |= {f"auto@{t:g}": ("auto", t) for t in (1, 2, 3, 5, 8)}
+            strategies |= {f"auto@{t:g}": ("auto", t) for t in SWITCH_POINTS}
         results, classes = {}, {}
         for name in args.datasets.split(","):
             results[name] = run_dataset(name, args.seeds, strategies)
             classes[name] = int(features(name)[1].max()) + 1
             report(name, results[name], classes[name])
+            if args.out:
+                np.savez(args.out, dataset=name, classes=classes[name],
+                         **{f"curve:{label}": values for label, values in results[name].items()})
         if args.plot:
             plot(args.plot, results, classes)
     if args.scale or args.only_scale:

@@ -28,6 +28,7 @@ seeded: the same inputs give the same selection.
 
 from __future__ import annotations
 
+import heapq
 import warnings
 from dataclasses import dataclass
 from typing import Literal
@@ -61,6 +62,7 @@ class SelectOptions:
     regularization: float = 1.0  # the head's LogisticRegression C on sqrt(D)-scaled features
     max_iter: int = 200
     kmeans_iterations: int = 20
+    cv_accuracy: bool = True  # also cross-validate the head on the labeled set (5 more fits; for the summary only)
 
 
 @dataclass(frozen=True)
@@ -169,27 +171,34 @@ def _typiclust(features: np.ndarray, candidates: np.ndarray, labeled_rows: np.nd
     assignment = _kmeans(features[rows], k, options.seed, options.kmeans_iterations)
     sizes = np.bincount(assignment, minlength=k)
     covered = np.bincount(assignment[candidates.size:], minlength=k)
-    members = {c: np.flatnonzero(assignment == c) for c in range(k)}
+    order = np.argsort(assignment, kind="stable")
+    bounds = np.searchsorted(assignment[order], np.arange(k + 1))
+    remaining = np.bincount(assignment[:candidates.size], minlength=k)  # unpicked pool images per cluster
     rng = np.random.default_rng(options.seed)
     picked: list[int] = []
     scores: list[float] = []
     typical: dict[int, list[tuple[float, int]]] = {}
     budget = min(budget, candidates.size)
-    while len(picked) < budget:
-        open_clusters = [c for c in range(k) if typical.get(c, [None]) and (members[c] < candidates.size).any()]
-        cluster = min(open_clusters, key=lambda c: (covered[c], sizes[c] < MIN_CLUSTER_SIZE, -sizes[c], c))
+    # the next cluster: fewest labeled or selected images, then not tiny, then the largest, then the lowest index
+    heap = [(int(covered[c]), bool(sizes[c] < MIN_CLUSTER_SIZE), -int(sizes[c]), c) for c in range(k) if remaining[c]]
+    heapq.heapify(heap)
+    while len(picked) < budget and heap:
+        _, small, negative_size, cluster = heapq.heappop(heap)
         if cluster not in typical:
-            inside = members[cluster]
+            inside = order[bounds[cluster]:bounds[cluster + 1]]
             references = inside if inside.size <= TYPICALITY_REFERENCES else np.sort(
                 rng.choice(inside, TYPICALITY_REFERENCES, replace=False))
             pool_members = inside[inside < candidates.size]
             values = _typicality(features[rows[pool_members]], features[rows[references]])
-            order = np.lexsort((pool_members, -values))
-            typical[cluster] = [(float(values[i]), int(pool_members[i])) for i in order][::-1]  # pop() = most typical
+            ranked = np.lexsort((pool_members, -values))
+            typical[cluster] = [(float(values[i]), int(pool_members[i])) for i in ranked][::-1]  # pop() = most typical
         value, member = typical[cluster].pop()
         picked.append(int(candidates[member]))
         scores.append(value)
         covered[cluster] += 1
+        remaining[cluster] -= 1
+        if remaining[cluster]:
+            heapq.heappush(heap, (int(covered[cluster]), small, negative_size, cluster))
     return picked, scores
 
 
@@ -204,12 +213,12 @@ def _fit_head(labeled: np.ndarray, labels: np.ndarray, num_classes: int, options
     model = LogisticRegression(C=options.regularization, max_iter=options.max_iter)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        model.fit(labeled * scale, labels)
+        model.fit(labeled.astype(np.float64) * scale, labels)  # float64: fewer L-BFGS iterations than float32
 
     def probabilities(x: np.ndarray) -> np.ndarray:
         out = np.zeros((x.shape[0], num_classes), dtype=np.float64)
         for start in range(0, x.shape[0], 8192):
-            out[start:start + 8192][:, model.classes_] = model.predict_proba(x[start:start + 8192] * scale)
+            out[start:start + 8192][:, model.classes_] = model.predict_proba(x[start:start + 8192].astype(np.float64) * scale)
         return out
 
     return probabilities
@@ -317,7 +326,7 @@ def select(pool: np.ndarray, labeled: np.ndarray, labels: np.ndarray, num_classe
             chosen = head(pool[np.asarray(picked, dtype=np.int64)]) if picked else np.zeros((0, num_classes))
             predicted = chosen.argmax(axis=1) if picked else np.zeros(0, np.int64)
             predicted_probability = chosen.max(axis=1) if picked else np.zeros(0)
-        cv_accuracy = _cv_accuracy(labeled, labels, num_classes, options) if labels.size else None
+        cv_accuracy = _cv_accuracy(labeled, labels, num_classes, options) if labels.size and options.cv_accuracy else None
     return Selection(rows=np.asarray(picked, dtype=np.int64), scores=np.asarray(scores, dtype=np.float64),
                      reasons=[reason] * len(picked), predicted=predicted, predicted_probability=predicted_probability,
                      strategy=ran, candidates=int(candidates.size), cv_accuracy=cv_accuracy)
