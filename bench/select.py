@@ -142,7 +142,7 @@ def probe_accuracy(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
     scale = np.sqrt(x_train.shape[1])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        model = LogisticRegression(C=1.0, max_iter=300).fit(x_train * scale, y_train)
+        model = LogisticRegression(C=1.0, max_iter=300, solver="newton-cg").fit(x_train.astype(np.float64) * scale, y_train)
     return float((model.predict(x_test * scale) == y_test).mean())
 
 
