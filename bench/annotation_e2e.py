@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import sys
@@ -16,20 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from bench.annotation_model import InProcess
-from bench.common import CpuProbe, ResultCollector, _Expected, percentile, scrape_metrics, wait_all, wait_quiet
+from bench.common import CpuProbe, Expected, ResultCollector, percentile, request_body, scrape_metrics, wait_all, wait_quiet
 from testkit.images import ImageServerProcess
 from testkit.kafka import settings_for, topic_env
 from testkit.local import LocalBroker, WorkerProcess, free_port, worker_env
-
-
-def request_body(request_id: str, images: list[tuple[str, str]], classes: list[str],
-                 priority: str | None = None) -> bytes:
-    body: dict[str, Any] = {"task": "classify", "request_id": request_id, "model": "clip",
-                            "images": [{"id": i, "url": u} for i, u in images], "classes": classes,
-                            "top_k": min(3, len(classes)), "threshold": 0.0}
-    if priority:
-        body["priority"] = priority
-    return json.dumps(body).encode()
 
 
 @dataclass
@@ -47,7 +36,7 @@ class Session:
     metrics_port: int
 
     async def send(self, request_id: str, images: list[tuple[str, str]], interactive: bool = False,
-                   priority: str | None = None) -> tuple[_Expected, float]:
+                   priority: str | None = None) -> tuple[Expected, float]:
         """Produce one request (to the interactive topic when ``interactive``); returns its entry and the time
         the produce started."""
         topic = self.topics["CLS_ANNOTATION_INTERACTIVE_TOPIC" if interactive else "CLS_ANNOTATION_REQUESTS_TOPIC"]

@@ -23,7 +23,7 @@ import os
 import time
 from typing import Any
 
-from bench.common import CpuProbe, percentile, wait_all
+from bench.common import CpuProbe, percentile, request_body, wait_all
 
 FORWARD_SUM = 'cls_batch_forward_seconds_sum{lane="bulk"}'
 FORWARD_COUNT = 'cls_batch_forward_seconds_count{lane="bulk"}'
@@ -152,8 +152,6 @@ async def two_bulk_requests(session: Any, rate: float) -> dict[str, Any]:
     args, urls = session.args, session.urls
     n = args.fair_images
     topic = session.topics["CLS_ANNOTATION_REQUESTS_TOPIC"]
-    from bench.annotation_e2e import request_body
-
     entries = {}
     t0 = time.monotonic()
     deliveries = []

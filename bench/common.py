@@ -177,7 +177,7 @@ def scrape_metrics(port: int | None) -> dict[str, float]:
 
 
 @dataclass
-class _Expected:
+class Expected:
     future: asyncio.Future
     parts: int | None = None
     seen: set = field(default_factory=set)
@@ -193,7 +193,7 @@ class ResultCollector:
     def __init__(self, bootstrap: str, topic: str) -> None:
         self.bootstrap = bootstrap
         self.topic = topic
-        self.expected: dict[str, _Expected] = {}
+        self.expected: dict[str, Expected] = {}
         self.stray = 0
 
     async def start(self) -> None:
@@ -211,8 +211,8 @@ class ResultCollector:
         await self.consumer.seek_to_beginning(*tps)
         self.task = asyncio.create_task(self._loop())
 
-    def expect(self, request_id: str) -> _Expected:
-        entry = _Expected(asyncio.get_running_loop().create_future())
+    def expect(self, request_id: str) -> Expected:
+        entry = Expected(asyncio.get_running_loop().create_future())
         self.expected[request_id] = entry
         return entry
 
@@ -255,7 +255,7 @@ class ResultCollector:
             await consumer.stop()
 
 
-async def wait_all(entries: list[_Expected], worker: WorkerProcess, timeout_s: float, what: str) -> None:
+async def wait_all(entries: list[Expected], worker: WorkerProcess, timeout_s: float, what: str) -> None:
     """Wait for every entry's future, checking that the worker is alive; bounded by ``timeout_s``."""
     pending = {e.future for e in entries if not e.future.done()}
     deadline = time.monotonic() + timeout_s
@@ -268,3 +268,13 @@ async def wait_all(entries: list[_Expected], worker: WorkerProcess, timeout_s: f
         done, pending = await asyncio.wait(pending, timeout=1.0)
         for fut in done:
             fut.result()  # raises for a failed request
+
+
+def request_body(request_id: str, images: list[tuple[str, str]], classes: list[str],
+                 priority: str | None = None) -> bytes:
+    body: dict[str, Any] = {"task": "classify", "request_id": request_id, "model": "clip",
+                            "images": [{"id": i, "url": u} for i, u in images], "classes": classes,
+                            "top_k": min(3, len(classes)), "threshold": 0.0}
+    if priority:
+        body["priority"] = priority
+    return json.dumps(body).encode()

@@ -18,7 +18,8 @@ from handlers.annotation import AnnotationHandler, failed_result
 from handlers.batcher import MicroBatcher
 from handlers.context import AnnotationConfig, AnnotationContext, AuditConfig, EmbedConfig, FewShotConfig
 from handlers.executor import Executors
-from handlers.models import ModelConfig, ModelRegistry, parse_allowed_variants, parse_variant_weights
+from handlers.model_config import ModelConfig, parse_allowed_variants, parse_variant_weights
+from handlers.models import ModelRegistry
 from handlers.parts import PART_BUDGET_BYTES
 from ml.embedding_cache import EmbeddingCache
 from schemas.codec import ANNOTATION_ADAPTER

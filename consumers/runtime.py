@@ -10,18 +10,17 @@ Per record:
 At most ``max_in_flight`` records are handled at once; at capacity every assigned partition is paused
 while polling continues, so a long handler never makes the group evict the worker. On SIGTERM the
 runtime stops taking records, lets in-flight work finish within the drain deadline, commits what
-finished and leaves the rest for redelivery.
+finished and leaves the rest for redelivery. Lane admission (slots per lane, parked records, which
+partitions to pause) is ``consumers.lanes.LaneAdmission``; the crash-loop count in the commit metadata is
+``consumers.attempts``; the committable offset is ``consumers.offsets``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
-import json
 import os
 import random
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +40,8 @@ from aiokafka.errors import (
 
 from consumers import metrics
 from consumers.dlq import dlq_headers, truncated
+from consumers.attempts import Head, attempts_from_metadata, attempts_metadata
+from consumers.lanes import LaneAdmission
 from consumers.offsets import PartitionOffsets
 from consumers.pipeline import Pipeline
 from consumers.settings import Settings
@@ -69,7 +70,7 @@ class _Job:
     task: asyncio.Task[None] | None = None
     started: float = field(default_factory=time.monotonic)
     # How many times this record has been started, this time included, by any process (the count is
-    # written into the commit metadata while it is the partition's head; see ``_Heads``).
+    # written into the commit metadata while it is the partition's head; see ``consumers.attempts``).
     start_count: int = 1
     mark_first: bool = False  # the record is the head: record the attempt durably before handling
     crash_loop: bool = False  # killed the worker max_attempts times: dead-letter it, do not handle it
@@ -77,31 +78,6 @@ class _Job:
     lane: str = "default"
     body: dict[str, Any] | None = None  # the parsed value, when it parsed (lane choice)
     parked: bool = False  # taken (its offset pending) but waiting for a slot in its lane
-
-
-class _LeftForRedelivery(Exception):
-    """The broker stayed away until the worker stopped: the record is left uncommitted."""
-
-
-@dataclass
-class _Head:
-    """The committed position of a partition and how often its record was started (commit metadata)."""
-
-    offset: int | None
-    attempts: int = 0
-
-
-def attempts_metadata(count: int) -> str:
-    """Commit metadata saying how many times the record at the committed offset has been started."""
-    return json.dumps({"attempts": count}) if count else ""
-
-
-def attempts_from_metadata(metadata: str | None) -> int:
-    try:
-        value = json.loads(metadata or "{}").get("attempts", 0)
-    except (ValueError, AttributeError):
-        return 0
-    return value if isinstance(value, int) and value >= 0 else 0
 
 
 def is_transport_error(exc: BaseException) -> bool:
@@ -185,7 +161,7 @@ class ConsumerRuntime:
         self._consumer: AIOKafkaConsumer | None = None
         self._jobs: dict[tuple[TopicPartition, int], _Job] = {}
         self._offsets: dict[TopicPartition, PartitionOffsets] = {}
-        self._heads: dict[TopicPartition, _Head] = {}
+        self._heads: dict[TopicPartition, Head] = {}
         self._held: set[TopicPartition] = set()  # a suspect record runs alone on these partitions
         self._commit_lock = asyncio.Lock()
         self._stopping = asyncio.Event()
@@ -196,12 +172,9 @@ class ConsumerRuntime:
         self._paused_by_us: set[TopicPartition] = set()
         self._fail_publishes = _parse_fault_counts(settings.worker.fault_fail_publish)
         first_lane = pipeline.lane_of_topic(pipeline.input_topic)
-        self._budgets: dict[str, int] = {**pipeline.lane_budgets, first_lane: self.max_in_flight}
-        self._running: dict[str, int] = {lane: 0 for lane in self._budgets}
-        self._parked: dict[str, collections.deque[_Job]] = {lane: collections.deque() for lane in self._budgets}
-        # Records read ahead while their lane is full, so a request for another lane behind them is
-        # seen (only with several lanes; a one-lane pipeline reads what it can start).
-        self._lookahead = settings.worker.lane_lookahead if len(self._budgets) > 1 else 0
+        self._lanes: LaneAdmission[_Job] = LaneAdmission({**pipeline.lane_budgets, first_lane: self.max_in_flight},
+                                                         settings.worker.lane_lookahead)
+        self._parked = self._lanes.parked  # lane -> records taken but waiting for a slot
         self.ready = False
         self.stats: dict[str, int] = {"handled": 0, "dlq": 0, "invalid": 0, "failed": 0, "abandoned": 0}
 
@@ -243,7 +216,7 @@ class ConsumerRuntime:
             self._consumer.subscribe(self.pipeline.input_topics, listener=_Rebalance(self))
             self.ready = True
             log.info("consumer_started", topic=self.pipeline.input_topic, topics=self.pipeline.input_topics,
-                     group=self.group_id, lanes=self._budgets, max_attempts=self.max_attempts)
+                     group=self.group_id, lanes=self._lanes.budgets, max_attempts=self.max_attempts)
             if self._on_started is not None:
                 await self._on_started()
             await self._poll_loop()
@@ -282,16 +255,9 @@ class ConsumerRuntime:
             for tp, records in batches.items():
                 await self._take_batch(tp, records)
 
-    def _free(self, lane: str) -> int:
-        return self._budgets[lane] - self._running[lane]
-
-    def _parked_total(self) -> int:
-        return sum(len(q) for q in self._parked.values())
-
     def _room(self) -> int:
         """How many records may be read now: free slots in every lane, plus read-ahead room."""
-        room = sum(max(0, self._free(lane)) for lane in self._budgets)
-        room += max(0, self._lookahead - self._parked_total())
+        room = self._lanes.room()
         if self.max_records is not None:
             room = min(room, self.max_records - self._taken)
         return room
@@ -322,7 +288,7 @@ class ConsumerRuntime:
                 self._held.add(tp)
                 self._apply_pauses(False)
 
-    async def _head(self, tp: TopicPartition) -> _Head | None:
+    async def _head(self, tp: TopicPartition) -> Head | None:
         """The partition's committed offset and the attempts recorded for its record (fetched once)."""
         head = self._heads.get(tp)
         if head is not None:
@@ -334,9 +300,9 @@ class ConsumerRuntime:
         committed = await consumer._coordinator.fetch_committed_offsets([tp])  # aiokafka has no public metadata read
         entry = committed.get(tp)
         if entry is None or entry.offset < 0:
-            head = _Head(offset=None)
+            head = Head(offset=None)
         else:
-            head = _Head(offset=entry.offset, attempts=attempts_from_metadata(entry.metadata))
+            head = Head(offset=entry.offset, attempts=attempts_from_metadata(entry.metadata))
             offsets = self._offsets.setdefault(tp, PartitionOffsets())
             offsets.committed = entry.offset
         self._heads[tp] = head
@@ -350,15 +316,7 @@ class ConsumerRuntime:
         consumer = self._consumer
         assert consumer is not None
         assignment = consumer.assignment()
-        if all_paused:
-            want = set(assignment)
-        else:
-            want = self._held & assignment
-            ahead_full = self._parked_total() >= self._lookahead
-            for tp in assignment:
-                lane = self.pipeline.lane_of_topic(tp.topic)
-                if self._free(lane) <= 0 and ahead_full:
-                    want.add(tp)
+        want = self._lanes.paused(assignment, self._held, self.pipeline.lane_of_topic, all_paused)
         to_pause = want - self._paused_by_us
         to_resume = (self._paused_by_us - want) & assignment
         if to_pause:
@@ -410,46 +368,39 @@ class ConsumerRuntime:
         self._jobs[key] = job
         self._taken += 1
         metrics.RECORDS_CONSUMED.labels(tp.topic).inc()
-        if held or crash_loop or (self._free(job.lane) > 0 and not self._parked[job.lane]):
+        if held or crash_loop or self._lanes.can_start(job.lane):
             self._launch(job)
         else:
-            job.parked = True
-            self._parked[job.lane].append(job)
-            metrics.LANE_PARKED.labels(job.lane).set(len(self._parked[job.lane]))
+            self._lanes.park(job)
 
     def _lane_of(self, job: _Job) -> str:
         lane = self.pipeline.lane_of_topic(job.tp.topic)
-        if self.pipeline.lane_for is None or len(self._budgets) < 2:
+        if self.pipeline.lane_for is None or len(self._lanes.budgets) < 2:
             return lane
         try:
             job.body = parse_json_object(job.record.value)
         except NotAJsonObject:
             return lane
         chosen = self.pipeline.lane_for(job.body, lane)
-        return chosen if chosen in self._budgets else lane
+        return chosen if chosen in self._lanes.budgets else lane
 
     def _launch(self, job: _Job) -> None:
-        job.parked = False
-        self._running[job.lane] += 1
-        now = time.monotonic()
-        metrics.LANE_WAIT_SECONDS.labels(job.lane).observe(now - job.started)
+        self._lanes.started(job)
+        metrics.LANE_WAIT_SECONDS.labels(job.lane).observe(time.monotonic() - job.started)
         metrics.IN_FLIGHT.labels(job.tp.topic).set(len(self._jobs))
-        metrics.LANE_IN_FLIGHT.labels(job.lane).set(self._running[job.lane])
         tp, record = job.tp, job.record
         job.task = asyncio.create_task(self._run_job(job), name=f"record-{tp.topic}-{tp.partition}-{record.offset}")
 
     def _launch_parked(self) -> None:
-        for lane, queue in self._parked.items():
-            while queue and self._free(lane) > 0:
-                self._launch(queue.popleft())
-            metrics.LANE_PARKED.labels(lane).set(len(queue))
+        for job in self._lanes.ready():
+            self._launch(job)
 
     def _unpark(self, jobs: list[_Job]) -> None:
         """Forget parked (never started) jobs: their offsets stay pending, they are read again later."""
         for job in jobs:
             if not job.parked:
                 continue
-            self._parked[job.lane].remove(job)
+            self._lanes.unpark(job)
             self._jobs.pop((job.tp, job.record.offset), None)
             self._taken -= 1
             offsets = self._offsets.get(job.tp)
@@ -480,7 +431,7 @@ class ConsumerRuntime:
                 try:
                     outcome, produced = await self._process(job)
                     return
-                except (asyncio.CancelledError, _LeftForRedelivery):
+                except (asyncio.CancelledError, Abandoned):
                     raise
                 except Exception as exc:  # noqa: BLE001 - the termination rule decides
                     deterministic = isinstance(exc, (EventTooLarge, MessageSizeTooLargeError, RecordTooLargeError))
@@ -496,9 +447,9 @@ class ConsumerRuntime:
         except asyncio.CancelledError:
             outcome = "abandoned"
             raise
-        except _LeftForRedelivery as exc:
+        except Abandoned as exc:
             outcome = "abandoned"
-            log.warning("record_left_uncommitted", reason=str(exc))
+            log.warning("record_left_uncommitted", reason=exc.reason)
         except Exception as exc:  # noqa: BLE001 - even the dead letter failed: leave it, never commit past it
             outcome = "abandoned"
             log.exception("record_could_not_end", error=repr(exc)[:500])
@@ -516,7 +467,7 @@ class ConsumerRuntime:
             try:
                 await self._publish(self.pipeline.failed_event(job.entity_id, error), job.entity_id)
                 return "failed", 1
-            except _LeftForRedelivery:
+            except Abandoned:
                 raise
             except Exception as publish_exc:  # noqa: BLE001 - fall back to the dead letter
                 log.warning("failed_event_not_published", error=repr(publish_exc)[:300])
@@ -600,7 +551,7 @@ class ConsumerRuntime:
                 error = ErrorInfo(code="timeout", message=f"request not handled within {self.pipeline.handler_timeout_s}s")
                 await self._publish(self.pipeline.failed_event(entity_id, error), entity_id)
                 return "failed", produced + 1
-            except (KafkaError, EventTooLarge, _LeftForRedelivery, asyncio.CancelledError):
+            except (KafkaError, EventTooLarge, asyncio.CancelledError):
                 raise
             except Exception as exc:  # a bug in a handler: a typed failed event, never a crash loop
                 log.exception("handler_crashed", error=repr(exc)[:500])
@@ -629,7 +580,7 @@ class ConsumerRuntime:
 
         The event must fit ``CLS_MAX_RECORD_BYTES`` (else ``EventTooLarge``, before anything is sent).
         Transport errors are retried here, with backoff, for as long as the broker is away; when the
-        worker stops meanwhile the record is left uncommitted (``_LeftForRedelivery``).
+        worker stops meanwhile the record is left uncommitted (``Abandoned``).
         """
         topic = self.pipeline.output_topic
         value = event.to_json_bytes()
@@ -657,7 +608,7 @@ class ConsumerRuntime:
                 if not is_transport_error(exc):
                     raise
                 if self._stopping.is_set():
-                    raise _LeftForRedelivery(f"broker unreachable while stopping: {exc!r}"[:300]) from exc
+                    raise Abandoned(f"broker unreachable while stopping: {exc!r}"[:300]) from exc
                 log.warning("publish_retry", error=repr(exc)[:300], delay_s=round(delay, 3))
                 await asyncio.sleep(delay)
                 delay = min(max(worker.retry_backoff_max_s, 0.05), delay * 2)
@@ -722,8 +673,7 @@ class ConsumerRuntime:
         key = (job.tp, record.offset)
         offsets = self._offsets.get(job.tp)
         self._jobs.pop(key, None)
-        self._running[job.lane] -= 1
-        metrics.LANE_IN_FLIGHT.labels(job.lane).set(self._running[job.lane])
+        self._lanes.finished(job)
         if not self._stopping.is_set():
             # The freed slot goes to the lane's next parked record now, not when the poll loop next comes
             # round (it may be waiting up to poll_timeout_ms for new records meanwhile).

@@ -22,7 +22,7 @@ from handlers.context import AnnotationConfig, AnnotationContext
 from handlers.embedding import EmbedHandler
 from handlers.errors import InvalidRequest, PermanentError
 from handlers.fewshot import FewShotClassifier
-from handlers.models import LoadedModel
+from handlers.model_handles import LoadedModel
 from handlers.parts import PART_BUDGET_BYTES, part_size_for, parts_in_order, rank
 from handlers.select import SelectHandler
 from schemas.annotation import (

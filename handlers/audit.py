@@ -56,7 +56,7 @@ from schemas.annotation import (
 
 if TYPE_CHECKING:
     from handlers.context import AnnotationContext, AuditConfig
-    from handlers.models import EmbeddingHandle
+    from handlers.model_handles import EmbeddingHandle
 
 log = structlog.get_logger("cls.audit")
 

@@ -16,7 +16,8 @@ from handlers.batcher import MicroBatcher
 from handlers.executor import Executors
 from handlers.fetch import Fetcher
 from handlers.images import DecodeLimits
-from handlers.models import ModelConfig, ModelRegistry
+from handlers.model_config import ModelConfig
+from handlers.models import ModelRegistry
 from handlers.parts import PART_BUDGET_BYTES
 from handlers.preprocessing import Preprocessor
 from handlers.storage import ObjectStore

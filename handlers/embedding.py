@@ -41,7 +41,7 @@ from schemas.common import ErrorInfo
 
 if TYPE_CHECKING:
     from handlers.context import AnnotationContext
-    from handlers.models import EmbeddingHandle, LoadedModel
+    from handlers.model_handles import EmbeddingHandle, LoadedModel
 
 log = structlog.get_logger("cls.embedding")
 

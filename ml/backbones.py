@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import Literal
 
 from ml.device import resolve_device
-from ml.embedding import ImageEmbedder, ModelLoadError, WeightsSource
+from ml.embedding import ImageEmbedder, WeightsSource
+from ml.errors import ModelLoadError
 from ml.text_cache import TextEmbeddingCache
 from ml.zeroshot import DEFAULT_VARIANTS, ZeroShotModel
 
@@ -31,7 +32,7 @@ def load_zero_shot_model(
 ) -> ZeroShotModel:
     """Build a zero-shot model of ``family`` / ``variant`` (default per :data:`~ml.zeroshot.DEFAULT_VARIANTS`)
     with the given weights spec (see ``ml.zeroshot``), in eval mode on ``device``. Raises
-    :class:`~ml.embedding.ModelLoadError`.
+    :class:`~ml.errors.ModelLoadError`.
 
     ``text_cache``: a cache shared with other models (keys name the model); default: a new one of
     ``text_cache_size`` entries."""

@@ -28,9 +28,10 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 
 from ml.device import place_for_inference
+from ml.embedding import ModelInfo, WeightsSource
+from ml.errors import ModelLoadError, WeightsFileError
 from ml.text_cache import TextEmbeddingCache
-from ml.weights import WeightsFileError, load_state_dict_file
-from ml.embedding import ModelInfo, ModelLoadError, WeightsSource
+from ml.weights import load_state_dict_file
 from ml.zeroshot import ZeroShotEmbeddingModel, softmax_scores
 
 __all__ = ["CONFIG_DIR", "DEFAULT_PRETRAINED_TAGS", "ClipModel", "default_pretrained_tag", "known_variants",

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ml.errors import ModelLoadError
+
 __all__ = [
     "Capabilities",
     "DevicePolicy",
@@ -194,8 +196,6 @@ def is_out_of_memory(exc: BaseException) -> bool:
 def place_for_inference(module: torch.nn.Module, target: torch.device | DevicePolicy, what: str) -> DevicePolicy:
     """Eval mode, no gradients, on the policy's device and memory format (a device: :func:`policy_for` it and
     ``module``); returns the policy. ModelLoadError if the module cannot move."""
-    from ml.zeroshot import ModelLoadError
-
     policy = target if isinstance(target, DevicePolicy) else policy_for(target, module)
     module.eval().requires_grad_(False)
     try:

@@ -1,4 +1,4 @@
-"""Family-neutral image embeddings: the protocol every backbone implements, its shared base, load errors.
+"""Family-neutral image embeddings: the protocol every backbone implements and its shared base.
 
 An :class:`ImageEmbedder` turns preprocessed images into L2-normalised float32 vectors on the CPU.
 CLIP and SigLIP (their image towers, ``ml.clip`` / ``ml.siglip``), timm backbones (``ml.timm_backbone``)
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ml.device import DevicePolicy, StagedBatch, policy_for, run_halving_on_oom
+from ml.errors import ModelLoadError
 
 __all__ = [
     "RANDOM_WEIGHTS",
@@ -34,11 +35,6 @@ __all__ = [
 ]
 
 RANDOM_WEIGHTS = "random"
-
-
-class ModelLoadError(Exception):
-    """A model could not be built or its weights could not be loaded (unknown variant, weights not
-    fetchable, unsafe or mismatched weight file, unusable device)."""
 
 
 @dataclass(frozen=True)

@@ -39,9 +39,10 @@ import torchvision.transforms.v2.functional as tvF
 from PIL import Image
 
 from ml.device import place_for_inference
+from ml.embedding import ModelInfo, WeightsSource
+from ml.errors import ModelLoadError, WeightsFileError
 from ml.text_cache import TextEmbeddingCache
-from ml.weights import WeightsFileError, load_state_dict_file
-from ml.embedding import ModelInfo, ModelLoadError, WeightsSource
+from ml.weights import load_state_dict_file
 from ml.zeroshot import ZeroShotEmbeddingModel, sigmoid_scores
 
 __all__ = [

@@ -20,8 +20,9 @@ import torch
 from PIL import Image
 
 from ml.device import place_for_inference
-from ml.embedding import EmbeddingModel, ModelInfo, ModelLoadError, WeightsSource
-from ml.weights import WeightsFileError, load_state_dict_file
+from ml.embedding import EmbeddingModel, ModelInfo, WeightsSource
+from ml.errors import ModelLoadError, WeightsFileError
+from ml.weights import load_state_dict_file
 
 __all__ = ["TimmEmbedder", "load_timm_embedder", "pre_logits_features"]
 

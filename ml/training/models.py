@@ -4,23 +4,20 @@ from __future__ import annotations
 
 import difflib
 import logging
-import pickle
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import safetensors.torch
 import timm
 import torch
 from torch import nn
 
+from ml.errors import WeightsFileError
 from ml.training.errors import ConfigError, PretrainedWeightsError, UnknownModelError
+from ml.weights import load_state_dict_file
 
 log = logging.getLogger(__name__)
-
-_WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
-_PREFIXES = ("module.", "_orig_mod.")
 
 
 def check_model_name(name: str) -> None:
@@ -105,28 +102,12 @@ def build_model(
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a tensor-only state dict from safetensors, or from a torch file with ``weights_only=True``.
-
-    Pickles holding anything but tensors and plain containers are refused (PretrainedWeightsError).
-    Common wrappers (``{"state_dict": ...}``, ``{"model": ...}``) and ``module.`` prefixes are unwrapped.
-    """
-    file = Path(path)
-    if not file.is_file():
-        raise PretrainedWeightsError(f"pretrained weights file not found: {file}")
-    if _is_safetensors(file):
-        try:
-            loaded: Any = safetensors.torch.load_file(str(file), device="cpu")
-        except Exception as exc:
-            raise PretrainedWeightsError(f"cannot read safetensors file {file.name}: {exc}") from exc
-    else:
-        try:
-            loaded = torch.load(file, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, TypeError) as exc:
-            raise PretrainedWeightsError(
-                f"refused weights file {file.name}: not a tensor-only state dict loadable with weights_only=True "
-                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
-            ) from exc
-    return _unwrap_state_dict(loaded, file.name)
+    """``ml.weights.load_state_dict_file`` (the one checkpoint reader and unwrap rule), its error as a
+    PretrainedWeightsError: a fine-tuning request's pretrained weights are unusable."""
+    try:
+        return load_state_dict_file(path)
+    except WeightsFileError as exc:
+        raise PretrainedWeightsError(f"pretrained weights: {exc}") from exc
 
 
 def load_backbone_weights(model: nn.Module, model_name: str, state_dict: Mapping[str, torch.Tensor]) -> None:
@@ -178,36 +159,6 @@ def _checkpoint_filter_fn(model_name: str):
     except Exception:
         return None
     return getattr(sys.modules.get(module_name), "checkpoint_filter_fn", None)
-
-
-def _is_safetensors(file: Path) -> bool:
-    if file.suffix == ".safetensors":
-        return True
-    with file.open("rb") as fh:
-        head = fh.read(9)
-    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100_000_000
-
-
-def _unwrap_state_dict(loaded: Any, name: str) -> dict[str, torch.Tensor]:
-    for _ in range(3):
-        if isinstance(loaded, Mapping) and not _all_tensors(loaded):
-            inner = next((loaded[k] for k in _WRAPPER_KEYS if isinstance(loaded.get(k), Mapping)), None)
-            if inner is None:
-                break
-            loaded = inner
-    if not isinstance(loaded, Mapping) or not loaded or not _all_tensors(loaded):
-        raise PretrainedWeightsError(f"weights file {name} does not hold a state dict of tensors")
-    state: dict[str, torch.Tensor] = {}
-    for key, value in loaded.items():
-        for prefix in _PREFIXES:
-            if key.startswith(prefix):
-                key = key[len(prefix):]
-        state[key] = value
-    return state
-
-
-def _all_tensors(mapping: Mapping[Any, Any]) -> bool:
-    return all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in mapping.items())
 
 
 def _first_lines(text: str, n: int) -> str:

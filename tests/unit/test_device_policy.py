@@ -99,7 +99,7 @@ def test_zero_shot_custom_and_training_share_the_policy(trained_digits, tmp_path
     from ml.training.errors import ConfigError, PackageError
     from ml.training.loop import _TrainingRun
     from ml.backbones import load_zero_shot_model
-    from ml.zeroshot import ModelLoadError
+    from ml.errors import ModelLoadError
     from tests.fixtures.trained_model import digits_spec
 
     here = Capabilities.probe()

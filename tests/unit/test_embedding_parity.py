@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from ml.backbones import load_image_embedder
-from ml.embedding import ImageEmbedder, ModelLoadError
+from ml.embedding import ImageEmbedder
+from ml.errors import ModelLoadError
 from ml.embedding_files import EmbeddingFileError, read_embeddings, write_embeddings
 from ml.siglip import siglip_config
 from ml.weights import save_state_dict

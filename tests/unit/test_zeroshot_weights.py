@@ -8,9 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from ml.weights import WeightsFileError, load_state_dict_file, save_state_dict
+from ml.errors import WeightsFileError
+from ml.weights import load_state_dict_file, save_state_dict
 from ml.backbones import load_zero_shot_model
-from ml.embedding import ModelLoadError
+from ml.errors import ModelLoadError
 from tests.support.zeroshot import _few_threads  # noqa: F401  (fixtures)
 
 TINY = [("clip", "cls-tiny-clip"), ("siglip", "cls-tiny-siglip")]
