@@ -2,7 +2,10 @@
 #   make run    local Kafka + S3 API + both workers + a demo of the two workflows
 #   make test   the whole suite against a real broker and a real S3 API
 # Setup is idempotent: a second run installs nothing.
-#   make images (root) a Docker engine, then the images the container tests use (tests/containers)
+#   make images (root) a Docker engine, then the images the container tests use (tests/containers): the CPU
+#               worker image, Kafka and the S3 API; make images-gpu adds the GPU worker image
+# make setup installs the project with its `worker` (the ML stack) and `test` extras; a backend installs
+# the base alone, or with `testkit` (docs/client.md).
 # Installs are pinned by constraints.txt (committed), so two fresh machines get the same versions;
 # `make constraints` regenerates it from the current venv after a deliberate upgrade.
 
@@ -14,7 +17,7 @@ CONSTRAINTS := constraints.txt
 JARS := deploy/local/lib/.complete
 PYTEST_ARGS ?=
 
-.PHONY: setup chromium run test test-containers engine images bench bench-annotation bench-training bench-duplicates bench-records kafka-start kafka-stop schemas clean constraints
+.PHONY: setup chromium run test test-containers engine images images-gpu bench bench-annotation bench-training bench-duplicates bench-records kafka-start kafka-stop schemas docs clean constraints
 
 setup: $(STAMP) $(JARS)
 
@@ -24,7 +27,7 @@ $(VENV)/bin/python:
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
 
 $(STAMP): pyproject.toml $(CONSTRAINTS) | $(VENV)/bin/python
-	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e '.[test]'
+	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e '.[worker,test]'
 	touch $(STAMP)
 
 # Pin every installed distribution (but the project itself) at its current version.
@@ -53,9 +56,13 @@ test-containers: setup
 engine:
 	deploy/images/engine.sh start
 
-# The base (debootstrap), worker, Kafka and S3 API images, built locally (no registry needed).
+# The bases (debootstrap), the CPU worker, Kafka and S3 API images, built locally (no registry needed).
 images: $(JARS) engine
 	deploy/images/build-local.sh
+
+# The GPU worker image (torch's CUDA wheels, ~6.6 GB), on the same bookworm base.
+images-gpu: $(JARS) engine
+	deploy/images/build-local.sh base worker
 
 run: setup
 	$(PY) -m examples.demo $(DEMO_ARGS)
@@ -82,6 +89,10 @@ kafka-stop:
 
 schemas: setup
 	$(VENV)/bin/cls-worker schemas export schemas/json --asyncapi docs/asyncapi.yaml
+
+# docs/configuration.md from the settings' declarations (consumers/settings.py); a test fails while it is stale
+docs: setup
+	$(PY) -m consumers.settings_doc docs/configuration.md
 
 clean:
 	rm -rf $(VENV) deploy/local/lib deploy/local/target .state .pytest_cache

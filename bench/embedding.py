@@ -1,4 +1,4 @@
-"""Embed vs classify throughput on the same model, the same images, in one process (issue 12).
+"""Embed vs classify throughput on the same model, the same images, in one process.
 
     PYTHONPATH=. python bench/embedding.py [--images 128] [--variant ViT-B-32] [--rounds 3] [--quick]
 

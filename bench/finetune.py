@@ -2,7 +2,7 @@
 
 Run from the repository root:  .venv/bin/python -m bench.training --scenario finetune
 
-The question (issue 14): does fine-tuning a pretrained backbone for a few epochs with our defaults lose
+The question: does fine-tuning a pretrained backbone for a few epochs with our defaults lose
 anything to the loop an ML engineer would write by hand (AdamW, the same learning rate, constant, no warmup,
 no label smoothing)? And what do warmup and label smoothing cost at 3-5 epochs?
 
@@ -15,6 +15,11 @@ no label smoothing)? And what do warmup and label smoothing cost at 3-5 epochs?
      schedule), and with each of them forced on (``ls=0.1``, ``warmup=1``) to see what they cost.
    Every run is scored on the held-back test split (never used for choosing an epoch).
 Augmentation is ``none`` everywhere so that only the optimisation recipe differs.
+
+With ``--real-weights`` steps 1-2 change: the backbone is ``tf_efficientnet_lite0`` with its real ImageNet
+weights (``testkit.real_backbone``: the safetensors file a training request names as ``pretrained_url``), and
+the task is the 10-class ``textures`` set of ``testkit.learned_sets`` (``--real-per-class`` images per class,
+written as JPEG files), split the same way.
 """
 
 from __future__ import annotations
@@ -45,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seeds", type=int, default=3, help="seeds per schedule and recipe")
     group.add_argument("--pretrain-epochs", type=int, default=6)
     group.add_argument("--finetune-learning-rate", type=float, default=1e-3)
+    group.add_argument("--real-weights", action="store_true",
+                       help="fine-tune tf_efficientnet_lite0 from its real ImageNet weights on the textures set")
+    group.add_argument("--real-per-class", type=int, default=40, help="images per class with --real-weights")
 
 
 def _loader(model: nn.Module, samples, image_size: int, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
@@ -86,7 +94,7 @@ def pretrain(args, samples, workdir: Path) -> Path:
 def run_plain(args, weights: Path, split, epochs: int, seed: int, device: torch.device) -> float:
     train_part, val_part, test_part = split
     torch.manual_seed(seed)
-    model = timm.create_model(args.model, pretrained=False, num_classes=len(FINETUNE_CLASSES))
+    model = timm.create_model(args.model, pretrained=False, num_classes=_num_classes(args))
     load_backbone_weights(model, args.model, safetensors.torch.load_file(str(weights)))
     model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.finetune_learning_rate, weight_decay=0.05)
@@ -109,7 +117,7 @@ def run_plain(args, weights: Path, split, epochs: int, seed: int, device: torch.
 
 def run_ours(args, weights: Path, split, epochs: int, seed: int, workdir: Path, device: torch.device, **recipe) -> float:
     train_part, val_part, test_part = split
-    names = [str(c) for c in FINETUNE_CLASSES]
+    names = [str(c) for c in range(_num_classes(args))]
     spec = TrainSpec(
         model_name=args.model, num_classes=len(names), class_names=names, epochs=epochs,
         batch_size=args.batch_size, learning_rate=args.finetune_learning_rate, augmentation="none",
@@ -127,10 +135,34 @@ RECIPES: dict[str, dict] = {
 }
 
 
+def _num_classes(args) -> int:
+    return 10 if getattr(args, "real_weights", False) else len(FINETUNE_CLASSES)
+
+
+def real_task(args, workdir: Path) -> tuple[Path, list[tuple[str, int]]]:
+    """The real backbone's weights file and the textures set written as JPEG files ``(path, label)``."""
+    from testkit.learned_sets import labeled_set
+    from testkit.real_backbone import ARCHITECTURE, lite0_safetensors
+
+    args.model = ARCHITECTURE
+    data = labeled_set("textures", per_class=args.real_per_class, seed=1)
+    folder = workdir / "textures"
+    folder.mkdir(parents=True, exist_ok=True)
+    samples = []
+    for index, (image, label) in enumerate(zip(data.images, data.labels, strict=True)):
+        path = folder / f"{index:05d}.jpg"
+        image.save(path, "JPEG", quality=90)
+        samples.append((str(path), int(label)))
+    return lite0_safetensors(), samples
+
+
 def run(args, samples, workdir: Path, device: torch.device) -> dict:
     started = time.monotonic()
-    weights = pretrain(args, samples, workdir)
-    data = _relabel(samples, FINETUNE_CLASSES)
+    if getattr(args, "real_weights", False):
+        weights, data = real_task(args, workdir)
+    else:
+        weights = pretrain(args, samples, workdir)
+        data = _relabel(samples, FINETUNE_CLASSES)
     rest, test_part = stratified_split(data, 0.3, 0)
     train_part, val_part = stratified_split(rest, 0.25, 0)
     split = (train_part, val_part, test_part)
@@ -157,6 +189,7 @@ def run(args, samples, workdir: Path, device: torch.device) -> dict:
         }
     return {
         "model": args.model,
+        "real_weights": bool(getattr(args, "real_weights", False)),
         "image_size": args.image_size,
         "learning_rate": args.finetune_learning_rate,
         "pretrain_epochs": args.pretrain_epochs,
@@ -170,9 +203,11 @@ def run(args, samples, workdir: Path, device: torch.device) -> dict:
 
 
 def print_table(report: dict) -> None:
+    origin = ("real ImageNet weights, fine-tuned on the 10 textures" if report.get("real_weights")
+              else "pretrained here on digits 0-4, fine-tuned on 5-9")
     print(
-        f"\nshort fine-tunes: {report['model']} @ {report['image_size']} px pretrained here on digits 0-4, "
-        f"fine-tuned on 5-9 (train {report['train_images']}, test {report['test_images']}), "
+        f"\nshort fine-tunes: {report['model']} @ {report['image_size']} px {origin} "
+        f"(train {report['train_images']}, test {report['test_images']}), "
         f"lr {report['learning_rate']}, {report['seeds']} seeds"
     )
     print(f"{'epochs':>6}  {'recipe':<16} {'test acc mean':>13} {'stdev':>7} {'vs plain':>9}")

@@ -13,7 +13,7 @@ from consumers.lanes import annotation_lanes
 from consumers.pipeline import Pipeline
 from consumers.runtime import ConsumerRuntime
 from consumers.settings import Settings
-from consumers.worker import configure_torch_threads, decode_limits, serve, storage_and_fetcher
+from consumers.worker import configure_torch_threads, decode_limits, manifest_limits, serve, storage_and_fetcher
 from handlers.annotation import AnnotationHandler, failed_result
 from handlers.batcher import MicroBatcher
 from handlers.context import AnnotationConfig, AnnotationContext, AuditConfig, EmbedConfig, FewShotConfig
@@ -89,6 +89,7 @@ async def annotation_context(settings: Settings):
             fewshot=FewShotConfig(max_examples=w.fewshot_max_examples,
                                   head_cache_bytes=w.fewshot_head_cache_mb * 1024 * 1024),
             audit_config=AuditConfig(max_images=w.audit_max_images, max_cells=w.audit_max_cells),
+            manifest_limits=manifest_limits(w),
         )
         ctx.fewshot_heads.on_head = metrics.observe_few_shot_head
         ctx.fewshot_heads.on_fit = metrics.observe_few_shot_fit

@@ -32,10 +32,10 @@ import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordTooLargeError
 
-from consumers.dlq import TRUNCATED_VALUE_BYTES, dead_letter, truncated
+from consumers.dlq import DLQ_HEADROOM_BYTES, TRUNCATED_VALUE_BYTES, dead_letter
 from consumers.settings import Settings
 from consumers.topics_admin import topic_partitions
-from handlers.training import CancelRegistry
+from handlers.cancels import CancelRegistry
 from schemas.codec import CANCEL_ADAPTER, Invalid, NotAJsonObject, decode, parse_json_object
 from schemas.topics import Headers, dlq_topic
 
@@ -218,15 +218,14 @@ class ControlReader:
         log.warning("control_record_dead_lettered", code=code, partition=record.partition, offset=record.offset)
 
     async def _send_dead_letter(self, record: Any, code: str, message: str) -> None:
-        """The dead letter, acknowledged; a value too large for the DLQ topic goes with its head only."""
+        """The dead letter, acknowledged; it is cut to fit the DLQ topic (``consumers.dlq``)."""
+        limit = self.settings.worker.max_record_bytes + DLQ_HEADROOM_BYTES
         for attempt in range(1, DLQ_SEND_ATTEMPTS + 1):
             try:
-                await dead_letter(self._producer(), record, code, message)
+                await dead_letter(self._producer(), record, code, message, limit=limit)
                 return
             except (MessageSizeTooLargeError, RecordTooLargeError):
-                size = len(record.value or b"")
-                record = truncated(record)
-                message = f"{message} (value of {size} bytes cut to {TRUNCATED_VALUE_BYTES} for the DLQ)"
+                limit = 2 * TRUNCATED_VALUE_BYTES  # a DLQ topic provisioned smaller than ours: its head only
             except KafkaError as exc:
                 if attempt == DLQ_SEND_ATTEMPTS:
                     raise

@@ -39,10 +39,6 @@ class PartitionOffsets:
     def in_flight(self) -> int:
         return len(self._in_flight)
 
-    @property
-    def lowest_abandoned(self) -> int | None:
-        return min(self._abandoned) if self._abandoned else None
-
     def lowest_pending(self) -> int | None:
         pending = self._in_flight | self._abandoned
         return min(pending) if pending else None

@@ -39,8 +39,8 @@ from aiokafka.errors import (
 )
 
 from consumers import metrics
-from consumers.dlq import dlq_headers, truncated
-from consumers.attempts import Head, attempts_from_metadata, attempts_metadata
+from consumers.dlq import DLQ_HEADROOM_BYTES, dead_letter_for
+from consumers.attempts import Head, Suspects, attempts_from_metadata, attempts_metadata
 from consumers.lanes import LaneAdmission
 from consumers.offsets import PartitionOffsets
 from consumers.pipeline import Pipeline
@@ -57,7 +57,6 @@ from schemas.codec import (
     unpaired_surrogate_at,
 )
 from schemas.common import ErrorInfo, OutputModel, derive_message_id
-from schemas.topics import dlq_topic
 
 log = structlog.get_logger("cls.runtime")
 
@@ -74,7 +73,7 @@ class _Job:
     start_count: int = 1
     mark_first: bool = False  # the record is the head: record the attempt durably before handling
     crash_loop: bool = False  # killed the worker max_attempts times: dead-letter it, do not handle it
-    held: bool = False  # suspected of killing the worker: handled alone on its partition
+    held: bool = False  # suspected of killing the worker: handled alone in the process (``attempts.Suspects``)
     lane: str = "default"
     body: dict[str, Any] | None = None  # the parsed value, when it parsed (lane choice)
     parked: bool = False  # taken (its offset pending) but waiting for a slot in its lane
@@ -134,7 +133,10 @@ class ConsumerRuntime:
     retried in place with backoff for as long as the broker is away; any other failure is retried up
     to ``CLS_MAX_ATTEMPTS`` times, then ends the record with a ``failed`` event (when one can be built
     and fits) or a dead letter whose ``dlq-error-code`` says why. A record that killed the process
-    ``CLS_MAX_ATTEMPTS`` times (counted in the commit metadata) is dead-lettered as ``crash_loop``.
+    ``CLS_MAX_ATTEMPTS`` times (counted in the commit metadata) is dead-lettered as ``crash_loop``; after a
+    death, the suspects run one at a time with nothing else in flight (``consumers.attempts.Suspects``), so
+    the count is the record's own. A dead-lettered record whose request/job id can be read (body, else key)
+    is also answered with a ``failed`` event carrying the dead letter's code, so the backend hears an end.
     """
 
     def __init__(
@@ -162,7 +164,8 @@ class ConsumerRuntime:
         self._jobs: dict[tuple[TopicPartition, int], _Job] = {}
         self._offsets: dict[TopicPartition, PartitionOffsets] = {}
         self._heads: dict[TopicPartition, Head] = {}
-        self._held: set[TopicPartition] = set()  # a suspect record runs alone on these partitions
+        self._held: set[TopicPartition] = set()  # partitions whose suspect record waits or runs: read after it
+        self._suspects: Suspects[_Job] = Suspects()
         self._commit_lock = asyncio.Lock()
         self._stopping = asyncio.Event()
         self._slot_freed = asyncio.Event()
@@ -237,6 +240,7 @@ class ConsumerRuntime:
         while not self._stopping.is_set():
             if self.max_records is not None and self._handled >= self.max_records:
                 break
+            self._launch_suspect()
             self._launch_parked()
             room = self._room()
             self._apply_pauses(room <= 0)
@@ -270,10 +274,7 @@ class ConsumerRuntime:
         if head is None:  # revoked meanwhile
             return
         for record in records:
-            if tp in self._held:  # a suspect record runs alone: read the rest again after it
-                consumer.seek(tp, record.offset)
-                return
-            if self._room() <= 0 and (tp, record.offset) not in self._jobs:  # read more than there is room for
+            if tp in self._held:  # its suspect record waits or runs alone: read the rest again after it
                 consumer.seek(tp, record.offset)
                 return
             if head.offset is None:  # no commit yet in this group: the first record read is the head
@@ -282,11 +283,44 @@ class ConsumerRuntime:
             if prior >= self.max_attempts:
                 self._start(tp, record, start_count=prior, crash_loop=True)
                 continue
-            held = prior >= 1  # it was being handled when a worker died: alone, so the count is its own
-            self._start(tp, record, start_count=prior + 1, mark_first=record.offset == head.offset, held=held)
-            if held:
-                self._held.add(tp)
-                self._apply_pauses(False)
+            if prior >= 1:  # it was being handled when a worker died: alone, so the count is its own
+                self._suspect(tp, record, start_count=prior + 1)
+                continue
+            if self._suspects.active or (self._room() <= 0 and (tp, record.offset) not in self._jobs):
+                consumer.seek(tp, record.offset)  # a suspect goes first / read more than there is room for
+                return
+            self._start(tp, record, start_count=1, mark_first=record.offset == head.offset)
+
+    def _suspect(self, tp: TopicPartition, record: ConsumerRecord, start_count: int) -> None:
+        """Take a suspect record: it waits until nothing else is in flight, then runs alone (``_launch_suspect``)."""
+        key = (tp, record.offset)
+        if key in self._jobs:
+            return
+        self._offsets.setdefault(tp, PartitionOffsets()).take(record.offset)
+        job = _Job(record=record, tp=tp, start_count=start_count, mark_first=True, held=True, parked=True)
+        job.lane = self.pipeline.lane_of_topic(tp.topic)
+        self._jobs[key] = job
+        self._taken += 1
+        metrics.RECORDS_CONSUMED.labels(tp.topic).inc()
+        self._suspects.add(job)
+        self._held.add(tp)
+        log.warning("suspect_record_waits", partition=tp.partition, offset=record.offset, attempt=start_count,
+                    in_flight=self._in_flight(), suspects=len(self._suspects.waiting))
+        self._apply_pauses(False)
+        self._launch_suspect()
+
+    def _in_flight(self) -> int:
+        return sum(self._lanes.running.values())
+
+    def _launch_suspect(self) -> None:
+        """Start the next suspect when nothing else is in flight (and no suspect is running)."""
+        if self._stopping.is_set():
+            return
+        job = self._suspects.next(self._in_flight())
+        if job is not None:
+            log.warning("suspect_record_runs_alone", partition=job.tp.partition, offset=job.record.offset,
+                        attempt=job.start_count, max_attempts=self.max_attempts)
+            self._launch(job)
 
     async def _head(self, tp: TopicPartition) -> Head | None:
         """The partition's committed offset and the attempts recorded for its record (fetched once)."""
@@ -311,12 +345,13 @@ class ConsumerRuntime:
         return head
 
     def _apply_pauses(self, all_paused: bool) -> None:
-        """Pause what cannot be taken now: everything when there is no room; else each topic whose lane
-        is full and whose read-ahead is used up; partitions with a suspect record always."""
+        """Pause what cannot be taken now: everything when there is no room or while a suspect record waits
+        or runs; else each topic whose lane is full and whose read-ahead is used up."""
         consumer = self._consumer
         assert consumer is not None
         assignment = consumer.assignment()
-        want = self._lanes.paused(assignment, self._held, self.pipeline.lane_of_topic, all_paused)
+        want = self._lanes.paused(assignment, self._held, self.pipeline.lane_of_topic,
+                                  all_paused or self._suspects.active)
         to_pause = want - self._paused_by_us
         to_resume = (self._paused_by_us - want) & assignment
         if to_pause:
@@ -354,7 +389,7 @@ class ConsumerRuntime:
 
     # ---------------------------------------------------------------- per record
     def _start(self, tp: TopicPartition, record: ConsumerRecord, *, start_count: int = 1, mark_first: bool = False,
-               crash_loop: bool = False, held: bool = False) -> None:
+               crash_loop: bool = False) -> None:
         """Take a record (its offset becomes pending) and run it, or park it until its lane has a slot."""
         key = (tp, record.offset)
         if key in self._jobs:  # already in flight (a re-fetch after resume): never twice
@@ -362,13 +397,12 @@ class ConsumerRuntime:
         if tp in self._rewind and record.offset <= self._rewind[tp]:
             del self._rewind[tp]  # the rewind reached its target
         self._offsets.setdefault(tp, PartitionOffsets()).take(record.offset)
-        job = _Job(record=record, tp=tp, start_count=start_count, mark_first=mark_first, crash_loop=crash_loop,
-                   held=held)
+        job = _Job(record=record, tp=tp, start_count=start_count, mark_first=mark_first, crash_loop=crash_loop)
         job.lane = self._lane_of(job)
         self._jobs[key] = job
         self._taken += 1
         metrics.RECORDS_CONSUMED.labels(tp.topic).inc()
-        if held or crash_loop or self._lanes.can_start(job.lane):
+        if crash_loop or (self._lanes.can_start(job.lane) and not self._suspects.active):
             self._launch(job)
         else:
             self._lanes.park(job)
@@ -392,6 +426,8 @@ class ConsumerRuntime:
         job.task = asyncio.create_task(self._run_job(job), name=f"record-{tp.topic}-{tp.partition}-{record.offset}")
 
     def _launch_parked(self) -> None:
+        if self._suspects.active:  # nothing else starts while a suspect waits or runs
+            return
         for job in self._lanes.ready():
             self._launch(job)
 
@@ -400,7 +436,11 @@ class ConsumerRuntime:
         for job in jobs:
             if not job.parked:
                 continue
-            self._lanes.unpark(job)
+            if job.held:
+                self._suspects.remove(job)
+                self._held.discard(job.tp)
+            else:
+                self._lanes.unpark(job)
             self._jobs.pop((job.tp, job.record.offset), None)
             self._taken -= 1
             offsets = self._offsets.get(job.tp)
@@ -421,9 +461,10 @@ class ConsumerRuntime:
             if job.mark_first:
                 await self._mark_started(job)
             if job.crash_loop:
-                await self._to_dlq(record, "crash_loop",
-                                   f"the worker died {job.start_count} times while handling this record "
-                                   f"(CLS_MAX_ATTEMPTS={self.max_attempts})")
+                message = (f"the worker died {job.start_count} times while handling this record "
+                           f"(CLS_MAX_ATTEMPTS={self.max_attempts})")
+                await self._to_dlq(record, "crash_loop", message)
+                produced = await self._answer_dead_letter(job, "crash_loop", message)
                 outcome = "dlq"
                 return
             while True:
@@ -472,7 +513,36 @@ class ConsumerRuntime:
             except Exception as publish_exc:  # noqa: BLE001 - fall back to the dead letter
                 log.warning("failed_event_not_published", error=repr(publish_exc)[:300])
         await self._to_dlq(job.record, code, message)
-        return "dlq", 0
+        return "dlq", 0 if job.entity_id is not None else await self._answer_dead_letter(job, code, message)
+
+    def _readable_id(self, record: ConsumerRecord) -> str | None:
+        """The request/job id a record names (body, else key), when one can be read without handling it."""
+        if record.value is None:  # a tombstone names no request
+            return None
+        try:
+            body = parse_json_object(record.value)
+        except NotAJsonObject:
+            body = {}
+        try:
+            return entity_id_of(body, self.pipeline.id_field, record.key)
+        except InvalidId:
+            return None
+
+    async def _answer_dead_letter(self, job: _Job, code: str, message: str) -> int:
+        """A dead-lettered record whose id can be read is answered with a ``failed`` event with the dead
+        letter's code, so the backend hears an end (best effort: the dead letter is already acknowledged)."""
+        entity_id = job.entity_id or self._readable_id(job.record)
+        if entity_id is None:
+            return 0
+        error = ErrorInfo(code=code, message=message[:1000], retryable=False)
+        try:
+            await self._publish(self.pipeline.failed_event(entity_id, error), entity_id)
+        except (asyncio.CancelledError, Abandoned):
+            raise
+        except Exception as exc:  # noqa: BLE001 - e.g. an id too long for an event: the dead letter stands alone
+            log.warning("dead_letter_not_answered", code=code, error=repr(exc)[:300])
+            return 0
+        return 1
 
     async def _process(self, job: _Job) -> tuple[str, int]:
         record = job.record
@@ -480,7 +550,7 @@ class ConsumerRuntime:
             body = job.body if job.body is not None else parse_json_object(record.value)
         except NotAJsonObject as exc:
             await self._to_dlq(record, "not_json_object", str(exc))
-            return "dlq", 0
+            return "dlq", await self._answer_dead_letter(job, "not_json_object", str(exc))
         try:
             entity_id = entity_id_of(body, self.pipeline.id_field, record.key)
         except InvalidId as exc:
@@ -614,13 +684,10 @@ class ConsumerRuntime:
                 delay = min(max(worker.retry_backoff_max_s, 0.05), delay * 2)
 
     async def _to_dlq(self, record: ConsumerRecord, code: str, message: str) -> None:
-        size = len(record.value or b"") + len(record.key or b"") + sum(len(k) + len(v) for k, v in record.headers or ())
-        if size > self.settings.worker.max_record_bytes + 32 * 1024:
-            # Larger than any topic of ours accepts (it came from a topic provisioned elsewhere): the
-            # dead letter keeps key, headers, position and the value's head, and says how large it was.
-            record = truncated(record)
-        headers = dlq_headers(record, code, message)
-        await self._send_with_retry(dlq_topic(record.topic), record.value, record.key, headers, None)
+        """Dead-letter ``record``, cut to fit (``consumers.dlq``: a key or header of any size never makes
+        the send fail for good)."""
+        letter = dead_letter_for(record, code, message, self.settings.worker.max_record_bytes + DLQ_HEADROOM_BYTES)
+        await self._send_with_retry(letter.topic, letter.value, letter.key, letter.headers, None)
         metrics.RECORDS_DLQ.labels(record.topic, code).inc()
         log.warning("record_dead_lettered", code=code, error=message[:300])
 
@@ -674,13 +741,15 @@ class ConsumerRuntime:
         offsets = self._offsets.get(job.tp)
         self._jobs.pop(key, None)
         self._lanes.finished(job)
-        if not self._stopping.is_set():
-            # The freed slot goes to the lane's next parked record now, not when the poll loop next comes
-            # round (it may be waiting up to poll_timeout_ms for new records meanwhile).
-            self._launch_parked()
-        self._slot_freed.set()
+        self._suspects.finished(job)
         if job.held:
             self._held.discard(job.tp)
+        if not self._stopping.is_set():
+            # The freed slot goes to the next suspect, else the lane's next parked record, now, not when the
+            # poll loop next comes round (it may be waiting up to poll_timeout_ms for new records meanwhile).
+            self._launch_suspect()
+            self._launch_parked()
+        self._slot_freed.set()
         metrics.IN_FLIGHT.labels(record.topic).set(len(self._jobs))
         elapsed = time.monotonic() - job.started
         self.stats[outcome] = self.stats.get(outcome, 0) + 1

@@ -19,9 +19,10 @@ from consumers.health import HealthServer
 from consumers.pipeline import Pipeline
 from consumers.runtime import ConsumerRuntime
 from consumers.settings import Settings, WorkerSettings
-from consumers.worker import configure_torch_threads, decode_limits, serve, storage_and_fetcher
+from consumers.worker import configure_torch_threads, decode_limits, manifest_limits, serve, storage_and_fetcher
 from handlers.executor import Executors
-from handlers.training import CancelRegistry, TrainingContext, TrainingHandler, TrainingSettings, failed_status
+from handlers.cancels import CancelRegistry
+from handlers.training import TrainingContext, TrainingHandler, TrainingSettings, failed_status
 from schemas.codec import TRAINING_ADAPTER
 
 log = structlog.get_logger("cls.training_worker")
@@ -33,7 +34,8 @@ def training_settings(w: WorkerSettings) -> TrainingSettings:
                             checkpoint_suffix=w.checkpoint_prefix_suffix, heartbeat_s=w.heartbeat_s,
                             device=w.device, download_concurrency=w.fetch_concurrency,
                             max_metrics_bytes=w.max_record_bytes // 8,
-                            memory_budget_bytes=training_memory_budget(w), max_workers=w.training_max_workers)
+                            memory_budget_bytes=training_memory_budget(w), max_workers=w.training_max_workers,
+                            manifest_limits=manifest_limits(w), dataset_cache_bytes=w.dataset_cache_mb * 1024 * 1024)
 
 
 def training_memory_budget(w: WorkerSettings) -> int:

@@ -14,9 +14,10 @@ import structlog
 from aiokafka.errors import KafkaError
 
 from consumers.runtime import ConsumerRuntime
-from consumers.settings import Settings
+from consumers.settings import Settings, WorkerSettings
 from handlers.fetch import Fetcher, FetchLimits
 from handlers.images import DecodeBudget, DecodeLimits
+from handlers.manifests import ManifestLimits
 from handlers.storage import ObjectStore
 
 log = structlog.get_logger("cls.worker")
@@ -54,6 +55,12 @@ def decode_limits(settings: Settings) -> DecodeLimits:
     w = settings.worker
     return DecodeLimits(max_pixels=w.max_image_pixels, max_aspect_ratio=w.max_aspect_ratio,
                         budget=DecodeBudget(w.decode_memory_mb * 1024 * 1024))
+
+
+def manifest_limits(w: WorkerSettings) -> ManifestLimits:
+    """Bounds of every manifest a request names (``CLS_MANIFEST_*``)."""
+    return ManifestLimits(max_bytes=w.manifest_max_bytes, max_line_bytes=w.manifest_max_line_bytes,
+                          max_lines=w.manifest_max_lines)
 
 
 @contextlib.asynccontextmanager

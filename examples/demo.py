@@ -424,7 +424,7 @@ async def find_duplicates(demo: Demo, fold: Fold, session: aioboto3.Session, end
     bucket_name, _, key = parts[0][0].removeprefix("s3://").partition("/")
     async with session.client("s3", endpoint_url=endpoint) as s3:
         body = await (await s3.get_object(Bucket=bucket_name, Key=key))["Body"].read()
-    with np.load(io.BytesIO(body), allow_pickle=False) as npz:  # as README "Embeddings" loads it
+    with np.load(io.BytesIO(body), allow_pickle=False) as npz:  # as docs/contract.md "Embeddings" loads it
         ids, vectors = npz["ids"], npz["embeddings"]
     say(f"   read back with numpy: {len(ids)} ids, embeddings {vectors.dtype} {tuple(vectors.shape)}")
 
@@ -441,7 +441,7 @@ async def find_duplicates(demo: Demo, fold: Fold, session: aioboto3.Session, end
         f" {exact_pairs}; groups joining different photos: {mixed} of {len(groups)}")
     if weights == "random":
         say("   ! NEAR-DUPLICATE GROUPS ARE NOT MEANINGFUL WITH RANDOM WEIGHTS: random features score unrelated photos")
-        say("   ! about as similar as copies (README \"Near-duplicates\"), so a near group here says nothing about the")
+        say("   ! about as similar as copies (docs/methods.md, \"Near-duplicates\"), so a near group here says nothing about the")
         say("   ! photos in it. Exact groups (byte-identical files, SHA-256) hold with any weights. With pretrained")
         say("   ! weights, set the threshold from the margin between copies and non-copies on your own images.")
 

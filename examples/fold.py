@@ -40,11 +40,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from cls_client import check_storable, read_event
 from examples.fold_db import connect
 
 # Portable types only: TEXT, INTEGER, BIGINT (seq reaches 2**53 - 1), DOUBLE PRECISION (PostgreSQL's REAL
@@ -210,35 +210,6 @@ AUDIT_COLUMNS = ("image_id", "rank", "label", "label_probability", "label_issue"
                  "suggested_probability", "issue_score", "outlier_score")
 SELECTION_COLUMNS = ("image_id", "rank", "score", "reason", "predicted", "predicted_confidence")
 MAX_REASON_CHARS = 500
-INT64 = 2**63
-
-
-class UnfoldableEvent(ValueError):
-    """The event holds a value that the fold does not store the same way in every database."""
-
-
-def _check_values(value: Any, depth: int = 0) -> None:
-    """Reject what SQLite and PostgreSQL would store differently or not at all (recursion bounded by depth)."""
-    if depth > 64:
-        raise UnfoldableEvent("nested deeper than 64 levels")
-    if isinstance(value, str):
-        if "\x00" in value:
-            raise UnfoldableEvent("a string holds a NUL character (PostgreSQL text cannot)")
-    elif isinstance(value, bool) or value is None:
-        return
-    elif isinstance(value, int):
-        if not -INT64 <= value < INT64:
-            raise UnfoldableEvent("an integer does not fit in 64 bits")
-    elif isinstance(value, float):
-        if not math.isfinite(value):
-            raise UnfoldableEvent("a number is not finite")
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            _check_values(key, depth + 1)
-            _check_values(item, depth + 1)
-    elif isinstance(value, list):
-        for item in value:
-            _check_values(item, depth + 1)
 
 
 def _text(value: Any) -> str:
@@ -293,20 +264,12 @@ class Fold:
 
     def apply(self, topic: str, value: bytes | None) -> bool:
         """Fold one record; returns False when it was skipped (already folded, or not an event)."""
-        if value is None:
+        event = read_event(value)  # the client's parsing: None for anything that is not a result/status event
+        if event is None:
             return False
+        message_id, kind = event["message_id"], event["event_type"]
         try:
-            event = json.loads(value)
-        except (ValueError, RecursionError):  # not JSON, or nested too deep to parse
-            return False
-        if not isinstance(event, dict):
-            return False
-        message_id = event.get("message_id")
-        kind = event.get("event_type")
-        if not isinstance(message_id, str) or not message_id or kind not in ("annotation.result", "training.status"):
-            return False
-        try:
-            _check_values(event)
+            check_storable(event)
             with self.db.transaction():
                 # Claim the message id first: a concurrent fold of the same record waits here, then skips it.
                 if not self.db.execute("INSERT INTO folded_messages (message_id, topic) VALUES (?, ?)"

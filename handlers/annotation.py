@@ -95,7 +95,7 @@ class AnnotationHandler:
         prepared, text_cache_hit = await model.prepare(classes, templates, ctx.executors)
         if ctx.on_text_cache is not None and request.model != "custom":
             ctx.on_text_cache(text_cache_hit)
-        top_k = min(request.top_k, len(classes))
+        top_k = request.top_k_for(len(classes))
 
         size = part_size_for(request, ctx.config.part_size, classes, ctx.config.part_budget_bytes)
         images = request.images

@@ -1,7 +1,7 @@
 """The audit task: which of a labeled set's current labels are probably wrong, in review order.
 
 Per request: check the output location's fence, read the images (inline, or a JSON Lines manifest of up to
-CLS_AUDIT_MAX_IMAGES lines, parsed in the CPU pool) and their labels, refuse what cannot be audited (a label
+CLS_AUDIT_MAX_IMAGES lines, streamed and parsed in the CPU pool) and their labels, refuse what cannot be audited (a label
 outside ``classes``, a single label, a label held by one image, more images x classes than CLS_AUDIT_MAX_CELLS)
 before any image is fetched, then embed every image through :meth:`EmbedHandler.embed_image` (fenced fetch,
 embedding cache, micro-batched forward) into one preallocated float32 matrix, a chunk of images at a time.
@@ -28,14 +28,14 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import quote
 
 import numpy as np
 import structlog
 
 from handlers.embedding import EmbedHandler
 from handlers.errors import InvalidRequest, PermanentError
-from handlers.manifests import MAX_MANIFEST_BYTES, parse_manifest, read_manifest_bytes
+from handlers.keys import key_segment
+from handlers.manifests import read_manifest
 from handlers.parts import json_bytes, parts_in_order
 from ml.audit import AuditError, AuditOptions, AuditTable, audit
 from ml.embedding_files import EMBEDDINGS_CONTENT_TYPE, write_embeddings
@@ -90,8 +90,9 @@ def audit_part_size(images: Sequence[AuditImage], classes: Sequence[str], config
 
 
 def request_folder(prefix: str, request_id: str) -> str:
-    """``<prefix>/<request id>`` (the id percent-encoded, as the embed task's part files)."""
-    return f"{prefix.rstrip('/')}/{quote(request_id, safe='-_.')}"
+    """``<prefix>/<request id>`` (the id as one key segment, ``handlers.keys.key_segment``, as the embed task's
+    part files)."""
+    return f"{prefix.rstrip('/')}/{key_segment(request_id)}"
 
 
 @dataclass(frozen=True)
@@ -231,9 +232,8 @@ async def listed_images(ctx: AnnotationContext, inline: Sequence[T] | None, url:
             raise InvalidRequest(f"{len(inline)} images; {what} is limited to CLS_AUDIT_MAX_IMAGES={max_images}")
         return list(inline)
     url = url or ""
-    raw = await read_manifest_bytes(ctx.fetcher, url, max_bytes=MAX_MANIFEST_BYTES, error_code="invalid_request")
-    images = await ctx.executors.on_cpu(parse_manifest, raw, url, entry, max_lines=max_images,
-                                        error_code="invalid_request", limit_name="CLS_AUDIT_MAX_IMAGES")
+    images = await read_manifest(ctx.fetcher, url, entry, executors=ctx.executors, error_code="invalid_request",
+                                 limits=ctx.manifest_limits, max_lines=max_images, limit_name="CLS_AUDIT_MAX_IMAGES")
     if not images:
         raise InvalidRequest(f"manifest {url} has no entries")
     try:
@@ -320,9 +320,20 @@ def review_order(images: Sequence[AuditImage], classes: Sequence[str], good: np.
     return _Review(order=order, entries=entries, conflicts=conflicts, summary=summary)
 
 
+FORMULA_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
+"""A text cell starting with one of these is read as a formula by spreadsheets (OWASP's CSV injection list)."""
+
+
+def spreadsheet_text(value: str) -> str:
+    """A text cell a spreadsheet shows as text: prefixed with ``'`` when it starts with a formula trigger."""
+    return "'" + value if value.startswith(FORMULA_TRIGGERS) else value
+
+
 def audit_csv(images: Sequence[AuditImage], review: _Review, errors: dict[int, ImageResult]) -> bytes:
     """``audit.csv``: the header :data:`CSV_COLUMNS`, then one row per image in review order (UTF-8, the csv
-    module's quoting; values verbatim, so a spreadsheet may read an id starting with '=' as a formula)."""
+    module's quoting). Text cells (ids, labels, error codes) that start with ``=``, ``+``, ``-``, ``@``, a tab
+    or a carriage return get a leading ``'`` (:func:`spreadsheet_text`), so no spreadsheet evaluates them."""
+    text = spreadsheet_text
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(CSV_COLUMNS)
@@ -331,9 +342,9 @@ def audit_csv(images: Sequence[AuditImage], review: _Review, errors: dict[int, I
         entry = review.entries.get(position)
         if entry is None:
             error = errors[position].error
-            writer.writerow([image.id, image.label, "", "", "", "", "", "", error.code if error else ""])
+            writer.writerow([text(image.id), text(image.label), "", "", "", "", "", "", text(error.code) if error else ""])
             continue
-        writer.writerow([image.id, entry["label"], entry["label_probability"], "true" if entry["label_issue"] else "false",
-                         entry["suggested_label"], entry["suggested_probability"], entry["issue_score"],
-                         entry["outlier_score"], ""])
+        writer.writerow([text(image.id), text(entry["label"]), entry["label_probability"],
+                         "true" if entry["label_issue"] else "false", text(entry["suggested_label"]),
+                         entry["suggested_probability"], entry["issue_score"], entry["outlier_score"], ""])
     return buffer.getvalue().encode("utf-8")

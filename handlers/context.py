@@ -16,6 +16,7 @@ from handlers.batcher import MicroBatcher
 from handlers.executor import Executors
 from handlers.fetch import Fetcher
 from handlers.images import DecodeLimits
+from handlers.manifests import ManifestLimits
 from handlers.model_config import ModelConfig
 from handlers.models import ModelRegistry
 from handlers.parts import PART_BUDGET_BYTES
@@ -27,9 +28,14 @@ from ml.fewshot import FewShotHeadCache, FewShotResult
 
 @dataclass
 class AnnotationConfig:
-    part_size: int = 500
-    max_images_per_request: int = 10_000
-    default_templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])
+    """Classify's settings (``consumers.annotation_worker`` builds every config here from ``CLS_*``; the defaults
+    of the settings live in ``consumers.settings`` only)."""
+
+    part_size: int  # CLS_RESULT_PART_SIZE
+    max_images_per_request: int  # CLS_MAX_IMAGES_PER_REQUEST
+    default_templates: list[str]  # CLS_DEFAULT_PROMPT_TEMPLATES
+    preprocess: str  # CLS_PREPROCESS: "tensor" (ml.preprocess) or "pil" (the families' Pillow transforms)
+    gpu_decode: bool  # CLS_GPU_DECODE: with "tensor" and a model on CUDA, baseline JPEGs decoded there in batches
     images_in_flight: int = 128  # bulk images in fetch/decode/forward at once, all bulk requests together
     # of which one bulk request holds at most this many (admission is windowed); the worker sets two batches,
     # so one request alone has its next batch decoded while one runs (one batch's worth split its batches
@@ -37,28 +43,26 @@ class AnnotationConfig:
     request_window: int = 64
     interactive_images_in_flight: int = 64  # interactive images: their own budget, never behind bulk ones
     part_budget_bytes: int = PART_BUDGET_BYTES
-    preprocess: str = "tensor"  # CLS_PREPROCESS: "tensor" (ml.preprocess) or "pil" (the families' Pillow transforms)
-    gpu_decode: bool = True  # CLS_GPU_DECODE: with "tensor" and a model on CUDA, baseline JPEGs decoded there in batches
 
 
 @dataclass(frozen=True)
 class EmbedConfig:
-    output_path: str | None = None  # CLS_EMBED_OUTPUT_PATH: default prefix (s3://bucket/prefix or file://...)
-    inline_max_images: int = 64  # CLS_EMBED_INLINE_MAX_IMAGES: "inline": true only up to this many images
-    against_max_bytes: int = 256 * 1024 * 1024  # CLS_EMBED_AGAINST_MAX_BYTES: all 'against' files together
+    output_path: str | None  # CLS_EMBED_OUTPUT_PATH: default prefix (s3://bucket/prefix or file://...)
+    inline_max_images: int  # CLS_EMBED_INLINE_MAX_IMAGES: "inline": true only up to this many images
+    against_max_bytes: int  # CLS_EMBED_AGAINST_MAX_MB: all 'against' files together
 
 
 @dataclass(frozen=True)
 class FewShotConfig:
-    max_examples: int = 2000  # CLS_FEWSHOT_MAX_EXAMPLES: support examples per request (inline or manifest)
-    head_cache_bytes: int = 256 * 2**20  # CLS_FEWSHOT_HEAD_CACHE_MB: fitted heads kept across requests
+    max_examples: int  # CLS_FEWSHOT_MAX_EXAMPLES: support examples per request (inline or manifest)
+    head_cache_bytes: int  # CLS_FEWSHOT_HEAD_CACHE_MB: fitted heads kept across requests
     head_cache_entries: int = 64
 
 
 @dataclass(frozen=True)
 class AuditConfig:
-    max_images: int = 100_000  # CLS_AUDIT_MAX_IMAGES: images of one audit (inline images stay <= 10,000)
-    max_cells: int = 10_000_000  # CLS_AUDIT_MAX_CELLS: images x classes (the fit's time and probability table)
+    max_images: int  # CLS_AUDIT_MAX_IMAGES: images of one audit (inline images stay <= 10,000)
+    max_cells: int  # CLS_AUDIT_MAX_CELLS: images x classes (the fit's time and probability table)
     jobs: int = 2  # folds fitted at once (each fit's BLAS single-threaded)
 
 
@@ -119,13 +123,14 @@ class AnnotationContext:
     decode_limits: DecodeLimits
     batcher: MicroBatcher
     executors: Executors
+    embed_config: EmbedConfig
+    fewshot: FewShotConfig  # classify with examples: limits, head cache size
+    audit_config: AuditConfig  # "task": "audit" limits
     on_text_cache: Callable[[bool], None] | None = None  # metrics hook: True on a hit
     store: ObjectStore | None = None  # where embed writes vectors and reads 'against' files
-    embed_config: EmbedConfig = field(default_factory=EmbedConfig)
     embedding_cache: EmbeddingCache | None = None  # image embeddings by (content hash, model): classify and embed
-    fewshot: FewShotConfig = field(default_factory=FewShotConfig)  # classify with examples: limits, head cache size
     fewshot_heads: FewShotHeads = field(init=False)  # fitted few-shot heads by support-set key, single flight
-    audit_config: AuditConfig = field(default_factory=AuditConfig)  # "task": "audit" limits
+    manifest_limits: ManifestLimits = field(default_factory=ManifestLimits)  # examples_url / manifest_url bounds
     images_semaphore: asyncio.Semaphore = field(init=False)
     interactive_semaphore: asyncio.Semaphore = field(init=False)
     preprocessor: Preprocessor = field(init=False)  # fetched bytes -> model input, for classify and embed

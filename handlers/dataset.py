@@ -3,8 +3,8 @@
 Entries are ``{"url", "label"}`` objects or plain URLs labeled by their parent folder
 (``.../<class>/<file>``, the ImageFolder convention); ``manifest_url`` points to a JSON Lines file of
 ``{"url", "label", "split"}``. Images go through the same fetching and decoding as annotation (size and
-pixel limits, private-network rule) and are kept in a cache shared by jobs: files named by the hash of
-their content, found again by the hash of their URL. Downloads run in a bounded pool (the fetch
+pixel limits, private-network rule) and are kept in a cache shared by jobs, bounded in bytes
+(:class:`DatasetCache`), served only for URLs their fences still allow. Downloads run in a bounded pool (the fetch
 concurrency setting), so a manifest of hundreds of thousands of images never means as many tasks, and
 the pool stops fetching as soon as the job's outcome is known (too many bad images, another error, a
 cancel).
@@ -13,9 +13,12 @@ cancel).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import os
+import shutil
+import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,23 +26,15 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from handlers import manifests
-from handlers.errors import ImageError, PermanentError
+from handlers.errors import TOO_LARGE, ImageError, PermanentError
 from handlers.executor import Executors
 from handlers.fetch import Fetcher
 from handlers.images import DecodeLimits, decoded
+from handlers.lifecycle import Stopped
 from schemas.training import LabeledUrl, TrainingDataset
 
 INVALID_DATASET = "invalid_dataset"
 TOO_MANY_BAD_IMAGES = "too_many_bad_images"
-MAX_MANIFEST_BYTES = manifests.MAX_MANIFEST_BYTES
-
-
-class DownloadStopped(Exception):
-    """The job was asked to stop (``reason``: ``"cancel"`` or ``"preempt"``) while its images downloaded."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 @dataclass
@@ -50,10 +45,12 @@ class PreparedDataset:
     total: int = 0
 
 
-def label_of(entry: LabeledUrl | str) -> tuple[str, str]:
+def label_of(entry: LabeledUrl | str | tuple[str, str]) -> tuple[str, str]:
     """(url, label) of an entry; a plain URL's label is its parent folder name."""
     if isinstance(entry, LabeledUrl):
         return entry.url, entry.label
+    if isinstance(entry, tuple):
+        return entry
     path = unquote(urlsplit(entry).path).rstrip("/")
     parts = path.split("/")
     if len(parts) < 2 or not parts[-2]:
@@ -62,36 +59,98 @@ def label_of(entry: LabeledUrl | str) -> tuple[str, str]:
 
 
 class DatasetCache:
-    """Local image cache shared by jobs (content-addressed files, URL index)."""
+    """Local image cache shared by jobs: one file per URL (named by the hash of the URL), at most ``max_bytes``
+    on disk (``CLS_DATASET_CACHE_MB``; None: unbounded).
 
-    def __init__(self, root: str | Path) -> None:
+    When a new file would not fit, the least recently used files (by modification time: a hit touches its
+    file) are removed until the cache is at nine tenths of its budget, never a file this cache object
+    handed out or stored (one object per job: its images stay until it is done). A job whose own images do
+    not fit fails with ``too_large``. The files on disk are rescanned whenever the budget is reached, so
+    workers sharing the directory see each other's files. Callers check a URL's fences before asking
+    (``Fetcher.check``): a cached file is served only for a URL that may still be fetched.
+    """
+
+    def __init__(self, root: str | Path, max_bytes: int | None = None) -> None:
         self.root = Path(root).expanduser()
-        (self.root / "objects").mkdir(parents=True, exist_ok=True)
-        (self.root / "urls").mkdir(parents=True, exist_ok=True)
+        self.images = self.root / "images"
+        self.images.mkdir(parents=True, exist_ok=True)
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()  # store() runs in the CPU pool's threads
+        self._sizes: dict[str, int] | None = None  # file name -> bytes, once scanned
+        self._used: set[str] = set()  # files this cache handed out or stored (its job's images)
 
-    def _index(self, url: str) -> Path:
-        return self.root / "urls" / hashlib.sha256(url.encode()).hexdigest()
+    def _name(self, url: str, suffix: str) -> str:
+        return hashlib.sha256(url.encode()).hexdigest() + suffix
 
     def lookup(self, url: str) -> str | None:
-        index = self._index(url)
-        try:
-            path = self.root / "objects" / index.read_text().strip()
-        except OSError:
-            return None
-        return str(path) if path.exists() else None
+        for suffix in SUFFIXES:
+            path = self.images / self._name(url, suffix)
+            try:
+                os.utime(path)  # most recently used now
+            except OSError:
+                continue
+            self._used.add(path.name)
+            return str(path)
+        return None
 
     def store(self, url: str, data: bytes, suffix: str) -> str:
-        digest = hashlib.sha256(data).hexdigest()
-        path = self.root / "objects" / f"{digest}{suffix}"
-        if not path.exists():
-            tmp = path.with_suffix(path.suffix + f".{uuid.uuid4().hex}.tmp")  # unique: threads share the pid
+        path = self.images / self._name(url, suffix)
+        with self._lock:
+            self._used.add(path.name)
+            if self.max_bytes is not None:
+                self._make_room(path.name, len(data))
+            tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # unique: threads share the pid
             tmp.write_bytes(data)
             os.replace(tmp, path)
-        index = self._index(url)
-        tmp_index = index.with_suffix(f".{uuid.uuid4().hex}.tmp")
-        tmp_index.write_text(path.name)
-        os.replace(tmp_index, index)
+            if self._sizes is not None:
+                self._sizes[path.name] = len(data)
         return str(path)
+
+    def _scan(self) -> dict[str, int]:
+        for legacy in ("objects", "urls"):  # the layout before the cache was bounded: never counted, removed
+            shutil.rmtree(self.root / legacy, ignore_errors=True)
+        sizes: dict[str, int] = {}
+        with os.scandir(self.images) as entries:
+            for entry in entries:
+                try:
+                    if entry.is_file() and not entry.name.startswith("."):
+                        sizes[entry.name] = entry.stat().st_size
+                except OSError:
+                    continue
+        return sizes
+
+    def _make_room(self, name: str, size: int) -> None:
+        assert self.max_bytes is not None
+        if self._sizes is None:
+            self._sizes = self._scan()
+        if sum(self._sizes.values()) - self._sizes.get(name, 0) + size <= self.max_bytes:
+            return
+        self._sizes = self._scan()  # the disk as it is now (other jobs, other workers)
+        total = sum(self._sizes.values()) - self._sizes.pop(name, 0)
+        if total + size <= self.max_bytes:
+            return
+        low_water = int(self.max_bytes * 0.9) - size
+        mtimes: list[tuple[float, str]] = []
+        for other in self._sizes:
+            if other not in self._used:
+                try:
+                    mtimes.append(((self.images / other).stat().st_mtime, other))
+                except OSError:
+                    continue
+        for _, other in sorted(mtimes):
+            if total <= low_water:
+                break
+            with contextlib.suppress(OSError):
+                (self.images / other).unlink()
+            total -= self._sizes.pop(other)
+        if total + size > self.max_bytes:
+            mine = sum(self._sizes.get(n, 0) for n in self._used) + size
+            raise PermanentError(TOO_LARGE, f"the job's images need more than {mine} bytes of local cache; the cache "
+                                            f"holds at most {self.max_bytes} (CLS_DATASET_CACHE_MB)")
+
+
+SUFFIXES = (".jpg", ".png")
+"""The files the cache keeps: a plain RGB JPEG as fetched, anything else re-encoded as PNG."""
 
 
 def _normalise(data: bytes, limits: DecodeLimits) -> tuple[bytes, str]:
@@ -115,27 +174,37 @@ class _ManifestLine(LabeledUrl):
     split: object = "train"
 
 
-async def read_manifest(fetcher: Fetcher, url: str) -> tuple[list[LabeledUrl], list[LabeledUrl]]:
-    """Entries of a JSON Lines manifest, split into (train, val) by their ``split`` field."""
-    lines = await manifests.read_manifest(fetcher, url, _ManifestLine, error_code=INVALID_DATASET,
-                                          max_bytes=MAX_MANIFEST_BYTES)
-    train, val = [], []
-    for line in lines:
-        entry = LabeledUrl(url=line.url, label=line.label)
-        (val if str(line.split).lower() in ("val", "valid", "validation") else train).append(entry)
+VAL_SPLITS = ("val", "valid", "validation")
+
+
+def _compact(line: _ManifestLine) -> tuple[str, str, bool]:
+    """A manifest line as kept while the manifest streams: (url, label, is it a validation image)."""
+    return line.url, line.label, isinstance(line.split, str) and line.split.lower() in VAL_SPLITS
+
+
+async def read_manifest(fetcher: Fetcher, url: str, executors: Executors,
+                        limits: manifests.ManifestLimits = manifests.ManifestLimits(),
+                        ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """Entries of a JSON Lines manifest as (url, label), split into (train, val) by their ``split`` field;
+    streamed and parsed in the CPU pool (``handlers.manifests``), at most CLS_MANIFEST_MAX_LINES entries."""
+    lines = await manifests.read_manifest(fetcher, url, _ManifestLine, executors=executors, error_code=INVALID_DATASET,
+                                          limits=limits, convert=_compact)
+    train = [(line_url, label) for line_url, label, is_val in lines if not is_val]
+    val = [(line_url, label) for line_url, label, is_val in lines if is_val]
     return train, val
 
 
 async def prepare_dataset(dataset: TrainingDataset, *, fetcher: Fetcher, executors: Executors, cache: DatasetCache,
                           limits: DecodeLimits, max_bad_fraction: float, concurrency: int = 16,
-                          should_stop: Callable[[], str | None] | None = None) -> PreparedDataset:
+                          should_stop: Callable[[], str | None] | None = None,
+                          manifest_limits: manifests.ManifestLimits = manifests.ManifestLimits()) -> PreparedDataset:
     """Resolve labels, download and check every image (``concurrency`` at a time); fail as soon as too many
     are unusable. ``should_stop`` is asked before each image: a reason (``"cancel"``, ``"preempt"``) ends
-    the downloads with ``DownloadStopped``."""
-    train_entries = list(dataset.train_urls)
-    val_entries = list(dataset.val_urls)
+    the downloads with ``handlers.lifecycle.Stopped``."""
+    train_entries: list[LabeledUrl | str | tuple[str, str]] = list(dataset.train_urls)
+    val_entries: list[LabeledUrl | str | tuple[str, str]] = list(dataset.val_urls)
     if dataset.manifest_url:
-        extra_train, extra_val = await read_manifest(fetcher, dataset.manifest_url)
+        extra_train, extra_val = await read_manifest(fetcher, dataset.manifest_url, executors, manifest_limits)
         train_entries += extra_train
         val_entries += extra_val
     index = {name: i for i, name in enumerate(dataset.class_names)}
@@ -180,6 +249,10 @@ async def _download_all(urls: list[str], *, fetcher: Fetcher, executors: Executo
     positions = iter(range(len(urls)))  # shared: each position is taken by exactly one worker
 
     async def one(url: str) -> str | ImageError:
+        try:
+            await fetcher.check(url)  # the fences first: a cached file only for a URL that may still be fetched
+        except ImageError as exc:
+            return exc
         cached = cache.lookup(url)
         if cached is not None:
             return cached
@@ -194,7 +267,7 @@ async def _download_all(urls: list[str], *, fetcher: Fetcher, executors: Executo
         for position in positions:
             reason = should_stop() if should_stop is not None else None
             if reason is not None:
-                raise DownloadStopped(reason)
+                raise Stopped(reason)
             result = await one(urls[position])
             results[position] = result
             if isinstance(result, ImageError):

@@ -18,7 +18,6 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import aclosing
 from typing import TYPE_CHECKING
-from urllib.parse import quote
 
 import numpy as np
 import structlog
@@ -26,6 +25,8 @@ import torch
 
 from handlers.parts import parts_in_order
 from handlers.errors import ImageError, InvalidRequest, PermanentError
+from handlers.images import DecodeLimits, decoded
+from handlers.keys import key_segment
 from handlers.storage import ObjectStore
 from ml.duplicates import DuplicateInputError, EmbeddingSet, check_embeddings, find_duplicates
 from ml.embedding_files import EMBEDDINGS_CONTENT_TYPE, EMBEDDINGS_SUFFIX, EmbeddingFileError, read_embeddings, write_embeddings
@@ -33,6 +34,7 @@ from schemas.annotation import (
     MAX_IMAGE_ERROR_CHARS,
     AnnotationResult,
     DuplicateGroup,
+    DuplicateSignals,
     EmbedRequest,
     ImageRef,
     ImageResult,
@@ -62,8 +64,9 @@ def embed_part_size(request: EmbedRequest, configured: int, dim: int, budget_byt
 
 
 def part_url(prefix: str, request_id: str, part: int) -> str:
-    """Where part ``part`` of ``request_id`` is stored under ``prefix`` (the id is percent-encoded)."""
-    return f"{prefix.rstrip('/')}/{quote(request_id, safe='-_.')}/part-{part:05d}{EMBEDDINGS_SUFFIX}"
+    """Where part ``part`` of ``request_id`` is stored under ``prefix`` (the id as one key segment,
+    ``handlers.keys.key_segment``: percent-encoded, never ``..``)."""
+    return f"{prefix.rstrip('/')}/{key_segment(request_id)}/part-{part:05d}{EMBEDDINGS_SUFFIX}"
 
 
 class EmbedHandler:
@@ -102,8 +105,10 @@ class EmbedHandler:
         priority = request.priority or "bulk"
         window = asyncio.Semaphore(ctx.config.request_window if priority == "bulk" else len(images))
 
+        perceptual: dict[str, int] | None = {} if request.duplicates is not None else None  # content hash -> pHash
+
         def handle(image: ImageRef) -> Awaitable[tuple[str, torch.Tensor] | ImageResult]:
-            return self.embed_image(model, image, request_id, priority, window)
+            return self.embed_image(model, image, request_id, priority, window, perceptual=perceptual)
 
         all_ids: list[str] = []
         all_hashes: list[str] = []
@@ -124,7 +129,8 @@ class EmbedHandler:
                 duplicates = duplicates_url = None
                 if request.duplicates is not None and k == len(parts) - 1:
                     groups = await ctx.executors.on_cpu(
-                        duplicate_groups, all_ids, all_hashes, all_vectors, against, request.duplicates.threshold)
+                        duplicate_groups, all_ids, all_hashes, all_vectors, against, request.duplicates.threshold,
+                        perceptual)
                     duplicates, duplicates_url = await self._fit_groups(groups, output, request_id, budget)
                 yield AnnotationResult.completed_part(
                     request_id, k, len(parts),
@@ -170,16 +176,20 @@ class EmbedHandler:
             return output
 
     async def embed_image(self, model: EmbeddingHandle, image: ImageRef, request_id: str, priority: str,
-                          window: asyncio.Semaphore) -> tuple[str, torch.Tensor] | ImageResult:
+                          window: asyncio.Semaphore, *, perceptual: dict[str, int] | None = None,
+                          ) -> tuple[str, torch.Tensor] | ImageResult:
         """One image -> (content hash, its normalised embedding), or an error entry. The whole path (fenced
         fetch, embedding cache, decode, micro-batched forward) under the lane's budget and the request's
-        ``window``; the embed task, few-shot support sets and the audit all embed through here."""
+        ``window``; the embed task, few-shot support sets and the audit all embed through here. With
+        ``perceptual``, the image's perceptual hash is stored there under its content hash (duplicates)."""
         ctx = self.ctx
         budget = ctx.interactive_semaphore if priority == "interactive" else ctx.images_semaphore
         async with window, budget:
             try:
                 data = await ctx.fetcher.fetch(image.url)
                 digest = await ctx.executors.on_cpu(content_hash, data)
+                if perceptual is not None and digest not in perceptual:
+                    perceptual[digest] = await ctx.executors.on_cpu(perceptual_hash_of, data, ctx.preprocessor.limits)
                 cached = ctx.embedding_cache.get(digest, model.key) if ctx.embedding_cache else None
                 if cached is not None:
                     return digest, cached
@@ -238,6 +248,14 @@ class EmbedHandler:
         return kept, url
 
 
+def perceptual_hash_of(data: bytes, limits: DecodeLimits) -> int:
+    """The 64-bit DCT perceptual hash (``ml.perceptual_hash``) of the image ``data``, decoded under ``limits``."""
+    from ml.perceptual_hash import perceptual_hash
+
+    with decoded(data, limits) as image:
+        return perceptual_hash(image)
+
+
 def content_hash(data: bytes) -> str:
     """The image's identity for the embedding cache and exact duplicates: SHA-256 of its bytes."""
     return hashlib.sha256(data).hexdigest()
@@ -265,9 +283,13 @@ def _part_entries(images: Sequence[ImageRef], outputs: list, inline: bool
 
 
 def duplicate_groups(ids: list[str], hashes: list[str], vectors: list[torch.Tensor],
-                     against: list[tuple[str, list[str], np.ndarray]], threshold: float) -> list[DuplicateGroup]:
-    """Exact groups (same content hash) and near groups (cosine >= threshold) among the request's images and
-    the 'against' files (their ids as ``<url>#<id>``), by :func:`ml.duplicates.find_duplicates`.
+                     against: list[tuple[str, list[str], np.ndarray]], threshold: float,
+                     perceptual: dict[str, int] | None = None) -> list[DuplicateGroup]:
+    """Exact groups (same content hash) and near groups among the request's images and the 'against' files
+    (their ids as ``<url>#<id>``), by :func:`ml.duplicates.find_duplicates`: cosine >= threshold, or a
+    perceptual hash within its default distance (``perceptual``: content hash -> pHash; the 'against' files
+    hold vectors only, so they match by cosine). ``signals``: the lowest cosine and the largest hash distance
+    among the links that joined a group.
 
     A near group lists every image linked to it; byte-identical images inside it are also listed as an exact
     group (so an id may be in one exact and one near group). ``similarity``: the lowest similarity among the
@@ -289,8 +311,11 @@ def duplicate_groups(ids: list[str], hashes: list[str], vectors: list[torch.Tens
         if earlier_ids:
             earlier = EmbeddingSet(ids=earlier_ids, vectors=np.stack(rows).astype(np.float32))
     total = len(ids) + (len(earlier.ids) if earlier else 0)
+    phashes = None
+    if perceptual is not None and all(h in perceptual for h in hashes):
+        phashes = np.array([perceptual[h] for h in hashes], dtype=np.uint64)
     report = find_duplicates(ids, torch.stack(vectors).float().numpy(), hashes=hashes, threshold=threshold,
-                             earlier=earlier, max_groups=total, max_group_size=total)
+                             earlier=earlier, max_groups=total, max_group_size=total, perceptual_hashes=phashes)
     hash_of = dict(zip(ids, hashes, strict=True))
     groups: list[DuplicateGroup] = []
     for group in report.groups:
@@ -300,6 +325,8 @@ def duplicate_groups(ids: list[str], hashes: list[str], vectors: list[torch.Tens
                 same_bytes.setdefault(hash_of[image_id], []).append(image_id)
             groups += [DuplicateGroup(ids=members, kind="exact", similarity=1.0)
                        for members in same_bytes.values() if len(members) > 1]
-        groups.append(DuplicateGroup(ids=[*group.ids, *group.earlier_ids], kind=group.kind,
-                                     similarity=round(max(-1.0, min(1.0, group.min_similarity)), 6)))
+        similarity = round(max(-1.0, min(1.0, group.min_similarity)), 6)
+        signals = DuplicateSignals(cosine=similarity, hash_distance=group.hash_distance) if group.kind == "near" else None
+        groups.append(DuplicateGroup(ids=[*group.ids, *group.earlier_ids], kind=group.kind, similarity=similarity,
+                                     signals=signals))
     return groups

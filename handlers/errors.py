@@ -21,21 +21,6 @@ NOT_AN_IMAGE = "not_an_image"
 DECODE_FAILED = "decode_failed"
 UNSUPPORTED_URL = "unsupported_url"
 
-IMAGE_ERROR_CODES = frozenset(
-    {
-        FETCH_FAILED,
-        HTTP_STATUS,
-        TIMEOUT,
-        TOO_LARGE,
-        TOO_MANY_PIXELS,
-        BAD_ASPECT_RATIO,
-        BLOCKED_URL,
-        NOT_AN_IMAGE,
-        DECODE_FAILED,
-        UNSUPPORTED_URL,
-    }
-)
-
 # Whole-request error code of a request that cannot be valid here.
 INVALID_REQUEST = "invalid_request"
 

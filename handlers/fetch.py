@@ -13,6 +13,7 @@ import ipaddress
 import os
 import re
 import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -107,6 +108,14 @@ def is_blocked_address(address: str) -> bool:
         or (isinstance(c, ipaddress.IPv6Address) and c in _SITE_LOCAL)
         for c in candidates
     )
+
+
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    return True
 
 
 def _is_local_name(host: str) -> bool:
@@ -236,6 +245,69 @@ class Fetcher:
         async with self._semaphore:
             return await fetch_one(url)
 
+    async def check(self, url: str) -> None:
+        """Raise ``ImageError`` (``blocked_url`` / ``unsupported_url``) when fetching ``url`` now would be refused
+        by a fence (scheme, file root, bucket list, private networks: a host name is resolved), without
+        fetching it: for bytes kept from an earlier fetch (a cache), served only if the URL is still allowed."""
+        try:
+            scheme = urlsplit(url).scheme.lower()
+        except ValueError as exc:
+            raise ImageError(UNSUPPORTED_URL, f"invalid URL {url!r}: {exc}") from exc
+        try:
+            if scheme in ("http", "https"):
+                current = URL(url)
+                self._check_hop(current, url)
+                host = (current.raw_host or "").strip("[]")
+                if not self.limits.allow_private_networks and not _is_ip_literal(host):
+                    try:
+                        await GuardedResolver().resolve(host, current.port or 0)
+                    except BlockedAddressError as exc:
+                        raise ImageError(BLOCKED_URL, f"{url}: {exc}") from exc
+                    except OSError:
+                        pass  # unresolvable now: nothing it could reach, the fetch itself would fail the same way
+            elif scheme == "s3":
+                if self.store is None:
+                    raise ImageError(UNSUPPORTED_URL, f"no object store configured for {url!r}")
+                self.store.check(url)
+            elif scheme == "file":
+                (self.store.files if self.store is not None
+                 else FileFence(self.limits.allow_file_urls, self.limits.file_root)).path(url)
+            else:
+                raise ImageError(UNSUPPORTED_URL, f"unsupported URL scheme {scheme!r}: {url!r}")
+        except ImageError:
+            raise
+        except PermanentError as exc:
+            raise ImageError(exc.code, exc.message) from exc
+        except (ValueError, aiohttp.InvalidURL) as exc:
+            raise ImageError(UNSUPPORTED_URL, f"invalid URL {url!r}: {exc}") from exc
+
+    async def fetch_into(self, url: str, sink: Callable[[bytes], Awaitable[None]], max_bytes: int) -> None:
+        """Stream the bytes at ``url`` into ``sink``, chunk by chunk, under the same fences and timeouts as
+        :meth:`fetch` but with its own size limit (``max_bytes``; over it: ``ImageError(too_large)``). For
+        large documents (manifests) that must never be whole in memory."""
+        try:
+            scheme = urlsplit(url).scheme.lower()
+        except ValueError as exc:
+            raise ImageError(UNSUPPORTED_URL, f"invalid URL {url!r}: {exc}") from exc
+        async with self._semaphore:
+            if scheme in ("http", "https"):
+                await self._fetch_http(url, lambda response: self._stream_body(response, url, sink, max_bytes))
+            elif scheme == "s3":
+                if self.store is None:
+                    raise ImageError(UNSUPPORTED_URL, f"no object store configured for {url!r}")
+                await self.store.read_into(url, sink, max_bytes)
+            elif scheme == "file":
+                fence = self.store.files if self.store is not None else FileFence(self.limits.allow_file_urls,
+                                                                                  self.limits.file_root)
+                try:
+                    fence.path(url)
+                except PermanentError as exc:
+                    raise ImageError(exc.code, exc.message) from exc
+                store = self.store or ObjectStore(allow_file_urls=True, file_root=self.limits.file_root)
+                await store.read_into(url, sink, max_bytes)
+            else:
+                raise ImageError(UNSUPPORTED_URL, f"unsupported URL scheme {scheme!r}: {url!r}")
+
     # -- http(s) --------------------------------------------------------------------------------
 
     def _check_hop(self, url: URL, original: str) -> None:
@@ -258,7 +330,8 @@ class Fetcher:
         if is_blocked_address(literal):
             raise ImageError(BLOCKED_URL, f"non-public address {literal!r} refused")
 
-    async def _fetch_http(self, url: str) -> bytes:
+    async def _fetch_http(self, url: str,
+                          read: Callable[[aiohttp.ClientResponse], Awaitable[bytes]] | None = None) -> bytes:
         if self._session is None:
             raise RuntimeError("Fetcher is not open: use 'async with Fetcher(...)'")
         limits = self.limits
@@ -280,7 +353,7 @@ class Fetcher:
                             raise ImageError(
                                 HTTP_STATUS, f"HTTP {response.status} {response.reason or ''} for {url}"
                             )
-                        return await self._read_body(response, url)
+                        return await (read(response) if read is not None else self._read_body(response, url))
                 raise ImageError(FETCH_FAILED, f"more than {limits.max_redirects} redirects for {url}")
         except ImageError:
             raise
@@ -309,6 +382,21 @@ class Fetcher:
                 raise ImageError(TOO_LARGE, f"{url}: body over limit {max_bytes} bytes")
             chunks.append(chunk)
         return b"".join(chunks)
+
+    async def _stream_body(self, response: aiohttp.ClientResponse, url: str,
+                           sink: Callable[[bytes], Awaitable[None]], max_bytes: int) -> bytes:
+        declared = response.content_length
+        if declared is not None and declared > max_bytes:
+            response.close()
+            raise ImageError(TOO_LARGE, f"{url}: Content-Length {declared} > limit {max_bytes}")
+        total = 0
+        async for chunk in response.content.iter_chunked(_CHUNK):
+            total += len(chunk)
+            if total > max_bytes:
+                response.close()
+                raise ImageError(TOO_LARGE, f"{url}: body over limit {max_bytes} bytes")
+            await sink(chunk)
+        return b""
 
     # -- s3:// ----------------------------------------------------------------------------------
 

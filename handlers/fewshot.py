@@ -23,7 +23,7 @@ import asyncio
 import functools
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import aclosing
 from typing import TYPE_CHECKING
 
@@ -95,8 +95,9 @@ class FewShotClassifier:
             return list(request.examples)
         assert request.examples_url is not None
         max_bytes = min(MAX_MANIFEST_BYTES, 2**20 + limit * MANIFEST_BYTES_PER_EXAMPLE)
-        examples = await read_manifest(self.ctx.fetcher, request.examples_url, LabeledExample, error_code="invalid_request",
-                                       max_lines=limit, max_bytes=max_bytes, limit_name=MAX_FEW_SHOT_EXAMPLES_LIMIT)
+        examples = await read_manifest(self.ctx.fetcher, request.examples_url, LabeledExample, executors=self.ctx.executors,
+                                       error_code="invalid_request", limits=self.ctx.manifest_limits, max_lines=limit,
+                                       max_bytes=max_bytes, limit_name=MAX_FEW_SHOT_EXAMPLES_LIMIT)
         if not examples:
             raise InvalidRequest(f"manifest {request.examples_url} holds no examples")
         return examples
@@ -153,7 +154,7 @@ class FewShotClassifier:
         summary = FewShotSummary(
             method=head.method, examples_per_class=dict(head.examples_per_class), examples_failed=failed,
             cv_accuracy=None if head.cv_accuracy is None else round(float(head.cv_accuracy), 6), fitted=fitted)
-        top_k = min(request.top_k, len(classes))
+        top_k = request.top_k_for(len(classes))
 
 
         size = part_size_for(request, ctx.config.part_size, classes, ctx.config.part_budget_bytes,

@@ -13,3 +13,13 @@ class Abandoned(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class Stopped(Exception):
+    """The work was asked to stop (``reason``: ``"cancel"`` or ``"preempt"``) and stopped at a safe point: a
+    dataset download between images, training at a step boundary after its checkpoint (``epoch``, ``step``:
+    where it resumes). The handler turns it into a ``cancelled`` event or ``Abandoned``."""
+
+    def __init__(self, reason: str, epoch: int = 0, step: int = 0) -> None:
+        super().__init__(reason)
+        self.reason, self.epoch, self.step = reason, epoch, step

@@ -24,20 +24,23 @@ DEFAULT_TIMM_VARIANTS = frozenset({"resnet50", "convnext_tiny", "efficientnet_b0
 
 @dataclass(frozen=True)
 class ModelConfig:
-    clip_variant: str = "ViT-B-32"
-    clip_weights: str = "laion2b_s34b_b79k"
-    siglip_variant: str = "google/siglip-base-patch16-224"
-    siglip_weights: str = "pretrained"
-    device: str = "auto"
-    seed: int = 0
-    text_cache_size: int = 512
-    text_cache_bytes: int | None = 256 * 1024 * 1024  # one cache shared by every loaded zero-shot model
-    cache_size: int = 2
-    model_dir: str = "~/.cache/cls-workers/models"
+    """The worker's model settings (``consumers.annotation_worker.model_config`` builds it from ``CLS_*``; the
+    defaults live in ``consumers.settings`` only)."""
+
+    clip_variant: str  # CLS_CLIP_VARIANT
+    clip_weights: str  # CLS_CLIP_WEIGHTS
+    siglip_variant: str  # CLS_SIGLIP_VARIANT
+    siglip_weights: str  # CLS_SIGLIP_WEIGHTS
+    device: str  # CLS_DEVICE
+    seed: int  # CLS_SEED
+    text_cache_size: int  # CLS_TEXT_CACHE_SIZE
+    text_cache_bytes: int | None  # CLS_TEXT_CACHE_MB: one cache shared by every loaded zero-shot model
+    cache_size: int  # CLS_MODEL_CACHE_SIZE
+    model_dir: str  # CLS_MODEL_DIR
+    timm_weights: str  # CLS_TIMM_WEIGHTS: timm weights without model_url ('pretrained': the hub cache)
     clip_variant_weights: tuple[tuple[str, str], ...] = ()  # (variant, weights) overrides, CLS_CLIP_VARIANT_WEIGHTS
     allowed_variants: frozenset[str] | None = None  # "family:variant" (or "family:*"); None: the default policy
     timm_variants: frozenset[str] = DEFAULT_TIMM_VARIANTS  # timm names allowed by the default policy
-    timm_weights: str = "pretrained"  # timm weights without model_url: the hub cache ('random' in tests)
 
     def key_for(self, family: str, variant: str | None, model_url: str | None = None) -> ModelKey:
         """The cache key of a request's model; a variant a message names must pass the allow-list first."""

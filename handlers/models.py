@@ -22,6 +22,7 @@ import structlog
 
 from handlers.errors import BLOCKED_URL, PermanentError
 from handlers.executor import Executors
+from handlers.keys import local_child
 from handlers.model_config import (  # noqa: F401 - the model's identity and config, importable from here
     DEFAULT_TIMM_VARIANTS,
     MODEL_UNAVAILABLE,
@@ -177,8 +178,8 @@ class ModelRegistry:
         if weights.endswith("/"):
             if not (target / ".complete").exists():
                 for url in await self.store.list(weights):
-                    relative = url[len(weights):]
-                    await self.store.download_file(url, target / relative)
+                    local = local_child(target, url[len(weights):], MODEL_UNAVAILABLE)  # never outside target
+                    await self.store.download_file(url, local)
                 target.mkdir(parents=True, exist_ok=True)
                 (target / ".complete").touch()
             return str(target)

@@ -64,7 +64,7 @@ def part_size_for(request: AnnotationRequest, configured: int, class_names: Sequ
     redelivery gets the same parts. ``extra_envelope_bytes``: a bound of what else every part carries (the
     few-shot summary).
     """
-    top_k = min(request.top_k, len(class_names))
+    top_k = request.top_k_for(len(class_names))
     longest_class = max((json_bytes(c) for c in class_names), default=10)
     longest_id = max(json_bytes(img.id) for img in request.images)
     predictions = 2 + top_k * (longest_class + len('{"class":,"confidence":0.12345678901234567},'))

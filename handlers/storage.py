@@ -21,7 +21,7 @@ import math
 import os
 import shutil
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
@@ -58,6 +58,7 @@ __all__ = ["ObjectStore", "file_url_path", "s3_url", "split_s3_url"]
 S3_MIN_PART_SIZE = 5 * 1024 * 1024
 S3_MAX_PARTS = 10_000
 _READ_CHUNK = 256 * 1024
+_FILE_CHUNK = 1024 * 1024
 _DELETE_BATCH = 1000
 
 _Op = Literal["read", "write"]
@@ -341,6 +342,34 @@ class ObjectStore:
         if self._scheme(url) == "file":
             with _file_errors("read", url):
                 return await asyncio.to_thread(_read_file_limited, self._path(url), max_bytes, url)
+        chunks: list[bytes] = []
+
+        async def keep(chunk: bytes) -> None:
+            chunks.append(chunk)
+
+        await self.read_into(url, keep, max_bytes)
+        return b"".join(chunks)
+
+    async def read_into(self, url: str, sink: Callable[[bytes], Awaitable[None]], max_bytes: int | None = None) -> None:
+        """Stream an object into ``sink``, chunk by chunk (never whole in memory); ``PermanentError(too_large)``
+        as soon as it is over ``max_bytes``."""
+        if self._scheme(url) == "file":
+            with _file_errors("read", url):
+                path = self._path(url)
+                size = await asyncio.to_thread(lambda: path.stat().st_size)
+                if max_bytes is not None and size > max_bytes:
+                    raise PermanentError(TOO_LARGE, f"{url}: {size} bytes > limit {max_bytes}")
+                handle = await asyncio.to_thread(open, path, "rb")
+                try:
+                    total = 0
+                    while chunk := await asyncio.to_thread(handle.read, _FILE_CHUNK):
+                        total += len(chunk)
+                        if max_bytes is not None and total > max_bytes:
+                            raise PermanentError(TOO_LARGE, f"{url}: more than {max_bytes} bytes")
+                        await sink(chunk)
+                finally:
+                    handle.close()
+            return
         bucket, key = self._bucket_key(url)
         with _s3_errors("read", url):
             response = await self.client.get_object(Bucket=bucket, Key=key)
@@ -349,14 +378,12 @@ class ObjectStore:
             async with body:  # releases the connection even when we stop early
                 if max_bytes is not None and length is not None and length > max_bytes:
                     raise PermanentError(TOO_LARGE, f"{url}: {length} bytes > limit {max_bytes}")
-                chunks: list[bytes] = []
                 total = 0
                 while chunk := await body.read(_READ_CHUNK):
                     total += len(chunk)
                     if max_bytes is not None and total > max_bytes:
                         raise PermanentError(TOO_LARGE, f"{url}: more than {max_bytes} bytes")
-                    chunks.append(chunk)
-            return b"".join(chunks)
+                    await sink(chunk)
 
     async def put_bytes(self, url: str, data: bytes, content_type: str | None = None) -> None:
         """Write a whole object."""

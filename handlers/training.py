@@ -24,7 +24,6 @@ import contextlib
 import hashlib
 import json
 import shutil
-import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -33,12 +32,14 @@ from typing import Any
 
 import structlog
 
-from handlers.dataset import DatasetCache, DownloadStopped, prepare_dataset
+from handlers.cancels import CancelRegistry
+from handlers.dataset import DatasetCache, prepare_dataset
 from handlers.errors import HandlerError, PermanentError
 from handlers.executor import Executors
 from handlers.fetch import Fetcher
 from handlers.images import DecodeLimits
-from handlers.lifecycle import Abandoned
+from handlers.lifecycle import Abandoned, Stopped
+from handlers.manifests import ManifestLimits
 from handlers.storage import ObjectStore
 from schemas.common import ErrorInfo
 from schemas.training import (
@@ -60,42 +61,22 @@ PACKAGE_JOB_ID = "job_id"
 OUTPUT_EXISTS = "output_exists"
 
 
-class CancelRegistry:
-    """Job ids cancelled on the control topic (fed by the consumer layer, read by the training thread)."""
-
-    def __init__(self) -> None:
-        self._cancelled: dict[str, str | None] = {}
-        self._lock = threading.Lock()
-        self.caught_up = asyncio.Event()
-
-    def cancel(self, job_id: str, reason: str | None = None) -> None:
-        with self._lock:
-            self._cancelled[job_id] = reason
-
-    def uncancel(self, job_id: str) -> None:
-        with self._lock:
-            self._cancelled.pop(job_id, None)
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._cancelled)
-
-    def is_cancelled(self, job_id: str) -> bool:
-        with self._lock:
-            return job_id in self._cancelled
-
-
 @dataclass
 class TrainingSettings:
-    work_dir: str = "~/.cache/cls-workers/training"
-    dataset_cache_dir: str = "~/.cache/cls-workers/images"
-    checkpoint_suffix: str = ".checkpoints"
-    heartbeat_s: float = 30.0
-    device: str = "auto"
-    download_concurrency: int = 16
+    """The training handler's settings (``consumers.training_worker.training_settings`` builds them from ``CLS_*``;
+    the defaults live in ``consumers.settings`` only)."""
+
+    work_dir: str  # CLS_TRAINING_WORK_DIR
+    dataset_cache_dir: str  # CLS_DATASET_CACHE_DIR
+    checkpoint_suffix: str  # CLS_CHECKPOINT_PREFIX_SUFFIX
+    heartbeat_s: float  # CLS_HEARTBEAT_S
+    device: str  # CLS_DEVICE
+    download_concurrency: int  # CLS_FETCH_CONCURRENCY
     memory_budget_bytes: int | None = None  # None: half the memory available when a job is checked
     max_workers: int | None = None  # cap on num_workers; None: the usable CPU cores
     max_metrics_bytes: int = 512 * 1024  # encoded metrics kept in a completed event (the worker: max_record_bytes / 8)
+    manifest_limits: ManifestLimits = field(default_factory=ManifestLimits)  # a dataset's manifest_url bounds
+    dataset_cache_bytes: int | None = 10 * 1024**3  # CLS_DATASET_CACHE_MB: the image cache on disk (None: unbounded)
 
 
 class _Delivery:
@@ -244,13 +225,6 @@ def _clean(metrics: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-_ML_ERROR_CODES = {
-    "UnknownModelError": "unknown_model",
-    "DatasetError": "invalid_dataset",
-    "ConfigError": "invalid_request",
-    "PretrainedWeightsError": "pretrained_unavailable",
-    "PackageError": "package_failed",
-}
 
 
 class TrainingHandler:
@@ -351,11 +325,11 @@ class TrainingHandler:
         try:
             data = await prepare_dataset(
                 request.dataset, fetcher=ctx.fetcher, executors=ctx.executors,
-                cache=DatasetCache(ctx.settings.dataset_cache_dir), limits=ctx.decode_limits,
+                cache=DatasetCache(ctx.settings.dataset_cache_dir, ctx.settings.dataset_cache_bytes), limits=ctx.decode_limits,
                 max_bad_fraction=request.config.max_bad_fraction, concurrency=ctx.settings.download_concurrency,
-                should_stop=should_stop,
+                should_stop=should_stop, manifest_limits=ctx.settings.manifest_limits,
             )
-        except DownloadStopped as stopped:
+        except Stopped as stopped:
             if stopped.reason == "cancel":
                 await self._remove_checkpoints(checkpoint_url, workdir)
                 yield status_event(job_id, "cancelled", attempt=attempt,
@@ -391,7 +365,7 @@ class TrainingHandler:
                 else:
                     getter.cancel()
             result = train_task.result()
-        except _Stopped as stopped:
+        except Stopped as stopped:
             if stopped.reason == "cancel":
                 await self._remove_checkpoints(checkpoint_url, workdir)
                 yield status_event(job_id, "cancelled", attempt=attempt,
@@ -450,9 +424,9 @@ class TrainingHandler:
             return train(spec, train_samples, val_samples, workdir, callbacks)
         except TrainingStopped as stopped:
             callbacks._upload_checkpoint()
-            raise _Stopped(stopped.reason, stopped.epoch, stopped.step) from None
+            raise Stopped(stopped.reason, stopped.epoch, stopped.step) from None
         except ValueError as exc:
-            code = getattr(exc, "code", None) or _ML_ERROR_CODES.get(type(exc).__name__, "invalid_request")
+            code = getattr(exc, "code", "invalid_request")  # ml.training's errors carry their wire code
             raise PermanentError(code, str(exc)[:2000]) from exc
 
     async def _already_completed(self, output: str) -> dict[str, Any] | None:
@@ -467,7 +441,7 @@ class TrainingHandler:
             if exc.retryable:
                 raise
             return None
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested too deeply to parse
             metrics = None
         if not isinstance(metrics, dict):  # a metrics.json that is not ours: someone else's package
             return {PACKAGE_JOB_ID: None}
@@ -535,8 +509,3 @@ def _absolute_report_url(metrics: dict[str, Any], output: str) -> dict[str, Any]
         metrics["report_url"] = f"{output}/{name}"
     return metrics
 
-
-class _Stopped(Exception):
-    def __init__(self, reason: str, epoch: int, step: int) -> None:
-        super().__init__(reason)
-        self.reason, self.epoch, self.step = reason, epoch, step

@@ -9,6 +9,11 @@ For ``N`` L2-normalised embeddings with given labels (class indices):
   vectors), stronger loses recall); every image is scored by the model fitted on the other folds. The BLAS
   pool is limited to one thread per fit (an oversubscribed OpenBLAS on a busy 2-core machine runs ~8x
   slower) and the folds run ``jobs`` at a time.
+- **neighbour vote** (optional, ``neighbour_weight``, default 0): the labels of each image's ``neighbours``
+  most similar other images vote with weights ``exp((cos - 1) / 0.05)`` (out of sample: an image is never its
+  own neighbour); the probabilities the rule sees are ``(1 - neighbour_weight) * logistic + neighbour_weight *
+  vote``. Measured on real ImageNet features (docs/learned-features.md) a half-and-half mixture found more
+  flipped labels on one set and fewer on the other, at slightly lower precision: not the default.
 - **confident learning** (Northcutt, Jiang & Chuang, JAIR 2021, section 3): per-class thresholds
   ``t_j = mean of p_j(x) over the examples labeled j`` (mean self-confidence); an example labeled ``i``
   counts towards the confident joint ``C[i][j]`` for ``j = argmax_{k: p_k(x) >= t_k} p_k(x)`` (examples
@@ -19,10 +24,10 @@ For ``N`` L2-normalised embeddings with given labels (class indices):
 - **disagreeing near-duplicates**: pairs with cosine similarity ``>= duplicate_threshold`` and different
   labels, within the near-duplicate groups of ``ml.duplicates``.
 
-Neighbours are exact (blocked ``X X^T``) up to ``exact_neighbours_max`` images; above it, candidates come
-from the embeddings projected on their top ``candidate_dims`` principal axes (``4 k`` per image, faiss'
-flat index) and are re-scored with the full vectors, so the similarities reported are exact but a true neighbour may be
-missed (the price of not doing ``N^2 D`` work at 100,000 images).
+Neighbours are exact (blocked ``X X^T``) up to ``exact_neighbours_max`` images; above it they come from the
+faiss IVF index of ``ml.duplicates`` (PCA to 64 dimensions, ``2 sqrt(N)`` cells, 8 probed per image, candidates
+re-scored with the full vectors), so the similarities reported are exact but a true neighbour may be missed
+(the price of not doing ``N^2 D`` work at 100,000 images; ``bench/audit.py`` times it).
 """
 
 from __future__ import annotations
@@ -62,9 +67,10 @@ class AuditOptions:
     seed: int = 0
     jobs: int = 2  # folds fitted at once (threads; each fit's BLAS is single-threaded)
     exact_neighbours_max: int = 20_000
-    candidate_dims: int = 64
+    candidate_dims: int = 64  # unused: the IVF index reduces to its own 64 dimensions (kept for callers)
     block_rows: int = 1024
     max_pairs: int = 10_000  # disagreeing near-duplicate pairs reported
+    neighbour_weight: float = 0.0  # share of the neighbour vote in the probabilities (0: logistic regression only)
 
 
 @dataclass(frozen=True)
@@ -192,41 +198,30 @@ def nearest_neighbours(embeddings: np.ndarray, k: int, options: AuditOptions = A
     k = int(min(k, n - 1))
     if k <= 0:
         return np.zeros((n, 0), dtype=np.int64), np.zeros((n, 0), dtype=np.float32)
-    if n <= options.exact_neighbours_max or embeddings.shape[1] <= options.candidate_dims:
+    if n <= options.exact_neighbours_max:
         return _top_k(embeddings, embeddings, k, options.block_rows)
-    centered = embeddings - embeddings.mean(axis=0)
-    covariance = (centered.T @ centered).astype(np.float64)
-    _, vectors = np.linalg.eigh(covariance)
-    projected = np.ascontiguousarray(embeddings @ vectors[:, -options.candidate_dims:].astype(np.float32))
-    candidates = _flat_candidates(projected, min(4 * k, n - 1))
-    exact = np.einsum("nd,nkd->nk", embeddings, embeddings[candidates])
-    order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
-    rows = np.arange(n)[:, None]
-    return candidates[rows, order], exact[rows, order]
+    from ml.duplicates import index_top_k
+
+    indices, similarities = index_top_k(embeddings, k)
+    missing = indices < 0  # a row whose probed cells held fewer than k others: the exact pass for those rows
+    if missing.any():
+        rows = np.flatnonzero(missing.any(axis=1))
+        indices[rows], similarities[rows] = _top_k(embeddings[rows], embeddings, k, options.block_rows, offset=rows)
+    return indices, similarities
 
 
-def _flat_candidates(projected: np.ndarray, k: int) -> np.ndarray:
-    """The ``k`` nearest other rows by inner product in the projected space (faiss' exact flat index: its
-    top-k heaps instead of a partition of every ``n``-wide similarity row)."""
-    import faiss
-
-    index = faiss.IndexFlatIP(projected.shape[1])
-    index.add(projected)
-    _, found = index.search(projected, k + 1)
-    rows = np.arange(projected.shape[0])[:, None]
-    found = np.where(found < 0, rows, found)  # padding (fewer than k + 1 rows): itself, dropped below
-    keep = np.argsort(found == rows, axis=1, kind="stable")[:, :k]  # self (usually first) to the end
-    return np.take_along_axis(found, keep, axis=1).astype(np.int64)
-
-
-def _top_k(queries: np.ndarray, keys: np.ndarray, k: int, block_rows: int) -> tuple[np.ndarray, np.ndarray]:
+def _top_k(queries: np.ndarray, keys: np.ndarray, k: int, block_rows: int,
+           offset: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` most similar keys of each query, the query's own row excluded (``offset[i]``: the key row of
+    query ``i``; by default query ``i`` is key ``i``)."""
     n = queries.shape[0]
+    own = np.arange(n) if offset is None else np.asarray(offset)
     indices = np.empty((n, k), dtype=np.int64)
     similarities = np.empty((n, k), dtype=np.float32)
     for start in range(0, n, block_rows):
         stop = min(n, start + block_rows)
         block = queries[start:stop] @ keys.T
-        block[np.arange(stop - start), np.arange(start, stop)] = -np.inf  # not its own neighbour
+        block[np.arange(stop - start), own[start:stop]] = -np.inf  # not its own neighbour
         top = np.argpartition(-block, k - 1, axis=1)[:, :k]
         values = np.take_along_axis(block, top, axis=1)
         order = np.argsort(-values, axis=1, kind="stable")
@@ -260,14 +255,34 @@ def disagreeing_duplicates(embeddings: np.ndarray, labels: np.ndarray, threshold
     return pairs[:max_pairs]
 
 
+VOTE_TEMPERATURE = 0.05
+
+
+def neighbour_vote(indices: np.ndarray, similarities: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """``[N, C]`` probabilities from the labels of each row's neighbours (``indices`` ``[N, k]``, never the row
+    itself), weighted ``exp((cos - 1) / VOTE_TEMPERATURE)``; a row without neighbours gets a uniform vote."""
+    n, k = indices.shape
+    votes = np.zeros((n, num_classes), dtype=np.float64)
+    if k:
+        weights = np.exp((similarities.astype(np.float64) - 1.0) / VOTE_TEMPERATURE)
+        np.add.at(votes, (np.repeat(np.arange(n), k), labels[indices].ravel()), weights.ravel())
+    totals = votes.sum(axis=1, keepdims=True)
+    return np.where(totals > 0, votes / np.maximum(totals, 1e-300), 1.0 / num_classes).astype(np.float32)
+
+
 def audit(embeddings: np.ndarray, labels: np.ndarray, num_classes: int,
           options: AuditOptions = AuditOptions()) -> AuditTable:
     """The whole audit table for ``embeddings`` ``[N, D]`` (L2-normalised) with given class indices."""
+    if not 0.0 <= options.neighbour_weight <= 1.0:
+        raise AuditError(f"neighbour_weight must be in [0, 1], got {options.neighbour_weight}")
     embeddings, labels = _validate(embeddings, labels, num_classes)
     probabilities, folds = out_of_sample_probabilities(embeddings, labels, num_classes, options)
+    neighbour_indices, neighbour_similarities = nearest_neighbours(embeddings, options.neighbours, options)
+    if options.neighbour_weight > 0:
+        vote = neighbour_vote(neighbour_indices, neighbour_similarities, labels, num_classes)
+        probabilities = ((1.0 - options.neighbour_weight) * probabilities + options.neighbour_weight * vote).astype(np.float32)
     rule = confident_learning(probabilities, labels)
     label_probability = probabilities[np.arange(labels.size), labels]
-    _, neighbour_similarities = nearest_neighbours(embeddings, options.neighbours, options)
     if neighbour_similarities.shape[1]:
         outlier = 1.0 - neighbour_similarities.mean(axis=1)
     else:

@@ -1,13 +1,23 @@
-"""Duplicate groups among image embeddings: exact duplicates by content hash, near-duplicates by cosine.
+"""Duplicate groups among images: exact duplicates by content hash, near-duplicates by cosine and perceptual hash.
 
 Pure numpy (plus scipy's connected components and, above a size, faiss): no Kafka, no torch. Given ids,
 L2-normalised vectors ``(n, d)``, optional content hashes and optionally earlier embeddings to compare
 against, :func:`find_duplicates` returns groups of ids:
 
 - **exact**: the same content hash (byte-identical uploads), similarity 1.0;
-- **near**: connected components of the graph linking two items whose cosine similarity is at least
-  ``threshold`` (a resized, re-encoded or slightly cropped copy); an exact group that also has near
-  neighbours is part of a near group, so every id is in at most one group.
+- **near**: connected components of the graph linking two items that are copies by either signal: their
+  cosine similarity is at least ``threshold`` (robust to crops and borders), or, when both have a
+  perceptual hash (``ml.perceptual_hash``, robust to re-encoding, resizing, brightness and contrast), the
+  hashes differ in at most ``hash_distance`` of 64 bits and the cosine is at least ``hash_min_cosine`` (the
+  embedding vetoes a hash collision between different pictures). An exact group that also has near
+  neighbours is part of a near group, so every id is in at most one group. Each group reports the signals of
+  the links that joined it: the lowest cosine and the largest hash distance among them.
+
+Why two signals: at JPEG quality 40 a copy's cosine falls to ~0.85, while distinct look-alikes (two crops of
+one texture) reach 0.92, so no cosine threshold catches the one without the other; the perceptual hash of a
+re-encoded copy stays within a few bits while look-alikes differ in ~30 (measured by ``bench/learned.py``).
+Hash candidates are the pairs the embedding search finds at ``hash_min_cosine`` or more (each item's
+``neighbors`` most similar), so the hash never needs a search of its own.
 
 What is compared: the request's items with each other and with the earlier items (never earlier items
 with each other: they were compared when they were new). Items with the same hash are collapsed to one
@@ -41,6 +51,8 @@ from typing import Literal
 import numpy as np
 
 __all__ = [
+    "DEFAULT_HASH_DISTANCE",
+    "DEFAULT_HASH_MIN_COSINE",
     "DEFAULT_THRESHOLD",
     "DuplicateGroup",
     "DuplicateInputError",
@@ -50,8 +62,12 @@ __all__ = [
     "find_duplicates",
 ]
 
-DEFAULT_THRESHOLD = 0.95
-"""Cosine similarity at or above which two images are near-duplicates (see README: chosen by measurement)."""
+DEFAULT_THRESHOLD = 0.96
+"""Cosine similarity at or above which two images are near-duplicates whatever their hashes (docs/learned-features.md: chosen by measurement)."""
+DEFAULT_HASH_DISTANCE = 10
+"""Perceptual-hash bits (of 64) at or below which two images with cosine >= ``DEFAULT_HASH_MIN_COSINE`` are copies."""
+DEFAULT_HASH_MIN_COSINE = 0.6
+"""The cosine a hash match needs as well (and the floor of the candidate search when hashes are given)."""
 DEFAULT_NEIGHBORS = 16
 DEFAULT_MAX_GROUPS = 1000
 DEFAULT_MAX_GROUP_SIZE = 1000
@@ -72,11 +88,13 @@ class DuplicateInputError(ValueError):
 
 @dataclass(frozen=True)
 class EmbeddingSet:
-    """Earlier embeddings to compare against: ids, L2-normalised vectors ``(m, d)``, optional hashes."""
+    """Earlier embeddings to compare against: ids, L2-normalised vectors ``(m, d)``, optional content hashes and
+    perceptual hashes (uint64; without them, earlier items are matched by cosine only)."""
 
     ids: Sequence[str]
     vectors: np.ndarray
     hashes: Sequence[str | None] | None = None
+    perceptual_hashes: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -84,9 +102,10 @@ class DuplicateGroup:
     """One group: the request's ids (input order) and the earlier ids it matched (their order).
 
     ``max_similarity`` / ``min_similarity``: over the pairs that linked the group (1.0 for an exact pair);
-    every such pair is at or above the threshold, while two members linked through a third may be less
-    similar to each other. ``size``: all members; ``ids_omitted``: members left out of ``ids`` and
-    ``earlier_ids`` by ``max_group_size``."""
+    every such pair is a copy by one of the two signals, while two members linked through a third may be less
+    similar to each other. ``hash_distance``: the largest perceptual-hash distance among the linking pairs
+    that both have one (None when none has). ``size``: all members; ``ids_omitted``: members left out of
+    ``ids`` and ``earlier_ids`` by ``max_group_size``."""
 
     ids: tuple[str, ...]
     kind: Kind
@@ -95,6 +114,7 @@ class DuplicateGroup:
     earlier_ids: tuple[str, ...] = ()
     size: int = 0
     ids_omitted: int = 0
+    hash_distance: int | None = None
 
 
 @dataclass(frozen=True)
@@ -124,10 +144,18 @@ def find_duplicates(
     method: Literal["auto", "exact", "index"] = "auto",
     exact_max: int = EXACT_MAX,
     threads: int | None = None,
+    perceptual_hashes: np.ndarray | None = None,
+    hash_distance: int = DEFAULT_HASH_DISTANCE,
+    hash_min_cosine: float = DEFAULT_HASH_MIN_COSINE,
 ) -> DuplicateReport:
-    """Duplicate groups among ``ids`` (and against ``earlier``); see the module docstring."""
+    """Duplicate groups among ``ids`` (and against ``earlier``); see the module docstring. ``perceptual_hashes``:
+    ``[n]`` uint64 (``ml.perceptual_hash``), or None for cosine only; ``hash_distance`` -1 turns the hash off."""
     if not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and 0.0 < threshold <= 1.0):
         raise DuplicateInputError(f"threshold must be in (0, 1], got {threshold!r}")
+    if not (isinstance(hash_min_cosine, (int, float)) and math.isfinite(hash_min_cosine) and -1.0 <= hash_min_cosine <= 1.0):
+        raise DuplicateInputError(f"hash_min_cosine must be in [-1, 1], got {hash_min_cosine!r}")
+    if not isinstance(hash_distance, int) or not -1 <= hash_distance <= 64:
+        raise DuplicateInputError(f"hash_distance must be an integer in [-1, 64], got {hash_distance!r}")
     for name, value in (("neighbors", neighbors), ("max_groups", max_groups), ("max_group_size", max_group_size)):
         if not isinstance(value, int) or value < 1:
             raise DuplicateInputError(f"{name} must be a positive integer, got {value!r}")
@@ -140,20 +168,33 @@ def find_duplicates(
         earlier_ids = _check_ids(earlier.ids, "earlier ids")
         y = _check_vectors(earlier.vectors, earlier_ids, "earlier vectors")
         earlier_hashes = _check_hashes(earlier.hashes, len(earlier_ids), "earlier hashes")
+        earlier_phashes = _check_perceptual(earlier.perceptual_hashes, len(earlier_ids), "earlier perceptual hashes")
         if len(earlier_ids) and len(ids) and y.shape[1] != x.shape[1]:
             raise DuplicateInputError(f"earlier vectors have dimension {y.shape[1]}, these have {x.shape[1]}")
     else:
         earlier_ids, y, earlier_hashes = [], np.zeros((0, x.shape[1]), np.float32), [None] * 0
+        earlier_phashes = None
+    phashes = _check_perceptual(perceptual_hashes, len(ids), "perceptual hashes")
     n, m = len(ids), len(earlier_ids)
     if n == 0:
         return DuplicateReport(groups=(), threshold=float(threshold), method="none")
     cutoff = float(threshold) - FLOAT32_SLACK  # identical vectors may score 0.99999994 in float32
+    # perceptual hash of every node (request, then earlier); has_hash marks the ones known
+    node_hash = np.zeros(n + m, np.uint64)
+    has_hash = np.zeros(n + m, bool)
+    if phashes is not None:
+        node_hash[:n], has_hash[:n] = phashes, True
+    if earlier_phashes is not None:
+        node_hash[n:], has_hash[n:] = earlier_phashes, True
+    use_hash = hash_distance >= 0 and bool(has_hash[:n].any())
+    search_cutoff = min(cutoff, float(hash_min_cosine) - FLOAT32_SLACK) if use_hash else cutoff
 
     # 1. exact duplicates by content hash: every item with a hash seen before links to its first holder
     edges_u: list[np.ndarray] = []
     edges_v: list[np.ndarray] = []
     edges_s: list[np.ndarray] = []
     edges_near: list[np.ndarray] = []
+    edges_h: list[np.ndarray] = []  # perceptual-hash distance of each link, -1 where unknown
     first_by_hash: dict[str, int] = {}
     for j, h in enumerate(earlier_hashes):
         if h is not None:
@@ -173,6 +214,7 @@ def find_duplicates(
         edges_v.append(np.asarray(exact_v, np.int64))
         edges_s.append(np.ones(len(exact_u), np.float32))
         edges_near.append(np.zeros(len(exact_u), bool))
+        edges_h.append(np.full(len(exact_u), -1, np.int64))
 
     # 2. near duplicates among the representatives (and against every earlier item)
     queries = np.flatnonzero(representative)
@@ -186,15 +228,22 @@ def find_duplicates(
     k = min(neighbors, len(base) - 1)
     if k >= 1:
         if chosen == "exact":
-            local, sims = _exact_neighbors(searchable, len(queries), k, cutoff)
+            local, sims = _exact_neighbors(searchable, len(queries), k, search_cutoff)
         else:
-            local, sims = _index_neighbors(searchable, len(queries), k, cutoff, threads)
+            local, sims = _index_neighbors(searchable, len(queries), k, search_cutoff, threads)
         rows, cols = np.nonzero(local >= 0)
-        edges_u.append(base[rows])
-        edges_v.append(base[local[rows, cols]])
-        edges_s.append(sims[rows, cols])
-        edges_near.append(np.ones(len(rows), bool))
-    return _groups(ids, earlier_ids, edges_u, edges_v, edges_s, edges_near, threshold, chosen, len(base),
+        u, v, sim = base[rows], base[local[rows, cols]], sims[rows, cols]
+        both = has_hash[u] & has_hash[v]
+        distance = np.where(both, _hamming(node_hash[u], node_hash[v]), -1)
+        keep = sim >= cutoff
+        if use_hash:
+            keep |= both & (distance <= hash_distance)
+        edges_u.append(u[keep])
+        edges_v.append(v[keep])
+        edges_s.append(sim[keep])
+        edges_near.append(np.ones(int(keep.sum()), bool))
+        edges_h.append(distance[keep])
+    return _groups(ids, earlier_ids, edges_u, edges_v, edges_s, edges_near, edges_h, threshold, chosen, len(base),
                    max_groups, max_group_size)
 
 
@@ -237,6 +286,25 @@ def _check_vectors(vectors: np.ndarray, ids: list[str], what: str) -> np.ndarray
         kind = "zero" if norms[i] == 0 else f"not L2-normalised (norm {norms[i]:.4g})"
         raise DuplicateInputError(f"{what}: the vector of {ids[i][:200]!r} is {kind}")
     return x
+
+
+def _check_perceptual(values: np.ndarray | None, n: int, what: str) -> np.ndarray | None:
+    if values is None:
+        return None
+    array = np.asarray(values)
+    if array.shape != (n,) or not (np.issubdtype(array.dtype, np.unsignedinteger) or array.dtype == object
+                                   or np.issubdtype(array.dtype, np.integer)):
+        raise DuplicateInputError(f"{what} must be {n} unsigned 64-bit integers, got shape {array.shape} {array.dtype}")
+    try:
+        return np.array([int(v) for v in array], dtype=np.uint64) if array.dtype == object else array.astype(np.uint64)
+    except (OverflowError, TypeError, ValueError) as exc:
+        raise DuplicateInputError(f"{what} must be unsigned 64-bit integers: {exc}") from exc
+
+
+def _hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    from ml.perceptual_hash import hamming_distances
+
+    return hamming_distances(a, b)
 
 
 def _check_hashes(hashes: Sequence[str | None] | None, n: int, what: str) -> list[str | None]:
@@ -337,6 +405,14 @@ def _index_neighbors(vectors: np.ndarray, n_queries: int, k: int, threshold: flo
     return found_idx, found_sim
 
 
+def index_top_k(vectors: np.ndarray, k: int, threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's ``k`` most similar other rows by the faiss IVF index of :func:`find_duplicates` (approximate
+    candidates, exact similarities): ``(indices [n, k], similarities [n, k])``, most similar first; -1 and
+    -inf pad a row whose probed cells held fewer than ``k`` other rows."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    return _index_neighbors(vectors, len(vectors), k, -np.inf, threads)
+
+
 IVF_NPROBE = 8
 IVF_PCA_DIM = 64
 IVF_REFINE_FACTOR = 2
@@ -347,7 +423,8 @@ IVF_QUERY_BATCH = 8192
 
 # ---------------------------------------------------------------------------------------------- groups
 def _groups(ids: list[str], earlier_ids: list[str], edges_u: list[np.ndarray], edges_v: list[np.ndarray],
-            edges_s: list[np.ndarray], edges_near: list[np.ndarray], threshold: float, method: str, searched: int,
+            edges_s: list[np.ndarray], edges_near: list[np.ndarray], edges_h: list[np.ndarray], threshold: float,
+            method: str, searched: int,
             max_groups: int, max_group_size: int) -> DuplicateReport:
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
@@ -358,6 +435,7 @@ def _groups(ids: list[str], earlier_ids: list[str], edges_u: list[np.ndarray], e
     v = np.concatenate(edges_v) if edges_v else np.zeros(0, np.int64)
     s = np.concatenate(edges_s) if edges_s else np.zeros(0, np.float32)
     near = np.concatenate(edges_near) if edges_near else np.zeros(0, bool)
+    h = np.concatenate(edges_h) if edges_h else np.zeros(0, np.int64)
     if not len(u):
         return DuplicateReport(groups=(), threshold=float(threshold), method=method, searched=searched)
     graph = coo_matrix((np.ones(len(u), np.int8), (u, v)), shape=(nodes, nodes))
@@ -377,6 +455,8 @@ def _groups(ids: list[str], earlier_ids: list[str], edges_u: list[np.ndarray], e
     np.minimum.at(min_s, edge_label, s)
     has_near = np.zeros(nodes, bool)
     np.logical_or.at(has_near, edge_label, near)
+    max_h = np.full(nodes, -1, np.int64)
+    np.maximum.at(max_h, edge_label, h)
     kept_set = np.zeros(nodes, bool)
     kept_set[kept] = True
     members: dict[int, list[int]] = {int(c): [] for c in kept}
@@ -395,7 +475,8 @@ def _groups(ids: list[str], earlier_ids: list[str], edges_u: list[np.ndarray], e
         groups.append(DuplicateGroup(
             ids=tuple(ids[i] for i in shown_request), kind="near" if has_near[c] else "exact",
             max_similarity=min(1.0, float(max_s[c])), min_similarity=min(1.0, float(min_s[c])),
-            earlier_ids=tuple(earlier_ids[j] for j in shown_earlier), size=int(sizes[c]), ids_omitted=omitted))
+            earlier_ids=tuple(earlier_ids[j] for j in shown_earlier), size=int(sizes[c]), ids_omitted=omitted,
+            hash_distance=int(max_h[c]) if max_h[c] >= 0 else None))
     notes = ()
     if total > len(kept) or ids_omitted:
         notes = (f"{total - len(kept)} of {total} groups and {ids_omitted} ids of the returned groups left out"

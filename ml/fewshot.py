@@ -27,8 +27,11 @@ Without a text tower (timm, models trained here):
   scaled by ``sqrt(D)``.
 
 ``auto`` cross-validates every candidate of the family on the support set (stratified folds, as many
-as the rarest class allows, at most 5) and fits the best on the whole set; ties go to the first candidate
-in the lists above. With a single example in some class there is nothing to cross-validate: ``auto``
+as the rarest class allows, at most 5) and keeps the family's stable method (``linear_probe`` with a text
+tower, ``logistic_regression`` without) unless another one beats it in cross-validation by more than
+``AUTO_MARGIN`` or two held-out examples, whichever is more: on a support set of 40 the cross-validated
+accuracies are noise of a few points, and picking their maximum chose kNN where logistic regression was
+2-4 points better on real features (``bench/learned.py`` measures auto against every method). With a single example in some class there is nothing to cross-validate: ``auto``
 takes the family's default, ``linear_probe`` with a text tower (CLAP's robust default) or ``prototype``
 without, and ``cv_accuracy`` is None.
 
@@ -82,6 +85,8 @@ TIP_BETAS = (1.0, 3.0, 5.5, 8.0)
 CLAP_LAMBDA_FLOOR = 1e-3
 MAX_FOLDS = 5
 KNN_K = 7
+AUTO_MARGIN = 0.02
+STABLE_METHODS = {True: "linear_probe", False: "logistic_regression"}  # by has_text
 
 
 class FewShotError(ValueError):
@@ -277,7 +282,12 @@ def _fit_few_shot(support: SupportSet, method: str, zero_shot: ZeroShotWeights |
             else:
                 scores[name] = _cross_validate(support, name, zero_shot, splits)
     if method == "auto":
-        chosen = max(methods, key=lambda name: (scores.get(name, -1.0), -methods.index(name))) if scores else methods[0]
+        chosen = methods[0]
+        if scores:
+            best = max(methods, key=lambda name: (scores.get(name, -1.0), -methods.index(name)))
+            stable = STABLE_METHODS[has_text]
+            margin = max(AUTO_MARGIN, 2.0 / len(support.labels))
+            chosen = stable if scores[stable] >= scores[best] - margin else best
     else:
         chosen = method
     head = _fit(support, chosen, zero_shot, tip_params)

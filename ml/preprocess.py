@@ -63,13 +63,6 @@ class TensorPreprocess:
     std: tuple[float, float, float]
     max_size: int | None = None
 
-    @property
-    def output_size(self) -> tuple[int, int]:
-        if self.crop is not None:
-            return self.crop
-        assert isinstance(self.resize, tuple), "a shorter-side resize needs a crop for a fixed output size"
-        return self.resize
-
     @classmethod
     def from_transform(cls, transform: Any) -> TensorPreprocess:
         """Read the recipe off a torchvision ``Compose`` (open_clip's and timm's eval transforms)."""

@@ -8,7 +8,9 @@ Confidence semantics:
 - ``custom``: a softmax over the trained model's classes, or over the subset named in ``classes``.
 
 ``top_k`` is applied first (the k most confident classes, sorted by confidence), then ``threshold``
-drops those below it. ``margin`` is top-1 minus top-2 confidence (before both), so a labeling UI can
+drops those below it. ``top_k`` defaults to 3; one above the number of classes (the request's, or the
+custom model's when the request names none) means all of them: unset with 2 classes answers at most 2
+predictions, and so does ``top_k: 10``. It is never a reason to refuse a request. ``margin`` is top-1 minus top-2 confidence (before both), so a labeling UI can
 sort uncertain images first. One bad image yields an error entry for that image, never a failed
 request; ``status: failed`` means the whole request could not run (invalid request, model not
 loadable).
@@ -36,10 +38,12 @@ from schemas.urls import OutputUrl, Url
 
 MAX_IMAGES_PER_REQUEST = 10_000
 MAX_CLASSES = 2_000
+DEFAULT_TOP_K = 3
+"""``top_k`` when a classify request does not say; one above the number of classes means all of them."""
 MAX_CLASS_NAME_LENGTH = 200
 MAX_PROMPT_TEMPLATES = 100
 MAX_TEMPLATE_LENGTH = 300
-# Prompt volume (issue 10): what one request may make a worker render, tokenise and embed.
+# Prompt volume: what one request may make a worker render, tokenise and embed.
 MAX_PLACEHOLDERS_PER_TEMPLATE = 4
 """Class placeholders (``{}`` or ``{c}``, whichever the template uses) in one template."""
 MAX_PROMPTS = 160_000
@@ -79,13 +83,13 @@ def prompt_volume_problem(classes: list[str], templates: list[str], templates_or
                 f"the limit MAX_PROMPT_CHARS is {MAX_PROMPT_CHARS}")
     return None
 
-ModelFamily = Literal["clip", "siglip", "custom"]
 ClassifyModelFamily = Literal["clip", "siglip", "custom", "timm"]
 """Classify: 'timm' (a backbone without a classifier) only with few-shot examples."""
 EmbedModelFamily = Literal["clip", "siglip", "custom", "timm"]
 MAX_AGAINST_FILES = 64
 """Earlier embedding files one embed request may compare against."""
-DEFAULT_DUPLICATE_THRESHOLD = 0.95
+DEFAULT_DUPLICATE_THRESHOLD = 0.96
+DEFAULT_LABEL_CONFLICT_THRESHOLD = 0.95
 ANNOTATION_RESULT_EVENT = "annotation.result"
 
 
@@ -97,7 +101,7 @@ class ImageRef(BaseModel):
     url: Url
 
 
-# Few-shot classification (issue 13): a labeled support set adapts the classifier per request.
+# Few-shot classification: a labeled support set adapts the classifier per request.
 MAX_FEW_SHOT_EXAMPLES = 10_000
 """Examples one request may carry inline or in its manifest (the worker's CLS_FEWSHOT_MAX_EXAMPLES may be lower)."""
 MAX_LABEL_LENGTH = MAX_CLASS_NAME_LENGTH
@@ -176,7 +180,11 @@ class AnnotationRequest(InputModel):
         max_length=MAX_CLASSES,
         description="Class names (required for clip/siglip; for custom, an optional subset of the model's classes).",
     )
-    top_k: int = Field(default=3, ge=1, le=MAX_CLASSES, description="Keep at most this many classes per image (applied first).")
+    top_k: int = Field(
+        default=DEFAULT_TOP_K, ge=1, le=MAX_CLASSES,
+        description=f"Keep at most this many classes per image (applied first); default {DEFAULT_TOP_K}. Above the number "
+                    "of classes (the request's, or the custom model's) it means all of them: the worker uses "
+                    "min(top_k, number of classes).")
     threshold: float = Field(default=0.1, ge=0.0, le=1.0, description="Then drop predictions below this confidence.")
     priority: Literal["interactive", "bulk"] | None = Field(
         default=None,
@@ -259,13 +267,15 @@ class AnnotationRequest(InputModel):
             raise ValueError(problem)
         if self.has_examples and self.auto_accept_precision is not None:
             raise ValueError("auto_accept_precision needs the trained model's own classifier, not few-shot examples")
-        if self.classes is not None and self.top_k > len(self.classes):
-            raise ValueError(f"top_k ({self.top_k}) must be within 1..len(classes) ({len(self.classes)})")
         if self.classes and self.prompt_templates and self.model != "custom":
             problem = prompt_volume_problem(self.classes, self.prompt_templates)
             if problem:
                 raise ValueError(problem)
         return self
+
+    def top_k_for(self, class_count: int) -> int:
+        """How many predictions per image at most, for ``class_count`` classes: ``min(top_k, class_count)``."""
+        return min(self.top_k, class_count)
 
     @property
     def has_examples(self) -> bool:
@@ -302,7 +312,8 @@ def unique_image_ids(images: list[ImageRef]) -> list[ImageRef]:
 
 class DuplicatesSpec(BaseModel):
     """Find duplicates among the request's images (and the ``against`` files): exact ones by content hash,
-    near ones by cosine similarity of the embeddings at or above ``threshold``."""
+    near ones by cosine similarity of the embeddings at or above ``threshold``, or by a perceptual hash within
+    10 bits when their cosine is at least 0.6 (re-encodes, resizes, brightness changes)."""
 
     model_config = ConfigDict(extra="ignore")
     threshold: float = Field(default=DEFAULT_DUPLICATE_THRESHOLD, gt=0.0, le=1.0,
@@ -313,7 +324,7 @@ class EmbedRequest(InputModel):
     """``"task": "embed"`` on the annotation request topics: L2-normalised image embeddings, stored for the backend.
 
     Each result part names the object holding its vectors (``embeddings_url``: a ``.npz`` with ``ids`` and
-    float16 ``embeddings``, see the README); ``inline: true`` also puts each vector in its result entry
+    float16 ``embeddings``, see docs/contract.md); ``inline: true`` also puts each vector in its result entry
     (bounded by the worker's CLS_EMBED_INLINE_MAX_IMAGES and by the record size). With ``duplicates``, the
     last part lists duplicate groups (exact by content hash, near by cosine similarity).
     """
@@ -374,7 +385,7 @@ class AuditImage(ImageRef):
 
 
 class AuditSpec(BaseModel):
-    """How the audit is computed (see the README's audit section)."""
+    """How the audit is computed (see docs/contract.md, Label audit)."""
 
     model_config = ConfigDict(extra="ignore")
     folds: int = Field(default=5, ge=2, le=MAX_AUDIT_FOLDS,
@@ -382,7 +393,7 @@ class AuditSpec(BaseModel):
     neighbours: int = Field(default=10, ge=1, le=MAX_AUDIT_NEIGHBOURS,
                             description="Nearest images the outlier score averages over.")
     duplicate_threshold: float = Field(
-        default=DEFAULT_DUPLICATE_THRESHOLD, gt=0.0, le=1.0,
+        default=DEFAULT_LABEL_CONFLICT_THRESHOLD, gt=0.0, le=1.0,
         description="Cosine similarity at or above which two differently labeled images are a label conflict.")
 
 
@@ -742,13 +753,25 @@ class ModelDescriptor(BaseModel):
     weights: str = Field(description="Weights source: pretrained tag, hub id, path/URL, or 'random' (tests only).")
 
 
+class DuplicateSignals(BaseModel):
+    """Why a near group was joined: each linking pair had cosine >= the threshold, or a perceptual hash within
+    10 of 64 bits and cosine >= 0.6. ``cosine``: the lowest cosine among the links; ``hash_distance``: the
+    largest perceptual-hash distance among them (null when no linked pair had both hashes)."""
+
+    model_config = ConfigDict(extra="forbid")
+    hash_distance: int | None = Field(default=None, ge=0, le=64)
+    cosine: float | None = Field(default=None, ge=-1.0, le=1.0)
+
+
 class DuplicateGroup(BaseModel):
-    """Images that are copies of each other: ``exact`` (same bytes) or ``near`` (cosine similarity)."""
+    """Images that are copies of each other: ``exact`` (same bytes) or ``near`` (cosine similarity, or a
+    perceptual-hash match that the embedding does not contradict; ``signals`` says which)."""
 
     model_config = ConfigDict(extra="forbid")
     ids: list[str] = Field(min_length=2, description="Image ids; ids from an 'against' file are '<file url>#<id>'.")
     kind: Literal["exact", "near"]
-    similarity: float = Field(ge=-1.0, le=1.0, description="The lowest pairwise similarity that joined the group (1.0 for exact).")
+    similarity: float = Field(ge=-1.0, le=1.0, description="The lowest pairwise cosine similarity that joined the group (1.0 for exact).")
+    signals: DuplicateSignals | None = Field(default=None, description="Near groups: the signals of the links that joined them.")
 
 
 class FewShotSummary(BaseModel):

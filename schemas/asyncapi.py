@@ -29,6 +29,7 @@ from schemas.annotation import (
     AuditRequest,
     AuditSummary,
     DuplicateGroup,
+    DuplicateSignals,
     EmbedRequest,
     FewShotSpec,
     FewShotSummary,
@@ -66,7 +67,9 @@ DLQ_ERROR_CODES = {
     "invalid_id": "the id in the body is not valid Unicode text (an unpaired surrogate): it cannot be a key or header",
     "event_too_large": "the record's failed event would not fit CLS_MAX_RECORD_BYTES either",
     "attempts_exhausted": "handling failed unexpectedly CLS_MAX_ATTEMPTS times and no failed event could be published",
-    "crash_loop": "the worker process died CLS_MAX_ATTEMPTS times while handling this record (OOM kill, native crash)",
+    "crash_loop": "the worker process died CLS_MAX_ATTEMPTS times while handling this record (OOM kill, native crash); "
+                  "after a death, records that were in flight run one at a time, alone, so only the record that "
+                  "kills the worker is counted",
 }
 """``dlq-error-code`` values the workers write (documented in the DLQ message's headers schema)."""
 
@@ -167,7 +170,12 @@ def dlq_headers_schema() -> dict[str, Any]:
     codes = "; ".join(f"`{code}`: {why}" for code, why in DLQ_ERROR_CODES.items())
     return {
         "type": "object",
-        "description": "The original record's headers, unchanged, plus these five (values are UTF-8).",
+        "description": ("The original record's headers (any dlq-* header it carried dropped), plus these five "
+                        "(values are UTF-8). A dead-lettered record whose request or job id can be read (body, else "
+                        "key) is also answered with a failed result/status event whose error code is the "
+                        "dlq-error-code. A record too large for the DLQ topic is cut to fit: its value's head "
+                        "(dlq-value-truncated: the full size), its key's head (dlq-key-truncated), the heads of its "
+                        "header names and values, then as many headers as fit (dlq-headers-dropped: how many not)."),
         "required": [Headers.DLQ_ERROR_CODE, Headers.DLQ_ERROR_MESSAGE, Headers.DLQ_SOURCE_TOPIC,
                      Headers.DLQ_SOURCE_PARTITION, Headers.DLQ_SOURCE_OFFSET],
         "properties": {
@@ -342,7 +350,8 @@ def annotation_result_examples() -> list[AnnotationResult]:
                  ImageResult(id="img-3", error=ErrorInfo(code="http_status", message="HTTP 404 from https://images.example.com/3.jpg"))],
         embeddings_url="s3://embeddings/project-7/req-2025-0005/part-00000.npz",
         dim=768,
-        duplicates=[DuplicateGroup(ids=["img-1", "img-2"], kind="near", similarity=0.981)],
+        duplicates=[DuplicateGroup(ids=["img-1", "img-2"], kind="near", similarity=0.981,
+                                   signals=DuplicateSignals(hash_distance=4, cosine=0.981))],
     )
     few_shot = AnnotationResult(
         message_id=AnnotationResult.message_id_for("req-2025-0006", 0),
@@ -610,8 +619,8 @@ def _messages(payload_of: dict[str, str]) -> dict[str, dict[str, Any]]:
             "title": "Dead-lettered record",
             "summary": "A consumed record the workers could not attribute to any request: kept for operators.",
             "description": (
-                "The original value bytes, key and headers, unchanged (so the value may not be JSON), plus "
-                "the dlq-* headers saying why and where from. A JSON object that names a request but fails "
+                "The original value bytes, key and headers, unchanged unless too large (so the value may not be "
+                "JSON), plus the dlq-* headers saying why and where from. A JSON object that names a request but fails "
                 "validation is not dead-lettered: it gets a failed result/status event with code "
                 "invalid_request instead."
             ),

@@ -168,11 +168,15 @@ class TrainingMetrics(BaseModel):
     macro_f1: float | None = Field(default=None, description="Unweighted mean F1 over the classes with validation images.")
     balanced_accuracy: float | None = Field(default=None, description="Mean recall over the classes with validation images.")
     temperature: float | None = Field(default=None, gt=0.0, description="Fitted on validation (NLL); custom inference applies it.")
+    temperature_note: str | None = Field(
+        default=None, description="Why the temperature was not fitted (a validation split without errors keeps it at 1).")
     ece: BeforeAfter | None = Field(default=None, description="Expected calibration error, 15 equal-width bins.")
     nll: BeforeAfter | None = Field(default=None, description="Mean negative log-likelihood.")
     auto_accept: list[AutoAcceptRow] | None = Field(
         default=None, description="Global thresholds for target precisions 0.90, 0.95, 0.98, 0.99 (per class: metrics.json).")
     report_url: str | None = Field(default=None, description="report.html beside the package, when written.")
+    report_skipped: str | None = Field(default=None, description="Why report.html was not written (the model package "
+                                       "is complete without it); absent when it was.")
 
 
 class TrainingStatus(OutputModel):

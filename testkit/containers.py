@@ -1,7 +1,8 @@
 """Containers for a backend's integration tests: Kafka, an S3 API and the two workers, wired together.
 
-Built on testcontainers (``pip install 'cls-workers[testkit]'``). Every image is a parameter
-(:class:`Images`): the local builds of ``deploy/images/build-local.sh`` by default, the published ones
+Built on testcontainers (``pip install 'cls-workers[testkit]'``: the light distribution, no ML stack here;
+docs/client.md). Every image is a parameter (:class:`Images`): the local builds of
+``deploy/images/build-local.sh`` by default (the CPU worker image ``cls-workers:cpu``), the published ones
 elsewhere (``Images.published("registry.example.com/cls-workers:0.1.0")``: ``apache/kafka`` and
 ``motoserver/moto``, which take the same settings as the local Kafka and S3 images).
 
@@ -30,7 +31,7 @@ import urllib.request
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,7 @@ class NoEngine(RuntimeError):
 class Images:
     """Which image runs each container."""
 
-    worker: str = "cls-workers:local"
+    worker: str = "cls-workers:cpu"  # the CPU image (TORCH=cpu); the GPU build is cls-workers:local
     kafka: str = "cls-kafka:local"
     s3: str = "cls-s3:local"
 
@@ -478,10 +479,6 @@ class WorkerStack:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-    def with_(self, **changes: Any) -> WorkerStack:
-        """A copy with some fields changed (not started)."""
-        return replace(self, **changes)
 
 
 def _publish(container, port: int, host_port: int) -> None:  # noqa: ANN001

@@ -10,7 +10,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -67,6 +67,7 @@ class Record:
     key: bytes | None
     value: bytes | None
     headers: dict[str, bytes]
+    header_list: list[tuple[str, bytes]] = field(default_factory=list)  # in order, repeated names kept
 
     def json(self) -> Any:
         return json.loads(self.value) if self.value is not None else None
@@ -108,7 +109,7 @@ async def read_until(bootstrap: str, topic: str, done: Callable[[list[Record]], 
             for batch in batches.values():
                 for r in batch:
                     records.append(Record(r.topic, r.partition, r.offset, r.key, r.value,
-                                          {k: v for k, v in (r.headers or ())}))
+                                          {k: v for k, v in (r.headers or ())}, list(r.headers or ())))
     finally:
         await consumer.stop()
     return records

@@ -21,6 +21,7 @@ pytest_plugins = [
     "tests.fixtures.http_server",
     "tests.fixtures.trained_model",
     "tests.fixtures.real_backbone",
+    "tests.fixtures.light_venv",
 ]
 
 REQUIRE_CONTAINERS_ENV = "CLS_REQUIRE_CONTAINERS"

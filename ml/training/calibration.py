@@ -3,11 +3,16 @@
 
 Temperature scaling (Guo et al. 2017) divides the logits by ``T`` before the softmax: it never changes the
 argmax (so accuracy is unchanged), and ``T > 1`` softens an over-confident network.
+
+A validation split on which the model makes no error carries no evidence of over- or under-confidence: the
+NLL then falls without bound as ``T`` shrinks, and a fit would drive ``T`` to its floor and make every later
+prediction near-certain. On such a split the temperature stays 1 (:func:`calibrate` says so in its note).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -18,6 +23,26 @@ ECE_BINS = 15
 MIN_TEMPERATURE = 0.05
 MAX_TEMPERATURE = 20.0
 _LBFGS_ITERATIONS = 100
+
+
+ERROR_FREE_NOTE = ("the validation split has no errors, so it carries no evidence about over-confidence: "
+                   "temperature kept at 1")
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The temperature to apply and, when it was not fitted, why (``note``; None when fitted)."""
+
+    temperature: float
+    note: str | None = None
+
+
+def calibrate(logits: torch.Tensor, targets: torch.Tensor) -> Calibration:
+    """The validation split's temperature: 1 with :data:`ERROR_FREE_NOTE` when every prediction is right (or
+    there is nothing to fit), else :func:`fit_temperature`."""
+    if targets.numel() == 0 or bool((logits.detach().argmax(dim=1).cpu() == targets.detach().cpu()).all()):
+        return Calibration(1.0, ERROR_FREE_NOTE if targets.numel() else "no validation images: temperature kept at 1")
+    return Calibration(fit_temperature(logits, targets))
 
 
 def fit_temperature(logits: torch.Tensor, targets: torch.Tensor) -> float:

@@ -13,7 +13,6 @@ from ml.training.errors import ConfigError
 AUGMENTATIONS = ("none", "light", "medium", "heavy")
 CLASS_WEIGHTINGS = ("none", "balanced", "sampler")
 EXPORT_FORMATS = ("onnx",)
-STOP_REASONS = ("cancel", "preempt")
 
 
 @dataclass

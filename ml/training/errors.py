@@ -1,4 +1,5 @@
-"""Error types raised by training and trained-model loading (permanent unless stated)."""
+"""Error types raised by training and trained-model loading (permanent unless stated); each carries the wire
+error code (``code``) the training handler reports it with."""
 
 from __future__ import annotations
 
@@ -6,21 +7,31 @@ from __future__ import annotations
 class UnknownModelError(ValueError):
     """The model name is not a timm architecture known to this installation."""
 
+    code = "unknown_model"
+
 
 class DatasetError(ValueError):
     """The samples cannot be trained on: empty split, label out of range, undecodable image."""
+
+    code = "invalid_dataset"
 
 
 class ConfigError(ValueError):
     """The training configuration is inconsistent (e.g. class names vs num_classes, unsupported image size)."""
 
+    code = "invalid_request"
+
 
 class PretrainedWeightsError(ValueError):
     """Pretrained weights could not be loaded: missing file, refused pickle, wrong architecture, hub unavailable."""
 
+    code = "pretrained_unavailable"
+
 
 class PackageError(ValueError):
     """A model package directory is malformed or holds weights in a refused format (anything but safetensors)."""
+
+    code = "package_failed"
 
 
 class TrainingOutOfMemory(ValueError):

@@ -39,7 +39,7 @@ from ml.training.augment import DataConfig, build_mixup, eval_transform, resolve
 from ml.training.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from ml.training.config import TrainingCallbacks, TrainResult, TrainSpec
 from ml.training.auto_accept import auto_accept_tables, summary as auto_accept_summary
-from ml.training.calibration import calibration_report, fit_temperature, softmax
+from ml.training.calibration import calibrate, calibration_report, softmax
 from ml.training.data import (
     EpochBatches,
     ImageFileDataset,
@@ -574,7 +574,8 @@ class _TrainingRun:
         self.model.load_state_dict(best_state)
         report = classification_metrics(self.best.targets, self.best.predictions, spec.class_names)
         logits, targets = self._best_val_logits()
-        temperature = fit_temperature(logits, targets)
+        fitted = calibrate(logits, targets)
+        temperature = fitted.temperature
         calibration = calibration_report(logits, targets, temperature)
         tables = auto_accept_tables(softmax(logits, temperature), targets.numpy(), spec.class_names)
         metrics: dict[str, Any] = {
@@ -587,6 +588,7 @@ class _TrainingRun:
             "macro_f1": report["macro_f1"],
             "balanced_accuracy": report["balanced_accuracy"],
             "temperature": temperature,
+            **({"temperature_note": fitted.note} if fitted.note else {}),
             "ece": calibration["ece"],
             "nll": calibration["nll"],
             "auto_accept": auto_accept_summary(tables),
@@ -615,12 +617,17 @@ class _TrainingRun:
         if spec.report:
             from ml.training.report import REPORT_FILE, write_report
 
-            metrics["report_url"] = REPORT_FILE  # relative to the package; the handler makes it absolute
             report_path = self.workdir / "export" / REPORT_FILE
             report_path.parent.mkdir(parents=True, exist_ok=True)
-            write_report(report_path, metrics, spec.class_names, spec.model_name,
-                         self._confidently_wrong(softmax(logits, temperature), targets.numpy()))
-            extra_files[REPORT_FILE] = report_path
+            try:
+                write_report(report_path, metrics, spec.class_names, spec.model_name,
+                             self._confidently_wrong(softmax(logits, temperature), targets.numpy()))
+            except Exception as exc:  # noqa: BLE001 - a report never costs the trained model: the package goes on
+                log.warning("report.html skipped: %s: %s", type(exc).__name__, str(exc)[:300])
+                metrics["report_skipped"] = f"{type(exc).__name__}: {exc}"[:500]
+            else:
+                metrics["report_url"] = REPORT_FILE  # relative to the package; the handler makes it absolute
+                extra_files[REPORT_FILE] = report_path
         if "onnx" in spec.export:
             from ml.training.export import export_onnx
 

@@ -125,6 +125,8 @@ def parse_package_config(raw: bytes) -> dict[str, Any]:
         config = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise PackageError(f"model package {CONFIG_FILE} is not valid JSON ({type(exc).__name__})") from exc
+    except RecursionError:
+        raise PackageError(f"model package {CONFIG_FILE} is JSON nested too deeply to parse") from None
     check_package_config(config)
     return config
 

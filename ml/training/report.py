@@ -19,6 +19,9 @@ import numpy as np
 REPORT_FILE = "report.html"
 MAX_WRONG_IMAGES = 16
 MAX_MATRIX_CLASSES = 50
+LITERAL_TEXT = {"text.parse_math": False, "text.usetex": False}
+"""Every text in the plots is literal: a class name such as ``$x^$`` is shown as written, never parsed as
+mathtext (which may fail at ``savefig``) or LaTeX."""
 
 
 def write_report(path: Path, metrics: Mapping[str, Any], class_names: Sequence[str], model_name: str,
@@ -28,19 +31,22 @@ def write_report(path: Path, metrics: Mapping[str, Any], class_names: Sequence[s
     import matplotlib
 
     matplotlib.use("Agg", force=True)
-    sections = [
-        f"<h1>{_e(model_name)}: training report</h1>",
-        _summary(metrics),
-        "<h2>Training curves</h2>" + _img(_curves(metrics.get("epochs") or []), "training curves"),
-        "<h2>Reliability before and after calibration</h2>" + _img(_reliability(metrics), "reliability diagram"),
-        "<h2>Auto-accept</h2>" + _auto_accept_table(metrics),
-        "<h2>Per class</h2>" + _per_class_table(metrics.get("per_class") or {}),
-    ]
-    matrix = metrics.get("confusion_matrix")
-    if matrix is not None and len(class_names) <= MAX_MATRIX_CLASSES:
-        sections.append("<h2>Confusion matrix</h2>" + _img(_confusion(np.asarray(matrix), class_names), "confusion matrix"))
-    sections.append("<h2>Most confidently wrong validation images</h2>"
-                    + (_img(_wrong_grid(wrong), "confidently wrong images") if wrong else "<p>None: every validation image is right.</p>"))
+    with matplotlib.rc_context(LITERAL_TEXT):
+        sections = [
+            f"<h1>{_e(model_name)}: training report</h1>",
+            _summary(metrics),
+            "<h2>Training curves</h2>" + _img(_curves(metrics.get("epochs") or []), "training curves"),
+            "<h2>Reliability before and after calibration</h2>" + _img(_reliability(metrics), "reliability diagram"),
+            "<h2>Auto-accept</h2>" + _auto_accept_table(metrics),
+            "<h2>Per class</h2>" + _per_class_table(metrics.get("per_class") or {}),
+        ]
+        matrix = metrics.get("confusion_matrix")
+        if matrix is not None and len(class_names) <= MAX_MATRIX_CLASSES:
+            sections.append("<h2>Confusion matrix</h2>"
+                            + _img(_confusion(np.asarray(matrix), class_names), "confusion matrix"))
+        sections.append("<h2>Most confidently wrong validation images</h2>"
+                        + (_img(_wrong_grid(wrong), "confidently wrong images") if wrong
+                           else "<p>None: every validation image is right.</p>"))
     page = ("<!doctype html><html><head><meta charset='utf-8'><title>" + _e(model_name) + " report</title><style>"
             "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
@@ -63,6 +69,7 @@ def _summary(metrics: Mapping[str, Any]) -> str:
     rows = [("val_accuracy", metrics.get("val_accuracy")), ("macro_f1", metrics.get("macro_f1")),
             ("balanced_accuracy", metrics.get("balanced_accuracy")), ("best_epoch", metrics.get("best_epoch")),
             ("temperature", metrics.get("temperature")),
+            *([("temperature note", _e(metrics["temperature_note"]))] if metrics.get("temperature_note") else []),
             ("ECE before / after", f"{_fmt(ece.get('before'))} / {_fmt(ece.get('after'))}"),
             ("NLL before / after", f"{_fmt(nll.get('before'))} / {_fmt(nll.get('after'))}")]
     return "<table>" + "".join(f"<tr><th>{_e(k)}</th><td>{v if isinstance(v, str) else _fmt(v)}</td></tr>" for k, v in rows) + "</table>"

@@ -36,7 +36,7 @@ LONG_SCHEDULE_LABEL_SMOOTHING = 0.1
 def schedule_defaults(epochs: int) -> tuple[float, float]:
     """``(warmup_epochs, label_smoothing)`` for a request that leaves them unset, scaled with the schedule.
 
-    Measured in ``bench/training.py --scenario finetune`` (README, Performance; 3 seeds, test accuracy): at
+    Measured in ``bench/training.py --scenario finetune`` (docs/performance.md; 3 seeds, test accuracy): at
     3 epochs from a pretrained backbone, defaults 0.974 against a plain constant-lr AdamW loop's 0.952; one
     warmup epoch drops ours to 0.955 and label smoothing 0.1 to 0.972 (no gain); at 5 epochs all within
     0.001. Both are regularisers of long schedules, so they start at ``SHORT_SCHEDULE_EPOCHS``: warmup 5% of

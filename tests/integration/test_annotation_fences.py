@@ -1,4 +1,4 @@
-"""Annotation requests against the fences of issue 10, through the handler with a real S3 API: file:// images
+"""Annotation requests against the fences and limits, through the handler with a real S3 API: file:// images
 inside/outside CLS_FILE_ROOT (symlinks resolved), buckets off CLS_S3_ALLOWED_BUCKETS, custom model_url outside the
 fences, and custom packages whose config.json would make timm read a file (refused before the cache)."""
 

@@ -165,7 +165,7 @@ async def test_siglip_family_gives_independent_sigmoids(http_server):
         assert abs(sum(p.confidence for p in result.predictions) - 1.0) > 1e-3  # not a softmax
 
 
-# -- prompt volume (issue 10) -------------------------------------------------------------------------------
+# -- prompt volume -------------------------------------------------------------------------------
 
 
 async def test_default_templates_count_towards_the_prompt_limit(http_server):
@@ -276,3 +276,17 @@ async def test_interactive_images_decode_while_bulk_decodes_fill_the_cpu_pool(ti
         release.set()
     assert (await asyncio.wait_for(bulk, timeout=30))[0].results[0].error is None
     assert all(b.result(timeout=5) for b in blockers)
+
+
+@pytest.mark.parametrize("top_k, expected", [(None, 2), (2, 2), (10, 2), (1, 1)])
+async def test_top_k_unset_equal_larger_smaller_than_the_classes(tiny_ctx, http_server, top_k, expected):
+    """Unset: min(3, classes); above the class count: all the classes; never an invalid request."""
+    body = {"task": "classify", "model": "clip", "request_id": f"topk-{top_k}", "classes": ["cat", "dog"],
+            "images": [{"id": "a", "url": http_server.urls["astronaut_jpg"]}], "threshold": 0.0}
+    if top_k is not None:
+        body["top_k"] = top_k
+    parts = await collect(AnnotationHandler(tiny_ctx), AnnotationRequest.model_validate(body))
+    (result,) = parts[0].results
+    assert len(result.predictions) == expected
+    names = [p.class_name for p in result.predictions]
+    assert len(set(names)) == len(names) and set(names) <= {"cat", "dog"}

@@ -79,6 +79,18 @@ async def test_custom_model_matches_in_memory_predictions(trained_digits, s3_ser
             assert got["three"] == pytest.approx(float(renorm[0]), abs=1e-5)
             assert got["eight"] == pytest.approx(float(renorm[1]), abs=1e-5)
 
+        # top_k against the model's 10 classes (no classes in the request): unset 3, equal, larger, smaller
+        for top_k, expected in ((None, 3), (10, 10), (25, 10), (2, 2)):
+            body = {"task": "classify", "model": "custom", "model_url": model_url, "request_id": f"custom-topk-{top_k}",
+                    "images": [{"id": i, "url": u} for i, u in urls[:2]], "threshold": 0.0}
+            if top_k is not None:
+                body["top_k"] = top_k
+            parts = [p async for p in handler.handle(AnnotationRequest.model_validate(body))]
+            assert [len(r.predictions) for r in parts[0].results] == [expected, expected], top_k
+        # with a subset of 2 classes, top_k 5 means both
+        parts = [p async for p in handler.handle(request.model_copy(update={"top_k": 5, "request_id": "custom-topk-s"}))]
+        assert all(len(r.predictions) == 2 for r in parts[0].results)
+
         bad = request.model_copy(update={"classes": ["three", "cat"], "request_id": "custom-3"})
         with pytest.raises(PermanentError) as err:
             [p async for p in handler.handle(bad)]

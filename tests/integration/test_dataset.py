@@ -10,7 +10,8 @@ import json
 import pytest
 from PIL import Image
 
-from handlers.dataset import DatasetCache, DownloadStopped, label_of, prepare_dataset
+from handlers.dataset import DatasetCache, label_of, prepare_dataset
+from handlers.lifecycle import Stopped
 from handlers.errors import PermanentError
 from handlers.executor import Executors
 from handlers.fetch import Fetcher, FetchLimits
@@ -134,10 +135,10 @@ async def test_large_manifest_downloads_stay_bounded_and_stop_with_the_job(http_
             assert 6 <= hits <= 6 + 2 * concurrency, hits
             assert peak[0] <= baseline + 1 + concurrency, (peak[0], baseline)
 
-            # a cancel while downloading: DownloadStopped, and again nothing more is fetched
+            # a cancel while downloading: Stopped, and again nothing more is fetched
             cancel_urls = [http_server.url(f"custom/cancel/c{i % 2}/{i}.png") for i in range(20_000)]
             cancelling = TrainingDataset.model_validate({"train_urls": cancel_urls, "class_names": ["c0", "c1"]})
-            with pytest.raises(DownloadStopped) as stopped:
+            with pytest.raises(Stopped) as stopped:
                 await prepare_dataset(cancelling, fetcher=fetcher, executors=executors, cache=cache,
                                       limits=DecodeLimits(), max_bad_fraction=1.0, concurrency=concurrency,
                                       should_stop=lambda: "cancel" if http_server.hits("cancel/") >= 30 else None)

@@ -144,8 +144,9 @@ async def test_a_record_that_kills_the_worker_ends_as_crash_loop(tmp_path, topic
         assert dlq[0].headers["dlq-source-offset"] == b"0"
         assert json.loads(dlq[0].value)["request_id"] == "poison"
         results = await read_until(kafka_bootstrap, w.annotation_results_topic,
-                                   lambda rs: "behind" in {r.json()["request_id"] for r in rs})
-        assert "poison" not in {r.json()["request_id"] for r in results}
+                                   lambda rs: {"behind", "poison"} <= {r.json()["request_id"] for r in rs})
+        poison = [r.json() for r in results if r.json()["request_id"] == "poison"]
+        assert [(e["status"], e["error"]["code"]) for e in poison] == [("failed", "crash_loop")]  # the backend hears an end
         await assert_no_lag(kafka_bootstrap, w.annotation_group_id, src)
         assert worker.proc.poll() is None
     finally:

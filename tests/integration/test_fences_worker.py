@@ -1,4 +1,4 @@
-"""Fences and limits as the backend sees them (issue 10): ``cls-worker training`` as a real process on real Kafka
+"""Fences and limits as the backend sees them: ``cls-worker training`` as a real process on real Kafka
 and a real S3 API answers hostile requests with a ``failed`` status naming the fence or the limit, and goes on."""
 
 from __future__ import annotations

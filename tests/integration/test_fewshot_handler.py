@@ -317,3 +317,19 @@ def test_worst_case_few_shot_part_fits_the_budget(class_char):
     for outcome in ("error", "predictions"):
         part = worst_part(request, n, classes, outcome).model_copy(update={"few_shot": summary})
         assert len(part.to_json_bytes()) <= BUDGET, (n, outcome)
+
+
+async def test_few_shot_top_k_unset_equal_larger_smaller_than_the_classes(ctx, colour_urls):
+    """Few-shot answers as classify does: unset -> min(3, classes); above the class count -> every class."""
+    handler = AnnotationHandler(ctx)
+    two = ["red", "green"]
+    support = examples(colour_urls, 2, classes=two)
+    for top_k, expected in ((None, 2), (2, 2), (7, 2), (1, 1)):
+        body = {"task": "classify", "model": "clip", "request_id": f"fs-topk-{top_k}", "threshold": 0.0,
+                "classes": two, "examples": support, "images": [{"id": "q", "url": colour_urls["red"][4]}]}
+        if top_k is not None:
+            body["top_k"] = top_k
+        parts = await collect(handler, AnnotationRequest.model_validate(body))
+        (result,) = parts[0].results
+        assert parts[0].few_shot is not None and len(result.predictions) == expected, (top_k, result)
+        assert {p.class_name for p in result.predictions} <= set(two)

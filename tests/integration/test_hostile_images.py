@@ -1,4 +1,4 @@
-"""Hostile images through the real path (issue 10): a real ``cls-worker annotation`` process with ViT-B-32
+"""Hostile images through the real path: a real ``cls-worker annotation`` process with ViT-B-32
 (random weights), the real broker and the local image server. Tiny files that decode to extreme shapes,
 float and 16-bit pixels, palettes, many frames and large canvases get per-image errors or predictions,
 never a failed request, and the worker's peak RSS stays bounded."""

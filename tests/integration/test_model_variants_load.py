@@ -1,5 +1,5 @@
 """A message may ask for another CLIP variant: ViT-L-14 loads and answers (random weights here, no hub), its
-weights resolved per variant; a SigLIP hub id off the allow-list never reaches from_pretrained (issue 10)."""
+weights resolved per variant; a SigLIP hub id off the allow-list never reaches from_pretrained."""
 
 from __future__ import annotations
 

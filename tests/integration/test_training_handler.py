@@ -15,14 +15,10 @@ from handlers.executor import Executors
 from handlers.fetch import Fetcher
 from handlers.images import DecodeLimits
 from handlers.storage import ObjectStore
-from handlers.training import (
-    CancelRegistry,
-    TrainingContext,
-    TrainingHandler,
-    TrainingSettings,
-    completed_event,
-)
+from handlers.cancels import CancelRegistry
+from handlers.training import TrainingContext, TrainingHandler, completed_event
 from schemas.training import TrainingRequest, TrainingStatus
+from tests.support.configs import training_settings
 
 pytestmark = pytest.mark.s3
 
@@ -35,7 +31,7 @@ def png(value: int) -> bytes:
 
 def training_context(tmp_path, store, fetcher, executors, on_epoch=None, **settings) -> TrainingContext:
     """The handler's context on the real store and fetcher, with work and image caches under ``tmp_path``."""
-    return TrainingContext(settings=TrainingSettings(work_dir=str(tmp_path / "work"), dataset_cache_dir=str(tmp_path / "images"),
+    return TrainingContext(settings=training_settings(work_dir=str(tmp_path / "work"), dataset_cache_dir=str(tmp_path / "images"),
                                                      device="cpu", **settings),
                            store=store, fetcher=fetcher, decode_limits=DecodeLimits(), executors=executors,
                            cancels=CancelRegistry(), on_epoch=on_epoch)

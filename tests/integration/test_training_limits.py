@@ -1,4 +1,4 @@
-"""Training requests against the fences and limits of issue 10, through the training handler with a real S3 API:
+"""Training requests against the fences and limits, through the training handler with a real S3 API:
 forbidden file:// paths and buckets, batch memory over the budget, num_workers capped, out of memory in training
 reported as a smaller micro-batch (and out_of_memory below one image)."""
 
@@ -15,8 +15,10 @@ from handlers.executor import Executors
 from handlers.fetch import Fetcher
 from handlers.images import DecodeLimits
 from handlers.storage import ObjectStore
-from handlers.training import CancelRegistry, TrainingContext, TrainingHandler, TrainingSettings
+from handlers.cancels import CancelRegistry
+from handlers.training import TrainingContext, TrainingHandler
 from schemas.training import TrainingRequest
+from tests.support.configs import training_settings
 
 pytestmark = pytest.mark.s3
 
@@ -53,7 +55,7 @@ async def make_handler(http_server, s3_server, tmp_path):
         fetcher = Fetcher(http_server.fetch_limits(), store=store)
         await fetcher.__aenter__()
         opened.extend([fetcher, store])
-        settings = TrainingSettings(work_dir=str(tmp_path / "work"), dataset_cache_dir=str(tmp_path / "images"),
+        settings = training_settings(work_dir=str(tmp_path / "work"), dataset_cache_dir=str(tmp_path / "images"),
                                     device="cpu", **options)
         return TrainingHandler(TrainingContext(settings=settings, store=store, fetcher=fetcher,
                                                decode_limits=DecodeLimits(), executors=executors,

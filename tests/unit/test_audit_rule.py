@@ -58,8 +58,8 @@ def test_neighbours_exact_and_by_candidates_against_brute_force():
     np.testing.assert_allclose(values, truth, atol=1e-5)
     assert (indices != np.arange(600)[:, None]).all()
     np.testing.assert_allclose(np.take_along_axis(similarity, indices, axis=1), values, atol=1e-5)
-    # above exact_neighbours_max: candidates from the top principal axes, re-scored with the full vectors
-    approx_indices, approx = nearest_neighbours(embeddings, 5, AuditOptions(exact_neighbours_max=100, candidate_dims=24))
+    # above exact_neighbours_max: candidates from the IVF index, re-scored with the full vectors
+    approx_indices, approx = nearest_neighbours(embeddings, 5, AuditOptions(exact_neighbours_max=100))
     np.testing.assert_allclose(np.take_along_axis(similarity, approx_indices, axis=1), approx, atol=1e-5)
     assert (approx <= truth + 1e-5).all() and np.isclose(approx, truth, atol=1e-5).mean() > 0.95
     assert np.abs(approx.mean(axis=1) - truth.mean(axis=1)).max() < 0.01  # the outlier score barely moves

@@ -1,5 +1,5 @@
 """The micro-batcher: batches across requests, bounded size, errors to every waiter, reloaded models,
-and model eviction (issue 10): no stranded waiter, an evicted model is freed, the cache bound holds."""
+and model eviction: no stranded waiter, an evicted model is freed, the cache bound holds."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch
 from handlers.batcher import MicroBatcher
 from handlers.executor import Executors
 from handlers.models import ModelConfig, ModelKey, ModelRegistry
+from tests.support.configs import model_config
 
 
 @pytest.fixture
@@ -84,7 +85,7 @@ async def test_queued_images_go_to_the_reloaded_model_and_a_running_batch_finish
 
 
 def _tiny_config(tmp_path) -> ModelConfig:
-    return ModelConfig(clip_variant="cls-tiny-clip", clip_weights="random", siglip_variant="cls-tiny-siglip",
+    return model_config(clip_variant="cls-tiny-clip", clip_weights="random", siglip_variant="cls-tiny-siglip",
                        siglip_weights="random", device="cpu", cache_size=1, model_dir=str(tmp_path))
 
 

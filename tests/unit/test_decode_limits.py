@@ -1,4 +1,4 @@
-"""Image memory bounded by design (issue 10): the aspect-ratio limit, the header estimate of a decode's peak
+"""Image memory bounded by design: the aspect-ratio limit, the header estimate of a decode's peak
 bytes (checked against measured peaks), the shared decode budget, and the bounded high-depth conversion."""
 
 from __future__ import annotations

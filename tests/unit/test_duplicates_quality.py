@@ -5,7 +5,7 @@ by ml.duplicates at the default threshold.
 
 The hub is unreachable, so the backbone has random weights, and random weights do not separate copies from
 look-alikes (measured for resnet10t/18, efficientnet_b0, convnext_atto, vit_tiny, cls-tiny-clip and
-ViT-B-32: every margin is negative, see README "Near-duplicates"). What holds with any weights is tested as
+ViT-B-32: every margin is negative, see docs/methods.md "Near-duplicates"). What holds with any weights is tested as
 such: byte-identical copies are exact groups, and at the default threshold every copy is grouped with its
 original (recall 1.0). Precision 1.0 needs pretrained weights; the last test pins the measured gap so that a
 backbone that starts separating is noticed (then set the threshold from its margin and assert precision)."""

@@ -1,4 +1,4 @@
-"""Which weights a CLIP variant gets and which variants a message may ask for (issue 10, item 5)."""
+"""Which weights a CLIP variant gets and which variants a message may ask for."""
 
 from __future__ import annotations
 
@@ -6,12 +6,13 @@ import open_clip
 import pytest
 
 from handlers.errors import PermanentError
-from handlers.models import ModelConfig, parse_allowed_variants, parse_variant_weights
+from handlers.models import parse_allowed_variants, parse_variant_weights
+from tests.support.configs import model_config
 from ml.clip import default_pretrained_tag
 
 
 def test_each_clip_variant_gets_a_tag_of_its_own():
-    config = ModelConfig()  # the defaults: ViT-B-32 with laion2b_s34b_b79k
+    config = model_config()  # the defaults: ViT-B-32 with laion2b_s34b_b79k
     assert config.key_for("clip", None).weights == "laion2b_s34b_b79k"
     large = config.key_for("clip", "ViT-L-14")
     assert large.variant == "ViT-L-14" and large.weights == "laion2b_s32b_b82k"
@@ -20,20 +21,20 @@ def test_each_clip_variant_gets_a_tag_of_its_own():
     assert config.key_for("clip", "ViT-L/14").variant == "ViT-L-14"  # OpenAI spelling
     # any variant with a tag in open_clip's table gets one; the configured tag wins where the variant has it
     assert config.key_for("clip", "RN50").weights == "openai" == default_pretrained_tag("RN50")
-    assert ModelConfig(clip_weights="openai").key_for("clip", "ViT-L-14").weights == "openai"
+    assert model_config(clip_weights="openai").key_for("clip", "ViT-L-14").weights == "openai"
 
 
 def test_overrides_and_random_weights():
-    config = ModelConfig(clip_variant_weights=parse_variant_weights("ViT-L-14=s3://models/l14.safetensors, RN50=random"))
+    config = model_config(clip_variant_weights=parse_variant_weights("ViT-L-14=s3://models/l14.safetensors, RN50=random"))
     assert config.key_for("clip", "ViT-L-14").weights == "s3://models/l14.safetensors"
     assert config.key_for("clip", "RN50").weights == "random"
-    assert ModelConfig(clip_weights="random").key_for("clip", "ViT-L-14").weights == "random"
+    assert model_config(clip_weights="random").key_for("clip", "ViT-L-14").weights == "random"
     with pytest.raises(ValueError):
         parse_variant_weights("ViT-L-14")
 
 
 def test_a_variant_without_a_known_tag_is_model_unavailable_naming_the_setting():
-    config = ModelConfig()  # cls-tiny-clip: an architecture with no entry in open_clip's pretrained table
+    config = model_config()  # cls-tiny-clip: an architecture with no entry in open_clip's pretrained table
     with pytest.raises(PermanentError) as err:
         config.key_for("clip", "cls-tiny-clip")
     assert err.value.code == "model_unavailable"
@@ -41,7 +42,7 @@ def test_a_variant_without_a_known_tag_is_model_unavailable_naming_the_setting()
 
 
 def test_default_policy_allows_known_architectures_only():
-    config = ModelConfig(clip_weights="random")
+    config = model_config(clip_weights="random")
     with pytest.raises(PermanentError) as err:
         config.key_for("siglip", "someone/any-repo-on-the-hub")  # never handed to from_pretrained
     assert err.value.code == "model_unavailable" and "CLS_ALLOWED_MODEL_VARIANTS" in err.value.message
@@ -53,7 +54,7 @@ def test_default_policy_allows_known_architectures_only():
 
 def test_an_explicit_allow_list():
     allowed = parse_allowed_variants("clip:ViT-L-14, siglip:acme/siglip-finetune")
-    config = ModelConfig(clip_weights="random", allowed_variants=allowed)
+    config = model_config(clip_weights="random", allowed_variants=allowed)
     assert config.key_for("clip", "ViT-L-14").variant == "ViT-L-14"
     assert config.key_for("clip", None).variant == "ViT-B-32"  # the configured default is always allowed
     assert config.key_for("siglip", "acme/siglip-finetune").variant == "acme/siglip-finetune"
@@ -61,6 +62,6 @@ def test_an_explicit_allow_list():
         with pytest.raises(PermanentError) as err:
             config.key_for(family, variant)
         assert err.value.code == "model_unavailable" and f"{family}:<variant>" in err.value.message
-    assert ModelConfig(allowed_variants=parse_allowed_variants("clip:*")).key_for("clip", "RN50").weights == "openai"
+    assert model_config(allowed_variants=parse_allowed_variants("clip:*")).key_for("clip", "RN50").weights == "openai"
     with pytest.raises(ValueError):
         parse_allowed_variants("ViT-L-14")

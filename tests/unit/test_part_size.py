@@ -1,4 +1,4 @@
-"""Result parts fit their byte budget whatever each image's outcome (issue 9: events always fit)."""
+"""Result parts fit their byte budget whatever each image's outcome (events always fit)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
-"""README "Embeddings": the loader snippets are the code that reads the files the worker writes.
+"""docs/contract.md "Embeddings": the loader snippets are the code that reads the files the worker writes.
 
-The numpy block is taken from the README text and run as written: its ``boto3`` call fetches a file that
+The numpy block is taken from the page's text and run as written: its ``boto3`` call fetches a file that
 ``ml.embedding_files.write_embeddings`` wrote, from the real S3 API (moto's server on 127.0.0.1) at the
-bucket and key the snippet names. pandas and DuckDB are not installed in this project's venv (the README
+bucket and key the snippet names. pandas and DuckDB are not installed in this project's venv (the page
 says those blocks are for the reader's environment), so for them the test checks what it can without
 them: the blocks parse and use no name but their own and the numpy block's ``ids`` and ``vectors``.
 """
@@ -22,12 +22,12 @@ from ml.embedding_files import write_embeddings
 
 pytestmark = pytest.mark.s3
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+PAGE = Path(__file__).resolve().parents[2] / "docs" / "contract.md"
 
 
 def embeddings_blocks() -> list[str]:
-    """The ```python blocks of README's "### Embeddings" section."""
-    text = README.read_text(encoding="utf-8")
+    """The ```python blocks of the page's "### Embeddings" section."""
+    text = PAGE.read_text(encoding="utf-8")
     section = text.split("### Embeddings", 1)[1].split("\n### ", 1)[0]
     return re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)
 
@@ -42,7 +42,7 @@ def block(kind: str) -> str:
         return kind in imports and (kind == "duckdb" or "duckdb" not in imports)
 
     found = [code for code in embeddings_blocks() if wanted(code)]
-    assert len(found) == 1, f"expected one {kind} block in README's Embeddings section, found {len(found)}"
+    assert len(found) == 1, f"expected one {kind} block in docs/contract.md's Embeddings section, found {len(found)}"
     return found[0]
 
 
@@ -73,7 +73,7 @@ def test_numpy_block_reads_the_workers_file_from_s3(s3_server):
     try:
         client.put_object(Bucket=bucket, Key=key, Body=write_embeddings(ids, vectors))
         namespace: dict[str, object] = {}
-        exec(compile(code, str(README), "exec"), namespace)  # noqa: S102 - the README's own text, on purpose
+        exec(compile(code, str(PAGE), "exec"), namespace)  # noqa: S102 - the page's own text, on purpose
     finally:
         client.delete_object(Bucket=bucket, Key=key)
         client.delete_bucket(Bucket=bucket)

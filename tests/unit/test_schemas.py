@@ -49,8 +49,8 @@ def test_body_id_wins_over_key_and_unknown_fields_are_ignored():
         ({"classes": []}, "classes"),
         ({"classes": ["a", "a"]}, "classes"),
         ({"classes": ["a", " "]}, "classes"),
-        ({"top_k": 4}, "(root)"),
         ({"top_k": 0}, "top_k"),
+        ({"top_k": 2001}, "top_k"),
         ({"threshold": 1.5}, "threshold"),
         ({"threshold": -0.1}, "threshold"),
         ({"images": []}, "images"),
@@ -67,6 +67,20 @@ def test_annotation_validation_names_the_field(change, loc):
     assert isinstance(result, Invalid)
     assert result.entity_id == "r"
     assert loc in {d.loc for d in result.details}, result.details
+
+
+@pytest.mark.parametrize("top_k, expected", [(None, 3), (3, 3), (4, 3), (2, 2)])
+def test_top_k_above_the_class_count_is_valid_and_clamps(top_k, expected):
+    """The README's request (no top_k, fewer classes than the default) is valid; the worker clamps."""
+    body = {**SEED_ANNOTATION}
+    body.pop("top_k")
+    if top_k is not None:
+        body["top_k"] = top_k
+    request = decode(ANNOTATION_ADAPTER, body, "request_id", b"r")
+    assert isinstance(request, AnnotationRequest), request
+    assert request.top_k_for(len(request.classes)) == expected
+    two = decode(ANNOTATION_ADAPTER, {**body, "classes": ["cat", "dog"]}, "request_id", b"r")
+    assert isinstance(two, AnnotationRequest) and two.top_k_for(2) == min(expected, 2)
 
 
 def test_bounded_image_list():
@@ -138,7 +152,7 @@ def test_json_schema_export(tmp_path):
     assert "class" in prediction["properties"]
 
 
-# -- prompt volume (issue 10): invalid_request naming the limit, counted without rendering ----------------
+# -- prompt volume: invalid_request naming the limit, counted without rendering ----------------
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,5 @@
 """ONNX export: parity with torch through onnxruntime for the four named families (random weights, small images),
-and a trained package with model.onnx that runs from config.json alone (no code of ours), as the README shows."""
+and a trained package with model.onnx that runs from config.json alone (no code of ours), as docs/contract.md shows."""
 
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def test_trained_package_has_onnx_that_runs_from_config_alone(digits_dataset, tm
     assert (package / "model.onnx").is_file()
     assert result.metrics["onnx"]["max_abs_diff"] <= ONNX_MAX_ABS_DIFF
 
-    # the README's recipe: config.json's preprocessing and temperature, onnxruntime, numpy, Pillow
+    # the recipe of docs/contract.md: config.json's preprocessing and temperature, onnxruntime, numpy, Pillow
     config = json.loads((package / "config.json").read_text())
     assert config["onnx"]["file"] == "model.onnx"
     _, height, width = config["input_size"]

@@ -1,4 +1,4 @@
-"""Out of memory during training (issue 10): the real loop halves the micro-batch, keeps the effective batch
+"""Out of memory during training: the real loop halves the micro-batch, keeps the effective batch
 with gradient accumulation, reports both, and fails with out_of_memory only below one image per micro-batch.
 
 The fault is injected into the real model: a forward pre-hook raises the allocator's own error whenever a forward

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ml.training.auto_accept import auto_accept_tables, precision_lower_bound, summary, threshold_for, threshold_row
-from ml.training.calibration import expected_calibration_error, fit_temperature, nll, reliability_bins
+from ml.training.calibration import ERROR_FREE_NOTE, calibrate, expected_calibration_error, fit_temperature, nll, reliability_bins
 
 
 def test_clopper_pearson_lower_bound_exact_values():
@@ -75,6 +75,20 @@ def test_fit_temperature_recovers_overconfidence():
     assert temperature == pytest.approx(3.0, rel=0.1)
     assert nll(true_logits * 3, targets, temperature) < nll(true_logits * 3, targets)
     assert fit_temperature(true_logits, targets) == pytest.approx(1.0, rel=0.1)
+
+
+def test_error_free_validation_keeps_the_temperature_at_one():
+    generator = torch.Generator().manual_seed(0)
+    targets = torch.randint(0, 5, (200,), generator=generator)
+    logits = torch.rand(200, 5, generator=generator)
+    logits[torch.arange(200), targets] += 1.5  # every prediction right, at modest confidence
+    assert (logits.argmax(dim=1) == targets).all()
+    assert fit_temperature(logits, targets) <= 0.1  # the unregularised fit runs to the floor: near-certainty
+    kept = calibrate(logits, targets)
+    assert kept.temperature == 1.0 and kept.note == ERROR_FREE_NOTE
+    logits[0, (targets[0] + 1) % 5] += 10.0  # one error: there is evidence again, the temperature is fitted
+    fitted = calibrate(logits, targets)
+    assert fitted.note is None and fitted.temperature == fit_temperature(logits, targets) != 1.0
 
 
 def test_ece_and_reliability_bins():

@@ -123,7 +123,7 @@ def test_cache_keys_include_model_identity():
         TextEmbeddingCache(maxsize=-1)
 
 
-# -- bounded in bytes (issue 10) -------------------------------------------------------------------------
+# -- bounded in bytes -------------------------------------------------------------------------
 
 
 def test_cache_is_bounded_in_bytes_whatever_the_entry_count():
@@ -158,11 +158,12 @@ def test_registry_models_share_one_byte_bounded_cache(tmp_path):
     import asyncio
 
     from handlers.executor import Executors
-    from handlers.models import ModelConfig, ModelKey, ModelRegistry
+    from handlers.models import ModelKey, ModelRegistry
+    from tests.support.configs import model_config
 
     async def run():
         executors = Executors(cpu_workers=1)
-        config = ModelConfig(device="cpu", cache_size=2, model_dir=str(tmp_path), text_cache_bytes=300_000)
+        config = model_config(device="cpu", cache_size=2, model_dir=str(tmp_path), text_cache_bytes=300_000)
         registry = ModelRegistry(config, executors, store=None)
         try:
             clip = await registry.get(ModelKey("clip", "cls-tiny-clip", "random"))

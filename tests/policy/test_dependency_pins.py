@@ -1,5 +1,5 @@
 """Dependency floors (pyproject.toml) and the committed constraints file agree with each other and with what is
-installed: fresh machines get the pinned versions, and the pins load untrusted files safely (issue 10)."""
+installed: fresh machines get the pinned versions, and the pins load untrusted files safely."""
 
 from __future__ import annotations
 

@@ -725,3 +725,18 @@ def test_build_context_builds_a_wheel_with_the_entry_point_and_schemas(tmp_path)
     assert "cls-worker = consumers.cli:main" in entry_points
     assert {f"schemas/json/{p.name}" for p in (ROOT / "schemas" / "json").glob("*.json")} <= set(names)
     assert "schemas/asyncapi.py" in names
+
+
+def test_dockerfile_cpu_variant_is_a_build_argument_of_the_same_stages():
+    """TORCH=cpu swaps only the Python stage (Debian's CPU torch); the GPU default is unchanged."""
+    global_args, by_stage, order = stages()
+    assert global_args["TORCH"] == "cuda"
+    gpu = chain(order[-1], dict(global_args, PREFETCH="false"))
+    cpu = chain(order[-1], dict(global_args, TORCH="cpu", PREFETCH="false"))
+    assert "python-cpu" not in gpu and "python-cuda" in gpu
+    assert cpu[:2] == ["python-cuda", "python-cpu"]
+    assert [s for s in cpu if s != "python-cpu"] == gpu
+    installs = " ".join(rest for keyword, rest in by_stage["python-cpu"] if keyword == "RUN")
+    assert "python3-torch" in installs and "python3-torchvision" in installs and "is_built()" in installs
+    deps = " ".join(rest for keyword, rest in by_stage["deps"] if keyword == "RUN")
+    assert "--system-site-packages" in deps and "['optional-dependencies']['worker']" in deps

@@ -1,0 +1,239 @@
+"""Learned features judged with real ImageNet weights against plain baselines on the same vectors.
+
+Run from the repository root:  .venv/bin/python bench/learned.py [--sets photo_crops textures] [--per-class 60]
+
+Vectors: the worker's timm embedder (``ml.timm_backbone``, ``tf_efficientnet_lite0`` with the real weights of
+``testkit.real_backbone``) of the sets of ``testkit.learned_sets`` (look-alike photo crops; tinted textures).
+Embeddings are cached under ``.cache/learned/`` by set, size and weights file, so a rerun measures the methods
+only (the first run embeds ~2,300 images: a few minutes on 2 idle cores).
+
+Per set:
+
+1. Near-duplicates: non-overlapping tiles of every source (distinct look-alikes) plus one copy of each per kind
+   (``COPY_KINDS``). Recall per copy kind (the copy in the same group as its original) and false links (groups
+   joining different originals, counted as extra originals per group) for cosine only at the default
+   threshold, the perceptual hash only, and the default (both signals).
+2. Audit: 10% of the labels flipped at random, or to the most similar class (class-conditional), or none
+   (clean). The default ``ml.audit.audit`` against the plain baseline: 5-fold
+   ``LogisticRegression()`` (scikit-learn defaults) out-of-sample probabilities and the confident-learning rule
+   on the same vectors. Precision / recall of the flagged labels against the flipped ones, flag rate on clean.
+3. Few-shot: 1/4/16 examples per class over 5 seeds (support drawn per seed, every other image a query):
+   accuracy of every method without a text tower and of ``auto``, auto's picks, fit times.
+
+Every loop is bounded by the set sizes. Prints tables and one JSON line (prefix ``BENCH_JSON ``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ml.audit import AuditOptions, audit, confident_learning  # noqa: E402
+from ml.duplicates import DEFAULT_THRESHOLD, find_duplicates  # noqa: E402
+from ml.fewshot import VISION_METHODS, SupportSet, fit_few_shot  # noqa: E402
+from ml.perceptual_hash import perceptual_hashes  # noqa: E402
+from testkit.learned_sets import COPY_KINDS, SET_NAMES, duplicate_set, labeled_set, real_embeddings  # noqa: E402
+from testkit.real_backbone import lite0_safetensors  # noqa: E402
+
+CACHE = Path(__file__).resolve().parents[1] / ".cache" / "learned"
+SHOTS = (1, 4, 16)
+SEEDS = 5
+NOISE_RATE = 0.1
+
+
+def cached_embeddings(key: str, images, weights: Path) -> np.ndarray:
+    digest = hashlib.sha256(f"{key}|{weights.stat().st_size}|{weights.stat().st_mtime_ns}".encode()).hexdigest()[:16]
+    path = CACHE / f"{key}-{digest}.npy"
+    if path.is_file():
+        return np.load(path)
+    vectors = real_embeddings(list(images), str(weights))
+    CACHE.mkdir(parents=True, exist_ok=True)
+    np.save(path, vectors)
+    return vectors
+
+
+# -- duplicates --------------------------------------------------------------------------------------------------
+
+
+def duplicates_scores(items, vectors: np.ndarray, **kwargs) -> dict:
+    ids = [item.id for item in items]
+    started = time.perf_counter()
+    report = find_duplicates(ids, vectors, max_groups=len(ids), max_group_size=len(ids), **kwargs)
+    seconds = time.perf_counter() - started
+    group_of = {}
+    false_links = 0
+    for g, group in enumerate(report.groups):
+        for i in group.ids:
+            group_of[i] = g
+        originals = {items[ids.index(i)].original for i in group.ids}
+        false_links += len(originals) - 1
+    recall = {}
+    for kind in COPY_KINDS:
+        copies = [item for item in items if item.kind == kind]
+        found = [item.id in group_of and group_of.get(item.original) == group_of[item.id] for item in copies]
+        recall[kind] = float(np.mean(found))
+    recall["all"] = float(np.mean([recall[k] for k in COPY_KINDS]))
+    return {"recall": recall, "false_links": false_links, "seconds": round(seconds, 4)}
+
+
+def bench_duplicates(name: str, weights: Path, max_originals: int) -> dict:
+    items = duplicate_set(name, max_originals=max_originals)
+    vectors = cached_embeddings(f"{name}-dup-{max_originals}", (item.image for item in items), weights)
+    started = time.perf_counter()
+    hashes = perceptual_hashes([item.image for item in items])
+    hash_seconds = time.perf_counter() - started
+    content = [hashlib.sha256(item.data).hexdigest() for item in items]
+    rows = {
+        f"cosine only (>= {DEFAULT_THRESHOLD})": duplicates_scores(items, vectors, hashes=content),
+        "hash only (<= 10 bits)": duplicates_scores(items, vectors, hashes=content, threshold=1.0,
+                                                    perceptual_hashes=hashes, hash_min_cosine=-1.0),
+        "default (cosine or hash)": duplicates_scores(items, vectors, hashes=content, perceptual_hashes=hashes),
+    }
+    return {"items": len(items), "originals": sum(item.kind == "original" for item in items),
+            "hash_ms_per_image": round(1000 * hash_seconds / len(items), 3), "rows": rows}
+
+
+# -- audit -------------------------------------------------------------------------------------------------------
+
+
+def flipped(labels: np.ndarray, vectors: np.ndarray, kind: str, seed: int) -> np.ndarray:
+    classes = int(labels.max()) + 1
+    if kind == "clean":
+        return labels.copy()
+    rng = np.random.default_rng(seed)
+    centres = np.stack([vectors[labels == c].mean(axis=0) for c in range(classes)])
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    similarity = centres @ centres.T
+    np.fill_diagonal(similarity, -np.inf)
+    nearest = similarity.argmax(axis=1)
+    noisy = labels.copy()
+    for i in rng.choice(len(labels), int(NOISE_RATE * len(labels)), replace=False):
+        noisy[i] = (labels[i] + rng.integers(1, classes)) % classes if kind == "random" else nearest[labels[i]]
+    return noisy
+
+
+def baseline_issues(vectors: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+
+    classes = int(labels.max()) + 1
+    probabilities = np.zeros((len(labels), classes))
+    for train, test in StratifiedKFold(5, shuffle=True, random_state=0).split(vectors, labels):
+        model = LogisticRegression().fit(vectors[train], labels[train])
+        probabilities[np.ix_(test, model.classes_)] = model.predict_proba(vectors[test])
+    return confident_learning(probabilities, labels).label_issue
+
+
+def precision_recall(flags: np.ndarray, truth: np.ndarray) -> dict:
+    hits = int((flags & truth).sum())
+    return {"precision": hits / max(1, int(flags.sum())), "recall": hits / max(1, int(truth.sum())),
+            "flagged": int(flags.sum()), "flag_rate": float(flags.mean())}
+
+
+def bench_audit(vectors: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict:
+    out = {}
+    classes = int(labels.max()) + 1
+    for kind in ("random", "class_conditional", "clean"):
+        noisy = flipped(labels, vectors, kind, seed)
+        truth = noisy != labels
+        started = time.perf_counter()
+        ours = audit(vectors, noisy, classes, AuditOptions(seed=seed)).label_issue
+        ours_s = time.perf_counter() - started
+        started = time.perf_counter()
+        base = baseline_issues(vectors, noisy)
+        base_s = time.perf_counter() - started
+        out[kind] = {"ours": {**precision_recall(ours, truth), "seconds": round(ours_s, 2)},
+                     "baseline": {**precision_recall(base, truth), "seconds": round(base_s, 2)}}
+    return out
+
+
+# -- few-shot ----------------------------------------------------------------------------------------------------
+
+
+def bench_few_shot(vectors: np.ndarray, labels: np.ndarray) -> dict:
+    classes = tuple(str(c) for c in range(int(labels.max()) + 1))
+    out = {}
+    for shots in SHOTS:
+        accuracy: dict[str, list[float]] = {m: [] for m in (*VISION_METHODS, "auto")}
+        seconds: dict[str, list[float]] = {m: [] for m in accuracy}
+        picks = []
+        for seed in range(SEEDS):
+            rng = np.random.default_rng(seed)
+            support = np.concatenate([rng.choice(np.flatnonzero(labels == c), shots, replace=False)
+                                      for c in range(len(classes))])
+            queries = np.setdiff1d(np.arange(len(labels)), support)
+            support_set = SupportSet(vectors[support], labels[support], classes)
+            for method in accuracy:
+                started = time.perf_counter()
+                result = fit_few_shot(support_set, method, seed=seed)
+                seconds[method].append(time.perf_counter() - started)
+                accuracy[method].append(float((result.head.logits(vectors[queries]).argmax(axis=1) == labels[queries]).mean()))
+                if method == "auto":
+                    picks.append(result.method)
+        mean = {m: float(np.mean(v)) for m, v in accuracy.items()}
+        best = max(mean[m] for m in VISION_METHODS)
+        out[str(shots)] = {"accuracy": mean, "auto_minus_best": mean["auto"] - best, "auto_picks": picks,
+                           "fit_ms": {m: round(1000 * float(np.mean(v)), 1) for m, v in seconds.items()}}
+    return out
+
+
+# -- output ------------------------------------------------------------------------------------------------------
+
+
+def print_set(name: str, result: dict) -> None:
+    dup = result["duplicates"]
+    print(f"\n== {name}: duplicates ({dup['originals']} originals, {dup['items']} images; "
+          f"perceptual hash {dup['hash_ms_per_image']} ms/image)")
+    print(f"{'method':28s} " + " ".join(f"{k:>13s}" for k in (*COPY_KINDS, "all")) + "  false links")
+    for method, row in dup["rows"].items():
+        print(f"{method:28s} " + " ".join(f"{row['recall'][k]:13.3f}" for k in (*COPY_KINDS, "all"))
+              + f"  {row['false_links']:11d}")
+    print(f"\n== {name}: audit ({NOISE_RATE:.0%} labels flipped; precision / recall / flagged)")
+    for kind, row in result["audit"].items():
+        o, b = row["ours"], row["baseline"]
+        if kind == "clean":
+            print(f"{kind:18s} ours flag rate {o['flag_rate']:.3f}   baseline flag rate {b['flag_rate']:.3f}")
+        else:
+            print(f"{kind:18s} ours {o['precision']:.3f} / {o['recall']:.3f} / {o['flagged']:4d} ({o['seconds']} s)   "
+                  f"baseline {b['precision']:.3f} / {b['recall']:.3f} / {b['flagged']:4d} ({b['seconds']} s)")
+    print(f"\n== {name}: few-shot accuracy (mean of {SEEDS} seeds; fit ms)")
+    print(f"{'shots':>5s} " + " ".join(f"{m:>20s}" for m in (*VISION_METHODS, "auto")) + "  auto - best  auto picks")
+    for shots, row in result["few_shot"].items():
+        print(f"{shots:>5s} " + " ".join(f"{row['accuracy'][m]:10.4f} ({row['fit_ms'][m]:6.1f})"
+                                         for m in (*VISION_METHODS, "auto"))
+              + f"  {row['auto_minus_best']:+.4f}  {','.join(sorted(set(row['auto_picks'])))}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sets", nargs="+", default=list(SET_NAMES), choices=SET_NAMES)
+    parser.add_argument("--per-class", type=int, default=60, help="labeled images per class (audit, few-shot)")
+    parser.add_argument("--dup-originals", type=int, default=60, help="duplicate originals per set")
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore", module="sklearn")
+    weights = lite0_safetensors()
+    report = {"bench": "learned", "machine": platform.machine(), "python": platform.python_version(), "sets": {}}
+    for name in args.sets:
+        labeled = labeled_set(name, args.per_class)
+        vectors = cached_embeddings(f"{name}-labeled-{args.per_class}", labeled.images, weights)
+        result = {"duplicates": bench_duplicates(name, weights, args.dup_originals),
+                  "audit": bench_audit(vectors, labeled.labels),
+                  "few_shot": bench_few_shot(vectors, labeled.labels)}
+        report["sets"][name] = result
+        print_set(name, result)
+    print("BENCH_JSON " + json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
