@@ -31,6 +31,10 @@ on 127.0.0.1 (a separate process, ``testkit.images.ImageServerProcess``):
     The worker's peak RSS (VmHWM) is read at the end; CPU seconds of every process (worker: event-loop
     thread and the others) and of the whole machine are recorded per phase, with the worker's batch sizes
     from its /metrics endpoint.
+(text) new classes (``bench/annotation_text.py``): the first interactive request with 5 new classes (quick
+    prompt set, the ensemble then computed in the background), the next one (full ensemble), a first bulk
+    request with 5 other new classes (the full text pass, for comparison), and a restarted worker on the same
+    CLS_TEXT_CACHE_DIR (no text pass).
 (load) against the same worker (``--scenarios``: ``throughput`` is (a), (c), (b); ``load`` this one; both by
     default): one-image interactive requests idle and while a 2,000-image bulk request runs, bulk throughput
     with and without them, the worker's bulk batch forward time, and two equal bulk requests sent together
@@ -114,9 +118,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workdir", default=None, help="keep images, broker state and worker log here")
     parser.add_argument("--json-out", default=None, help="also write the JSON result to this file")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--scenarios", default="throughput,load",
-                        help="what runs through Kafka: throughput ((a), (c), (b) rounds) and/or load (latency under "
-                             "load, two bulk requests); default both")
+    parser.add_argument("--scenarios", default="throughput,load,text",
+                        help="what runs through Kafka: throughput ((a), (c), (b) rounds), load (latency under "
+                             "load, two bulk requests), text (new classes: the first interactive request, the next "
+                             "one, a restarted worker with a warm disk cache); default all three")
     parser.add_argument("--load-bulk-images", type=int, default=None,
                         help="images in the bulk request of the load scenario (default 2000; --quick: 300)")
     parser.add_argument("--load-probes", type=int, default=None,
@@ -146,8 +151,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.load_window_s = args.load_window_s if args.load_window_s is not None else (5.0 if quick else 60.0)
     args.fair_images = args.fair_images or (64 if quick else 256)
     args.scenarios = {s.strip() for s in args.scenarios.split(",") if s.strip()}
-    if not args.scenarios <= {"throughput", "load"}:
-        parser.error(f"--scenarios {sorted(args.scenarios)}: expected throughput and/or load")
+    if not args.scenarios <= {"throughput", "load", "text"}:
+        parser.error(f"--scenarios {sorted(args.scenarios)}: expected throughput, load and/or text")
     args.classes = max(2, min(args.classes, len(CLASSES)))
     args.templates = max(1, min(args.templates, 80))
     for item in args.worker_env:
@@ -249,6 +254,8 @@ def report(result: dict[str, Any]) -> None:
             rows.append((f"ratio {label}", f"{summary[name]:.2f}", f"target >= {target}: {ok}; per round: {per_round}"))
     if e2e.get("load"):
         rows.extend(load_rows(e2e["load"], result, cfg))
+    if e2e.get("text"):
+        rows.extend(text_rows(e2e["text"], cfg))
 
     title = (f"annotation benchmark: CLIP {cfg['variant']} ({cfg['weights']} weights), {cfg['images']} JPEG "
              f"{IMAGE_SIZE[0]}x{IMAGE_SIZE[1]}, device {inproc['device']}, torch threads {inproc['torch_threads']} "
@@ -300,6 +307,25 @@ def load_rows(load: dict[str, Any], result: dict[str, Any], cfg: dict[str, Any])
         ("load average (1 min) during the scenario", f"{load['loadavg_at_start'][0]}",
          f"at the end {load['loadavg_at_end'][0]} ({cfg['cpus']} CPUs)"),
     ]
+
+
+def text_rows(text: dict[str, Any], cfg: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """The text scenario's rows (``bench/annotation_text.py``)."""
+    first, nxt, bulk = text["first_interactive"], text["next_interactive"], text["first_bulk_full_ensemble"]
+    rows = [
+        ("first interactive request with 5 new classes", f"{first['seconds']} s",
+         f"prompt set {first['prompt_set']}; target < 2 s: {'ok' if first['seconds'] < 2 else 'MISSED'}; the full "
+         f"ensemble ({cfg['templates']} templates) ready {text['background_ensemble_s']} s after the answer"),
+        ("next interactive request, same classes", f"{nxt['seconds']} s", f"prompt set {nxt['prompt_set']}"),
+        ("first bulk request with 5 other new classes", f"{bulk['seconds']} s",
+         f"prompt set {bulk['prompt_set']}: the full text pass in the request (what an interactive one waited before)"),
+    ]
+    restarted = text.get("restarted")
+    if restarted:
+        rows.append(("restarted worker with a warm disk cache", f"{restarted['seconds']} s",
+                     f"interactive, the 5 classes; prompt set {restarted['prompt_set']}, text cache "
+                     f"{restarted['text_cache']} (no text pass); worker ready after {restarted['worker_ready_s']} s"))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -96,6 +96,13 @@ async def e2e_phase(session: Session, inproc: InProcess, rounds: list[dict[str, 
               f"(c) {this['baseline']['images_per_s']}/s [others {this['baseline']['others_cores']}]  "
               f"(b) {this['e2e']['images_per_s']}/s [others {this['e2e']['others_cores']}]", flush=True)
 
+    if "text" in args.scenarios:
+        from bench.annotation_text import text_scenario
+
+        print("text pass: a first interactive request with 5 new classes, the next one, a first bulk one ...",
+              flush=True)
+        out["text"] = await text_scenario(session)
+
     if "load" in args.scenarios:
         from bench.annotation_load import load_scenario
 
@@ -196,6 +203,8 @@ def run_e2e(args: argparse.Namespace, workdir: Path, urls: list[str], classes: l
             # the bench sends the same images again (rounds, the 2,000-image bulk request): measure the forwards,
             # not the image-embedding cache (--worker-env CLS_EMBEDDING_CACHE_MB=256 measures with it)
             "CLS_EMBEDDING_CACHE_MB": "0",
+            # class text embeddings on disk: a fresh folder per run (the text scenario restarts the worker on it)
+            "CLS_TEXT_CACHE_DIR": str(workdir / "text-cache"),
         }
         env.update(dict(item.split("=", 1) for item in args.worker_env))
         out["worker_env"] = {k: v for k, v in env.items() if k not in topics and k != "CLS_DEFAULT_PROMPT_TEMPLATES"}
@@ -223,6 +232,13 @@ def run_e2e(args: argparse.Namespace, workdir: Path, urls: list[str], classes: l
             out["latency_ms"]["handler_p50"] = round(1000 * statistics.median(handled), 1)
         out["worker_text_cache_misses"] = sum(1 for e in worker.log_events("annotation_summary")
                                               if e.get("text_cache") == "miss")
+        if "text" in args.scenarios:
+            from bench.annotation_text import restart_row
+
+            print("text pass: a restarted worker with a warm disk cache ...", flush=True)
+            old = worker
+            worker = None  # stopped by restart_row; the restarted one is stopped there too
+            out["text"]["restarted"] = restart_row(env, workdir, bootstrap, topics, urls[0], old.stop)
     except BaseException:
         if worker is not None:
             print(f"worker log tail:\n{worker.log_tail(3000)}", file=sys.stderr)

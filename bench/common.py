@@ -185,6 +185,7 @@ class Expected:
     images: int = 0
     image_errors: int = 0
     status: str = "completed"
+    prompt_set: str | None = None  # the result's model.prompt_set (which templates made the class embeddings)
 
 
 class ResultCollector:
@@ -237,6 +238,7 @@ class ResultCollector:
             entry.future.set_exception(RuntimeError(f"request {rid} {entry.status}: {value.get('error')}"))
             return
         entry.parts = value.get("parts") or 1
+        entry.prompt_set = (value.get("model") or {}).get("prompt_set")
         entry.seen.add(value.get("part") or 0)
         for result in value.get("results", []):
             entry.images += 1

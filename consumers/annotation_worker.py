@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 
 import structlog
 
@@ -33,6 +34,7 @@ def model_config(settings: Settings) -> ModelConfig:
         clip_variant=w.clip_variant, clip_weights=w.clip_weights, siglip_variant=w.siglip_variant,
         siglip_weights=w.siglip_weights, device=w.device, seed=w.seed, text_cache_size=w.text_cache_size,
         text_cache_bytes=w.text_cache_mb * 1024 * 1024,
+        text_cache_dir=w.text_cache_dir or None, text_cache_disk_bytes=w.text_cache_disk_mb * 1024 * 1024,
         cache_size=w.model_cache_size, model_dir=w.model_dir,
         clip_variant_weights=parse_variant_weights(w.clip_variant_weights),
         allowed_variants=parse_allowed_variants(w.allowed_model_variants),
@@ -46,6 +48,10 @@ def default_templates(settings: Settings) -> list[str]:
     from ml.zeroshot import DEFAULT_TEMPLATES
 
     return list(DEFAULT_TEMPLATES)
+
+
+def quick_templates(settings: Settings) -> list[str]:
+    return [t for t in settings.worker.quick_prompt_templates.split("|") if t.strip()]
 
 
 def preload_keys(settings: Settings, config: ModelConfig) -> list:
@@ -63,7 +69,7 @@ def preload_keys(settings: Settings, config: ModelConfig) -> list:
 async def annotation_context(settings: Settings):
     """The handler's dependencies, built once; closed on exit."""
     w = settings.worker
-    executors = Executors()
+    executors = Executors(fit_workers=w.fewshot_fit_threads)
     async with storage_and_fetcher(settings) as (store, fetcher):
         config = model_config(settings)
         batcher = MicroBatcher(executors, max_batch=w.batch_size, max_wait_ms=w.batch_wait_ms,
@@ -72,6 +78,7 @@ async def annotation_context(settings: Settings):
         ctx = AnnotationContext(
             config=AnnotationConfig(part_size=w.result_part_size, max_images_per_request=w.max_images_per_request,
                                     default_templates=default_templates(settings), preprocess=w.preprocess,
+                                    quick_templates=quick_templates(settings),
                                     gpu_decode=w.gpu_decode,
                                     request_window=2 * w.batch_size, images_in_flight=max(128, 4 * w.batch_size),
                                     part_budget_bytes=min(PART_BUDGET_BYTES, w.max_record_bytes // 2)),
@@ -87,7 +94,8 @@ async def annotation_context(settings: Settings):
                                      against_max_bytes=w.embed_against_max_mb * 1024 * 1024),
             embedding_cache=EmbeddingCache(w.embedding_cache_mb * 1024 * 1024) if w.embedding_cache_mb else None,
             fewshot=FewShotConfig(max_examples=w.fewshot_max_examples,
-                                  head_cache_bytes=w.fewshot_head_cache_mb * 1024 * 1024),
+                                  head_cache_bytes=w.fewshot_head_cache_mb * 1024 * 1024,
+                                  max_fit_cost=w.fewshot_max_fit_cost),
             audit_config=AuditConfig(max_images=w.audit_max_images, max_cells=w.audit_max_cells),
             manifest_limits=manifest_limits(w),
         )
@@ -96,6 +104,7 @@ async def annotation_context(settings: Settings):
         try:
             yield ctx
         finally:
+            await ctx.models.close()  # background text ensembles cancelled
             await ctx.preprocessor.close()
             await batcher.close()
             await asyncio.to_thread(executors.shutdown)
@@ -140,18 +149,36 @@ async def run_annotation_worker(settings: Settings, max_requests: int | None = N
             await health.stop()
 
 
-def prefetch(settings: Settings) -> int:
-    """Download the configured pretrained weights into the cache (build time / init container)."""
+def prefetch(settings: Settings, classes: list[str] | None = None) -> int:
+    """Download the configured pretrained weights into the cache (build time / init container); with ``classes``,
+    also compute their text embeddings with the default templates into CLS_TEXT_CACHE_DIR (the disk cache a
+    worker on this node reads at its first request)."""
     from ml.backbones import load_zero_shot_model
+    from ml.text_disk_cache import DiskTextCache
 
     config = model_config(settings)
+    disk = None
+    if classes:
+        if not config.text_cache_dir or config.text_cache_disk_bytes <= 0:
+            print("prefetch --classes needs CLS_TEXT_CACHE_DIR (and CLS_TEXT_CACHE_DISK_MB > 0)")
+            return 2
+        disk = DiskTextCache(config.text_cache_dir, config.text_cache_disk_bytes)
+    templates = default_templates(settings)
     status = 0
     for key in preload_keys(settings, config) or [config.key_for("clip", None), config.key_for("siglip", None)]:
-        if key.family == "custom" or key.weights == "random":
+        if key.family not in ("clip", "siglip") or (key.weights == "random" and not classes):
             continue
         try:
-            load_zero_shot_model(key.family, key.variant, key.weights, device="cpu")  # type: ignore[arg-type]
+            # the worker's device when classes are warmed: the entries' identity names the device type
+            model = load_zero_shot_model(key.family, key.variant, key.weights,  # type: ignore[arg-type]
+                                         device=config.device if classes else "cpu", seed=config.seed)
             print(f"prefetched {key.family} {key.variant} {key.weights}")
+            if classes:
+                model.disk_cache = disk
+                started = time.monotonic()
+                model.text_embeddings(classes, templates)
+                print(f"text embeddings of {len(classes)} classes x {len(templates)} templates for {key.family} "
+                      f"{key.variant} in {config.text_cache_dir} ({time.monotonic() - started:.1f} s)")
         except Exception as exc:
             print(f"prefetch failed for {key.family} {key.variant} {key.weights}: {exc}")
             status = 1

@@ -7,7 +7,8 @@
     cls-worker schemas export DIR         write JSON Schema files (and docs/asyncapi.yaml with --asyncapi)
     cls-worker settings                   print the effective settings (secrets masked)
     cls-worker send ...                   produce a request and follow its events (see --help)
-    cls-worker prefetch                   download the configured pretrained weights into the cache
+    cls-worker prefetch [--classes a,b]   download the configured pretrained weights into the cache (and warm
+                                          CLS_TEXT_CACHE_DIR with the classes' text embeddings)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import argparse
 import asyncio
 import json
 import sys
+from pathlib import Path
 
 from consumers.logging_setup import configure_logging
 from consumers.settings import Settings
@@ -90,12 +92,19 @@ def _cmd_send(args: argparse.Namespace) -> int:
     return asyncio.run(run_send(settings, args))
 
 
-def _cmd_prefetch(_args: argparse.Namespace) -> int:
+def _cmd_prefetch(args: argparse.Namespace) -> int:
     settings = _settings()
     configure_logging(settings.worker.log_level, settings.worker.log_format)
+    classes = [c.strip() for c in (args.classes or "").split(",") if c.strip()]
+    if args.classes_file:
+        lines = Path(args.classes_file).read_text(encoding="utf-8").splitlines()
+        classes += [line.strip() for line in lines if line.strip()]
+    if classes and not (settings.worker.text_cache_dir and settings.worker.text_cache_disk_mb > 0):
+        print("prefetch --classes needs CLS_TEXT_CACHE_DIR (and CLS_TEXT_CACHE_DISK_MB > 0)", file=sys.stderr)
+        return 2
     from consumers.annotation_worker import prefetch
 
-    return prefetch(settings)
+    return prefetch(settings, classes or None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,7 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("settings", help="print the effective settings (secrets masked)")
     p.set_defaults(func=_cmd_settings)
 
-    p = sub.add_parser("prefetch", help="download the configured pretrained weights into the cache")
+    p = sub.add_parser("prefetch", help="download the configured pretrained weights into the cache; with --classes, "
+                       "also their text embeddings into CLS_TEXT_CACHE_DIR")
+    p.add_argument("--classes", default=None, help="comma-separated class names to warm the disk text cache with")
+    p.add_argument("--classes-file", default=None, help="a file of class names, one per line")
     p.set_defaults(func=_cmd_prefetch)
 
     try:

@@ -1,4 +1,7 @@
-"""Prometheus metrics of the workers (exposed by consumers.health when CLS_METRICS_PORT is set)."""
+"""Prometheus metrics of the workers (exposed by consumers.health when CLS_METRICS_PORT is set).
+
+Requests refused at admission are counted where the rule lives: ``cls_admission_refused_total{budget}`` in
+``handlers.admission`` (same registry)."""
 
 from __future__ import annotations
 

@@ -160,6 +160,16 @@ class WorkerSettings(BaseSettings):
                                         "batches stay at CLS_BATCH_SIZE_WHILE_INTERACTIVE (0: never smaller).")
     result_part_size: int = Field(default=500, ge=1, description="Images per result part (N).")
     default_prompt_templates: str | None = Field(default=None, description="'|'-separated; default: open_clip's ImageNet ensemble.")
+    quick_prompt_templates: str = Field(
+        default="a photo of a {}.", description="'|'-separated templates that answer an interactive request at once "
+        "when the default ensemble of its classes is not cached yet; the ensemble is then computed in the background "
+        "and answers the next request (the result's model.prompt_set says which). Empty: interactive requests wait "
+        "for the ensemble, as bulk ones do.")
+    text_cache_dir: str | None = Field(
+        default=None, description="Class text embeddings on local disk (one file per model, class and template "
+        "list), shared by the workers of a node and kept across restarts; unset: memory only.")
+    text_cache_disk_mb: int = Field(default=256, ge=0, description="Bound of CLS_TEXT_CACHE_DIR in MB (least "
+                                    "recently used files out; 0: no disk cache).")
 
     # input limits
     max_aspect_ratio: float = Field(default=20.0, ge=1.0, description="Long side / short side of an image; beyond it: bad_aspect_ratio.")
@@ -171,7 +181,9 @@ class WorkerSettings(BaseSettings):
                                           "(s3://bucket/prefix or, with file URLs allowed, file:///dir).")
     embed_inline_max_images: int = Field(default=64, ge=0, description="An embed request may ask for inline vectors "
                                          "up to this many images.")
-    embed_against_max_mb: int = Field(default=256, ge=1, description="An embed request's 'against' files together, in MB.")
+    embed_against_max_mb: int = Field(default=256, ge=1, description="An embed request's 'against' files together, in "
+                                      "MB: as stored, and their arrays once decompressed (from the .npy headers, "
+                                      "checked before they are read).")
     embedding_cache_mb: int = Field(default=256, ge=0, description="Image embeddings cached by (content hash, model), "
                                     "shared by classify and embed, in MB (0: off).")
     timm_weights: str = Field(default="pretrained", description="Weights of a timm embed model without model_url: "
@@ -182,6 +194,11 @@ class WorkerSettings(BaseSettings):
                                       "may carry (inline or in its examples_url manifest).")
     fewshot_head_cache_mb: int = Field(default=256, ge=0, description="Fitted few-shot heads kept across requests by "
                                        "support-set hash, in MB (0: off; concurrent identical requests still fit once).")
+    fewshot_max_fit_cost: int = Field(default=1_000_000_000, ge=1, description="Classes x examples x embedding dim "
+                                      "of one few-shot fit, checked before any example is embedded (the fit's CPU "
+                                      "time grows with it: ~2.5 s for 100 x 2,000 x 512 on one busy core).")
+    fewshot_fit_threads: int = Field(default=1, ge=1, le=64, description="Threads of the few-shot fit pool (fits "
+                                     "never run on the CPU pool that decodes images; more fits wait their turn).")
     # audit task
     audit_max_images: int = Field(default=100_000, ge=1, description="Images of one audit request: a manifest_url may "
                                   "list this many (inline images stay within the contract's 10,000).")
@@ -201,15 +218,22 @@ class WorkerSettings(BaseSettings):
     # fences and limits
     s3_allowed_buckets: str = Field(default="", description="Comma-separated buckets any s3:// URL may name; empty: any.")
     training_memory_budget_mb: int | None = Field(
-        default=None, ge=1, description="Host memory one training batch may need (estimate); default: half the available memory.")
+        default=None, ge=1, description="Host memory one training job may need (estimate: the model's parameters x 24 B "
+        "for weights, gradients and AdamW state, plus one batch's activations and loader buffers); default: half the "
+        "memory available at start-up.")
+    allowed_training_models: str = Field(
+        default="", description="Comma-separated timm architectures (fnmatch patterns, e.g. 'resnet*,convnext_tiny') a "
+        "training request may name; empty: any timm architecture whose estimated memory fits "
+        "CLS_TRAINING_MEMORY_BUDGET_MB.")
     training_max_workers: int | None = Field(
         default=None, ge=0, description="Cap on a request's num_workers; default: the CPU cores this process may use.")
     clip_variant_weights: str = Field(
         default="", description="Comma-separated variant=weights (tag, path, s3:// or 'random') overriding the per-variant default tag.")
     allowed_model_variants: str = Field(
         default="", description="Comma-separated family:variant a message may ask for (clip:ViT-L-14, siglip:<hub id>, "
-        "clip:* for any open_clip architecture); empty: the configured variants, open_clip's architectures and the "
-        "SigLIP variants this package knows.")
+        "clip:* for any open_clip architecture); empty: the configured variants, the open_clip architectures up to "
+        "ViT-L-14's size (handlers.model_config.DEFAULT_CLIP_VARIANTS), the SigLIP variants this package knows and the "
+        "timm embedders of handlers.model_config.DEFAULT_TIMM_VARIANTS.")
 
     # budgets: manifests (training manifest_url, few-shot examples_url, audit manifest_url)
     manifest_max_bytes: int = Field(default=256 * 1024 * 1024, ge=1024, description="A manifest's size in bytes "
@@ -230,6 +254,14 @@ class WorkerSettings(BaseSettings):
     @classmethod
     def _upper(cls, value: str) -> str:
         return value.upper()
+
+    @field_validator("quick_prompt_templates", "default_prompt_templates")
+    @classmethod
+    def _templates_name_the_class(cls, value: str | None) -> str | None:
+        for template in (value or "").split("|"):
+            if template.strip() and "{}" not in template and "{c}" not in template:
+                raise ValueError(f"prompt template {template!r} has no class placeholder ({{}} or {{c}})")
+        return value
 
 
 class Settings:

@@ -35,6 +35,7 @@ def training_settings(w: WorkerSettings) -> TrainingSettings:
                             device=w.device, download_concurrency=w.fetch_concurrency,
                             max_metrics_bytes=w.max_record_bytes // 8,
                             memory_budget_bytes=training_memory_budget(w), max_workers=w.training_max_workers,
+                            allowed_models=tuple(p.strip() for p in w.allowed_training_models.split(",") if p.strip()),
                             manifest_limits=manifest_limits(w), dataset_cache_bytes=w.dataset_cache_mb * 1024 * 1024)
 
 

@@ -95,9 +95,9 @@ async def serve(runtime: ConsumerRuntime, *, on_stop: Callable[[], Awaitable[Non
     try:
         await runtime.run()
     except KafkaError as exc:
-        log.error("kafka_unavailable", error="; ".join(bootstrap_errors.errors) or f"{type(exc).__name__}: {exc}",
-                  bootstrap_servers=runtime.settings.kafka.bootstrap_servers,
-                  hint="check KAFKA_BOOTSTRAP_SERVERS, KAFKA_SECURITY_PROTOCOL and the SASL credentials")
+        error = "; ".join(bootstrap_errors.errors) or f"{type(exc).__name__}: {exc}"
+        log.error("kafka_unavailable", error=error, bootstrap_servers=runtime.settings.kafka.bootstrap_servers,
+                  hint=_hint(error))
         return EXIT_STARTUP_FAILED
     except (OSError, ValueError) as exc:
         log.error("startup_failed", error=f"{type(exc).__name__}: {exc}")
@@ -109,6 +109,18 @@ async def serve(runtime: ConsumerRuntime, *, on_stop: Callable[[], Awaitable[Non
         if on_stop is not None:
             await on_stop()
     return EXIT_OK
+
+
+def _hint(error: str) -> str:
+    """What to check, from what the connection failed on."""
+    if "CERTIFICATE_VERIFY_FAILED" in error:
+        return ("the broker's certificate was refused: KAFKA_SSL_CAFILE must hold the CA that signed it (unset: the "
+                "system's CAs), the certificate must be within its validity dates, and KAFKA_BOOTSTRAP_SERVERS must "
+                "name a host the certificate is for")
+    if "SSL" in error or "closed" in error:
+        return ("check KAFKA_SECURITY_PROTOCOL (SSL / SASL_SSL for a TLS listener) and, where the broker requires a "
+                "client certificate, KAFKA_SSL_CERTFILE and KAFKA_SSL_KEYFILE")
+    return "check KAFKA_BOOTSTRAP_SERVERS, KAFKA_SECURITY_PROTOCOL and the SASL credentials"
 
 
 def _signalled(runtime: ConsumerRuntime, sig: signal.Signals) -> Callable[[], None]:

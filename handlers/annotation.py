@@ -17,6 +17,7 @@ from contextlib import aclosing
 import structlog
 import torch
 
+from handlers.admission import Budget, admit
 from handlers.audit import AuditHandler
 from handlers.context import AnnotationConfig, AnnotationContext
 from handlers.embedding import EmbedHandler
@@ -74,11 +75,8 @@ class AnnotationHandler:
         ctx = self.ctx
         started = time.monotonic()
         request_id = request.request_id or ""
-        if len(request.images) > ctx.config.max_images_per_request:
-            raise PermanentError(
-                "invalid_request",
-                f"{len(request.images)} images; this worker accepts at most {ctx.config.max_images_per_request} per request",
-            )
+        admit(Budget("request_images", ctx.config.max_images_per_request, "CLS_MAX_IMAGES_PER_REQUEST", unit="count"),
+              len(request.images), "images in one classify request")
         if request.has_examples:  # few-shot: a head fitted on the request's labeled examples
             async for part in self.few_shot.classify(request):
                 yield part
@@ -92,15 +90,17 @@ class AnnotationHandler:
                                             else "default templates (CLS_DEFAULT_PROMPT_TEMPLATES)")
             if problem:
                 raise InvalidRequest(problem)
-        prepared, text_cache_hit = await model.prepare(classes, templates, ctx.executors)
+        priority = request.priority or "bulk"
+        prepared, text_cache_hit, prompt_set = await self._prepare(model, request, classes, templates, priority)
         if ctx.on_text_cache is not None and request.model != "custom":
             ctx.on_text_cache(text_cache_hit)
+        descriptor = model.descriptor if prompt_set is None else model.descriptor.model_copy(
+            update={"prompt_set": prompt_set})
         top_k = request.top_k_for(len(classes))
 
         size = part_size_for(request, ctx.config.part_size, classes, ctx.config.part_budget_bytes)
         images = request.images
         parts = [images[i:i + size] for i in range(0, len(images), size)]
-        priority = request.priority or "bulk"
         # Admission is windowed per request: a bulk request holds at most request_window images in
         # flight, so the shared budget is split between concurrent bulk requests; interactive images
         # use their own budget and go first in the batcher.
@@ -117,9 +117,11 @@ class AnnotationHandler:
                 failed_images += sum(1 for r in results if r.error is not None)
                 yield AnnotationResult.completed_part(
                     request_id, k, len(parts),
-                    model=model.descriptor,
+                    model=descriptor,
                     results=results,
                 )
+        if prompt_set == "quick":  # answered: now the full ensemble, for the next request with these classes
+            model.start_background(classes, templates)  # type: ignore[attr-defined]
         log.info(
             "annotation_summary",
             model=model.descriptor.variant,
@@ -129,9 +131,28 @@ class AnnotationHandler:
             parts=len(parts),
             part_size=size,
             text_cache="hit" if text_cache_hit else "miss",
+            prompt_set=prompt_set,
             batches_shared=ctx.batcher.forget(request_id),
             seconds=round(time.monotonic() - started, 3),
         )
+
+    async def _prepare(self, model: LoadedModel, request: AnnotationRequest, classes: list[str],
+                       templates: list[str], priority: str) -> tuple[object, bool, str | None]:
+        """The class side of a request: (prepared, cache hit, prompt set). Zero-shot requests with the worker's
+        default templates: an interactive one whose ensemble is not cached gets the quick set ('quick');
+        everything else the templates in full ('full', or 'request' for the request's own templates)."""
+        if request.model not in ("clip", "siglip"):
+            prepared, hit = await model.prepare(classes, templates, self.ctx.executors)
+            return prepared, hit, None
+        if request.prompt_templates:
+            prepared, hit = await model.prepare(classes, templates, self.ctx.executors)
+            return prepared, hit, "request"
+        quick = self.ctx.config.quick_templates
+        if priority == "interactive" and quick and list(quick) != list(templates):
+            prepared, hit, quick_used = await model.prepare_interactive(classes, templates, quick)  # type: ignore[attr-defined]
+            return prepared, hit, "quick" if quick_used else "full"
+        prepared, hit = await model.prepare(classes, templates, self.ctx.executors)
+        return prepared, hit, "full"
 
     async def _part_results(self, model: LoadedModel, images: Sequence[ImageRef], outputs: list, prepared: object,
                             classes: Sequence[str], top_k: int, threshold: float,

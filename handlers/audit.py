@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 import structlog
 
+from handlers.admission import Budget, admit
 from handlers.embedding import EmbedHandler
 from handlers.errors import InvalidRequest, PermanentError
 from handlers.keys import key_segment
@@ -131,9 +132,8 @@ class AuditHandler:
             raise InvalidRequest(problem)
         if len(classes) > MAX_CLASSES:
             raise InvalidRequest(f"{len(classes)} distinct labels; an audit takes at most {MAX_CLASSES} classes")
-        if len(images) * len(classes) > config.max_cells:
-            raise InvalidRequest(f"{len(images)} images x {len(classes)} classes = {len(images) * len(classes)}; "
-                                 f"an audit is limited to CLS_AUDIT_MAX_CELLS={config.max_cells}")
+        admit(Budget("audit_cells", config.max_cells, "CLS_AUDIT_MAX_CELLS", unit="count"), len(images) * len(classes),
+              f"{len(images)} images x {len(classes)} classes")
         key = ctx.model_config.key_for(request.model, request.model_variant, request.model_url)
         model: EmbeddingHandle = await ctx.models.get(key)
         priority = request.priority or "bulk"
@@ -147,7 +147,7 @@ class AuditHandler:
         options = AuditOptions(folds=request.options.folds, neighbours=request.options.neighbours,
                                duplicate_threshold=request.options.duplicate_threshold, jobs=config.jobs)
         try:
-            table = await ctx.executors.on_cpu(fit_audit, embeddings, labels[good], len(classes), options)
+            table = await ctx.executors.on_fit(fit_audit, embeddings, labels[good], len(classes), options)
         except AuditError as exc:
             if errors:
                 first = next(iter(errors.values())).error

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +37,9 @@ class AnnotationConfig:
     default_templates: list[str]  # CLS_DEFAULT_PROMPT_TEMPLATES
     preprocess: str  # CLS_PREPROCESS: "tensor" (ml.preprocess) or "pil" (the families' Pillow transforms)
     gpu_decode: bool  # CLS_GPU_DECODE: with "tensor" and a model on CUDA, baseline JPEGs decoded there in batches
+    # CLS_QUICK_PROMPT_TEMPLATES: an interactive request whose classes' default ensemble is not cached is answered
+    # with these at once, the ensemble computed in the background (empty: interactive requests wait for it)
+    quick_templates: list[str] = field(default_factory=list)
     images_in_flight: int = 128  # bulk images in fetch/decode/forward at once, all bulk requests together
     # of which one bulk request holds at most this many (admission is windowed); the worker sets two batches,
     # so one request alone has its next batch decoded while one runs (one batch's worth split its batches
@@ -49,13 +53,14 @@ class AnnotationConfig:
 class EmbedConfig:
     output_path: str | None  # CLS_EMBED_OUTPUT_PATH: default prefix (s3://bucket/prefix or file://...)
     inline_max_images: int  # CLS_EMBED_INLINE_MAX_IMAGES: "inline": true only up to this many images
-    against_max_bytes: int  # CLS_EMBED_AGAINST_MAX_MB: all 'against' files together
+    against_max_bytes: int  # CLS_EMBED_AGAINST_MAX_MB: the against files together, stored and read
 
 
 @dataclass(frozen=True)
 class FewShotConfig:
     max_examples: int  # CLS_FEWSHOT_MAX_EXAMPLES: support examples per request (inline or manifest)
     head_cache_bytes: int  # CLS_FEWSHOT_HEAD_CACHE_MB: fitted heads kept across requests
+    max_fit_cost: int  # CLS_FEWSHOT_MAX_FIT_COST: classes x examples x embedding dim of one fit
     head_cache_entries: int = 64
 
 
@@ -72,44 +77,67 @@ class FewShotHeads:
 
     def __init__(self, config: FewShotConfig) -> None:
         self.cache = FewShotHeadCache(max_entries=config.head_cache_entries, max_bytes=config.head_cache_bytes)
-        self._pending: dict[str, asyncio.Task[FewShotResult]] = {}
+        self._pending: dict[str, _Flight] = {}
         self.fits = 0
+        self.cancelled = 0  # fits stopped because every request waiting for them was cancelled (tests, logs)
         self.on_head: Callable[[bool], None] | None = None  # metrics hook: True when this request fitted
         self.on_fit: Callable[[float], None] | None = None  # metrics hook: seconds of one fit
 
-    async def get_or_fit(self, key: str, fit: Callable[[], FewShotResult],
+    async def get_or_fit(self, key: str, fit: Callable[..., FewShotResult],
                          executors: Executors) -> tuple[FewShotResult, bool]:
-        """(the head for ``key``, whether this call fitted it). ``fit`` runs in the CPU pool, as a task of its own:
-        a cancelled request does not cancel a fit that other requests wait for."""
+        """(the head for ``key``, whether this call fitted it). ``fit(should_stop=...)`` runs in the executors' fit
+        pool, as a task of its own: a cancelled request does not cancel a fit that other requests wait for; when the
+        last request waiting for a fit is cancelled (its handler timed out, the worker drains), the fit is dropped
+        if it has not started, and told to stop if it has."""
         cached = self.cache.get(key)
         if cached is not None:
             if self.on_head is not None:
                 self.on_head(False)
             return cached, False
-        task = self._pending.get(key)
-        fitted = task is None
-        if task is None:
+        flight = self._pending.get(key)
+        fitted = flight is None
+        if flight is None:
             self.fits += 1
-            task = asyncio.ensure_future(self._fit(key, fit, executors))
-            self._pending[key] = task
-            task.add_done_callback(functools.partial(self._done, key))
-        result = await asyncio.shield(task)
+            stop = threading.Event()
+            flight = _Flight(asyncio.ensure_future(self._fit(key, fit, executors, stop)), stop)
+            self._pending[key] = flight
+            flight.task.add_done_callback(functools.partial(self._done, key, flight))
+        flight.waiters += 1
+        try:
+            result = await asyncio.shield(flight.task)
+        finally:
+            flight.waiters -= 1
+            if flight.waiters == 0 and not flight.task.done():  # every waiter is gone: nobody needs this fit
+                flight.stop.set()
+                flight.task.cancel()
+                self.cancelled += 1
         if self.on_head is not None:
             self.on_head(fitted)
         return result, fitted
 
-    async def _fit(self, key: str, fit: Callable[[], FewShotResult], executors: Executors) -> FewShotResult:
+    async def _fit(self, key: str, fit: Callable[..., FewShotResult], executors: Executors,
+                   stop: threading.Event) -> FewShotResult:
         started = time.monotonic()
-        result = await executors.on_cpu(fit)
+        result = await executors.on_fit(fit, should_stop=stop.is_set)
         if self.on_fit is not None:
             self.on_fit(time.monotonic() - started)
         self.cache.put(key, result)
         return result
 
-    def _done(self, key: str, task: asyncio.Task[FewShotResult]) -> None:
-        self._pending.pop(key, None)
+    def _done(self, key: str, flight: _Flight, task: asyncio.Task[FewShotResult]) -> None:
+        if self._pending.get(key) is flight:
+            del self._pending[key]
         if not task.cancelled():
             task.exception()  # retrieved: every waiter re-raises it itself
+
+
+@dataclass
+class _Flight:
+    """One fit in progress: its task, its stop flag, and how many requests wait for it."""
+
+    task: asyncio.Task[FewShotResult]
+    stop: threading.Event
+    waiters: int = 0
 
 
 @dataclass

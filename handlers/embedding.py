@@ -23,13 +23,21 @@ import numpy as np
 import structlog
 import torch
 
+from handlers.admission import Budget, admit
 from handlers.parts import parts_in_order
 from handlers.errors import ImageError, InvalidRequest, PermanentError
 from handlers.images import DecodeLimits, decoded
 from handlers.keys import key_segment
 from handlers.storage import ObjectStore
 from ml.duplicates import DuplicateInputError, EmbeddingSet, check_embeddings, find_duplicates
-from ml.embedding_files import EMBEDDINGS_CONTENT_TYPE, EMBEDDINGS_SUFFIX, EmbeddingFileError, read_embeddings, write_embeddings
+from ml.embedding_files import (
+    EMBEDDINGS_CONTENT_TYPE,
+    EMBEDDINGS_SUFFIX,
+    EmbeddingFileError,
+    declared_array_bytes,
+    read_embeddings,
+    write_embeddings,
+)
 from schemas.annotation import (
     MAX_IMAGE_ERROR_CHARS,
     AnnotationResult,
@@ -208,12 +216,19 @@ class EmbedHandler:
             return []
         if self.store is None:
             raise PermanentError("storage_unwritable", "'against' needs object storage settings")
-        remaining = self.ctx.embed_config.against_max_bytes
+        limit = self.ctx.embed_config.against_max_bytes
+        remaining = limit
+        budget = Budget("embed_against", limit, "CLS_EMBED_AGAINST_MAX_MB")
+        arrays = 0  # bytes of the arrays read so far, as declared by their headers
         out = []
         for url in request.against:
             data = await self.store.get_bytes(url, max_bytes=remaining)
             remaining -= len(data)
             try:
+                declared = await self.ctx.executors.on_cpu(declared_array_bytes, data)
+                # a compressed file is bounded by what it holds once read, before it is read
+                admit(budget, arrays + declared, f"the arrays of the 'against' files up to {url} once decompressed")
+                arrays += declared
                 ids, vectors = await self.ctx.executors.on_cpu(read_embeddings, data)
             except EmbeddingFileError as exc:
                 raise InvalidRequest(f"against file {url}: {exc}") from exc

@@ -4,7 +4,8 @@ Per request: pick the model, read the support set (inline, or a JSON Lines manif
 fetcher / object store, bounded by CLS_FEWSHOT_MAX_EXAMPLES), embed every example through
 ``EmbedHandler.embed_image`` (fenced fetch, the embedding cache by content hash, the batcher's embed lane:
 a support set sent again is not embedded again), skip and count the examples that fail, then fit the head
-(``ml.fewshot.fit_few_shot``) in the CPU pool -- never on the event loop or the GPU thread. Fitted heads are
+(``ml.fewshot.fit_few_shot``) in the fit pool (``Executors.fit``) -- never on the event loop, the GPU thread or the
+CPU pool that decodes images. Fitted heads are
 kept in a bounded cache by ``ml.fewshot.support_set_key`` (model, classes, zero-shot weights, support
 embeddings and labels, method), and concurrent requests with the same key share one fit (single flight).
 
@@ -31,6 +32,7 @@ import numpy as np
 import structlog
 import torch
 
+from handlers.admission import Budget, admit
 from handlers.errors import InvalidRequest
 from handlers.manifests import MAX_MANIFEST_BYTES, read_manifest
 from handlers.parts import json_bytes, part_size_for, parts_in_order, rank
@@ -124,6 +126,11 @@ class FewShotClassifier:
         model = await ctx.models.get(key)
         examples = await self.examples(request)
         classes = self.classes_of(request, examples)
+        # the fit's work grows with classes x examples x dim: admitted before any example is fetched or embedded
+        admit(Budget("fewshot_fit", ctx.fewshot.max_fit_cost, "CLS_FEWSHOT_MAX_FIT_COST", unit="count"),
+              len(classes) * len(examples) * model.dim,
+              f"a few-shot fit of {len(classes)} classes x {len(examples)} examples x {model.dim}-d embeddings",
+              hint="send fewer classes or examples")
         has_text = request.model in ("clip", "siglip")
         zero_shot = None
         text_cache_hit = None

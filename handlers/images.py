@@ -14,6 +14,12 @@ Memory is bounded by design, from the header, before any pixel is decoded:
 - the peak bytes of decoding and converting the first frame are estimated from the size, the mode
   (bytes per pixel as Pillow stores it), the format (decoders that buffer a whole frame count twice) and
   the conversion to RGB (see :func:`estimate_decode_bytes`); only the first frame is ever decoded;
+- the size is the real frame's: every allowed format's header gives it before any pixel is decoded, except
+  ICO, whose directory cannot be trusted and whose frame Pillow decodes while opening: its frames' own headers
+  are read first (:func:`eager_frame_size`) and the file is opened inside the reservation. Formats outside
+  ``_ALLOWED_FORMATS`` (ICNS, CUR, EPS, PSD, ...) are not opened at all (``not_an_image``); multi-frame files
+  (TIFF, GIF, MPO, APNG, animated WebP) have only their first frame decoded and their frames never counted; a
+  tiled TIFF's tile, which libtiff allocates whole, is checked and counted like the frame;
 - every decode reserves its estimate in a shared :class:`DecodeBudget` (a thread-safe semaphore on bytes,
   first come first served) until the caller is done with the image, so the decodes running at once never
   hold more than the budget, however many threads decode.
@@ -27,7 +33,7 @@ import functools
 import io
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
@@ -126,9 +132,9 @@ def _mb(nbytes: int) -> int:
 def estimate_decode_bytes(image: Image.Image, data_len: int = 0) -> int:
     """Peak bytes of decoding ``image``'s first frame to RGB, from its header (an upper bound).
 
-    Decoded frame (x2 for whole-frame decoders), a possible EXIF-rotated copy, and the RGB conversion: high-depth
-    greyscale an array copy + 1 B (L) + 4 B (RGB) per pixel plus a bounded work space, alpha compositing 16 B,
-    anything else 4 B; plus the encoded bytes and a fixed allowance. Measured peaks stay below it (see
+    Decoded frame (x2 for whole-frame decoders), a tiled TIFF's tile buffer, a possible EXIF-rotated copy, and the
+    RGB conversion: high-depth greyscale an array copy + 1 B (L) + 4 B (RGB) per pixel plus a bounded work space,
+    alpha compositing 16 B, anything else 4 B; plus the encoded bytes and a fixed allowance. Measured peaks stay below it (see
     tests/unit/test_decode_limits.py).
     """
     width, height = image.size
@@ -137,6 +143,7 @@ def estimate_decode_bytes(image: Image.Image, data_len: int = 0) -> int:
     per_pixel = stored * (2 if image.format in _WHOLE_FRAME_DECODERS else 1)
     per_pixel += stored  # an EXIF rotation or a detached first frame (PNG's EXIF may follow the pixels: not read here)
     extra = data_len + _FIXED_BYTES
+    extra += tiff_tile_pixels(image) * 8  # libtiff's buffer for one tile (up to 8 B/pixel: 16-bit RGBA)
     mode = image.mode
     if mode in _HIGH_DEPTH_MODES:
         per_pixel += stored + 5  # numpy's copy of the frame, then L and RGB
@@ -148,6 +155,18 @@ def estimate_decode_bytes(image: Image.Image, data_len: int = 0) -> int:
     return pixels * per_pixel + extra
 
 
+
+
+def tiff_tile_pixels(image: Image.Image) -> int:
+    """The pixels of one tile of a tiled TIFF, from its header (``TileWidth x TileLength``; 0 for anything else):
+    libtiff allocates a whole tile to decode, even when the tile is far larger than the image."""
+    if image.format != "TIFF":
+        return 0
+    tags = getattr(image, "tag_v2", {})
+    width, length = tags.get(322), tags.get(323)
+    if not isinstance(width, int) or not isinstance(length, int):
+        return 0
+    return max(0, width) * max(0, length)
 
 
 def _looks_like_image(data: bytes) -> bool:
@@ -242,17 +261,87 @@ def decode_image(data: bytes, limits: DecodeLimits) -> Image.Image:
 
 
 @contextlib.contextmanager
-def decoded(data: bytes, limits: DecodeLimits, work_bytes_per_pixel: int = 0) -> Iterator[Image.Image]:
+def decoded(data: bytes, limits: DecodeLimits, work_bytes_per_pixel: int = 0,
+            work_bytes: Callable[[int, int], int] | None = None) -> Iterator[Image.Image]:
     """``decode_image`` as a context manager: the decode's memory stays reserved in ``limits.budget``
     until the block ends (preprocess the image inside it; ``work_bytes_per_pixel``: what that work
-    allocates per pixel, reserved too)."""
-    image = _open(data)
-    _check_shape(image, limits)
-    width, height = image.size
-    estimate = estimate_decode_bytes(image, len(data)) + work_bytes_per_pixel * width * height
-    reservation = limits.budget.reserve(estimate) if limits.budget is not None else contextlib.nullcontext()
-    with reservation:
+    allocates per pixel, reserved too; ``work_bytes(width, height)``: what it allocates per image, e.g. a
+    model's resize to its own input size)."""
+    with _opened(data, limits, lambda image: work_bytes_per_pixel, work_bytes) as image:
         yield _load_rgb(image)
+
+
+@contextlib.contextmanager
+def _opened(data: bytes, limits: DecodeLimits, work_per_pixel: Callable[[Image.Image], int],
+            work_bytes: Callable[[int, int], int] | None = None) -> Iterator[Image.Image]:
+    """The one opener: the frame's real size from its header, the shape checks, the decode estimate reserved
+    in the budget, then the opened (not yet decoded) image, for as long as the block runs.
+
+    Pillow opens every allowed format lazily (header only) except ICO, which decodes its largest frame while
+    opening: for ICO the size comes from :func:`eager_frame_size` (each frame's own header) and the file is
+    opened inside the reservation."""
+    eager = eager_frame_size(data)
+    if eager is not None:
+        _check_shape(eager, limits)
+        width, height = eager
+        estimate = _ICO_BYTES_PER_PIXEL * width * height + len(data) + _FIXED_BYTES
+        estimate += work_bytes(width, height) if work_bytes is not None else 0
+        with _reservation(limits, estimate):
+            image = _open(data)
+            if image.size[0] * image.size[1] > width * height:  # never: the largest frame was counted
+                raise ImageError(DECODE_FAILED, f"ICO frame {image.size} larger than its header said")
+            _check_shape(image.size, limits)  # the frame Pillow chose (its aspect ratio)
+            yield image
+        return
+    image = _open(data)
+    _check_shape(image.size, limits)
+    if tiff_tile_pixels(image) > limits.max_pixels:
+        raise ImageError(TOO_MANY_PIXELS, f"TIFF tile of {tiff_tile_pixels(image)} pixels > limit {limits.max_pixels}")
+    width, height = image.size
+    estimate = estimate_decode_bytes(image, len(data)) + work_per_pixel(image) * width * height
+    estimate += work_bytes(width, height) if work_bytes is not None else 0
+    with _reservation(limits, estimate):
+        yield image
+
+
+def _reservation(limits: DecodeLimits, estimate: int) -> contextlib.AbstractContextManager[None]:
+    return limits.budget.reserve(estimate) if limits.budget is not None else contextlib.nullcontext()
+
+
+# An ICO frame decodes to RGBA (4 B), or P/L plus an RGBA mask; then the alpha composite (16 B): 24 B/pixel.
+_ICO_BYTES_PER_PIXEL = 24
+_ICO_MAX_FRAMES = 256
+_BMP_INFO_HEADER_SIZES = frozenset({12, 40, 52, 56, 64, 108, 124})  # BITMAPCOREHEADER ... BITMAPV5HEADER
+
+
+def eager_frame_size(data: bytes) -> tuple[int, int] | None:
+    """For a format Pillow decodes while opening (ICO): the largest frame's real (width, height), read from each
+    frame's own header (the embedded PNG's IHDR or the BMP's info header), never from the icon directory, whose
+    1-byte sizes say nothing about what a frame holds. None for any other format (Pillow reads their size from the
+    header without decoding). ImageError ``decode_failed`` when the directory or a frame header is unreadable."""
+    if not data.startswith(b"\x00\x00\x01\x00") or len(data) < 6:
+        return None
+    count = int.from_bytes(data[4:6], "little")
+    if not 0 < count <= _ICO_MAX_FRAMES or len(data) < 6 + 16 * count:
+        raise ImageError(DECODE_FAILED, f"ICO with {count} directory entries in {len(data)} bytes")
+    largest = (0, 0)
+    for index in range(count):
+        entry = data[6 + 16 * index : 22 + 16 * index]
+        offset = int.from_bytes(entry[12:16], "little")
+        frame = data[offset : offset + 32]
+        if frame.startswith(b"\x89PNG\r\n\x1a\n") and len(frame) >= 24 and frame[12:16] == b"IHDR":
+            width, height = int.from_bytes(frame[16:20], "big"), int.from_bytes(frame[20:24], "big")
+        elif len(frame) >= 12 and int.from_bytes(frame[0:4], "little") in _BMP_INFO_HEADER_SIZES:
+            if int.from_bytes(frame[0:4], "little") == 12:  # OS/2 BITMAPCOREHEADER: 16-bit sizes
+                width, height = int.from_bytes(frame[4:6], "little"), int.from_bytes(frame[6:8], "little") // 2
+            else:
+                width = abs(int.from_bytes(frame[4:8], "little", signed=True))
+                height = abs(int.from_bytes(frame[8:12], "little", signed=True)) // 2
+        else:
+            raise ImageError(DECODE_FAILED, f"ICO frame {index}: no PNG or BMP header at offset {offset}")
+        if width * height >= largest[0] * largest[1]:
+            largest = (width, height)
+    return largest
 
 
 # Decoded by torchvision (libjpeg-turbo / libpng) in the tensor path; any other format or mode (CMYK, alpha,
@@ -266,21 +355,19 @@ its 3 B/pixel tensor copy that the tensor path keeps afterwards."""
 
 
 @contextlib.contextmanager
-def decoded_tensor(data: bytes, limits: DecodeLimits) -> Iterator[torch.Tensor]:
+def decoded_tensor(data: bytes, limits: DecodeLimits,
+                   work_bytes: Callable[[int, int], int] | None = None) -> Iterator[torch.Tensor]:
     """:func:`decoded` for the tensor path: the same checks and budget first, then a uint8 ``[3, H, W]`` RGB
     tensor. Baseline JPEGs and plain RGB/grey PNGs are decoded by torchvision; anything else, and any failure
     there, is decoded by Pillow exactly as :func:`decoded` does, so the per-image errors are the same."""
     from ml.preprocess import decode_cpu
 
-    image = _open(data)
-    _check_shape(image, limits)
-    direct = image.mode in _TENSOR_DECODABLE.get(image.format or "", ()) and "transparency" not in image.info
-    work = TENSOR_WORK_BYTES_PER_PIXEL if direct else 0
-    estimate = estimate_decode_bytes(image, len(data)) + work * image.size[0] * image.size[1]
-    reservation = limits.budget.reserve(estimate) if limits.budget is not None else contextlib.nullcontext()
-    with reservation:
+    def work(image: Image.Image) -> int:
+        return TENSOR_WORK_BYTES_PER_PIXEL if _directly_decodable(image) else 0
+
+    with _opened(data, limits, work, work_bytes) as image:
         pixels = None
-        if direct:
+        if _directly_decodable(image):
             try:
                 pixels = decode_cpu(data)
             except Exception:  # noqa: BLE001 - Pillow below decodes it or names the error
@@ -291,6 +378,10 @@ def decoded_tensor(data: bytes, limits: DecodeLimits) -> Iterator[torch.Tensor]:
         yield pixels
 
 
+def _directly_decodable(image: Image.Image) -> bool:
+    return image.mode in _TENSOR_DECODABLE.get(image.format or "", ()) and "transparency" not in image.info
+
+
 def batched_jpeg_size(data: bytes, limits: DecodeLimits) -> tuple[int, int] | None:
     """The checks of :func:`decoded` for an image the batched device decoder may take (the same errors, from the
     header, before any pixel is decoded): its (width, height) after EXIF orientation when it is a baseline JPEG
@@ -298,8 +389,12 @@ def batched_jpeg_size(data: bytes, limits: DecodeLimits) -> tuple[int, int] | No
     host holds only the encoded bytes; device memory is bounded per decode call (``ml.preprocess``)."""
     from ml.preprocess import is_baseline_jpeg
 
+    eager = eager_frame_size(data)
+    if eager is not None:  # an icon: the per-image path decodes it, within the budget
+        _check_shape(eager, limits)
+        return None
     image = _open(data)
-    _check_shape(image, limits)
+    _check_shape(image.size, limits)
     if image.format != "JPEG" or image.mode not in ("RGB", "L") or not is_baseline_jpeg(data):
         return None
     return _oriented_size(image)
@@ -315,8 +410,8 @@ def _oriented_size(image: Image.Image) -> tuple[int, int]:
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
-def _check_shape(image: Image.Image, limits: DecodeLimits) -> None:
-    width, height = image.size
+def _check_shape(size: tuple[int, int], limits: DecodeLimits) -> None:
+    width, height = size
     if width * height > limits.max_pixels:
         raise ImageError(
             TOO_MANY_PIXELS, f"{width}x{height} = {width * height} pixels > limit {limits.max_pixels}"
@@ -372,8 +467,10 @@ def _load_rgb(image: Image.Image) -> Image.Image:
         rgb = to_rgb(image)
     except Exception as exc:
         raise ImageError(DECODE_FAILED, f"cannot convert {image.mode} to RGB: {exc}") from exc
-    if rgb is image and getattr(image, "n_frames", 1) > 1:
-        rgb = rgb.copy()  # detach the first frame from the multi-frame file object
+    if rgb is image and getattr(image, "is_animated", False):
+        # detach the first frame from the multi-frame file object (``is_animated`` looks one frame ahead at most:
+        # ``n_frames`` would walk every frame of a TIFF or GIF, a CPU cost that grows with the file)
+        rgb = rgb.copy()
     return rgb
 
 

@@ -21,6 +21,16 @@ DEFAULT_TIMM_VARIANTS = frozenset({"resnet50", "convnext_tiny", "efficientnet_b0
                                    "vit_small_patch16_224", "resnet18", "resnet10t", "test_vit", "test_resnet"})
 """timm model names an embed request may name when CLS_ALLOWED_MODEL_VARIANTS is not set."""
 
+DEFAULT_CLIP_VARIANTS = frozenset({
+    "RN50", "RN50-quickgelu", "RN101", "RN101-quickgelu", "ViT-B-32", "ViT-B-32-quickgelu", "ViT-B-32-256",
+    "ViT-B-16", "ViT-B-16-quickgelu", "ViT-B-16-plus-240", "ViT-L-14", "ViT-L-14-quickgelu", "ViT-L-14-336",
+    "ViT-L-14-336-quickgelu", "convnext_base", "convnext_base_w", "convnext_base_w_320", "MobileCLIP-S1",
+    "MobileCLIP-S2", "MobileCLIP-B", "cls-tiny-clip"})
+"""open_clip architectures a message may name when CLS_ALLOWED_MODEL_VARIANTS is not set: up to ViT-L-14's size
+(~430 M parameters, 1.7 GB of fp32 weights), which a worker holds beside its default model. The larger ones
+(ViT-H-14, ViT-bigG-14, EVA02-E-14: 1-5 B parameters, multi-GB downloads, up to ~20 GB allocated) only by
+setting (``clip:ViT-H-14`` or ``clip:*``), or CLS_CLIP_VARIANT_WEIGHTS naming weights for them."""
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -38,6 +48,8 @@ class ModelConfig:
     cache_size: int  # CLS_MODEL_CACHE_SIZE
     model_dir: str  # CLS_MODEL_DIR
     timm_weights: str  # CLS_TIMM_WEIGHTS: timm weights without model_url ('pretrained': the hub cache)
+    text_cache_dir: str | None = None  # CLS_TEXT_CACHE_DIR: class embeddings on disk, shared by the node's workers
+    text_cache_disk_bytes: int = 0  # CLS_TEXT_CACHE_DISK_MB (0: no disk cache)
     clip_variant_weights: tuple[tuple[str, str], ...] = ()  # (variant, weights) overrides, CLS_CLIP_VARIANT_WEIGHTS
     allowed_variants: frozenset[str] | None = None  # "family:variant" (or "family:*"); None: the default policy
     timm_variants: frozenset[str] = DEFAULT_TIMM_VARIANTS  # timm names allowed by the default policy
@@ -95,15 +107,13 @@ class ModelConfig:
         elif family == "timm":
             allowed = variant in self.timm_variants
         elif family == "clip":
-            from ml.clip import known_variants
-
-            allowed = variant in known_variants() or dict(self.clip_variant_weights).get(variant) is not None
+            allowed = variant in DEFAULT_CLIP_VARIANTS or dict(self.clip_variant_weights).get(variant) is not None
         else:
             from ml.siglip import known_variants as siglip_variants
 
             allowed = variant in siglip_variants()
         if not allowed:
-            known = "" if self.allowed_variants is not None else " (not a variant this worker knows)"
+            known = "" if self.allowed_variants is not None else " (not a variant this worker allows by default)"
             raise PermanentError(
                 MODEL_UNAVAILABLE,
                 f"model_variant {variant!r} is not allowed for {family} on this worker{known}; an operator can allow "

@@ -4,7 +4,6 @@ backbones (embed only)."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -14,9 +13,9 @@ from PIL import Image
 from handlers.errors import PermanentError
 from handlers.executor import Executors
 from handlers.model_config import ModelKey
+from handlers.text_pass import TextPasses
 from ml.device import StagedBatch, stage_batch
 from ml.preprocess import tensor_preprocess_for
-from ml.text_cache import text_cache_key
 from schemas.annotation import ModelDescriptor
 
 class EmbeddingHandle(Protocol):
@@ -43,13 +42,13 @@ class LoadedModel(EmbeddingHandle, Protocol):
 class ZeroShotHandle:
     """CLIP / SigLIP: forward = image embeddings; confidences against the (cached) text embeddings."""
 
-    def __init__(self, key: ModelKey, model: Any) -> None:
+    def __init__(self, key: ModelKey, model: Any, text: TextPasses | None = None) -> None:
         from ml.embedding import encode_images_adaptive
 
         self.key = key
         self.model = model
+        self.text = text  # the worker's text passes (caches, single flight, background ensembles); None: image side only
         self._encode = encode_images_adaptive
-        self._text_pending: dict[Any, asyncio.Future[torch.Tensor]] = {}  # identical requests share one pass
         self.preprocess_bytes_per_pixel = int(getattr(model, "preprocess_bytes_per_pixel", 0))
         self.tensor_preprocess = tensor_preprocess_for(model)
         self.descriptor = ModelDescriptor(family=key.family, variant=model.info.variant, weights=model.info.weights)
@@ -75,56 +74,32 @@ class ZeroShotHandle:
 
     async def prepare(self, classes: Sequence[str], templates: Sequence[str],
                       executors: Executors) -> tuple[torch.Tensor, bool]:
-        """Text embeddings for this request; the bool says whether the cache had them.
-
-        The cache is looked up first; on a miss, prompts are rendered and tokenised chunk by chunk on the
-        CPU pool (the next chunk while the model encodes this one), and only the forwards run on the GPU
-        thread, so no request builds all its prompts at once.
-        """
+        """Text embeddings of exactly ``templates`` (``handlers.text_pass``); the bool says whether a cache had them."""
         from ml.zeroshot import check_prompt_inputs
 
-        model = self.model
         classes, templates = list(classes), list(templates)
         check_prompt_inputs(classes, templates)
-        key = text_cache_key(model.info, classes, templates)
-        pending = self._text_pending.get(key)
-        if pending is not None:  # an identical request is computing them: share its result
-            text = await asyncio.shield(pending)
-            cached = model.text_cache.get(key)  # counted as the hit it is (None if too large to cache)
-            return (text if cached is None else cached), True
-        cached = model.text_cache.get(key)
-        if cached is not None:
-            return cached, True
-        future: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
-        self._text_pending[key] = future
-        try:
-            text = await self._compute_text(classes, templates, executors)
-            model.text_cache.put(key, text)
-            future.set_result(text)
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # mark retrieved: waiters re-raise it themselves
-            raise
-        finally:
-            del self._text_pending[key]
-        return text, False
+        return await self._text().full(self.model, classes, templates)
 
-    async def _compute_text(self, classes: list[str], templates: list[str], executors: Executors) -> torch.Tensor:
-        model = self.model
-        chunks = model.text_chunks(classes, templates)
-        sums = None
-        next_tokens = asyncio.ensure_future(executors.on_cpu(model.tokenize_prompts, classes, templates, *chunks[0]))
-        try:
-            for i, (start, _) in enumerate(chunks):
-                tokens = await next_tokens
-                if i + 1 < len(chunks):  # tokenise the next chunk while the model encodes this one
-                    next_tokens = asyncio.ensure_future(
-                        executors.on_cpu(model.tokenize_prompts, classes, templates, *chunks[i + 1]))
-                sums = await executors.on_gpu(model.add_text_features, sums, tokens, start, len(classes),
-                                              len(templates))
-        finally:
-            next_tokens.cancel()
-        return await executors.on_gpu(model.finish_text_embeddings, sums, len(templates))
+    async def prepare_interactive(self, classes: Sequence[str], templates: Sequence[str],
+                                  quick: Sequence[str]) -> tuple[torch.Tensor, bool, bool]:
+        """For a person waiting: the full ensemble when it is ready, else ``quick``'s embeddings (third value
+        True); then the caller calls :meth:`start_background`."""
+        from ml.zeroshot import check_prompt_inputs
+
+        classes, templates, quick = list(classes), list(templates), list(quick)
+        check_prompt_inputs(classes, templates)
+        check_prompt_inputs(classes, quick)
+        return await self._text().interactive(self.model, classes, templates, quick)
+
+    def start_background(self, classes: Sequence[str], templates: Sequence[str]) -> bool:
+        """Compute the full ensemble for ``classes`` in the background (bounded, deduplicated)."""
+        return self._text().start_background(self.model, list(classes), list(templates))
+
+    def _text(self) -> TextPasses:
+        if self.text is None:
+            raise RuntimeError("this handle was built without text passes (ModelRegistry builds them with)")
+        return self.text
 
     def confidences(self, outputs: torch.Tensor, prepared: torch.Tensor) -> torch.Tensor:
         return self.model.scores(outputs, prepared)
@@ -136,7 +111,8 @@ class CustomHandle:
         self.key = key
         self.model = model
         self.descriptor = ModelDescriptor(family="custom", variant=model.info_variant, weights=key.weights)
-        self.preprocess_bytes_per_pixel = 0  # timm's eval transform resizes with Pillow first
+        self.preprocess_bytes_per_pixel = 0  # timm's eval transform resizes with Pillow first ...
+        self.preprocess_work_bytes = model.preprocess_work_bytes  # ... to the package's size: reserved per image
         self.embed_lane = ("embed", key)  # another output than forward: never in one batch with classify images
         self.forward_is_embedding = False
         self.dim = probe_dim(self)

@@ -24,6 +24,7 @@ from handlers.errors import BLOCKED_URL, PermanentError
 from handlers.executor import Executors
 from handlers.keys import local_child
 from handlers.model_config import (  # noqa: F401 - the model's identity and config, importable from here
+    DEFAULT_CLIP_VARIANTS,
     DEFAULT_TIMM_VARIANTS,
     MODEL_UNAVAILABLE,
     ModelConfig,
@@ -41,7 +42,9 @@ from handlers.model_handles import (  # noqa: F401 - the per-family handles, imp
 )
 from handlers.storage import ObjectStore
 from ml.errors import ModelLoadError
+from handlers.text_pass import TextPasses
 from ml.text_cache import TextEmbeddingCache
+from ml.text_disk_cache import DiskTextCache
 
 log = structlog.get_logger("cls.models")
 
@@ -60,6 +63,13 @@ class ModelRegistry:
         self._loaded: OrderedDict[ModelKey, LoadedModel] = OrderedDict()
         self._loading: dict[ModelKey, asyncio.Future[LoadedModel]] = {}
         self.text_cache = TextEmbeddingCache(config.text_cache_size, config.text_cache_bytes)
+        self.disk_text_cache = (DiskTextCache(config.text_cache_dir, config.text_cache_disk_bytes)
+                                if config.text_cache_dir and config.text_cache_disk_bytes > 0 else None)
+        self.text_passes = TextPasses(executors)
+
+    async def close(self) -> None:
+        """Cancel background work (text ensembles); the models stay until the executors shut down."""
+        await self.text_passes.close()
 
     def peek(self, key: ModelKey) -> LoadedModel | None:
         """The loaded model of ``key`` now, if any (no load, no LRU update)."""
@@ -117,12 +127,13 @@ class ModelRegistry:
         try:
             model = load_zero_shot_model(key.family, key.variant, weights, device=self.config.device,  # type: ignore[arg-type]
                                          text_cache=self.text_cache, seed=self.config.seed)
+            model.disk_cache = self.disk_text_cache
             warm_up(model)
         except ModelLoadError as exc:
             raise PermanentError(MODEL_UNAVAILABLE, f"{key.family} {key.variant} ({key.weights}): {exc}") from exc
         except Exception as exc:  # unknown architecture names, hub errors, ...
             raise PermanentError(MODEL_UNAVAILABLE, f"{key.family} {key.variant} ({key.weights}): {type(exc).__name__}: {exc}") from exc
-        handle = ZeroShotHandle(key, model)
+        handle = ZeroShotHandle(key, model, self.text_passes)
         if key.weights.startswith("s3://"):
             handle.descriptor = handle.descriptor.model_copy(update={"weights": key.weights})
         return handle

@@ -83,13 +83,14 @@ def decode_and_preprocess(data: bytes, limits: DecodeLimits, model: Any, mode: s
     """The per-image CPU paths: ``tensor`` when the model has a tensor recipe, else its Pillow transform.
     The decode budget is held until the image is preprocessed, and covers what preprocessing allocates."""
     tensor_preprocess = getattr(model, "tensor_preprocess", None) if mode == "tensor" else None
+    work_bytes = getattr(model, "preprocess_work_bytes", None)  # per image, e.g. a trained model's own resize
     if tensor_preprocess is not None:
-        with decoded_tensor(data, limits) as pixels:
+        with decoded_tensor(data, limits, work_bytes) as pixels:
             try:
                 return tensor_preprocess(pixels)
             except Exception as exc:
                 raise ImageError("decode_failed", f"preprocessing failed: {exc}") from exc
-    with decoded(data, limits, model.preprocess_bytes_per_pixel) as image:
+    with decoded(data, limits, model.preprocess_bytes_per_pixel, work_bytes) as image:
         try:
             return model.preprocess(image)
         except Exception as exc:  # e.g. a degenerate 1x0 image surviving decode

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import fnmatch
 import hashlib
 import json
 import shutil
@@ -32,9 +33,10 @@ from typing import Any
 
 import structlog
 
+from handlers.admission import Budget, admit
 from handlers.cancels import CancelRegistry
 from handlers.dataset import DatasetCache, prepare_dataset
-from handlers.errors import HandlerError, PermanentError
+from handlers.errors import HandlerError, InvalidRequest, PermanentError
 from handlers.executor import Executors
 from handlers.fetch import Fetcher
 from handlers.images import DecodeLimits
@@ -74,6 +76,7 @@ class TrainingSettings:
     download_concurrency: int  # CLS_FETCH_CONCURRENCY
     memory_budget_bytes: int | None = None  # None: half the memory available when a job is checked
     max_workers: int | None = None  # cap on num_workers; None: the usable CPU cores
+    allowed_models: tuple[str, ...] = ()  # CLS_ALLOWED_TRAINING_MODELS: timm names or fnmatch patterns; (): any
     max_metrics_bytes: int = 512 * 1024  # encoded metrics kept in a completed event (the worker: max_record_bytes / 8)
     manifest_limits: ManifestLimits = field(default_factory=ManifestLimits)  # a dataset's manifest_url bounds
     dataset_cache_bytes: int | None = 10 * 1024**3  # CLS_DATASET_CACHE_MB: the image cache on disk (None: unbounded)
@@ -311,7 +314,8 @@ class TrainingHandler:
             check_model_name(request.config.model_name)
         except ValueError as exc:
             raise PermanentError("unknown_model", str(exc)) from exc
-        num_workers = self._check_sizes(request)  # before any download or write
+        self._check_allowed(request.config.model_name)
+        num_workers = await self._admit(request)  # before any download or write
         attempt = await self._next_attempt(checkpoint_url)  # also proves output_path is writable
         yield status_event(job_id, "queued", attempt=attempt)
 
@@ -387,14 +391,29 @@ class TrainingHandler:
         if pretrained and pretrained.split(":", 1)[0].lower() in ("file", "s3"):
             self.ctx.store.check(pretrained)
 
-    def _check_sizes(self, request: TrainingRequest) -> int:
-        """Refuse a batch whose estimated memory is over the budget; return num_workers capped by the cores."""
+    def _check_allowed(self, model_name: str) -> None:
+        """CLS_ALLOWED_TRAINING_MODELS, when set: the architecture (the name before any ``.tag``) must match one."""
+        patterns = self.ctx.settings.allowed_models
+        architecture = model_name.split(".", 1)[0]
+        if patterns and not any(fnmatch.fnmatchcase(architecture, p) or fnmatch.fnmatchcase(model_name, p)
+                                for p in patterns):
+            raise InvalidRequest(f"model_name {model_name!r} is not allowed for training on this worker (allowed: "
+                                 f"{', '.join(patterns)[:300]}); an operator can allow it with "
+                                 "CLS_ALLOWED_TRAINING_MODELS")
+
+    async def _admit(self, request: TrainingRequest) -> int:
+        """Admit the job against the training memory budget: the model (weights, gradients, optimizer state, counted
+        from its parameters on the meta device, before anything is built) plus one batch's activations and loader
+        buffers. Returns num_workers capped by the cores."""
         from ml.training.memory import (
+            count_parameters,
             default_image_size,
             default_memory_budget_bytes,
             estimate_batch_bytes,
+            estimate_model_bytes,
             usable_cores,
         )
+        from ml.training.models import model_kwargs_for
 
         config, settings = request.config, self.ctx.settings
         cap = settings.max_workers if settings.max_workers is not None else usable_cores()
@@ -402,16 +421,20 @@ class TrainingHandler:
         if num_workers < config.num_workers:
             log.info("num_workers_capped", requested=config.num_workers, used=num_workers)
         image_size = config.image_size or default_image_size(config.model_name)
-        estimate = estimate_batch_bytes(config.batch_size, image_size, num_workers)
+        batch = estimate_batch_bytes(config.batch_size, image_size, num_workers)
+        try:
+            kwargs = model_kwargs_for(config.model_name, config.image_size)
+            parameters = await self.ctx.executors.on_cpu(count_parameters, config.model_name, config.num_classes, kwargs)
+        except Exception as exc:  # noqa: BLE001 - an architecture timm cannot build: the real build would fail too
+            raise InvalidRequest(f"model_name {config.model_name!r} cannot be built with {config.num_classes} classes "
+                                 f"at image_size {image_size}: {type(exc).__name__}: {str(exc)[:300]}") from exc
+        model = estimate_model_bytes(parameters)
         budget = settings.memory_budget_bytes or default_memory_budget_bytes()
-        if estimate > budget:
-            mib = 1024 * 1024
-            raise PermanentError(
-                "invalid_request",
-                f"batch_size {config.batch_size} at image_size {image_size} with {num_workers} loader workers needs an "
-                f"estimated {estimate / mib:.0f} MiB of memory per batch; this worker's training budget is "
-                f"{budget / mib:.0f} MiB (CLS_TRAINING_MEMORY_BUDGET_MB); lower batch_size or image_size",
-            )
+        admit(Budget("training_memory", budget, "CLS_TRAINING_MEMORY_BUDGET_MB"), model + batch,
+              f"{config.model_name} ({parameters / 1e6:,.1f} M parameters: {model / 2**20:,.0f} MiB for weights, "
+              f"gradients and optimizer state) with batch_size {config.batch_size} at image_size {image_size} and "
+              f"{num_workers} loader workers ({batch / 2**20:,.0f} MiB per batch)",
+              hint="use a smaller model, batch_size or image_size")
         return num_workers
 
     # ------------------------------------------------------------------ steps

@@ -18,7 +18,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["EMBEDDINGS_CONTENT_TYPE", "EMBEDDINGS_SUFFIX", "EmbeddingFileError", "read_embeddings", "write_embeddings"]
+__all__ = ["EMBEDDINGS_CONTENT_TYPE", "EMBEDDINGS_SUFFIX", "EmbeddingFileError", "declared_array_bytes", "read_embeddings",
+           "write_embeddings"]
 
 EMBEDDINGS_SUFFIX = ".npz"
 EMBEDDINGS_CONTENT_TYPE = "application/octet-stream"
@@ -39,6 +40,32 @@ def write_embeddings(ids: Sequence[str], vectors: np.ndarray) -> bytes:
     np.savez(buffer, ids=np.asarray(list(ids), dtype=np.str_) if ids else np.zeros(0, dtype="<U1"),
              embeddings=array.astype(np.float16))
     return buffer.getvalue()
+
+
+def declared_array_bytes(data: bytes) -> int:
+    """The bytes the file's two arrays take once read, from their ``.npy`` headers alone (shape x item size; a
+    few hundred bytes of each member are decompressed, never the arrays): what a compressed file costs in memory
+    before :func:`read_embeddings` allocates it. EmbeddingFileError for anything but this format's two members."""
+    total = 0
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            members = {info.filename: info for info in archive.infolist()}
+            if set(members) != {"ids.npy", "embeddings.npy"}:
+                raise EmbeddingFileError(f"expected ids.npy and embeddings.npy, found {sorted(members)[:5]}")
+            for name in ("ids.npy", "embeddings.npy"):
+                with archive.open(members[name]) as member:
+                    version = np.lib.format.read_magic(member)
+                    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                   else np.lib.format.read_array_header_2_0)
+                    shape, _, dtype = read_header(member)
+                if dtype.hasobject:
+                    raise EmbeddingFileError(f"{name} holds Python objects")
+                total += int(np.prod(shape, dtype=object)) * dtype.itemsize
+    except EmbeddingFileError:
+        raise
+    except (zipfile.BadZipFile, ValueError, OSError, KeyError, EOFError) as exc:
+        raise EmbeddingFileError(f"not an embedding file: {exc}") from exc
+    return total
 
 
 def read_embeddings(data: bytes) -> tuple[list[str], np.ndarray]:

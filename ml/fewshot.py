@@ -66,6 +66,7 @@ __all__ = [
     "FewShotHead",
     "FewShotHeadCache",
     "FewShotResult",
+    "FitCancelled",
     "MissingExamplesError",
     "SupportSet",
     "ZeroShotWeights",
@@ -91,6 +92,10 @@ STABLE_METHODS = {True: "linear_probe", False: "logistic_regression"}  # by has_
 
 class FewShotError(ValueError):
     """The support set cannot be used as given (a request error: ``invalid_request``)."""
+
+
+class FitCancelled(Exception):
+    """``should_stop`` said stop: the fit ended early, without a result (its request is gone)."""
 
 
 class MissingExamplesError(FewShotError):
@@ -241,7 +246,7 @@ def candidate_methods(has_text: bool) -> tuple[str, ...]:
 
 
 def fit_few_shot(support: SupportSet, method: str = DEFAULT_METHOD, zero_shot: ZeroShotWeights | None = None,
-                 *, seed: int = 0) -> FewShotResult:
+                 *, seed: int = 0, should_stop: Callable[[], bool] | None = None) -> FewShotResult:
     """Fit ``method`` (or pick one by cross-validation with ``auto``) on ``support``.
 
     ``zero_shot`` is the text classifier over ``support.classes`` (CLIP/SigLIP), None for a backbone
@@ -250,12 +255,25 @@ def fit_few_shot(support: SupportSet, method: str = DEFAULT_METHOD, zero_shot: Z
     The BLAS and OpenMP pools are held to one thread meanwhile (process-wide; these are many small
     products, which a multi-threaded OpenBLAS on a busy machine runs 10-20x slower). scikit-learn is
     imported with this module, not inside the limit, whose libraries it would load unlimited.
+    ``should_stop`` is asked between folds, between candidate methods and at every step of the linear probe's
+    solver: when it says True the fit raises :class:`FitCancelled` (within one step: well under a second).
     """
+    stop = _Stop(should_stop)
     with threadpool_limits(limits=1):
-        return _fit_few_shot(support, method, zero_shot, seed)
+        return _fit_few_shot(support, method, zero_shot, seed, stop)
 
 
-def _fit_few_shot(support: SupportSet, method: str, zero_shot: ZeroShotWeights | None, seed: int) -> FewShotResult:
+class _Stop:
+    def __init__(self, should_stop: Callable[[], bool] | None) -> None:
+        self.should_stop = should_stop
+
+    def check(self) -> None:
+        if self.should_stop is not None and self.should_stop():
+            raise FitCancelled("few-shot fit cancelled")
+
+
+def _fit_few_shot(support: SupportSet, method: str, zero_shot: ZeroShotWeights | None, seed: int,
+                  stop: _Stop) -> FewShotResult:
     has_text = zero_shot is not None
     allowed = candidate_methods(has_text)
     if method != "auto" and method not in allowed:
@@ -277,10 +295,11 @@ def _fit_few_shot(support: SupportSet, method: str, zero_shot: ZeroShotWeights |
     if folds >= 2:
         splits = _splits(support, folds, seed)
         for name in methods:
+            stop.check()
             if name == "tip_adapter":
-                tip_params, scores[name] = _cross_validate_tip(support, zero_shot, splits)
+                tip_params, scores[name] = _cross_validate_tip(support, zero_shot, splits, stop)
             else:
-                scores[name] = _cross_validate(support, name, zero_shot, splits)
+                scores[name] = _cross_validate(support, name, zero_shot, splits, stop)
     if method == "auto":
         chosen = methods[0]
         if scores:
@@ -290,7 +309,8 @@ def _fit_few_shot(support: SupportSet, method: str, zero_shot: ZeroShotWeights |
             chosen = stable if scores[stable] >= scores[best] - margin else best
     else:
         chosen = method
-    head = _fit(support, chosen, zero_shot, tip_params)
+    stop.check()
+    head = _fit(support, chosen, zero_shot, tip_params, stop)
     counts_by_name = {name: int(counts[i]) for i, name in enumerate(support.classes) if counts[i] > 0}
     return FewShotResult(head, chosen, support.classes, counts_by_name, scores.get(chosen), folds if folds >= 2 else 0,
                          scores if method == "auto" else {})
@@ -300,13 +320,13 @@ def _fit_few_shot(support: SupportSet, method: str, zero_shot: ZeroShotWeights |
 
 
 def _fit(support: SupportSet, method: str, zero_shot: ZeroShotWeights | None,
-         tip_params: tuple[float, float] = TIP_DEFAULT) -> FewShotHead:
+         tip_params: tuple[float, float] = TIP_DEFAULT, stop: _Stop | None = None) -> FewShotHead:
     if method == "tip_adapter":
         assert zero_shot is not None
         return TipAdapterHead(zero_shot, support.embeddings, _one_hot(support.labels, support.num_classes), *tip_params)
     if method == "linear_probe":
         assert zero_shot is not None
-        return LinearHead(fit_clap_linear_probe(support, zero_shot), zero_shot.logit_scale)
+        return LinearHead(fit_clap_linear_probe(support, zero_shot, stop), zero_shot.logit_scale)
     if method == "prototype":
         return LinearHead(_prototypes(support), 1.0 / SIMILARITY_TEMPERATURE, method="prototype")
     if method == "knn":
@@ -394,7 +414,7 @@ def clap_hessian_product(weights: np.ndarray, direction: np.ndarray, support: Su
     return product
 
 
-def fit_clap_linear_probe(support: SupportSet, zero_shot: ZeroShotWeights) -> np.ndarray:
+def fit_clap_linear_probe(support: SupportSet, zero_shot: ZeroShotWeights, stop: _Stop | None = None) -> np.ndarray:
     """The minimiser of CLAP's objective (see the module docstring), float64 ``[C, D]``; classes without
     examples keep their zero-shot rows. Trust-region Newton-CG with exact Hessian-vector products: the
     objective is badly conditioned (``logit_scale`` 100 against penalties down to 1e-3), where L-BFGS
@@ -405,6 +425,8 @@ def fit_clap_linear_probe(support: SupportSet, zero_shot: ZeroShotWeights) -> np
     shape = start.shape
 
     def objective(flat: np.ndarray) -> tuple[float, np.ndarray]:
+        if stop is not None:
+            stop.check()
         value, grad = clap_objective(flat.reshape(shape), support, zero_shot, lambdas, trainable)
         return value, grad.ravel()
 
@@ -441,22 +463,27 @@ def _splits(support: SupportSet, folds: int, seed: int) -> list[tuple[np.ndarray
 
 
 def _cross_validate(support: SupportSet, method: str, zero_shot: ZeroShotWeights | None,
-                    splits: list[tuple[np.ndarray, np.ndarray]]) -> float:
+                    splits: list[tuple[np.ndarray, np.ndarray]], stop: _Stop | None = None) -> float:
     correct = 0
     for train_rows, test_rows in splits:
-        head = _fit(support.subset(train_rows), method, zero_shot)
+        if stop is not None:
+            stop.check()
+        head = _fit(support.subset(train_rows), method, zero_shot, stop=stop)
         predicted = head.logits(support.embeddings[test_rows]).argmax(axis=1)
         correct += int((predicted == support.labels[test_rows]).sum())
     return correct / len(support.labels)
 
 
 def _cross_validate_tip(support: SupportSet, zero_shot: ZeroShotWeights | None,
-                        splits: list[tuple[np.ndarray, np.ndarray]]) -> tuple[tuple[float, float], float]:
+                        splits: list[tuple[np.ndarray, np.ndarray]],
+                        stop: _Stop | None = None) -> tuple[tuple[float, float], float]:
     """Tip-Adapter's (alpha, beta) by cross-validation over the grid; the affinity is computed once per fold."""
     assert zero_shot is not None
     grid = [(a, b) for b in TIP_BETAS for a in TIP_ALPHAS]
     correct = np.zeros(len(grid), dtype=np.int64)
     for train_rows, test_rows in splits:
+        if stop is not None:
+            stop.check()
         queries = support.embeddings[test_rows]
         similarity = queries @ support.embeddings[train_rows].T
         values = _one_hot(support.labels[train_rows], support.num_classes)

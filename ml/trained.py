@@ -8,6 +8,7 @@ auto-accept thresholds say whether a top-1 label may be accepted at a stated pre
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,16 @@ class TrainedModel:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    def preprocess_work_bytes(self, width: int, height: int) -> int:
+        """Bytes the evaluation transform allocates for a ``width x height`` image, an upper bound: the shortest-side
+        resize to ``input side / crop_pct`` (RGB, 4 B/pixel as Pillow stores it, or uint8 plus its float copy in
+        the tensor path: counted twice), the crop, and the float tensor."""
+        cfg = self.data_config
+        side = math.floor(max(cfg.input_size[1:]) / cfg.crop_pct)
+        short, long = max(1, min(width, height)), max(width, height)
+        resized = side * math.ceil(side * long / short)
+        return 8 * resized + 4 * side * side + 12 * cfg.input_size[1] * cfg.input_size[2]
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """The package's evaluation transform (resize, centre crop, normalise) -> CPU float tensor [3, H, W]."""

@@ -17,6 +17,7 @@ Weights specs accepted by ``ml.backbones.load_zero_shot_model``:
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from abc import abstractmethod
 from collections.abc import Sequence
@@ -36,9 +37,11 @@ from ml.embedding import (
     warm_up_images,
 )
 from ml.text_cache import TextEmbeddingCache, text_cache_key
+from ml.text_disk_cache import DiskTextCache
 
 __all__ = [
     "DEFAULT_TEMPLATES",
+    "QUICK_TEMPLATES",
     "DEFAULT_VARIANTS",
     "RANDOM_WEIGHTS",
     "ModelInfo",
@@ -145,6 +148,10 @@ DEFAULT_TEMPLATES: list[str] = [
 ]
 """The 80 OpenAI ImageNet prompt templates (open_clip's zero-shot ensemble), with ``{}``."""
 
+QUICK_TEMPLATES: list[str] = ["a photo of a {}."]
+"""The one template an interactive request with new classes is answered with while the ensemble is computed:
+CLIP's paper's default prompt ("A photo of a {label}."), one of the 80."""
+
 
 @runtime_checkable
 class ZeroShotModel(ImageEmbedder, Protocol):
@@ -231,7 +238,26 @@ class ZeroShotEmbeddingModel(EmbeddingModel):
     ) -> None:
         super().__init__(info, device, image_size)
         self.text_cache = text_cache
+        self.disk_cache: DiskTextCache | None = None  # class embeddings shared across restarts and processes
         self._text_lock = threading.Lock()
+        self._identity: str | None = None
+
+    @property
+    def identity(self) -> str:
+        """What the text embeddings of this model depend on: family, variant, weights spec, the device type
+        (autocast precision) and a digest of a strided sample of every parameter (other weights under the same
+        name, e.g. a replaced local file or another seed, get another identity). Computed once."""
+        if self._identity is None:
+            digest = hashlib.blake2b(digest_size=16)
+            with torch.no_grad():
+                for name, param in sorted(self.module.named_parameters(), key=lambda item: item[0]):  # type: ignore[attr-defined]
+                    flat = param.detach().reshape(-1)
+                    sample = flat[:: max(1, flat.numel() // 256)][:256]
+                    digest.update(f"{name}:{tuple(param.shape)}:".encode())
+                    digest.update(sample.float().cpu().numpy().tobytes())
+            info = self.info
+            self._identity = f"{info.family}|{info.variant}|{info.weights}|{self.device.type}|{digest.hexdigest()}"
+        return self._identity
 
     @abstractmethod
     def scores(self, image_embeddings: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor: ...
@@ -258,13 +284,32 @@ class ZeroShotEmbeddingModel(EmbeddingModel):
             cached = self.text_cache.peek(key)
             if cached is not None:
                 return cached
-            sums = None
-            for start, stop in self.text_chunks(classes, templates):
-                tokens = self.tokenize_prompts(classes, templates, start, stop)
-                sums = self.add_text_features(sums, tokens, start, len(classes), len(templates))
-            embeddings = self.finish_text_embeddings(sums, len(templates))
+            stored = self.read_disk(classes, templates)
+            missing = [i for i, row in enumerate(stored) if row is None]
+            if missing:
+                names = [classes[i] for i in missing]
+                sums = None
+                for start, stop in self.text_chunks(names, templates):
+                    tokens = self.tokenize_prompts(names, templates, start, stop)
+                    sums = self.add_text_features(sums, tokens, start, len(names), len(templates))
+                computed = self.finish_text_embeddings(sums, len(templates))
+                self.write_disk(names, templates, computed)
+            else:
+                computed = None
+            embeddings = merge_class_rows(stored, missing, computed)
             self.text_cache.put(key, embeddings)
         return embeddings
+
+    def read_disk(self, classes: Sequence[str], templates: Sequence[str]) -> list[torch.Tensor | None]:
+        """Per class its ensemble embedding from the disk cache, or None (no disk cache: all None). File I/O."""
+        if self.disk_cache is None:
+            return [None] * len(classes)
+        return self.disk_cache.get_many(self.identity, classes, templates)
+
+    def write_disk(self, classes: Sequence[str], templates: Sequence[str], embeddings: torch.Tensor) -> None:
+        """Store computed class embeddings (``[C, D]``, CPU) in the disk cache, if there is one. File I/O."""
+        if self.disk_cache is not None:
+            self.disk_cache.put_many(self.identity, classes, templates, embeddings)
 
     # The text pass in pieces, so a caller can render and tokenise on CPU threads (after the cache lookup)
     # and run only the forwards on the model's thread (see handlers.models.ZeroShotHandle.prepare).
@@ -300,9 +345,24 @@ class ZeroShotEmbeddingModel(EmbeddingModel):
         return embeddings.cpu()
 
 
+def merge_class_rows(stored: Sequence[torch.Tensor | None], missing: Sequence[int],
+                     computed: torch.Tensor | None) -> torch.Tensor:
+    """``[C, D]`` from per-class rows read from disk and the rows computed for the ``missing`` positions."""
+    if computed is not None and len(missing) == len(stored):
+        return computed
+    rows = list(stored)
+    for j, i in enumerate(missing):
+        assert computed is not None
+        rows[i] = computed[j]
+    with torch.inference_mode():
+        return torch.stack([r for r in rows if r is not None]).float()
+
+
 def warm_up(model: ZeroShotModel) -> None:
-    """Run one image and one prompt through ``model`` (kernels, allocator) without touching the cache."""
+    """Run one image and one prompt through ``model`` (kernels, allocator) without touching the cache; compute
+    its :attr:`~ZeroShotEmbeddingModel.identity`."""
     warm_up_images(model)
     if isinstance(model, ZeroShotEmbeddingModel):
         with model._text_lock, torch.inference_mode(), autocast_context(model.device):
             model._text_features(["a photo."])
+        _ = model.identity

@@ -751,6 +751,15 @@ class ModelDescriptor(BaseModel):
     family: str = Field(description="clip | siglip | custom | timm")
     variant: str = Field(description="Architecture or model name, e.g. ViT-B-32.")
     weights: str = Field(description="Weights source: pretrained tag, hub id, path/URL, or 'random' (tests only).")
+    prompt_set: Literal["full", "quick", "request"] | None = Field(
+        default=None,
+        description="Zero-shot classify only: which prompt templates made the class embeddings. 'full': the worker's "
+        "default ensemble (CLS_DEFAULT_PROMPT_TEMPLATES; default the 80 ImageNet templates); 'quick': the worker's "
+        "small interactive set (CLS_QUICK_PROMPT_TEMPLATES; default 'a photo of a {}.'), used to answer an "
+        "interactive request at once while the full ensemble for its classes is computed in the background "
+        "(a later request gets 'full'; CLIP's paper reports 3.5 points less ImageNet accuracy for the one template "
+        "than for the 80); 'request': the request's own prompt_templates.",
+    )
 
 
 class DuplicateSignals(BaseModel):

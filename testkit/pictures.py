@@ -180,6 +180,36 @@ def huge_blank_png(width: int, height: int) -> bytes:
     )
 
 
+def ico_with_frame(frame: bytes, directory_size: int = 16) -> bytes:
+    """An ICO whose one directory entry says ``directory_size`` square and holds ``frame`` (PNG or BMP bytes)."""
+    side = directory_size % 256
+    entry = struct.pack("<BBBBHHII", side, side, 0, 0, 1, 32, len(frame), 6 + 16)
+    return struct.pack("<HHH", 0, 1, 1) + entry + frame
+
+
+def ico_bomb(width: int, height: int) -> bytes:
+    """An ICO whose directory says 16x16 and that embeds a blank ``width x height`` PNG: a few KB on the wire;
+    Pillow decodes the embedded frame while opening the file."""
+    return ico_with_frame(huge_blank_png(width, height))
+
+
+def ico_bmp_frame(width: int, height: int) -> bytes:
+    """An ICO whose BMP frame's info header claims ``width x height`` (pixel data truncated)."""
+    header = struct.pack("<IiiHHIIiiII", 40, width, 2 * height, 1, 32, 0, 0, 0, 0, 0, 0)
+    return ico_with_frame(header + b"\x00" * 64)
+
+def tiled_tiff(width: int, height: int, tile_width: int, tile_length: int) -> bytes:
+    """A deflate-compressed 8-bit grey TIFF of ``width x height`` whose tiles are ``tile_width x tile_length`` (64
+    bytes of tile data): libtiff allocates a whole tile to decode it, however small the image."""
+    tags = [(256, 3, width), (257, 3, height), (258, 3, 8), (259, 3, 8), (262, 3, 1), (277, 3, 1),
+            (322, 4, tile_width), (323, 4, tile_length), (324, 4, 0), (325, 4, 64)]
+    data_offset = 8 + 2 + 12 * len(tags) + 4
+    ifd = struct.pack("<H", len(tags))
+    for tag, kind, value in tags:
+        value = data_offset if tag == 324 else value
+        ifd += struct.pack("<HHI", tag, kind, 1) + (struct.pack("<HH", value, 0) if kind == 3 else struct.pack("<I", value))
+    return b"II*\x00" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0) + b"\x00" * 64
+
 def reference_samples() -> dict[str, tuple[bytes, str]]:
     """Route name -> (bytes, content type): real photos in many formats and modes, and broken or hostile
     files; what each decodes to is in ``GOOD_SIZES`` and ``EXPECTED_ERRORS``."""

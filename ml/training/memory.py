@@ -11,6 +11,14 @@ The data loader holds ``2`` batches without workers (the one in use and the one 
 ``num_workers x prefetch_factor`` more with workers. It is a coarse upper-bound style guard against
 absurd requests (``batch_size`` 4096 at 1024 px, no loader workers, is ~1.6 TiB by this estimate), not a precise model: an
 accepted configuration that still runs out of memory is handled by halving the micro-batch.
+
+The model's own memory is counted too, from its parameters, before the model is built for real
+(:func:`count_parameters` builds it on PyTorch's ``meta`` device: shapes only, no storage)::
+
+    model = parameters x MODEL_BYTES_PER_PARAMETER
+
+``MODEL_BYTES_PER_PARAMETER`` (24): fp32 weights (4), their gradients (4), AdamW's two moments (8), the best
+epoch's copy of the weights (4) and a pretrained state dict read before it is loaded (4).
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from pathlib import Path
 ACTIVATION_FACTOR = 32
 BYTES_PER_VALUE = 4
 PREFETCH_FACTOR = 4
+MODEL_BYTES_PER_PARAMETER = 24
 DEFAULT_BUDGET_FRACTION = 0.5
 
 
@@ -76,3 +85,19 @@ def default_image_size(model_name: str) -> int:
         cfg = None
     size = getattr(cfg, "input_size", None) if cfg is not None else None
     return int(size[-1]) if size else 224
+
+
+def count_parameters(model_name: str, num_classes: int, model_kwargs: dict | None = None) -> int:
+    """Parameters of ``model_name`` with a ``num_classes`` head, counted on the ``meta`` device (no memory is
+    allocated for them; a few seconds for the largest timm models). Raises what timm raises for a bad name."""
+    import timm
+    import torch
+
+    with torch.device("meta"):
+        model = timm.create_model(model_name, pretrained=False, num_classes=num_classes, **(model_kwargs or {}))
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+def estimate_model_bytes(parameters: int) -> int:
+    """Host bytes a model of ``parameters`` needs while it trains (see the module docstring)."""
+    return parameters * MODEL_BYTES_PER_PARAMETER

@@ -94,6 +94,12 @@ MAX_CONFIG_BYTES = 4 * 1024 * 1024
 ALLOWED_MODEL_KWARGS = frozenset({"img_size", "drop_rate", "drop_path_rate"})
 """The only ``model_kwargs`` a package may carry to ``timm.create_model``: sizes and rates, never a path
 (``checkpoint_path``, ``pretrained_cfg``, ``pretrained_cfg_overlay`` ... would make timm read files)."""
+MAX_INPUT_SIDE = 1024
+"""The largest input side a package may declare (``input_size``, ``model_kwargs.img_size``): the training schema's
+``image_size`` limit; timm's largest classifiers use 448-800."""
+MAX_RESIZE_SIDE = 2048
+"""The largest shortest-side resize of the evaluation transform (``input side / crop_pct``): ``crop_pct`` 0.5 at
+1024 px, 0.11 at 224 px. A smaller ``crop_pct`` would make every image a ``Resize(input / crop_pct)`` of gigabytes."""
 INTERPOLATIONS = frozenset({"nearest", "bilinear", "bicubic", "lanczos", "box", "hamming", "random"})
 
 
@@ -163,8 +169,9 @@ def check_package_config(config: Any) -> None:
     elif not _is_int(count) or len(classes) != count or not 2 <= count <= 100_000:
         problems.append("class_names and num_classes disagree")
     size = config["input_size"]
-    if not (isinstance(size, list) and len(size) == 3 and all(_is_int(v) and 1 <= v <= 8192 for v in size)):
-        problems.append("input_size must be [channels, height, width]")
+    if not (isinstance(size, list) and len(size) == 3 and _is_int(size[0]) and 1 <= size[0] <= 4
+            and all(_is_int(v) and 8 <= v <= MAX_INPUT_SIDE for v in size[1:])):
+        problems.append(f"input_size must be [channels, height, width] with sides in [8, {MAX_INPUT_SIDE}]")
     for key in ("mean", "std"):
         values = config[key]
         if not (isinstance(values, list) and 1 <= len(values) <= 4 and all(_is_number(v) for v in values)):
@@ -173,6 +180,9 @@ def check_package_config(config: Any) -> None:
         problems.append(f"interpolation must be one of {sorted(INTERPOLATIONS)}")
     if not (_is_number(config["crop_pct"]) and 0 < config["crop_pct"] <= 4):
         problems.append("crop_pct must be a number in (0, 4]")
+    elif "input_size must" not in " ".join(problems) and max(size[1:]) / config["crop_pct"] > MAX_RESIZE_SIDE:
+        problems.append(f"crop_pct {config['crop_pct']:g} resizes images to {max(size[1:]) / config['crop_pct']:,.0f} px "
+                        f"(input side / crop_pct); at most {MAX_RESIZE_SIDE} px")
     if config.get("crop_mode", "center") not in ("center", "squash", "border"):
         problems.append("crop_mode must be center, squash or border")
     calibration = config.get("calibration", {})
@@ -208,8 +218,8 @@ def _is_number(value: Any) -> bool:
 def _is_kwarg_value(key: str, value: Any) -> bool:
     if key == "img_size":
         if _is_int(value):
-            return 8 <= value <= 8192
-        return isinstance(value, list) and len(value) == 2 and all(_is_int(v) and 8 <= v <= 8192 for v in value)
+            return 8 <= value <= MAX_INPUT_SIDE
+        return isinstance(value, list) and len(value) == 2 and all(_is_int(v) and 8 <= v <= MAX_INPUT_SIDE for v in value)
     return _is_number(value) and 0.0 <= value < 1.0
 
 

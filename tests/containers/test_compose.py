@@ -64,7 +64,7 @@ def test_compose_stack_answers_a_request_sent_from_the_host(tmp_path):
         events = [json.loads(line) for line in sent.stdout.splitlines() if line.startswith("{")]
         result = events[-1]
         assert result["request_id"] == f"{project}-req" and result["status"] == "completed", result
-        assert result["model"] == {"family": "clip", "variant": "cls-tiny-clip", "weights": "random"}
+        assert result["model"] == {"family": "clip", "variant": "cls-tiny-clip", "weights": "random", "prompt_set": "full"}
         (entry,) = result["results"]
         assert "error" not in entry or entry["error"] is None, entry
         assert {p["class"] for p in entry["predictions"]} <= {"cat", "dog", "coffee"} and entry["predictions"]

@@ -67,7 +67,7 @@ async def test_annotation_worker_end_to_end(tmp_path, kafka_bootstrap, topic_pre
                 assert abs(pa["confidence"] - pb["confidence"]) < 1e-4
         result = second
         assert result["status"] == "completed" and result["request_id"] == "ann-1"
-        assert result["model"] == {"family": "clip", "variant": "cls-tiny-clip", "weights": "random"}
+        assert result["model"] == {"family": "clip", "variant": "cls-tiny-clip", "weights": "random", "prompt_set": "full"}
         by_id = {r["id"]: r for r in result["results"]}
         assert [r["id"] for r in result["results"]] == names
         for n in ("astronaut_jpg", "coffee_jpg", "cmyk_jpg", "gray16_png", "animated_gif"):

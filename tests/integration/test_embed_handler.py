@@ -218,3 +218,30 @@ async def test_against_file_with_unusable_vectors_is_refused_before_any_part(ctx
             await collect(handler, req)
         assert err.value.code == "invalid_request" and f"{name}.npz" in err.value.message, err.value.message
         assert message in err.value.message, err.value.message
+
+
+async def test_a_compressed_against_file_is_bounded_by_its_declared_arrays(s3_server, http_server, s3_bucket):
+    """A savez_compressed file of valid vectors (all alike: ~1000:1) is tiny as stored and large once read: its
+    .npy headers declare the size, which is checked against CLS_EMBED_AGAINST_MAX_MB before anything is read."""
+    from handlers.admission import REFUSED
+
+    async with annotation_context(settings(embed_against_max_mb=4)) as context:
+        handler = AnnotationHandler(context)
+        url = http_server.urls["astronaut_jpg"]
+        dim = (await collect(handler, embed([("a", url)], "dim-c", output_path=f"s3://{s3_bucket}/x")))[-1].dim
+        rows = 2 * 1024 * 1024 // dim * 4  # 8 MiB of float16 vectors
+        vectors = np.zeros((rows, dim), np.float16)
+        vectors[:, 0] = 1.0
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, ids=np.array([f"{i:07d}" for i in range(rows)]), embeddings=vectors)
+        assert len(buffer.getvalue()) < 1024 * 1024  # well within 4 MB as stored
+        async with s3_server.client() as client:
+            await client.put_object(Bucket=s3_bucket, Key="compressed.npz", Body=buffer.getvalue())
+        refused_before = REFUSED.labels("embed_against")._value.get()
+        req = embed([("a", url)], "against-compressed", output_path=f"s3://{s3_bucket}/x", duplicates={},
+                    against=[f"s3://{s3_bucket}/compressed.npz"])
+        with pytest.raises(PermanentError) as err:
+            await collect(handler, req)
+    assert err.value.code == "invalid_request", err.value
+    assert "> budget 4 MiB (CLS_EMBED_AGAINST_MAX_MB)" in err.value.message and "compressed.npz" in err.value.message
+    assert REFUSED.labels("embed_against")._value.get() == refused_before + 1

@@ -3,6 +3,7 @@ and a real S3 API answers hostile requests with a ``failed`` status naming the f
 
 from __future__ import annotations
 
+import re
 
 import pytest
 
@@ -31,13 +32,18 @@ async def test_training_worker_answers_hostile_requests_with_failed_events(tmp_p
     (root / "escape").symlink_to(outside)
     env = {**topic_env(topic_prefix), "CLS_TRAINING_WORK_DIR": str(tmp_path / "work"), "CLS_DEVICE": "cpu",
            "CLS_LOG_FORMAT": "json", "CLS_TORCH_THREADS": "1", "CLS_ALLOW_FILE_URLS": "true",
-           "CLS_FILE_ROOT": str(root), "CLS_S3_ALLOWED_BUCKETS": s3_bucket, "CLS_TRAINING_MEMORY_BUDGET_MB": "512"}
+           "CLS_FILE_ROOT": str(root), "CLS_S3_ALLOWED_BUCKETS": s3_bucket, "CLS_TRAINING_MEMORY_BUDGET_MB": "512",
+           "CLS_ALLOWED_TRAINING_MODELS": "test_*,vit_*"}
     jobs = {
         "other-bucket": request("s3://not-on-the-list/out"),
         "file-outside": request(f"file://{outside}/model"),
         "file-symlink": request(f"file://{root}/escape/model"),
         "pretrained-outside": request(f"s3://{s3_bucket}/ok", pretrained=True, pretrained_url="file:///etc/passwd"),
         "too-big": request(f"s3://{s3_bucket}/big", batch_size=4096, image_size=1024),
+        # 1.8 B parameters: weights + AdamW state alone are ~40 GiB, whatever the batch size
+        "giant": request(f"s3://{s3_bucket}/giant", model_name="vit_gigantic_patch14_clip_224", batch_size=1,
+                         image_size=None),
+        "not-allowed": request(f"s3://{s3_bucket}/r18", model_name="resnet18"),
     }
     worker = WorkerProcess("consumers.cli", ["training"], env, tmp_path / "training.log")
     try:
@@ -53,7 +59,13 @@ async def test_training_worker_answers_hostile_requests_with_failed_events(tmp_p
         assert [e["status"] for e in got] == ["failed"], (key, got)  # refused before queued: nothing downloaded
     codes = {key: got[0]["error"]["code"] for key, got in events.items()}
     assert codes == {"other-bucket": "blocked_url", "file-outside": "blocked_url", "file-symlink": "blocked_url",
-                     "pretrained-outside": "blocked_url", "too-big": "invalid_request"}, codes
-    message = events["too-big"][0]["error"]["message"]
-    assert "estimated 1671168 MiB" in message and "budget is 512 MiB" in message
+                     "pretrained-outside": "blocked_url", "too-big": "invalid_request", "giant": "invalid_request",
+                     "not-allowed": "invalid_request"}, codes
+    budget = r"estimated ([\d,]+) MiB > budget 512 MiB \(CLS_TRAINING_MEMORY_BUDGET_MB\)"
+    found = re.search(budget, events["too-big"][0]["error"]["message"])
+    assert found and int(found[1].replace(",", "")) >= 1_671_168  # 4096 x 3 x 1024^2 x 4 B x (32 + 2)
+    found = re.search(budget, events["giant"][0]["error"]["message"])
+    assert found and int(found[1].replace(",", "")) > 40_000, events["giant"]  # 1,843 M parameters x 24 B
+    assert "1,842.8 M parameters" in events["giant"][0]["error"]["message"]
+    assert "CLS_ALLOWED_TRAINING_MODELS" in events["not-allowed"][0]["error"]["message"]
     assert list(outside.iterdir()) == []

@@ -5,6 +5,7 @@ here, loaded from its package in S3 as ``"model": "custom"``, few-shot on digits
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import json
 import time
@@ -317,6 +318,27 @@ def test_worst_case_few_shot_part_fits_the_budget(class_char):
     for outcome in ("error", "predictions"):
         part = worst_part(request, n, classes, outcome).model_copy(update={"few_shot": summary})
         assert len(part.to_json_bytes()) <= BUDGET, (n, outcome)
+
+
+async def test_a_fit_over_the_cost_budget_is_refused_before_any_example_is_fetched(ctx, http_server):
+    """classes x examples x dim is checked at admission (CLS_FEWSHOT_MAX_FIT_COST), before the support set is
+    fetched or embedded."""
+    from handlers.admission import REFUSED
+
+    configured = ctx.fewshot
+    ctx.fewshot = dataclasses.replace(configured, max_fit_cost=100)
+    urls = [http_server.add(f"fit-cost/{k}.png", png((200, 20, 20), k), content_type="image/png") for k in range(6)]
+    before = REFUSED.labels("fewshot_fit")._value.get()
+    try:
+        error = await error_of(AnnotationHandler(ctx), request(
+            [("q", urls[5])], "fit-cost", classes=["a", "b"], top_k=2,
+            examples=[{"url": u, "label": "ab"[k % 2]} for k, u in enumerate(urls[:4])]))
+    finally:
+        ctx.fewshot = configured
+    assert error.code == "invalid_request", error
+    assert "2 classes x 4 examples x" in error.message and "> budget 100 (CLS_FEWSHOT_MAX_FIT_COST)" in error.message
+    assert REFUSED.labels("fewshot_fit")._value.get() == before + 1
+    assert http_server.hits("fit-cost/") == 0
 
 
 async def test_few_shot_top_k_unset_equal_larger_smaller_than_the_classes(ctx, colour_urls):

@@ -95,16 +95,22 @@ def assert_no_secret(text: str, *secret_values: str) -> None:
 async def handled_over_sasl(tmp_path: Path, broker: SaslBroker, names: dict[str, str], mechanism: str, user: str,
                             password: str) -> str:
     """Run the echo worker over SASL, produce one request (PLAINTEXT), see its result; returns the log."""
-    request_id = f"req-{mechanism.lower()}-{user}"
-    env = {**names, **sasl_env(broker, mechanism, user, password),
-           "ECHO_GROUP_ID": f"{names['CLS_ANNOTATION_GROUP_ID']}-{request_id}"}
+    return await handled_by_worker(tmp_path, broker.plaintext, names, sasl_env(broker, mechanism, user, password),
+                                   f"req-{mechanism.lower()}-{user}")
+
+
+async def handled_by_worker(tmp_path: Path, plaintext: str, names: dict[str, str], env: dict[str, str],
+                            request_id: str) -> str:
+    """Run the echo worker with the connection settings ``env``, produce one request through ``plaintext``, see
+    its result there; returns the worker's log."""
+    env = {**names, **env, "ECHO_GROUP_ID": f"{names['CLS_ANNOTATION_GROUP_ID']}-{request_id}"}
     worker = WorkerProcess("testkit.echo_worker", [], env, tmp_path / f"{request_id}.log")
     try:
         await worker.wait_for_log("partitions_assigned", timeout_s=60)
         body = {"task": "classify", "model": "clip", "images": [{"id": "a", "url": "https://example.com/a.jpg"}],
                 "classes": ["cat", "dog"], "top_k": 1}
-        await produce(broker.plaintext, names["CLS_ANNOTATION_REQUESTS_TOPIC"], body, key=request_id)
-        records = await read_until(broker.plaintext, names["CLS_ANNOTATION_RESULTS_TOPIC"],
+        await produce(plaintext, names["CLS_ANNOTATION_REQUESTS_TOPIC"], body, key=request_id)
+        records = await read_until(plaintext, names["CLS_ANNOTATION_RESULTS_TOPIC"],
                                    lambda rs: any(r.key == request_id.encode() for r in rs), timeout_s=30)
         result = next(r for r in records if r.key == request_id.encode()).json()
         assert result["status"] == "completed" and result["request_id"] == request_id, json.dumps(result)
@@ -120,7 +126,16 @@ async def refused_at_startup(tmp_path: Path, broker: SaslBroker, names: dict[str
     """A worker with credentials the broker refuses: exit 2, fast, once, one error line. Returns the log.
 
     ``cli``: the real ``cls-worker annotation``; else the echo worker (the same runtime and ``serve``)."""
-    env = {**names, **sasl_env(broker, mechanism, user, password)}
+    return await refused(tmp_path, names, sasl_env(broker, mechanism, user, password), name, cli,
+                         ("SaslAuthenticationFailed", "Authentication failed"))
+
+
+async def refused(tmp_path: Path, names: dict[str, str], env: dict[str, str], name: str, cli: bool,
+                  expected: tuple[str, ...]) -> str:
+    """A worker whose connection the broker (or the worker itself) refuses: exit 2, fast, once, one JSON error
+    line ``kafka_unavailable`` naming the bootstrap servers and containing every string of ``expected``.
+    Returns the log."""
+    env = {**names, **env}
     if cli:
         worker = WorkerProcess("consumers.cli", ["annotation"], {**env, **CLI_ENV}, tmp_path / f"{name}.log")
     else:
@@ -143,8 +158,8 @@ async def refused_at_startup(tmp_path: Path, broker: SaslBroker, names: dict[str
     assert len(errors) == 1, "expected one start-up error line, got:\n" + "\n".join(json.dumps(e) for e in errors)
     error = errors[0]
     assert error["event"] == "kafka_unavailable", error
-    assert "SaslAuthenticationFailed" in error["error"] and "Authentication failed" in error["error"], error
-    assert error["bootstrap_servers"] == broker.sasl
+    assert all(s in error["error"] for s in expected), error
+    assert error["bootstrap_servers"] == env["KAFKA_BOOTSTRAP_SERVERS"]
     return text
 
 

@@ -119,14 +119,39 @@ async def test_batch_memory_over_the_budget_is_invalid_request(make_handler, ima
     handler = await make_handler(memory_budget_bytes=256 * 1024 * 1024)
     events, error = await outcome(handler, request(images, f"s3://{s3_bucket}/big", batch_size=4096, image_size=1024))
     assert events == [] and error.code == "invalid_request"
-    # the estimate: 4096 x 3 x 1024^2 x 4 bytes x (32 activation + 2 loader batches) = 1,671,168 MiB
-    assert "estimated 1671168 MiB" in error.message and "budget is 256 MiB" in error.message
-    assert "CLS_TRAINING_MEMORY_BUDGET_MB" in error.message
+    # the estimate: 4096 x 3 x 1024^2 x 4 bytes x (32 activation + 2 loader batches) = 1,671,168 MiB, plus the model
+    assert "MiB per batch" in error.message and "1,671,168 MiB per batch" in error.message
+    assert "> budget 256 MiB (CLS_TRAINING_MEMORY_BUDGET_MB)" in error.message
     # the model's own input size counts when image_size is not given (test_resnet: 160 px)
     events, error = await outcome(handler, request(images, f"s3://{s3_bucket}/big", batch_size=128, image_size=None))
     assert error.code == "invalid_request" and "image_size 160" in error.message
     async with s3_server.client() as client:
         assert (await client.list_objects_v2(Bucket=s3_bucket)).get("KeyCount", 0) == 0
+
+
+async def test_a_giant_architecture_is_refused_from_its_parameter_count_before_it_is_built(
+        make_handler, images, s3_bucket, s3_server):
+    """1.8 B parameters with batch_size 1: the batch is tiny, the model's weights, gradients and AdamW state are
+    not; counted on the meta device (nothing allocated), refused before any download or write."""
+    from handlers.admission import REFUSED
+
+    refused_before = REFUSED.labels("training_memory")._value.get()
+    handler = await make_handler(memory_budget_bytes=8 * 1024**3)
+    events, error = await outcome(handler, request(images, f"s3://{s3_bucket}/giant", batch_size=1, image_size=None,
+                                                   model_name="vit_gigantic_patch14_clip_224"))
+    assert events == [] and error.code == "invalid_request", error
+    assert "1,842.8 M parameters" in error.message and "> budget 8,192 MiB (CLS_TRAINING_MEMORY_BUDGET_MB)" in error.message
+    assert REFUSED.labels("training_memory")._value.get() == refused_before + 1
+    async with s3_server.client() as client:
+        assert (await client.list_objects_v2(Bucket=s3_bucket)).get("KeyCount", 0) == 0
+
+
+async def test_the_training_allow_list_refuses_other_architectures(make_handler, images, s3_bucket):
+    handler = await make_handler(allowed_models=("convnext_*", "test_res*"))
+    events, error = await outcome(handler, request(images, f"s3://{s3_bucket}/r18", model_name="resnet18"))
+    assert events == [] and error.code == "invalid_request" and "CLS_ALLOWED_TRAINING_MODELS" in error.message
+    handler._check_allowed("test_resnet")  # matches test_res*
+    handler._check_allowed("convnext_tiny.fb_in1k")  # the architecture before the tag matches convnext_*
 
 
 async def test_num_workers_capped_by_the_cores(make_handler, images, s3_bucket, monkeypatch):

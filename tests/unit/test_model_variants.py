@@ -65,3 +65,18 @@ def test_an_explicit_allow_list():
     assert model_config(allowed_variants=parse_allowed_variants("clip:*")).key_for("clip", "RN50").weights == "openai"
     with pytest.raises(ValueError):
         parse_allowed_variants("ViT-L-14")
+
+
+@pytest.mark.parametrize("variant", ["ViT-bigG-14", "ViT-H-14", "EVA02-E-14", "ViT-gopt-16-SigLIP2-384"])
+def test_the_default_allow_list_refuses_architectures_a_worker_cannot_hold(variant):
+    """Multi-GB downloads and up to ~20 GB allocated: only by setting (clip:<variant> or clip:*)."""
+    with pytest.raises(PermanentError) as err:
+        model_config(clip_weights="random").key_for("clip", variant)
+    assert err.value.code == "model_unavailable" and "CLS_ALLOWED_MODEL_VARIANTS=clip:<variant>" in err.value.message
+    allowed = model_config(clip_weights="random", allowed_variants=parse_allowed_variants(f"clip:{variant}"))
+    assert allowed.key_for("clip", variant).variant == variant
+
+
+@pytest.mark.parametrize("variant", ["RN50", "ViT-B-16", "ViT-L-14", "ViT-L-14-336", "convnext_base_w"])
+def test_the_default_allow_list_admits_the_usual_sizes(variant):
+    assert model_config(clip_weights="random").key_for("clip", variant).variant == variant
