@@ -36,6 +36,7 @@ from schemas.annotation import (
     AuditRequest,
     EmbedRequest,
     LabeledExample,
+    SelectRequest,
 )
 from schemas.topics import CONTENT_TYPE_JSON, Headers
 from schemas.training import CancelRequest, TrainingRequest
@@ -44,7 +45,7 @@ from schemas.training import CancelRequest, TrainingRequest
 def add_send_parser(sub: Any, func: Any) -> None:
     p = sub.add_parser("send", help="produce a request and follow its events", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", help="annotate (or classify) | embed | audit | train | cancel | a request JSON file")
+    p.add_argument("what", help="annotate (or classify) | embed | audit | select | train | cancel | a request JSON file")
     p.add_argument("urls", nargs="*", help="image URLs (annotate, embed)")
     p.add_argument("--classes", help="comma-separated class names (annotate; audit: the labels allowed)")
     p.add_argument("--model", default="clip", choices=["clip", "siglip", "custom", "timm"])
@@ -69,6 +70,15 @@ def add_send_parser(sub: Any, func: Any) -> None:
                    help="classify: independent per-class probabilities and a tag set per image; train: a multi-label "
                         "job from --manifest (JSON Lines of {\"url\", \"labels\": [...], \"split\"})")
     p.add_argument("--multi-label-loss", choices=["bce", "asymmetric"], help="train --multi-label: the loss (default bce)")
+    p.add_argument("--pool", help="select: the unlabeled pool, a local JSON Lines file of {\"id\", \"url\"} (sent inline) "
+                                  "or its s3:// / https:// URL")
+    p.add_argument("--labeled", help="select: the labeled images, a local JSON Lines file of {\"id\", \"url\", \"label\"} "
+                                     "or its URL (default: none, a cold start)")
+    p.add_argument("--budget", type=int, help="select: how many images to pick")
+    p.add_argument("--strategy", default="auto", choices=["auto", "random", "typiclust", "margin", "kcenter"],
+                   help="select: the strategy (default auto)")
+    p.add_argument("--duplicate-threshold", type=float, help="select: cosine at or above which two images are "
+                                                             "near-duplicates, never both selected (default 0.95)")
     p.add_argument("--dataset", help="s3://bucket/prefix/ with <class>/<file> keys (train)")
     p.add_argument("--model-name", help="timm model name (train)")
     p.add_argument("--output", help="output_path s3://... (train; default: <dataset>/../models/<job id>; embed, audit: "
@@ -154,6 +164,25 @@ async def build_request(settings: Settings, args: argparse.Namespace) -> tuple[s
             body["options"] = {"folds": args.folds}
         AuditRequest.model_validate(body)
         return w.annotation_requests_topic, entity_id, body
+    if args.what == "select":
+        if not args.pool or args.budget is None:
+            raise ValueError("select needs --pool FILE.jsonl (or its URL) and --budget N")
+        body = {"task": "select", "request_id": entity_id, "model": args.model, "budget": args.budget,
+                "strategy": args.strategy, **audit_images(args.pool, "--pool")}
+        if args.labeled:
+            labeled = audit_images(args.labeled, "--labeled")
+            body.update({"labeled_url": labeled["manifest_url"]} if "manifest_url" in labeled else
+                        {"labeled": labeled["images"]})
+        for field, value in (("model_variant", args.model_variant), ("model_url", args.model_url),
+                             ("output_path", args.output)):
+            if value:
+                body[field] = value
+        if args.classes:
+            body["classes"] = [c.strip() for c in args.classes.split(",") if c.strip()]
+        if args.duplicate_threshold is not None:
+            body["options"] = {"duplicate_threshold": args.duplicate_threshold}
+        SelectRequest.model_validate(body)
+        return w.annotation_requests_topic, entity_id, body
     if args.what == "train":
         if args.multi_label:
             if not args.manifest or not args.model_name or not args.output:
@@ -190,12 +219,13 @@ async def build_request(settings: Settings, args: argparse.Namespace) -> tuple[s
         return w.training_control_topic, args.entity_id, body
     path = Path(args.what)
     if not path.exists():
-        raise ValueError(f"{args.what!r} is neither annotate|embed|audit|train|cancel nor a request file")
+        raise ValueError(f"{args.what!r} is neither annotate|embed|audit|select|train|cancel nor a request file")
     body = json.loads(path.read_text())
     task = body.get("task")
-    if task in ("classify", "embed", "audit"):
+    if task in ("classify", "embed", "audit", "select"):
         entity_id = body.setdefault("request_id", entity_id)
-        {"classify": AnnotationRequest, "embed": EmbedRequest, "audit": AuditRequest}[task].model_validate(body)
+        {"classify": AnnotationRequest, "embed": EmbedRequest, "audit": AuditRequest,
+         "select": SelectRequest}[task].model_validate(body)
         return w.annotation_requests_topic, entity_id, body
     if task == "train":
         entity_id = body.setdefault("job_id", entity_id)
@@ -252,7 +282,7 @@ def read_examples(path: Path) -> list[dict[str, str]]:
 MANIFEST_URL_PREFIXES = ("s3://", "http://", "https://", "file://")
 
 
-def audit_images(manifest: str | None) -> dict[str, Any]:
+def audit_images(manifest: str | None, option: str = "--manifest") -> dict[str, Any]:
     """``{"manifest_url": ...}`` for a URL, or ``{"images": [...]}`` read from a local JSON Lines file (blank
     lines skipped); a file over the inline limit is refused with what to do instead."""
     if not manifest:
@@ -261,7 +291,7 @@ def audit_images(manifest: str | None) -> dict[str, Any]:
         return {"manifest_url": manifest}
     path = Path(manifest)
     if not path.is_file():
-        raise ValueError(f"--manifest {manifest}: no such file (or give an s3:// URL)")
+        raise ValueError(f"{option} {manifest}: no such file (or give an s3:// URL)")
     images: list[Any] = []
     with path.open(encoding="utf-8") as lines:
         for number, line in enumerate(lines, 1):
@@ -310,6 +340,14 @@ def render(event: dict[str, Any]) -> str:
             summary = event.get("audit_summary") or {}
             lines[0] += (f"  audited={summary.get('audited')}/{summary.get('images')}  label_issues={summary.get('label_issues')}"
                          f"  cv_accuracy={summary.get('cv_accuracy')}  table={event.get('audit_url')}")
+        if event.get("task") == "select":
+            summary = event.get("select_summary") or {}
+            lines[0] += (f"  strategy={summary.get('strategy')}  pool={summary.get('pool')}  labeled={summary.get('labeled')}"
+                         f"  cv_accuracy={summary.get('cv_accuracy')}  table={event.get('selection_url')}")
+            for entry in event.get("selection") or []:
+                guess = entry.get("predicted")
+                hint = f"  predicted {guess['class']} ({guess['confidence']:.3f})" if guess else ""
+                lines.append(f"  #{entry['rank']} {entry['id']}: {entry['reason']} score={entry['score']:.4f}{hint}")
         for result in event["results"]:
             if result.get("error"):
                 lines.append(f"  {result['id']}: ERROR {result['error']['code']}: {result['error']['message'][:120]}")

@@ -31,7 +31,9 @@ workflow accepted), ``embedding_parts`` (embed results: where each part's vector
 ``duplicate_members`` (an embed request's duplicate groups), ``few_shot_requests`` (what a few-shot classify
 request learned from: method, examples, cross-validated accuracy), ``audit_requests`` (an audit's summary and
 files), ``audit_entries`` (one row per audited image: label, label_issue, suggested_label, scores, rank; the review
-queue is ``ORDER BY rank``), ``label_conflicts`` (an audit's disagreeing near-duplicates), ``folded_messages``
+queue is ``ORDER BY rank``), ``label_conflicts`` (an audit's disagreeing near-duplicates), ``select_requests`` (a
+selection's summary and CSV), ``selection_entries`` (one row per selected image: rank, score, reason, the head's
+guess; the labeling queue is ``ORDER BY rank``), ``folded_messages``
 (idempotency), ``rejected_messages`` (events that could not be folded).
 """
 
@@ -172,6 +174,28 @@ CREATE TABLE IF NOT EXISTS label_conflicts (
     similarity DOUBLE PRECISION NOT NULL,
     PRIMARY KEY (request_id, position)
 );
+CREATE TABLE IF NOT EXISTS select_requests (
+    request_id TEXT PRIMARY KEY,
+    selection_url TEXT,
+    strategy TEXT NOT NULL,
+    requested_strategy TEXT NOT NULL,
+    pool INTEGER NOT NULL,
+    labeled INTEGER NOT NULL,
+    selected INTEGER NOT NULL,
+    cv_accuracy DOUBLE PRECISION,
+    model TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS selection_entries (
+    request_id TEXT NOT NULL,
+    image_id TEXT NOT NULL,
+    rank INTEGER NOT NULL,
+    score DOUBLE PRECISION NOT NULL,
+    reason TEXT NOT NULL,
+    predicted TEXT,
+    predicted_confidence DOUBLE PRECISION,
+    PRIMARY KEY (request_id, image_id)
+);
+CREATE INDEX IF NOT EXISTS selection_entries_by_rank ON selection_entries (request_id, rank);
 CREATE TABLE IF NOT EXISTS few_shot_requests (
     request_id TEXT PRIMARY KEY,
     method TEXT NOT NULL,
@@ -199,9 +223,11 @@ CREATE TABLE IF NOT EXISTS applied_labels (
 JOB_COLUMNS = ("job_id", "status", "seq", "attempt", "progress", "metrics", "model_url", "error", "updated_at")
 TABLES = ("annotation_requests", "labels", "image_errors", "training_jobs", "applied_labels", "folded_messages",
           "rejected_messages", "embedding_parts", "duplicate_groups", "duplicate_members", "few_shot_requests",
-          "audit_requests", "audit_entries", "label_conflicts", "tags", "applied_tags")
+          "audit_requests", "audit_entries", "label_conflicts", "tags", "applied_tags", "select_requests",
+          "selection_entries")
 AUDIT_COLUMNS = ("image_id", "rank", "label", "label_probability", "label_issue", "suggested_label",
                  "suggested_probability", "issue_score", "outlier_score")
+SELECTION_COLUMNS = ("image_id", "rank", "score", "reason", "predicted", "predicted_confidence")
 MAX_REASON_CHARS = 500
 
 
@@ -336,6 +362,35 @@ class Fold:
             self._few_shot(request_id, event["few_shot"])
         if event.get("task") == "audit" and event["status"] == "completed":
             self._audit(request_id, event, model_name or "")
+        if event.get("task") == "select" and event["status"] == "completed":
+            self._selection(request_id, event, model_name or "")
+
+    def _selection(self, request_id: str, event: dict[str, Any], model_name: str) -> None:
+        """A select part: the request's summary and CSV, one row per selected image (its rank in the labeling queue)."""
+        summary = event["select_summary"]
+        cv = summary.get("cv_accuracy")
+        self.db.execute(
+            "INSERT INTO select_requests (request_id, selection_url, strategy, requested_strategy, pool, labeled,"
+            " selected, cv_accuracy, model) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (request_id) DO UPDATE SET selection_url = excluded.selection_url,"
+            " strategy = excluded.strategy, requested_strategy = excluded.requested_strategy, pool = excluded.pool,"
+            " labeled = excluded.labeled, selected = excluded.selected, cv_accuracy = excluded.cv_accuracy,"
+            " model = excluded.model",
+            (request_id, event.get("selection_url"), _text(summary["strategy"]), _text(summary["requested_strategy"]),
+             _int(summary["pool"]), _int(summary["labeled"]), _int(summary["selected"]),
+             None if cv is None else _number(cv), model_name),
+        )
+        for entry in event.get("selection") or []:
+            guess = entry.get("predicted")
+            self.db.execute(
+                "INSERT INTO selection_entries (request_id, image_id, rank, score, reason, predicted,"
+                " predicted_confidence) VALUES (?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (request_id, image_id) DO UPDATE SET rank = excluded.rank, score = excluded.score,"
+                " reason = excluded.reason, predicted = excluded.predicted,"
+                " predicted_confidence = excluded.predicted_confidence",
+                (request_id, _text(entry["id"]), _int(entry["rank"]), _number(entry["score"]), _text(entry["reason"]),
+                 None if guess is None else _text(guess["class"]), None if guess is None else _number(guess["confidence"])),
+            )
 
     def _audit(self, request_id: str, event: dict[str, Any], model_name: str) -> None:
         """An audit part: the request's summary and file URLs, one row per audited image (its rank in the review
@@ -472,6 +527,12 @@ class Fold:
         rows = self.db.fetchall(f"SELECT {', '.join(AUDIT_COLUMNS)} FROM audit_entries WHERE request_id = ?{condition}"  # noqa: S608
                                 " ORDER BY rank LIMIT ?", (request_id, limit))
         return [{**dict(zip(AUDIT_COLUMNS, row, strict=True)), "label_issue": bool(row[4])} for row in rows]
+
+    def labeling_queue(self, request_id: str, limit: int = 100) -> list[dict[str, Any]]:
+        """A selection's images in rank order (parts may arrive in any order): ``SELECTION_COLUMNS`` per row."""
+        rows = self.db.fetchall(f"SELECT {', '.join(SELECTION_COLUMNS)} FROM selection_entries WHERE request_id = ?"  # noqa: S608
+                                " ORDER BY rank LIMIT ?", (request_id, limit))
+        return [dict(zip(SELECTION_COLUMNS, row, strict=True)) for row in rows]
 
     def auto_apply(self, request_id: str, threshold: float | None = None) -> int:
         """Accept each image's top-1 AI label: the ones the worker marked ``auto_accept`` (the request named an

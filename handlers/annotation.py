@@ -25,6 +25,7 @@ from handlers.errors import InvalidRequest, PermanentError
 from handlers.fewshot import FewShotClassifier
 from handlers.model_handles import LoadedModel
 from handlers.parts import PART_BUDGET_BYTES, part_size_for, parts_in_order, rank
+from handlers.select import SelectHandler
 from schemas.annotation import (
     AnnotationRequest,
     AnnotationResult,
@@ -33,6 +34,7 @@ from schemas.annotation import (
     ImageRef,
     ImageResult,
     Prediction,
+    SelectRequest,
     prompt_volume_problem,
 )
 from schemas.common import ErrorInfo
@@ -50,14 +52,20 @@ class AnnotationHandler:
         self.embedder = EmbedHandler(ctx, ctx.store)
         self.few_shot = FewShotClassifier(ctx, self.embedder)
         self.auditor = AuditHandler(ctx, self.embedder)
+        self.selector = SelectHandler(ctx, self.embedder)
 
-    async def handle(self, request: AnnotationRequest | EmbedRequest | AuditRequest) -> AsyncIterator[AnnotationResult]:
+    async def handle(self, request: AnnotationRequest | EmbedRequest | AuditRequest | SelectRequest
+                     ) -> AsyncIterator[AnnotationResult]:
         if isinstance(request, EmbedRequest):
             async for part in self.embedder.handle(request):
                 yield part
             return
         if isinstance(request, AuditRequest):
             async for part in self.auditor.handle(request):
+                yield part
+            return
+        if isinstance(request, SelectRequest):
+            async for part in self.selector.handle(request):
                 yield part
             return
         async for part in self.classify(request):

@@ -27,7 +27,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import structlog
@@ -48,6 +48,7 @@ from schemas.annotation import (
     AuditImage,
     AuditRequest,
     AuditSummary,
+    ImageRef,
     ImageResult,
     LabelConflict,
     audit_label_problem,
@@ -59,6 +60,8 @@ if TYPE_CHECKING:
     from handlers.model_handles import EmbeddingHandle
 
 log = structlog.get_logger("cls.audit")
+
+T = TypeVar("T", bound=ImageRef)
 
 AUDIT_FILE = "audit.csv"
 AUDIT_EMBEDDINGS_FILE = "embeddings.npz"
@@ -195,51 +198,12 @@ class AuditHandler:
 
     async def _images(self, request: AuditRequest, config: AuditConfig) -> list[AuditImage]:
         """The request's images, inline or from its manifest (bounded by CLS_AUDIT_MAX_IMAGES lines)."""
-        if request.images is not None:
-            if len(request.images) > config.max_images:
-                raise InvalidRequest(f"{len(request.images)} images; an audit is limited to "
-                                     f"CLS_AUDIT_MAX_IMAGES={config.max_images}")
-            return list(request.images)
-        url = request.manifest_url or ""
-        images = await read_manifest(self.ctx.fetcher, url, AuditImage, executors=self.ctx.executors,
-                                     error_code="invalid_request", limits=self.ctx.manifest_limits,
-                                     max_lines=config.max_images, limit_name="CLS_AUDIT_MAX_IMAGES")
-        if not images:
-            raise InvalidRequest(f"manifest {url} has no entries")
-        try:
-            unique_image_ids(images)  # type: ignore[arg-type]
-        except ValueError as exc:
-            raise InvalidRequest(f"manifest {url}: {exc}") from exc
-        return images
+        return await listed_images(self.ctx, request.images, request.manifest_url, AuditImage, config.max_images,
+                                   "an audit")
 
     async def _embed_all(self, model: EmbeddingHandle, images: Sequence[AuditImage], request_id: str,
                          priority: str) -> tuple[np.ndarray, dict[int, ImageResult]]:
-        """Every image's normalised embedding (row = request position; zero for a failed image) and the
-        error entries by position. Images with the same bytes get the first one's vector (two forwards of the
-        same pixels in different batches may differ in the last bits)."""
-        ctx = self.ctx
-        matrix = np.zeros((len(images), model.dim), dtype=np.float32)
-        errors: dict[int, ImageResult] = {}
-        first_of: dict[str, int] = {}
-        window = asyncio.Semaphore(ctx.config.request_window if priority == "bulk" else min(len(images), EMBED_CHUNK))
-        chunks = [range(start, min(start + EMBED_CHUNK, len(images))) for start in range(0, len(images), EMBED_CHUNK)]
-
-        def handle(position: int):  # noqa: ANN202 - the embedder's own return type
-            return self.embedder.embed_image(model, images[position], request_id, priority, window)
-
-        async with aclosing(parts_in_order(chunks, handle)) as stream:
-            async for _, positions, outputs in stream:
-                for position, out in zip(positions, outputs, strict=True):
-                    if isinstance(out, ImageResult):
-                        errors[position] = out
-                    else:
-                        digest, vector = out
-                        if digest in first_of:
-                            matrix[position] = matrix[first_of[digest]]
-                        else:
-                            first_of[digest] = position
-                            matrix[position] = vector.float().numpy()
-        return matrix, errors
+        return await embed_matrix(self.embedder, model, images, request_id, priority)
 
     async def _fit_conflicts(self, conflicts: list[LabelConflict], folder: str,
                              budget: int) -> tuple[list[LabelConflict], str | None]:
@@ -257,6 +221,56 @@ class AuditHandler:
         body = json.dumps([c.model_dump() for c in conflicts]).encode()
         await self.embedder.store.put_bytes(url, body, "application/json")  # type: ignore[union-attr]
         return kept, url
+
+
+async def listed_images(ctx: AnnotationContext, inline: Sequence[T] | None, url: str | None, entry: type[T],
+                        max_images: int, what: str) -> list[T]:
+    """A request's images, inline or from a JSON Lines manifest at ``url`` (read through the fenced fetcher,
+    parsed in the CPU pool), at most ``max_images`` (CLS_AUDIT_MAX_IMAGES); ids unique. ``what`` names the task."""
+    if inline is not None:
+        if len(inline) > max_images:
+            raise InvalidRequest(f"{len(inline)} images; {what} is limited to CLS_AUDIT_MAX_IMAGES={max_images}")
+        return list(inline)
+    url = url or ""
+    images = await read_manifest(ctx.fetcher, url, entry, executors=ctx.executors, error_code="invalid_request",
+                                 limits=ctx.manifest_limits, max_lines=max_images, limit_name="CLS_AUDIT_MAX_IMAGES")
+    if not images:
+        raise InvalidRequest(f"manifest {url} has no entries")
+    try:
+        unique_image_ids(images)  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise InvalidRequest(f"manifest {url}: {exc}") from exc
+    return images
+
+
+async def embed_matrix(embedder: EmbedHandler, model: EmbeddingHandle, images: Sequence[ImageRef], request_id: str,
+                       priority: str) -> tuple[np.ndarray, dict[int, ImageResult]]:
+    """Every image's normalised embedding (row = request position; zero for a failed image) and the error entries
+    by position, through :meth:`EmbedHandler.embed_image` a chunk at a time. Images with the same bytes get the
+    first one's vector (two forwards of the same pixels in different batches may differ in the last bits)."""
+    ctx = embedder.ctx
+    matrix = np.zeros((len(images), model.dim), dtype=np.float32)
+    errors: dict[int, ImageResult] = {}
+    first_of: dict[str, int] = {}
+    window = asyncio.Semaphore(ctx.config.request_window if priority == "bulk" else max(1, min(len(images), EMBED_CHUNK)))
+    chunks = [range(start, min(start + EMBED_CHUNK, len(images))) for start in range(0, len(images), EMBED_CHUNK)]
+
+    def handle(position: int):  # noqa: ANN202 - the embedder's own return type
+        return embedder.embed_image(model, images[position], request_id, priority, window)
+
+    async with aclosing(parts_in_order(chunks, handle)) as stream:
+        async for _, positions, outputs in stream:
+            for position, out in zip(positions, outputs, strict=True):
+                if isinstance(out, ImageResult):
+                    errors[position] = out
+                else:
+                    digest, vector = out
+                    if digest in first_of:
+                        matrix[position] = matrix[first_of[digest]]
+                    else:
+                        first_of[digest] = position
+                        matrix[position] = vector.float().numpy()
+    return matrix, errors
 
 
 def fit_audit(embeddings: np.ndarray, labels: np.ndarray, num_classes: int, options: AuditOptions) -> AuditTable:

@@ -497,12 +497,126 @@ class AuditRequest(InputModel):
         return self
 
 
-AnyAnnotationRequest = Annotated[AnnotationRequest | EmbedRequest | AuditRequest, Field(discriminator="task")]
-"""What the annotation request topics carry: ``task`` classify, embed or audit."""
+MAX_SELECT_BUDGET = 10_000
+"""Images one select request may ask for (the parts and the CSV list them all)."""
+SelectStrategy = Literal["auto", "random", "typiclust", "margin", "kcenter"]
+SELECT_REASONS = ("typical", "uncertain", "diverse", "random")
+
+
+class SelectSpec(BaseModel):
+    """How a selection treats near-duplicates."""
+
+    model_config = ConfigDict(extra="ignore")
+    duplicate_threshold: float = Field(
+        default=DEFAULT_DUPLICATE_THRESHOLD, gt=0.0, le=1.0,
+        description="Cosine similarity at or above which two images are near-duplicates: of a group of them (or of an "
+                    "image near a labeled one) at most one is selected, and none when a labeled image is in the group.")
+    seed: int = Field(default=0, ge=0, le=2**31 - 1, description="Seed of the random choices (k-means, random order).")
+
+
+class SelectRequest(InputModel):
+    """``"task": "select"`` on the annotation request topics: which unlabeled images to label next (active learning).
+
+    The worker embeds the pool (``images`` or ``manifest_url``) and the labeled set (``labeled`` or ``labeled_url``,
+    may be empty: a cold start), and picks ``budget`` pool images by ``strategy``: ``random`` (seeded),
+    ``typiclust`` (the most typical image of each of the largest clusters no labeled image covers), ``margin`` (the
+    smallest top-1 minus top-2 probability of a head fitted on the labeled embeddings), ``kcenter`` (greedy
+    farthest point from the labeled and selected images) or ``auto`` (typical images while the labeled set is small
+    per class, then the most uncertain image of each of ``budget`` clusters of uncertain images). Near-duplicates
+    of each other or of a labeled image are never both selected. **Parts are in selection order** (rank 0 first;
+    pool images that failed come last as error entries); the whole selection is also written as CSV
+    (``selection_url``: ``<output_path>/<request_id>/selection.csv``). The same inputs give the same parts.
+    """
+
+    task: Literal["select"] = Field(description="Discriminator: always 'select'.")
+    request_id: Identifier | None = Field(default=None, description="Defaults to the record key, then to a new UUID.")
+    model: EmbedModelFamily = Field(default="clip", description="The embedding backbone, as for embed requests.")
+    model_variant: str | None = Field(default=None, max_length=200, description="As for embed requests.")
+    model_url: Url | None = Field(default=None, description="As for embed requests ('custom', 'timm').")
+    images: list[ImageRef] | None = Field(
+        default=None, min_length=1, max_length=MAX_IMAGES_PER_REQUEST,
+        description="The unlabeled pool [{id, url}]; or manifest_url for larger pools.")
+    manifest_url: Url | None = Field(
+        default=None,
+        description="Instead of images: a JSON Lines object of the pool ({\"id\", \"url\"} per line), up to the "
+                    "worker's CLS_AUDIT_MAX_IMAGES lines (pool and labeled set together).")
+    labeled: list[AuditImage] | None = Field(
+        default=None, max_length=MAX_IMAGES_PER_REQUEST,
+        description="The images labeled so far [{id, url, label}] (may be empty: a cold start).")
+    labeled_url: Url | None = Field(
+        default=None, description="Instead of labeled: a JSON Lines object of {\"id\", \"url\", \"label\"}.")
+    budget: int = Field(ge=1, le=MAX_SELECT_BUDGET, description="How many pool images to select.")
+    strategy: SelectStrategy = Field(
+        default="auto", description="auto | random | typiclust | margin | kcenter (see the task's description).")
+    classes: list[str] | None = Field(
+        default=None, max_length=MAX_CLASSES,
+        description="The class names labels may take (a label outside them is invalid); default: the labels given.")
+    output_path: OutputUrl | None = Field(
+        default=None,
+        description="Prefix the CSV goes under (as for embed; default CLS_EMBED_OUTPUT_PATH): "
+                    "<output_path>/<request_id>/selection.csv.")
+    options: SelectSpec = Field(default_factory=SelectSpec, description="Near-duplicate threshold, seed.")
+    priority: Literal["interactive", "bulk"] | None = Field(default=None, description="Scheduling lane, as for classify requests.")
+
+    @field_validator("classes")
+    @classmethod
+    def _classes_valid(cls, classes: list[str] | None) -> list[str] | None:
+        return None if classes is None else check_class_names(classes)
+
+    @field_validator("images")
+    @classmethod
+    def _unique_image_ids(cls, images: list[ImageRef] | None) -> list[ImageRef] | None:
+        return None if images is None else unique_image_ids(images)
+
+    @field_validator("labeled")
+    @classmethod
+    def _unique_labeled_ids(cls, labeled: list[AuditImage] | None) -> list[AuditImage] | None:
+        return None if labeled is None else unique_image_ids(labeled)  # type: ignore[return-value]
+
+    @model_validator(mode="after")
+    def _model_specific(self) -> "SelectRequest":
+        if (self.images is None) == (self.manifest_url is None):
+            raise ValueError("give either images or manifest_url (one of them)")
+        if self.labeled is not None and self.labeled_url is not None:
+            raise ValueError("give either labeled or labeled_url, not both")
+        if self.model in ("clip", "siglip") and self.model_url is not None:
+            raise ValueError("model_url is only allowed with model 'custom' or 'timm'")
+        if self.model == "custom" and not self.model_url:
+            raise ValueError("model 'custom' needs model_url (the trained model package)")
+        if self.model == "timm" and not self.model_variant:
+            raise ValueError("model 'timm' needs model_variant (a timm model name)")
+        if self.images is not None and self.labeled:
+            problem = select_inputs_problem(self.images, self.labeled, self.classes, self.budget)
+            if problem:
+                raise ValueError(problem)
+        elif self.images is not None and self.budget > len(self.images):
+            raise ValueError(f"budget {self.budget} is more than the {len(self.images)} pool images")
+        return self
+
+
+def select_inputs_problem(pool: list[ImageRef], labeled: list[AuditImage], classes: list[str] | None,
+                          budget: int) -> str | None:
+    """Why a selection from ``pool`` given ``labeled`` cannot run, or None: a label outside ``classes``, an id in
+    both sets, or a budget larger than the pool."""
+    if budget > len(pool):
+        return f"budget {budget} is more than the {len(pool)} pool images"
+    if classes is not None:
+        unknown = sorted({image.label for image in labeled} - set(classes))
+        if unknown:
+            return f"{len(unknown)} label(s) are not in classes: {[u[:60] for u in unknown[:10]]}"
+    both = sorted({image.id for image in pool} & {image.id for image in labeled})
+    if both:
+        return f"{len(both)} id(s) are both in the pool and labeled: {[b[:60] for b in both[:10]]}"
+    return None
+
+
+AnyAnnotationRequest = Annotated[AnnotationRequest | EmbedRequest | AuditRequest | SelectRequest,
+                                 Field(discriminator="task")]
+"""What the annotation request topics carry: ``task`` classify, embed, audit or select."""
 
 
 class AnnotationRequestMessage(RootModel[AnyAnnotationRequest]):
-    """A record on the annotation request topics: a classify, embed or audit request (by ``task``)."""
+    """A record on the annotation request topics: a classify, embed, audit or select request (by ``task``)."""
 
 
 def lane_of(body: dict, topic_lane: str, interactive_max_images: int) -> str:
@@ -518,13 +632,15 @@ def lane_of(body: dict, topic_lane: str, interactive_max_images: int) -> str:
     priority = body.get("priority")
     if priority in ("interactive", "bulk"):
         return str(priority)
-    if body.get("examples_url") or body.get("manifest_url"):
+    if body.get("examples_url") or body.get("manifest_url") or body.get("labeled_url"):
         return "bulk"
     images = body.get("images")
     examples = body.get("examples")
+    labeled = body.get("labeled")
     if not isinstance(images, list):
         return "bulk"
-    count = len(images) + (len(examples) if isinstance(examples, list) else 0)
+    count = (len(images) + (len(examples) if isinstance(examples, list) else 0)
+             + (len(labeled) if isinstance(labeled, list) else 0))
     return "interactive" if 0 < len(images) and count <= interactive_max_images else "bulk"
 
 
@@ -568,6 +684,43 @@ class AuditSummary(BaseModel):
     classes: int = Field(ge=0)
     folds: int = Field(ge=0, description="Cross-validation folds used.")
     cv_accuracy: float = Field(ge=0.0, le=1.0, description="Out-of-sample accuracy against the given labels.")
+
+
+class SelectEntry(BaseModel):
+    """One selected image, in selection order."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(description="The pool image's id.")
+    rank: int = Field(ge=0, description="0-based position in the selection (label rank 0 first).")
+    score: float = Field(description="The strategy's score of the image at its pick: typicality (typiclust, auto while "
+                                     "typical), 1 - margin (margin, auto while uncertain), distance to the nearest "
+                                     "labeled or earlier selected image (kcenter), 0 (random).")
+    reason: Literal["typical", "uncertain", "diverse", "random"] = Field(
+        description="typical: the most typical image of an uncovered cluster; uncertain: the head is unsure; "
+                    "diverse: far from everything labeled or selected; random: the random strategy.")
+    predicted: Prediction | None = Field(
+        default=None, description="The current head's top-1 class and its probability (for pre-filling the labeling "
+                                  "form); null without a head (fewer than 2 labeled classes).")
+
+
+class SelectSummary(BaseModel):
+    """What a selection ran on (on every part)."""
+
+    model_config = ConfigDict(extra="forbid")
+    strategy: str = Field(description="The strategy that ran: auto's choice (typiclust or margin), or the one asked "
+                                      "for; margin without a head (fewer than 2 labeled classes) runs typiclust.")
+    requested_strategy: str = Field(description="The request's strategy.")
+    pool: int = Field(ge=0, description="Pool images in the request.")
+    embedded: int = Field(ge=0, description="Pool images embedded (the others have error entries).")
+    candidates: int = Field(ge=0, description="Pool images that could be selected: near-duplicates of a labeled image "
+                                              "and all but one of each near-duplicate group left out.")
+    labeled: int = Field(ge=0, description="Labeled images embedded and used.")
+    labeled_failed: int = Field(ge=0, description="Labeled images that could not be fetched or decoded (not used).")
+    classes: int = Field(ge=0, description="Classes (the request's, or the labels given).")
+    selected: int = Field(ge=0, description="Images selected (the budget, or fewer when fewer candidates remain).")
+    cv_accuracy: float | None = Field(
+        default=None, ge=0.0, le=1.0,
+        description="Cross-validated accuracy of the head on the labeled set; null when no class has 2 labeled images.")
 
 
 MAX_IMAGE_ERROR_CHARS = 240
@@ -680,9 +833,10 @@ class AnnotationResult(OutputModel):
     part: int = Field(default=0, ge=0)
     parts: int = Field(default=1, ge=1)
     error: ErrorInfo | None = Field(default=None, description="Why the whole request failed (status 'failed').")
-    task: Literal["classify", "embed", "audit"] | None = Field(
-        default=None, description="'embed' or 'audit' on those results (absent: classify). Audit parts are in review "
-                                  "order (highest issue_score first, failed images last), not request order.")
+    task: Literal["classify", "embed", "audit", "select"] | None = Field(
+        default=None, description="'embed', 'audit' or 'select' on those results (absent: classify). Audit parts are in "
+                                  "review order (highest issue_score first, failed images last), select parts in "
+                                  "selection order (rank 0 first, failed pool images last), not request order.")
     embeddings_url: str | None = Field(
         default=None, description="Embed: the .npz object holding this part's vectors ('ids', float16 'embeddings'; "
                                   "the images without an error entry, in request order). Absent when none succeeded. "
@@ -705,6 +859,14 @@ class AnnotationResult(OutputModel):
     label_conflicts_url: str | None = Field(
         default=None, description="Audit: the JSON file holding all conflicts when they were too many for the record "
                                   "(then 'label_conflicts' holds the first ones).")
+    selection: list[SelectEntry] | None = Field(
+        default=None, description="Select: this part's selected images, in rank order (the failed pool images, after "
+                                  "all selected ones, are error entries in 'results').")
+    selection_url: str | None = Field(
+        default=None, description="Select: the whole selection as CSV (header row; one row per selected image in rank "
+                                  "order, then the failed pool images: id,rank,score,reason,predicted,"
+                                  "predicted_confidence,error).")
+    select_summary: SelectSummary | None = Field(default=None, description="Select: what the selection ran on.")
 
     @staticmethod
     def message_id_for(request_id: str, part: int) -> str:

@@ -39,6 +39,9 @@ from schemas.annotation import (
     LabeledExample,
     ModelDescriptor,
     Prediction,
+    SelectEntry,
+    SelectRequest,
+    SelectSummary,
 )
 from schemas.codec import ANNOTATION_ADAPTER, TRAINING_ADAPTER, NotAJsonObject, decode, parse_json_object
 from schemas.common import SCHEMA_VERSION, ErrorInfo
@@ -289,6 +292,13 @@ def annotation_request_examples() -> list[dict[str, Any]]:
                  AuditRequest(task="audit", request_id="req-2025-0008", model="clip",
                               manifest_url="s3://datasets/pets/labels.jsonl", output_path="s3://audits/project-7",
                               ).model_dump(mode="json", by_alias=True, exclude_none=True)),
+        _example("select", "Which 200 images of an unlabeled pool (a JSON Lines manifest of {id, url}) to label next, "
+                           "given the labels so far ({id, url, label} per line); auto picks the strategy.",
+                 SelectRequest(task="select", request_id="req-2025-0009", model="clip",
+                               manifest_url="s3://datasets/pets/unlabeled.jsonl",
+                               labeled_url="s3://datasets/pets/labels.jsonl", budget=200, strategy="auto",
+                               output_path="s3://selections/project-7",
+                               ).model_dump(mode="json", by_alias=True, exclude_none=True)),
     ]
 
 
@@ -376,7 +386,25 @@ def annotation_result_examples() -> list[AnnotationResult]:
                                    cv_accuracy=0.5),
         label_conflicts=[LabelConflict(ids=["img-7", "img-3"], labels=["cat", "dog"], similarity=0.991)],
     )
-    return [completed, part, failed, embedded, few_shot, audited]
+    selected = AnnotationResult(
+        message_id=AnnotationResult.message_id_for("req-2025-0009", 0),
+        request_id="req-2025-0009",
+        created_at=_EXAMPLE_TIME,
+        status="completed",
+        task="select",
+        model=clip,
+        selection=[SelectEntry(id="img-412", rank=0, score=0.962, reason="uncertain",
+                               predicted=Prediction(class_name="cat", confidence=0.51)),
+                   SelectEntry(id="img-77", rank=1, score=0.948, reason="uncertain",
+                               predicted=Prediction(class_name="dog", confidence=0.49))],
+        results=[ImageResult(id="img-5", error=ErrorInfo(code="http_status", message="HTTP 404 from https://images.example.com/5.jpg"))],
+        selection_url="s3://selections/project-7/req-2025-0009/selection.csv",
+        dim=512,
+        select_summary=SelectSummary(strategy="cluster_margin", requested_strategy="auto", pool=3, embedded=2,
+                                     candidates=2, labeled=120, labeled_failed=0, classes=2, selected=2,
+                                     cv_accuracy=0.917),
+    )
+    return [completed, part, failed, embedded, few_shot, audited, selected]
 
 
 def training_request_examples() -> list[dict[str, Any]]:
@@ -508,6 +536,8 @@ def _messages(payload_of: dict[str, str]) -> dict[str, dict[str, Any]]:
         "A few-shot result: which method ran, the examples per class it learned from, its cross-validated accuracy.",
         "An audit result (its only part): entries in review order (highest issue_score first, failed images last), "
         "the whole table at audit_url, label conflicts in the last part.",
+        "A selection (its only part): the images to label next in rank order, the head's guess for each, the failed "
+        "pool image last; the whole selection at selection_url.",
     ])
     training_statuses = _output_examples(training_status_examples(), [
         "The job was accepted (seq 0).",
@@ -522,11 +552,12 @@ def _messages(payload_of: dict[str, str]) -> dict[str, dict[str, Any]]:
             "name": "annotation-request",
             "title": "Annotation request",
             "summary": "Classify images by URL (task classify: clip, siglip, custom; few-shot with labeled examples, also "
-                       "timm), embed them (task embed: clip, siglip, custom, timm) or audit their labels (task audit: "
-                       "the embed backbones).",
+                       "timm), embed them (task embed: clip, siglip, custom, timm), audit their labels (task audit: "
+                       "the embed backbones) or pick the ones to label next (task select: the embed backbones).",
             "description": (AnnotationRequest.__doc__ or "").strip() + "\n\n" + _module_doc(AnnotationRequest)
                            + "\n\n" + (EmbedRequest.__doc__ or "").strip()
-                           + "\n\n" + (AuditRequest.__doc__ or "").strip(),
+                           + "\n\n" + (AuditRequest.__doc__ or "").strip()
+                           + "\n\n" + (SelectRequest.__doc__ or "").strip(),
             "contentType": CONTENT_TYPE_JSON,
             "headers": input_headers_schema(Headers.REQUEST_ID),
             "payload": ref("annotation-request"),

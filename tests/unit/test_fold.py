@@ -334,3 +334,38 @@ def test_audit_folds_to_the_same_rows_on_both_databases(tmp_path, postgres_url):
     assert folds[0].dump() == folds[1].dump() and folds[0].review_queue("a1") == folds[1].review_queue("a1")
     for fold in folds:
         fold.close()
+
+
+def select_part(request: str, k: int, parts: int, entries: list[tuple[str, int, str | None]],
+                error_ids: tuple[str, ...] = ()) -> bytes:
+    """A select part built by the worker's own model: ``entries`` are (id, rank, predicted class or None)."""
+    from schemas.annotation import (AnnotationResult, ErrorInfo, ImageResult, ModelDescriptor, Prediction, SelectEntry,
+                                    SelectSummary)
+
+    selection = [SelectEntry(id=i, rank=rank, score=round(1 - rank / 10, 6), reason="uncertain" if guess else "typical",
+                             predicted=Prediction(class_name=guess, confidence=0.55) if guess else None)
+                 for i, rank, guess in entries]
+    summary = SelectSummary(strategy="cluster_margin", requested_strategy="auto", pool=6, embedded=5, candidates=5,
+                            labeled=20, labeled_failed=0, classes=2, selected=4, cv_accuracy=0.9)
+    return AnnotationResult.completed_part(
+        request, k, parts, task="select", model=ModelDescriptor(family="clip", variant="ViT-B-32", weights="random"),
+        selection=selection, results=[ImageResult(id=i, error=ErrorInfo(code="http_status", message="HTTP 404"))
+                                      for i in error_ids],
+        selection_url=f"s3://b/s/{request}/selection.csv", select_summary=summary, dim=512).to_json_bytes()
+
+
+def test_select_results_fold_into_a_labeling_queue(fold):
+    stream = [select_part("s1", 1, 2, [("img-9", 2, "dog"), ("img-1", 3, "cat")], error_ids=("gone",)),
+              select_part("s1", 0, 2, [("img-4", 0, "cat"), ("img-7", 1, None)])]
+    assert fold.apply("r", stream[0]) and not fold.request_complete("s1")  # the last part first
+    assert fold.apply("r", stream[1]) and fold.request_complete("s1")
+    assert not fold.apply("r", stream[0])  # redelivered: skipped
+    queue = fold.labeling_queue("s1")
+    assert [row["image_id"] for row in queue] == ["img-4", "img-7", "img-9", "img-1"]  # by rank
+    assert queue[0] == {"image_id": "img-4", "rank": 0, "score": 1.0, "reason": "uncertain", "predicted": "cat",
+                        "predicted_confidence": 0.55}
+    assert queue[1]["predicted"] is None and queue[1]["predicted_confidence"] is None
+    assert fold.query("SELECT selection_url, strategy, requested_strategy, pool, labeled, selected, cv_accuracy"
+                      " FROM select_requests") == [("s3://b/s/s1/selection.csv", "cluster_margin", "auto", 6, 20, 4, 0.9)]
+    assert fold.query("SELECT image_id, code FROM image_errors WHERE request_id = ?", ("s1",)) == [("gone", "http_status")]
+    assert fold.query("SELECT COUNT(*) FROM labels")[0][0] == 0  # a selection proposes no labels by itself

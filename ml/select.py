@@ -1,0 +1,332 @@
+"""Active learning on image embeddings: which unlabeled pool images to label next.
+
+Given L2-normalised pool embeddings ``[N, D]``, labeled embeddings ``[M, D]`` with class indices (``M`` may be 0:
+a cold start) and a budget ``B``, :func:`select` returns ``B`` pool rows in selection order:
+
+- ``random``: a seeded permutation (the baseline).
+- ``typiclust`` (Hacohen, Dekel & Weinshall, ICML 2022): k-means of pool and labeled images into ``M + B``
+  clusters (at most :data:`MAX_CLUSTERS`); repeatedly the cluster with the fewest labeled or selected images
+  (ties: the larger, then the lower index; clusters under :data:`MIN_CLUSTER_SIZE` images last) gives its most
+  typical unselected image. Typicality is ``1 / mean distance to the k = 20 nearest images of its cluster``.
+- ``margin``: the smallest top-1 minus top-2 probability of a logistic-regression head fitted on the labeled
+  embeddings (needs two labeled classes; without them it runs ``typiclust``).
+- ``kcenter`` (coreset, Sener & Savarese 2018): greedy farthest point from the labeled and already selected
+  images (cold start: the image nearest the pool's mean first).
+- ``auto``: ``typiclust`` while the labeled set holds fewer than ``auto_switch_per_class`` images per class,
+  then ``cluster_margin``: the ``uncertain_factor x B`` lowest-margin images are clustered into ``B`` k-means
+  clusters and each cluster gives its lowest-margin image (uncertain and diverse; a batch of plain margin picks
+  piles into one confusing region). The switch point was measured with ``bench/select.py`` (docs/select.md).
+
+**Near-duplicates are never selected twice**: before any strategy runs, the pool's near-duplicate groups are
+found by :func:`ml.duplicates.find_duplicates` (cosine ``>= duplicate_threshold``, labeled images as the
+earlier set); a group holding a labeled image gives no candidate, any other group only its first member.
+
+Clustering runs on the embeddings projected on their top :data:`CLUSTER_DIMS` principal axes (faiss k-means,
+seeded), so 100,000 pool images select in seconds after embedding (``bench/select.py --scale``). Everything is
+seeded: the same inputs give the same selection.
+"""
+
+from __future__ import annotations
+
+import heapq
+import warnings
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+__all__ = ["STRATEGIES", "SelectError", "SelectOptions", "Selection", "candidates_without_duplicates", "select"]
+
+Strategy = Literal["auto", "random", "typiclust", "margin", "kcenter"]
+STRATEGIES: tuple[str, ...] = ("auto", "random", "typiclust", "margin", "kcenter")
+MAX_CLUSTERS = 2000
+"""k-means clusters at most (above it typiclust takes several images per cluster, fewest-covered first)."""
+MIN_CLUSTER_SIZE = 5
+CLUSTER_DIMS = 64
+TYPICALITY_NEIGHBOURS = 20
+TYPICALITY_REFERENCES = 2000
+"""A cluster larger than this scores typicality against a seeded sample of this many of its images."""
+
+
+class SelectError(ValueError):
+    """The selection cannot run on what was given (a request error)."""
+
+
+@dataclass(frozen=True)
+class SelectOptions:
+    duplicate_threshold: float = 0.95
+    seed: int = 0
+    auto_switch_per_class: float = 5.0  # auto: typiclust below this many labeled images per class (measured)
+    uncertain_factor: int = 10  # auto: cluster this many times the budget of the most uncertain images
+    regularization: float = 1.0  # the head's LogisticRegression C on sqrt(D)-scaled features
+    max_iter: int = 200
+    kmeans_iterations: int = 20
+    cv_accuracy: bool = True  # also cross-validate the head on the labeled set (5 more fits; for the summary only)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The selection, in rank order: pool rows, scores, reasons, the head's top-1 class and probability."""
+
+    rows: np.ndarray  # [S] int64 pool rows, rank order
+    scores: np.ndarray  # [S] float64
+    reasons: list[str]
+    predicted: np.ndarray | None  # [S] class indices (None without a head)
+    predicted_probability: np.ndarray | None  # [S]
+    strategy: str  # the strategy that ran: random | typiclust | margin | kcenter | cluster_margin
+    candidates: int  # pool rows left after removing near-duplicates
+    cv_accuracy: float | None  # the head's cross-validated accuracy on the labeled set
+
+
+def _validate(pool: np.ndarray, labeled: np.ndarray, labels: np.ndarray, num_classes: int,
+              budget: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    pool = np.ascontiguousarray(pool, dtype=np.float32)
+    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    labeled = np.ascontiguousarray(labeled, dtype=np.float32).reshape(labels.size, pool.shape[1] if pool.ndim == 2 else -1)
+    if pool.ndim != 2 or pool.shape[0] == 0:
+        raise SelectError(f"the pool must be a non-empty [N, D] matrix, got shape {pool.shape}")
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise SelectError("labels outside the classes")
+    if not (np.isfinite(pool).all() and np.isfinite(labeled).all()):
+        raise SelectError("embeddings are not finite")
+    if budget < 1:
+        raise SelectError(f"budget must be at least 1, got {budget}")
+    return pool, labeled, labels
+
+
+def candidates_without_duplicates(pool: np.ndarray, labeled: np.ndarray, threshold: float) -> np.ndarray:
+    """Pool rows that may be selected: of each near-duplicate group (cosine ``>= threshold``) only its first row,
+    and no row of a group that holds a labeled image."""
+    from ml.duplicates import EmbeddingSet, find_duplicates
+
+    n = pool.shape[0]
+    ids = [str(i) for i in range(n)]
+    earlier = None
+    if labeled.shape[0]:
+        earlier = EmbeddingSet(ids=[f"L{i}" for i in range(labeled.shape[0])], vectors=_normalised(labeled))
+    report = find_duplicates(ids, _normalised(pool), threshold=threshold, earlier=earlier, max_groups=n,
+                             max_group_size=n + labeled.shape[0])
+    keep = np.ones(n, dtype=bool)
+    for group in report.groups:
+        members = [int(i) for i in group.ids]
+        keep[members if group.earlier_ids else members[1:]] = False
+    return np.flatnonzero(keep)
+
+
+def _normalised(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return (x / np.where(norms > 0, norms, 1.0)).astype(np.float32)
+
+
+def _projection(x: np.ndarray, dims: int) -> np.ndarray:
+    """``x`` projected on its top ``dims`` principal axes (centred); ``x`` itself when it has few dimensions."""
+    if x.shape[1] <= dims:
+        return np.ascontiguousarray(x, dtype=np.float32)
+    mean = x.mean(axis=0)
+    sample = x if x.shape[0] <= 20_000 else x[np.linspace(0, x.shape[0] - 1, 20_000).astype(np.int64)]
+    centred = sample - mean
+    _, vectors = np.linalg.eigh((centred.T @ centred).astype(np.float64))
+    axes = vectors[:, ::-1][:, :dims].astype(np.float32)
+    return np.ascontiguousarray((x - mean) @ axes, dtype=np.float32)
+
+
+def _kmeans(x: np.ndarray, k: int, seed: int, iterations: int) -> np.ndarray:
+    """Cluster index of each row (faiss k-means, seeded; one thread, so the result does not depend on the machine)."""
+    import faiss
+
+    k = int(max(1, min(k, x.shape[0])))
+    if k == 1:
+        return np.zeros(x.shape[0], dtype=np.int64)
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        kmeans = faiss.Kmeans(x.shape[1], k, niter=iterations, seed=seed, verbose=False,
+                              max_points_per_centroid=max(256, -(-x.shape[0] // k)), min_points_per_centroid=1)
+        kmeans.train(x)
+        _, assignment = kmeans.index.search(x, 1)
+    finally:
+        faiss.omp_set_num_threads(threads)
+    return assignment[:, 0].astype(np.int64)
+
+
+def _typicality(points: np.ndarray, references: np.ndarray) -> np.ndarray:
+    """``1 / mean Euclidean distance to the nearest (up to 20) references`` of each point (itself excluded)."""
+    if references.shape[0] <= 1:
+        return np.ones(points.shape[0])
+    k = min(TYPICALITY_NEIGHBOURS, references.shape[0] - 1)
+    squared = ((points ** 2).sum(1)[:, None] + (references ** 2).sum(1)[None, :] - 2.0 * points @ references.T)
+    distances = np.sqrt(np.maximum(squared, 0.0))
+    nearest = np.partition(distances, k, axis=1)[:, :k + 1]  # k + 1: a point's distance to itself (0) is among them
+    nearest.sort(axis=1)
+    mean = nearest[:, 1:].mean(axis=1)
+    return 1.0 / (mean + 1e-8)
+
+
+def _typiclust(features: np.ndarray, candidates: np.ndarray, labeled_rows: np.ndarray, budget: int,
+               options: SelectOptions) -> tuple[list[int], list[float]]:
+    """TypiClust on ``features`` (pool rows first, then labeled rows): candidate pool rows and their typicality."""
+    rows = np.concatenate([candidates, labeled_rows])
+    k = min(len(labeled_rows) + budget, MAX_CLUSTERS, rows.size)
+    assignment = _kmeans(features[rows], k, options.seed, options.kmeans_iterations)
+    sizes = np.bincount(assignment, minlength=k)
+    covered = np.bincount(assignment[candidates.size:], minlength=k)
+    order = np.argsort(assignment, kind="stable")
+    bounds = np.searchsorted(assignment[order], np.arange(k + 1))
+    remaining = np.bincount(assignment[:candidates.size], minlength=k)  # unpicked pool images per cluster
+    rng = np.random.default_rng(options.seed)
+    picked: list[int] = []
+    scores: list[float] = []
+    typical: dict[int, list[tuple[float, int]]] = {}
+    budget = min(budget, candidates.size)
+    # the next cluster: fewest labeled or selected images, then not tiny, then the largest, then the lowest index
+    heap = [(int(covered[c]), bool(sizes[c] < MIN_CLUSTER_SIZE), -int(sizes[c]), c) for c in range(k) if remaining[c]]
+    heapq.heapify(heap)
+    while len(picked) < budget and heap:
+        _, small, negative_size, cluster = heapq.heappop(heap)
+        if cluster not in typical:
+            inside = order[bounds[cluster]:bounds[cluster + 1]]
+            references = inside if inside.size <= TYPICALITY_REFERENCES else np.sort(
+                rng.choice(inside, TYPICALITY_REFERENCES, replace=False))
+            pool_members = inside[inside < candidates.size]
+            values = _typicality(features[rows[pool_members]], features[rows[references]])
+            ranked = np.lexsort((pool_members, -values))
+            typical[cluster] = [(float(values[i]), int(pool_members[i])) for i in ranked][::-1]  # pop() = most typical
+        value, member = typical[cluster].pop()
+        picked.append(int(candidates[member]))
+        scores.append(value)
+        covered[cluster] += 1
+        remaining[cluster] -= 1
+        if remaining[cluster]:
+            heapq.heappush(heap, (int(covered[cluster]), small, negative_size, cluster))
+    return picked, scores
+
+
+def _fit_head(labeled: np.ndarray, labels: np.ndarray, num_classes: int, options: SelectOptions):  # noqa: ANN202
+    """A logistic-regression head on the labeled embeddings; None with fewer than 2 labeled classes."""
+    if np.unique(labels).size < 2:
+        return None
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    scale = np.float32(np.sqrt(labeled.shape[1]))
+    model = LogisticRegression(C=options.regularization, max_iter=options.max_iter, solver="newton-cg")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        model.fit(labeled.astype(np.float64) * scale, labels)  # newton-cg: ~8x less CPU than L-BFGS here
+
+    def probabilities(x: np.ndarray) -> np.ndarray:
+        out = np.zeros((x.shape[0], num_classes), dtype=np.float64)
+        for start in range(0, x.shape[0], 8192):
+            out[start:start + 8192][:, model.classes_] = model.predict_proba(x[start:start + 8192].astype(np.float64) * scale)
+        return out
+
+    return probabilities
+
+
+def _cv_accuracy(labeled: np.ndarray, labels: np.ndarray, num_classes: int, options: SelectOptions) -> float | None:
+    counts = np.bincount(labels, minlength=num_classes)
+    if (counts > 0).sum() < 2 or counts.max() < 2:
+        return None
+    from ml.audit import AuditOptions, out_of_sample_probabilities
+
+    probabilities, _ = out_of_sample_probabilities(
+        labeled, labels, num_classes, AuditOptions(regularization=options.regularization, max_iter=options.max_iter,
+                                                   seed=options.seed, jobs=1))
+    return float((probabilities.argmax(axis=1) == labels).mean())
+
+
+def _margins(probabilities: np.ndarray) -> np.ndarray:
+    if probabilities.shape[1] < 2:
+        return np.ones(probabilities.shape[0])
+    top2 = -np.partition(-probabilities, 1, axis=1)[:, :2]
+    return top2[:, 0] - top2[:, 1]
+
+
+def _kcenter(pool: np.ndarray, candidates: np.ndarray, labeled: np.ndarray, budget: int) -> tuple[list[int], list[float]]:
+    x = pool[candidates]
+    if labeled.shape[0]:
+        nearest = np.full(x.shape[0], np.inf)
+        for start in range(0, labeled.shape[0], 1024):
+            similarity = x @ labeled[start:start + 1024].T
+            nearest = np.minimum(nearest, (2.0 - 2.0 * similarity).min(axis=1))
+    else:
+        nearest = 2.0 - 2.0 * (x @ _normalised(x.mean(axis=0, keepdims=True))[0])  # the central image goes first
+        nearest = nearest.max() + 1.0 - nearest
+    picked: list[int] = []
+    scores: list[float] = []
+    for _ in range(min(budget, candidates.size)):
+        best = int(np.argmax(nearest))
+        picked.append(int(candidates[best]))
+        scores.append(float(np.sqrt(max(nearest[best], 0.0))) if labeled.shape[0] or picked[1:] else 0.0)
+        nearest = np.minimum(nearest, 2.0 - 2.0 * (x @ x[best]))
+        nearest[best] = -np.inf
+    return picked, scores
+
+
+def _cluster_margin(features: np.ndarray, candidates: np.ndarray, margins: np.ndarray, budget: int,
+                    options: SelectOptions) -> tuple[list[int], list[float]]:
+    """The ``uncertain_factor x budget`` lowest-margin candidates in ``budget`` clusters; each cluster's lowest-margin
+    image, by margin. ``margins``: per candidate."""
+    order = np.lexsort((candidates, margins))
+    shortlist = order[:min(candidates.size, options.uncertain_factor * budget)]
+    assignment = _kmeans(features[candidates[shortlist]], min(budget, shortlist.size), options.seed,
+                         options.kmeans_iterations)
+    first: dict[int, int] = {}
+    for position, cluster in enumerate(assignment.tolist()):  # shortlist is by margin: the first of a cluster is its best
+        first.setdefault(cluster, position)
+    chosen = sorted(first.values())
+    if len(chosen) < budget:  # empty clusters: fill with the next most uncertain
+        rest = [p for p in range(shortlist.size) if p not in set(chosen)]
+        chosen = sorted(chosen + rest[:budget - len(chosen)])
+    rows = shortlist[chosen]
+    return [int(candidates[r]) for r in rows], [float(1.0 - margins[r]) for r in rows]
+
+
+def select(pool: np.ndarray, labeled: np.ndarray, labels: np.ndarray, num_classes: int, budget: int,
+           strategy: Strategy = "auto", options: SelectOptions = SelectOptions()) -> Selection:
+    """Up to ``budget`` pool rows to label next, in rank order (see the module docstring)."""
+    if strategy not in STRATEGIES:
+        raise SelectError(f"unknown strategy {strategy!r}; one of {list(STRATEGIES)}")
+    pool, labeled, labels = _validate(pool, labeled, labels, num_classes, budget)
+    with threadpool_limits(limits=1):
+        candidates = candidates_without_duplicates(pool, labeled, options.duplicate_threshold)
+        head = _fit_head(labeled, labels, num_classes, options) if labels.size else None
+        ran = strategy
+        if strategy == "auto":
+            per_class = labels.size / max(1, num_classes)
+            ran = "typiclust" if head is None or per_class < options.auto_switch_per_class else "cluster_margin"
+        elif strategy == "margin" and head is None:
+            ran = "typiclust"
+        probabilities = head(pool[candidates]) if head is not None and candidates.size else None
+        budget = min(budget, candidates.size)
+        if ran == "random":
+            rng = np.random.default_rng(options.seed)
+            picked = [int(r) for r in candidates[rng.permutation(candidates.size)[:budget]]]
+            scores, reason = [0.0] * len(picked), "random"
+        elif ran == "kcenter":
+            picked, scores = _kcenter(pool, candidates, labeled, budget)
+            reason = "diverse"
+        elif ran == "margin":
+            margins = _margins(probabilities)
+            order = np.lexsort((candidates, margins))[:budget]
+            picked = [int(candidates[i]) for i in order]
+            scores, reason = [float(1.0 - margins[i]) for i in order], "uncertain"
+        else:
+            features = _projection(np.concatenate([pool, labeled]), CLUSTER_DIMS)
+            if ran == "typiclust":
+                labeled_rows = pool.shape[0] + np.arange(labeled.shape[0])
+                picked, scores = _typiclust(features, candidates, labeled_rows, budget, options)
+                reason = "typical"
+            else:
+                picked, scores = _cluster_margin(features, candidates, _margins(probabilities), budget, options)
+                reason = "uncertain"
+        predicted = predicted_probability = None
+        if head is not None:
+            chosen = head(pool[np.asarray(picked, dtype=np.int64)]) if picked else np.zeros((0, num_classes))
+            predicted = chosen.argmax(axis=1) if picked else np.zeros(0, np.int64)
+            predicted_probability = chosen.max(axis=1) if picked else np.zeros(0)
+        cv_accuracy = _cv_accuracy(labeled, labels, num_classes, options) if labels.size and options.cv_accuracy else None
+    return Selection(rows=np.asarray(picked, dtype=np.int64), scores=np.asarray(scores, dtype=np.float64),
+                     reasons=[reason] * len(picked), predicted=predicted, predicted_probability=predicted_probability,
+                     strategy=ran, candidates=int(candidates.size), cv_accuracy=cv_accuracy)

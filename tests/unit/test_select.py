@@ -1,0 +1,85 @@
+"""``ml.select`` on synthetic clustered embeddings: every strategy is deterministic, never picks a near-duplicate of
+a labeled or already picked image, and does what it says (typical picks cover the clusters, margin picks sit between
+labeled classes, k-center picks are far from the labeled set, auto switches at its measured point)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ml.select import STRATEGIES, SelectError, SelectOptions, select
+
+DIM = 32
+
+
+def clusters(classes: int = 5, per_class: int = 60, seed: int = 0, spread: float = 0.6) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(classes, DIM))
+    y = np.repeat(np.arange(classes), per_class)
+    x = centres[y] + spread * rng.normal(size=(y.size, DIM))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), y
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_deterministic_and_never_a_duplicate(strategy):
+    x, y = clusters()
+    labeled = np.arange(0, x.shape[0], 30)  # 2 per class
+    pool = np.setdiff1d(np.arange(x.shape[0]), labeled)
+    copies = np.concatenate([x[pool], x[pool[:10]], x[labeled[:3]]])  # 10 pool copies, 3 copies of labeled images
+    first = select(copies, x[labeled], y[labeled], 5, copies.shape[0], strategy)
+    again = select(copies, x[labeled], y[labeled], 5, copies.shape[0], strategy)
+    assert np.array_equal(first.rows, again.rows) and np.array_equal(first.scores, again.scores)
+    assert first.candidates == pool.size and first.rows.size == pool.size  # the 13 copies are no candidates
+    assert set(first.rows.tolist()) == set(range(pool.size))  # the originals, each once
+    other = select(copies, x[labeled], y[labeled], 5, 20, strategy, SelectOptions(seed=1))
+    assert other.rows.size == 20 and len(set(other.rows.tolist())) == 20
+
+
+def test_cold_start_typical_picks_cover_every_cluster():
+    x, y = clusters(classes=6)
+    picked = select(x, np.zeros((0, DIM), np.float32), np.zeros(0, np.int64), 1, 6, "auto")
+    assert picked.strategy == "typiclust" and picked.predicted is None and picked.cv_accuracy is None
+    assert sorted(y[picked.rows].tolist()) == list(range(6)) and picked.reasons == ["typical"] * 6
+    kcenter = select(x, np.zeros((0, DIM), np.float32), np.zeros(0, np.int64), 1, 6, "kcenter")
+    assert kcenter.reasons == ["diverse"] * 6 and len(set(kcenter.rows.tolist())) == 6
+
+
+def test_margin_picks_the_images_between_two_classes_first():
+    x, y = clusters(classes=2, spread=0.3)
+    between = (x[:5] + x[60:65]) / 2
+    between /= np.linalg.norm(between, axis=1, keepdims=True)
+    labeled = np.r_[0:10, 60:70]
+    pool = np.concatenate([x[10:60], x[70:], between])
+    picked = select(pool, x[labeled], y[labeled], 2, 5, "margin")
+    assert sorted(picked.rows.tolist()) == list(range(100, 105))  # the five blends
+    assert picked.reasons == ["uncertain"] * 5 and list(picked.scores) == sorted(picked.scores, reverse=True)
+    assert picked.cv_accuracy == 1.0 and picked.predicted is not None and picked.predicted_probability.max() < 0.9
+
+
+def test_auto_switches_from_typical_to_uncertain_at_the_measured_point():
+    x, y = clusters()
+    switch = SelectOptions().auto_switch_per_class
+    few = np.r_[[k * 60 + i for k in range(5) for i in range(int(switch) - 1)]]
+    many = np.r_[[k * 60 + i for k in range(5) for i in range(int(switch))]]
+    assert select(np.delete(x, few, 0), x[few], y[few], 5, 5, "auto").strategy == "typiclust"
+    late = select(np.delete(x, many, 0), x[many], y[many], 5, 5, "auto")
+    assert late.strategy == "cluster_margin" and late.reasons == ["uncertain"] * 5
+    assert select(x[5:], x[:5], y[:5], 5, 5, "margin").strategy == "typiclust"  # one labeled class: no head
+
+
+def test_kcenter_picks_far_from_the_labeled_set():
+    x, y = clusters()
+    labeled = np.flatnonzero(y < 4)[::5]  # classes 0-3 labeled, class 4 not at all
+    pool = np.flatnonzero(~np.isin(np.arange(y.size), labeled))
+    picked = select(x[pool], x[labeled], y[labeled], 5, 1, "kcenter")
+    assert y[pool[picked.rows[0]]] == 4
+
+
+def test_bad_input_is_a_select_error():
+    x, y = clusters()
+    with pytest.raises(SelectError):
+        select(x, x[:3], np.array([0, 1, 9]), 5, 2, "auto")
+    with pytest.raises(SelectError):
+        select(np.full((4, DIM), np.nan, np.float32), x[:0], y[:0], 1, 2, "random")
+    with pytest.raises(SelectError):
+        select(x, x[:0], y[:0], 1, 2, "entropy")  # type: ignore[arg-type]
