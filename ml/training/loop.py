@@ -51,7 +51,7 @@ from ml.training.data import (
 )
 from ml.device import DevicePolicy, is_out_of_memory, policy_for
 from ml.training.errors import ConfigError, TrainingOutOfMemory, TrainingStopped
-from ml.training import multilabel
+import ml.training.multilabel as multilabel
 from ml.training.metrics import classification_metrics
 from ml.training.models import build_model, check_model_name
 from ml.training.package import ONNX_FILE, PACKAGE_DIR, build_package_config, write_package
