@@ -78,7 +78,7 @@ def add_send_parser(sub: Any, func: Any) -> None:
     p.add_argument("--strategy", default="auto", choices=["auto", "random", "typiclust", "margin", "kcenter"],
                    help="select: the strategy (default auto)")
     p.add_argument("--duplicate-threshold", type=float, help="select: cosine at or above which two images are "
-                                                             "near-duplicates, never both selected (default 0.95)")
+                                                             "near-duplicates, never both selected (default 0.96, the contract's)")
     p.add_argument("--dataset", help="s3://bucket/prefix/ with <class>/<file> keys (train)")
     p.add_argument("--model-name", help="timm model name (train)")
     p.add_argument("--output", help="output_path s3://... (train; default: <dataset>/../models/<job id>; embed, audit: "
