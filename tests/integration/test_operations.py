@@ -244,7 +244,8 @@ async def test_runbook_commands_against_live_broker(tmp_path, kafka_bootstrap, t
         good = [(f"req-{i}", annotation_request()) for i in range(5)]
         broken = repr(annotation_request()).encode()  # a Python dict repr, not JSON
         await produce_many(kafka_bootstrap, requests, [*good, ("req-dlq-1", broken)], partition=0)
-        await read_until(kafka_bootstrap, results, lambda rs: len(rs) >= 5)
+        # 5 completed results, and the dead-lettered record's failed event (its key names the request)
+        await read_until(kafka_bootstrap, results, lambda rs: len(rs) >= 6)
         await read_until(kafka_bootstrap, dlq, lambda rs: len(rs) >= 1)
         await wait_committed(kafka_bootstrap, group, requests)
 
@@ -263,7 +264,11 @@ async def test_runbook_commands_against_live_broker(tmp_path, kafka_bootstrap, t
         for line in lines:
             headers, key, value = line.split("\t")
             assert "event-type:annotation.result" in headers and f"request-id:{key}" in headers, line
-            assert json.loads(value)["status"] == "completed" and key.startswith("req-"), line
+            event = json.loads(value)
+            if key == "req-dlq-1":
+                assert event["status"] == "failed" and event["error"]["code"] == "not_json_object", line
+            else:
+                assert event["status"] == "completed" and key.startswith("req-"), line
 
         # -- dead letters: count, inspect, save, fix, replay -> a handled request
         assert book.run(DLQ_COUNT).strip() == f"{dlq}:0:1"
@@ -280,8 +285,14 @@ async def test_runbook_commands_against_live_broker(tmp_path, kafka_bootstrap, t
         fixed = json.dumps(ast.literal_eval(saved.split("|", 1)[1]))  # the operator's edit
         (workdir / "dlq-record.txt").write_text(f"req-dlq-1|{fixed}\n")
         book.run(DLQ_REPLAY)
-        replayed = await read_until(kafka_bootstrap, results, lambda rs: any(r.key == b"req-dlq-1" for r in rs))
-        result = next(r for r in replayed if r.key == b"req-dlq-1")
+        def replay_answered(record) -> bool:
+            return record.key == b"req-dlq-1" and record.json()["status"] == "completed"
+
+        replayed = await read_until(kafka_bootstrap, results, lambda rs: any(replay_answered(r) for r in rs))
+        result = next(r for r in replayed if replay_answered(r))
+        # the dead letter's failed event and the replay's answer are distinct messages: a fold keeps both
+        dead_letter_answer = next(r for r in replayed if r.key == b"req-dlq-1" and r.json()["status"] == "failed")
+        assert dead_letter_answer.json()["message_id"] != result.json()["message_id"]
         assert result.json()["status"] == "completed" and result.json()["request_id"] == "req-dlq-1"
         assert [r["id"] for r in result.json()["results"]] == ["img-0"]
         assert result.headers["request-id"] == b"req-dlq-1"
