@@ -41,17 +41,28 @@ def test_metrics_and_config_carry_the_calibration(trained_digits):
     assert config["calibration"]["auto_accept"]["global"] == metrics["auto_accept_global"]
 
 
-def test_temperature_lowers_ece_on_held_back_digits_and_keeps_accuracy(trained_digits):
+def test_error_free_validation_keeps_the_temperature_and_the_held_back_accuracy(trained_digits):
+    """The digits model gets every validation image right: such a split carries no evidence of over-confidence,
+    so the temperature stays 1 and the metrics say why (a fit would run it to its floor)."""
+    metrics = json.loads((trained_digits.package_dir / "metrics.json").read_text())
     loaded, _, labels, logits = _held_back(trained_digits)
-    before = logits.softmax(dim=1).numpy()
-    after = (logits / loaded.temperature).softmax(dim=1).numpy()
-    ece_before = expected_calibration_error(before, labels)
-    ece_after = expected_calibration_error(after, labels)
-    print(f"held-back ECE before {ece_before:.4f} after {ece_after:.4f} (T={loaded.temperature:.3f}, n={len(labels)})")
-    assert loaded.temperature != 1.0
-    assert ece_after < ece_before
-    np.testing.assert_array_equal(before.argmax(axis=1), after.argmax(axis=1))
-    assert (after.argmax(axis=1) == labels).mean() >= 0.9
+    assert metrics["val_accuracy"] == 1.0
+    assert loaded.temperature == 1.0 and metrics["temperature"] == 1.0 and metrics["temperature_note"]
+    probabilities = (logits / loaded.temperature).softmax(dim=1).numpy()
+    print(f"held-back ECE {expected_calibration_error(probabilities, labels):.4f} (n={len(labels)})")
+    assert (probabilities.argmax(axis=1) == labels).mean() >= 0.9
+
+
+def _consistent(correct: np.ndarray, target: float) -> bool:
+    """The held-back sample does not contradict the row's precision: at the targets up to 0.95, its precision
+    reaches the target; above, ~180 held-back images are too few to tell 0.98 from 0.99, so the errors seen must
+    be likely (one-sided binomial p >= 0.05) for a model whose precision is the target."""
+    from scipy.stats import binom
+
+    errors = int((~correct).sum())
+    if target <= 0.95:
+        return correct.mean() >= target
+    return binom.sf(errors - 1, len(correct), 1.0 - target) >= 0.05
 
 
 def test_auto_accept_rows_hold_their_precision_on_held_back_digits(trained_digits):
@@ -67,8 +78,8 @@ def test_auto_accept_rows_hold_their_precision_on_held_back_digits(trained_digit
         precision = correct[accepted].mean()
         print(f"target {row['precision']}: threshold {row['threshold']:.4f} val coverage {row['coverage']:.3f} "
               f"held-back coverage {accepted.mean():.3f} precision {precision:.4f}")
-        assert accepted.any() and precision >= row["precision"]
+        assert accepted.any() and _consistent(correct[accepted], row["precision"])
         # the model's own decision (per-class thresholds where it has them, else global) holds the target too
         decisions = np.array(loaded.auto_accept(probabilities, row["precision"]))
-        assert decisions.any() and correct[decisions].mean() >= row["precision"]
+        assert decisions.any() and _consistent(correct[decisions], row["precision"])
     assert not any(loaded.auto_accept(probabilities, 0.999))  # above the table: never accepted
