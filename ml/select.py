@@ -15,14 +15,14 @@ a cold start) and a budget ``B``, :func:`select` returns ``B`` pool rows in sele
 - ``auto``: ``typiclust`` while the labeled set holds fewer than ``auto_switch_per_class`` images per class,
   then ``cluster_margin``: the ``uncertain_factor x B`` lowest-margin images are clustered into ``B`` k-means
   clusters and each cluster gives its lowest-margin image (uncertain and diverse; a batch of plain margin picks
-  piles into one confusing region). The switch point was measured with ``bench/select.py`` (docs/select.md).
+  piles into one confusing region). The switch point was measured with ``bench/selection.py`` (docs/select.md).
 
 **Near-duplicates are never selected twice**: before any strategy runs, the pool's near-duplicate groups are
 found by :func:`ml.duplicates.find_duplicates` (cosine ``>= duplicate_threshold``, labeled images as the
 earlier set); a group holding a labeled image gives no candidate, any other group only its first member.
 
 Clustering runs on the embeddings projected on their top :data:`CLUSTER_DIMS` principal axes (faiss k-means,
-seeded), so 100,000 pool images select in seconds after embedding (``bench/select.py --scale``). Everything is
+seeded), so 100,000 pool images select in seconds after embedding (``bench/selection.py --scale``). Everything is
 seeded: the same inputs give the same selection.
 """
 

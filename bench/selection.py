@@ -18,7 +18,7 @@ round, and auto reaches random's 20-labels-per-class accuracy with at most 10 pe
 ``--scale``: time of one selection from a 100,000-image pool (1280-d, clustered synthetic vectors; 100 labeled,
 budget 100) per strategy, CPU seconds after embedding.
 
-    PYTHONPATH=. .venv/bin/python bench/select.py [--seeds 5] [--switch] [--plot docs/select.png] [--scale]
+    PYTHONPATH=. .venv/bin/python bench/selection.py [--seeds 5] [--switch] [--plot docs/select.png] [--scale]
 """
 
 from __future__ import annotations
