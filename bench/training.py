@@ -39,11 +39,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-try:
-    from testkit.images import DIGIT_CLASS_NAMES, digits_splits, write_digits_dataset
-except ModuleNotFoundError:  # run as a script: put the repository root on the path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from testkit.images import DIGIT_CLASS_NAMES, digits_splits, write_digits_dataset
+# run as a script (make bench-training): the repository root on the path, for the bench package itself
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from testkit.images import DIGIT_CLASS_NAMES, digits_splits, write_digits_dataset
 
 from bench import finetune
 from bench import multilabel as multilabel_bench
