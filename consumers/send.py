@@ -117,7 +117,7 @@ async def build_request(settings: Settings, args: argparse.Namespace) -> tuple[s
             "threshold": args.threshold,
         }
         if args.classes:
-            body["classes"] = [c.strip() for c in args.classes.split(",") if c.strip()]
+            body["classes"] = _class_list(args.classes)
         body["top_k"] = args.top_k or min(3, len(body.get("classes") or [0, 0, 0]))
         if args.model_variant:
             body["model_variant"] = args.model_variant
@@ -142,10 +142,9 @@ async def build_request(settings: Settings, args: argparse.Namespace) -> tuple[s
             raise ValueError("give at least one image URL")
         body = {"task": "embed", "request_id": entity_id, "model": args.model,
                 "images": _image_refs(args.urls)}
-        for field, value in (("model_variant", args.model_variant), ("model_url", args.model_url),
-                             ("output_path", args.output), ("against", args.against)):
-            if value:
-                body[field] = value
+        _set_model_fields(body, args)
+        if args.against:
+            body["against"] = args.against
         if args.inline:
             body["inline"] = True
         if args.duplicates is not None:
@@ -154,12 +153,9 @@ async def build_request(settings: Settings, args: argparse.Namespace) -> tuple[s
         return w.annotation_requests_topic, entity_id, body
     if args.what == "audit":
         body = {"task": "audit", "request_id": entity_id, "model": args.model, **audit_images(args.manifest)}
-        for field, value in (("model_variant", args.model_variant), ("model_url", args.model_url),
-                             ("output_path", args.output)):
-            if value:
-                body[field] = value
+        _set_model_fields(body, args)
         if args.classes:
-            body["classes"] = [c.strip() for c in args.classes.split(",") if c.strip()]
+            body["classes"] = _class_list(args.classes)
         if args.folds is not None:
             body["options"] = {"folds": args.folds}
         AuditRequest.model_validate(body)
@@ -173,12 +169,9 @@ async def build_request(settings: Settings, args: argparse.Namespace) -> tuple[s
             labeled = audit_images(args.labeled, "--labeled")
             body.update({"labeled_url": labeled["manifest_url"]} if "manifest_url" in labeled else
                         {"labeled": labeled["images"]})
-        for field, value in (("model_variant", args.model_variant), ("model_url", args.model_url),
-                             ("output_path", args.output)):
-            if value:
-                body[field] = value
+        _set_model_fields(body, args)
         if args.classes:
-            body["classes"] = [c.strip() for c in args.classes.split(",") if c.strip()]
+            body["classes"] = _class_list(args.classes)
         if args.duplicate_threshold is not None:
             body["options"] = {"duplicate_threshold": args.duplicate_threshold}
         SelectRequest.model_validate(body)
@@ -280,6 +273,18 @@ def read_examples(path: Path) -> list[dict[str, str]]:
 
 
 MANIFEST_URL_PREFIXES = ("s3://", "http://", "https://", "file://")
+
+
+def _set_model_fields(body: dict[str, Any], args: argparse.Namespace) -> None:
+    """The model and output fields every embedding task takes, where the command line gives them."""
+    for field, value in (("model_variant", args.model_variant), ("model_url", args.model_url),
+                         ("output_path", args.output)):
+        if value:
+            body[field] = value
+
+
+def _class_list(classes: str) -> list[str]:
+    return [c.strip() for c in classes.split(",") if c.strip()]
 
 
 def audit_images(manifest: str | None, option: str = "--manifest") -> dict[str, Any]:
