@@ -75,6 +75,39 @@ def test_kcenter_picks_far_from_the_labeled_set():
     assert y[pool[picked.rows[0]]] == 4
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_rank_all_ranks_every_other_candidate_after_the_same_selection(strategy):
+    x, y = clusters(classes=3, per_class=40)
+    labeled = np.r_[0:6, 40:46, 80:86]  # 6 per class: auto is past its switch point
+    pool = np.concatenate([np.delete(x, labeled, 0), x[[6, 7]]])  # the last two copy pool rows 0 and 1
+    plain = select(pool, x[labeled], y[labeled], 3, 7, strategy)
+    full = select(pool, x[labeled], y[labeled], 3, 7, strategy, SelectOptions(rank_all=True))
+    assert np.array_equal(full.rows, plain.rows) and np.array_equal(full.scores, plain.scores)
+    assert plain.rest.size == 0
+    ranked = np.concatenate([full.rows, full.rest])
+    assert sorted(ranked.tolist()) == list(range(pool.shape[0] - 2)) and full.duplicates.tolist() == [102, 103]
+    assert full.rest_predicted is not None and full.rest_predicted.size == full.rest.size
+    if strategy in ("margin", "auto"):  # uncertainty goes on by margin: the scores (1 - margin) fall
+        assert np.all(np.diff(full.rest_scores) <= 1e-12)
+
+
+def test_zero_shot_margin_without_labels():
+    x, y = clusters(classes=2, spread=1.0)  # no near-duplicates
+    probabilities = np.stack([np.linspace(0.0, 1.0, y.size), 1 - np.linspace(0.0, 1.0, y.size)], axis=1)
+    no_labels = (np.zeros((0, DIM), np.float32), np.zeros(0, np.int64))
+    for strategy in ("margin", "auto"):
+        picked = select(x, *no_labels, 2, 4, strategy, zero_shot=probabilities)
+        assert picked.predicted_by == "zero_shot" and picked.reasons == ["uncertain"] * 4 and picked.candidates == y.size
+        # near the zero-shot tie, whatever x says (auto: among the 10 x budget least certain, one per cluster)
+        assert np.all(np.abs(probabilities[picked.rows, 0] - 0.5) < (0.02 if strategy == "margin" else 0.2))
+        assert np.array_equal(picked.predicted, probabilities[picked.rows].argmax(axis=1))
+    assert select(x, *no_labels, 2, 4, "margin").strategy == "typiclust"  # no classifier at all
+    head = select(x[10:], x[[0, 1, 60, 61]], y[[0, 1, 60, 61]], 2, 4, "margin", zero_shot=probabilities[10:])
+    assert head.predicted_by == "head"  # a head from the labels wins
+    with pytest.raises(SelectError):
+        select(x, *no_labels, 2, 4, "margin", zero_shot=probabilities[:5])
+
+
 def test_bad_input_is_a_select_error():
     x, y = clusters()
     with pytest.raises(SelectError):
