@@ -6,8 +6,10 @@ CLS_AUDIT_MAX_IMAGES, images x classes over CLS_AUDIT_MAX_CELLS, a label outside
 a budget over the pool) before any image is fetched; then embed both sets through the audit's
 :func:`handlers.audit.embed_matrix` (fenced fetch, embedding cache, micro-batched forward: a pool embedded for
 duplicates or an audit is not embedded again) and run ``ml.select.select`` (near-duplicates, clustering, the head)
-in the CPU pool. The selection is written as ``<output>/<request id>/selection.csv`` (:data:`CSV_COLUMNS`) before
-the first part is published. Parts are in selection order (rank 0 first), then the pool images that failed as
+in the CPU pool; with a text tower (clip, siglip) and ``classes``, the zero-shot classifier's probabilities of the
+pool (text embeddings through the text cache) are the uncertainty while no head can be fitted. The whole pool's
+ranking is written as ``<output>/<request id>/selection.csv`` (:data:`CSV_COLUMNS`; a row at a time to a temporary
+file, then uploaded) before the first part is published. Parts are in selection order (rank 0 first), then the pool images that failed as
 error entries; seeded throughout, so a redelivery yields the same parts, ids and file.
 """
 
@@ -53,8 +55,9 @@ log = structlog.get_logger("cls.select")
 
 SELECTION_FILE = "selection.csv"
 CSV_COLUMNS = ("id", "rank", "score", "reason", "predicted", "predicted_confidence", "error")
-"""The columns of ``selection.csv``: a header row, one row per selected image in rank order, then one per failed
-pool image (its id and error code, the other cells empty)."""
+"""The columns of ``selection.csv``: a header row, one row per selected image in rank order, one per other candidate
+(ranks going on), one per near-duplicate left out (no rank, reason ``duplicate``), then one per failed pool image
+(its id and error code, the other cells empty)."""
 DECIMALS = 6
 
 

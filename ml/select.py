@@ -14,14 +14,14 @@ a cold start) and a budget ``B``, :func:`select` returns ``B`` pool rows in sele
 - ``kcenter`` (coreset, Sener & Savarese 2018): greedy farthest point from the labeled and already selected
   images (cold start: the image nearest the pool's mean first).
 - ``auto``: ``typiclust`` while the labeled set holds fewer than ``auto_switch_per_class`` images per class,
-  then ``cluster_margin``: the ``uncertain_factor x B`` lowest-margin images are clustered into ``B`` k-means
-  clusters and each cluster gives its lowest-margin image (uncertain and diverse; a batch of plain margin picks
-  piles into one confusing region). The switch point was measured with ``bench/selection.py`` (docs/select.md).
-  Below the switch point, with zero-shot probabilities given, ``cluster_margin`` on their margins instead.
+  then ``diverse_margin``: of the ``uncertain_factor x B`` lowest-margin images, ``B`` by greedy farthest point
+  from the labeled and already taken ones (uncertain and diverse: a batch of plain margin picks piles into one
+  confusing region). The switch point was measured with ``bench/selection.py`` (docs/select.md).
+  Below the switch point, with zero-shot probabilities given, ``diverse_margin`` on their margins instead.
 
 ``predicted`` is the top-1 of the classifier that gave the margins (``Selection.predicted_by``: the head, else
 the zero-shot one). With ``SelectOptions.rank_all`` every other candidate is ranked after the selection
-(``Selection.rest``: random continues its permutation, margin and ``cluster_margin`` go on by margin, typiclust
+(``Selection.rest``: random continues its permutation, margin and ``diverse_margin`` go on by margin, typiclust
 goes on round-robin over its clusters, kcenter by distance to the nearest labeled or selected image).
 
 **Near-duplicates are never selected twice**: before any strategy runs, the pool's near-duplicate groups are
@@ -82,7 +82,7 @@ class Selection:
     reasons: list[str]
     predicted: np.ndarray | None  # [S] class indices (None without a head)
     predicted_probability: np.ndarray | None  # [S]
-    strategy: str  # the strategy that ran: random | typiclust | margin | kcenter | cluster_margin
+    strategy: str  # the strategy that ran: random | typiclust | margin | kcenter | diverse_margin
     candidates: int  # pool rows left after removing near-duplicates
     cv_accuracy: float | None  # the head's cross-validated accuracy on the labeled set
     predicted_by: str | None = None  # "head" (fitted on the labeled set), "zero_shot", or None: no classifier
@@ -290,22 +290,24 @@ def _kcenter(pool: np.ndarray, candidates: np.ndarray, labeled: np.ndarray, budg
     return picked, scores
 
 
-def _cluster_margin(features: np.ndarray, candidates: np.ndarray, margins: np.ndarray, budget: int,
-                    options: SelectOptions, rank_all: bool = False) -> tuple[list[int], list[float]]:
-    """The ``uncertain_factor x budget`` lowest-margin candidates in ``budget`` clusters; each cluster's lowest-margin
-    image, by margin. ``margins``: per candidate."""
+def _diverse_margin(features: np.ndarray, candidates: np.ndarray, labeled_rows: np.ndarray, margins: np.ndarray,
+                    budget: int, options: SelectOptions, rank_all: bool = False) -> tuple[list[int], list[float]]:
+    """Of the ``uncertain_factor x budget`` lowest-margin candidates, ``budget`` by greedy farthest point (cosine on
+    ``features``) from the labeled rows and those already taken; ranked by margin. ``margins``: per candidate."""
     order = np.lexsort((candidates, margins))
     shortlist = order[:min(candidates.size, options.uncertain_factor * budget)]
-    assignment = _kmeans(features[candidates[shortlist]], min(budget, shortlist.size), options.seed,
-                         options.kmeans_iterations)
-    first: dict[int, int] = {}
-    for position, cluster in enumerate(assignment.tolist()):  # shortlist is by margin: the first of a cluster is its best
-        first.setdefault(cluster, position)
-    chosen = sorted(first.values())
-    if len(chosen) < budget:  # empty clusters: fill with the next most uncertain
-        rest = [p for p in range(shortlist.size) if p not in set(chosen)]
-        chosen = sorted(chosen + rest[:budget - len(chosen)])
-    rows = shortlist[chosen]
+    x = _normalised(features[candidates[shortlist]])
+    nearest = np.full(shortlist.size, 4.0)
+    labeled = _normalised(features[labeled_rows]) if labeled_rows.size else None
+    for start in range(0, 0 if labeled is None else labeled.shape[0], 1024):
+        nearest = np.minimum(nearest, (2.0 - 2.0 * (x @ labeled[start:start + 1024].T)).min(axis=1))  # type: ignore[index]
+    chosen: list[int] = []
+    for _ in range(min(budget, shortlist.size)):
+        best = int(np.argmax(nearest))  # ties: the lower margin (the shortlist is by margin)
+        chosen.append(best)
+        nearest = np.minimum(nearest, 2.0 - 2.0 * (x @ x[best]))
+        nearest[best] = -np.inf
+    rows = shortlist[np.sort(np.asarray(chosen, dtype=np.int64))]
     if rank_all:  # the rest by margin
         taken = np.zeros(candidates.size, dtype=bool)
         taken[rows] = True
@@ -336,9 +338,9 @@ def select(pool: np.ndarray, labeled: np.ndarray, labels: np.ndarray, num_classe
         if strategy == "auto":
             below_switch = labels.size / max(1, num_classes) < options.auto_switch_per_class
             if head is not None and not below_switch:
-                ran = "cluster_margin"
+                ran = "diverse_margin"
             elif zero_shot is not None:
-                ran, source = "cluster_margin", "zero_shot"
+                ran, source = "diverse_margin", "zero_shot"
             else:
                 ran = "typiclust"
         elif strategy == "margin" and head is None:
@@ -374,8 +376,9 @@ def select(pool: np.ndarray, labeled: np.ndarray, labels: np.ndarray, num_classe
                 picked, scores = _typiclust(features, candidates, labeled_rows, budget, options, rank_all)
                 reason = "typical"
             else:
-                picked, scores = _cluster_margin(features, candidates, _margins(probabilities), budget, options,
-                                                 rank_all)
+                labeled_rows = pool.shape[0] + np.arange(labeled.shape[0])
+                picked, scores = _diverse_margin(features, candidates, labeled_rows, _margins(probabilities), budget,
+                                                 options, rank_all)
                 reason = "uncertain"
         ranked = np.asarray(picked, dtype=np.int64)
         predicted = predicted_probability = None

@@ -711,7 +711,7 @@ class SelectSummary(BaseModel):
     """What a selection ran on (on every part)."""
 
     model_config = ConfigDict(extra="forbid")
-    strategy: str = Field(description="The strategy that ran: auto's choice (typiclust or cluster_margin), or the "
+    strategy: str = Field(description="The strategy that ran: auto's choice (typiclust or diverse_margin), or the "
                                       "one asked for; margin without a head (fewer than 2 labeled classes) and without "
                                       "a zero-shot classifier runs typiclust.")
     requested_strategy: str = Field(description="The request's strategy.")

@@ -233,4 +233,4 @@ async def test_zero_shot_margin_and_predictions_with_classes_and_no_labels(ctx, 
     rows = list(csv.reader(io.StringIO(table.decode("utf-8"), newline="")))
     assert len(rows) == 1 + len(images) and all(row[4] == top[row[0]][0].class_name for row in rows[1:])
     cold = await collect(handler, select_request("zero-shot-auto", images, s3_bucket, budget=4, classes=classes))
-    assert (cold[0].select_summary.strategy, cold[0].select_summary.predicted_by) == ("cluster_margin", "zero_shot")
+    assert (cold[0].select_summary.strategy, cold[0].select_summary.predicted_by) == ("diverse_margin", "zero_shot")

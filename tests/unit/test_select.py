@@ -63,7 +63,7 @@ def test_auto_switches_from_typical_to_uncertain_at_the_measured_point():
     many = np.r_[[k * 60 + i for k in range(5) for i in range(int(switch))]]
     assert select(np.delete(x, few, 0), x[few], y[few], 5, 5, "auto").strategy == "typiclust"
     late = select(np.delete(x, many, 0), x[many], y[many], 5, 5, "auto")
-    assert late.strategy == "cluster_margin" and late.reasons == ["uncertain"] * 5
+    assert late.strategy == "diverse_margin" and late.reasons == ["uncertain"] * 5
     assert select(x[5:], x[:5], y[:5], 5, 5, "margin").strategy == "typiclust"  # one labeled class: no head
 
 
