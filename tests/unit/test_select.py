@@ -116,3 +116,33 @@ def test_bad_input_is_a_select_error():
         select(np.full((4, DIM), np.nan, np.float32), x[:0], y[:0], 1, 2, "random")
     with pytest.raises(SelectError):
         select(x, x[:0], y[:0], 1, 2, "entropy")  # type: ignore[arg-type]
+
+
+def test_selection_csv_lists_the_whole_pool_once_a_row_at_a_time(tmp_path):
+    import csv
+
+    from handlers.select import CSV_COLUMNS, run_selection, write_selection_csv
+    from schemas.annotation import ImageRef, ImageResult, SelectRequest
+
+    x, y = clusters(classes=4, per_class=500, spread=1.0)
+    x = np.concatenate([x, x[:3]])  # three copies: left out as near-duplicates
+    pool = [ImageRef(id=f"img-{'x' * 20}-{k:06d}", url=f"https://example.com/{k}.png") for k in range(x.shape[0] + 1)]
+    failed = {x.shape[0]: ImageResult(id=pool[-1].id, predictions=[], error={"code": "http_status", "message": "404"})}
+    matrix = np.concatenate([x, np.zeros((1, DIM), np.float32)])
+    zero_shot = np.eye(4)[np.r_[y, y[:3], 0]] * 0.7 + 0.075  # a zero-shot classifier that knows the classes
+    request = SelectRequest.model_validate({"task": "select", "manifest_url": "s3://b/pool.jsonl", "budget": 50,
+                                            "strategy": "auto"})
+    picked = run_selection(request, pool, [], ["a", "b", "c", "d"], matrix, failed, np.zeros((0, DIM), np.float32), {},
+                           zero_shot)
+    path = tmp_path / "selection.csv"
+    write_selection_csv(path, picked, pool, list(failed.values()))
+    with path.open(newline="", encoding="utf-8") as table:
+        rows = list(csv.reader(table))
+    assert tuple(rows[0]) == CSV_COLUMNS and len(rows) == 1 + len(pool)
+    assert sorted(row[0] for row in rows[1:]) == sorted(p.id for p in pool)  # every pool id once
+    ranked = [row for row in rows[1:] if row[1]]
+    assert [int(row[1]) for row in ranked] == list(range(len(pool) - 4))
+    assert [row[0] for row in ranked[:50]] == [e.id for e in picked.entries]
+    assert [row[3] for row in rows[-4:-1]] == ["duplicate"] * 3 and rows[-1][6] == "http_status"
+    assert all(row[4] in "abcd" and row[4] for row in ranked)  # the zero-shot top-1 for every ranked image
+    assert path.stat().st_size / len(pool) < 100  # ~10 MB for a 100,000-image pool with 30-character ids
