@@ -19,11 +19,14 @@ at other switch points (labels per class), which is how the default ``SelectOpti
 chosen. Targets: auto >= random at every round, and auto reaches random's 20-labels-per-class accuracy with at
 most 10 per class.
 
+``--variants``: also alternatives to auto's uncertain phase that were measured and not adopted (:data:`VARIANTS`:
+label-aware farthest point, BADGE, probability-weighted kcenter, half kcenter and half margin, class balance).
+
 ``--scale`` / ``--only-scale``: one selection from a 100,000-image pool (1280-d, clustered synthetic vectors; 100
 labeled, budget 100, the whole pool ranked as the worker does) per strategy: CPU seconds after embedding and wall.
 
     OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python bench/selection.py [--seeds 5] [--switch] [--plot docs/select.png]
-        [--out DIR] [--combine a.npz,b.npz] [--scale | --only-scale]
+        [--out DIR] [--combine a.npz,b.npz] [--variants [a,b]] [--scale | --only-scale]
 
 Seeds can run as separate processes (``--first-seed K --seeds 1 --out DIR``) and be reported together with
 ``--combine``.
@@ -145,6 +148,115 @@ def features(name: str) -> tuple[np.ndarray, np.ndarray]:
     return x, labels
 
 
+# --- alternatives to auto's uncertain phase (--variants): measured, not adopted (docs/select.md) ----------------
+
+VARIANTS = ("prob-fp:0.2", "prob-fp:0.5", "prob-fp:1", "prob-kc:0.2", "prob-kc:0.5", "prob-kc:1", "lda-fp:0.5",
+            "lda-kc:0.2", "lda-kc:0.5", "lda-kc:1", "badge:32", "badge:32@3", "badge:32@1", "badge:64@3",
+            "badge-fp:32@3", "weighted-kc:0.5", "weighted-kc:1", "weighted-kc:2", "mix", "mix@3", "kcenter@1",
+            "kcenter@3", "balanced:3@3")
+"""``kind:parameter@switch`` (switch: labels per class below which typiclust picks, default 5); after the switch:
+
+- ``prob-fp:w`` / ``prob-kc:w``: greedy farthest point in [the head's probabilities, w x the L2-normalised embedding on
+  64 principal axes], among the 10 x budget least certain (fp) or over the whole pool (kc);
+- ``lda-fp:w`` / ``lda-kc:w``: the same in [a shrinkage LDA fitted on the labeled set, w x the embedding];
+- ``badge:d`` (Ash et al. 2020): gradient embeddings (p - onehot(argmax p)) x (the embedding on d principal axes),
+  k-means++ seeding over the pool; ``badge-fp:d``: greedy farthest point on them instead;
+- ``weighted-kc:a``: greedy farthest point scored by distance x (1 - margin)^a;
+- ``mix``: half the budget by kcenter, half by diverse_margin; ``kcenter``: plain farthest point (64 axes);
+- ``balanced:f``: budget // classes of each predicted class among the f x budget least certain by farthest point,
+  the rest from the 10 x budget least certain."""
+
+
+def _farthest(x: np.ndarray, taken: np.ndarray, count: int, weight: np.ndarray | None = None) -> list[int]:
+    """Greedy farthest point (squared Euclidean) among rows of ``x`` from ``taken``, ``weight`` x distance if given."""
+    norms = (x ** 2).sum(axis=1)
+    nearest = np.full(x.shape[0], np.inf)
+    if taken.shape[0]:
+        nearest = np.maximum(norms[:, None] + (taken ** 2).sum(axis=1)[None] - 2.0 * x @ taken.T, 0.0).min(axis=1)
+    chosen: list[int] = []
+    for _ in range(min(count, x.shape[0])):
+        best = int(np.argmax(nearest if weight is None else nearest * weight))
+        chosen.append(best)
+        nearest = np.minimum(nearest, np.maximum(norms + norms[best] - 2.0 * x @ x[best], 0.0))
+        nearest[best] = -np.inf
+    return chosen
+
+
+def _kmeans_plus_plus(g: np.ndarray, count: int, rng: np.random.Generator) -> list[int]:
+    norms = (g ** 2).sum(axis=1)
+    first = int(np.argmax(norms))
+    chosen, distance = [first], np.maximum(norms + norms[first] - 2.0 * g @ g[first], 0.0)
+    while len(chosen) < min(count, g.shape[0]):
+        total = distance.sum()
+        pick = int(rng.choice(g.shape[0], p=distance / total if total > 0 else None))
+        chosen.append(pick)
+        distance = np.minimum(distance, np.maximum(norms + norms[pick] - 2.0 * g @ g[pick], 0.0))
+        distance[pick] = 0.0
+    return chosen
+
+
+def variant_pick(spec: str, pool: np.ndarray, labeled: np.ndarray, labels: np.ndarray, classes: int, budget: int,
+                 seed: int) -> np.ndarray:
+    """Pool rows picked by a variant of auto's uncertain phase (:data:`VARIANTS`)."""
+    from ml.select import _fit_head, _margins, _normalised, _projection, candidates_without_duplicates
+
+    options = SelectOptions(seed=seed, cv_accuracy=False)
+    kind, _, parameter = spec.partition(":")
+    candidates = candidates_without_duplicates(pool, labeled, options.duplicate_threshold)
+    head = _fit_head(labeled, labels, classes, options)
+    probabilities, labeled_probabilities = head(pool[candidates]), head(labeled)
+    margins = _margins(probabilities)
+    features = _projection(np.concatenate([pool, labeled]), 64)
+    x, known = features[:pool.shape[0]][candidates], features[pool.shape[0]:]
+    xn, known_n = _normalised(x), _normalised(known)
+    by_margin = np.lexsort((candidates, margins))
+    weight = float(parameter) if parameter else 0.5
+    if kind in ("prob-fp", "prob-kc", "lda-fp", "lda-kc"):
+        if kind.startswith("prob"):
+            z, z_known = probabilities, labeled_probabilities
+        else:
+            from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
+            lda = LinearDiscriminantAnalysis(solver="eigen", shrinkage="auto").fit(known.astype(np.float64), labels)
+            z, z_known = lda.transform(x), lda.transform(known)
+            unit = np.sqrt((z_known ** 2).sum(axis=1).mean())
+            z, z_known = z / unit, z_known / unit
+        z, z_known = np.concatenate([z, weight * xn], axis=1), np.concatenate([z_known, weight * known_n], axis=1)
+        rows = by_margin[:10 * budget] if kind.endswith("fp") else np.arange(candidates.size)
+        return candidates[rows[_farthest(z[rows], z_known, budget)]]
+    if kind in ("badge", "badge-fp"):
+        dims = int(parameter) if parameter else 32
+        embedding = x[:, :dims] / np.linalg.norm(x[:, :dims], axis=1, keepdims=True)
+        residual = probabilities - np.eye(classes)[probabilities.argmax(axis=1)]
+        g = (residual[:, :, None] * embedding[:, None, :]).reshape(candidates.size, -1)
+        picked = _kmeans_plus_plus(g, budget, np.random.default_rng(seed)) if kind == "badge" else \
+            _farthest(g, g[:0], budget)
+        return candidates[np.asarray(picked)]
+    if kind == "weighted-kc":
+        return candidates[_farthest(xn, known_n, budget, (1.0 - margins) ** weight)]
+    if kind == "kcenter":
+        return candidates[_farthest(xn, known_n, budget)]
+    if kind == "mix":
+        first = _farthest(xn, known_n, budget // 2)
+        rest = np.setdiff1d(by_margin[:10 * budget], first, assume_unique=True)
+        rest = by_margin[np.isin(by_margin, rest)]  # by margin
+        second = rest[_farthest(xn[rest], np.concatenate([known_n, xn[first]]), budget - len(first))]
+        return candidates[np.concatenate([first, second])]
+    if kind == "balanced":
+        shortlist = by_margin[:int(parameter or 3) * budget]
+        predicted = probabilities.argmax(axis=1)
+        chosen: list[int] = []
+        for label in range(classes):
+            rows = shortlist[predicted[shortlist] == label]
+            taken = np.concatenate([known_n, xn[chosen]]) if chosen else known_n
+            chosen += rows[_farthest(xn[rows], taken, min(budget // classes, rows.size))].tolist()
+        rest = by_margin[:10 * budget]
+        rest = rest[~np.isin(rest, chosen)]
+        chosen += rest[_farthest(xn[rest], np.concatenate([known_n, xn[chosen]]), budget - len(chosen))].tolist()
+        return candidates[np.asarray(chosen)]
+    raise ValueError(f"unknown variant {spec!r}")
+
+
 # --- the labeling loop ----------------------------------------------------------------------------------------
 
 def split(y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -191,9 +303,13 @@ def curve(x: np.ndarray, y: np.ndarray, strategy: str, seed: int, switch: float 
         unlabeled = np.setdiff1d(pool_rows, labeled)
         options = SelectOptions(seed=seed * 1000 + round_, cv_accuracy=False) if switch is None else \
             SelectOptions(seed=seed * 1000 + round_, cv_accuracy=False, auto_switch_per_class=switch)
-        picked = select(x[unlabeled], x[labeled], y[labeled], classes, PER_ROUND * classes, strategy,  # type: ignore[arg-type]
-                        options)
-        labeled += unlabeled[picked.rows].tolist()
+        if strategy.startswith("variant:") and len(labeled) / classes >= options.auto_switch_per_class:
+            rows = variant_pick(strategy[len("variant:"):], x[unlabeled], x[labeled], y[labeled], classes,
+                                PER_ROUND * classes, options.seed)
+        else:
+            rows = select(x[unlabeled], x[labeled], y[labeled], classes, PER_ROUND * classes,  # type: ignore[arg-type]
+                          "typiclust" if strategy.startswith("variant:") else strategy, options).rows
+        labeled += unlabeled[rows].tolist()
         accuracies.append(probe_accuracy(x[labeled], y[labeled], x[test_rows], y[test_rows]))
     return accuracies
 
@@ -218,12 +334,12 @@ def report(name: str, curves: dict[str, np.ndarray], classes: int) -> None:
     shown = [PER_ROUND * (k + 1) for k in range(ROUNDS)]
     print(f"\n{name}: test accuracy (mean over {next(iter(curves.values())).shape[0]} seeds) at labels per class "
           f"({classes} classes, {PER_ROUND * classes} labels per round)")
-    print(f"{'strategy':<14}" + "".join(f"{k:>7}" for k in shown) + "   to reach random@20")
+    print(f"{'strategy':<16}" + "".join(f"{k:>7}" for k in shown) + "   to reach random@20")
     random_final = curves["random"].mean(axis=0)[-1]
     for label, values in curves.items():
         mean = values.mean(axis=0)
         reach = labels_to_reach(mean, random_final)
-        print(f"{label:<14}" + "".join(f"{mean[k // PER_ROUND - 1]:7.3f}" for k in shown) + f"   {reach if reach else '>20'}")
+        print(f"{label:<16}" + "".join(f"{mean[k // PER_ROUND - 1]:7.3f}" for k in shown) + f"   {reach if reach else '>20'}")
     if "auto" in curves:
         auto, random = curves["auto"].mean(axis=0), curves["random"].mean(axis=0)
         worst = int(np.argmin(auto - random))
@@ -243,7 +359,7 @@ def plot(path: Path, results: dict[str, dict[str, np.ndarray]], classes: dict[st
     fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5), squeeze=False)
     for axis, (name, curves) in zip(axes[0], results.items(), strict=True):
         for label, values in curves.items():
-            if label.startswith("auto@"):
+            if label not in STRATEGIES:  # the switch-point and --variants alternatives: the table only
                 continue
             labels = PER_ROUND * classes[name] * np.arange(1, values.shape[1] + 1)
             mean, std = values.mean(axis=0), values.std(axis=0)
@@ -309,6 +425,8 @@ def main() -> None:
     parser.add_argument("--first-seed", type=int, default=0, help="run seeds first-seed .. first-seed + seeds - 1")
     parser.add_argument("--datasets", default="digits,cluttered-digits", help=f"comma-separated, of {list(DATASETS)}")
     parser.add_argument("--switch", action="store_true", help="also auto at other switch points (SWITCH_POINTS)")
+    parser.add_argument("--variants", nargs="?", const="all", help="also alternatives to auto's uncertain phase "
+                        "(comma-separated of VARIANTS; no value: all of them)")
     parser.add_argument("--plot", type=Path, default=None, help="write the accuracy-vs-labels plot (PNG) here")
     parser.add_argument("--scale", action="store_true", help="also time a 100,000-image selection")
     parser.add_argument("--only-scale", action="store_true")
@@ -329,6 +447,10 @@ def main() -> None:
         strategies: dict[str, tuple[str, float | None]] = {s: (s, None) for s in STRATEGIES}
         if args.switch:
             strategies |= {f"auto@{t:g}": ("auto", t) for t in SWITCH_POINTS}
+        if args.variants:
+            for spec in VARIANTS if args.variants == "all" else args.variants.split(","):
+                kind, _, switch = spec.partition("@")
+                strategies[spec] = (f"variant:{kind}", float(switch) if switch else None)
         results, classes = {}, {}
         for name in args.datasets.split(","):
             results[name] = run_dataset(name, range(args.first_seed, args.first_seed + args.seeds), strategies)
