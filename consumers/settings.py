@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas import topics as default_topics
 from schemas.annotation import MAX_IMAGES_PER_REQUEST
+from schemas.defaults import DEFAULT_CLIP_VARIANT, DEFAULT_CLIP_WEIGHTS, DEFAULT_SIGLIP_VARIANT, DEFAULT_SIGLIP_WEIGHTS
 
 
 class KafkaSettings(BaseSettings):
@@ -132,10 +133,10 @@ class WorkerSettings(BaseSettings):
     s3_region: str | None = Field(default=None, validation_alias=AliasChoices("CLS_S3_REGION", "AWS_DEFAULT_REGION", "AWS_REGION"), description="S3 region (also AWS_DEFAULT_REGION, AWS_REGION).")
 
     # annotation models
-    clip_variant: str = Field(default="ViT-B-32", description="The CLIP architecture a request without model_variant gets (an open_clip name).")
-    clip_weights: str = Field(default="laion2b_s34b_b79k", description="pretrained tag, local path, s3:// URL or 'random'.")
-    siglip_variant: str = Field(default="google/siglip-base-patch16-224", description="The SigLIP model a request without model_variant gets (a hub id).")
-    siglip_weights: str = Field(default="pretrained", description="'pretrained' (hub cache), local dir/file, s3:// URL or 'random'.")
+    clip_variant: str = Field(default=DEFAULT_CLIP_VARIANT, description="The CLIP architecture a request without model_variant gets (an open_clip name).")
+    clip_weights: str = Field(default=DEFAULT_CLIP_WEIGHTS, description="pretrained tag, local path, s3:// URL or 'random'.")
+    siglip_variant: str = Field(default=DEFAULT_SIGLIP_VARIANT, description="The SigLIP model a request without model_variant gets (a hub id).")
+    siglip_weights: str = Field(default=DEFAULT_SIGLIP_WEIGHTS, description="'pretrained' (hub cache), local dir/file, s3:// URL or 'random'.")
     preload_models: str = Field(default="clip", description="Comma-separated families (or family:variant) loaded and warmed at start-up.")
     model_cache_size: int = Field(default=2, ge=1, description="Models kept loaded (least recently used out).")
     model_dir: str = Field(default="~/.cache/cls-workers/models", description="Downloaded weights and trained packages.")

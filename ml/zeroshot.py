@@ -42,7 +42,6 @@ from ml.text_disk_cache import DiskTextCache
 __all__ = [
     "DEFAULT_TEMPLATES",
     "QUICK_TEMPLATES",
-    "DEFAULT_VARIANTS",
     "RANDOM_WEIGHTS",
     "ModelInfo",
     "WeightsSource",
@@ -58,8 +57,6 @@ __all__ = [
 ]
 
 Family = Literal["clip", "siglip"]
-
-DEFAULT_VARIANTS: dict[str, str] = {"clip": "ViT-B-32", "siglip": "google/siglip-base-patch16-224"}
 
 
 # The 80 OpenAI ImageNet prompt templates, in the order open_clip ships them

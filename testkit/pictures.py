@@ -270,7 +270,7 @@ def reference_samples() -> dict[str, tuple[bytes, str]]:
         ),
         # Pillow's own bomb check fires (400 M pixels > 2 x MAX_IMAGE_PIXELS).
         "bomb_png": (huge_blank_png(20_000, 20_000), "image/png"),
-        # Under Pillow's threshold but over DecodeLimits().max_pixels (48 M > 40 M): our header check.
+        # Under Pillow's threshold but over CLS_MAX_IMAGE_PIXELS (48 M > 40 M): our header check.
         "large_pixels_png": (huge_blank_png(8_000, 6_000), "image/png"),
     }
 

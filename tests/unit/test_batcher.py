@@ -14,7 +14,7 @@ import torch
 from handlers.batcher import MicroBatcher
 from handlers.executor import Executors
 from handlers.models import ModelConfig, ModelKey, ModelRegistry
-from tests.support.configs import model_config
+from testkit.configs import model_config
 
 
 @pytest.fixture

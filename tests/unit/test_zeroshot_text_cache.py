@@ -159,7 +159,7 @@ def test_registry_models_share_one_byte_bounded_cache(tmp_path):
 
     from handlers.executor import Executors
     from handlers.models import ModelKey, ModelRegistry
-    from tests.support.configs import model_config
+    from testkit.configs import model_config
 
     async def run():
         executors = Executors(cpu_workers=1)
