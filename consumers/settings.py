@@ -100,7 +100,6 @@ class WorkerSettings(BaseSettings):
                                    "fetch for a partition with nothing new. A fetch in flight holds back the next "
                                    "one for partitions just drained, so with one partition caught up and others "
                                    "backlogged this bounds the gap between their fetches (Kafka's default is 500).")
-    max_poll_records: int = Field(default=50, ge=1, description="Records one poll returns at most.")
     max_record_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, description="Largest record read or produced; topics are created to match.")
     retry_attempts: int = Field(default=3, ge=0, description="Retries of a retryable failure before a failed event.")
     max_attempts: int = Field(default=3, ge=1, description="Attempts at a record that fails unexpectedly (or kills the "
