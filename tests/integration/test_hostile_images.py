@@ -9,7 +9,7 @@ import pytest
 
 from consumers.settings import WorkerSettings
 from tests.integration.test_annotation_worker import start_annotation_worker
-from tests.support.hostile_images import hostile_images
+from testkit.pictures import hostile_images
 from testkit.kafka import produce, provision, read_until, settings_for
 
 pytestmark = pytest.mark.kafka

@@ -20,7 +20,7 @@ from handlers.errors import BAD_ASPECT_RATIO, TOO_MANY_PIXELS, ImageError
 from handlers.images import DecodeBudget, DecodeLimits, decode_image, decoded, estimate_decode_bytes
 from testkit.configs import decode_limits
 from testkit.images import huge_blank_png
-from tests.support.hostile_images import blank_png, float_tiff, gray16_png, many_frame_gif
+from testkit.pictures import blank_png, float_tiff, gray16_png, many_frame_gif
 
 REPO_ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
 

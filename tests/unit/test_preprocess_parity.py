@@ -23,9 +23,9 @@ from handlers.images import DecodeBudget, DecodeLimits, decode_image, decoded, d
 from testkit.configs import decode_limits
 from ml.device import policy_for
 from ml.preprocess import TensorPreprocess, is_baseline_jpeg, tensor_preprocess_for
-from tests.support.hostile_images import hostile_images
+from testkit.pictures import hostile_images
 from testkit.photos import encode_jpeg, photo_jpegs, photos
-from tests.support.zeroshot import _few_threads  # noqa: F401 - autouse fixture
+from tests.fixtures.zeroshot import _few_threads  # noqa: F401 - autouse fixture
 
 LIMITS = decode_limits()
 GOOD = ["astronaut_jpg", "chelsea_png", "coffee_jpg", "camera_png", "china_jpg", "flower_jpg", "cmyk_jpg",

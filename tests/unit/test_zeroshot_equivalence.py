@@ -17,7 +17,7 @@ from ml.siglip import siglip_config
 from ml.weights import save_state_dict
 from schemas.defaults import DEFAULT_CLIP_VARIANT, DEFAULT_SIGLIP_VARIANT
 from ml.backbones import load_zero_shot_model
-from tests.support.zeroshot import _few_threads, photos  # noqa: F401  (fixtures)
+from tests.fixtures.zeroshot import _few_threads, photos  # noqa: F401  (fixtures)
 
 TOLERANCE = 1e-4
 CLASSES = ["astronaut", "cat", "coffee cup", "palace"]

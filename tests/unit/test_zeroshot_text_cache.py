@@ -10,7 +10,7 @@ import torch
 from ml.text_cache import TextEmbeddingCache, text_cache_key
 from ml.backbones import load_zero_shot_model
 from ml.zeroshot import DEFAULT_TEMPLATES, ModelInfo
-from tests.support.zeroshot import _few_threads  # noqa: F401  (fixtures)
+from tests.fixtures.zeroshot import _few_threads  # noqa: F401  (fixtures)
 
 CLASSES = ["cat", "dog", "bird"]
 

@@ -12,7 +12,7 @@ from ml.errors import WeightsFileError
 from ml.weights import load_state_dict_file, save_state_dict
 from ml.backbones import load_zero_shot_model
 from ml.errors import ModelLoadError
-from tests.support.zeroshot import _few_threads  # noqa: F401  (fixtures)
+from tests.fixtures.zeroshot import _few_threads  # noqa: F401  (fixtures)
 
 TINY = [("clip", "cls-tiny-clip"), ("siglip", "cls-tiny-siglip")]
 CLASSES = ["cat", "dog"]
