@@ -187,7 +187,7 @@ async def test_worker_decodes_baseline_jpegs_on_the_gpu_and_falls_back_per_image
     corrupt[len(corrupt) // 3 : len(corrupt) // 3 + 2000] = b"\xff" * 2000
     datas = photo_jpegs() + [encode_jpeg(photos(("coffee",))[0], progressive=True), bytes(corrupt), b"not an image"]
     executors = Executors()
-    preprocessor = Preprocessor("tensor", limits, executors, max_batch=32, max_wait_ms=50)
+    preprocessor = Preprocessor("tensor", limits, executors, gpu_decode=True, max_batch=32, max_wait_ms=50)
     assert preprocessor.batched_device(handle) == clip.device
 
     async def one(data: bytes) -> torch.Tensor | str:
