@@ -5,6 +5,7 @@
   (``testkit.s3server``), worker subprocesses), ``testkit.echo_worker`` (the real consumer runtime with a
   trivial handler, for runtime tests and ``bench/records.py``), ``testkit.kafka`` (clients, per-run topics),
   ``testkit.containers`` (Kafka, an S3 API and the workers as containers with testcontainers, wired together),
+  ``testkit.secure_kafka`` (a local broker with TLS and SASL listeners, workers answered or refused over them),
   ``testkit.browser`` (headless Chromium over the DevTools protocol);
 - data: ``testkit.images`` (sample pictures, digits, reference and hostile images, an image server on
   loopback), ``testkit.image_copies`` (injected near-copies), ``testkit.duplicate_set``,
