@@ -14,7 +14,7 @@ from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas import topics as default_topics
-from schemas.annotation import MAX_IMAGES_PER_REQUEST
+from schemas.annotation import MAX_FEW_SHOT_EXAMPLES, MAX_IMAGES_PER_REQUEST
 from schemas.defaults import DEFAULT_CLIP_VARIANT, DEFAULT_CLIP_WEIGHTS, DEFAULT_SIGLIP_VARIANT, DEFAULT_SIGLIP_WEIGHTS
 
 
@@ -190,7 +190,7 @@ class WorkerSettings(BaseSettings):
                               "'pretrained' (hub cache) or 'random' (tests).")
 
     # few-shot classify
-    fewshot_max_examples: int = Field(default=2000, ge=1, le=10_000, description="Labeled examples one classify request "
+    fewshot_max_examples: int = Field(default=2000, ge=1, le=MAX_FEW_SHOT_EXAMPLES, description="Labeled examples one classify request "
                                       "may carry (inline or in its examples_url manifest).")
     fewshot_head_cache_mb: int = Field(default=256, ge=0, description="Fitted few-shot heads kept across requests by "
                                        "support-set hash, in MB (0: off; concurrent identical requests still fit once).")
@@ -201,7 +201,7 @@ class WorkerSettings(BaseSettings):
                                      "never run on the CPU pool that decodes images; more fits wait their turn).")
     # audit task
     audit_max_images: int = Field(default=100_000, ge=1, description="Images of one audit request: a manifest_url may "
-                                  "list this many (inline images stay within the contract's 10,000).")
+                                  f"list this many (inline images stay within the contract's {MAX_IMAGES_PER_REQUEST:,}).")
     audit_max_cells: int = Field(default=10_000_000, ge=1, description="Images x classes of one audit: the fit's time "
                                  "and its probability table grow with both.")
 

@@ -66,7 +66,7 @@ class FewShotConfig:
 
 @dataclass(frozen=True)
 class AuditConfig:
-    max_images: int  # CLS_AUDIT_MAX_IMAGES: images of one audit (inline images stay <= 10,000)
+    max_images: int  # CLS_AUDIT_MAX_IMAGES: images of one audit (inline images stay within schemas.annotation.MAX_IMAGES_PER_REQUEST)
     max_cells: int  # CLS_AUDIT_MAX_CELLS: images x classes (the fit's time and probability table)
     jobs: int = 2  # folds fitted at once (each fit's BLAS single-threaded)
 
