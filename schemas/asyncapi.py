@@ -401,7 +401,7 @@ def annotation_result_examples() -> list[AnnotationResult]:
         results=[ImageResult(id="img-5", error=ErrorInfo(code="http_status", message="HTTP 404 from https://images.example.com/5.jpg"))],
         selection_url="s3://selections/project-7/req-2025-0009/selection.csv",
         dim=512,
-        select_summary=SelectSummary(strategy="cluster_margin", requested_strategy="auto", pool=3, embedded=2,
+        select_summary=SelectSummary(strategy="diverse_margin", requested_strategy="auto", pool=3, embedded=2,
                                      candidates=2, labeled=120, labeled_failed=0, classes=2, selected=2,
                                      cv_accuracy=0.917),
     )
