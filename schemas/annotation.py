@@ -505,7 +505,6 @@ class AuditRequest(InputModel):
 MAX_SELECT_BUDGET = 10_000
 """Images one select request may ask for (the parts and the CSV list them all)."""
 SelectStrategy = Literal["auto", "random", "typiclust", "margin", "kcenter"]
-SELECT_REASONS = ("typical", "uncertain", "diverse", "random")
 
 
 class SelectSpec(BaseModel):

@@ -14,11 +14,10 @@ from collections import Counter
 
 import pytest
 
-from tests.integration.test_annotation_worker import start_annotation_worker
 from tests.integration.test_audit_handler import color_png
-from tests.integration.test_send_cli import send
 from tests.integration.test_select_handler import COLORS
 from testkit.kafka import produce, provision, read_until, settings_for, topic_env
+from testkit.worker_processes import send, start_annotation_worker
 
 pytestmark = pytest.mark.kafka
 
