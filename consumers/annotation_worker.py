@@ -96,7 +96,8 @@ async def annotation_context(settings: Settings):
             fewshot=FewShotConfig(max_examples=w.fewshot_max_examples,
                                   head_cache_bytes=w.fewshot_head_cache_mb * 1024 * 1024,
                                   max_fit_cost=w.fewshot_max_fit_cost),
-            audit_config=AuditConfig(max_images=w.audit_max_images, max_cells=w.audit_max_cells),
+            audit_config=AuditConfig(max_images=w.audit_max_images, max_cells=w.audit_max_cells,
+                                     max_select_work=w.select_max_work),
             manifest_limits=manifest_limits(w),
         )
         ctx.fewshot_heads.on_head = metrics.observe_few_shot_head

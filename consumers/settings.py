@@ -204,6 +204,8 @@ class WorkerSettings(BaseSettings):
                                   f"list this many (inline images stay within the contract's {MAX_IMAGES_PER_REQUEST:,}).")
     audit_max_cells: int = Field(default=10_000_000, ge=1, description="Images x classes of one audit: the fit's time "
                                  "and its probability table grow with both.")
+    select_max_work: int = Field(default=100_000_000, ge=1, description="Pool images x budget of one select request "
+                                 "(the greedy and clustering strategies take time in proportion to both).")
 
     # training
     training_work_dir: str = Field(default="~/.cache/cls-workers/training", description="Local work directory of training jobs.")

@@ -68,6 +68,7 @@ class FewShotConfig:
 class AuditConfig:
     max_images: int  # CLS_AUDIT_MAX_IMAGES: images of one audit (inline images stay within schemas.annotation.MAX_IMAGES_PER_REQUEST)
     max_cells: int  # CLS_AUDIT_MAX_CELLS: images x classes (the fit's time and probability table)
+    max_select_work: int  # CLS_SELECT_MAX_WORK: pool images x budget of one selection
     jobs: int = 2  # folds fitted at once (each fit's BLAS single-threaded)
 
 

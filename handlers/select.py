@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, cast
 import numpy as np
 import structlog
 
+from handlers.admission import Budget, admit
 from handlers.audit import checked_output, embed_matrix, listed_images, request_folder
 from handlers.embedding import EmbedHandler
 from handlers.errors import InvalidRequest
@@ -135,6 +136,9 @@ class SelectHandler:
         if cells > limits.max_cells:
             raise InvalidRequest(f"{len(pool) + len(labeled)} images x {len(classes)} classes = {cells}; a selection is "
                                  f"limited to CLS_AUDIT_MAX_CELLS={limits.max_cells}")
+        admit(Budget("select_work", limits.max_select_work, "CLS_SELECT_MAX_WORK", unit="count"),
+              len(pool) * min(request.budget, len(pool)), f"{len(pool)} pool images x budget {request.budget}",
+              "a smaller budget per request (select again after labeling) or a smaller pool")
         key = ctx.model_config.key_for(request.model, request.model_variant, request.model_url)
         model: EmbeddingHandle = await ctx.models.get(key)
         prepared = None

@@ -219,7 +219,7 @@ async def test_refused_before_any_image_is_fetched(ctx, http_server, s3_server, 
         await collect(handler, no_output)  # no output_path and no CLS_EMBED_OUTPUT_PATH here
     assert err.value.code == "invalid_request" and "CLS_EMBED_OUTPUT_PATH" in err.value.message
     configured = ctx.audit_config
-    ctx.audit_config = AuditConfig(max_images=MAX_IMAGES, max_cells=11)
+    ctx.audit_config = AuditConfig(max_images=MAX_IMAGES, max_cells=11, max_select_work=10**8)
     try:
         cells = await refusal("cells", None, images=[entry(k, "ab"[k % 2]) for k in range(6)])
     finally:

@@ -182,7 +182,7 @@ async def test_refused_before_any_image_is_fetched(ctx, http_server, s3_server, 
         assert error.code == ("blocked_url" if request_id == "file-output" else "invalid_request"), (request_id, error)
         assert reason in error.message, (request_id, error.message)
     configured = ctx.audit_config
-    ctx.audit_config = AuditConfig(max_images=MAX_IMAGES, max_cells=11)
+    ctx.audit_config = AuditConfig(max_images=MAX_IMAGES, max_cells=11, max_select_work=10**8)
     try:
         cells = await refusal("cells", images=[image(k) for k in range(4)],
                               labeled=[{**image(10 + k), "label": "ab"[k % 2]} for k in range(2)])
@@ -190,6 +190,13 @@ async def test_refused_before_any_image_is_fetched(ctx, http_server, s3_server, 
         ctx.audit_config = configured
     assert cells.code == "invalid_request" and "6 images x 2 classes = 12" in cells.message
     assert "CLS_AUDIT_MAX_CELLS=11" in cells.message
+    ctx.audit_config = AuditConfig(max_images=MAX_IMAGES, max_cells=10**7, max_select_work=5 * 4 - 1)
+    try:  # pool x budget: the greedy strategies' time grows with both
+        work = await refusal("work", manifest_url=pool_lines[:5], budget=4)
+    finally:
+        ctx.audit_config = configured
+    assert work.code == "invalid_request" and "CLS_SELECT_MAX_WORK" in work.message, work.message
+    assert "estimated 20 > budget 19" in work.message and "5 pool images x budget 4" in work.message
     assert http_server.hits("select-refused/") == 0  # every refusal came before any image fetch
 
 
