@@ -128,6 +128,12 @@ class TrainedModel:
             out.append([name for _, name in sorted(hits, key=lambda h: -h[0])])
         return out
 
+    def tag_auto_accept_thresholds(self, precision: float) -> torch.Tensor:
+        """Multi-label: per class, the calibrated probability at which its tag is auto-accepted at ``precision``
+        (the class's own table, else the pooled one; ``inf`` where nothing is accepted), ``[num_classes]``."""
+        values = [self.auto_accept_threshold(name, precision) for name in self.class_names]
+        return torch.tensor([math.inf if v is None else v for v in values])
+
     def predict(self, pixels: torch.Tensor, subset: Sequence[str] | None = None) -> torch.Tensor:
         """Multi-label packages: the calibrated sigmoid per class, ``[B, num_classes]`` or ``[B, len(subset)]``.
         Otherwise calibrated softmax probabilities (``softmax(logits / temperature)``), CPU float32: ``[B, num_classes]``,
