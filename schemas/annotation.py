@@ -149,7 +149,7 @@ def example_problem(example: LabeledExample, multi_label: bool, classes: list[st
     if multi_label:
         if example.labels is None:
             return "has 'label' but the request has multi_label: true (give 'labels': [...], possibly empty)"
-        repeated = sorted({t for t in example.labels if example.labels.count(t) > 1})
+        repeated = sorted(t for t, n in Counter(example.labels).items() if n > 1)
         if repeated:
             return f"repeats labels {repeated[:10]}"
         names = example.labels

@@ -472,3 +472,15 @@ async def test_multi_label_manifest_entries_are_checked_by_name(ctx, colour_urls
     parts = await collect(handler, request(queries(colour_urls)[:2], "fs-ml-manifest-ok", classes=["red", "green"],
                                            multi_label=True, examples_url=url))
     assert parts[0].few_shot.examples_per_class == {"red": 1, "green": 1} and parts[0].results[0].labels is not None
+
+
+def test_largest_tag_sets_validate_quickly():
+    """Every example with the most labels it may carry (all distinct, then all one name repeated): linear checks."""
+    classes = [f"c{i}" for i in range(2000)]
+    base = {"task": "classify", "request_id": "big", "images": [{"id": "a", "url": "http://x/a.png"}],
+            "classes": classes, "multi_label": True}
+    started = time.process_time()
+    ANNOTATION_ADAPTER.validate_python({**base, "examples": [{"url": "http://x/e.png", "labels": classes}] * 200})
+    with pytest.raises(ValidationError, match=re.escape("200 bad examples: examples[0] repeats labels ['c0']")):
+        ANNOTATION_ADAPTER.validate_python({**base, "examples": [{"url": "http://x/e.png", "labels": ["c0"] * 2000}] * 200})
+    assert time.process_time() - started < 10  # quadratic checks would take minutes
