@@ -6,7 +6,9 @@ auto-accept thresholds say whether a top-1 label may be accepted at a stated pre
 
 A multi-label package (``config.json`` ``"multi_label": true``) has one independent probability per class:
 ``sigmoid(a_c * logit_c + b_c)`` with the per-class calibration ``calibration.per_class[c] = {a, b}``, and a tag
-is predicted when it reaches ``thresholds[c]`` (:meth:`tags`). A subset of classes selects, never renormalises.
+is predicted when it reaches ``thresholds[c]`` (:meth:`tags`), and auto-accepted at a stated precision when it reaches
+that class's auto-accept threshold (:meth:`tag_auto_accept_thresholds`). A subset of classes selects, never
+renormalises.
 """
 
 from __future__ import annotations
