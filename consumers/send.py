@@ -128,7 +128,7 @@ async def build_request(settings: Settings, args: argparse.Namespace) -> tuple[s
                 body["examples_url"] = args.examples
             else:
                 body["examples"] = read_examples(Path(args.examples))
-            labels = {e["label"] for e in body.get("examples") or []}
+            labels = {name for e in body.get("examples") or [] for name in e.get("labels", [e.get("label")])}
             if "classes" not in body and labels:
                 body["top_k"] = args.top_k or min(3, len(labels))
         if args.few_shot_method:
@@ -265,8 +265,9 @@ def read_examples(path: Path) -> list[dict[str, str]]:
             try:
                 example = LabeledExample.model_validate(json.loads(line))
             except ValueError as exc:
-                raise ValueError(f"--examples {path} line {number}: not an object of url and label ({exc.__class__.__name__})") from exc
-            examples.append({"url": example.url, "label": example.label})
+                raise ValueError(f"--examples {path} line {number}: not an object of url and label (or labels) ({exc.__class__.__name__})") from exc
+            examples.append({"url": example.url, "label": example.label} if example.labels is None
+                            else {"url": example.url, "labels": example.labels})
     if not examples:
         raise ValueError(f"--examples {path}: no examples")
     return examples

@@ -168,10 +168,11 @@ class AnnotationHandler:
         ranked: list[tuple[list[Prediction], float]] = []
         tag_sets: list[list[str] | None] = [None] * len(good)
         accepted: list[bool | None] = [None] * len(good)
+        accepted_tags: list[list[str] | None] = [None] * len(good)
         if good and multi_label:
             rows = [outputs[i] for i in good]
-            ranked, tag_sets = await self.ctx.executors.on_gpu(_score_multi_label, model, rows, prepared, classes, top_k,
-                                                               threshold)
+            ranked, tag_sets, accepted_tags = await self.ctx.executors.on_gpu(
+                _score_multi_label, model, rows, prepared, classes, top_k, threshold, auto_accept_precision)
         elif good:  # stacking, scoring and ranking on the GPU thread: no tensor work on the event loop
             rows = [outputs[i] for i in good]
             ranked = await self.ctx.executors.on_gpu(_score_and_rank, model, rows, prepared, classes, top_k, threshold)
@@ -186,7 +187,8 @@ class AnnotationHandler:
                 continue
             predictions, margin = ranked[row_of[i]]
             if multi_label:
-                results.append(ImageResult(id=image.id, predictions=predictions, labels=tag_sets[row_of[i]]))
+                results.append(ImageResult(id=image.id, predictions=predictions, labels=tag_sets[row_of[i]],
+                                           accepted_labels=accepted_tags[row_of[i]]))
                 continue
             results.append(ImageResult(id=image.id, predictions=predictions, margin=round(margin, 6),
                                        auto_accept=accepted[row_of[i]]))
@@ -200,22 +202,34 @@ def _score_and_rank(model: LoadedModel, rows: list[torch.Tensor], prepared: obje
 
 
 def _score_multi_label(model: LoadedModel, rows: list[torch.Tensor], prepared: object, classes: Sequence[str],
-                       top_k: int, threshold: float) -> tuple[list[tuple[list[Prediction], float]], list[list[str]]]:
-    """Independent per-class probabilities ranked (``top_k`` caps, ``threshold`` per class) and each image's tag set:
-    a multi-label package's per-class thresholds (at most ``top_k``), else the predictions' classes."""
+                       top_k: int, threshold: float, auto_accept_precision: float | None = None
+                       ) -> tuple[list[tuple[list[Prediction], float]], list[list[str]], list[list[str] | None]]:
+    """Independent per-class probabilities ranked (``top_k`` caps, ``threshold`` per class), each image's tag set (a
+    multi-label package's per-class thresholds, at most ``top_k``; else the predictions' classes) and, for a package
+    asked for ``auto_accept_precision``, the tags its per-class auto-accept thresholds accept (else None)."""
     stacked = torch.stack(rows)
     thresholds = model.tag_thresholds(prepared) if hasattr(model, "tag_thresholds") else None
     confidences = (model.multi_label_confidences(stacked, prepared) if thresholds is None and hasattr(model, "multi_label_confidences")
                    else model.confidences(stacked, prepared))
     ranked = [rank(row, classes, top_k, threshold) for row in confidences]
     if thresholds is None:
-        return ranked, [[p.class_name for p in predictions] for predictions, _ in ranked]
-    tag_sets: list[list[str]] = []
+        return ranked, [[p.class_name for p in predictions] for predictions, _ in ranked], [None] * len(ranked)
+    tag_sets = _reaching(confidences, thresholds, classes, top_k)
+    accepted: list[list[str] | None] = [None] * len(ranked)
+    if auto_accept_precision is not None:
+        accepted = list(_reaching(confidences, model.tag_auto_accept_thresholds(prepared, auto_accept_precision),
+                                  classes, top_k))
+    return ranked, tag_sets, accepted
+
+
+def _reaching(confidences: torch.Tensor, thresholds: torch.Tensor, classes: Sequence[str], top_k: int) -> list[list[str]]:
+    """Per row: the classes whose confidence reaches their own threshold, most confident first, at most ``top_k``."""
+    out: list[list[str]] = []
     for row in confidences:
         hits = sorted(((float(p), c) for c, (p, t) in enumerate(zip(row.tolist(), thresholds.tolist())) if p >= t),
                       key=lambda hit: -hit[0])
-        tag_sets.append([classes[c] for _, c in hits[:top_k]])
-    return ranked, tag_sets
+        out.append([classes[c] for _, c in hits[:top_k]])
+    return out
 
 
 def _auto_accept(model: LoadedModel, rows: list[torch.Tensor], ranked: list[tuple[list[Prediction], float]],

@@ -16,6 +16,13 @@ request's ``top_k`` and ``threshold`` as any classify result; every part carries
 
 Classes without examples keep their zero-shot weights where there is a text tower (clip, siglip); without
 one (custom, timm) they are an ``invalid_request`` naming them.
+
+Multi-label (``multi_label: true``, examples with ``labels``): one-vs-rest heads (``ml.fewshot_multilabel``), one
+logistic head per class on the embeddings, anchored at the zero-shot per-class logit where there is a text tower
+(SigLIP's sigmoid, CLIP's class-vs-neutral-prompt rule) and fitted in the same fit pool and head cache. A class
+without a positive example keeps its zero-shot rule (clip, siglip) or is an ``invalid_request`` (custom, timm).
+Results are the multi-label classify result: independent probabilities, ``top_k`` caps, ``threshold`` per class,
+``labels`` (the classes of the predictions), no ``margin``.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from handlers.admission import Budget, admit
 from handlers.errors import InvalidRequest
 from handlers.manifests import MAX_MANIFEST_BYTES, read_manifest
 from handlers.parts import json_bytes, part_size_for, parts_in_order, rank
+from ml import fewshot_multilabel
 from ml.fewshot import (
     FewShotError,
     FewShotResult,
@@ -53,6 +61,8 @@ from schemas.annotation import (
     ImageResult,
     LabeledExample,
     Prediction,
+    example_label_names,
+    examples_problem,
     prompt_volume_problem,
 )
 
@@ -107,7 +117,7 @@ class FewShotClassifier:
     @staticmethod
     def classes_of(request: AnnotationRequest, examples: Sequence[LabeledExample]) -> list[str]:
         """The request's classes; without them, the examples' labels (sorted). Labels must be among the classes."""
-        labels = {example.label for example in examples}
+        labels = example_label_names(list(examples))
         if request.classes:
             unknown = sorted(labels - set(request.classes))
             if unknown:
@@ -125,12 +135,21 @@ class FewShotClassifier:
         key = ctx.model_config.key_for(request.model, request.model_variant, request.model_url)
         model = await ctx.models.get(key)
         examples = await self.examples(request)
+        if request.examples_url is not None:  # inline examples were checked by the schema
+            problem = examples_problem(examples, request.multi_label, request.classes,
+                                       where=f"manifest {request.examples_url} entry {{i}}")
+            if problem:
+                raise InvalidRequest(problem)
         classes = self.classes_of(request, examples)
         # the fit's work grows with classes x examples x dim: admitted before any example is fetched or embedded
         admit(Budget("fewshot_fit", ctx.fewshot.max_fit_cost, "CLS_FEWSHOT_MAX_FIT_COST", unit="count"),
               len(classes) * len(examples) * model.dim,
               f"a few-shot fit of {len(classes)} classes x {len(examples)} examples x {model.dim}-d embeddings",
               hint="send fewer classes or examples")
+        if request.multi_label:
+            async for part in self._classify_multi_label(request, model, examples, classes, started):
+                yield part
+            return
         has_text = request.model in ("clip", "siglip")
         zero_shot = None
         text_cache_hit = None
@@ -203,6 +222,74 @@ class FewShotClassifier:
             seconds=round(time.monotonic() - started, 3),
         )
 
+    async def _classify_multi_label(self, request: AnnotationRequest, model, examples: Sequence[LabeledExample],  # noqa: ANN001
+                                    classes: list[str], started: float) -> AsyncIterator[AnnotationResult]:
+        """Few-shot with tag sets: one-vs-rest heads over the zero-shot per-class logits (see the module docstring)."""
+        ctx = self.ctx
+        request_id = request.request_id or ""
+        text: torch.Tensor | None = None  # clip/siglip: the text rows of the zero-shot multi-label rule
+        text_cache_hit = None
+        if request.model in ("clip", "siglip"):
+            templates = request.prompt_templates or ctx.config.default_templates
+            problem = prompt_volume_problem(classes, templates, "templates" if request.prompt_templates
+                                            else "default templates (CLS_DEFAULT_PROMPT_TEMPLATES)")
+            if problem:
+                raise InvalidRequest(problem)
+            text_classes = classes + list(model.multi_label_extra_classes)
+            prepared, text_cache_hit = await model.prepare(text_classes, templates, ctx.executors)
+            if ctx.on_text_cache is not None:
+                ctx.on_text_cache(text_cache_hit)
+            text = prepared.float().cpu()
+        else:
+            self._check_every_class_has_examples(classes, example_label_names(list(examples)))
+        priority = request.priority or "bulk"
+        window = asyncio.Semaphore(ctx.config.request_window if priority == "bulk"
+                                   else len(request.images) + len(examples))
+        vectors, used, failed = await self._embed_examples(model, examples, request_id, priority, window)
+        label_sets = [list(example.labels or ()) for example in used]
+        embeddings, zero_shot = await ctx.executors.on_cpu(_multi_label_inputs, model, vectors, text)
+        head_key = await ctx.executors.on_cpu(fewshot_multilabel.support_key, model_key_text(model.key), embeddings,
+                                              label_sets, classes, zero_shot)
+        try:
+            fit, fitted = await ctx.fewshot_heads.get_or_fit(
+                head_key, functools.partial(fewshot_multilabel.fit, embeddings, label_sets, classes, zero_shot),
+                ctx.executors)
+        except FewShotError as exc:  # e.g. a class whose every positive example failed, without a text tower
+            raise InvalidRequest(str(exc)) from exc
+        summary = FewShotSummary(method=fit.method, examples_per_class=dict(fit.examples_per_class),
+                                 examples_failed=failed, cv_accuracy=None, fitted=fitted)
+        top_k = request.top_k_for(len(classes))
+        size = part_size_for(request, ctx.config.part_size, classes, ctx.config.part_budget_bytes,
+                             extra_envelope_bytes=summary_bytes(classes), multi_label=True)
+        images = request.images
+        parts = [images[i:i + size] for i in range(0, len(images), size)]
+
+        def handle(image: ImageRef) -> Awaitable[torch.Tensor | ImageResult]:
+            return self._query_embedding(model, image, request_id, priority, window)
+
+        failed_images = 0
+        async with aclosing(parts_in_order(parts, handle)) as stream:
+            async for k, part_images, outputs in stream:
+                good = [i for i, out in enumerate(outputs) if isinstance(out, torch.Tensor)]
+                ranked: list[list[Prediction]] = []
+                if good:
+                    ranked = await ctx.executors.on_cpu(_rank_multi_label, fit.head, model, text,
+                                                        [outputs[i] for i in good], classes, top_k, request.threshold)
+                row_of = {index: row for row, index in enumerate(good)}
+                results = [out if isinstance(out, ImageResult) else
+                           ImageResult(id=image.id, predictions=ranked[row_of[i]],
+                                       labels=[p.class_name for p in ranked[row_of[i]]])
+                           for i, (image, out) in enumerate(zip(part_images, outputs, strict=True))]
+                failed_images += sum(1 for r in results if r.error is not None)
+                yield AnnotationResult.completed_part(request_id, k, len(parts), model=model.descriptor,
+                                                      results=results, few_shot=summary)
+        log.info("few_shot_summary", model=model.descriptor.variant, family=model.descriptor.family,
+                 method=fit.method, multi_label=True, examples=len(examples), examples_failed=failed,
+                 classes=len(classes), fitted=fitted, images=len(images), failed_images=failed_images,
+                 parts=len(parts), part_size=size,
+                 text_cache=None if text_cache_hit is None else ("hit" if text_cache_hit else "miss"),
+                 batches_shared=ctx.batcher.forget(request_id), seconds=round(time.monotonic() - started, 3))
+
     @staticmethod
     def _check_every_class_has_examples(classes: Sequence[str], labels: set[str]) -> None:
         missing = [c for c in classes if c not in labels]
@@ -213,8 +300,19 @@ class FewShotClassifier:
 
     async def _support_set(self, model, examples: Sequence[LabeledExample], classes: Sequence[str],  # noqa: ANN001
                            request_id: str, priority: str, window: asyncio.Semaphore) -> tuple[SupportSet, int]:
+        """Embed every example (:meth:`_embed_examples`); (the support set of those that worked, how many failed)."""
+        vectors, used, failed = await self._embed_examples(model, examples, request_id, priority, window)
+        try:
+            support = await self.ctx.executors.on_cpu(_support, vectors, [e.label for e in used], classes)
+        except FewShotError as exc:
+            raise InvalidRequest(str(exc)) from exc
+        return support, failed
+
+    async def _embed_examples(self, model, examples: Sequence[LabeledExample], request_id: str,  # noqa: ANN001
+                              priority: str, window: asyncio.Semaphore
+                              ) -> tuple[list[torch.Tensor], list[LabeledExample], int]:
         """Embed every example (concurrently, under the request's window; a URL named twice is fetched once);
-        (the support set of those that worked, how many failed)."""
+        (the embeddings of those that worked, those examples, how many failed). None worked: InvalidRequest."""
         embedder = self.embedder
         urls = list(dict.fromkeys(example.url for example in examples))
         refs = [ImageRef(id=f"example-{i}", url=url) for i, url in enumerate(urls)]
@@ -226,7 +324,8 @@ class FewShotClassifier:
                 task.cancel()
             raise
         output_of = dict(zip(urls, embedded, strict=True))
-        vectors, labels = [], []
+        vectors: list[torch.Tensor] = []
+        used: list[LabeledExample] = []
         errors: Counter[str] = Counter()
         for example in examples:
             out = output_of[example.url]
@@ -234,18 +333,14 @@ class FewShotClassifier:
                 errors[out.error.code if out.error else "unknown"] += 1
                 continue
             vectors.append(out[1])
-            labels.append(example.label)
+            used.append(example)
         failed = sum(errors.values())
         if failed:
             log.info("few_shot_examples_failed", request_id=request_id, failed=failed, codes=dict(errors))
         if not vectors:
             codes = ", ".join(f"{code} x{n}" for code, n in errors.most_common(5))
             raise InvalidRequest(f"none of the {len(examples)} examples could be used ({codes})")
-        try:
-            support = await self.ctx.executors.on_cpu(_support, vectors, labels, classes)
-        except FewShotError as exc:
-            raise InvalidRequest(str(exc)) from exc
-        return support, failed
+        return vectors, used, failed
 
     async def _query_embedding(self, model, image: ImageRef, request_id: str, priority: str,  # noqa: ANN001
                                window: asyncio.Semaphore) -> torch.Tensor | ImageResult:
@@ -285,3 +380,19 @@ def _rank_rows(head: FewShotResult, rows: list[torch.Tensor], classes: Sequence[
     features = torch.stack([r.float().cpu() for r in rows]).numpy()
     probabilities = torch.from_numpy(np.ascontiguousarray(head.probabilities(features)))
     return [rank(row, classes, top_k, threshold) for row in probabilities]
+
+
+def _multi_label_inputs(model, vectors: list[torch.Tensor],  # noqa: ANN001
+                        text: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The support embeddings ``[N, D]`` and their zero-shot per-class logits ``[N, C]`` (None without text)."""
+    features = torch.stack([v.float().cpu() for v in vectors])
+    zero_shot = None if text is None else model.model.multi_label_logits(features, text).double().numpy()
+    return features.numpy(), zero_shot
+
+
+def _rank_multi_label(head: fewshot_multilabel.OneVsRestHead, model, text: torch.Tensor | None,  # noqa: ANN001
+                      rows: list[torch.Tensor], classes: Sequence[str], top_k: int,
+                      threshold: float) -> list[list[Prediction]]:
+    features, zero_shot = _multi_label_inputs(model, rows, text)
+    probabilities = torch.from_numpy(np.ascontiguousarray(head.probabilities(features, zero_shot)))
+    return [rank(row, classes, top_k, threshold)[0] for row in probabilities]

@@ -182,6 +182,10 @@ class CustomHandle:
         """Multi-label: the package's per-class thresholds for the prepared classes; None for single-label."""
         return self.model.thresholds[prepared] if self.multi_label else None
 
+    def tag_auto_accept_thresholds(self, prepared: list[int], precision: float) -> torch.Tensor:
+        """Multi-label: per prepared class, the probability at which its tag is auto-accepted (``inf``: never)."""
+        return self.model.tag_auto_accept_thresholds(precision)[prepared]
+
 class TimmHandle:
     """A timm backbone (embed only): its pooled pre-logits features, normalised."""
 

@@ -62,7 +62,8 @@ def part_size_for(request: AnnotationRequest, configured: int, class_names: Sequ
     class names, or an error entry whose message is cut to ``MAX_IMAGE_ERROR_CHARS``), so it holds
     whatever the outcome; and it depends only on the request (and the model's class names), so a
     redelivery gets the same parts. ``extra_envelope_bytes``: a bound of what else every part carries (the
-    few-shot summary). ``multi_label``: every image also lists up to ``top_k`` class names as its ``labels``.
+    few-shot summary). ``multi_label``: every image also lists up to ``top_k`` class names as its ``labels`` (and as its
+    ``accepted_labels`` when the request set ``auto_accept_precision``).
     """
     top_k = request.top_k_for(len(class_names))
     longest_class = max((json_bytes(c) for c in class_names), default=10)
@@ -72,6 +73,8 @@ def part_size_for(request: AnnotationRequest, configured: int, class_names: Sequ
     per_image = len('{"id":,"predictions":,"margin":-0.12345678901234567,"auto_accept":false},') + longest_id + predictions + error
     if multi_label:
         per_image += len('"labels":[],') + top_k * (longest_class + 1)
+        if request.auto_accept_precision is not None:
+            per_image += len('"accepted_labels":[],') + top_k * (longest_class + 1)
     envelope = 2048 + extra_envelope_bytes  # request id, model descriptor, part fields, created_at
     return max(1, min(configured, (budget_bytes - envelope) // per_image))
 

@@ -32,7 +32,7 @@ from ml.embedding import ModelInfo, WeightsSource
 from ml.errors import ModelLoadError, WeightsFileError
 from ml.text_cache import TextEmbeddingCache
 from ml.weights import load_state_dict_file
-from ml.zeroshot import NEUTRAL_CLASS, ZeroShotEmbeddingModel, neutral_sigmoid_scores, softmax_scores
+from ml.zeroshot import NEUTRAL_CLASS, ZeroShotEmbeddingModel, neutral_sigmoid_logits, neutral_sigmoid_scores, softmax_scores
 
 __all__ = ["CONFIG_DIR", "DEFAULT_PRETRAINED_TAGS", "ClipModel", "default_pretrained_tag", "known_variants",
            "load_clip", "pretrained_tags", "register_model_configs"]
@@ -137,6 +137,10 @@ class ClipModel(ZeroShotEmbeddingModel):
         """Independent per-class confidences: each class prompt against the class-neutral prompt, whose text
         embedding is the last row (the caller adds ``multi_label_extra_classes`` to the classes)."""
         return neutral_sigmoid_scores(image_embeddings, text_embeddings, self.logit_scale)
+
+    def multi_label_logits(self, image_embeddings: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
+        """The logits of :meth:`multi_label_scores` (their sigmoid is the confidence), ``[B, C]``."""
+        return neutral_sigmoid_logits(image_embeddings, text_embeddings, self.logit_scale)
 
     def _image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.module.encode_image(pixels)

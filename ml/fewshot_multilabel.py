@@ -14,13 +14,14 @@ no rule to keep, and such a class is an error (:class:`MissingExamplesError`).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import minimize
+from threadpoolctl import threadpool_limits
 
-from ml.fewshot import FewShotError, MissingExamplesError
+from ml.fewshot import FewShotError, FitCancelled, MissingExamplesError
 
 METHOD = "one_vs_rest"
 L2 = 1e-2
@@ -61,8 +62,30 @@ def multi_hot(labels: Sequence[Sequence[str]], classes: Sequence[str]) -> np.nda
     return matrix
 
 
+@dataclass
+class OneVsRestResult:
+    """A fitted head as the few-shot head cache holds it (``head``; ``method``)."""
+
+    head: OneVsRestHead
+    method: str = METHOD
+
+    @property
+    def examples_per_class(self) -> dict[str, int]:
+        """Positive examples per class (classes without any are absent: they keep the zero-shot rule)."""
+        return self.head.positives
+
+
+def fit(embeddings: np.ndarray, labels: Sequence[Sequence[str]], classes: Sequence[str],
+        zero_shot_logits: np.ndarray | None, *, should_stop: Callable[[], bool] | None = None) -> OneVsRestResult:
+    """:func:`fit_one_vs_rest` on one BLAS thread (it runs in the worker's fit pool), stopping with
+    :class:`~ml.fewshot.FitCancelled` between L-BFGS steps once ``should_stop()`` is true."""
+    with threadpool_limits(limits=1):
+        return OneVsRestResult(fit_one_vs_rest(embeddings, labels, classes, zero_shot_logits, should_stop=should_stop))
+
+
 def fit_one_vs_rest(embeddings: np.ndarray, labels: Sequence[Sequence[str]], classes: Sequence[str],
-                    zero_shot_logits: np.ndarray | None, l2: float = L2) -> OneVsRestHead:
+                    zero_shot_logits: np.ndarray | None, l2: float = L2,
+                    should_stop: Callable[[], bool] | None = None) -> OneVsRestHead:
     """Fit every class's residual head (see the module docstring). ``zero_shot_logits`` ``[N, C]`` of the support
     examples, or None without a text tower."""
     x = np.asarray(embeddings, dtype=np.float64)
@@ -93,8 +116,12 @@ def fit_one_vs_rest(embeddings: np.ndarray, labels: Sequence[Sequence[str]], cla
             grad_b = residual.sum(axis=0) + 2 * l2 * b
             return float(loss), np.concatenate([grad_w.ravel(), grad_b])
 
+        def check(_: np.ndarray) -> None:
+            if should_stop is not None and should_stop():
+                raise FitCancelled("few-shot fit cancelled")
+
         solution = minimize(objective, np.zeros(count * (dim + 1)), jac=True, method="L-BFGS-B",
-                            options={"maxiter": 500})
+                            options={"maxiter": 500}, callback=check)
         weights[rows] = solution.x[: count * dim].reshape(count, dim)
         bias[rows] = solution.x[count * dim:]
     return OneVsRestHead(weights=weights, bias=bias, fitted=fitted,

@@ -43,7 +43,7 @@ from ml.embedding import ModelInfo, WeightsSource
 from ml.errors import ModelLoadError, WeightsFileError
 from ml.text_cache import TextEmbeddingCache
 from ml.weights import load_state_dict_file
-from ml.zeroshot import ZeroShotEmbeddingModel, sigmoid_scores
+from ml.zeroshot import ZeroShotEmbeddingModel, sigmoid_logits, sigmoid_scores
 
 __all__ = [
     "BUNDLED_VOCAB_SIZE",
@@ -197,6 +197,10 @@ class SiglipZeroShotModel(ZeroShotEmbeddingModel):
     def multi_label_scores(self, image_embeddings: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
         """Independent per-class sigmoids by construction: the same as :meth:`scores`."""
         return self.scores(image_embeddings, text_embeddings)
+
+    def multi_label_logits(self, image_embeddings: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
+        """The logits of :meth:`multi_label_scores` (their sigmoid is the confidence), ``[B, C]``."""
+        return sigmoid_logits(image_embeddings, text_embeddings, self.logit_scale, self.logit_bias)
 
     def _image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.module.vision_model(pixel_values=pixels).pooler_output

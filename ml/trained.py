@@ -6,7 +6,9 @@ auto-accept thresholds say whether a top-1 label may be accepted at a stated pre
 
 A multi-label package (``config.json`` ``"multi_label": true``) has one independent probability per class:
 ``sigmoid(a_c * logit_c + b_c)`` with the per-class calibration ``calibration.per_class[c] = {a, b}``, and a tag
-is predicted when it reaches ``thresholds[c]`` (:meth:`tags`). A subset of classes selects, never renormalises.
+is predicted when it reaches ``thresholds[c]`` (:meth:`tags`), and auto-accepted at a stated precision when it reaches
+that class's auto-accept threshold (:meth:`tag_auto_accept_thresholds`). A subset of classes selects, never
+renormalises.
 """
 
 from __future__ import annotations
@@ -127,6 +129,12 @@ class TrainedModel:
             hits = [(float(p), self.class_names[i]) for p, i, t in zip(row.tolist(), indices, thresholds.tolist()) if p >= t]
             out.append([name for _, name in sorted(hits, key=lambda h: -h[0])])
         return out
+
+    def tag_auto_accept_thresholds(self, precision: float) -> torch.Tensor:
+        """Multi-label: per class, the calibrated probability at which its tag is auto-accepted at ``precision``
+        (the class's own table, else the pooled one; ``inf`` where nothing is accepted), ``[num_classes]``."""
+        values = [self.auto_accept_threshold(name, precision) for name in self.class_names]
+        return torch.tensor([math.inf if v is None else v for v in values])
 
     def predict(self, pixels: torch.Tensor, subset: Sequence[str] | None = None) -> torch.Tensor:
         """Multi-label packages: the calibrated sigmoid per class, ``[B, num_classes]`` or ``[B, len(subset)]``.

@@ -219,8 +219,15 @@ def neutral_sigmoid_scores(
     """CLIP multi-label confidences: the LAST text row is the class-neutral prompt (:data:`NEUTRAL_CLASS`);
     ``p_c = sigmoid(logit_scale * (cos_c - cos_neutral))``, i.e. the two-way softmax of class c's prompt against
     the neutral prompt, independent per class. Returns ``[B, C]`` (the neutral column dropped)."""
+    return neutral_sigmoid_logits(image_embeddings, text_embeddings, logit_scale).sigmoid()
+
+
+def neutral_sigmoid_logits(
+    image_embeddings: torch.Tensor, text_embeddings: torch.Tensor, logit_scale: torch.Tensor
+) -> torch.Tensor:
+    """The logits of :func:`neutral_sigmoid_scores`: ``logit_scale * (cos_c - cos_neutral)``, ``[B, C]``."""
     logits = logit_scale * (image_embeddings.float() @ text_embeddings.float().T)
-    return (logits[:, :-1] - logits[:, -1:]).sigmoid()
+    return logits[:, :-1] - logits[:, -1:]
 
 
 def sigmoid_scores(
@@ -230,8 +237,17 @@ def sigmoid_scores(
     logit_bias: torch.Tensor,
 ) -> torch.Tensor:
     """SigLIP confidences: ``sigmoid(logit_scale * cos + logit_bias)``, independent per class."""
-    logits = logit_scale * (image_embeddings.float() @ text_embeddings.float().T) + logit_bias
-    return logits.sigmoid()
+    return sigmoid_logits(image_embeddings, text_embeddings, logit_scale, logit_bias).sigmoid()
+
+
+def sigmoid_logits(
+    image_embeddings: torch.Tensor,
+    text_embeddings: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor,
+) -> torch.Tensor:
+    """The logits of :func:`sigmoid_scores`: ``logit_scale * cos + logit_bias``, ``[B, C]``."""
+    return logit_scale * (image_embeddings.float() @ text_embeddings.float().T) + logit_bias
 
 
 class ZeroShotEmbeddingModel(EmbeddingModel):

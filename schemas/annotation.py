@@ -32,6 +32,9 @@ Few-shot: a classify request with labeled ``examples`` (or an ``examples_url`` m
 head fitted on their embeddings (``few_shot.method``; ``auto`` picks by cross-validation on the support set).
 Its confidences are a softmax over the classes for every family (SigLIP too); classes without examples keep
 their zero-shot weights (clip, siglip) or are refused (custom, timm). Each part says what ran in ``few_shot``.
+With ``multi_label: true`` the examples carry tag sets (``labels``, possibly empty) and one-vs-rest heads give
+independent per-class probabilities (``few_shot.method`` ``one_vs_rest``; ``examples_per_class`` counts positive
+examples); a class without a positive example keeps its zero-shot rule (clip, siglip) or is refused (custom, timm).
 """
 
 from __future__ import annotations
@@ -117,15 +120,72 @@ FEW_SHOT_TEXT_METHODS = ("linear_probe", "tip_adapter")
 """Methods for models with a text tower (clip, siglip); ``ml.fewshot.TEXT_METHODS``."""
 FEW_SHOT_VISION_METHODS = ("prototype", "knn", "logistic_regression")
 """Methods for models without one (custom, timm); ``ml.fewshot.VISION_METHODS``."""
-FewShotMethod = Literal["auto", "linear_probe", "tip_adapter", "prototype", "knn", "logistic_regression"]
+FEW_SHOT_MULTI_LABEL_METHODS = ("one_vs_rest",)
+"""Methods for ``multi_label`` requests (every family); ``ml.fewshot_multilabel.METHOD``."""
+FewShotMethod = Literal["auto", "linear_probe", "tip_adapter", "prototype", "knn", "logistic_regression", "one_vs_rest"]
 
 
 class LabeledExample(BaseModel):
-    """One support example: an image URL and its label (one of the request's classes)."""
+    """One support example: an image URL and its label (one of the request's classes), or, on a ``multi_label``
+    request, its tag set ``labels`` (possibly empty: an image with none of the classes)."""
 
     model_config = ConfigDict(extra="ignore", str_strip_whitespace=True)
     url: Url
-    label: str = Field(min_length=1, max_length=MAX_LABEL_LENGTH)
+    label: str | None = Field(default=None, min_length=1, max_length=MAX_LABEL_LENGTH,
+                              description="Single-label requests: the example's class.")
+    labels: list[Annotated[str, Field(min_length=1, max_length=MAX_LABEL_LENGTH)]] | None = Field(
+        default=None, max_length=MAX_CLASSES,
+        description="Multi-label requests: the example's classes, each at most once (empty: none of them).")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "LabeledExample":
+        if (self.label is None) == (self.labels is None):
+            raise ValueError("an example needs either 'label' (single-label) or 'labels' (multi_label: true), not both")
+        return self
+
+
+def example_problem(example: LabeledExample, multi_label: bool, classes: list[str] | set[str] | None) -> str | None:
+    """Why one example does not fit its request (``multi_label``; ``classes``, None: any name), or None."""
+    if multi_label:
+        if example.labels is None:
+            return "has 'label' but the request has multi_label: true (give 'labels': [...], possibly empty)"
+        repeated = sorted(t for t, n in Counter(example.labels).items() if n > 1)
+        if repeated:
+            return f"repeats labels {repeated[:10]}"
+        names = example.labels
+    else:
+        if example.labels is not None:
+            return "has 'labels' but the request is single-label (give one 'label', or set multi_label: true)"
+        names = [example.label] if example.label is not None else []
+    if classes is not None:
+        unknown = sorted(set(names) - set(classes))
+        if unknown:
+            return f"has labels that are not among the classes: {unknown[:10]}"
+    return None
+
+
+def examples_problem(examples: list[LabeledExample], multi_label: bool, classes: list[str] | None,
+                     where: str = "examples[{i}]") -> str | None:
+    """The bad examples of a support set (their count, then the first three, each named by ``where`` with its
+    0-based position for ``{i}``), or None."""
+    wanted = set(classes) if classes else None
+    bad = [(i, problem) for i, example in enumerate(examples)
+           if (problem := example_problem(example, multi_label, wanted)) is not None]
+    if not bad:
+        return None
+    head = "; ".join(f"{where.replace('{i}', str(i))} {problem}" for i, problem in bad[:3])
+    return head if len(bad) == 1 else f"{len(bad)} bad examples: {head}" + (" ..." if len(bad) > 3 else "")
+
+
+def example_label_names(examples: list[LabeledExample]) -> set[str]:
+    """Every class name the examples use (``label`` or ``labels``)."""
+    names: set[str] = set()
+    for example in examples:
+        if example.labels is not None:
+            names.update(example.labels)
+        elif example.label is not None:
+            names.add(example.label)
+    return names
 
 
 class FewShotSpec(BaseModel):
@@ -137,12 +197,12 @@ class FewShotSpec(BaseModel):
         description="auto | linear_probe | tip_adapter (clip, siglip: with the zero-shot text classifier) | prototype | "
                     "knn | logistic_regression (custom, timm). auto cross-validates the family's methods on the "
                     "support set and fits the best; with one example in some class it takes linear_probe (text "
-                    "tower) or prototype.")
+                    "tower) or prototype. multi_label requests: one_vs_rest (auto picks it).")
 
 
 def few_shot_problem(model: str, classes: list[str] | None, examples: list[LabeledExample] | None,
-                     examples_url: str | None, few_shot: FewShotSpec | None) -> str | None:
-    """Why a classify request's few-shot fields do not fit together (or with ``model``), or None."""
+                     examples_url: str | None, few_shot: FewShotSpec | None, multi_label: bool = False) -> str | None:
+    """Why a classify request's few-shot fields do not fit together (or with ``model``, ``multi_label``), or None."""
     has_examples = examples is not None or examples_url is not None
     if examples is not None and examples_url is not None:
         return "give either examples or examples_url, not both"
@@ -151,17 +211,19 @@ def few_shot_problem(model: str, classes: list[str] | None, examples: list[Label
     if model == "timm" and not has_examples:
         return "model 'timm' classifies only with few-shot examples (or use task 'embed')"
     if few_shot is not None and few_shot.method != "auto":
-        allowed = FEW_SHOT_TEXT_METHODS if model in ("clip", "siglip") else FEW_SHOT_VISION_METHODS
+        if multi_label:
+            allowed = FEW_SHOT_MULTI_LABEL_METHODS
+        else:
+            allowed = FEW_SHOT_TEXT_METHODS if model in ("clip", "siglip") else FEW_SHOT_VISION_METHODS
         if few_shot.method not in allowed:
-            return (f"few-shot method {few_shot.method!r} is not available for model {model!r}; "
-                    f"use auto or one of {list(allowed)}")
+            return (f"few-shot method {few_shot.method!r} is not available for model {model!r}"
+                    f"{' with multi_label' if multi_label else ''}; use auto or one of {list(allowed)}")
     if examples is not None:
-        labels = {example.label for example in examples}
-        if classes:
-            unknown = sorted(labels - set(classes))
-            if unknown:
-                return f"example labels that are not among the classes: {unknown[:10]}"
-        elif len(labels) > MAX_CLASSES:
+        problem = examples_problem(examples, multi_label, classes)
+        if problem:
+            return problem
+        labels = example_label_names(examples)
+        if not classes and len(labels) > MAX_CLASSES:
             return f"{len(labels)} distinct example labels; at most {MAX_CLASSES} classes"
     return None
 
@@ -209,8 +271,9 @@ class AnnotationRequest(InputModel):
     auto_accept_precision: float | None = Field(
         default=None, gt=0.0, lt=1.0,
         description="With model 'custom': mark each result whose top-1 label the model's validated thresholds accept "
-                    "at this precision (auto_accept: true). The smallest tabulated target >= this one is used "
-                    "(0.90, 0.95, 0.98, 0.99); above 0.99 nothing is accepted.")
+                    "at this precision (auto_accept: true); a multi-label package lists instead, per image, the tags "
+                    "its per-class thresholds accept (accepted_labels). The smallest tabulated target >= this one is "
+                    "used (0.90, 0.95, 0.98, 0.99); above 0.99 nothing is accepted.")
     prompt_templates: list[str] | None = Field(
         default=None,
         min_length=1,
@@ -221,13 +284,13 @@ class AnnotationRequest(InputModel):
     )
     examples: list[LabeledExample] | None = Field(
         default=None, min_length=1, max_length=MAX_FEW_SHOT_EXAMPLES,
-        description="Few-shot: labeled support images [{url, label}]; each label one of classes (without classes on "
-                    "custom/timm, the labels are the classes). The worker embeds them (cached by content) and fits a "
+        description="Few-shot: labeled support images [{url, label}], or [{url, labels: [...]}] with multi_label; each "
+                    "label one of classes (without classes on custom/timm, the labels are the classes). The worker embeds them (cached by content) and fits a "
                     "head; examples that fail to fetch or decode are skipped and counted. At most "
                     "CLS_FEWSHOT_MAX_EXAMPLES (default 2000) per request.")
     examples_url: Url | None = Field(
         default=None,
-        description="Few-shot: a JSON Lines manifest of {url, label} (s3://, or file:// where the worker allows it) "
+        description="Few-shot: a JSON Lines manifest of {url, label} ({url, labels} with multi_label) (s3://, or file:// where the worker allows it) "
                     "instead of inline examples, for large support sets.")
     few_shot: FewShotSpec | None = Field(
         default=None, description="Few-shot options (with examples or examples_url; default method auto).")
@@ -275,14 +338,10 @@ class AnnotationRequest(InputModel):
                 raise ValueError("model 'timm' needs model_variant (a timm model name)")
             if self.auto_accept_precision is not None:
                 raise ValueError("auto_accept_precision is only allowed with model 'custom'")
-        problem = few_shot_problem(self.model, self.classes, self.examples, self.examples_url, self.few_shot)
+        problem = few_shot_problem(self.model, self.classes, self.examples, self.examples_url, self.few_shot,
+                                   self.multi_label)
         if problem:
             raise ValueError(problem)
-        if self.multi_label and self.has_examples:
-            raise ValueError("multi_label is not available with few-shot examples on this worker (zero-shot or custom only)")
-        if self.multi_label and self.auto_accept_precision is not None:
-            raise ValueError("auto_accept_precision is single-label (the top-1 class); a multi-label package's per-class "
-                             "auto-accept thresholds are in its config.json")
         if self.has_examples and self.auto_accept_precision is not None:
             raise ValueError("auto_accept_precision needs the trained model's own classifier, not few-shot examples")
         if self.classes and self.prompt_templates and self.model != "custom":
@@ -760,6 +819,12 @@ class ImageResult(BaseModel):
         default=None,
         description="Only when the request set auto_accept_precision: whether the model's top-1 class over all its "
                     "classes (the first prediction, when it is in the requested classes) may be accepted at that precision.")
+    accepted_labels: list[str] | None = Field(
+        default=None,
+        description="Multi-label packages, only when the request set auto_accept_precision: the requested classes whose "
+                    "calibrated probability reaches that class's auto-accept threshold at that precision (validated at "
+                    "training time per class, or pooled over all classes where a class had too few validation "
+                    "positives), most probable first, at most top_k; possibly empty.")
     embedding: list[float] | None = Field(
         default=None, description="Embed with inline: the L2-normalised vector (float16 precision).")
     audit: AuditEntry | None = Field(default=None, description="Audit results: this image's audit row (absent on an error entry).")

@@ -23,6 +23,7 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -636,27 +637,49 @@ class _TrainingRun:
         calibration = calibration_report(logits, targets, temperature)
         tables = auto_accept_tables(softmax(logits, temperature), targets.numpy(), spec.class_names)
         metrics: dict[str, Any] = {
-            "train_loss": self.best.train_loss,
-            "val_loss": self.best.val_loss,
-            "val_accuracy": self.best.val_accuracy,
-            "best_epoch": self.best.epoch,
-            "epochs_run": self.completed_epochs,
-            "stopped_early": self.stopped_early,
+            **self._run_metrics(self.best.val_accuracy),
             "macro_f1": report["macro_f1"],
             "balanced_accuracy": report["balanced_accuracy"],
             "temperature": temperature,
             **({"temperature_note": fitted.note} if fitted.note else {}),
             "ece": calibration["ece"],
             "nll": calibration["nll"],
-            "auto_accept": auto_accept_summary(tables),
-            "auto_accept_per_class": tables["per_class"],
-            "auto_accept_global": tables["global"],
+            **self._auto_accept_metrics(tables),
             "reliability": calibration["reliability"],
             "per_class": report["per_class"],
             "confusion_matrix": report["confusion_matrix"],
             "epochs": copy.deepcopy(self.history),
         }
-        config = build_package_config(
+        config = self._package_config({"temperature": temperature, "auto_accept": tables})
+        wrong = self._confidently_wrong(softmax(logits, temperature), targets.numpy())
+
+        def report_writer(path: Path) -> None:
+            from ml.training.report import write_report
+
+            write_report(path, metrics, spec.class_names, spec.model_name, wrong)
+
+        return self._package(best_state, config, metrics, report_writer)
+
+    def _run_metrics(self, val_accuracy: float) -> dict[str, Any]:
+        """The metrics every package reports about the run and its best epoch."""
+        return {
+            "train_loss": self.best.train_loss,
+            "val_loss": self.best.val_loss,
+            "val_accuracy": val_accuracy,
+            "best_epoch": self.best.epoch,
+            "epochs_run": self.completed_epochs,
+            "stopped_early": self.stopped_early,
+        }
+
+    @staticmethod
+    def _auto_accept_metrics(tables: dict[str, Any]) -> dict[str, Any]:
+        return {"auto_accept": auto_accept_summary(tables), "auto_accept_per_class": tables["per_class"],
+                "auto_accept_global": tables["global"]}
+
+    def _package_config(self, calibration: dict[str, Any]) -> dict[str, Any]:
+        """config.json: the model, classes, eval preprocessing, the training config and sizes, ``calibration``."""
+        spec = self.spec
+        return build_package_config(
             model_name=spec.model_name,
             model_kwargs=self.model_kwargs,
             class_names=spec.class_names,
@@ -667,29 +690,28 @@ class _TrainingRun:
                 "val_size": self.val_size,
             },
             best_epoch=self.best.epoch,
-            calibration={"temperature": temperature, "auto_accept": tables},
+            calibration=calibration,
         )
+
+    def _package(self, best_state: dict[str, torch.Tensor], config: dict[str, Any], metrics: dict[str, Any],
+                 report_writer: Callable[[Path], None]) -> TrainResult:
+        """report.html (when asked; ``report_writer(path)`` writes it), ONNX (when asked), then the package written;
+        the run's result. A report that fails is skipped and said in ``metrics``: it never costs the model."""
+        spec = self.spec
         extra_files: dict[str, Path] = {}
         if spec.report:
-            from ml.training.report import REPORT_FILE, write_report
+            from ml.training.report import REPORT_FILE
 
             report_path = self.workdir / "export" / REPORT_FILE
             report_path.parent.mkdir(parents=True, exist_ok=True)
             try:
-                write_report(report_path, metrics, spec.class_names, spec.model_name,
-                             self._confidently_wrong(softmax(logits, temperature), targets.numpy()))
+                report_writer(report_path)
             except Exception as exc:  # noqa: BLE001 - a report never costs the trained model: the package goes on
                 log.warning("report.html skipped: %s: %s", type(exc).__name__, str(exc)[:300])
                 metrics["report_skipped"] = f"{type(exc).__name__}: {exc}"[:500]
             else:
                 metrics["report_url"] = REPORT_FILE  # relative to the package; the handler makes it absolute
                 extra_files[REPORT_FILE] = report_path
-        return self._package(best_state, config, metrics, extra_files)
-
-    def _package(self, best_state: dict[str, torch.Tensor], config: dict[str, Any], metrics: dict[str, Any],
-                 extra_files: dict[str, Path]) -> TrainResult:
-        """ONNX when asked, then the package written; the run's result."""
-        spec = self.spec
         model = self.model.to("cpu").to(memory_format=torch.contiguous_format).eval()
         if "onnx" in spec.export:
             from ml.training.export import export_onnx
@@ -728,12 +750,7 @@ class _TrainingRun:
         threshold_map = {name: float(thresholds[c]) for c, name in enumerate(names)}
         metrics: dict[str, Any] = {
             "multi_label": True,
-            "train_loss": self.best.train_loss,
-            "val_loss": self.best.val_loss,
-            "val_accuracy": f1["subset_accuracy"],
-            "best_epoch": self.best.epoch,
-            "epochs_run": self.completed_epochs,
-            "stopped_early": self.stopped_early,
+            **self._run_metrics(f1["subset_accuracy"]),
             "map": multilabel.mean_average_precision(per_class_ap),
             "per_class_ap": per_class_ap,
             "micro_f1": f1["micro_f1"],
@@ -743,37 +760,20 @@ class _TrainingRun:
                     "after": multilabel.expected_calibration_error(probabilities, truth)},
             "nll": {"before": multilabel.mean_nll(raw, truth), "after": multilabel.mean_nll(probabilities, truth)},
             "calibration": {name: row["method"] for name, row in calibration.items()},
-            "auto_accept": auto_accept_summary(tables),
-            "auto_accept_per_class": tables["per_class"],
-            "auto_accept_global": tables["global"],
+            **self._auto_accept_metrics(tables),
             "per_class": f1["per_class"],
             "epochs": copy.deepcopy(self.history),
         }
-        config = build_package_config(
-            model_name=spec.model_name,
-            model_kwargs=self.model_kwargs,
-            class_names=names,
-            data_config=self.data_config.to_json_dict(),
-            training={
-                **{k: v for k, v in spec.to_json_dict().items() if k != "class_names"},
-                "train_size": self.batches.num_samples,
-                "val_size": self.val_size,
-            },
-            best_epoch=self.best.epoch,
-            calibration={"per_class": calibration, "auto_accept": tables},
-        )
+        config = self._package_config({"per_class": calibration, "auto_accept": tables})
         config["multi_label"] = True
         config["thresholds"] = threshold_map
-        extra_files: dict[str, Path] = {}
-        if spec.report:
-            from ml.training.report import REPORT_FILE, write_multilabel_report
 
-            metrics["report_url"] = REPORT_FILE
-            report_path = self.workdir / "export" / REPORT_FILE
-            report_path.parent.mkdir(parents=True, exist_ok=True)
-            write_multilabel_report(report_path, metrics, names, spec.model_name, probabilities, truth)
-            extra_files[REPORT_FILE] = report_path
-        return self._package(best_state, config, metrics, extra_files)
+        def report_writer(path: Path) -> None:
+            from ml.training.report import write_multilabel_report
+
+            write_multilabel_report(path, metrics, names, spec.model_name, probabilities, truth)
+
+        return self._package(best_state, config, metrics, report_writer)
 
     def _best_val_logits(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Validation logits of the best weights (float32, CPU) and their targets: one more validation pass."""

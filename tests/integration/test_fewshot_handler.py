@@ -8,6 +8,7 @@ import asyncio
 import dataclasses
 import io
 import json
+import re
 import time
 from pathlib import Path
 
@@ -259,10 +260,17 @@ def test_contract_bounds_of_the_few_shot_fields():
 
 def test_methods_named_by_the_contract_are_the_library_s():
     from ml.fewshot import TEXT_METHODS, VISION_METHODS
-    from schemas.annotation import FEW_SHOT_TEXT_METHODS, FEW_SHOT_VISION_METHODS, FewShotMethod
+    from ml.fewshot_multilabel import METHOD
+    from schemas.annotation import (
+        FEW_SHOT_MULTI_LABEL_METHODS,
+        FEW_SHOT_TEXT_METHODS,
+        FEW_SHOT_VISION_METHODS,
+        FewShotMethod,
+    )
 
     assert (FEW_SHOT_TEXT_METHODS, FEW_SHOT_VISION_METHODS) == (TEXT_METHODS, VISION_METHODS)
-    assert set(FewShotMethod.__args__) == {"auto", *TEXT_METHODS, *VISION_METHODS}
+    assert FEW_SHOT_MULTI_LABEL_METHODS == (METHOD,)
+    assert set(FewShotMethod.__args__) == {"auto", *TEXT_METHODS, *VISION_METHODS, METHOD}
 
 
 async def test_few_shot_on_digits_with_the_model_trained_here(trained_digits, s3_server, s3_bucket, http_server,
@@ -355,3 +363,124 @@ async def test_few_shot_top_k_unset_equal_larger_smaller_than_the_classes(ctx, c
         (result,) = parts[0].results
         assert parts[0].few_shot is not None and len(result.predictions) == expected, (top_k, result)
         assert {p.class_name for p in result.predictions} <= set(two)
+
+
+# -- multi-label few-shot: examples with tag sets ------------------------------------------------------------------
+
+def tag_examples(colour_urls, per_class: int, classes=COLOURS) -> list[dict]:
+    """Each support image tagged with its colour, plus two untagged images of a colour outside ``classes``."""
+    tagged = [{"url": url, "labels": [name]} for name in classes for url in colour_urls[name][:per_class]]
+    others = [name for name in COLOURS if name not in classes]
+    return tagged + [{"url": url, "labels": []} for name in others for url in colour_urls[name][:2]]
+
+
+async def test_multi_label_few_shot_heads_and_the_zero_shot_rule_for_classes_without_positives(ctx, colour_urls):
+    handler = AnnotationHandler(ctx)
+    classes = ["red", "green", "purple"]  # purple: no positive example, keeps CLIP's class-vs-neutral-prompt rule
+    support = tag_examples(colour_urls, 4, ["red", "green"])  # blue images are the untagged negatives
+    fits = ctx.fewshot_heads.fits
+    parts = await collect(handler, request(queries(colour_urls), "fs-ml", classes=classes, multi_label=True,
+                                           examples=support))
+    summary = parts[0].few_shot
+    assert summary.method == "one_vs_rest" and summary.examples_per_class == {"red": 4, "green": 4}
+    assert summary.examples_failed == 0 and summary.cv_accuracy is None and summary.fitted
+    assert ctx.fewshot_heads.fits == fits + 1
+    results = {r.id: r for p in parts for r in p.results}
+    zero_shot = await collect(handler, request(queries(colour_urls), "fs-ml-zero", classes=classes, multi_label=True))
+    zero = {r.id: {p.class_name: p.confidence for p in r.predictions} for p in zero_shot for r in p.results}
+    for image_id, r in results.items():
+        confidence = {p.class_name: p.confidence for p in r.predictions}
+        assert r.margin is None and r.labels == [p.class_name for p in r.predictions]  # threshold 0: all, top_k 3
+        assert set(confidence) == set(classes)
+        assert confidence["purple"] == pytest.approx(zero[image_id]["purple"], abs=1e-5)  # its zero-shot rule, unchanged
+        colour = image_id.split("-")[0]
+        if colour in ("red", "green"):  # learned: its own tag is likely, the other one is not
+            other = "green" if colour == "red" else "red"
+            assert confidence[colour] > 0.5 > confidence[other], (image_id, confidence)
+        else:  # blue was only ever a negative
+            assert confidence["red"] < 0.5 and confidence["green"] < 0.5, (image_id, confidence)
+    # independent probabilities: a blue image can have none, a red one several classes above the threshold
+    assert any(sum(p.confidence for p in r.predictions) > 1.05 or sum(p.confidence for p in r.predictions) < 0.95
+               for r in results.values())
+
+    # threshold per class, top_k caps; the same support set: the cached head
+    again = await collect(handler, request(queries(colour_urls), "fs-ml-2", classes=classes, multi_label=True,
+                                           examples=support, threshold=0.5, top_k=1))
+    assert not again[0].few_shot.fitted and ctx.fewshot_heads.fits == fits + 1
+    for r in (r for p in again for r in p.results):
+        full = {p.class_name: p.confidence for p in results[r.id].predictions}
+        best = max(full, key=full.get)
+        expected = [best] if full[best] >= 0.5 else []
+        assert [p.class_name for p in r.predictions] == r.labels == expected
+
+
+async def test_multi_label_few_shot_siglip_and_timm(ctx, colour_urls):
+    handler = AnnotationHandler(ctx)
+    parts = await collect(handler, request(queries(colour_urls), "fs-ml-siglip", model="siglip", classes=list(COLOURS),
+                                           multi_label=True, examples=tag_examples(colour_urls, 3),
+                                           few_shot={"method": "one_vs_rest"}))
+    assert parts[0].few_shot.method == "one_vs_rest" and parts[0].model.family == "siglip"
+    for r in (r for p in parts for r in p.results):
+        assert r.predictions[0].class_name == r.id.split("-")[0] and r.margin is None
+    # timm: no text tower; classes from the labels, and a class without positives is refused, naming it
+    parts = await collect(handler, request(queries(colour_urls), "fs-ml-timm", model="timm",
+                                           model_variant="test_resnet", multi_label=True,
+                                           examples=tag_examples(colour_urls, 3, ["red", "blue"])))
+    assert parts[0].few_shot.examples_per_class == {"red": 3, "blue": 3}
+    assert all({p.class_name for p in r.predictions} <= {"red", "blue"} for p in parts for r in p.results)
+    err = await error_of(handler, request(queries(colour_urls)[:1], "fs-ml-timm-missing", model="timm",
+                                          model_variant="test_resnet", multi_label=True, classes=list(COLOURS),
+                                          examples=tag_examples(colour_urls, 2, ["red", "blue"])))
+    assert err.code == "invalid_request" and "'green'" in err.message and "'red'" not in err.message
+
+
+def test_multi_label_few_shot_validation_names_the_entry():
+    base = {"task": "classify", "request_id": "v", "images": [{"id": "a", "url": "http://x/a.png"}],
+            "classes": ["red", "green"]}
+    good = {"url": "http://x/e.png", "labels": ["red"]}
+    ANNOTATION_ADAPTER.validate_python({**base, "multi_label": True, "examples": [good, {**good, "labels": []}]})
+    for extra, examples_, message in (
+            ({}, [{"url": "http://x/e.png", "label": "red"}, good], "examples[1] has 'labels' but the request is single-label"),
+            ({"multi_label": True}, [good, {"url": "http://x/e.png", "label": "red"}], "examples[1] has 'label' but the request has multi_label"),
+            ({"multi_label": True}, [good, {**good, "labels": ["red", "mauve"]}], "examples[1] has labels that are not among the classes: ['mauve']"),
+            ({"multi_label": True}, [{**good, "labels": ["red", "green", "red"]}], "examples[0] repeats labels ['red']"),
+            ({"multi_label": True}, [good, {**good, "label": "red"}], "either 'label'"),
+            ({"multi_label": True, "few_shot": {"method": "linear_probe"}}, [good], "not available for model 'clip' with multi_label"),
+            ({"few_shot": {"method": "one_vs_rest"}}, [{"url": "http://x/e.png", "label": "red"}], "not available for model 'clip'")):
+        with pytest.raises(ValidationError, match=re.escape(message)):
+            ANNOTATION_ADAPTER.validate_python({**base, **extra, "examples": examples_})
+    many = [{**good, "labels": ["mauve"]}] * 5
+    with pytest.raises(ValidationError, match=re.escape("5 bad examples: examples[0] has labels")):
+        ANNOTATION_ADAPTER.validate_python({**base, "multi_label": True, "examples": many})
+    with pytest.raises(ValidationError):  # the largest tag set: at most MAX_CLASSES names
+        ANNOTATION_ADAPTER.validate_python({**base, "multi_label": True,
+                                            "examples": [{**good, "labels": [f"c{i}" for i in range(2001)]}]})
+
+
+async def test_multi_label_manifest_entries_are_checked_by_name(ctx, colour_urls, s3_server, s3_bucket):
+    handler = AnnotationHandler(ctx)
+    lines = [{"url": colour_urls["red"][0], "labels": ["red"]}, {"url": colour_urls["green"][0], "labels": ["green"]},
+             {"url": colour_urls["blue"][0], "labels": ["green", "green"]}]
+    url = await put(s3_server, s3_bucket, "fewshot/tags.jsonl", "\n".join(json.dumps(e) for e in lines).encode())
+    err = await error_of(handler, request(queries(colour_urls)[:1], "fs-ml-manifest", classes=["red", "green"],
+                                          multi_label=True, examples_url=url))
+    assert err.code == "invalid_request" and f"manifest {url} entry 2 repeats labels ['green']" in err.message
+    err = await error_of(handler, request(queries(colour_urls)[:1], "fs-ml-manifest-single", classes=["red", "green"],
+                                          examples_url=url))
+    assert err.code == "invalid_request" and f"3 bad examples: manifest {url} entry 0 has 'labels'" in err.message
+    url = await put(s3_server, s3_bucket, "fewshot/tags-ok.jsonl", "\n".join(json.dumps(e) for e in lines[:2]).encode())
+    parts = await collect(handler, request(queries(colour_urls)[:2], "fs-ml-manifest-ok", classes=["red", "green"],
+                                           multi_label=True, examples_url=url))
+    assert parts[0].few_shot.examples_per_class == {"red": 1, "green": 1} and parts[0].results[0].labels is not None
+
+
+def test_largest_tag_sets_validate_quickly():
+    """Every example with the most labels it may carry (all distinct, then all one name repeated): linear checks."""
+    classes = [f"c{i}" for i in range(2000)]
+    base = {"task": "classify", "request_id": "big", "images": [{"id": "a", "url": "http://x/a.png"}],
+            "classes": classes, "multi_label": True}
+    started = time.process_time()
+    ANNOTATION_ADAPTER.validate_python({**base, "examples": [{"url": "http://x/e.png", "labels": classes}] * 200})
+    with pytest.raises(ValidationError, match=re.escape("200 bad examples: examples[0] repeats labels ['c0']")):
+        ANNOTATION_ADAPTER.validate_python({**base, "examples": [{"url": "http://x/e.png", "labels": ["c0"] * 2000}] * 200})
+    assert time.process_time() - started < 10  # quadratic checks would take minutes

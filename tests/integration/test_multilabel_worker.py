@@ -128,6 +128,11 @@ async def test_multilabel_training_inference_and_siglip(tmp_path, kafka_bootstra
         requests = {
             "ml-custom": {"task": "classify", "model": "custom", "model_url": output, "images": images,
                           "top_k": 4, "threshold": 0.0},
+            "ml-custom-accept": {"task": "classify", "model": "custom", "model_url": output, "images": images,
+                                 "top_k": 4, "threshold": 0.0, "auto_accept_precision": 0.9},
+            "ml-fewshot": {"task": "classify", "model": "siglip", "multi_label": True, "images": siglip_images,
+                           "classes": list(MOSAIC_TAGS), "top_k": 4, "threshold": 0.0,
+                           "examples": [{"url": e["url"], "labels": e["labels"]} for e in train_entries[:16]]},
             "ml-siglip-all": {"task": "classify", "model": "siglip", "multi_label": True, "images": siglip_images,
                               "classes": colour_classes, "top_k": 4, "threshold": 0.0},
             "ml-siglip-one": {"task": "classify", "model": "siglip", "multi_label": True, "images": siglip_images,
@@ -158,6 +163,29 @@ async def test_multilabel_training_inference_and_siglip(tmp_path, kafka_bootstra
     misses = [(r["labels"], sorted(truth[r["id"]])) for r in custom["results"] if set(r["labels"]) != truth[r["id"]]]
     # measured: 0.925 of tags right; answering "no tag" everywhere scores about 0.66 and 0.13
     assert right_tags / (4 * len(images)) >= 0.9 and exact / len(images) >= 0.6, misses
+
+    # per-class auto-accept: each tag whose probability reaches its class's threshold in config.json at 0.90
+    from ml.training.auto_accept import threshold_for
+
+    tables = config["calibration"]["auto_accept"]
+    probability = {r["id"]: {p["class"]: p["confidence"] for p in r["predictions"]} for r in custom["results"]}
+    accepting = results["ml-custom-accept"]
+    assert accepting["status"] == "completed"
+    for result in accepting["results"]:
+        probs = probability[result["id"]]
+        limit = {c: threshold_for(tables, c, 0.9) for c in MOSAIC_TAGS}
+        expected = sorted((c for c in MOSAIC_TAGS if limit[c] is not None and probs[c] >= limit[c]), key=lambda c: -probs[c])
+        assert result["accepted_labels"] == expected and result.get("auto_accept") is None
+    assert sum(len(r["accepted_labels"]) for r in accepting["results"]) > 0
+
+    # few-shot with tag sets: one-vs-rest heads, the multi-label result shape
+    few = results["ml-fewshot"]
+    positives = {c: sum(c in e["labels"] for e in train_entries[:16]) for c in MOSAIC_TAGS}
+    assert few["status"] == "completed" and few["few_shot"]["method"] == "one_vs_rest"
+    assert few["few_shot"]["examples_per_class"] == {c: n for c, n in positives.items() if n}
+    for result in few["results"]:
+        assert result.get("margin") is None and len(result["predictions"]) == 4
+        assert result["labels"] == [p["class"] for p in result["predictions"]]
 
     for result in results["ml-siglip-all"]["results"]:
         assert result.get("margin") is None and len(result["predictions"]) == 4

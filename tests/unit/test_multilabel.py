@@ -78,14 +78,85 @@ def test_single_label_requests_validate_as_before():
     assert request.dataset.train_urls[1].label == "dog" and request.dataset.train_urls[1].labels is None
 
 
-def test_classify_multi_label_refuses_per_request_auto_accept_and_few_shot():
+def test_classify_multi_label_takes_auto_accept_on_custom_and_tag_sets_as_examples():
     base = {"task": "classify", "model": "siglip", "images": [{"id": "a", "url": "s3://b/a.png"}],
             "classes": ["a", "b"], "top_k": 2, "multi_label": True}
     assert AnnotationRequest.model_validate(base).multi_label
-    with pytest.raises(ValueError, match="auto_accept_precision is single-label"):
-        AnnotationRequest.model_validate({**base, "model": "custom", "model_url": "s3://b/m", "auto_accept_precision": 0.9})
-    with pytest.raises(ValueError, match="few-shot"):
+    custom = AnnotationRequest.model_validate({**base, "model": "custom", "model_url": "s3://b/m",
+                                               "auto_accept_precision": 0.9})
+    assert custom.auto_accept_precision == 0.9
+    with pytest.raises(ValueError, match="only allowed with model 'custom'"):
+        AnnotationRequest.model_validate({**base, "auto_accept_precision": 0.9})
+    with pytest.raises(ValueError, match=r"examples\[0\] has 'label' but the request has multi_label"):
         AnnotationRequest.model_validate({**base, "examples": [{"url": "s3://b/e.png", "label": "a"}]})
+    few = AnnotationRequest.model_validate({**base, "examples": [{"url": "s3://b/e.png", "labels": ["a", "b"]},
+                                                                 {"url": "s3://b/f.png", "labels": []}]})
+    assert [e.labels for e in few.examples] == [["a", "b"], []]
+
+
+def _rows(**thresholds) -> list[dict]:
+    return [{"precision": p, "threshold": thresholds.get(f"p{int(p * 100)}")} for p in (0.90, 0.95, 0.98, 0.99)]
+
+
+@pytest.fixture(scope="module")
+def multi_label_package(tmp_path_factory):
+    """A multi-label test_resnet package (random weights) with chosen thresholds and auto-accept tables: class 'cat'
+    has its own table, the others use the pooled one."""
+    import timm
+
+    from handlers.model_handles import CustomHandle
+    from handlers.model_config import ModelKey
+    from ml.trained import TrainedModel
+    from ml.training.package import build_package_config, write_package
+
+    config = build_package_config(
+        model_name="test_resnet", model_kwargs={}, class_names=CLASSES,
+        data_config={"input_size": [3, 32, 32], "interpolation": "bilinear", "mean": [0.5, 0.5, 0.5],
+                     "std": [0.5, 0.5, 0.5], "crop_pct": 1.0, "crop_mode": "center"},
+        training={}, best_epoch=1,
+        calibration={"per_class": {c: {"method": "none", "a": 1.0, "b": 0.0} for c in CLASSES},
+                     "auto_accept": {"global": _rows(p90=0.8, p95=0.9), "per_class": {"cat": _rows(p90=0.6)}}})
+    config["multi_label"] = True
+    config["thresholds"] = {"cat": 0.5, "dog": 0.4, "car": 0.3}
+    model = timm.create_model("test_resnet", num_classes=len(CLASSES))
+    package = write_package(tmp_path_factory.mktemp("ml-pkg") / "p", model.state_dict(), config, {})
+    return CustomHandle(ModelKey("custom", "s3://b/p", "s3://b/p"), TrainedModel.load(package, device="cpu"))
+
+
+def test_multi_label_package_auto_accepts_tags_by_their_own_thresholds(multi_label_package):
+    from handlers.annotation import _score_multi_label
+
+    handle = multi_label_package
+    probabilities = torch.tensor([[0.65, 0.85, 0.95],   # cat by its own table (0.6), dog 0.85 >= pooled 0.8, car too
+                                  [0.55, 0.79, 0.35],   # nothing reaches: cat < 0.6, dog < 0.8
+                                  [0.99, 0.10, 0.81]])  # cat and car
+    rows = list(torch.logit(probabilities.double()).float())  # the handle's forward: calibrated logits
+    prepared = [0, 1, 2]
+    ranked, tags, accepted = _score_multi_label(handle, rows, prepared, CLASSES, 3, 0.0, 0.9)
+    assert accepted == [["car", "dog", "cat"], [], ["cat", "car"]]
+    assert tags == [["car", "dog", "cat"], ["dog", "cat", "car"], ["cat", "car"]]  # the F1 thresholds: other sets
+    _, _, strict = _score_multi_label(handle, rows, prepared, CLASSES, 3, 0.0, 0.95)  # cat has no 0.95 row: pooled
+    assert strict == [["car"], [], ["cat"]]
+    _, _, capped = _score_multi_label(handle, rows, prepared, CLASSES, 1, 0.0, 0.9)  # top_k caps, most probable first
+    assert capped == [["car"], [], ["cat"]]
+    _, _, none = _score_multi_label(handle, rows, prepared, CLASSES, 3, 0.0, 0.99)  # no threshold: never accepted
+    assert none == [[], [], []]
+    _, _, subset = _score_multi_label(handle, rows, [2, 0], ["car", "cat"], 2, 0.0, 0.9)
+    assert subset == [["car", "cat"], [], ["cat", "car"]]  # a requested subset keeps each class's own threshold
+    _, _, unasked = _score_multi_label(handle, rows, prepared, CLASSES, 3, 0.0, None)
+    assert unasked == [None, None, None]
+
+
+def test_part_size_counts_accepted_labels():
+    from handlers.parts import part_size_for
+
+    body = {"task": "classify", "model": "custom", "model_url": "s3://b/m", "multi_label": True, "top_k": 50,
+            "images": [{"id": f"i{i}", "url": "s3://b/a.png"} for i in range(200)]}
+    names = [f"{'x' * 190}{i:03d}" for i in range(50)]
+    plain = part_size_for(AnnotationRequest.model_validate(body), 1000, names, multi_label=True)
+    accepting = part_size_for(AnnotationRequest.model_validate({**body, "auto_accept_precision": 0.9}), 1000, names,
+                              multi_label=True)
+    assert accepting < plain
 
 
 # -- metrics -----------------------------------------------------------------------------------------------------

@@ -47,3 +47,15 @@ async def test_bad_manifests_are_clear_errors(tmp_path):
     other.write_text(json.dumps({"url": "https://x/a.jpg", "label": "dog"}) + "\n")
     with pytest.raises(ValueError, match="not among the classes"):  # the contract's own check, before sending
         await built(["classify", "--classes", "cat", "--examples", str(other), "https://x/q.jpg"])
+
+
+async def test_multi_label_examples_are_inlined_with_their_tag_sets(tmp_path):
+    manifest = tmp_path / "tags.jsonl"
+    manifest.write_text('{"url": "https://x/a.jpg", "labels": ["cat", "dog"]}\n{"url": "https://x/b.jpg", "labels": []}\n')
+    body = await built(["classify", "--model", "siglip", "--multi-label", "--classes", "cat,dog", "--examples",
+                        str(manifest), "https://x/q.jpg"])
+    assert body["multi_label"] is True
+    assert body["examples"] == [{"url": "https://x/a.jpg", "labels": ["cat", "dog"]}, {"url": "https://x/b.jpg", "labels": []}]
+    with pytest.raises(ValueError, match=r"examples\[0\] has 'labels' but the request is single-label"):
+        await built(["classify", "--model", "siglip", "--classes", "cat,dog", "--examples", str(manifest),
+                     "https://x/q.jpg"])
