@@ -10,7 +10,8 @@ For ``N`` L2-normalised embeddings with given labels (class indices):
   pool is limited to one thread per fit (an oversubscribed OpenBLAS on a busy 2-core machine runs ~8x
   slower) and the folds run ``jobs`` at a time.
 - **repeated folds**: the k-fold fit is repeated ``repeats`` times (default 5, each split shuffled with its own
-  seed; one split above ``repeat_rows_max`` = 20,000 images) and the out-of-sample probabilities averaged. On
+  seed; at most ``repeat_rows_budget // N`` = 25,000 // N times, so one split above 12,500 images) and the
+  out-of-sample probabilities averaged. On
   real ImageNet features of sets whose classes overlap (docs/learned-features.md) this raised the rule's
   precision by 0.03-0.07 at equal recall: a single split's probabilities near a class boundary depend on
   which few neighbours landed in the training folds, and those wobbles are what flags correct labels.
@@ -77,8 +78,8 @@ class AuditOptions:
     block_rows: int = 1024
     max_pairs: int = 10_000  # disagreeing near-duplicate pairs reported
     neighbour_weight: float = 0.0  # share of the neighbour vote in the probabilities (0: logistic regression only)
-    repeats: int = 5  # k-fold splits averaged (each with its own shuffle); 1 above repeat_rows_max images
-    repeat_rows_max: int = 20_000
+    repeats: int = 5  # k-fold splits averaged (each with its own shuffle), at most repeat_rows_budget // N
+    repeat_rows_budget: int = 25_000  # rows x repeats: above 5,000 images fewer repeats, above 12,500 one split
 
 
 @dataclass(frozen=True)
@@ -182,11 +183,12 @@ REPEAT_SEED_STRIDE = 7919
 
 def repeated_out_of_sample_probabilities(embeddings: np.ndarray, labels: np.ndarray, num_classes: int,
                                          options: AuditOptions = AuditOptions()) -> tuple[np.ndarray, int]:
-    """The mean of :func:`out_of_sample_probabilities` over ``options.repeats`` k-fold splits (split ``r`` shuffled
-    with seed ``seed + 7919 r``; one split above ``options.repeat_rows_max`` images). Every image is still
-    scored only by models that never saw it; averaging models fitted on different neighbours' labels smooths
-    the probabilities of images near a class boundary."""
-    repeats = max(1, options.repeats) if labels.shape[0] <= options.repeat_rows_max else 1
+    """The mean of :func:`out_of_sample_probabilities` over ``repeats`` k-fold splits (split ``r`` shuffled with
+    seed ``seed + 7919 r``), ``repeats = min(options.repeats, options.repeat_rows_budget // N)``, at least 1: the
+    extra work is bounded by one fit on ``repeat_rows_budget`` rows. Every image is still scored only by models
+    that never saw it; averaging models fitted on different neighbours' labels smooths the probabilities of
+    images near a class boundary."""
+    repeats = int(max(1, min(options.repeats, options.repeat_rows_budget // max(1, labels.shape[0]))))
     total, folds = out_of_sample_probabilities(embeddings, labels, num_classes, options)
     for r in range(1, repeats):
         more, _ = out_of_sample_probabilities(embeddings, labels, num_classes,
