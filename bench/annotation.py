@@ -72,6 +72,7 @@ if str(REPO) not in sys.path:  # run as a script: the repository root on the pat
     sys.path.insert(0, str(REPO))
 
 from bench.common import set_wait_budget  # noqa: E402
+from schemas.defaults import DEFAULT_CLIP_VARIANT  # noqa: E402
 from testkit.images import VARIED_SIZE as IMAGE_SIZE  # noqa: E402
 
 CLASSES = ["cat", "astronaut", "coffee cup", "rocket", "flower", "building", "coins", "galaxy", "text", "clock"]
@@ -84,7 +85,7 @@ BASELINE_TARGET = 1.4
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=None, help="N images (default 512; --quick: 64)")
-    parser.add_argument("--variant", default=None, help="CLIP variant (default ViT-B-32; --quick: cls-tiny-clip)")
+    parser.add_argument("--variant", default=None, help=f"CLIP variant (default {DEFAULT_CLIP_VARIANT}; --quick: cls-tiny-clip)")
     parser.add_argument("--weights", default="random", help="CLIP weights spec (default: random)")
     parser.add_argument("--quick", action="store_true", help="smoke test: 64 images, cls-tiny-clip, fewer reps")
     parser.add_argument("--threads", type=int, default=None,
@@ -135,7 +136,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     quick = args.quick
     args.images = args.images or (64 if quick else 512)
-    args.variant = args.variant or ("cls-tiny-clip" if quick else "ViT-B-32")
+    args.variant = args.variant or ("cls-tiny-clip" if quick else DEFAULT_CLIP_VARIANT)
     args.threads = args.threads or len(os.sched_getaffinity(0))
     args.latency_requests = args.latency_requests if args.latency_requests is not None else (5 if quick else 20)
     args.wait_quiet = args.wait_quiet if args.wait_quiet is not None else (0.0 if quick else 90.0)

@@ -12,6 +12,7 @@ from typing import Any
 
 from bench.common import CpuProbe, http_get, timed_rate, undisturbed, wait_quiet
 from testkit.images import ImageServerProcess
+from testkit.configs import decode_limits
 
 
 class InProcess:
@@ -22,7 +23,7 @@ class InProcess:
         import torch
 
         from consumers.worker import configure_torch_threads
-        from handlers.images import DecodeLimits, decode_image
+        from handlers.images import decode_image
         from ml.backbones import load_zero_shot_model
 
         self.args = args
@@ -47,7 +48,7 @@ class InProcess:
 
         # per-stage throughput, one thread, one image at a time
         urls = [server.url(p.name) for p in paths[: args.sample]]
-        limits = DecodeLimits()
+        limits = decode_limits()
         quiet = wait_quiet(cpu_pids, args.wait_quiet, args.quiet_cores)
         probe = CpuProbe(cpu_pids)
         probe.start()

@@ -39,7 +39,9 @@ if str(REPO) not in sys.path:  # run as a script: the repository root on the pat
 from handlers.images import DecodeLimits, decoded, decoded_tensor  # noqa: E402
 from ml.device import policy_for, stage_batch  # noqa: E402
 from ml.preprocess import decode_jpegs, tensor_preprocess_for  # noqa: E402
+from schemas.defaults import DEFAULT_CLIP_VARIANT  # noqa: E402
 from testkit.photos import photo_jpegs  # noqa: E402
+from testkit.configs import decode_limits  # noqa: E402
 
 FAMILIES = ("vit_base_patch16_224", "convnext_tiny", "efficientnet_b0", "swin_tiny_patch4_window7_224")
 DRY_FAMILIES = ("test_vit", "test_convnext", "test_efficientnet", "test_resnet")  # the four kinds, timm's tiny test nets
@@ -49,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry", action="store_true", help="CPU, tiny models and sizes: checks the script runs")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--variants", default=None, help="CLIP variants (default ViT-B-32,ViT-L-14; --dry: cls-tiny-clip)")
+    parser.add_argument("--variants", default=None, help=f"CLIP variants (default {DEFAULT_CLIP_VARIANT},ViT-L-14; --dry: cls-tiny-clip)")
     parser.add_argument("--images", type=int, default=None, help="JPEGs per end-to-end run (default 2048; --dry 16)")
     parser.add_argument("--batch-size", type=int, default=None, help="default 256 on CUDA, 32 on the CPU, --dry 8")
     parser.add_argument("--decode-threads", type=int, default=None, help="CPU decode threads (default: the cores)")
@@ -98,11 +100,11 @@ def environment() -> dict[str, Any]:
 def bench_preprocess(args: argparse.Namespace) -> dict[str, Any]:
     from ml.backbones import load_zero_shot_model
 
-    model = load_zero_shot_model("clip", "cls-tiny-clip" if args.dry else "ViT-B-32", "random", device="cpu")
+    model = load_zero_shot_model("clip", "cls-tiny-clip" if args.dry else DEFAULT_CLIP_VARIANT, "random", device="cpu")
     recipe = tensor_preprocess_for(model)
     assert recipe is not None
     datas = photo_jpegs(4 if args.dry else 32, (640, 480))
-    limits = DecodeLimits()
+    limits = decode_limits()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # per CPU thread, as the worker's decode pool runs it
     try:
@@ -145,7 +147,7 @@ def bench_annotation(args: argparse.Namespace, variant: str) -> dict[str, Any]:
     out["tower_img_s"] = rate(lambda: (model.encode_images(staged_once), batch)[1], args.seconds)
 
     datas = photo_jpegs(args.images, (640, 480))
-    limits = DecodeLimits()
+    limits = decode_limits()
     pool = ThreadPoolExecutor(args.decode_threads)
 
     def cpu_decode(data: bytes) -> torch.Tensor:
@@ -258,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     args.train_epochs = args.train_epochs or (1 if args.dry else 2)
     if args.train_workers is None:
         args.train_workers = 0 if args.dry else min(8, len(os.sched_getaffinity(0)))
-    variants = (args.variants or ("cls-tiny-clip" if args.dry else "ViT-B-32,ViT-L-14")).split(",")
+    variants = (args.variants or ("cls-tiny-clip" if args.dry else f"{DEFAULT_CLIP_VARIANT},ViT-L-14")).split(",")
     sections = set(args.sections.split(","))
     if args.dry:
         torch.set_num_threads(min(2, torch.get_num_threads()))

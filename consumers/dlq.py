@@ -71,11 +71,6 @@ def _original_headers(record: ConsumerRecord) -> list[Header]:
     return [(name, value) for name, value in record.headers or () if not name.lower().startswith(DLQ_PREFIX)]
 
 
-def dlq_headers(record: ConsumerRecord, code: str, message: str) -> list[Header]:
-    """The record's own headers (``dlq-*`` ones dropped), then the five saying why."""
-    return _original_headers(record) + _why_headers(record, code, message)
-
-
 def _head(text: str, limit: int) -> str:
     return text.encode("utf-8", "replace")[:limit].decode("utf-8", "ignore")
 

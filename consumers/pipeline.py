@@ -32,7 +32,7 @@ class Pipeline:
     failed_event: FailedEvent  # the contract's failed event for an id + error
     handler_timeout_s: float | None = None
     # Called with the ids of requests in flight on revoked partitions / at shutdown, so long
-    # handlers can checkpoint and raise ``handlers.errors.Abandoned`` (no event, no commit).
+    # handlers can checkpoint and raise ``handlers.lifecycle.Abandoned`` (no event, no commit).
     on_preempt: Callable[[set[str]], None] | None = None
     # Lanes: every input topic belongs to a lane with its own in-flight budget (the runtime's
     # max_in_flight is the budget of the first topic's lane). ``lane_for(body, topic_lane)`` may move a

@@ -14,7 +14,8 @@ from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas import topics as default_topics
-from schemas.annotation import MAX_IMAGES_PER_REQUEST
+from schemas.annotation import MAX_FEW_SHOT_EXAMPLES, MAX_IMAGES_PER_REQUEST
+from schemas.defaults import DEFAULT_CLIP_VARIANT, DEFAULT_CLIP_WEIGHTS, DEFAULT_SIGLIP_VARIANT, DEFAULT_SIGLIP_WEIGHTS
 
 
 class KafkaSettings(BaseSettings):
@@ -99,7 +100,6 @@ class WorkerSettings(BaseSettings):
                                    "fetch for a partition with nothing new. A fetch in flight holds back the next "
                                    "one for partitions just drained, so with one partition caught up and others "
                                    "backlogged this bounds the gap between their fetches (Kafka's default is 500).")
-    max_poll_records: int = Field(default=50, ge=1, description="Records one poll returns at most.")
     max_record_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, description="Largest record read or produced; topics are created to match.")
     retry_attempts: int = Field(default=3, ge=0, description="Retries of a retryable failure before a failed event.")
     max_attempts: int = Field(default=3, ge=1, description="Attempts at a record that fails unexpectedly (or kills the "
@@ -132,10 +132,10 @@ class WorkerSettings(BaseSettings):
     s3_region: str | None = Field(default=None, validation_alias=AliasChoices("CLS_S3_REGION", "AWS_DEFAULT_REGION", "AWS_REGION"), description="S3 region (also AWS_DEFAULT_REGION, AWS_REGION).")
 
     # annotation models
-    clip_variant: str = Field(default="ViT-B-32", description="The CLIP architecture a request without model_variant gets (an open_clip name).")
-    clip_weights: str = Field(default="laion2b_s34b_b79k", description="pretrained tag, local path, s3:// URL or 'random'.")
-    siglip_variant: str = Field(default="google/siglip-base-patch16-224", description="The SigLIP model a request without model_variant gets (a hub id).")
-    siglip_weights: str = Field(default="pretrained", description="'pretrained' (hub cache), local dir/file, s3:// URL or 'random'.")
+    clip_variant: str = Field(default=DEFAULT_CLIP_VARIANT, description="The CLIP architecture a request without model_variant gets (an open_clip name).")
+    clip_weights: str = Field(default=DEFAULT_CLIP_WEIGHTS, description="pretrained tag, local path, s3:// URL or 'random'.")
+    siglip_variant: str = Field(default=DEFAULT_SIGLIP_VARIANT, description="The SigLIP model a request without model_variant gets (a hub id).")
+    siglip_weights: str = Field(default=DEFAULT_SIGLIP_WEIGHTS, description="'pretrained' (hub cache), local dir/file, s3:// URL or 'random'.")
     preload_models: str = Field(default="clip", description="Comma-separated families (or family:variant) loaded and warmed at start-up.")
     model_cache_size: int = Field(default=2, ge=1, description="Models kept loaded (least recently used out).")
     model_dir: str = Field(default="~/.cache/cls-workers/models", description="Downloaded weights and trained packages.")
@@ -190,7 +190,7 @@ class WorkerSettings(BaseSettings):
                               "'pretrained' (hub cache) or 'random' (tests).")
 
     # few-shot classify
-    fewshot_max_examples: int = Field(default=2000, ge=1, le=10_000, description="Labeled examples one classify request "
+    fewshot_max_examples: int = Field(default=2000, ge=1, le=MAX_FEW_SHOT_EXAMPLES, description="Labeled examples one classify request "
                                       "may carry (inline or in its examples_url manifest).")
     fewshot_head_cache_mb: int = Field(default=256, ge=0, description="Fitted few-shot heads kept across requests by "
                                        "support-set hash, in MB (0: off; concurrent identical requests still fit once).")
@@ -201,7 +201,7 @@ class WorkerSettings(BaseSettings):
                                      "never run on the CPU pool that decodes images; more fits wait their turn).")
     # audit task
     audit_max_images: int = Field(default=100_000, ge=1, description="Images of one audit request: a manifest_url may "
-                                  "list this many (inline images stay within the contract's 10,000).")
+                                  f"list this many (inline images stay within the contract's {MAX_IMAGES_PER_REQUEST:,}).")
     audit_max_cells: int = Field(default=10_000_000, ge=1, description="Images x classes of one audit: the fit's time "
                                  "and its probability table grow with both.")
 

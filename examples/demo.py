@@ -112,7 +112,6 @@ class Demo:
         return {
             **os.environ,
             **worker_env(self.bootstrap, self.state),
-            "CLS_CLIP_VARIANT": os.environ.get("CLS_CLIP_VARIANT", "ViT-B-32"),
             "CLS_DEFAULT_PROMPT_TEMPLATES": os.environ.get("CLS_DEFAULT_PROMPT_TEMPLATES", "a photo of a {}.|a picture of a {}."),
             "CLS_TORCH_THREADS": os.environ.get("CLS_TORCH_THREADS", "1"),
             "CLS_EMBED_OUTPUT_PATH": EMBEDDINGS_PREFIX,

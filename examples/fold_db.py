@@ -124,7 +124,7 @@ class PostgresDatabase:
         self.connection.close()
 
 
-def connect(target: str | Path) -> SQLiteDatabase | PostgresDatabase:
+def connect(target: str | Path) -> Database:
     """A PostgreSQL URL (``postgresql://user@host:port/db``) or a SQLite file path."""
     if isinstance(target, str) and target.startswith(POSTGRES_SCHEMES):
         return PostgresDatabase(target)

@@ -58,6 +58,7 @@ from schemas.annotation import (
 if TYPE_CHECKING:
     from handlers.context import AnnotationContext, AuditConfig
     from handlers.model_handles import EmbeddingHandle
+    from handlers.storage import ObjectStore
 
 log = structlog.get_logger("cls.audit")
 
@@ -90,6 +91,19 @@ def audit_part_size(images: Sequence[AuditImage], classes: Sequence[str], config
     return max(1, min(configured, (budget_bytes - envelope) // per_image))
 
 
+def checked_output(ctx: AnnotationContext, store: ObjectStore | None, output_path: str | None, what: str) -> str:
+    """The request's output prefix (default CLS_EMBED_OUTPUT_PATH), checked against the storage fence before any
+    work: ``invalid_request`` without one, ``storage_unwritable`` without a store, ``blocked_url`` /
+    ``unsupported_url`` from the store's check. ``what`` names the file(s) for the messages."""
+    output = output_path or ctx.embed_config.output_path
+    if output is None:
+        raise InvalidRequest(f"no output_path and no default (CLS_EMBED_OUTPUT_PATH): nowhere to store {what}")
+    if store is None:
+        raise PermanentError("storage_unwritable", f"this worker has no object storage to write {what} to")
+    store.check(output)  # blocked_url / unsupported_url before any work
+    return output
+
+
 def request_folder(prefix: str, request_id: str) -> str:
     """``<prefix>/<request id>`` (the id as one key segment, ``handlers.keys.key_segment``, as the embed task's
     part files)."""
@@ -119,12 +133,7 @@ class AuditHandler:
         store = self.embedder.store
         started = time.monotonic()
         request_id = request.request_id or ""
-        output = request.output_path or ctx.embed_config.output_path
-        if output is None:
-            raise InvalidRequest("no output_path and no default (CLS_EMBED_OUTPUT_PATH): nowhere to store the audit table")
-        if store is None:
-            raise PermanentError("storage_unwritable", "this worker has no object storage to write the audit to")
-        store.check(output)  # blocked_url / unsupported_url before any work
+        output = checked_output(ctx, store, request.output_path, "the audit table")
         images = await self._images(request, config)
         classes = list(request.classes) if request.classes else sorted({image.label for image in images})
         problem = audit_label_problem([image.label for image in images], request.classes)

@@ -273,7 +273,7 @@ def _stack_and_forward(forward: Callable[[Any], torch.Tensor], batch: Any) -> tu
 class MicroBatcher:
     """Collects single images from any number of requests into batched forwards, per model."""
 
-    def __init__(self, executors: Executors, max_batch: int = 32, max_wait_ms: float = 10.0,
+    def __init__(self, executors: Executors, *, max_batch: int, max_wait_ms: float,
                  observe: Callable[[int, int], None] | None = None,
                  observe_forward: Callable[[str, float], None] | None = None,
                  active_batch: int | None = None, active_s: float = 10.0) -> None:

@@ -66,7 +66,7 @@ class FewShotConfig:
 
 @dataclass(frozen=True)
 class AuditConfig:
-    max_images: int  # CLS_AUDIT_MAX_IMAGES: images of one audit (inline images stay <= 10,000)
+    max_images: int  # CLS_AUDIT_MAX_IMAGES: images of one audit (inline images stay within schemas.annotation.MAX_IMAGES_PER_REQUEST)
     max_cells: int  # CLS_AUDIT_MAX_CELLS: images x classes (the fit's time and probability table)
     jobs: int = 2  # folds fitted at once (each fit's BLAS single-threaded)
 
@@ -154,11 +154,11 @@ class AnnotationContext:
     embed_config: EmbedConfig
     fewshot: FewShotConfig  # classify with examples: limits, head cache size
     audit_config: AuditConfig  # "task": "audit" limits
+    manifest_limits: ManifestLimits  # examples_url / manifest_url bounds
     on_text_cache: Callable[[bool], None] | None = None  # metrics hook: True on a hit
     store: ObjectStore | None = None  # where embed writes vectors and reads 'against' files
     embedding_cache: EmbeddingCache | None = None  # image embeddings by (content hash, model): classify and embed
     fewshot_heads: FewShotHeads = field(init=False)  # fitted few-shot heads by support-set key, single flight
-    manifest_limits: ManifestLimits = field(default_factory=ManifestLimits)  # examples_url / manifest_url bounds
     images_semaphore: asyncio.Semaphore = field(init=False)
     interactive_semaphore: asyncio.Semaphore = field(init=False)
     preprocessor: Preprocessor = field(init=False)  # fetched bytes -> model input, for classify and embed

@@ -188,8 +188,7 @@ def _compact(line: _ManifestLine) -> tuple[str, str | tuple[str, ...], bool]:
     return line.url, label, isinstance(line.split, str) and line.split.lower() in VAL_SPLITS
 
 
-async def read_manifest(fetcher: Fetcher, url: str, executors: Executors,
-                        limits: manifests.ManifestLimits = manifests.ManifestLimits(),
+async def read_manifest(fetcher: Fetcher, url: str, executors: Executors, limits: manifests.ManifestLimits,
                         ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """Entries of a JSON Lines manifest as (url, label), split into (train, val) by their ``split`` field;
     streamed and parsed in the CPU pool (``handlers.manifests``), at most CLS_MANIFEST_MAX_LINES entries."""
@@ -201,9 +200,9 @@ async def read_manifest(fetcher: Fetcher, url: str, executors: Executors,
 
 
 async def prepare_dataset(dataset: TrainingDataset, *, fetcher: Fetcher, executors: Executors, cache: DatasetCache,
-                          limits: DecodeLimits, max_bad_fraction: float, concurrency: int = 16,
+                          limits: DecodeLimits, max_bad_fraction: float, concurrency: int,
+                          manifest_limits: manifests.ManifestLimits,
                           should_stop: Callable[[], str | None] | None = None,
-                          manifest_limits: manifests.ManifestLimits = manifests.ManifestLimits(),
                           multi_label: bool = False) -> PreparedDataset:
     """Resolve labels, download and check every image (``concurrency`` at a time); fail as soon as too many
     are unusable. ``should_stop`` is asked before each image: a reason (``"cancel"``, ``"preempt"``) ends

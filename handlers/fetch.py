@@ -48,17 +48,18 @@ _CANONICAL_LABEL = re.compile(r"^(?:0|[1-9][0-9]{0,2})$")
 
 @dataclass(frozen=True)
 class FetchLimits:
-    """Limits and policy for fetching one URL."""
+    """Limits and policy for fetching one URL (``consumers.worker.fetch_limits`` builds them from ``CLS_*``; the
+    defaults live in ``consumers.settings`` only)."""
 
-    max_bytes: int = 20 * 1024 * 1024
-    connect_timeout_s: float = 5
-    read_timeout_s: float = 15
-    total_timeout_s: float = 30
-    max_redirects: int = 3
-    concurrency: int = 16
-    allow_private_networks: bool = False
-    allow_file_urls: bool = False
-    file_root: str | None = None  # file:// only under this directory when set
+    max_bytes: int  # CLS_FETCH_MAX_BYTES
+    connect_timeout_s: float  # CLS_FETCH_CONNECT_TIMEOUT_S
+    read_timeout_s: float  # CLS_FETCH_READ_TIMEOUT_S
+    total_timeout_s: float  # CLS_FETCH_TOTAL_TIMEOUT_S
+    max_redirects: int  # CLS_FETCH_MAX_REDIRECTS
+    concurrency: int  # CLS_FETCH_CONCURRENCY
+    allow_private_networks: bool  # CLS_ALLOW_PRIVATE_NETWORKS
+    allow_file_urls: bool  # CLS_ALLOW_FILE_URLS
+    file_root: str | None  # CLS_FILE_ROOT: file:// only under this directory when set
 
 
 def is_noncanonical_numeric_host(host: str) -> bool:

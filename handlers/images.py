@@ -109,11 +109,12 @@ class DecodeLimits:
     ``max_aspect_ratio``: long side / short side. 20 admits banners (970x90 is 10.8) and phone panoramas
     (about 4:1 to 12:1); beyond it a centre crop sees under 5% of the image, and a shortest-side resize to
     224 px already yields 4480 px on the long side. ``budget``: the shared decode budget (None: only the
-    per-image checks).
+    per-image checks). ``consumers.worker.decode_limits`` builds them from ``CLS_*``; the defaults live in
+    ``consumers.settings`` only.
     """
 
-    max_pixels: int = 40_000_000
-    max_aspect_ratio: float = 20.0
+    max_pixels: int  # CLS_MAX_IMAGE_PIXELS
+    max_aspect_ratio: float  # CLS_MAX_ASPECT_RATIO
     budget: DecodeBudget | None = None
 
 

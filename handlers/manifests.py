@@ -30,19 +30,18 @@ M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
 
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024
-MAX_LINE_BYTES = 64 * 1024
-MAX_LINES = 1_000_000
 BLOCK_BYTES = 1024 * 1024
 """Bytes gathered before a block of lines goes to the CPU pool (fewer hops than one per network chunk)."""
 
 
 @dataclass(frozen=True)
 class ManifestLimits:
-    """Bounds of every manifest (settings); a caller may lower ``max_lines`` for its own kind."""
+    """Bounds of every manifest (``consumers.worker.manifest_limits`` builds them from ``CLS_MANIFEST_*``; the
+    defaults live in ``consumers.settings`` only); a caller may lower ``max_lines`` for its own kind."""
 
-    max_bytes: int = MAX_MANIFEST_BYTES  # CLS_MANIFEST_MAX_BYTES
-    max_line_bytes: int = MAX_LINE_BYTES  # CLS_MANIFEST_MAX_LINE_BYTES
-    max_lines: int = MAX_LINES  # CLS_MANIFEST_MAX_LINES: entries of a training manifest
+    max_bytes: int  # CLS_MANIFEST_MAX_BYTES
+    max_line_bytes: int  # CLS_MANIFEST_MAX_LINE_BYTES
+    max_lines: int  # CLS_MANIFEST_MAX_LINES: entries of a training manifest
 
 
 def describe_without_content(exc: Exception) -> str:
@@ -119,7 +118,7 @@ class ManifestParser(Generic[M, T]):
 
 
 async def read_manifest(fetcher: Fetcher, url: str, model: type[M], *, executors: Executors, error_code: str,
-                        limits: ManifestLimits = ManifestLimits(), max_lines: int | None = None,
+                        limits: ManifestLimits, max_lines: int | None = None,
                         max_bytes: int | None = None, limit_name: str = "CLS_MANIFEST_MAX_LINES",
                         convert: Callable[[M], T] | None = None) -> list[T]:
     """Stream and parse a JSON Lines manifest of ``model`` entries (``convert``ed when given), in the CPU pool.

@@ -31,8 +31,8 @@ log = structlog.get_logger("cls.preprocessing")
 class Preprocessor:
     """Chooses and runs the preprocessing path of each image (see the module docstring)."""
 
-    def __init__(self, mode: str, limits: DecodeLimits, executors: Executors, *, gpu_decode: bool = True,
-                 max_batch: int = 32, max_wait_ms: float = 10.0,
+    def __init__(self, mode: str, limits: DecodeLimits, executors: Executors, *, gpu_decode: bool,
+                 max_batch: int, max_wait_ms: float,
                  batched_device_types: frozenset[str] = frozenset({"cuda"}),
                  max_batch_pixels: int = DECODE_BATCH_PIXELS) -> None:
         self.mode = mode

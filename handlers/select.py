@@ -6,26 +6,29 @@ CLS_AUDIT_MAX_IMAGES, images x classes over CLS_AUDIT_MAX_CELLS, a label outside
 a budget over the pool) before any image is fetched; then embed both sets through the audit's
 :func:`handlers.audit.embed_matrix` (fenced fetch, embedding cache, micro-batched forward: a pool embedded for
 duplicates or an audit is not embedded again) and run ``ml.select.select`` (near-duplicates, clustering, the head)
-in the CPU pool. The selection is written as ``<output>/<request id>/selection.csv`` (:data:`CSV_COLUMNS`) before
-the first part is published. Parts are in selection order (rank 0 first), then the pool images that failed as
+in the CPU pool; with a text tower (clip, siglip) and ``classes``, the zero-shot classifier's probabilities of the
+pool (text embeddings through the text cache) are the uncertainty while no head can be fitted. The whole pool's
+ranking is written as ``<output>/<request id>/selection.csv`` (:data:`CSV_COLUMNS`; a row at a time to a temporary
+file, then uploaded) before the first part is published. Parts are in selection order (rank 0 first), then the pool images that failed as
 error entries; seeded throughout, so a redelivery yields the same parts, ids and file.
 """
 
 from __future__ import annotations
 
 import csv
-import io
+import tempfile
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import structlog
 
-from handlers.audit import embed_matrix, listed_images, request_folder
+from handlers.audit import checked_output, embed_matrix, listed_images, request_folder
 from handlers.embedding import EmbedHandler
-from handlers.errors import InvalidRequest, PermanentError
+from handlers.errors import InvalidRequest
 from handlers.parts import json_bytes
 from ml.select import SelectError, SelectOptions, Selection, select
 from schemas.annotation import (
@@ -39,19 +42,22 @@ from schemas.annotation import (
     SelectEntry,
     SelectRequest,
     SelectSummary,
+    prompt_volume_problem,
     select_inputs_problem,
 )
 
 if TYPE_CHECKING:
     from handlers.context import AnnotationContext
     from handlers.models import EmbeddingHandle
+    from handlers.storage import ObjectStore
 
 log = structlog.get_logger("cls.select")
 
 SELECTION_FILE = "selection.csv"
 CSV_COLUMNS = ("id", "rank", "score", "reason", "predicted", "predicted_confidence", "error")
-"""The columns of ``selection.csv``: a header row, one row per selected image in rank order, then one per failed
-pool image (its id and error code, the other cells empty)."""
+"""The columns of ``selection.csv``: a header row, one row per selected image in rank order, one per other candidate
+(ranks going on), one per near-duplicate left out (no rank, reason ``duplicate``), then one per failed pool image
+(its id and error code, the other cells empty)."""
 DECIMALS = 6
 
 
@@ -71,6 +77,22 @@ def select_part_size(pool: Sequence[ImageRef], classes: Sequence[str], configure
 class _Picked:
     entries: list[SelectEntry]
     summary: SelectSummary
+    selection: Selection  # rows are positions among `good`
+    good: np.ndarray  # the pool positions that were embedded
+    classes: list[str]
+
+
+def zero_shot_probabilities(model: EmbeddingHandle, pool_matrix: np.ndarray, prepared: object) -> np.ndarray:
+    """``[N, C]`` zero-shot class probabilities of the pool vectors as stored (float16), a block at a time."""
+    import torch
+
+    out = []
+    for start in range(0, pool_matrix.shape[0], 4096):
+        block = torch.from_numpy(pool_matrix[start:start + 4096].astype(np.float16).astype(np.float32))
+        device = getattr(prepared, "device", None)
+        scores = model.confidences(block.to(device) if device is not None else block, prepared)  # type: ignore[attr-defined]
+        out.append(scores.float().cpu().numpy())
+    return np.concatenate(out).astype(np.float64) if out else np.zeros((0, 0))
 
 
 class SelectHandler:
@@ -86,12 +108,15 @@ class SelectHandler:
         store = self.embedder.store
         started = time.monotonic()
         request_id = request.request_id or ""
-        output = request.output_path or ctx.embed_config.output_path
-        if output is None:
-            raise InvalidRequest("no output_path and no default (CLS_EMBED_OUTPUT_PATH): nowhere to store the selection")
-        if store is None:
-            raise PermanentError("storage_unwritable", "this worker has no object storage to write the selection to")
-        store.check(output)  # blocked_url / unsupported_url before any work
+        output = checked_output(ctx, store, request.output_path, "the selection")
+        store = cast("ObjectStore", store)
+        zero_shot = request.model in ("clip", "siglip") and bool(request.classes)
+        templates = list(ctx.config.default_templates)
+        if zero_shot:
+            problem = prompt_volume_problem(list(request.classes or ()), templates,
+                                            "default templates (CLS_DEFAULT_PROMPT_TEMPLATES)")
+            if problem:
+                raise InvalidRequest(problem)
         pool = await listed_images(ctx, request.images, request.manifest_url, ImageRef, limits.max_images, "a selection")
         labeled: list[AuditImage] = []
         if request.labeled is not None or request.labeled_url is not None:
@@ -112,6 +137,11 @@ class SelectHandler:
                                  f"limited to CLS_AUDIT_MAX_CELLS={limits.max_cells}")
         key = ctx.model_config.key_for(request.model, request.model_variant, request.model_url)
         model: EmbeddingHandle = await ctx.models.get(key)
+        prepared = None
+        if zero_shot:  # the class side of the zero-shot classifier (text cache), before any image is fetched
+            prepared, text_cache_hit = await model.prepare(classes, templates, ctx.executors)  # type: ignore[attr-defined]
+            if ctx.on_text_cache is not None:
+                ctx.on_text_cache(text_cache_hit)
         priority = request.priority or "bulk"
         pool_matrix, pool_errors = await embed_matrix(self.embedder, model, pool, request_id, priority)
         labeled_matrix, labeled_errors = await embed_matrix(self.embedder, model, labeled, request_id, priority)
@@ -119,15 +149,20 @@ class SelectHandler:
             first = next(iter(pool_errors.values())).error
             raise InvalidRequest(f"none of the {len(pool)} pool images could be embedded "
                                  f"(first: {first.code if first else '?'})")
+        probabilities = None
+        if prepared is not None:
+            probabilities = await ctx.executors.on_gpu(zero_shot_probabilities, model, pool_matrix, prepared)
 
         picked = await ctx.executors.on_cpu(run_selection, request, pool, labeled, classes, pool_matrix, pool_errors,
-                                            labeled_matrix, labeled_errors)
-        del pool_matrix, labeled_matrix
+                                            labeled_matrix, labeled_errors, probabilities)
+        del pool_matrix, labeled_matrix, probabilities
         folder = request_folder(output, request_id)
         selection_url = f"{folder}/{SELECTION_FILE}"
         failed = [pool_errors[position] for position in sorted(pool_errors)]
-        table = await ctx.executors.on_cpu(selection_csv, picked.entries, failed)
-        await store.put_bytes(selection_url, table, "text/csv; charset=utf-8")
+        with tempfile.TemporaryDirectory(prefix="cls-select-") as scratch:  # the whole pool's ranking: streamed
+            table = Path(scratch) / SELECTION_FILE
+            await ctx.executors.on_cpu(write_selection_csv, table, picked, pool, failed)
+            await store.upload_file(table, selection_url, "text/csv; charset=utf-8")
 
         size = select_part_size(pool, classes, ctx.config.part_size, ctx.config.part_budget_bytes)
         items: list[SelectEntry | ImageResult] = [*picked.entries, *failed]
@@ -154,10 +189,11 @@ class SelectHandler:
 
 def run_selection(request: SelectRequest, pool: Sequence[ImageRef], labeled: Sequence[AuditImage],
                   classes: Sequence[str], pool_matrix: np.ndarray, pool_errors: dict[int, ImageResult],
-                  labeled_matrix: np.ndarray, labeled_errors: dict[int, ImageResult]) -> _Picked:
-    """``ml.select.select`` on the embedded images (failed ones left out), as entries in rank order and a summary.
-    The vectors are rounded to float16 first, as the embed task stores them: last-bit noise of a forward pass
-    rarely reaches the selection."""
+                  labeled_matrix: np.ndarray, labeled_errors: dict[int, ImageResult],
+                  zero_shot: np.ndarray | None = None) -> _Picked:
+    """``ml.select.select`` on the embedded images (failed ones left out), as entries in rank order and a summary;
+    ``zero_shot``: the pool's zero-shot probabilities (rows as ``pool_matrix``). The vectors are rounded to float16
+    first, as the embed task stores them: last-bit noise of a forward pass rarely reaches the selection."""
     good = np.array([p for p in range(len(pool)) if p not in pool_errors], dtype=np.int64)
     good_labeled = np.array([p for p in range(len(labeled)) if p not in labeled_errors], dtype=np.int64)
     class_index = {name: i for i, name in enumerate(classes)}
@@ -165,9 +201,11 @@ def run_selection(request: SelectRequest, pool: Sequence[ImageRef], labeled: Seq
     x = pool_matrix[good].astype(np.float16).astype(np.float32)
     y = labeled_matrix[good_labeled].astype(np.float16).astype(np.float32) if good_labeled.size else \
         np.zeros((0, pool_matrix.shape[1]), np.float32)
-    options = SelectOptions(duplicate_threshold=request.options.duplicate_threshold, seed=request.options.seed)
+    options = SelectOptions(duplicate_threshold=request.options.duplicate_threshold, seed=request.options.seed,
+                            rank_all=True)
     try:
-        selection: Selection = select(x, y, labels, max(1, len(classes)), request.budget, request.strategy, options)
+        selection: Selection = select(x, y, labels, max(1, len(classes)), request.budget, request.strategy, options,
+                                      zero_shot=None if zero_shot is None else zero_shot[good])
     except SelectError as exc:
         raise InvalidRequest(f"cannot select from these images: {exc}") from exc
     entries = []
@@ -183,20 +221,33 @@ def run_selection(request: SelectRequest, pool: Sequence[ImageRef], labeled: Seq
     summary = SelectSummary(strategy=selection.strategy, requested_strategy=request.strategy, pool=len(pool),
                             embedded=int(good.size), candidates=selection.candidates, labeled=int(good_labeled.size),
                             labeled_failed=len(labeled_errors), classes=len(classes), selected=len(entries),
-                            cv_accuracy=None if selection.cv_accuracy is None else round(selection.cv_accuracy, DECIMALS))
-    return _Picked(entries=entries, summary=summary)
+                            cv_accuracy=None if selection.cv_accuracy is None else round(selection.cv_accuracy, DECIMALS),
+                            predicted_by=selection.predicted_by)
+    return _Picked(entries=entries, summary=summary, selection=selection, good=good, classes=list(classes))
 
 
-def selection_csv(entries: Sequence[SelectEntry], failed: Sequence[ImageResult]) -> bytes:
-    """``selection.csv``: the header :data:`CSV_COLUMNS`, the selected images in rank order, then the failed pool
-    images (UTF-8, the csv module's quoting; values verbatim, as the parts carry them)."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(CSV_COLUMNS)
-    for entry in entries:
-        predicted = entry.predicted
-        writer.writerow([entry.id, entry.rank, entry.score, entry.reason, predicted.class_name if predicted else "",
-                         predicted.confidence if predicted else "", ""])
-    for result in failed:
-        writer.writerow([result.id, "", "", "", "", "", result.error.code if result.error else ""])
-    return buffer.getvalue().encode("utf-8")
+def write_selection_csv(path: Path, picked: _Picked, pool: Sequence[ImageRef], failed: Sequence[ImageResult]) -> None:
+    """``selection.csv`` (the header :data:`CSV_COLUMNS`), the whole pool: the selected images in rank order (as the
+    parts carry them), every other candidate in the strategy's order after them (ranks go on), the near-duplicates
+    left out (no rank; reason ``duplicate``), then the failed pool images (their error code). UTF-8, the csv
+    module's quoting; written a row at a time."""
+    selection, good, classes = picked.selection, picked.good, picked.classes
+    with path.open("w", encoding="utf-8", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow(CSV_COLUMNS)
+        for entry in picked.entries:
+            predicted = entry.predicted
+            writer.writerow([entry.id, entry.rank, entry.score, entry.reason, predicted.class_name if predicted else "",
+                             predicted.confidence if predicted else "", ""])
+        reason = picked.entries[0].reason if picked.entries else ""
+        for k, (row, score) in enumerate(zip(selection.rest.tolist(), selection.rest_scores.tolist(), strict=True)):
+            guess = confidence = ""
+            if selection.rest_predicted is not None and selection.rest_probability is not None:
+                guess = classes[int(selection.rest_predicted[k])]
+                confidence = round(min(1.0, max(0.0, float(selection.rest_probability[k]))), DECIMALS)
+            writer.writerow([pool[int(good[row])].id, len(picked.entries) + k, round(float(score), DECIMALS), reason,
+                             guess, confidence, ""])
+        for row in selection.duplicates.tolist():
+            writer.writerow([pool[int(good[row])].id, "", "", "duplicate", "", "", ""])
+        for result in failed:
+            writer.writerow([result.id, "", "", "", "", "", result.error.code if result.error else ""])

@@ -74,12 +74,12 @@ class TrainingSettings:
     heartbeat_s: float  # CLS_HEARTBEAT_S
     device: str  # CLS_DEVICE
     download_concurrency: int  # CLS_FETCH_CONCURRENCY
-    memory_budget_bytes: int | None = None  # None: half the memory available when a job is checked
-    max_workers: int | None = None  # cap on num_workers; None: the usable CPU cores
-    allowed_models: tuple[str, ...] = ()  # CLS_ALLOWED_TRAINING_MODELS: timm names or fnmatch patterns; (): any
-    max_metrics_bytes: int = 512 * 1024  # encoded metrics kept in a completed event (the worker: max_record_bytes / 8)
-    manifest_limits: ManifestLimits = field(default_factory=ManifestLimits)  # a dataset's manifest_url bounds
-    dataset_cache_bytes: int | None = 10 * 1024**3  # CLS_DATASET_CACHE_MB: the image cache on disk (None: unbounded)
+    memory_budget_bytes: int | None  # CLS_TRAINING_MEMORY_BUDGET_MB; None: half the memory available when a job is checked
+    max_workers: int | None  # CLS_TRAINING_MAX_WORKERS: cap on num_workers; None: the usable CPU cores
+    allowed_models: tuple[str, ...]  # CLS_ALLOWED_TRAINING_MODELS: timm names or fnmatch patterns; (): any
+    max_metrics_bytes: int  # encoded metrics kept in a completed event (the worker: CLS_MAX_RECORD_BYTES / 8)
+    manifest_limits: ManifestLimits  # CLS_MANIFEST_*: a dataset's manifest_url bounds
+    dataset_cache_bytes: int | None  # CLS_DATASET_CACHE_MB: the image cache on disk (None: unbounded)
 
 
 class _Delivery:

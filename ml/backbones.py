@@ -13,7 +13,7 @@ from ml.device import resolve_device
 from ml.embedding import ImageEmbedder, WeightsSource
 from ml.errors import ModelLoadError
 from ml.text_cache import TextEmbeddingCache
-from ml.zeroshot import DEFAULT_VARIANTS, ZeroShotModel
+from ml.zeroshot import ZeroShotModel
 
 __all__ = ["load_image_embedder", "load_zero_shot_model"]
 
@@ -22,7 +22,7 @@ Family = Literal["clip", "siglip"]
 
 def load_zero_shot_model(
     family: Family,
-    variant: str | None,
+    variant: str,
     weights: str,
     *,
     device: str = "auto",
@@ -30,15 +30,16 @@ def load_zero_shot_model(
     text_cache: TextEmbeddingCache | None = None,
     seed: int = 0,
 ) -> ZeroShotModel:
-    """Build a zero-shot model of ``family`` / ``variant`` (default per :data:`~ml.zeroshot.DEFAULT_VARIANTS`)
-    with the given weights spec (see ``ml.zeroshot``), in eval mode on ``device``. Raises
+    """Build a zero-shot model of ``family`` / ``variant`` (the worker's defaults are settings:
+    ``consumers.settings``) with the given weights spec (see ``ml.zeroshot``), in eval mode on ``device``. Raises
     :class:`~ml.errors.ModelLoadError`.
 
     ``text_cache``: a cache shared with other models (keys name the model); default: a new one of
     ``text_cache_size`` entries."""
-    if family not in DEFAULT_VARIANTS:
-        raise ModelLoadError(f"unknown zero-shot model family {family!r} (expected one of {sorted(DEFAULT_VARIANTS)})")
-    variant = variant or DEFAULT_VARIANTS[family]
+    if family not in ("clip", "siglip"):
+        raise ModelLoadError(f"unknown zero-shot model family {family!r} (expected one of ['clip', 'siglip'])")
+    if not variant:
+        raise ModelLoadError(f"{family} needs a model variant")
     try:
         target = resolve_device(device)
     except ValueError as exc:
@@ -54,7 +55,7 @@ def load_zero_shot_model(
     return load_siglip(variant, source, device=target, text_cache=text_cache, seed=seed)
 
 
-def load_image_embedder(family: str, variant: str | None, weights: str, *, device: str = "auto",
+def load_image_embedder(family: str, variant: str, weights: str, *, device: str = "auto",
                         seed: int = 0) -> ImageEmbedder:
     """An :class:`~ml.embedding.ImageEmbedder`: ``clip`` / ``siglip`` (the zero-shot model, whose image tower
     embeds), or ``timm`` (``variant`` = any timm model name; weights ``pretrained``, ``random`` or a file).

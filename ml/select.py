@@ -9,13 +9,20 @@ a cold start) and a budget ``B``, :func:`select` returns ``B`` pool rows in sele
   (ties: the larger, then the lower index; clusters under :data:`MIN_CLUSTER_SIZE` images last) gives its most
   typical unselected image. Typicality is ``1 / mean distance to the k = 20 nearest images of its cluster``.
 - ``margin``: the smallest top-1 minus top-2 probability of a logistic-regression head fitted on the labeled
-  embeddings (needs two labeled classes; without them it runs ``typiclust``).
+  embeddings (needs two labeled classes); without them, of the zero-shot classifier's probabilities when the
+  caller gives them (a model with a text tower and named classes), else it runs ``typiclust``.
 - ``kcenter`` (coreset, Sener & Savarese 2018): greedy farthest point from the labeled and already selected
   images (cold start: the image nearest the pool's mean first).
 - ``auto``: ``typiclust`` while the labeled set holds fewer than ``auto_switch_per_class`` images per class,
-  then ``cluster_margin``: the ``uncertain_factor x B`` lowest-margin images are clustered into ``B`` k-means
-  clusters and each cluster gives its lowest-margin image (uncertain and diverse; a batch of plain margin picks
-  piles into one confusing region). The switch point was measured with ``bench/selection.py`` (docs/select.md).
+  then ``diverse_margin``: of the ``uncertain_factor x B`` lowest-margin images, ``B`` by greedy farthest point
+  from the labeled and already taken ones (uncertain and diverse: a batch of plain margin picks piles into one
+  confusing region). The switch point was measured with ``bench/selection.py`` (docs/select.md).
+  Below the switch point, with zero-shot probabilities given, ``diverse_margin`` on their margins instead.
+
+``predicted`` is the top-1 of the classifier that gave the margins (``Selection.predicted_by``: the head, else
+the zero-shot one). With ``SelectOptions.rank_all`` every other candidate is ranked after the selection
+(``Selection.rest``: random continues its permutation, margin and ``diverse_margin`` go on by margin, typiclust
+goes on round-robin over its clusters, kcenter by distance to the nearest labeled or selected image).
 
 **Near-duplicates are never selected twice**: before any strategy runs, the pool's near-duplicate groups are
 found by :func:`ml.duplicates.find_duplicates` (cosine ``>= duplicate_threshold``, labeled images as the
@@ -30,7 +37,7 @@ from __future__ import annotations
 
 import heapq
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -63,6 +70,7 @@ class SelectOptions:
     max_iter: int = 200
     kmeans_iterations: int = 20
     cv_accuracy: bool = True  # also cross-validate the head on the labeled set (5 more fits; for the summary only)
+    rank_all: bool = False  # also rank every other candidate after the selection (Selection.rest)
 
 
 @dataclass(frozen=True)
@@ -74,9 +82,16 @@ class Selection:
     reasons: list[str]
     predicted: np.ndarray | None  # [S] class indices (None without a head)
     predicted_probability: np.ndarray | None  # [S]
-    strategy: str  # the strategy that ran: random | typiclust | margin | kcenter | cluster_margin
+    strategy: str  # the strategy that ran: random | typiclust | margin | kcenter | diverse_margin
     candidates: int  # pool rows left after removing near-duplicates
     cv_accuracy: float | None  # the head's cross-validated accuracy on the labeled set
+    predicted_by: str | None = None  # "head" (fitted on the labeled set), "zero_shot", or None: no classifier
+    # with ``SelectOptions.rank_all``: every other candidate, in rank order after the selection (else empty)
+    rest: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    rest_scores: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    rest_predicted: np.ndarray | None = None
+    rest_probability: np.ndarray | None = None
+    duplicates: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # pool rows left out as near-duplicates (not ranked)
 
 
 def _validate(pool: np.ndarray, labeled: np.ndarray, labels: np.ndarray, num_classes: int,
@@ -155,17 +170,22 @@ def _typicality(points: np.ndarray, references: np.ndarray) -> np.ndarray:
     if references.shape[0] <= 1:
         return np.ones(points.shape[0])
     k = min(TYPICALITY_NEIGHBOURS, references.shape[0] - 1)
-    squared = ((points ** 2).sum(1)[:, None] + (references ** 2).sum(1)[None, :] - 2.0 * points @ references.T)
-    distances = np.sqrt(np.maximum(squared, 0.0))
-    nearest = np.partition(distances, k, axis=1)[:, :k + 1]  # k + 1: a point's distance to itself (0) is among them
-    nearest.sort(axis=1)
-    mean = nearest[:, 1:].mean(axis=1)
-    return 1.0 / (mean + 1e-8)
+    out = np.empty(points.shape[0])
+    reference_norms = (references ** 2).sum(1)[None, :]
+    for start in range(0, points.shape[0], 4096):  # [4096, <= 2000] distances at a time
+        block = points[start:start + 4096]
+        squared = (block ** 2).sum(1)[:, None] + reference_norms - 2.0 * block @ references.T
+        distances = np.sqrt(np.maximum(squared, 0.0))
+        nearest = np.partition(distances, k, axis=1)[:, :k + 1]  # k + 1: a point's distance to itself (0) is among them
+        nearest.sort(axis=1)
+        out[start:start + 4096] = 1.0 / (nearest[:, 1:].mean(axis=1) + 1e-8)
+    return out
 
 
 def _typiclust(features: np.ndarray, candidates: np.ndarray, labeled_rows: np.ndarray, budget: int,
-               options: SelectOptions) -> tuple[list[int], list[float]]:
-    """TypiClust on ``features`` (pool rows first, then labeled rows): candidate pool rows and their typicality."""
+               options: SelectOptions, rank_all: bool = False) -> tuple[list[int], list[float]]:
+    """TypiClust on ``features`` (pool rows first, then labeled rows): candidate pool rows and their typicality.
+    ``rank_all``: after the ``budget`` picks, the same round robin goes on to the last candidate."""
     rows = np.concatenate([candidates, labeled_rows])
     k = min(len(labeled_rows) + budget, MAX_CLUSTERS, rows.size)
     assignment = _kmeans(features[rows], k, options.seed, options.kmeans_iterations)
@@ -178,7 +198,7 @@ def _typiclust(features: np.ndarray, candidates: np.ndarray, labeled_rows: np.nd
     picked: list[int] = []
     scores: list[float] = []
     typical: dict[int, list[tuple[float, int]]] = {}
-    budget = min(budget, candidates.size)
+    budget = candidates.size if rank_all else min(budget, candidates.size)
     # the next cluster: fewest labeled or selected images, then not tiny, then the largest, then the lowest index
     heap = [(int(covered[c]), bool(sizes[c] < MIN_CLUSTER_SIZE), -int(sizes[c]), c) for c in range(k) if remaining[c]]
     heapq.heapify(heap)
@@ -243,7 +263,8 @@ def _margins(probabilities: np.ndarray) -> np.ndarray:
     return top2[:, 0] - top2[:, 1]
 
 
-def _kcenter(pool: np.ndarray, candidates: np.ndarray, labeled: np.ndarray, budget: int) -> tuple[list[int], list[float]]:
+def _kcenter(pool: np.ndarray, candidates: np.ndarray, labeled: np.ndarray, budget: int,
+             rank_all: bool = False) -> tuple[list[int], list[float]]:
     x = pool[candidates]
     if labeled.shape[0]:
         nearest = np.full(x.shape[0], np.inf)
@@ -261,72 +282,119 @@ def _kcenter(pool: np.ndarray, candidates: np.ndarray, labeled: np.ndarray, budg
         scores.append(float(np.sqrt(max(nearest[best], 0.0))) if labeled.shape[0] or picked[1:] else 0.0)
         nearest = np.minimum(nearest, 2.0 - 2.0 * (x @ x[best]))
         nearest[best] = -np.inf
+    if rank_all:  # the rest by distance to the nearest labeled or selected image, farthest first (not greedy again)
+        rest = np.flatnonzero(np.isfinite(nearest))
+        rest = rest[np.lexsort((rest, -nearest[rest]))]
+        picked += [int(candidates[r]) for r in rest]
+        scores += [float(np.sqrt(max(nearest[r], 0.0))) for r in rest]
     return picked, scores
 
 
-def _cluster_margin(features: np.ndarray, candidates: np.ndarray, margins: np.ndarray, budget: int,
-                    options: SelectOptions) -> tuple[list[int], list[float]]:
-    """The ``uncertain_factor x budget`` lowest-margin candidates in ``budget`` clusters; each cluster's lowest-margin
-    image, by margin. ``margins``: per candidate."""
+def _diverse_margin(features: np.ndarray, candidates: np.ndarray, labeled_rows: np.ndarray, margins: np.ndarray,
+                    budget: int, options: SelectOptions, rank_all: bool = False) -> tuple[list[int], list[float]]:
+    """Of the ``uncertain_factor x budget`` lowest-margin candidates, ``budget`` by greedy farthest point (cosine on
+    ``features``) from the labeled rows and those already taken; ranked by margin. ``margins``: per candidate."""
     order = np.lexsort((candidates, margins))
     shortlist = order[:min(candidates.size, options.uncertain_factor * budget)]
-    assignment = _kmeans(features[candidates[shortlist]], min(budget, shortlist.size), options.seed,
-                         options.kmeans_iterations)
-    first: dict[int, int] = {}
-    for position, cluster in enumerate(assignment.tolist()):  # shortlist is by margin: the first of a cluster is its best
-        first.setdefault(cluster, position)
-    chosen = sorted(first.values())
-    if len(chosen) < budget:  # empty clusters: fill with the next most uncertain
-        rest = [p for p in range(shortlist.size) if p not in set(chosen)]
-        chosen = sorted(chosen + rest[:budget - len(chosen)])
-    rows = shortlist[chosen]
+    x = _normalised(features[candidates[shortlist]])
+    nearest = np.full(shortlist.size, 4.0)
+    labeled = _normalised(features[labeled_rows]) if labeled_rows.size else None
+    for start in range(0, 0 if labeled is None else labeled.shape[0], 1024):
+        nearest = np.minimum(nearest, (2.0 - 2.0 * (x @ labeled[start:start + 1024].T)).min(axis=1))  # type: ignore[index]
+    chosen: list[int] = []
+    for _ in range(min(budget, shortlist.size)):
+        best = int(np.argmax(nearest))  # ties: the lower margin (the shortlist is by margin)
+        chosen.append(best)
+        nearest = np.minimum(nearest, 2.0 - 2.0 * (x @ x[best]))
+        nearest[best] = -np.inf
+    rows = shortlist[np.sort(np.asarray(chosen, dtype=np.int64))]
+    if rank_all:  # the rest by margin
+        taken = np.zeros(candidates.size, dtype=bool)
+        taken[rows] = True
+        rows = np.concatenate([rows, order[~taken[order]]])
     return [int(candidates[r]) for r in rows], [float(1.0 - margins[r]) for r in rows]
 
 
 def select(pool: np.ndarray, labeled: np.ndarray, labels: np.ndarray, num_classes: int, budget: int,
-           strategy: Strategy = "auto", options: SelectOptions = SelectOptions()) -> Selection:
-    """Up to ``budget`` pool rows to label next, in rank order (see the module docstring)."""
+           strategy: Strategy = "auto", options: SelectOptions = SelectOptions(),
+           zero_shot: np.ndarray | None = None) -> Selection:
+    """Up to ``budget`` pool rows to label next, in rank order (see the module docstring). ``zero_shot``: ``[N,
+    num_classes]`` class probabilities of the pool rows by a zero-shot classifier, the uncertainty source while the
+    labeled set gives no head (margin) or is below the switch point (auto)."""
     if strategy not in STRATEGIES:
         raise SelectError(f"unknown strategy {strategy!r}; one of {list(STRATEGIES)}")
     pool, labeled, labels = _validate(pool, labeled, labels, num_classes, budget)
+    if zero_shot is not None:
+        zero_shot = np.asarray(zero_shot, dtype=np.float64)
+        if zero_shot.shape != (pool.shape[0], num_classes) or not np.isfinite(zero_shot).all():
+            raise SelectError(f"zero-shot probabilities must be a finite [{pool.shape[0]}, {num_classes}] matrix, "
+                              f"got shape {zero_shot.shape}")
+    rank_all = options.rank_all
     with threadpool_limits(limits=1):
         candidates = candidates_without_duplicates(pool, labeled, options.duplicate_threshold)
         head = _fit_head(labeled, labels, num_classes, options) if labels.size else None
         ran = strategy
+        source = "head" if head is not None else None  # what gives the margins and `predicted`
         if strategy == "auto":
-            per_class = labels.size / max(1, num_classes)
-            ran = "typiclust" if head is None or per_class < options.auto_switch_per_class else "cluster_margin"
+            below_switch = labels.size / max(1, num_classes) < options.auto_switch_per_class
+            if head is not None and not below_switch:
+                ran = "diverse_margin"
+            elif zero_shot is not None:
+                ran, source = "diverse_margin", "zero_shot"
+            else:
+                ran = "typiclust"
         elif strategy == "margin" and head is None:
-            ran = "typiclust"
-        probabilities = head(pool[candidates]) if head is not None and candidates.size else None
+            ran, source = ("margin", "zero_shot") if zero_shot is not None else ("typiclust", None)
+        elif head is None and zero_shot is not None:
+            source = "zero_shot"
+        probabilities = None
+        if candidates.size and source == "head":
+            probabilities = head(pool[candidates])  # type: ignore[misc]
+        elif candidates.size and source == "zero_shot":
+            probabilities = zero_shot[candidates]  # type: ignore[index]
         budget = min(budget, candidates.size)
-        if ran == "random":
+        if budget == 0:  # every pool image is a near-duplicate of a labeled one
+            picked, scores, reason = [], [], "random"
+        elif ran == "random":
             rng = np.random.default_rng(options.seed)
-            picked = [int(r) for r in candidates[rng.permutation(candidates.size)[:budget]]]
+            order = rng.permutation(candidates.size)
+            picked = [int(r) for r in candidates[order if rank_all else order[:budget]]]
             scores, reason = [0.0] * len(picked), "random"
         elif ran == "kcenter":
-            picked, scores = _kcenter(pool, candidates, labeled, budget)
+            picked, scores = _kcenter(pool, candidates, labeled, budget, rank_all)
             reason = "diverse"
         elif ran == "margin":
             margins = _margins(probabilities)
-            order = np.lexsort((candidates, margins))[:budget]
+            order = np.lexsort((candidates, margins))
+            order = order if rank_all else order[:budget]
             picked = [int(candidates[i]) for i in order]
             scores, reason = [float(1.0 - margins[i]) for i in order], "uncertain"
         else:
             features = _projection(np.concatenate([pool, labeled]), CLUSTER_DIMS)
             if ran == "typiclust":
                 labeled_rows = pool.shape[0] + np.arange(labeled.shape[0])
-                picked, scores = _typiclust(features, candidates, labeled_rows, budget, options)
+                picked, scores = _typiclust(features, candidates, labeled_rows, budget, options, rank_all)
                 reason = "typical"
             else:
-                picked, scores = _cluster_margin(features, candidates, _margins(probabilities), budget, options)
+                labeled_rows = pool.shape[0] + np.arange(labeled.shape[0])
+                picked, scores = _diverse_margin(features, candidates, labeled_rows, _margins(probabilities), budget,
+                                                 options, rank_all)
                 reason = "uncertain"
+        ranked = np.asarray(picked, dtype=np.int64)
         predicted = predicted_probability = None
-        if head is not None:
-            chosen = head(pool[np.asarray(picked, dtype=np.int64)]) if picked else np.zeros((0, num_classes))
-            predicted = chosen.argmax(axis=1) if picked else np.zeros(0, np.int64)
-            predicted_probability = chosen.max(axis=1) if picked else np.zeros(0)
+        if probabilities is not None:
+            position = np.empty(pool.shape[0], dtype=np.int64)
+            position[candidates] = np.arange(candidates.size)
+            chosen = probabilities[position[ranked]]
+            predicted, predicted_probability = chosen.argmax(axis=1), chosen.max(axis=1)
         cv_accuracy = _cv_accuracy(labeled, labels, num_classes, options) if labels.size and options.cv_accuracy else None
-    return Selection(rows=np.asarray(picked, dtype=np.int64), scores=np.asarray(scores, dtype=np.float64),
-                     reasons=[reason] * len(picked), predicted=predicted, predicted_probability=predicted_probability,
-                     strategy=ran, candidates=int(candidates.size), cv_accuracy=cv_accuracy)
+    duplicates = np.setdiff1d(np.arange(pool.shape[0]), candidates)
+    return Selection(rows=ranked[:budget], scores=np.asarray(scores[:budget], dtype=np.float64),
+                     reasons=[reason] * budget,
+                     predicted=None if predicted is None else predicted[:budget],
+                     predicted_probability=None if predicted_probability is None else predicted_probability[:budget],
+                     strategy=ran, candidates=int(candidates.size), cv_accuracy=cv_accuracy, predicted_by=source,
+                     rest=ranked[budget:], rest_scores=np.asarray(scores[budget:], dtype=np.float64),
+                     rest_predicted=None if predicted is None else predicted[budget:],
+                     rest_probability=None if predicted_probability is None else predicted_probability[budget:],
+                     duplicates=duplicates)

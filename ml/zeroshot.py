@@ -21,7 +21,7 @@ import hashlib
 import threading
 from abc import abstractmethod
 from collections.abc import Sequence
-from typing import Literal, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +42,6 @@ from ml.text_disk_cache import DiskTextCache
 __all__ = [
     "DEFAULT_TEMPLATES",
     "QUICK_TEMPLATES",
-    "DEFAULT_VARIANTS",
     "RANDOM_WEIGHTS",
     "ModelInfo",
     "WeightsSource",
@@ -56,10 +55,6 @@ __all__ = [
     "softmax_scores",
     "warm_up",
 ]
-
-Family = Literal["clip", "siglip"]
-
-DEFAULT_VARIANTS: dict[str, str] = {"clip": "ViT-B-32", "siglip": "google/siglip-base-patch16-224"}
 
 
 # The 80 OpenAI ImageNet prompt templates, in the order open_clip ships them
@@ -326,7 +321,7 @@ class ZeroShotEmbeddingModel(EmbeddingModel):
             self.disk_cache.put_many(self.identity, classes, templates, embeddings)
 
     # The text pass in pieces, so a caller can render and tokenise on CPU threads (after the cache lookup)
-    # and run only the forwards on the model's thread (see handlers.models.ZeroShotHandle.prepare).
+    # and run only the forwards on the model's thread (see handlers.model_handles.ZeroShotHandle.prepare).
 
     def text_chunks(self, classes: Sequence[str], templates: Sequence[str]) -> list[tuple[int, int]]:
         """``[start, stop)`` prompt ranges of one text forward each."""

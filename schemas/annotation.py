@@ -381,15 +381,23 @@ class EmbedRequest(InputModel):
 
     @model_validator(mode="after")
     def _model_specific(self) -> "EmbedRequest":
-        if self.model in ("clip", "siglip") and self.model_url is not None:
-            raise ValueError("model_url is only allowed with model 'custom' or 'timm'")
-        if self.model == "custom" and not self.model_url:
-            raise ValueError("model 'custom' needs model_url (the trained model package)")
-        if self.model == "timm" and not self.model_variant:
-            raise ValueError("model 'timm' needs model_variant (a timm model name)")
+        problem = embedding_model_problem(self.model, self.model_variant, self.model_url)
+        if problem:
+            raise ValueError(problem)
         if self.against and self.duplicates is None:
             raise ValueError("'against' needs 'duplicates' (e.g. {\"threshold\": 0.95})")
         return self
+
+
+def embedding_model_problem(model: str, model_variant: str | None, model_url: str | None) -> str | None:
+    """Why the model fields of an embed, audit or select request do not fit together, or None."""
+    if model in ("clip", "siglip") and model_url is not None:
+        return "model_url is only allowed with model 'custom' or 'timm'"
+    if model == "custom" and not model_url:
+        return "model 'custom' needs model_url (the trained model package)"
+    if model == "timm" and not model_variant:
+        return "model 'timm' needs model_variant (a timm model name)"
+    return None
 
 
 MAX_AUDIT_FOLDS = 20
@@ -484,12 +492,9 @@ class AuditRequest(InputModel):
     def _model_specific(self) -> "AuditRequest":
         if (self.images is None) == (self.manifest_url is None):
             raise ValueError("give either images or manifest_url (one of them)")
-        if self.model in ("clip", "siglip") and self.model_url is not None:
-            raise ValueError("model_url is only allowed with model 'custom' or 'timm'")
-        if self.model == "custom" and not self.model_url:
-            raise ValueError("model 'custom' needs model_url (the trained model package)")
-        if self.model == "timm" and not self.model_variant:
-            raise ValueError("model 'timm' needs model_variant (a timm model name)")
+        problem = embedding_model_problem(self.model, self.model_variant, self.model_url)
+        if problem:
+            raise ValueError(problem)
         if self.images is not None:
             problem = audit_label_problem([image.label for image in self.images], self.classes)
             if problem:
@@ -500,7 +505,6 @@ class AuditRequest(InputModel):
 MAX_SELECT_BUDGET = 10_000
 """Images one select request may ask for (the parts and the CSV list them all)."""
 SelectStrategy = Literal["auto", "random", "typiclust", "margin", "kcenter"]
-SELECT_REASONS = ("typical", "uncertain", "diverse", "random")
 
 
 class SelectSpec(BaseModel):
@@ -520,11 +524,12 @@ class SelectRequest(InputModel):
     The worker embeds the pool (``images`` or ``manifest_url``) and the labeled set (``labeled`` or ``labeled_url``,
     may be empty: a cold start), and picks ``budget`` pool images by ``strategy``: ``random`` (seeded),
     ``typiclust`` (the most typical image of each of the largest clusters no labeled image covers), ``margin`` (the
-    smallest top-1 minus top-2 probability of a head fitted on the labeled embeddings), ``kcenter`` (greedy
+    smallest top-1 minus top-2 probability of a head fitted on the labeled embeddings, or of the zero-shot
+    classifier when the model has a text tower and ``classes`` are given and no head can be fitted), ``kcenter`` (greedy
     farthest point from the labeled and selected images) or ``auto`` (typical images while the labeled set is small
     per class, then the most uncertain image of each of ``budget`` clusters of uncertain images). Near-duplicates
     of each other or of a labeled image are never both selected. **Parts are in selection order** (rank 0 first;
-    pool images that failed come last as error entries); the whole selection is also written as CSV
+    pool images that failed come last as error entries); the whole pool's ranking is also written as CSV
     (``selection_url``: ``<output_path>/<request_id>/selection.csv``). The same inputs give the same parts.
     """
 
@@ -579,12 +584,9 @@ class SelectRequest(InputModel):
             raise ValueError("give either images or manifest_url (one of them)")
         if self.labeled is not None and self.labeled_url is not None:
             raise ValueError("give either labeled or labeled_url, not both")
-        if self.model in ("clip", "siglip") and self.model_url is not None:
-            raise ValueError("model_url is only allowed with model 'custom' or 'timm'")
-        if self.model == "custom" and not self.model_url:
-            raise ValueError("model 'custom' needs model_url (the trained model package)")
-        if self.model == "timm" and not self.model_variant:
-            raise ValueError("model 'timm' needs model_variant (a timm model name)")
+        problem = embedding_model_problem(self.model, self.model_variant, self.model_url)
+        if problem:
+            raise ValueError(problem)
         if self.images is not None and self.labeled:
             problem = select_inputs_problem(self.images, self.labeled, self.classes, self.budget)
             if problem:
@@ -700,15 +702,17 @@ class SelectEntry(BaseModel):
                     "diverse: far from everything labeled or selected; random: the random strategy.")
     predicted: Prediction | None = Field(
         default=None, description="The current head's top-1 class and its probability (for pre-filling the labeling "
-                                  "form); null without a head (fewer than 2 labeled classes).")
+                                  "form), or the zero-shot classifier's (clip, siglip with classes) while there is no "
+                                  "head; null without either (see select_summary.predicted_by).")
 
 
 class SelectSummary(BaseModel):
     """What a selection ran on (on every part)."""
 
     model_config = ConfigDict(extra="forbid")
-    strategy: str = Field(description="The strategy that ran: auto's choice (typiclust or margin), or the one asked "
-                                      "for; margin without a head (fewer than 2 labeled classes) runs typiclust.")
+    strategy: str = Field(description="The strategy that ran: auto's choice (typiclust or diverse_margin), or the "
+                                      "one asked for; margin without a head (fewer than 2 labeled classes) and without "
+                                      "a zero-shot classifier runs typiclust.")
     requested_strategy: str = Field(description="The request's strategy.")
     pool: int = Field(ge=0, description="Pool images in the request.")
     embedded: int = Field(ge=0, description="Pool images embedded (the others have error entries).")
@@ -721,6 +725,11 @@ class SelectSummary(BaseModel):
     cv_accuracy: float | None = Field(
         default=None, ge=0.0, le=1.0,
         description="Cross-validated accuracy of the head on the labeled set; null when no class has 2 labeled images.")
+    predicted_by: Literal["head", "zero_shot"] | None = Field(
+        default=None,
+        description="The classifier behind the margins and `predicted`: head (fitted on the labeled set), zero_shot "
+                    "(the model's text tower on `classes`, while the labeled set gives no head or auto is below its "
+                    "switch point), null: none.")
 
 
 MAX_IMAGE_ERROR_CHARS = 240

@@ -45,6 +45,7 @@ from schemas.annotation import (
 )
 from schemas.codec import ANNOTATION_ADAPTER, TRAINING_ADAPTER, NotAJsonObject, decode, parse_json_object
 from schemas.common import SCHEMA_VERSION, ErrorInfo
+from schemas.defaults import DEFAULT_CLIP_VARIANT, DEFAULT_CLIP_WEIGHTS, DEFAULT_SIGLIP_VARIANT, DEFAULT_SIGLIP_WEIGHTS
 from schemas.export import MESSAGES, json_schemas
 from schemas.topics import CONTENT_TYPE_JSON, Headers
 from schemas.topology import TOPOLOGY, dlq_channels
@@ -237,7 +238,7 @@ def annotation_request_examples() -> list[dict[str, Any]]:
         request_id="req-2025-0001",
         created_at=_EXAMPLE_TIME,
         model="siglip",
-        model_variant="google/siglip-base-patch16-224",
+        model_variant=DEFAULT_SIGLIP_VARIANT,
         images=[ImageRef(id="img-1", url="https://images.example.com/cats/1.jpg"),
                 ImageRef(id="img-2", url="https://images.example.com/cats/2.jpg")],
         classes=["cat", "dog", "bird"],
@@ -303,7 +304,7 @@ def annotation_request_examples() -> list[dict[str, Any]]:
 
 
 def annotation_result_examples() -> list[AnnotationResult]:
-    clip = ModelDescriptor(family="clip", variant="ViT-B-32", weights="laion2b_s34b_b79k")
+    clip = ModelDescriptor(family="clip", variant=DEFAULT_CLIP_VARIANT, weights=DEFAULT_CLIP_WEIGHTS)
     completed = AnnotationResult(
         message_id=AnnotationResult.message_id_for("req-2025-0001", 0),
         request_id="req-2025-0001",
@@ -323,7 +324,7 @@ def annotation_result_examples() -> list[AnnotationResult]:
         request_id="req-2025-0003",
         created_at=_EXAMPLE_TIME,
         status="completed",
-        model=ModelDescriptor(family="siglip", variant="google/siglip-base-patch16-224", weights="pretrained"),
+        model=ModelDescriptor(family="siglip", variant=DEFAULT_SIGLIP_VARIANT, weights=DEFAULT_SIGLIP_WEIGHTS),
         results=[ImageResult(id="img-501", margin=0.41,
                              predictions=[Prediction(class_name="bird", confidence=0.62),
                                           Prediction(class_name="cat", confidence=0.21)])],
@@ -400,7 +401,7 @@ def annotation_result_examples() -> list[AnnotationResult]:
         results=[ImageResult(id="img-5", error=ErrorInfo(code="http_status", message="HTTP 404 from https://images.example.com/5.jpg"))],
         selection_url="s3://selections/project-7/req-2025-0009/selection.csv",
         dim=512,
-        select_summary=SelectSummary(strategy="cluster_margin", requested_strategy="auto", pool=3, embedded=2,
+        select_summary=SelectSummary(strategy="diverse_margin", requested_strategy="auto", pool=3, embedded=2,
                                      candidates=2, labeled=120, labeled_failed=0, classes=2, selected=2,
                                      cv_accuracy=0.917),
     )

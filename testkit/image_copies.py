@@ -1,6 +1,6 @@
 """Injected copies of an image, the kinds near-duplicate detection must find: re-encoded at JPEG quality 10,
 resized to half, 5% cropped, converted to PNG. Used by the duplicate-quality test set
-(tests/support/duplicate_set.py) and by the demo (examples/demo.py); pillow only."""
+(testkit/duplicate_set.py) and by the demo (examples/demo.py); pillow only."""
 
 from __future__ import annotations
 

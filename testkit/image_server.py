@@ -19,7 +19,7 @@ import socket
 import subprocess
 import sys
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import quote
 
@@ -107,7 +107,9 @@ class ImageServer:
             max_redirects=3,
         )
         values.update(overrides)
-        return FetchLimits(**values)  # type: ignore[arg-type]
+        from testkit.configs import fetch_limits  # the settings' defaults (imports the consumers layer)
+
+        return replace(fetch_limits(), **values)
 
     def hits(self, prefix: str) -> int:
         """How many requests reached ``/custom/<prefix>...`` (registered paths or not)."""

@@ -23,7 +23,7 @@ import io
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageEnhance, ImageOps
+from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 __all__ = ["COPY_KINDS", "HARD_SET_NAMES", "LABELED_SET_NAMES", "NOISE_RATE", "SET_NAMES", "CopyItem", "LabeledSet",
            "baseline_issues", "duplicate_set", "flipped", "labeled_set", "real_embeddings", "set_classes"]
@@ -321,3 +321,28 @@ def real_embeddings(images: list[Image.Image], weights: str, batch_size: int = 6
         for start in range(0, len(images), batch_size):
             out.append(model.embed_images(images[start:start + batch_size]).float().numpy())
     return np.concatenate(out).astype(np.float32) if out else np.zeros((0, 1280), np.float32)
+
+
+def cluttered_digits(seed: int = 0, side: int = ITEM_SIZE) -> LabeledSet:
+    """A hard set: scikit-learn's 1,797 handwritten digits (10 classes), each drawn in a random dark or light
+    colour (against the background's brightness), rotated (+-15 degrees), scaled (70-95% of the side) and shifted onto a random crop of a sample photo or texture,
+    blurred and faded towards grey (the backgrounds are shared by all classes). ImageNet features cluster these by background more than by digit, so
+    a strategy that only follows the feature space's clusters picks backgrounds, not classes."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    rng = np.random.default_rng([seed, 200])
+    backgrounds = PHOTO_CLASSES + TEXTURE_PHOTOS
+    images: list[Image.Image] = []
+    for pixels in digits.images:
+        image = _random_crop(backgrounds[int(rng.integers(len(backgrounds)))], rng, tint=True).resize((side, side))
+        image = Image.blend(image.filter(ImageFilter.GaussianBlur(4)), Image.new("RGB", image.size, (128, 128, 128)), 0.8)
+        mask = Image.fromarray((pixels * 255 / 16).astype(np.uint8)).resize((64, 64), Image.Resampling.BICUBIC)
+        size = int(side * rng.uniform(0.7, 0.95))
+        mask = mask.rotate(float(rng.uniform(-15, 15)), resample=Image.Resampling.BICUBIC, expand=True).resize((size, size))
+        dark = np.asarray(image.convert("L")).mean() > 128  # the ink contrasts with the background, in any hue
+        colour = tuple(int(v) for v in (rng.integers(0, 70, 3) if dark else rng.integers(185, 256, 3)))
+        ink = Image.new("RGB", (size, size), colour)
+        image.paste(ink, (int(rng.integers(0, side - size + 1)), int(rng.integers(0, side - size + 1))), mask)
+        images.append(image)
+    return LabeledSet("cluttered_digits", tuple(str(d) for d in range(10)), images, digits.target.astype(np.int64))

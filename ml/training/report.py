@@ -47,6 +47,11 @@ def write_report(path: Path, metrics: Mapping[str, Any], class_names: Sequence[s
         sections.append("<h2>Most confidently wrong validation images</h2>"
                         + (_img(_wrong_grid(wrong), "confidently wrong images") if wrong
                            else "<p>None: every validation image is right.</p>"))
+    return _write_page(path, model_name, sections)
+
+
+def _write_page(path: Path, model_name: str, sections: Sequence[str]) -> Path:
+    """The page around ``sections`` (HTML), written to ``path``."""
     page = ("<!doctype html><html><head><meta charset='utf-8'><title>" + _e(model_name) + " report</title><style>"
             "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
@@ -65,14 +70,24 @@ def _fmt(value: Any, digits: int = 4) -> str:
 
 
 def _summary(metrics: Mapping[str, Any]) -> str:
-    ece, nll = metrics.get("ece") or {}, metrics.get("nll") or {}
     rows = [("val_accuracy", metrics.get("val_accuracy")), ("macro_f1", metrics.get("macro_f1")),
             ("balanced_accuracy", metrics.get("balanced_accuracy")), ("best_epoch", metrics.get("best_epoch")),
             ("temperature", metrics.get("temperature")),
             *([("temperature note", _e(metrics["temperature_note"]))] if metrics.get("temperature_note") else []),
-            ("ECE before / after", f"{_fmt(ece.get('before'))} / {_fmt(ece.get('after'))}"),
+            *_calibration_rows(metrics)]
+    return _key_value_table(rows)
+
+
+def _calibration_rows(metrics: Mapping[str, Any]) -> list[tuple[str, str]]:
+    ece, nll = metrics.get("ece") or {}, metrics.get("nll") or {}
+    return [("ECE before / after", f"{_fmt(ece.get('before'))} / {_fmt(ece.get('after'))}"),
             ("NLL before / after", f"{_fmt(nll.get('before'))} / {_fmt(nll.get('after'))}")]
-    return "<table>" + "".join(f"<tr><th>{_e(k)}</th><td>{v if isinstance(v, str) else _fmt(v)}</td></tr>" for k, v in rows) + "</table>"
+
+
+def _key_value_table(rows: Sequence[tuple[str, Any]]) -> str:
+    """One row per (name, value); a string value is HTML already, anything else is formatted."""
+    return "<table>" + "".join(f"<tr><th>{_e(k)}</th><td>{v if isinstance(v, str) else _fmt(v)}</td></tr>"
+                               for k, v in rows) + "</table>"
 
 
 def _auto_accept_table(metrics: Mapping[str, Any]) -> str:
@@ -183,13 +198,10 @@ def write_multilabel_report(path: Path, metrics: Mapping[str, Any], class_names:
     import matplotlib
 
     matplotlib.use("Agg", force=True)
-    ece, nll = metrics.get("ece") or {}, metrics.get("nll") or {}
     rows = [("mAP", metrics.get("map")), ("micro_f1", metrics.get("micro_f1")), ("macro_f1", metrics.get("macro_f1")),
             ("exact tag sets (val_accuracy)", metrics.get("val_accuracy")), ("best_epoch", metrics.get("best_epoch")),
-            ("ECE before / after", f"{_fmt(ece.get('before'))} / {_fmt(ece.get('after'))}"),
-            ("NLL before / after", f"{_fmt(nll.get('before'))} / {_fmt(nll.get('after'))}")]
-    summary = "<table>" + "".join(f"<tr><th>{_e(k)}</th><td>{v if isinstance(v, str) else _fmt(v)}</td></tr>"
-                                  for k, v in rows) + "</table>"
+            *_calibration_rows(metrics)]
+    summary = _key_value_table(rows)
     per_class = metrics.get("per_class") or {}
     ap, methods = metrics.get("per_class_ap") or {}, metrics.get("calibration") or {}
     body = "".join(f"<tr><th>{_e(name)}</th><td>{_fmt(ap.get(name), 3)}</td><td>{_fmt(r.get('threshold'), 3)}</td>"
@@ -205,13 +217,7 @@ def write_multilabel_report(path: Path, metrics: Mapping[str, Any], class_names:
         "<h2>Per class</h2>" + table,
         "<h2>Auto-accept (all tags pooled; per class in metrics.json)</h2>" + _auto_accept_table(metrics),
     ]
-    page = ("<!doctype html><html><head><meta charset='utf-8'><title>" + _e(model_name) + " report</title><style>"
-            "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
-            "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
-            "img{max-width:100%}</style></head><body>" + "\n".join(sections) + "</body></html>\n")
-    path = Path(path)
-    path.write_text(page, encoding="utf-8")
-    return path
+    return _write_page(path, model_name, sections)
 
 
 def _pr_curves(probabilities: np.ndarray, truth: np.ndarray, class_names: Sequence[str],

@@ -13,6 +13,7 @@ import torch
 from ml.device import Capabilities, choose_policy, policy_for, stage_batch
 from ml.preprocess import decode_cpu, decode_jpegs, is_baseline_jpeg
 from testkit.photos import encode_jpeg, photo_jpegs, photos
+from testkit.configs import decode_limits
 
 pytestmark = pytest.mark.cuda
 CLASSES = ["cat", "dog", "person", "coffee cup", "rocket", "flower", "building", "coins"]
@@ -177,17 +178,16 @@ async def test_worker_decodes_baseline_jpegs_on_the_gpu_and_falls_back_per_image
 
     from handlers.errors import ImageError
     from handlers.executor import Executors
-    from handlers.images import DecodeLimits
     from handlers.models import ModelKey, ZeroShotHandle
     from handlers.preprocessing import Preprocessor, decode_and_preprocess
 
     handle = ZeroShotHandle(ModelKey("clip", "ViT-B-32", "random"), clip)
-    limits = DecodeLimits()
+    limits = decode_limits()
     corrupt = bytearray(photo_jpegs(1)[0])
     corrupt[len(corrupt) // 3 : len(corrupt) // 3 + 2000] = b"\xff" * 2000
     datas = photo_jpegs() + [encode_jpeg(photos(("coffee",))[0], progressive=True), bytes(corrupt), b"not an image"]
     executors = Executors()
-    preprocessor = Preprocessor("tensor", limits, executors, max_batch=32, max_wait_ms=50)
+    preprocessor = Preprocessor("tensor", limits, executors, gpu_decode=True, max_batch=32, max_wait_ms=50)
     assert preprocessor.batched_device(handle) == clip.device
 
     async def one(data: bytes) -> torch.Tensor | str:

@@ -6,7 +6,7 @@ import re
 import shutil
 
 from tests.fixtures.trained_model import digits_dataset, trained_digits  # noqa: F401  (fixtures)
-from tests.support.browser import Browser
+from testkit.browser import Browser
 from testkit.local import REPO
 
 SCREENSHOT = REPO / ".state" / "test-artifacts" / "report.png"

@@ -230,8 +230,8 @@ async def test_batched_jpeg_decode_gives_the_per_image_results_and_errors(http_s
         assert ctx.preprocessor.batched_device(model) is None  # a model on the CPU: per-image decoding
         reference = (await collect(handler, request(images, "per-image")))[0].results
         reference_embed = (await collect(handler, embed("per-image-embed")))[0].results
-        batched = Preprocessor("tensor", ctx.decode_limits, ctx.executors, max_batch=16, max_wait_ms=100,
-                               batched_device_types=frozenset({"cpu"}))
+        batched = Preprocessor("tensor", ctx.decode_limits, ctx.executors, gpu_decode=True, max_batch=16,
+                               max_wait_ms=100, batched_device_types=frozenset({"cpu"}))
         ctx.preprocessor = batched
         try:
             assert batched.batched_device(model) == torch.device("cpu")

@@ -9,31 +9,10 @@ import urllib.request
 import pytest
 
 from testkit.local import free_port
-from testkit.kafka import produce, provision, read_until, settings_for, topic_env
-from testkit.local import WorkerProcess
+from testkit.kafka import produce, provision, read_until, settings_for
+from testkit.worker_processes import start_annotation_worker
 
 pytestmark = pytest.mark.kafka
-
-WORKER_ENV = {
-    "CLS_CLIP_VARIANT": "cls-tiny-clip",
-    "CLS_CLIP_WEIGHTS": "random",
-    "CLS_SIGLIP_VARIANT": "cls-tiny-siglip",
-    "CLS_SIGLIP_WEIGHTS": "random",
-    "CLS_PRELOAD_MODELS": "clip",
-    "CLS_DEFAULT_PROMPT_TEMPLATES": "a photo of a {}.",
-    "CLS_ALLOW_PRIVATE_NETWORKS": "true",
-    "CLS_FETCH_READ_TIMEOUT_S": "1",
-    "CLS_FETCH_TOTAL_TIMEOUT_S": "8",
-    "CLS_FETCH_MAX_BYTES": str(4 * 1024 * 1024),
-    "CLS_TORCH_THREADS": "1",
-    "CLS_LOG_FORMAT": "json",
-}
-
-
-def start_annotation_worker(tmp_path, prefix: str, name: str = "annotation", **env: str) -> WorkerProcess:
-    return WorkerProcess("consumers.cli", ["annotation"], {**topic_env(prefix), **WORKER_ENV, **env},
-                         tmp_path / f"{name}.log")
-
 
 @pytest.mark.slow
 async def test_annotation_worker_end_to_end(tmp_path, kafka_bootstrap, topic_prefix, http_server, s3_server):

@@ -1,7 +1,7 @@
 """``"task": "audit"`` in-process: real HTTP fetching and decoding, a real tiny model (random weights: the
 mechanics), files on the real S3 API (moto on loopback) read back with numpy and the csv module; the review
 order, label conflicts, a failed image ranked last, redelivery, requests refused before any image is fetched;
-and, with the digits model trained here (a real embedding), the issue's quality bar through the handler."""
+and, with the digits model trained here (a real embedding), the audit's quality bar through the handler."""
 
 from __future__ import annotations
 

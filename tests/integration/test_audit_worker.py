@@ -11,10 +11,9 @@ import json
 
 import pytest
 
-from tests.integration.test_annotation_worker import start_annotation_worker
 from tests.integration.test_audit_handler import COLORS, color_png
-from tests.integration.test_send_cli import send
 from testkit.kafka import provision, read_until, settings_for, topic_env
+from testkit.worker_processes import send, start_annotation_worker
 
 pytestmark = pytest.mark.kafka
 

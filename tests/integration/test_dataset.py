@@ -14,10 +14,11 @@ from handlers.dataset import DatasetCache, label_of, prepare_dataset
 from handlers.lifecycle import Stopped
 from handlers.errors import PermanentError
 from handlers.executor import Executors
-from handlers.fetch import Fetcher, FetchLimits
-from handlers.images import DecodeLimits
+from handlers.fetch import Fetcher
+
 from handlers.storage import ObjectStore
 from schemas.training import LabeledUrl, TrainingDataset
+from testkit.configs import dataset_options, decode_limits, fetch_limits
 
 pytestmark = pytest.mark.s3
 
@@ -55,10 +56,10 @@ async def test_manifest_cache_and_bad_images(http_server, s3_server, s3_bucket, 
                 Fetcher(http_server.fetch_limits(), store=store) as fetcher:
             with pytest.raises(PermanentError) as err:  # 1 of 5 bad > 5 %
                 await prepare_dataset(dataset, fetcher=fetcher, executors=executors, cache=cache,
-                                      limits=DecodeLimits(), max_bad_fraction=0.05)
+                                      limits=decode_limits(), max_bad_fraction=0.05, **dataset_options())
             assert err.value.code == "too_many_bad_images" and "HTTP 404" in err.value.message
             prepared = await prepare_dataset(dataset, fetcher=fetcher, executors=executors, cache=cache,
-                                             limits=DecodeLimits(), max_bad_fraction=0.25)
+                                             limits=decode_limits(), max_bad_fraction=0.25, **dataset_options())
             assert len(prepared.train) == 3 and len(prepared.val) == 1 and len(prepared.bad) == 1
             assert sorted(label for _, label in prepared.train) == [0, 0, 1]
             # the cache is reused: a second job finds every good image without fetching
@@ -69,7 +70,7 @@ async def test_manifest_cache_and_bad_images(http_server, s3_server, s3_bucket, 
                                                       "class_names": ["red", "blue"]})
             with pytest.raises(PermanentError) as err:
                 await prepare_dataset(unknown, fetcher=fetcher, executors=executors, cache=cache,
-                                      limits=DecodeLimits(), max_bad_fraction=0.5)
+                                      limits=decode_limits(), max_bad_fraction=0.5, **dataset_options())
             assert err.value.code == "invalid_dataset" and "'green'" in err.value.message
     finally:
         executors.shutdown()
@@ -90,10 +91,10 @@ async def test_manifest_errors_never_echo_the_object(s3_server, s3_bucket, line)
                                               "manifest_url": f"s3://{s3_bucket}/manifest.jsonl"})
     executors = Executors(cpu_workers=1)
     try:
-        async with ObjectStore(endpoint_url=s3_server.endpoint_url) as store, Fetcher(FetchLimits(), store=store) as fetcher:
+        async with ObjectStore(endpoint_url=s3_server.endpoint_url) as store, Fetcher(fetch_limits(), store=store) as fetcher:
             with pytest.raises(PermanentError) as err:
                 await prepare_dataset(dataset, fetcher=fetcher, executors=executors, cache=DatasetCache("/nonexistent"),
-                                      limits=DecodeLimits(), max_bad_fraction=0.0)
+                                      limits=decode_limits(), max_bad_fraction=0.0, **dataset_options())
     finally:
         executors.shutdown()
     assert err.value.code == "invalid_dataset" and "line 1" in err.value.message
@@ -124,7 +125,7 @@ async def test_large_manifest_downloads_stay_bounded_and_stop_with_the_job(http_
             watcher = asyncio.ensure_future(_watch_tasks(peak, stop))
             with pytest.raises(PermanentError) as err:
                 await prepare_dataset(dataset, fetcher=fetcher, executors=executors, cache=cache,
-                                      limits=DecodeLimits(), max_bad_fraction=0.0, concurrency=concurrency)
+                                      limits=decode_limits(), max_bad_fraction=0.0, **dataset_options(concurrency=concurrency))
             stop.set()
             await watcher
             assert err.value.code == "too_many_bad_images" and "/big/c1/5.png" in err.value.message
@@ -140,7 +141,7 @@ async def test_large_manifest_downloads_stay_bounded_and_stop_with_the_job(http_
             cancelling = TrainingDataset.model_validate({"train_urls": cancel_urls, "class_names": ["c0", "c1"]})
             with pytest.raises(Stopped) as stopped:
                 await prepare_dataset(cancelling, fetcher=fetcher, executors=executors, cache=cache,
-                                      limits=DecodeLimits(), max_bad_fraction=1.0, concurrency=concurrency,
+                                      limits=decode_limits(), max_bad_fraction=1.0, **dataset_options(concurrency=concurrency),
                                       should_stop=lambda: "cancel" if http_server.hits("cancel/") >= 30 else None)
             assert stopped.value.reason == "cancel"
             await asyncio.sleep(0.3)  # a request sent just before the stop may reach the server a moment later

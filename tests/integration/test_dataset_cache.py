@@ -14,8 +14,9 @@ from handlers.dataset import DatasetCache, prepare_dataset
 from handlers.errors import PermanentError
 from handlers.executor import Executors
 from handlers.fetch import Fetcher
-from handlers.images import DecodeLimits
+
 from schemas.training import TrainingDataset
+from testkit.configs import dataset_options, decode_limits
 
 
 def _files(cache: DatasetCache) -> dict[str, int]:
@@ -67,15 +68,15 @@ async def test_a_cached_image_is_not_served_once_its_url_is_fenced_off(http_serv
     try:
         async with Fetcher(http_server.fetch_limits()) as fetcher:  # private networks allowed (the test server)
             prepared = await prepare_dataset(dataset, fetcher=fetcher, executors=executors, cache=cache,
-                                             limits=DecodeLimits(), max_bad_fraction=0.0)
+                                             limits=decode_limits(), max_bad_fraction=0.0, **dataset_options())
         assert len(prepared.train) == 2 and cache.lookup(urls[0]) is not None
         hits = http_server.hits("fenced/")
         tightened = http_server.fetch_limits().__class__(**{**vars(http_server.fetch_limits()),
                                                            "allow_private_networks": False})
         async with Fetcher(tightened) as fetcher:
             prepared = await prepare_dataset(dataset, fetcher=fetcher, executors=executors,
-                                             cache=DatasetCache(tmp_path / "cache"), limits=DecodeLimits(),
-                                             max_bad_fraction=1.0)
+                                             cache=DatasetCache(tmp_path / "cache"), limits=decode_limits(),
+                                             max_bad_fraction=1.0, **dataset_options())
     finally:
         executors.shutdown()
     assert prepared.train == [] and [code.split(":")[0] for _, code in prepared.bad] == ["blocked_url"] * 2

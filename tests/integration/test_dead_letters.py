@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from tests.integration.test_runtime import annotation_request, assert_no_lag, start_echo
 from testkit.kafka import produce, provision, read_until, send, settings_for
+from testkit.worker_processes import annotation_request, assert_no_lag, start_echo
 
 pytestmark = pytest.mark.kafka
 

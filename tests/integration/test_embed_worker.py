@@ -9,8 +9,8 @@ import io
 import numpy as np
 import pytest
 
-from tests.integration.test_annotation_worker import start_annotation_worker
 from testkit.kafka import produce, provision, read_until, settings_for
+from testkit.worker_processes import start_annotation_worker
 
 pytestmark = pytest.mark.kafka
 

@@ -10,8 +10,8 @@ from collections import Counter
 
 import pytest
 
-from tests.integration.test_runtime import annotation_request, assert_no_lag, start_echo
 from testkit.kafka import committed_offsets, produce, provision, read_until, settings_for
+from testkit.worker_processes import annotation_request, assert_no_lag, start_echo
 
 pytestmark = pytest.mark.kafka
 

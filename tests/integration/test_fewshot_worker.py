@@ -9,10 +9,9 @@ import json
 
 import pytest
 
-from tests.integration.test_annotation_worker import start_annotation_worker
 from tests.integration.test_fewshot_handler import COLOURS, png
-from tests.integration.test_send_cli import send
 from testkit.kafka import provision, settings_for, topic_env
+from testkit.worker_processes import send, start_annotation_worker
 
 pytestmark = pytest.mark.kafka
 

@@ -15,9 +15,8 @@ from collections import Counter
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from tests.integration.test_annotation_worker import start_annotation_worker
-from tests.integration.test_training_worker import start_training_worker
 from testkit.kafka import committed_offsets, end_offsets, provision, read_until, settings_for
+from testkit.worker_processes import start_annotation_worker, start_training_worker
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 

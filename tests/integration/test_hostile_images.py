@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 
 from consumers.settings import WorkerSettings
-from tests.integration.test_annotation_worker import start_annotation_worker
-from tests.support.hostile_images import hostile_images
+from testkit.pictures import hostile_images
 from testkit.kafka import produce, provision, read_until, settings_for
+from testkit.worker_processes import start_annotation_worker
 
 pytestmark = pytest.mark.kafka
 

@@ -18,7 +18,7 @@ from handlers.models import ModelRegistry
 from handlers.storage import ObjectStore
 from schemas.annotation import EmbedRequest
 from tests.integration.test_embed_handler import settings
-from tests.support.configs import model_config
+from testkit.configs import model_config
 
 
 @pytest.mark.parametrize("text", ["..", ".", "...", "", "a/../b", "../../etc", "%2e%2e", "..%2F"])

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from tests.integration.test_runtime import annotation_request, assert_no_lag, start_echo
 from testkit.kafka import produce, provision, read_until, settings_for
+from testkit.worker_processes import annotation_request, assert_no_lag, start_echo
 
 pytestmark = pytest.mark.kafka
 

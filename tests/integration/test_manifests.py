@@ -14,13 +14,14 @@ import pytest
 from handlers.dataset import read_manifest as read_training_manifest
 from handlers.errors import PermanentError
 from handlers.executor import Executors
-from handlers.fetch import Fetcher, FetchLimits
+from handlers.fetch import Fetcher
 from handlers.manifests import ManifestLimits, read_manifest
 from handlers.storage import ObjectStore
 from pydantic import field_validator
 
 from schemas.annotation import AuditImage
 from schemas.training import LabeledUrl
+from testkit.configs import fetch_limits, manifest_limits
 
 pytestmark = pytest.mark.s3
 
@@ -37,7 +38,7 @@ async def _put(s3_server, bucket: str, key: str, body: bytes) -> str:
 async def io(s3_server):
     executors = Executors(cpu_workers=2)
     try:
-        async with ObjectStore(endpoint_url=s3_server.endpoint_url) as store, Fetcher(FetchLimits(), store=store) as fetcher:
+        async with ObjectStore(endpoint_url=s3_server.endpoint_url) as store, Fetcher(fetch_limits(), store=store) as fetcher:
             yield fetcher, executors
     finally:
         executors.shutdown()
@@ -85,12 +86,13 @@ async def test_deeply_nested_lines_are_the_requests_error(io, s3_server, s3_buck
     for key, body in (("deep-line", DEEP), ("deep-value", nested_value), ("deep-split", _lines(2) + nested_value)):
         url = await _put(s3_server, s3_bucket, f"m/{key}.jsonl", body + b"\n")
         with pytest.raises(PermanentError) as err:
-            await read_training_manifest(fetcher, url, executors)
+            await read_training_manifest(fetcher, url, executors, manifest_limits())
         assert err.value.code == "invalid_dataset" and "nested too deeply" in err.value.message, (key, err.value)
         if key == "deep-split":
             continue  # (its first lines are training lines, not audit ones)
         with pytest.raises(PermanentError) as err:  # the audit's manifest: the same rule, its own code
-            await read_manifest(fetcher, url, AuditImage, executors=executors, error_code="invalid_request")
+            await read_manifest(fetcher, url, AuditImage, executors=executors, error_code="invalid_request",
+                                limits=manifest_limits())
         assert err.value.code == "invalid_request" and "nested too deeply" in err.value.message
 
 
@@ -105,7 +107,7 @@ def test_deeply_nested_package_config_is_a_package_error():
 
 async def test_deeply_nested_package_config_makes_the_model_unavailable(tmp_path, s3_server, s3_bucket):
     from handlers.models import ModelRegistry
-    from tests.support.configs import model_config
+    from testkit.configs import model_config
 
     await _put(s3_server, s3_bucket, "pkg/config.json", b'{"format": ' + DEEP + b"}")
     executors = Executors(cpu_workers=1)
@@ -127,7 +129,7 @@ async def test_a_large_manifest_streams_off_the_event_loop_in_little_memory(io, 
     url = await _put(s3_server, s3_bucket, "m/large.jsonl", body)
     tracemalloc.start()
     try:
-        train, val = await read_training_manifest(fetcher, url, executors)
+        train, val = await read_training_manifest(fetcher, url, executors, manifest_limits())
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -143,5 +145,6 @@ async def test_a_large_manifest_streams_off_the_event_loop_in_little_memory(io, 
             threads.add(threading.get_ident())
             return value
 
-    entries = await read_manifest(fetcher, url, Probe, executors=executors, error_code="invalid_request")
+    entries = await read_manifest(fetcher, url, Probe, executors=executors, error_code="invalid_request",
+                                limits=manifest_limits())
     assert len(entries) == 40_000 and threads and threading.get_ident() not in threads  # never on the loop

@@ -4,29 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import signal
 
 import pytest
 
-from testkit.kafka import committed_offsets, end_offsets, produce, provision, read_until, settings_for, topic_env
-from testkit.local import WorkerProcess
+from testkit.kafka import committed_offsets, produce, provision, read_until, settings_for
+from testkit.worker_processes import annotation_request, assert_no_lag, start_echo
 
 pytestmark = pytest.mark.kafka
-
-
-def annotation_request(request_id: str | None = None, n_images: int = 2) -> dict:
-    body = {
-        "task": "classify",
-        "model": "clip",
-        "images": [{"id": f"img-{i}", "url": f"https://example.com/{i}.jpg"} for i in range(n_images)],
-        "classes": ["cat", "dog", "bird"],
-        "top_k": 3,
-        "threshold": 0.1,
-    }
-    if request_id:
-        body["request_id"] = request_id
-    return body
 
 
 @pytest.fixture
@@ -34,23 +19,6 @@ async def topics(kafka_bootstrap, topic_prefix):
     settings = settings_for(topic_prefix)
     await provision(settings)
     return settings
-
-
-def start_echo(tmp_path, prefix: str, name: str = "worker", **env: str) -> WorkerProcess:
-    # a killed worker holds its partitions until its session times out: 6 s instead of 30 s
-    full_env = {**topic_env(prefix), "CLS_LOG_LEVEL": "DEBUG", "CLS_RETRY_BACKOFF_S": "0.05",
-                "CLS_SESSION_TIMEOUT_MS": "6000", "CLS_HEARTBEAT_INTERVAL_MS": "500", **env}
-    return WorkerProcess("testkit.echo_worker", [], full_env, tmp_path / f"{name}.log")
-
-
-async def assert_no_lag(bootstrap: str, group: str, topic: str) -> None:
-    ends = await end_offsets(bootstrap, topic)
-    for _ in range(50):
-        committed = await committed_offsets(bootstrap, group)
-        if all(committed.get(tp, 0) == end for tp, end in ends.items() if end > 0):
-            return
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"lag left: committed={committed} end={ends}")
 
 
 async def test_round_trip_commits_after_publish(tmp_path, topics, topic_prefix, kafka_bootstrap):

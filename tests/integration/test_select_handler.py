@@ -19,7 +19,7 @@ from handlers.annotation import AnnotationHandler
 from handlers.context import AuditConfig
 from handlers.errors import PermanentError
 from handlers.select import CSV_COLUMNS
-from schemas.annotation import AnnotationResult, SelectRequest
+from schemas.annotation import AnnotationRequest, AnnotationResult, SelectRequest
 from tests.integration.test_audit_handler import color_png, put_object, read_object, settings
 
 pytestmark = pytest.mark.s3
@@ -86,7 +86,11 @@ async def test_cold_start_one_of_every_colour_csv_and_redelivery(ctx, pool, s3_s
     table = await read_object(s3_server, parts[0].selection_url)
     rows = list(csv.reader(io.StringIO(table.decode("utf-8"), newline="")))
     assert tuple(rows[0]) == CSV_COLUMNS
-    assert rows[1:] == [[e.id, str(e.rank), repr(e.score), e.reason, "", "", ""] for e in entries]
+    assert rows[1:9] == [[e.id, str(e.rank), repr(e.score), e.reason, "", "", ""] for e in entries]
+    # then the whole pool's ranking: every other image once, ranks going on, typicality round robin
+    assert [row[1] for row in rows[9:]] == [str(k) for k in range(8, 24)]
+    assert sorted(row[0] for row in rows[1:]) == sorted(image["id"] for image in images)
+    assert all(row[3] == "typical" and float(row[2]) > 0 for row in rows[9:])
 
     again = await collect(handler, request)  # a redelivery: the same parts, ids and file
     assert [p.model_dump(exclude={"created_at"}) for p in again] == [p.model_dump(exclude={"created_at"}) for p in parts]
@@ -205,3 +209,28 @@ def test_the_schema_refuses_what_cannot_run():
             SelectRequest.model_validate({**base, **extra})
         assert reason in str(err.value), (extra, str(err.value))
     assert np.isfinite(SelectRequest.model_validate({**base, "labeled": []}).options.duplicate_threshold)
+
+
+async def test_zero_shot_margin_and_predictions_with_classes_and_no_labels(ctx, pool, s3_server, s3_bucket):
+    images = [image for name in COLORS for image in pool[name][:3]]
+    classes = list(COLORS)
+    handler = AnnotationHandler(ctx)
+    parts = await collect(handler, select_request("zero-shot", images, s3_bucket, budget=4, strategy="margin",
+                                                  classes=classes))
+    entries = [e for p in parts for e in p.selection]
+    summary = parts[0].select_summary
+    assert (summary.strategy, summary.predicted_by, summary.labeled) == ("margin", "zero_shot", 0)
+    assert all(e.reason == "uncertain" and e.predicted is not None for e in entries)
+    classify = AnnotationRequest.model_validate({"task": "classify", "model": "clip", "request_id": "zero-shot-classify",
+                                                 "images": images, "classes": classes, "top_k": len(classes)})
+    top = {r.id: r.predictions for p in await collect(handler, classify) for r in p.results}
+    for e in entries:  # the classify task's top-1 (same text embeddings and templates)
+        assert e.predicted.class_name == top[e.id][0].class_name
+        assert abs(e.predicted.confidence - top[e.id][0].confidence) < 0.01
+    margins = {i: p[0].confidence - p[1].confidence for i, p in top.items()}
+    assert sorted(margins[e.id] for e in entries) == pytest.approx(sorted(margins.values())[:4], abs=0.01)
+    table = await read_object(s3_server, parts[0].selection_url)
+    rows = list(csv.reader(io.StringIO(table.decode("utf-8"), newline="")))
+    assert len(rows) == 1 + len(images) and all(row[4] == top[row[0]][0].class_name for row in rows[1:])
+    cold = await collect(handler, select_request("zero-shot-auto", images, s3_bucket, budget=4, classes=classes))
+    assert (cold[0].select_summary.strategy, cold[0].select_summary.predicted_by) == ("diverse_margin", "zero_shot")

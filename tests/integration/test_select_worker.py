@@ -1,6 +1,6 @@
 """``"task": "select"`` end to end: ``cls-worker send select --pool pool.jsonl --labeled labels.jsonl --budget N``
 produces the request on the real broker, a real annotation worker process answers with parts in selection order
-and writes ``selection.csv`` to the S3 API (moto on loopback); a cold start through the interactive topic picks one
+and writes ``selection.csv`` (the whole pool's ranking) to the S3 API (moto on loopback); a cold start through the interactive topic picks one
 image of every colour; the same request delivered again gives identical parts (ids, entries); a request that
 cannot run is refused (``invalid_request``) before any image is fetched."""
 
@@ -14,11 +14,10 @@ from collections import Counter
 
 import pytest
 
-from tests.integration.test_annotation_worker import start_annotation_worker
 from tests.integration.test_audit_handler import color_png
-from tests.integration.test_send_cli import send
 from tests.integration.test_select_handler import COLORS
 from testkit.kafka import produce, provision, read_until, settings_for, topic_env
+from testkit.worker_processes import send, start_annotation_worker
 
 pytestmark = pytest.mark.kafka
 
@@ -76,7 +75,10 @@ async def test_select_through_the_broker(tmp_path, kafka_bootstrap, topic_prefix
     async with s3_server.client() as client:
         table = await (await client.get_object(Bucket=bucket, Key=key))["Body"].read()
     rows = list(csv.reader(io.StringIO(table.decode(), newline="")))
-    assert [row[0] for row in rows[1:]] == [entry["id"] for entry in entries] + ["gone"]
+    # the whole pool's ranking: the selection, the other 12 embedded images ranked on (ranks 6..17), the failed one
+    assert [row[0] for row in rows[1:7]] == [entry["id"] for entry in entries] and rows[-1][0] == "gone"
+    assert sorted(row[0] for row in rows[1:]) == sorted(p["id"] for p in pool)
+    assert [row[1] for row in rows[7:-1]] == [str(k) for k in range(6, 18)] and rows[-1][6] == "http_status"
 
     cold_parts = [r.json() for r in records if r.key == b"sel-cold"]
     # the two deliveries' parts may interleave on the results topic: pair them by part index

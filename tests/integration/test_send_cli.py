@@ -10,16 +10,10 @@ import sys
 
 import pytest
 
-from tests.integration.test_runtime import start_echo
 from testkit.kafka import provision, settings_for, topic_env
-from testkit.local import REPO
+from testkit.worker_processes import send, start_echo
 
 pytestmark = pytest.mark.kafka
-
-
-def send(args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "consumers.cli", "send", *args], cwd=REPO, env={**os.environ, **env},
-                          capture_output=True, text=True, timeout=timeout)
 
 
 async def test_send_annotate_follows_the_result(tmp_path, kafka_bootstrap, topic_prefix):

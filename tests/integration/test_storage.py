@@ -15,9 +15,10 @@ from handlers.errors import (
     PermanentError,
     RetryableError,
 )
-from handlers.fetch import Fetcher, FetchLimits
-from handlers.images import DecodeLimits, fetch_image
+from handlers.fetch import Fetcher
+from handlers.images import fetch_image
 from handlers.storage import ObjectStore
+from testkit.configs import decode_limits, fetch_limits
 
 pytestmark = pytest.mark.s3
 
@@ -131,8 +132,8 @@ async def test_fetcher_reads_s3_urls_through_the_store(http_server, s3_store, s3
     url = f"s3://{s3_bucket}/images/astronaut.jpg"
     await s3_store.put_bytes(url, http_server.body("astronaut_jpg"), content_type="image/jpeg")
     # Private networks off: the configured endpoint (on loopback) is trusted all the same.
-    async with Fetcher(FetchLimits(max_bytes=1 * MIB), store=s3_store) as fetcher:
-        image = await fetch_image(fetcher, url, DecodeLimits())
+    async with Fetcher(fetch_limits(max_bytes=1 * MIB), store=s3_store) as fetcher:
+        image = await fetch_image(fetcher, url, decode_limits())
         assert image.size == (512, 512)
         for bad_url, code in (
             (f"s3://{s3_bucket}/images/missing.jpg", FETCH_FAILED),
@@ -141,7 +142,7 @@ async def test_fetcher_reads_s3_urls_through_the_store(http_server, s3_store, s3
             with pytest.raises(ImageError) as caught:
                 await fetcher.fetch(bad_url)
             assert caught.value.code == code
-    async with Fetcher(FetchLimits(max_bytes=1000), store=s3_store) as fetcher:
+    async with Fetcher(fetch_limits(max_bytes=1000), store=s3_store) as fetcher:
         with pytest.raises(ImageError) as caught:
             await fetcher.fetch(url)
         assert caught.value.code == TOO_LARGE

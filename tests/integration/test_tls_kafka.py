@@ -4,7 +4,7 @@ a wrong CA, an expired broker certificate and a hostname mismatch each end the w
 One extra local broker for the module (deploy/local/kafka.sh with KAFKA_SSL_PORT, KAFKA_SASL_SSL_PORT,
 KAFKA_MTLS_PORT and KAFKA_SSL_EXPIRED_PORT; its CA and certificates are made at start under its state folder),
 stopped at the end. Topics are provisioned and requests produced through its PLAINTEXT listener; the workers
-only know the TLS listeners. The harness is test_secure_kafka's.
+only know the TLS listeners. The harness is ``testkit.secure_kafka``, as for test_secure_kafka.
 """
 
 from __future__ import annotations
@@ -17,10 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from consumers.settings import KafkaSettings, Settings, WorkerSettings
-from testkit.kafka import provision, topic_env
 from testkit.local import LocalBroker
-from tests.integration.test_secure_kafka import _free_port, assert_no_secret, handled_by_worker, refused
+from testkit.secure_kafka import assert_no_secret, handled_by_worker, provision_topics, refused, start_listener_broker
 
 pytestmark = pytest.mark.kafka
 
@@ -29,7 +27,7 @@ pytestmark = pytest.mark.kafka
 class TlsBroker:
     broker: LocalBroker
     plaintext: str
-    ports: dict[str, int]  # ssl, sasl_ssl, mtls, expired
+    ports: dict[str, int]  # SSL, SASL_SSL, MTLS, SSL_EXPIRED
     tls: Path  # ca.pem, other-ca.pem, client.pem, client.key
     password: str  # SCRAM password of the user "cls-worker"
 
@@ -37,19 +35,9 @@ class TlsBroker:
 @pytest.fixture(scope="module")
 def tls_broker() -> Iterator[TlsBroker]:
     password = secrets.token_hex(12)
-    broker = LocalBroker()
-    taken = {broker.port, broker.port + 1}
-    ports: dict[str, int] = {}
-    for name in ("ssl", "sasl_ssl", "mtls", "expired"):
-        ports[name] = _free_port(taken)
-        taken.add(ports[name])
-    broker.env.update(KAFKA_SSL_PORT=str(ports["ssl"]), KAFKA_SASL_SSL_PORT=str(ports["sasl_ssl"]),
-                      KAFKA_MTLS_PORT=str(ports["mtls"]), KAFKA_SSL_EXPIRED_PORT=str(ports["expired"]),
-                      KAFKA_SASL_USERS=f"cls-worker:{password}")
     try:
-        broker.start()
+        broker, ports = start_listener_broker(("SSL", "SASL_SSL", "MTLS", "SSL_EXPIRED"), {"cls-worker": password})
     except Exception as exc:  # fail loudly, never skip
-        broker.stop()
         pytest.fail(f"TLS broker did not start: {exc}", pytrace=False)
     try:
         yield TlsBroker(broker, broker.bootstrap, ports, broker.state_dir / "tls", password)
@@ -59,11 +47,7 @@ def tls_broker() -> Iterator[TlsBroker]:
 
 @pytest.fixture
 async def topics(tls_broker, topic_prefix) -> dict[str, str]:
-    names = topic_env(topic_prefix)
-    worker = WorkerSettings(**{k.removeprefix("CLS_").lower(): v for k, v in names.items()},
-                            request_topic_partitions=1, output_topic_partitions=1)
-    await provision(Settings(kafka=KafkaSettings(bootstrap_servers=tls_broker.plaintext), worker=worker))
-    return names
+    return await provision_topics(tls_broker.plaintext, topic_prefix)
 
 
 def tls_env(broker: TlsBroker, listener: str, host: str = "127.0.0.1", cafile: str = "ca.pem",
@@ -76,11 +60,11 @@ def tls_env(broker: TlsBroker, listener: str, host: str = "127.0.0.1", cafile: s
 
 
 async def test_ssl_sasl_ssl_and_mtls_each_answer_a_request(tmp_path, tls_broker, topics):
-    sasl = {**tls_env(tls_broker, "sasl_ssl"), "KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+    sasl = {**tls_env(tls_broker, "SASL_SSL"), "KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
             "KAFKA_SASL_MECHANISM": "SCRAM-SHA-512", "KAFKA_SASL_USERNAME": "cls-worker",
             "KAFKA_SASL_PASSWORD": tls_broker.password}
-    cases = {"req-ssl": tls_env(tls_broker, "ssl"), "req-sasl-ssl": sasl,
-             "req-mtls": tls_env(tls_broker, "mtls", client_cert=True)}
+    cases = {"req-ssl": tls_env(tls_broker, "SSL"), "req-sasl-ssl": sasl,
+             "req-mtls": tls_env(tls_broker, "MTLS", client_cert=True)}
     # three workers at once (each its own group, request and listener): the module stays short
     logs = await asyncio.gather(*(handled_by_worker(tmp_path, tls_broker.plaintext, topics, env, request_id)
                                   for request_id, env in cases.items()))
@@ -95,15 +79,15 @@ async def test_wrong_ca_expired_certificate_and_hostname_mismatch_each_exit_with
     # the echo worker (the real runtime and serve(); test_secure_kafka runs the real annotation CLI into the same
     # start-up failure path), four at once: the module stays short
     texts = await asyncio.gather(
-        refused(tmp_path, topics, tls_env(tls_broker, "ssl", cafile="other-ca.pem"), "wrong-ca", False,
+        refused(tmp_path, topics, tls_env(tls_broker, "SSL", cafile="other-ca.pem"), "wrong-ca", False,
                 verify_failed),
-        refused(tmp_path, topics, tls_env(tls_broker, "expired"), "expired", False,
+        refused(tmp_path, topics, tls_env(tls_broker, "SSL_EXPIRED"), "expired", False,
                 (*verify_failed, "certificate has expired")),
         # the certificate names IP 127.0.0.1 only; "localhost" reaches the same listener under another name
-        refused(tmp_path, topics, tls_env(tls_broker, "ssl", host="localhost"), "hostname", False,
+        refused(tmp_path, topics, tls_env(tls_broker, "SSL", host="localhost"), "hostname", False,
                 (*verify_failed, "Hostname mismatch", "'localhost'")),
         # mTLS: no client certificate, the broker closes the connection
-        refused(tmp_path, topics, tls_env(tls_broker, "mtls"), "no-client-cert", False,
+        refused(tmp_path, topics, tls_env(tls_broker, "MTLS"), "no-client-cert", False,
                 ("KafkaConnectionError", "closed")),
     )
     for text in texts[:3]:

@@ -13,9 +13,10 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from PIL import Image
 
-from tests.integration.test_training_worker import final, start_training_worker, statuses_of
+from tests.integration.test_training_worker import final, statuses_of
 from testkit.kafka import provision, read_until, settings_for
 from testkit.local import WorkerProcess
+from testkit.worker_processes import start_training_worker
 
 pytestmark = [pytest.mark.kafka, pytest.mark.s3]
 

@@ -13,12 +13,13 @@ from PIL import Image
 from handlers.errors import PermanentError
 from handlers.executor import Executors
 from handlers.fetch import Fetcher
-from handlers.images import DecodeLimits
+
 from handlers.storage import ObjectStore
 from handlers.cancels import CancelRegistry
 from handlers.training import TrainingContext, TrainingHandler, completed_event
 from schemas.training import TrainingRequest, TrainingStatus
-from tests.support.configs import training_settings
+from testkit.configs import training_settings
+from testkit.configs import decode_limits
 
 pytestmark = pytest.mark.s3
 
@@ -33,7 +34,7 @@ def training_context(tmp_path, store, fetcher, executors, on_epoch=None, **setti
     """The handler's context on the real store and fetcher, with work and image caches under ``tmp_path``."""
     return TrainingContext(settings=training_settings(work_dir=str(tmp_path / "work"), dataset_cache_dir=str(tmp_path / "images"),
                                                      device="cpu", **settings),
-                           store=store, fetcher=fetcher, decode_limits=DecodeLimits(), executors=executors,
+                           store=store, fetcher=fetcher, decode_limits=decode_limits(), executors=executors,
                            cancels=CancelRegistry(), on_epoch=on_epoch)
 
 

@@ -13,12 +13,13 @@ import ml.training.loop as loop_module
 from handlers.errors import PermanentError
 from handlers.executor import Executors
 from handlers.fetch import Fetcher
-from handlers.images import DecodeLimits
+
 from handlers.storage import ObjectStore
 from handlers.cancels import CancelRegistry
 from handlers.training import TrainingContext, TrainingHandler
 from schemas.training import TrainingRequest
-from tests.support.configs import training_settings
+from testkit.configs import training_settings
+from testkit.configs import decode_limits
 
 pytestmark = pytest.mark.s3
 
@@ -58,7 +59,7 @@ async def make_handler(http_server, s3_server, tmp_path):
         settings = training_settings(work_dir=str(tmp_path / "work"), dataset_cache_dir=str(tmp_path / "images"),
                                     device="cpu", **options)
         return TrainingHandler(TrainingContext(settings=settings, store=store, fetcher=fetcher,
-                                               decode_limits=DecodeLimits(), executors=executors,
+                                               decode_limits=decode_limits(), executors=executors,
                                                cancels=CancelRegistry()))
 
     yield make

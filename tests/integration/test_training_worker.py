@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import signal
 import uuid
@@ -12,31 +11,12 @@ from pathlib import Path
 import pytest
 
 from testkit.images import DIGIT_CLASS_NAMES, write_digits_dataset
-from testkit.kafka import produce, provision, read_until, settings_for, topic_env
-from testkit.local import WorkerProcess
+from testkit.kafka import produce, provision, read_until, settings_for
+from testkit.worker_processes import start_training_worker
 
 pytestmark = [pytest.mark.kafka, pytest.mark.s3]
 
 _MEMO: dict[str, object] = {}
-
-
-def worker_env(tmp: Path, name: str) -> dict[str, str]:
-    return {
-        "CLS_TRAINING_WORK_DIR": str(tmp / f"work-{name}"),
-        "CLS_DATASET_CACHE_DIR": str(tmp.parent / "shared-image-cache"),
-        "CLS_ALLOW_PRIVATE_NETWORKS": "true",
-        "CLS_FETCH_CONNECT_TIMEOUT_S": "1",
-        "CLS_TORCH_THREADS": "2",
-        "CLS_DEVICE": "cpu",
-        "CLS_LOG_FORMAT": "json",
-        "CLS_DRAIN_TIMEOUT_S": "60",
-    }
-
-
-def start_training_worker(tmp_path: Path, prefix: str, name: str = "training", args: list[str] | None = None,
-                          **env: str) -> WorkerProcess:
-    return WorkerProcess("consumers.cli", ["training", *(args or [])],
-                         {**topic_env(prefix), **worker_env(tmp_path, name), **env}, tmp_path / f"{name}.log")
 
 
 @pytest.fixture(scope="session")

@@ -409,6 +409,10 @@ def test_scratch_volume_holds_the_workers_directories():
         for setting in ("CLS_MODEL_DIR", "CLS_TRAINING_WORK_DIR", "CLS_DATASET_CACHE_DIR"):
             path = container_env(container).get(setting, image_env[setting])
             assert any(path.startswith(m.rstrip("/") + "/") for m in mounts), (owner, setting, path, mounts)
+        if worker_command(container) == "annotation":
+            # the disk text cache is on, on the scratch volume (a restarted container skips the text pass)
+            path = container_env(container).get("CLS_TEXT_CACHE_DIR")
+            assert path and any(path.startswith(m.rstrip("/") + "/") for m in mounts), (owner, path, mounts)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -504,6 +508,10 @@ def test_compose_worker_env_is_real_settings(monkeypatch):
             assert settings.worker.s3_endpoint_url == "http://minio:9000"
             grace = duration_s(service["stop_grace_period"])
             assert grace > settings.worker.drain_timeout_s, name
+    annotation = compose()["services"]["annotation"]
+    mounts = [volume.split(":")[1] for volume in compose()["x-worker"]["volumes"]]
+    text_dir = annotation["environment"]["CLS_TEXT_CACHE_DIR"]
+    assert any(text_dir.startswith(m.rstrip("/") + "/") for m in mounts), (text_dir, mounts)
     assert settings_from({k: resolve_defaults(v) for k, v in compose()["services"]["topics"]["environment"].items()},
                          monkeypatch).worker.request_topic_partitions == 12
 

@@ -14,11 +14,12 @@ from torchvision.transforms import InterpolationMode
 
 import ml.preprocess
 from handlers.errors import ImageError
-from handlers.images import DecodeLimits, batched_jpeg_size, decoded_tensor
+from handlers.images import batched_jpeg_size, decoded_tensor
 from ml.preprocess import EncodedJpeg, JpegBatch, TensorPreprocess, preprocess_jpegs
 from testkit.photos import encode_jpeg, photo_jpegs, photos
+from testkit.configs import decode_limits
 
-LIMITS = DecodeLimits()
+LIMITS = decode_limits()
 RECIPE = TensorPreprocess(resize=48, crop=(48, 48), interpolation=InterpolationMode.BICUBIC,
                           mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711))
 
@@ -57,7 +58,7 @@ def test_header_checks_choose_baseline_jpegs_and_keep_the_errors_of_the_cpu_path
     sizes = {name: batched_jpeg_size(data, LIMITS) for name, data in images.items()}
     assert {name for name, size in sizes.items() if size is not None} == BATCHED
     assert sizes["exif_rotated"] == (100, 150) and sizes["photo0"] == (160, 120)
-    for limits, code in ((DecodeLimits(max_pixels=100 * 100), "too_many_pixels"),):
+    for limits, code in ((decode_limits(max_pixels=100 * 100), "too_many_pixels"),):
         with pytest.raises(ImageError) as caught:
             batched_jpeg_size(images["photo0"], limits)
         assert caught.value.code == code

@@ -14,7 +14,7 @@ import torch
 from handlers.batcher import MicroBatcher
 from handlers.executor import Executors
 from handlers.models import ModelConfig, ModelKey, ModelRegistry
-from tests.support.configs import model_config
+from testkit.configs import model_config
 
 
 @pytest.fixture
@@ -280,7 +280,7 @@ async def test_bulk_batches_are_smaller_while_a_person_is_active_and_full_again_
         sizes = {tag: [len(batch) for batch in b.stats.log if batch[0][0] == tag] for tag in ("before", "during", "after")}
         assert sizes == {"before": [4, 4], "during": [2, 2, 2, 2], "after": [4, 4]}, sizes
         with pytest.raises(ValueError):
-            MicroBatcher(executors, max_batch=4, active_s=-1)
+            MicroBatcher(executors, max_batch=4, max_wait_ms=20, active_s=-1)
     finally:
         await b.close()
         executors.shutdown()

@@ -18,6 +18,7 @@ from PIL import Image
 
 from handlers.errors import DECODE_FAILED, NOT_AN_IMAGE, TOO_MANY_PIXELS, ImageError
 from handlers.images import DecodeBudget, DecodeLimits, batched_jpeg_size, decode_image, decoded_tensor, eager_frame_size
+from testkit.configs import decode_limits
 from testkit.images import ico_bmp_frame, ico_bomb, ico_with_frame, tiled_tiff
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -40,7 +41,8 @@ def test_the_real_frame_size_of_an_icon_comes_from_the_frame_header():
 _MEASURE = """
 import json, sys
 from handlers.errors import ImageError
-from handlers.images import DecodeLimits, decode_image
+from handlers.images import decode_image
+from testkit.configs import decode_limits
 from testkit.images import ico_bomb
 data = ico_bomb(10_000, 8_000)
 def status(field):
@@ -50,7 +52,7 @@ def status(field):
 open("/proc/self/clear_refs", "w").write("5")  # reset the peak to the current RSS
 before = status("VmRSS")
 try:
-    decode_image(data, DecodeLimits())
+    decode_image(data, decode_limits())
     code = None
 except ImageError as exc:
     code = exc.code
@@ -70,7 +72,7 @@ def test_an_icon_bomb_is_refused_before_its_frame_is_decoded():
 
 def test_an_icon_frame_over_the_decode_budget_is_refused_by_the_budget():
     # 1500x1500 passes the pixel limit; its decode (24 B/pixel) does not fit a 16 MB budget
-    limits = DecodeLimits(budget=DecodeBudget(16 * 1024 * 1024))
+    limits = decode_limits(budget=DecodeBudget(16 * 1024 * 1024))
     assert _code(ico_bomb(1_500, 1_500), limits) == TOO_MANY_PIXELS
     assert _code(ico_bmp_frame(1_500, 1_500), limits) == TOO_MANY_PIXELS
     assert limits.budget.in_use == 0
@@ -80,7 +82,7 @@ def test_an_icon_waits_for_its_reservation():
     """With the whole budget held elsewhere, an icon's decode waits until the budget frees up (the peak-RSS test
     above shows that its frame is not decoded before the reservation either)."""
     budget = DecodeBudget(64 * 1024 * 1024)
-    limits = DecodeLimits(budget=budget)
+    limits = decode_limits(budget=budget)
     data = ico_bomb(1_000, 1_000)
     decoded_at: list[int] = []
     with budget.reserve(budget.capacity):
@@ -96,7 +98,7 @@ def test_a_small_icon_still_decodes_on_every_path():
     buffer = io.BytesIO()
     Image.new("RGBA", (48, 48), (255, 0, 0, 128)).save(buffer, "ICO", sizes=[(48, 48), (16, 16)])
     data = buffer.getvalue()
-    limits = DecodeLimits(budget=DecodeBudget(64 * 1024 * 1024))
+    limits = decode_limits(budget=DecodeBudget(64 * 1024 * 1024))
     assert decode_image(data, limits).size == (48, 48)
     with decoded_tensor(data, limits) as pixels:
         assert tuple(pixels.shape) == (3, 48, 48)
@@ -106,20 +108,20 @@ def test_a_small_icon_still_decodes_on_every_path():
 
 def test_the_batched_path_checks_an_icon_without_opening_it():
     with pytest.raises(ImageError) as caught:
-        batched_jpeg_size(ico_bomb(10_000, 8_000), DecodeLimits())
+        batched_jpeg_size(ico_bomb(10_000, 8_000), decode_limits())
     assert caught.value.code == TOO_MANY_PIXELS
 
 
 def test_a_broken_icon_directory_is_decode_failed():
-    assert _code(b"\x00\x00\x01\x00\x00\x00", DecodeLimits()) == DECODE_FAILED  # no entries
-    assert _code(ico_with_frame(b"garbage" * 10), DecodeLimits()) == DECODE_FAILED
+    assert _code(b"\x00\x00\x01\x00\x00\x00", decode_limits()) == DECODE_FAILED  # no entries
+    assert _code(ico_with_frame(b"garbage" * 10), decode_limits()) == DECODE_FAILED
 
 
 @pytest.mark.parametrize("fmt", ["ICNS", "TGA", "PCX", "SGI"])
 def test_formats_outside_the_allowed_list_are_not_opened(fmt):
     buffer = io.BytesIO()
     Image.new("RGB", (16, 16)).save(buffer, fmt)
-    assert _code(buffer.getvalue(), DecodeLimits()) in (NOT_AN_IMAGE, DECODE_FAILED)
+    assert _code(buffer.getvalue(), decode_limits()) in (NOT_AN_IMAGE, DECODE_FAILED)
 
 
 def test_a_many_frame_tiff_costs_its_first_frame_only():
@@ -130,7 +132,7 @@ def test_a_many_frame_tiff_costs_its_first_frame_only():
     data = buffer.getvalue()
     with Image.open(io.BytesIO(data)) as probe:
         assert probe.is_animated
-    image = decode_image(data, DecodeLimits())
+    image = decode_image(data, decode_limits())
     assert image.size == (8, 8) and image.getpixel((0, 0)) == (0, 0, 0)
 
 
@@ -139,7 +141,7 @@ def test_a_tiff_tile_larger_than_the_image_counts_in_the_decode():
     data = tiled_tiff(16, 16, 16_384, 16_384)
     with Image.open(io.BytesIO(data)) as probe:
         assert probe.size == (16, 16)
-    assert _code(data, DecodeLimits()) == TOO_MANY_PIXELS  # 268 M tile pixels > CLS_MAX_IMAGE_PIXELS
-    limits = DecodeLimits(budget=DecodeBudget(64 * 1024 * 1024))
+    assert _code(data, decode_limits()) == TOO_MANY_PIXELS  # 268 M tile pixels > CLS_MAX_IMAGE_PIXELS
+    limits = decode_limits(budget=DecodeBudget(64 * 1024 * 1024))
     assert _code(tiled_tiff(16, 16, 4_096, 4_096), limits) == TOO_MANY_PIXELS  # 16 M pixels x 8 B > 64 MB
     assert limits.budget.in_use == 0

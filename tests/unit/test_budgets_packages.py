@@ -10,12 +10,13 @@ import timm
 from PIL import Image
 
 from handlers.errors import TOO_MANY_PIXELS, ImageError
-from handlers.images import DecodeBudget, DecodeLimits
+from handlers.images import DecodeBudget
 from handlers.models import CustomHandle, ModelKey
 from handlers.preprocessing import decode_and_preprocess
 from ml.trained import TrainedModel
 from ml.training.errors import PackageError
 from ml.training.package import build_package_config, check_package_config, write_package
+from testkit.configs import decode_limits
 
 
 def _config(input_side: int = 32, crop_pct: float = 1.0, **kwargs) -> dict:
@@ -61,7 +62,7 @@ def large_input_model(tmp_path_factory):
 def test_a_trained_models_resize_is_counted_in_the_decode_budget(large_input_model, mode):
     """A 20:1 banner of 200x4000 px is small to decode, but this model resizes its short side to 2048 px: 2048 x
     40960 RGB is over 300 MB. With a 256 MB decode budget that is refused, not allocated."""
-    limits = DecodeLimits(budget=DecodeBudget(256 * 1024 * 1024))
+    limits = decode_limits(budget=DecodeBudget(256 * 1024 * 1024))
     with pytest.raises(ImageError) as caught:
         decode_and_preprocess(_png(4000, 200), limits, large_input_model, mode)
     assert caught.value.code == TOO_MANY_PIXELS

@@ -18,8 +18,9 @@ from PIL import Image
 
 from handlers.errors import BAD_ASPECT_RATIO, TOO_MANY_PIXELS, ImageError
 from handlers.images import DecodeBudget, DecodeLimits, decode_image, decoded, estimate_decode_bytes
+from testkit.configs import decode_limits
 from testkit.images import huge_blank_png
-from tests.support.hostile_images import blank_png, float_tiff, gray16_png, many_frame_gif
+from testkit.pictures import blank_png, float_tiff, gray16_png, many_frame_gif
 
 REPO_ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
 
@@ -41,18 +42,18 @@ def _code(data: bytes, limits: DecodeLimits) -> str:
 
 @pytest.mark.parametrize(("width", "height"), [(4000, 1), (1, 100_000), (201, 10), (10, 201)])
 def test_extreme_shapes_are_bad_aspect_ratio(width, height):
-    assert _code(huge_blank_png(width, height), DecodeLimits()) == BAD_ASPECT_RATIO
+    assert _code(huge_blank_png(width, height), decode_limits()) == BAD_ASPECT_RATIO
 
 
 @pytest.mark.parametrize(("width", "height"), [(200, 10), (10, 200), (970, 90), (64, 64)])
 def test_shapes_within_the_limit_decode(width, height):
-    assert decode_image(huge_blank_png(width, height), DecodeLimits()).size == (width, height)
+    assert decode_image(huge_blank_png(width, height), decode_limits()).size == (width, height)
 
 
 def test_the_aspect_limit_is_a_setting():
     data = huge_blank_png(300, 100)
-    assert _code(data, DecodeLimits(max_aspect_ratio=2.5)) == BAD_ASPECT_RATIO
-    assert decode_image(data, DecodeLimits(max_aspect_ratio=3)).size == (300, 100)
+    assert _code(data, decode_limits(max_aspect_ratio=2.5)) == BAD_ASPECT_RATIO
+    assert decode_image(data, decode_limits(max_aspect_ratio=3)).size == (300, 100)
 
 
 def test_clip_preprocess_of_the_widest_allowed_image_stays_small():
@@ -61,7 +62,7 @@ def test_clip_preprocess_of_the_widest_allowed_image_stays_small():
 
     transform = image_transform_v2(PreprocessCfg(size=224), is_train=False)
     resize = transform.transforms[0]
-    image = decode_image(huge_blank_png(2000, 100), DecodeLimits())
+    image = decode_image(huge_blank_png(2000, 100), decode_limits())
     assert resize(image).size == (4480, 224)
     assert tuple(transform(image).shape) == (3, 224, 224)
 
@@ -74,7 +75,7 @@ def test_an_image_whose_estimate_exceeds_the_budget_is_refused_before_decoding(m
     loads: list[str] = []
     monkeypatch.setattr(Image.Image, "load", lambda self: loads.append("load"))
     with pytest.raises(ImageError) as caught:
-        decode_image(data, DecodeLimits(budget=DecodeBudget(32 * 1024 * 1024)))
+        decode_image(data, decode_limits(budget=DecodeBudget(32 * 1024 * 1024)))
     assert caught.value.code == TOO_MANY_PIXELS and "decode budget of 32 MB" in caught.value.message
     assert loads == []  # refused from the header, no pixel decoded
 
@@ -97,7 +98,8 @@ def test_the_estimate_follows_mode_depth_and_format():
 _MEASURE = r"""
 import io, json, sys
 from PIL import Image
-from handlers.images import DecodeLimits, decoded, estimate_decode_bytes
+from handlers.images import decoded, estimate_decode_bytes
+from testkit.configs import decode_limits
 data = sys.stdin.buffer.read()
 with Image.open(io.BytesIO(data)) as header:
     estimate = estimate_decode_bytes(header, len(data))
@@ -107,7 +109,7 @@ def status(field):
             return int(line.split()[1]) * 1024
 open("/proc/self/clear_refs", "w").write("5")  # reset the peak to the current RSS
 before = status("VmRSS")
-with decoded(data, DecodeLimits()) as image:
+with decoded(data, decode_limits()) as image:
     image.resize((224, 224))
 print(json.dumps({"estimate": estimate, "peak": status("VmHWM") - before}))
 """
@@ -185,7 +187,7 @@ def test_concurrent_decodes_hold_at_most_the_budget():
         with Image.open(io.BytesIO(data)) as header:
             estimates.append(estimate_decode_bytes(header, len(data)))
     budget = DecodeBudget(max(estimates) + min(estimates))  # room for the largest and the smallest at once
-    limits = DecodeLimits(budget=budget)
+    limits = decode_limits(budget=budget)
     inside: list[int] = []
 
     def decode(data: bytes) -> tuple[int, int]:
@@ -270,8 +272,8 @@ def test_siglip_preprocessing_is_counted_per_pixel_in_the_reservation():
     with Image.open(io.BytesIO(data)) as header:
         alone = estimate_decode_bytes(header, len(data))
     budget = DecodeBudget(alone + 1_000_000)
-    with decoded(data, DecodeLimits(budget=budget)):
+    with decoded(data, decode_limits(budget=budget)):
         assert budget.in_use == alone
-    with pytest.raises(ImageError) as caught, decoded(data, DecodeLimits(budget=budget), measured["declared"]):
+    with pytest.raises(ImageError) as caught, decoded(data, decode_limits(budget=budget), measured["declared"]):
         pass
     assert caught.value.code == TOO_MANY_PIXELS

@@ -1,4 +1,4 @@
-"""Duplicate detection on a generated set (tests/support/duplicate_set.py): 19 photos and 20 digits, each with
+"""Duplicate detection on a generated set (testkit/duplicate_set.py): 19 photos and 20 digits, each with
 4 injected copies (JPEG quality 10, half size, 5% cropped, PNG), and 30 look-alike non-copies (other digits of
 the same classes), embedded through the product's embedding loader and preprocessing (ml.backbones, ml.embedding), hashed as uploaded, grouped
 by ml.duplicates at the default threshold.
@@ -22,8 +22,8 @@ import torch
 from ml.duplicates import DEFAULT_THRESHOLD, find_duplicates
 from ml.backbones import load_image_embedder
 from ml.embedding import embed_images
-from tests.support.duplicate_set import COPY_KINDS, duplicate_set, similarity_margin
-from tests.support.zeroshot import _few_threads  # noqa: F401 - autouse fixture
+from testkit.duplicate_set import COPY_KINDS, duplicate_set, similarity_margin
+from tests.fixtures.zeroshot import _few_threads  # noqa: F401 - autouse fixture
 
 
 @pytest.fixture(scope="module")

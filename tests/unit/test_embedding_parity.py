@@ -20,7 +20,7 @@ from ml.errors import ModelLoadError
 from ml.embedding_files import EmbeddingFileError, read_embeddings, write_embeddings
 from ml.siglip import siglip_config
 from ml.weights import save_state_dict
-from tests.support.zeroshot import _few_threads, photos  # noqa: F401  (fixtures)
+from tests.fixtures.zeroshot import _few_threads, photos  # noqa: F401  (fixtures)
 
 TOLERANCE = 1e-5
 

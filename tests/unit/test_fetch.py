@@ -27,8 +27,9 @@ from handlers.fetch import (
     is_blocked_address,
     is_noncanonical_numeric_host,
 )
-from handlers.images import DecodeLimits, fetch_image
+from handlers.images import fetch_image
 from testkit.images import SLOW_SECONDS
+from testkit.configs import decode_limits, fetch_limits
 
 FETCH_ERROR_ROUTES = [
     "not_found",
@@ -59,7 +60,7 @@ async def fetcher(http_server):
 
 @pytest.fixture
 async def public_only_fetcher():
-    async with Fetcher(FetchLimits(connect_timeout_s=1, total_timeout_s=3)) as opened:
+    async with Fetcher(fetch_limits(connect_timeout_s=1, total_timeout_s=3)) as opened:
         yield opened
 
 
@@ -81,7 +82,7 @@ async def test_gzip_content_encoding_is_decoded(http_server, fetcher):
 
 async def test_every_good_route_decodes_to_expected_size(http_server, fetcher):
     for name in http_server.good:
-        image = await fetch_image(fetcher, http_server.urls[name], DecodeLimits())
+        image = await fetch_image(fetcher, http_server.urls[name], decode_limits())
         assert (name, image.mode, image.size) == (name, "RGB", http_server.expected_sizes[name])
 
 
@@ -97,7 +98,7 @@ async def test_every_expected_error_through_fetch_image(http_server, fetcher):
     codes = {}
     for name in http_server.expected_errors:
         with pytest.raises(ImageError) as caught:
-            await fetch_image(fetcher, http_server.urls[name], DecodeLimits())
+            await fetch_image(fetcher, http_server.urls[name], decode_limits())
         codes[name] = caught.value.code
     assert codes == http_server.expected_errors
 
@@ -323,7 +324,7 @@ def loopback_counts_as_public(monkeypatch):
 
 async def test_redirect_to_private_address_is_blocked(http_server, loopback_counts_as_public):
     port = http_server.base_url.rsplit(":", 1)[1]
-    async with Fetcher(FetchLimits(connect_timeout_s=1, total_timeout_s=3)) as fetcher:
+    async with Fetcher(fetch_limits(connect_timeout_s=1, total_timeout_s=3)) as fetcher:
         # The "public" origin works, redirects included ...
         assert await fetcher.fetch(http_server.urls["redirect_chain"]) == http_server.body("astronaut_jpg")
         # ... but no hop may lead to a private address, a local name or a loopback literal.
@@ -361,7 +362,7 @@ async def test_file_urls_confined_to_root(tmp_path, http_server):
     (tmp_path / "outside.jpg").write_bytes(b"secret")
     (root / "link.jpg").symlink_to(tmp_path / "outside.jpg")
     (root / "big.bin").write_bytes(b"x" * 2048)
-    limits = FetchLimits(allow_file_urls=True, file_root=str(root), max_bytes=1024 * 1024)
+    limits = fetch_limits(allow_file_urls=True, file_root=str(root), max_bytes=1024 * 1024)
     async with Fetcher(limits) as fetcher:
         assert await fetcher.fetch((root / "sub" / "a.jpg").as_uri()) == http_server.body("astronaut_jpg")
         assert await fetcher.fetch(f"file://localhost{root}/sub/a.jpg")
@@ -371,6 +372,6 @@ async def test_file_urls_confined_to_root(tmp_path, http_server):
         assert await _error_code(fetcher, (root / "missing.jpg").as_uri()) == FETCH_FAILED
         assert await _error_code(fetcher, root.as_uri()) == FETCH_FAILED
         assert await _error_code(fetcher, f"file://otherhost{root}/sub/a.jpg") == UNSUPPORTED_URL
-    async with Fetcher(FetchLimits(allow_file_urls=True, max_bytes=1024)) as fetcher:
+    async with Fetcher(fetch_limits(allow_file_urls=True, max_bytes=1024)) as fetcher:
         assert await _error_code(fetcher, (root / "big.bin").as_uri()) == TOO_LARGE
         assert await fetcher.fetch((tmp_path / "outside.jpg").as_uri()) == b"secret"  # no root: any path

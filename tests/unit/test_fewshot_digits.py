@@ -16,7 +16,7 @@ import pytest
 from ml.audit import AuditOptions, audit
 from ml.fewshot import TEXT_METHODS, VISION_METHODS, SupportSet, ZeroShotWeights, fit_few_shot
 from tests.fixtures.trained_model import digits_dataset, trained_digits  # noqa: F401  (fixtures)
-from tests.support.digit_embeddings import digit_embeddings
+from testkit.digit_embeddings import digit_embeddings
 
 SHOTS = (1, 4, 16)
 

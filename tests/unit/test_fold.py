@@ -345,7 +345,7 @@ def select_part(request: str, k: int, parts: int, entries: list[tuple[str, int, 
     selection = [SelectEntry(id=i, rank=rank, score=round(1 - rank / 10, 6), reason="uncertain" if guess else "typical",
                              predicted=Prediction(class_name=guess, confidence=0.55) if guess else None)
                  for i, rank, guess in entries]
-    summary = SelectSummary(strategy="cluster_margin", requested_strategy="auto", pool=6, embedded=5, candidates=5,
+    summary = SelectSummary(strategy="diverse_margin", requested_strategy="auto", pool=6, embedded=5, candidates=5,
                             labeled=20, labeled_failed=0, classes=2, selected=4, cv_accuracy=0.9)
     return AnnotationResult.completed_part(
         request, k, parts, task="select", model=ModelDescriptor(family="clip", variant="ViT-B-32", weights="random"),
@@ -366,6 +366,6 @@ def test_select_results_fold_into_a_labeling_queue(fold):
                         "predicted_confidence": 0.55}
     assert queue[1]["predicted"] is None and queue[1]["predicted_confidence"] is None
     assert fold.query("SELECT selection_url, strategy, requested_strategy, pool, labeled, selected, cv_accuracy"
-                      " FROM select_requests") == [("s3://b/s/s1/selection.csv", "cluster_margin", "auto", 6, 20, 4, 0.9)]
+                      " FROM select_requests") == [("s3://b/s/s1/selection.csv", "diverse_margin", "auto", 6, 20, 4, 0.9)]
     assert fold.query("SELECT image_id, code FROM image_errors WHERE request_id = ?", ("s1",)) == [("gone", "http_status")]
     assert fold.query("SELECT COUNT(*) FROM labels")[0][0] == 0  # a selection proposes no labels by itself

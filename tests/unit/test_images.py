@@ -15,8 +15,9 @@ import handlers.images as images
 from handlers.errors import DECODE_FAILED, NOT_AN_IMAGE, TOO_MANY_PIXELS, ImageError
 from handlers.fetch import Fetcher
 from handlers.images import DecodeLimits, decode_image, fetch_image, to_rgb
+from testkit.configs import decode_limits
 
-LIMITS = DecodeLimits()
+LIMITS = decode_limits()
 STATIC_GOOD = [
     "astronaut_jpg",
     "chelsea_png",
@@ -122,10 +123,10 @@ def test_decompression_bombs_are_refused_before_decoding(http_server, name):
 
 
 def test_pixel_limit_is_configurable(http_server):
-    assert _decode_error(http_server.body("astronaut_jpg"), DecodeLimits(max_pixels=512 * 511)) == (
+    assert _decode_error(http_server.body("astronaut_jpg"), decode_limits(max_pixels=512 * 511)) == (
         TOO_MANY_PIXELS
     )
-    assert decode_image(http_server.body("astronaut_jpg"), DecodeLimits(max_pixels=512 * 512))
+    assert decode_image(http_server.body("astronaut_jpg"), decode_limits(max_pixels=512 * 512))
 
 
 def test_truncated_jpeg_is_decode_failed(http_server):

@@ -17,7 +17,7 @@ from ml.duplicates import DEFAULT_HASH_DISTANCE, DEFAULT_THRESHOLD, find_duplica
 from ml.fewshot import VISION_METHODS, SupportSet, fit_few_shot
 from ml.perceptual_hash import hamming_distances, perceptual_hash, perceptual_hashes
 from testkit.learned_sets import COPY_KINDS, SET_NAMES, baseline_issues, duplicate_set, flipped, labeled_set, real_embeddings
-from tests.support.zeroshot import _few_threads  # noqa: F401 - autouse fixture
+from tests.fixtures.zeroshot import _few_threads  # noqa: F401 - autouse fixture
 
 ORIGINALS_PER_SET = 10
 

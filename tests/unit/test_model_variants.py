@@ -7,7 +7,7 @@ import pytest
 
 from handlers.errors import PermanentError
 from handlers.models import parse_allowed_variants, parse_variant_weights
-from tests.support.configs import model_config
+from testkit.configs import model_config
 from ml.clip import default_pretrained_tag
 
 

@@ -20,13 +20,14 @@ from PIL import Image
 from handlers.preprocessing import decode_and_preprocess as _decode_and_preprocess
 from handlers.errors import ImageError
 from handlers.images import DecodeBudget, DecodeLimits, decode_image, decoded, decoded_tensor
+from testkit.configs import decode_limits
 from ml.device import policy_for
 from ml.preprocess import TensorPreprocess, is_baseline_jpeg, tensor_preprocess_for
-from tests.support.hostile_images import hostile_images
+from testkit.pictures import hostile_images
 from testkit.photos import encode_jpeg, photo_jpegs, photos
-from tests.support.zeroshot import _few_threads  # noqa: F401 - autouse fixture
+from tests.fixtures.zeroshot import _few_threads  # noqa: F401 - autouse fixture
 
-LIMITS = DecodeLimits()
+LIMITS = decode_limits()
 GOOD = ["astronaut_jpg", "chelsea_png", "coffee_jpg", "camera_png", "china_jpg", "flower_jpg", "cmyk_jpg",
         "gray16_png", "palette_transparent_png", "rgba_png", "la_png", "animated_gif", "exif_rotated_jpg"]
 CONFIDENCE_TOLERANCE = 1e-2
@@ -70,7 +71,7 @@ def test_hostile_images_give_the_same_errors_within_the_same_budget() -> None:
     # The default budget (CLS_DECODE_MEMORY_MB=512). For images torchvision decodes the tensor path reserves
     # 4 B/pixel more than CLIP's Pillow path (SigLIP's reserves 16), so a large JPEG within a few MB of the
     # budget can be refused by one path and not the other; these hostile images all go through Pillow.
-    limits = DecodeLimits(max_pixels=40_000_000, budget=DecodeBudget(512 * 1024 * 1024))
+    limits = decode_limits(max_pixels=40_000_000, budget=DecodeBudget(512 * 1024 * 1024))
     for name, (data, _) in hostile_images().items():
         outcomes = []
         for decode in (_tensor, lambda d, lim: np.asarray(decode_image(d, lim))):
@@ -156,7 +157,7 @@ def test_batched_recipe_equals_one_by_one_and_keeps_the_decode_limits() -> None:
     assert torch.equal(batch, torch.stack([recipe(t) for t in tensors]))
     with pytest.raises(TypeError, match="uint8"):
         recipe(tensors[0].float())
-    tiny = DecodeLimits(max_pixels=100 * 100)
+    tiny = decode_limits(max_pixels=100 * 100)
     assert _code(_tensor, photo_jpegs(1)[0], tiny) == "too_many_pixels"
     wide = Image.new("RGB", (2100, 100))
     assert _code(_tensor, encode_jpeg(wide), LIMITS) == "bad_aspect_ratio"

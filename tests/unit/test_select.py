@@ -63,7 +63,7 @@ def test_auto_switches_from_typical_to_uncertain_at_the_measured_point():
     many = np.r_[[k * 60 + i for k in range(5) for i in range(int(switch))]]
     assert select(np.delete(x, few, 0), x[few], y[few], 5, 5, "auto").strategy == "typiclust"
     late = select(np.delete(x, many, 0), x[many], y[many], 5, 5, "auto")
-    assert late.strategy == "cluster_margin" and late.reasons == ["uncertain"] * 5
+    assert late.strategy == "diverse_margin" and late.reasons == ["uncertain"] * 5
     assert select(x[5:], x[:5], y[:5], 5, 5, "margin").strategy == "typiclust"  # one labeled class: no head
 
 
@@ -75,6 +75,39 @@ def test_kcenter_picks_far_from_the_labeled_set():
     assert y[pool[picked.rows[0]]] == 4
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_rank_all_ranks_every_other_candidate_after_the_same_selection(strategy):
+    x, y = clusters(classes=3, per_class=40)
+    labeled = np.r_[0:6, 40:46, 80:86]  # 6 per class: auto is past its switch point
+    pool = np.concatenate([np.delete(x, labeled, 0), x[[6, 7]]])  # the last two copy pool rows 0 and 1
+    plain = select(pool, x[labeled], y[labeled], 3, 7, strategy)
+    full = select(pool, x[labeled], y[labeled], 3, 7, strategy, SelectOptions(rank_all=True))
+    assert np.array_equal(full.rows, plain.rows) and np.array_equal(full.scores, plain.scores)
+    assert plain.rest.size == 0
+    ranked = np.concatenate([full.rows, full.rest])
+    assert sorted(ranked.tolist()) == list(range(pool.shape[0] - 2)) and full.duplicates.tolist() == [102, 103]
+    assert full.rest_predicted is not None and full.rest_predicted.size == full.rest.size
+    if strategy in ("margin", "auto"):  # uncertainty goes on by margin: the scores (1 - margin) fall
+        assert np.all(np.diff(full.rest_scores) <= 1e-12)
+
+
+def test_zero_shot_margin_without_labels():
+    x, y = clusters(classes=2, spread=1.0)  # no near-duplicates
+    probabilities = np.stack([np.linspace(0.0, 1.0, y.size), 1 - np.linspace(0.0, 1.0, y.size)], axis=1)
+    no_labels = (np.zeros((0, DIM), np.float32), np.zeros(0, np.int64))
+    for strategy in ("margin", "auto"):
+        picked = select(x, *no_labels, 2, 4, strategy, zero_shot=probabilities)
+        assert picked.predicted_by == "zero_shot" and picked.reasons == ["uncertain"] * 4 and picked.candidates == y.size
+        # near the zero-shot tie, whatever x says (auto: among the 10 x budget least certain, one per cluster)
+        assert np.all(np.abs(probabilities[picked.rows, 0] - 0.5) < (0.02 if strategy == "margin" else 0.2))
+        assert np.array_equal(picked.predicted, probabilities[picked.rows].argmax(axis=1))
+    assert select(x, *no_labels, 2, 4, "margin").strategy == "typiclust"  # no classifier at all
+    head = select(x[10:], x[[0, 1, 60, 61]], y[[0, 1, 60, 61]], 2, 4, "margin", zero_shot=probabilities[10:])
+    assert head.predicted_by == "head"  # a head from the labels wins
+    with pytest.raises(SelectError):
+        select(x, *no_labels, 2, 4, "margin", zero_shot=probabilities[:5])
+
+
 def test_bad_input_is_a_select_error():
     x, y = clusters()
     with pytest.raises(SelectError):
@@ -83,3 +116,33 @@ def test_bad_input_is_a_select_error():
         select(np.full((4, DIM), np.nan, np.float32), x[:0], y[:0], 1, 2, "random")
     with pytest.raises(SelectError):
         select(x, x[:0], y[:0], 1, 2, "entropy")  # type: ignore[arg-type]
+
+
+def test_selection_csv_lists_the_whole_pool_once_a_row_at_a_time(tmp_path):
+    import csv
+
+    from handlers.select import CSV_COLUMNS, run_selection, write_selection_csv
+    from schemas.annotation import ImageRef, ImageResult, SelectRequest
+
+    x, y = clusters(classes=4, per_class=500, spread=1.0)
+    x = np.concatenate([x, x[:3]])  # three copies: left out as near-duplicates
+    pool = [ImageRef(id=f"img-{'x' * 20}-{k:06d}", url=f"https://example.com/{k}.png") for k in range(x.shape[0] + 1)]
+    failed = {x.shape[0]: ImageResult(id=pool[-1].id, predictions=[], error={"code": "http_status", "message": "404"})}
+    matrix = np.concatenate([x, np.zeros((1, DIM), np.float32)])
+    zero_shot = np.eye(4)[np.r_[y, y[:3], 0]] * 0.7 + 0.075  # a zero-shot classifier that knows the classes
+    request = SelectRequest.model_validate({"task": "select", "manifest_url": "s3://b/pool.jsonl", "budget": 50,
+                                            "strategy": "auto"})
+    picked = run_selection(request, pool, [], ["a", "b", "c", "d"], matrix, failed, np.zeros((0, DIM), np.float32), {},
+                           zero_shot)
+    path = tmp_path / "selection.csv"
+    write_selection_csv(path, picked, pool, list(failed.values()))
+    with path.open(newline="", encoding="utf-8") as table:
+        rows = list(csv.reader(table))
+    assert tuple(rows[0]) == CSV_COLUMNS and len(rows) == 1 + len(pool)
+    assert sorted(row[0] for row in rows[1:]) == sorted(p.id for p in pool)  # every pool id once
+    ranked = [row for row in rows[1:] if row[1]]
+    assert [int(row[1]) for row in ranked] == list(range(len(pool) - 4))
+    assert [row[0] for row in ranked[:50]] == [e.id for e in picked.entries]
+    assert [row[3] for row in rows[-4:-1]] == ["duplicate"] * 3 and rows[-1][6] == "http_status"
+    assert all(row[4] in "abcd" and row[4] for row in ranked)  # the zero-shot top-1 for every ranked image
+    assert path.stat().st_size / len(pool) < 100  # ~10 MB for a 100,000-image pool with 30-character ids

@@ -15,9 +15,9 @@ import torch
 
 from ml.siglip import siglip_config
 from ml.weights import save_state_dict
+from schemas.defaults import DEFAULT_CLIP_VARIANT, DEFAULT_SIGLIP_VARIANT
 from ml.backbones import load_zero_shot_model
-from ml.zeroshot import DEFAULT_VARIANTS
-from tests.support.zeroshot import _few_threads, photos  # noqa: F401  (fixtures)
+from tests.fixtures.zeroshot import _few_threads, photos  # noqa: F401  (fixtures)
 
 TOLERANCE = 1e-4
 CLASSES = ["astronaut", "cat", "coffee cup", "palace"]
@@ -65,8 +65,7 @@ def _check_clip(variant: str, tmp_path, photos) -> None:
 
 
 def test_clip_default_variant_matches_open_clip(tmp_path, photos):
-    assert DEFAULT_VARIANTS["clip"] == "ViT-B-32"
-    _check_clip("ViT-B-32", tmp_path, photos)
+    _check_clip(DEFAULT_CLIP_VARIANT, tmp_path, photos)
 
 
 def test_tiny_clip_matches_open_clip(tmp_path, photos):
@@ -119,7 +118,7 @@ def test_siglip_default_variant_architecture_is_base_patch16_224():
     from transformers import SiglipConfig
 
     defaults = SiglipConfig()
-    config = siglip_config(DEFAULT_VARIANTS["siglip"])
+    config = siglip_config(DEFAULT_SIGLIP_VARIANT)
     for section in ("text_config", "vision_config"):
         ours, theirs = getattr(config, section).to_dict(), getattr(defaults, section).to_dict()
         keys = [k for k in theirs if k not in ("_name_or_path", "transformers_version", "dtype")]

@@ -16,7 +16,7 @@ from ml.zeroshot import (
     render_prompts,
     warm_up,
 )
-from tests.support.zeroshot import _few_threads, photos  # noqa: F401  (fixtures)
+from tests.fixtures.zeroshot import _few_threads, photos  # noqa: F401  (fixtures)
 
 CLASSES = ["astronaut", "cat", "coffee", "temple", "rocket"]
 TEMPLATES = ["a photo of a {}.", "a close-up photo of the {c}."]

@@ -10,7 +10,7 @@ import torch
 from ml.text_cache import TextEmbeddingCache, text_cache_key
 from ml.backbones import load_zero_shot_model
 from ml.zeroshot import DEFAULT_TEMPLATES, ModelInfo
-from tests.support.zeroshot import _few_threads  # noqa: F401  (fixtures)
+from tests.fixtures.zeroshot import _few_threads  # noqa: F401  (fixtures)
 
 CLASSES = ["cat", "dog", "bird"]
 
@@ -159,7 +159,7 @@ def test_registry_models_share_one_byte_bounded_cache(tmp_path):
 
     from handlers.executor import Executors
     from handlers.models import ModelKey, ModelRegistry
-    from tests.support.configs import model_config
+    from testkit.configs import model_config
 
     async def run():
         executors = Executors(cpu_workers=1)

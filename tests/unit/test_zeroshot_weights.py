@@ -12,7 +12,7 @@ from ml.errors import WeightsFileError
 from ml.weights import load_state_dict_file, save_state_dict
 from ml.backbones import load_zero_shot_model
 from ml.errors import ModelLoadError
-from tests.support.zeroshot import _few_threads  # noqa: F401  (fixtures)
+from tests.fixtures.zeroshot import _few_threads  # noqa: F401  (fixtures)
 
 TINY = [("clip", "cls-tiny-clip"), ("siglip", "cls-tiny-siglip")]
 CLASSES = ["cat", "dog"]
@@ -157,7 +157,7 @@ def _offline(monkeypatch) -> None:
     [
         ("clip", "ViT-B-32", "laion2b_s34b_b79k", "cannot fetch pretrained weights 'laion2b_s34b_b79k' for CLIP ViT-B-32"),
         ("clip", "ViT-B-32", "openai", "cannot fetch pretrained weights 'openai'"),
-        ("siglip", None, "pretrained", "cannot fetch pretrained SigLIP 'google/siglip-base-patch16-224'"),
+        ("siglip", "google/siglip-base-patch16-224", "pretrained", "cannot fetch pretrained SigLIP 'google/siglip-base-patch16-224'"),
     ],
 )
 def test_unfetchable_pretrained_weights_raise_model_load_error(monkeypatch, family, variant, weights, message):

@@ -1,4 +1,4 @@
-"""Embeddings of held-back digits from the model trained here (tests.fixtures.trained_model): a real embedding
+"""Embeddings of held-back digits from the model trained here (the ``trained_digits`` fixture of tests.fixtures.trained_model): a real embedding
 of the digits domain for few-shot and audit tests. The pool is the trained model's validation and test
 splits, which its weights never trained on (validation only picked the best epoch)."""
 
