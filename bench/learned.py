@@ -2,6 +2,10 @@
 
 Run from the repository root:  .venv/bin/python bench/learned.py [--sets photo_crops textures] [--per-class 60]
 
+Parts (``--parts``): duplicates (``photo_crops``, ``textures``), audit and few-shot (every set in ``--sets``,
+including the overlapping-class sets ``photo_halves`` and ``texture_blends``), and ``fit_time`` (a synthetic
+100-class few-shot fit with a text tower, single-thread CPU seconds).
+
 Vectors: the worker's timm embedder (``ml.timm_backbone``, ``tf_efficientnet_lite0`` with the real weights of
 ``testkit.real_backbone``) of the sets of ``testkit.learned_sets`` (look-alike photo crops; tinted textures).
 Embeddings are cached under ``.cache/learned/`` by set, size and weights file, so a rerun measures the methods
@@ -14,7 +18,7 @@ Per set:
    joining different originals, counted as extra originals per group) for cosine only at the default
    threshold, the perceptual hash only, and the default (both signals).
 2. Audit: 10% of the labels flipped at random, or to the most similar class (class-conditional), or none
-   (clean). The default ``ml.audit.audit`` against the plain baseline: 5-fold
+   (clean), over ``--audit-seeds`` noise draws (mean reported, per-seed values in the JSON). The default ``ml.audit.audit`` against the plain baseline: 5-fold
    ``LogisticRegression()`` (scikit-learn defaults) out-of-sample probabilities and the confident-learning rule
    on the same vectors. Precision / recall of the flagged labels against the flipped ones, flag rate on clean.
 3. Few-shot: 1/4/16 examples per class over 5 seeds (support drawn per seed, every other image a query):

@@ -9,6 +9,15 @@ Digits are too easy for ImageNet features (every method scores ~1.0). These sets
   cell, coins) and four generated ones (coarse and fine binary blobs, oriented sinusoid gratings, filtered
   noise), each crop tinted with a random colour so colour says nothing about the class.
 
+Two labeled sets whose classes overlap (where the plain audit baseline flags many correct labels):
+
+- ``photo_halves``: the left and the right half of five photos are two classes each; an item is a crop of
+  25-60% of the short side whose centre lies in its half, so crops near the middle show both classes.
+- ``texture_blends``: ten textures in five pairs (:data:`BLEND_PAIRS`); an item is a crop of its texture blended
+  with a crop of its partner, its own weight uniform in [0.5, 1], then tinted: items near 0.5 sit on the boundary.
+
+:func:`flipped` makes the label noise of the audit measurements and :func:`baseline_issues` the plain baseline.
+
 :func:`labeled_set` draws ``per_class`` items per class (seeded). :func:`duplicate_set` cuts every source
 into a grid of non-overlapping tiles (the distinct items: no two share a pixel, and tiles of one texture are
 the look-alikes that must never be linked), skips near-uniform tiles, and makes one copy of each original
