@@ -2,6 +2,10 @@
 
 Run from the repository root:  .venv/bin/python bench/learned.py [--sets photo_crops textures] [--per-class 60]
 
+Parts (``--parts``): duplicates (``photo_crops``, ``textures``), audit and few-shot (every set in ``--sets``,
+including the overlapping-class sets ``photo_halves`` and ``texture_blends``), and ``fit_time`` (a synthetic
+100-class few-shot fit with a text tower, single-thread CPU seconds).
+
 Vectors: the worker's timm embedder (``ml.timm_backbone``, ``tf_efficientnet_lite0`` with the real weights of
 ``testkit.real_backbone``) of the sets of ``testkit.learned_sets`` (look-alike photo crops; tinted textures).
 Embeddings are cached under ``.cache/learned/`` by set, size and weights file, so a rerun measures the methods
@@ -14,7 +18,7 @@ Per set:
    joining different originals, counted as extra originals per group) for cosine only at the default
    threshold, the perceptual hash only, and the default (both signals).
 2. Audit: 10% of the labels flipped at random, or to the most similar class (class-conditional), or none
-   (clean). The default ``ml.audit.audit`` against the plain baseline: 5-fold
+   (clean), over ``--audit-seeds`` noise draws (mean reported, per-seed values in the JSON). The default ``ml.audit.audit`` against the plain baseline: 5-fold
    ``LogisticRegression()`` (scikit-learn defaults) out-of-sample probabilities and the confident-learning rule
    on the same vectors. Precision / recall of the flagged labels against the flipped ones, flag rate on clean.
 3. Few-shot: 1/4/16 examples per class over 5 seeds (support drawn per seed, every other image a query):
@@ -38,17 +42,27 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ml.audit import AuditOptions, audit, confident_learning  # noqa: E402
+from ml.audit import AuditOptions, audit  # noqa: E402
 from ml.duplicates import DEFAULT_THRESHOLD, find_duplicates  # noqa: E402
 from ml.fewshot import VISION_METHODS, SupportSet, fit_few_shot  # noqa: E402
 from ml.perceptual_hash import perceptual_hashes  # noqa: E402
-from testkit.learned_sets import COPY_KINDS, SET_NAMES, duplicate_set, labeled_set, real_embeddings  # noqa: E402
+from testkit.learned_sets import (  # noqa: E402
+    COPY_KINDS,
+    LABELED_SET_NAMES,
+    NOISE_RATE,
+    SET_NAMES,
+    baseline_issues,
+    duplicate_set,
+    flipped,
+    labeled_set,
+    real_embeddings,
+)
 from testkit.real_backbone import lite0_safetensors  # noqa: E402
 
 CACHE = Path(__file__).resolve().parents[1] / ".cache" / "learned"
 SHOTS = (1, 4, 16)
 SEEDS = 5
-NOISE_RATE = 0.1
+PARTS = ("duplicates", "audit", "few_shot", "fit_time")
 
 
 def cached_embeddings(key: str, images, weights: Path) -> np.ndarray:
@@ -106,54 +120,33 @@ def bench_duplicates(name: str, weights: Path, max_originals: int) -> dict:
 # -- audit -------------------------------------------------------------------------------------------------------
 
 
-def flipped(labels: np.ndarray, vectors: np.ndarray, kind: str, seed: int) -> np.ndarray:
-    classes = int(labels.max()) + 1
-    if kind == "clean":
-        return labels.copy()
-    rng = np.random.default_rng(seed)
-    centres = np.stack([vectors[labels == c].mean(axis=0) for c in range(classes)])
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    similarity = centres @ centres.T
-    np.fill_diagonal(similarity, -np.inf)
-    nearest = similarity.argmax(axis=1)
-    noisy = labels.copy()
-    for i in rng.choice(len(labels), int(NOISE_RATE * len(labels)), replace=False):
-        noisy[i] = (labels[i] + rng.integers(1, classes)) % classes if kind == "random" else nearest[labels[i]]
-    return noisy
-
-
-def baseline_issues(vectors: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold
-
-    classes = int(labels.max()) + 1
-    probabilities = np.zeros((len(labels), classes))
-    for train, test in StratifiedKFold(5, shuffle=True, random_state=0).split(vectors, labels):
-        model = LogisticRegression().fit(vectors[train], labels[train])
-        probabilities[np.ix_(test, model.classes_)] = model.predict_proba(vectors[test])
-    return confident_learning(probabilities, labels).label_issue
-
-
 def precision_recall(flags: np.ndarray, truth: np.ndarray) -> dict:
     hits = int((flags & truth).sum())
     return {"precision": hits / max(1, int(flags.sum())), "recall": hits / max(1, int(truth.sum())),
             "flagged": int(flags.sum()), "flag_rate": float(flags.mean())}
 
 
-def bench_audit(vectors: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict:
+def bench_audit(vectors: np.ndarray, labels: np.ndarray, seeds: int) -> dict:
+    """Per noise kind, the mean over ``seeds`` noise draws (the audit's fold seed follows the draw)."""
     out = {}
     classes = int(labels.max()) + 1
     for kind in ("random", "class_conditional", "clean"):
-        noisy = flipped(labels, vectors, kind, seed)
-        truth = noisy != labels
-        started = time.perf_counter()
-        ours = audit(vectors, noisy, classes, AuditOptions(seed=seed)).label_issue
-        ours_s = time.perf_counter() - started
-        started = time.perf_counter()
-        base = baseline_issues(vectors, noisy)
-        base_s = time.perf_counter() - started
-        out[kind] = {"ours": {**precision_recall(ours, truth), "seconds": round(ours_s, 2)},
-                     "baseline": {**precision_recall(base, truth), "seconds": round(base_s, 2)}}
+        rows: dict[str, list[dict]] = {"ours": [], "baseline": []}
+        for seed in range(seeds if kind != "clean" else 1):
+            noisy = flipped(labels, vectors, kind, seed)
+            truth = noisy != labels
+            started, cpu = time.perf_counter(), time.process_time()
+            ours = audit(vectors, noisy, classes, AuditOptions(seed=seed)).label_issue
+            rows["ours"].append({**precision_recall(ours, truth), "seconds": time.perf_counter() - started,
+                                 "cpu_seconds": time.process_time() - cpu})
+            started, cpu = time.perf_counter(), time.process_time()
+            base = baseline_issues(vectors, noisy, seed)
+            rows["baseline"].append({**precision_recall(base, truth), "seconds": time.perf_counter() - started,
+                                     "cpu_seconds": time.process_time() - cpu})
+        out[kind] = {who: {key: round(float(np.mean([r[key] for r in runs])), 4) for key in runs[0]}
+                     for who, runs in rows.items()}
+        for who, runs in rows.items():
+            out[kind][who]["per_seed"] = [(round(r["precision"], 3), round(r["recall"], 3)) for r in runs]
     return out
 
 
@@ -187,25 +180,78 @@ def bench_few_shot(vectors: np.ndarray, labels: np.ndarray) -> dict:
     return out
 
 
+def bench_text_fit(classes: int = 100, dims: int = 512, shots: tuple[int, ...] = (4, 16), noise: float = 4.0) -> dict:
+    """Single-thread CPU seconds (``time.process_time``) of a ``classes``-way few-shot fit WITH a text tower
+    (synthetic: unit class centres in ``dims`` dimensions, support = centre + ``noise`` x Gaussian, zero-shot
+    weights = centre + Gaussian, logit scale 100; overlapping enough that the linear probe needs ~100
+    Newton-CG steps): ``auto`` (cross-validated linear probe and Tip-Adapter, then the chosen head) against one
+    linear probe fit (the exact minimum, no cross-validation) on the same support set."""
+    from threadpoolctl import threadpool_limits
+
+    from ml.fewshot import ZeroShotWeights, fit_clap_linear_probe
+
+    def unit(x: np.ndarray) -> np.ndarray:
+        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+    out = {}
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(classes, dims))
+    zero_shot = ZeroShotWeights(unit(centres + rng.normal(size=centres.shape)), 100.0)
+    names = tuple(str(c) for c in range(classes))
+    for count in shots:
+        labels = np.repeat(np.arange(classes), count)
+        support = SupportSet(unit(centres[labels] + noise * rng.normal(size=(labels.size, dims))), labels, names)
+        row = {}
+        with threadpool_limits(limits=1):
+            fit_few_shot(SupportSet(support.embeddings[:4], np.array([0, 0, 1, 1]), ("a", "b")), "auto")  # imports: untimed
+            started, cpu = time.perf_counter(), time.process_time()
+            fit_clap_linear_probe(support, zero_shot)
+            row["one_probe_fit"] = {"cpu_s": round(time.process_time() - cpu, 3), "wall_s": round(time.perf_counter() - started, 3)}
+            started, cpu = time.perf_counter(), time.process_time()
+            result = fit_few_shot(support, "auto", zero_shot)
+            row["auto"] = {"cpu_s": round(time.process_time() - cpu, 3), "wall_s": round(time.perf_counter() - started, 3),
+                           "picked": result.method}
+        out[str(count)] = row
+    return out
+
+
 # -- output ------------------------------------------------------------------------------------------------------
 
 
 def print_set(name: str, result: dict) -> None:
-    dup = result["duplicates"]
+    dup = result.get("duplicates")
+    if dup is not None:
+        print_duplicates(name, dup)
+    if "audit" in result:
+        print_audit(name, result)
+    if "few_shot" in result:
+        print_few_shot(name, result)
+
+
+def print_duplicates(name: str, dup: dict) -> None:
     print(f"\n== {name}: duplicates ({dup['originals']} originals, {dup['items']} images; "
           f"perceptual hash {dup['hash_ms_per_image']} ms/image)")
     print(f"{'method':28s} " + " ".join(f"{k:>13s}" for k in (*COPY_KINDS, "all")) + "  false links")
     for method, row in dup["rows"].items():
         print(f"{method:28s} " + " ".join(f"{row['recall'][k]:13.3f}" for k in (*COPY_KINDS, "all"))
               + f"  {row['false_links']:11d}")
-    print(f"\n== {name}: audit ({NOISE_RATE:.0%} labels flipped; precision / recall / flagged)")
-    for kind, row in result["audit"].items():
+
+
+def print_audit(name: str, result: dict) -> None:
+    audit_rows = result["audit"]
+    print(f"\n== {name}: audit ({NOISE_RATE:.0%} labels flipped; mean of {len(audit_rows['random']['ours']['per_seed'])} "
+          f"seeds; precision / recall / flagged, CPU s per audit)")
+    for kind, row in audit_rows.items():
         o, b = row["ours"], row["baseline"]
         if kind == "clean":
             print(f"{kind:18s} ours flag rate {o['flag_rate']:.3f}   baseline flag rate {b['flag_rate']:.3f}")
         else:
-            print(f"{kind:18s} ours {o['precision']:.3f} / {o['recall']:.3f} / {o['flagged']:4d} ({o['seconds']} s)   "
-                  f"baseline {b['precision']:.3f} / {b['recall']:.3f} / {b['flagged']:4d} ({b['seconds']} s)")
+            print(f"{kind:18s} ours {o['precision']:.3f} / {o['recall']:.3f} / {o['flagged']:6.1f} ({o['cpu_seconds']:.1f} s)   "
+                  f"baseline {b['precision']:.3f} / {b['recall']:.3f} / {b['flagged']:6.1f} ({b['cpu_seconds']:.1f} s)   "
+                  f"precision {o['precision'] - b['precision']:+.3f}, recall {o['recall'] - b['recall']:+.3f}")
+
+
+def print_few_shot(name: str, result: dict) -> None:
     print(f"\n== {name}: few-shot accuracy (mean of {SEEDS} seeds; fit ms)")
     print(f"{'shots':>5s} " + " ".join(f"{m:>20s}" for m in (*VISION_METHODS, "auto")) + "  auto - best  auto picks")
     for shots, row in result["few_shot"].items():
@@ -216,21 +262,34 @@ def print_set(name: str, result: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sets", nargs="+", default=list(SET_NAMES), choices=SET_NAMES)
+    parser.add_argument("--sets", nargs="+", default=list(LABELED_SET_NAMES), choices=LABELED_SET_NAMES)
+    parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
     parser.add_argument("--per-class", type=int, default=60, help="labeled images per class (audit, few-shot)")
     parser.add_argument("--dup-originals", type=int, default=60, help="duplicate originals per set")
+    parser.add_argument("--audit-seeds", type=int, default=5, help="noise draws per noise kind (mean reported)")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", module="sklearn")
     weights = lite0_safetensors()
     report = {"bench": "learned", "machine": platform.machine(), "python": platform.python_version(), "sets": {}}
-    for name in args.sets:
+    for name in args.sets if set(args.parts) - {"fit_time"} else ():
         labeled = labeled_set(name, args.per_class)
         vectors = cached_embeddings(f"{name}-labeled-{args.per_class}", labeled.images, weights)
-        result = {"duplicates": bench_duplicates(name, weights, args.dup_originals),
-                  "audit": bench_audit(vectors, labeled.labels),
-                  "few_shot": bench_few_shot(vectors, labeled.labels)}
+        result = {}
+        if "duplicates" in args.parts and name in SET_NAMES:  # the hard sets are labeled sets only
+            result["duplicates"] = bench_duplicates(name, weights, args.dup_originals)
+        if "audit" in args.parts:
+            result["audit"] = bench_audit(vectors, labeled.labels, args.audit_seeds)
+        if "few_shot" in args.parts:
+            result["few_shot"] = bench_few_shot(vectors, labeled.labels)
         report["sets"][name] = result
         print_set(name, result)
+    if "fit_time" in args.parts:
+        report["text_fit"] = bench_text_fit()
+        print("\n== few-shot fit WITH a text tower: 100 classes x 512-d, synthetic (single-thread CPU s; wall s, loaded or not)")
+        for count, row in report["text_fit"].items():
+            lp, auto = row["one_probe_fit"], row["auto"]
+            print(f"{count:>3s} shots: auto {auto['cpu_s']:.2f} CPU s ({auto['wall_s']:.2f} wall, picked {auto['picked']}); "
+                  f"one linear probe fit {lp['cpu_s']:.2f} CPU s; auto / one fit {auto['cpu_s'] / max(lp['cpu_s'], 1e-9):.2f}x")
     print("BENCH_JSON " + json.dumps(report))
     return 0
 

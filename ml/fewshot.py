@@ -87,6 +87,8 @@ CLAP_LAMBDA_FLOOR = 1e-3
 MAX_FOLDS = 5
 KNN_K = 7
 AUTO_MARGIN = 0.02
+CLAP_GTOL = 1e-10  # the final fit: the exact minimum
+CLAP_CV_GTOL = 1e-5  # cross-validation folds: their argmax is all that is scored
 STABLE_METHODS = {True: "linear_probe", False: "logistic_regression"}  # by has_text
 
 
@@ -292,12 +294,17 @@ def _fit_few_shot(support: SupportSet, method: str, zero_shot: ZeroShotWeights |
     methods = allowed if method == "auto" else (method,)
     scores: dict[str, float] = {}
     tip_params = TIP_DEFAULT
+    probe: np.ndarray | None = None  # the whole support set's linear probe, fitted once
     if folds >= 2:
         splits = _splits(support, folds, seed)
         for name in methods:
             stop.check()
             if name == "tip_adapter":
                 tip_params, scores[name] = _cross_validate_tip(support, zero_shot, splits, stop)
+            elif name == "linear_probe":
+                assert zero_shot is not None
+                probe = fit_clap_linear_probe(support, zero_shot, stop)
+                scores[name] = _cross_validate(support, name, zero_shot, splits, stop, initial=probe)
             else:
                 scores[name] = _cross_validate(support, name, zero_shot, splits, stop)
     if method == "auto":
@@ -310,7 +317,11 @@ def _fit_few_shot(support: SupportSet, method: str, zero_shot: ZeroShotWeights |
     else:
         chosen = method
     stop.check()
-    head = _fit(support, chosen, zero_shot, tip_params, stop)
+    if chosen == "linear_probe" and probe is not None:
+        assert zero_shot is not None
+        head: FewShotHead = LinearHead(probe, zero_shot.logit_scale)
+    else:
+        head = _fit(support, chosen, zero_shot, tip_params, stop)
     counts_by_name = {name: int(counts[i]) for i, name in enumerate(support.classes) if counts[i] > 0}
     return FewShotResult(head, chosen, support.classes, counts_by_name, scores.get(chosen), folds if folds >= 2 else 0,
                          scores if method == "auto" else {})
@@ -375,7 +386,7 @@ def _fit_logistic_regression(support: SupportSet) -> FewShotHead:
 def clap_objective(weights: np.ndarray, support: SupportSet, zero_shot: ZeroShotWeights, lambdas: np.ndarray,
                    trainable: np.ndarray) -> tuple[float, np.ndarray]:
     """CLAP's penalised cross-entropy and its gradient in ``W`` (float64); frozen rows get no gradient."""
-    features = support.embeddings.astype(np.float64)
+    features = np.asarray(support.embeddings, dtype=np.float64)
     n = features.shape[0]
     logits = zero_shot.logit_scale * (features @ weights.T)
     log_p = log_softmax(logits, axis=1)
@@ -401,12 +412,14 @@ def clap_lambdas(support: SupportSet, zero_shot: ZeroShotWeights) -> np.ndarray:
 
 
 def clap_hessian_product(weights: np.ndarray, direction: np.ndarray, support: SupportSet, zero_shot: ZeroShotWeights,
-                         lambdas: np.ndarray, trainable: np.ndarray) -> np.ndarray:
-    """The Hessian of :func:`clap_objective` at ``weights`` times ``direction`` (both ``[C, D]``)."""
-    features = support.embeddings.astype(np.float64)
+                         lambdas: np.ndarray, trainable: np.ndarray, probabilities: np.ndarray | None = None) -> np.ndarray:
+    """The Hessian of :func:`clap_objective` at ``weights`` times ``direction`` (both ``[C, D]``);
+    ``probabilities``: the support set's softmax at ``weights`` when the caller has it."""
+    features = np.asarray(support.embeddings, dtype=np.float64)
     scale = zero_shot.logit_scale
     direction = np.where(trainable[:, None], direction, 0.0)
-    probabilities = softmax(scale * (features @ weights.T), axis=1)
+    if probabilities is None:
+        probabilities = softmax(scale * (features @ weights.T), axis=1)
     d_logits = scale * (features @ direction.T)
     d_probabilities = probabilities * (d_logits - (probabilities * d_logits).sum(axis=1, keepdims=True))
     product = scale * (d_probabilities.T @ features) / features.shape[0] + 2.0 * lambdas[:, None] * direction / weights.shape[0]
@@ -414,15 +427,23 @@ def clap_hessian_product(weights: np.ndarray, direction: np.ndarray, support: Su
     return product
 
 
-def fit_clap_linear_probe(support: SupportSet, zero_shot: ZeroShotWeights, stop: _Stop | None = None) -> np.ndarray:
+def fit_clap_linear_probe(support: SupportSet, zero_shot: ZeroShotWeights, stop: _Stop | None = None,
+                          gtol: float = CLAP_GTOL, initial: np.ndarray | None = None) -> np.ndarray:
     """The minimiser of CLAP's objective (see the module docstring), float64 ``[C, D]``; classes without
     examples keep their zero-shot rows. Trust-region Newton-CG with exact Hessian-vector products: the
     objective is badly conditioned (``logit_scale`` 100 against penalties down to 1e-3), where L-BFGS
-    needs thousands of steps."""
+    needs thousands of steps. The support set's softmax is computed once per point, not once per
+    Hessian-vector product (the conjugate-gradient steps at one point all share it); ``gtol`` bounds the
+    gradient's norm at the end (cross-validation folds, which only need the argmax, stop earlier).
+    ``initial``: where the search starts (default: the zero-shot weights; the objective is strictly convex, so
+    the start changes the time, not the minimum; cross-validation starts from the whole support set's fit)."""
+    support = SupportSet(np.asarray(support.embeddings, dtype=np.float64), support.labels, support.classes)
     lambdas = clap_lambdas(support, zero_shot)
     trainable = support.counts() > 0
     start = zero_shot.weights.astype(np.float64)
     shape = start.shape
+    first = start if initial is None else np.where(trainable[:, None], np.asarray(initial, dtype=np.float64), start)
+    at: dict[str, np.ndarray] = {}
 
     def objective(flat: np.ndarray) -> tuple[float, np.ndarray]:
         if stop is not None:
@@ -431,11 +452,14 @@ def fit_clap_linear_probe(support: SupportSet, zero_shot: ZeroShotWeights, stop:
         return value, grad.ravel()
 
     def hessian_product(flat: np.ndarray, direction: np.ndarray) -> np.ndarray:
+        if "point" not in at or not np.array_equal(at["point"], flat):
+            at["point"] = flat.copy()
+            at["probabilities"] = softmax(zero_shot.logit_scale * (support.embeddings @ flat.reshape(shape).T), axis=1)
         return clap_hessian_product(flat.reshape(shape), direction.reshape(shape), support, zero_shot, lambdas,
-                                    trainable).ravel()
+                                    trainable, at["probabilities"]).ravel()
 
-    solution = minimize(objective, start.ravel(), jac=True, hessp=hessian_product, method="trust-ncg",
-                        options={"gtol": 1e-10, "maxiter": 200})
+    solution = minimize(objective, first.ravel(), jac=True, hessp=hessian_product, method="trust-ncg",
+                        options={"gtol": gtol, "maxiter": 200})
     weights = solution.x.reshape(shape)
     weights[~trainable] = start[~trainable]
     return weights
@@ -463,12 +487,20 @@ def _splits(support: SupportSet, folds: int, seed: int) -> list[tuple[np.ndarray
 
 
 def _cross_validate(support: SupportSet, method: str, zero_shot: ZeroShotWeights | None,
-                    splits: list[tuple[np.ndarray, np.ndarray]], stop: _Stop | None = None) -> float:
+                    splits: list[tuple[np.ndarray, np.ndarray]], stop: _Stop | None = None,
+                    initial: np.ndarray | None = None) -> float:
+    """Held-out accuracy of ``method`` over ``splits``. The linear probe's folds start from ``initial`` (the
+    whole support set's probe, close to every fold's minimum) and stop at ``CLAP_CV_GTOL``."""
     correct = 0
     for train_rows, test_rows in splits:
         if stop is not None:
             stop.check()
-        head = _fit(support.subset(train_rows), method, zero_shot, stop=stop)
+        if method == "linear_probe":
+            assert zero_shot is not None
+            head: FewShotHead = LinearHead(fit_clap_linear_probe(support.subset(train_rows), zero_shot, stop, CLAP_CV_GTOL,
+                                                                 initial), zero_shot.logit_scale)
+        else:
+            head = _fit(support.subset(train_rows), method, zero_shot, stop=stop)
         predicted = head.logits(support.embeddings[test_rows]).argmax(axis=1)
         correct += int((predicted == support.labels[test_rows]).sum())
     return correct / len(support.labels)

@@ -9,6 +9,15 @@ Digits are too easy for ImageNet features (every method scores ~1.0). These sets
   cell, coins) and four generated ones (coarse and fine binary blobs, oriented sinusoid gratings, filtered
   noise), each crop tinted with a random colour so colour says nothing about the class.
 
+Two labeled sets whose classes overlap (where the plain audit baseline flags many correct labels):
+
+- ``photo_halves``: the left and the right half of five photos are two classes each; an item is a crop of
+  25-60% of the short side whose centre lies in its half, so crops near the middle show both classes.
+- ``texture_blends``: ten textures in five pairs (:data:`BLEND_PAIRS`); an item is a crop of its texture blended
+  with a crop of its partner, its own weight uniform in [0.5, 1], then tinted: items near 0.5 sit on the boundary.
+
+:func:`flipped` makes the label noise of the audit measurements and :func:`baseline_issues` the plain baseline.
+
 :func:`labeled_set` draws ``per_class`` items per class (seeded). :func:`duplicate_set` cuts every source
 into a grid of non-overlapping tiles (the distinct items: no two share a pixel, and tiles of one texture are
 the look-alikes that must never be linked), skips near-uniform tiles, and makes one copy of each original
@@ -25,14 +34,22 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
-__all__ = ["COPY_KINDS", "SET_NAMES", "CopyItem", "LabeledSet", "duplicate_set", "labeled_set", "real_embeddings", "set_classes"]
+__all__ = ["COPY_KINDS", "HARD_SET_NAMES", "LABELED_SET_NAMES", "NOISE_RATE", "SET_NAMES", "CopyItem", "LabeledSet",
+           "baseline_issues", "duplicate_set", "flipped", "labeled_set", "real_embeddings", "set_classes"]
 
-SET_NAMES = ("photo_crops", "textures")
+SET_NAMES = ("photo_crops", "textures")  # labeled and duplicate sets
+HARD_SET_NAMES = ("photo_halves", "texture_blends")  # labeled sets whose classes overlap
+LABELED_SET_NAMES = SET_NAMES + HARD_SET_NAMES
 ITEM_SIZE = 160
 PHOTO_CLASSES = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "retina",
                  "china.jpg", "flower.jpg", "camera")
 TEXTURE_PHOTOS = ("brick", "grass", "gravel", "moon", "cell", "coins")
 TEXTURE_GENERATED = ("blobs_coarse", "blobs_fine", "gratings", "filtered_noise")
+HALVES_PHOTOS = ("astronaut", "coffee", "chelsea", "china.jpg", "flower.jpg")
+# texture_blends: each class is blended with its partner (the other member of its pair)
+BLEND_PAIRS = (("brick", "gravel"), ("grass", "filtered_noise"), ("blobs_coarse", "blobs_fine"), ("moon", "cell"),
+               ("coins", "gratings"))
+NOISE_RATE = 0.1  # labels flipped by :func:`flipped`
 COPY_KINDS = ("jpeg_q40", "half_size", "crop_2px", "crop_5pct", "brightness_15", "contrast_20", "border_10px", "png")
 
 
@@ -59,7 +76,11 @@ def set_classes(name: str) -> tuple[str, ...]:
         return PHOTO_CLASSES
     if name == "textures":
         return TEXTURE_PHOTOS + TEXTURE_GENERATED
-    raise ValueError(f"unknown set {name!r}; one of {SET_NAMES}")
+    if name == "photo_halves":
+        return tuple(f"{photo}/{side}" for photo in HALVES_PHOTOS for side in ("left", "right"))
+    if name == "texture_blends":
+        return tuple(member for pair in BLEND_PAIRS for member in pair)
+    raise ValueError(f"unknown set {name!r}; one of {LABELED_SET_NAMES}")
 
 
 @functools.cache
@@ -140,17 +161,98 @@ def _random_crop(name: str, rng: np.random.Generator, tint: bool) -> Image.Image
     return image
 
 
+def _jitter(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    image = image.resize((ITEM_SIZE, ITEM_SIZE), Image.Resampling.BICUBIC)
+    if rng.random() < 0.5:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    image = ImageEnhance.Brightness(image).enhance(float(rng.uniform(0.8, 1.2)))
+    return ImageEnhance.Contrast(image).enhance(float(rng.uniform(0.8, 1.2)))
+
+
+def _half_crop(photo: str, side: str, rng: np.random.Generator) -> Image.Image:
+    """A crop of ``photo`` (25-60% of its short side) whose centre lies in its ``side`` half: crops near the
+    middle show as much of the other half as of their own."""
+    array = _source(photo)
+    h, w = array.shape[:2]
+    size = int(min(h, w) * rng.uniform(0.25, 0.6))
+    lowest, highest = size // 2, w - size + size // 2  # the centre's range with the crop inside the photo
+    middle = w // 2
+    centre = int(rng.integers(lowest, middle)) if side == "left" else int(rng.integers(middle, highest + 1))
+    left = min(max(0, centre - size // 2), w - size)
+    top = int(rng.integers(0, h - size + 1))
+    return _jitter(Image.fromarray(np.ascontiguousarray(array[top:top + size, left:left + size])), rng)
+
+
+def _grey_crop(name: str, rng: np.random.Generator) -> np.ndarray:
+    array = _source(name)
+    h, w = array.shape[:2]
+    side = int(min(h, w) * rng.uniform(0.2, 0.6))
+    top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+    image = Image.fromarray(np.ascontiguousarray(array[top:top + side, left:left + side])).convert("L")
+    return np.asarray(image.resize((ITEM_SIZE, ITEM_SIZE), Image.Resampling.BICUBIC), np.float32)
+
+
+def _blend(texture: str, rng: np.random.Generator) -> Image.Image:
+    """A crop of ``texture`` blended with a crop of its pair partner, its own weight uniform in [0.5, 1]: items
+    near weight 0.5 sit on the boundary between the two classes. Tinted at random, like ``textures``."""
+    partner = next(b if a == texture else a for a, b in BLEND_PAIRS if texture in (a, b))
+    weight = float(rng.uniform(0.5, 1.0))
+    mixed = weight * _grey_crop(texture, rng) + (1.0 - weight) * _grey_crop(partner, rng)
+    image = _as_rgb(mixed.clip(0, 255).astype(np.uint8), rng, tint=True)
+    return _jitter(image, rng)
+
+
 def labeled_set(name: str, per_class: int, seed: int = 0) -> LabeledSet:
-    """``per_class`` random crops of each class of set ``name`` (seeded; new images on every call)."""
+    """``per_class`` random items of each class of set ``name`` (seeded; new images on every call)."""
     classes = set_classes(name)
-    rng = np.random.default_rng([seed, SET_NAMES.index(name)])
+    rng = np.random.default_rng([seed, LABELED_SET_NAMES.index(name)])
     images: list[Image.Image] = []
     labels: list[int] = []
     for index, source in enumerate(classes):
         for _ in range(per_class):
-            images.append(_random_crop(source, rng, tint=name == "textures"))
+            if name == "photo_halves":
+                photo, side = source.rsplit("/", 1)
+                images.append(_half_crop(photo, side, rng))
+            elif name == "texture_blends":
+                images.append(_blend(source, rng))
+            else:
+                images.append(_random_crop(source, rng, tint=name == "textures"))
             labels.append(index)
     return LabeledSet(name, classes, images, np.asarray(labels, np.int64))
+
+
+def flipped(labels: np.ndarray, vectors: np.ndarray, kind: str, seed: int) -> np.ndarray:
+    """``labels`` with ``NOISE_RATE`` of them (seeded) changed: ``random`` to any other class, ``class_conditional``
+    to the class whose mean vector is most similar to the true class's, ``clean``: none."""
+    classes = int(labels.max()) + 1
+    if kind == "clean":
+        return labels.copy()
+    rng = np.random.default_rng(seed)
+    centres = np.stack([vectors[labels == c].mean(axis=0) for c in range(classes)])
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    similarity = centres @ centres.T
+    np.fill_diagonal(similarity, -np.inf)
+    nearest = similarity.argmax(axis=1)
+    noisy = labels.copy()
+    for i in rng.choice(len(labels), int(NOISE_RATE * len(labels)), replace=False):
+        noisy[i] = (labels[i] + rng.integers(1, classes)) % classes if kind == "random" else nearest[labels[i]]
+    return noisy
+
+
+def baseline_issues(vectors: np.ndarray, labels: np.ndarray, seed: int = 0) -> np.ndarray:
+    """The plain audit baseline: 5-fold ``LogisticRegression()`` (scikit-learn defaults) out-of-sample
+    probabilities on ``vectors`` and the confident-learning rule of ``ml.audit``."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+
+    from ml.audit import confident_learning
+
+    classes = int(labels.max()) + 1
+    probabilities = np.zeros((len(labels), classes))
+    for train, test in StratifiedKFold(5, shuffle=True, random_state=seed).split(vectors, labels):
+        model = LogisticRegression().fit(vectors[train], labels[train])
+        probabilities[np.ix_(test, model.classes_)] = model.predict_proba(vectors[test])
+    return confident_learning(probabilities, labels).label_issue
 
 
 def encode(image: Image.Image, fmt: str, **options: object) -> bytes:
