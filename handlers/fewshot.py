@@ -41,7 +41,7 @@ import torch
 
 from handlers.admission import Budget, admit
 from handlers.errors import InvalidRequest
-from handlers.manifests import MAX_MANIFEST_BYTES, read_manifest
+from handlers.manifests import read_manifest
 from handlers.parts import json_bytes, part_size_for, parts_in_order, rank
 from ml import fewshot_multilabel
 from ml.fewshot import (
@@ -106,7 +106,7 @@ class FewShotClassifier:
                                      f"request ({MAX_FEW_SHOT_EXAMPLES_LIMIT})")
             return list(request.examples)
         assert request.examples_url is not None
-        max_bytes = min(MAX_MANIFEST_BYTES, 2**20 + limit * MANIFEST_BYTES_PER_EXAMPLE)
+        max_bytes = min(self.ctx.manifest_limits.max_bytes, 2**20 + limit * MANIFEST_BYTES_PER_EXAMPLE)
         examples = await read_manifest(self.ctx.fetcher, request.examples_url, LabeledExample, executors=self.ctx.executors,
                                        error_code="invalid_request", limits=self.ctx.manifest_limits, max_lines=limit,
                                        max_bytes=max_bytes, limit_name=MAX_FEW_SHOT_EXAMPLES_LIMIT)

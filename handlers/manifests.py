@@ -29,7 +29,6 @@ from handlers.fetch import Fetcher
 M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
 
-MAX_MANIFEST_BYTES = 256 * 1024 * 1024
 BLOCK_BYTES = 1024 * 1024
 """Bytes gathered before a block of lines goes to the CPU pool (fewer hops than one per network chunk)."""
 

@@ -210,13 +210,15 @@ def write_multilabel_report(path: Path, metrics: Mapping[str, Any], class_names:
     table = ("<table><tr><th>class</th><th>AP</th><th>threshold</th><th>calibration</th><th>precision</th>"
              "<th>recall</th><th>F1</th><th>positives</th></tr>" + body + "</table>")
     thresholds = metrics.get("thresholds") or {}
-    sections = [
-        f"<h1>{_e(model_name)}: multi-label training report</h1>", summary,
-        "<h2>Training curves</h2>" + _img(_curves(metrics.get("epochs") or []), "training curves"),
-        "<h2>Precision-recall per class</h2>" + _img(_pr_curves(probabilities, truth, class_names, thresholds), "PR curves"),
-        "<h2>Per class</h2>" + table,
-        "<h2>Auto-accept (all tags pooled; per class in metrics.json)</h2>" + _auto_accept_table(metrics),
-    ]
+    with matplotlib.rc_context(LITERAL_TEXT):
+        sections = [
+            f"<h1>{_e(model_name)}: multi-label training report</h1>", summary,
+            "<h2>Training curves</h2>" + _img(_curves(metrics.get("epochs") or []), "training curves"),
+            "<h2>Precision-recall per class</h2>" + _img(_pr_curves(probabilities, truth, class_names, thresholds),
+                                                          "PR curves"),
+            "<h2>Per class</h2>" + table,
+            "<h2>Auto-accept (all tags pooled; per class in metrics.json)</h2>" + _auto_accept_table(metrics),
+        ]
     return _write_page(path, model_name, sections)
 
 

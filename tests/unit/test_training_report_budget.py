@@ -57,3 +57,20 @@ def test_a_report_failure_keeps_the_package(tiny_digits, tmp_path, monkeypatch):
     assert {"model.safetensors", "config.json", "metrics.json"} <= files and "report.html" not in files
     stored = json.loads((result.package_dir / "metrics.json").read_text())
     assert "report_url" not in stored and "disk full" in stored["report_skipped"]
+
+
+def test_dollar_class_names_are_plotted_literally_on_the_multilabel_page(tmp_path):
+    import numpy as np
+
+    from ml.training.report import write_multilabel_report
+
+    rng = np.random.default_rng(0)
+    truth = rng.random((40, len(DOLLAR_NAMES))) < 0.3
+    probabilities = np.clip(truth * 0.6 + rng.random(truth.shape) * 0.4, 0, 1)
+    metrics = {"map": 0.8, "per_class": {name: {"precision": 1.0, "recall": 0.5, "f1": 0.67, "support": 2}
+                                         for name in DOLLAR_NAMES},
+               "thresholds": {name: 0.5 for name in DOLLAR_NAMES},
+               "epochs": [{"epoch": 1, "train_loss": 1.0, "val_loss": 0.9, "val_accuracy": 0.5, "lr": 0.001}]}
+    page = write_multilabel_report(tmp_path / "report.html", metrics, DOLLAR_NAMES, "$resnet$", probabilities,
+                                   truth).read_text()
+    assert "$\\frac{$" in page and page.count("data:image/png;base64,") == 2
