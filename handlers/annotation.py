@@ -21,7 +21,7 @@ from handlers.admission import Budget, admit
 from handlers.audit import AuditHandler
 from handlers.context import AnnotationConfig, AnnotationContext
 from handlers.embedding import EmbedHandler
-from handlers.errors import InvalidRequest, PermanentError
+from handlers.errors import InvalidRequest
 from handlers.fewshot import FewShotClassifier
 from handlers.model_handles import LoadedModel
 from handlers.parts import PART_BUDGET_BYTES, part_size_for, parts_in_order, rank

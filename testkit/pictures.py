@@ -362,3 +362,26 @@ def hostile_images() -> dict[str, tuple[bytes, str]]:
         "canvas_png_36mp": (huge_blank_png(6000, 6000), "image/png"),
         "rgba_png_36mp": (blank_png(6000, 6000, 8, 6), "image/png"),
     }
+
+
+def noisy_png(colour: tuple[int, int, int], seed: int, size: int = 32) -> bytes:
+    """A ``size`` x ``size`` PNG of one colour with Gaussian noise (sigma 25): other bytes for every seed, the same
+    bytes for the same arguments."""
+    rng = np.random.default_rng(seed)
+    pixels = np.clip(np.array(colour, np.float32) + rng.normal(0, 25, size=(size, size, 3)), 0, 255).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, "PNG")
+    return out.getvalue()
+
+
+def photo_jpeg(index: int, size: tuple[int, int] = (320, 240)) -> bytes:
+    """A real photo (scikit-image), resized and cropped a little differently per index, as JPEG."""
+    from skimage import data
+
+    photos = [data.astronaut(), data.chelsea(), data.coffee()]
+    image = Image.fromarray(np.asarray(photos[index % len(photos)], dtype=np.uint8))
+    shift = index % 17
+    image = image.crop((shift, shift, image.width - shift, image.height - shift)).resize(size)
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=90)
+    return out.getvalue()

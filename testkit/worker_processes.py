@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from testkit.kafka import committed_offsets, end_offsets, topic_env
 from testkit.local import REPO, WorkerProcess
@@ -93,3 +94,26 @@ def send(args: list[str], env: dict[str, str], timeout: float = 120) -> subproce
     """``cls-worker send <args>`` with ``env`` added to this process's environment."""
     return subprocess.run([sys.executable, "-m", "consumers.cli", "send", *args], cwd=REPO, env={**os.environ, **env},
                           capture_output=True, text=True, timeout=timeout)
+
+
+PEAK_RSS_LIMIT = 2.5 * 1024**3
+"""A worker's peak resident memory under hostile inputs stays below this."""
+
+
+def peak_rss_bytes(pid: int, field: str = "VmHWM") -> int:
+    """A live process's peak (``VmHWM``) or current (``VmRSS``) resident memory, from /proc."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no {field}")
+
+
+def statuses_of(records: Any, job_id: str) -> list[dict]:
+    """The status events of one training job among records of the status topic, in order."""
+    return [r.json() for r in records if r.key == job_id.encode()]
+
+
+def final(events: list[dict]) -> bool:
+    """Whether a job's events include a terminal one."""
+    return any(e["status"] in ("completed", "failed", "cancelled") for e in events)

@@ -5,12 +5,9 @@ answers (see tests/conftest.py)."""
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from testkit.containers import WorkerSpec, WorkerStack
 
@@ -24,15 +21,3 @@ def stack() -> Iterator[WorkerStack]:
                      training=WorkerSpec("training", env=TRAINING_ENV)) as running:
         yield running
 
-
-def photo_jpeg(index: int, size: tuple[int, int] = (320, 240)) -> bytes:
-    """A real photo (scikit-image), resized and cropped a little differently per index, as JPEG."""
-    from skimage import data
-
-    photos = [data.astronaut(), data.chelsea(), data.coffee()]
-    image = Image.fromarray(np.asarray(photos[index % len(photos)], dtype=np.uint8))
-    shift = index % 17
-    image = image.crop((shift, shift, image.width - shift, image.height - shift)).resize(size)
-    out = io.BytesIO()
-    image.save(out, format="JPEG", quality=90)
-    return out.getvalue()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.containers.conftest import photo_jpeg
+from testkit.pictures import photo_jpeg
 
 pytestmark = pytest.mark.container
 

@@ -14,7 +14,7 @@ import uuid
 import pytest
 
 from testkit.containers import ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY, free_port
-from tests.containers.conftest import photo_jpeg
+from testkit.pictures import photo_jpeg
 from testkit.local import REPO
 
 pytestmark = pytest.mark.container

@@ -16,7 +16,7 @@ import pytest
 from examples.fold import Fold, run_fold
 from schemas import topics
 from testkit.containers import WorkerSpec, WorkerStack
-from tests.containers.conftest import photo_jpeg
+from testkit.pictures import photo_jpeg
 from testkit.images import DIGIT_CLASS_NAMES, digits_splits, write_digits_dataset
 from testkit.kafka import committed_offsets, end_offsets, produce, read_until, topic_env
 

@@ -4,8 +4,6 @@ reference fold into SQLite; each also with a worker killed (SIGKILL) and restart
 from __future__ import annotations
 
 import asyncio
-import io
-import json
 import os
 import signal
 import subprocess
@@ -15,7 +13,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
 from examples.fold import Fold, run_fold
 from testkit.images import DIGIT_CLASS_NAMES, digits_splits, write_digits_dataset

@@ -12,15 +12,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from consumers.annotation_worker import annotation_context
-from consumers.settings import KafkaSettings, Settings, WorkerSettings
 from handlers.annotation import AnnotationHandler
 from handlers.audit import CSV_COLUMNS
 from handlers.context import AuditConfig
 from handlers.errors import PermanentError
 from schemas.annotation import AnnotationResult, AuditRequest
+from testkit.handler_calls import collect, put_object, read_object, tiny_settings
+from testkit.pictures import noisy_png
 
 pytestmark = pytest.mark.s3
 
@@ -30,25 +30,11 @@ COLORS = {"red": (210, 40, 40), "blue": (40, 40, 210), "green": (40, 200, 40)}
 MAX_IMAGES = 40
 
 
-def settings(**overrides) -> Settings:
-    values = {**TINY, "allow_private_networks": True, "fetch_read_timeout_s": 1.0, "fetch_total_timeout_s": 8.0,
-              "fetch_connect_timeout_s": 2.0, "batch_wait_ms": 5.0, **overrides}
-    return Settings(kafka=KafkaSettings(), worker=WorkerSettings(**values))
-
-
 @pytest.fixture(scope="module")
 async def ctx(s3_server):
-    async with annotation_context(settings(result_part_size=4, embedding_cache_mb=16,
+    async with annotation_context(tiny_settings(result_part_size=4, embedding_cache_mb=16,
                                            audit_max_images=MAX_IMAGES)) as context:
         yield context
-
-
-def color_png(color: tuple[int, int, int], seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    pixels = np.clip(np.array(color, np.float32) + rng.normal(0, 25, size=(32, 32, 3)), 0, 255).astype(np.uint8)
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, "PNG")
-    return out.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +43,7 @@ def colored(http_server) -> list[dict[str, str]]:
     images = []
     for c, (name, color) in enumerate(COLORS.items()):
         for k in range(8):
-            url = http_server.add(f"audit/{name}-{k}.png", color_png(color, 10 * c + k), content_type="image/png")
+            url = http_server.add(f"audit/{name}-{k}.png", noisy_png(color, 10 * c + k), content_type="image/png")
             images.append({"id": f"{name}-{k}", "url": url, "label": "blue" if f"{name}-{k}" == "red-3" else name})
     return images
 
@@ -67,24 +53,8 @@ def audit_request(images: list[dict], request_id: str, **extra) -> AuditRequest:
                                         "images": images, **extra})
 
 
-async def collect(handler: AnnotationHandler, request) -> list[AnnotationResult]:
-    return [part async for part in handler.handle(request)]
-
-
-async def read_object(s3_server, url: str) -> bytes:
-    bucket, key = url[len("s3://"):].split("/", 1)
-    async with s3_server.client() as client:
-        return await (await client.get_object(Bucket=bucket, Key=key))["Body"].read()
-
-
-async def put_object(s3_server, bucket: str, key: str, body: bytes) -> str:
-    async with s3_server.client() as client:
-        await client.put_object(Bucket=bucket, Key=key, Body=body)
-    return f"s3://{bucket}/{key}"
-
-
 async def test_parts_in_review_order_csv_conflicts_and_redelivery(ctx, colored, http_server, s3_server, s3_bucket):
-    copy_url = http_server.add("audit/blue-0-copy.png", color_png(COLORS["blue"], 10), content_type="image/png")
+    copy_url = http_server.add("audit/blue-0-copy.png", noisy_png(COLORS["blue"], 10), content_type="image/png")
     images = [*colored, {"id": "missing", "url": http_server.urls["not_found"], "label": "red"},
               {"id": "blue-0-copy", "url": copy_url, "label": "green"}]  # blue-0's bytes, labeled green
     request = audit_request(images, "audit-1", output_path=f"s3://{s3_bucket}/audits", options={"folds": 3})
@@ -229,7 +199,7 @@ async def test_refused_before_any_image_is_fetched(ctx, http_server, s3_server, 
     assert http_server.hits("audit-refused/") == 0  # every refusal came before any image fetch
 
     # the images of one label all fail: what is left is one label, and the message says why
-    good = [{"id": f"ok{k}", "url": http_server.add(f"audit-half/{k}.png", color_png(COLORS["red"], 90 + k),
+    good = [{"id": f"ok{k}", "url": http_server.add(f"audit-half/{k}.png", noisy_png(COLORS["red"], 90 + k),
                                                     content_type="image/png"), "label": "a"} for k in range(2)]
     failing = [{"id": f"gone{k}", "url": http_server.urls["not_found"], "label": "b"} for k in range(2)]
     half = await refusal("half", None, images=good + failing)
@@ -263,7 +233,7 @@ async def test_digits_flipped_labels_found_through_the_handler(trained_digits, h
             "output_path": f"s3://{s3_bucket}/audits", "classes": names,
             "images": [{"id": f"d{k}", "url": u, "label": names[labels[k]]} for k, u in enumerate(urls)]})
 
-    async with annotation_context(settings(model_dir=str(tmp_path / "models"), s3_endpoint_url=s3_server.endpoint_url,
+    async with annotation_context(tiny_settings(model_dir=str(tmp_path / "models"), s3_endpoint_url=s3_server.endpoint_url,
                                            embedding_cache_mb=16)) as context:
         handler = AnnotationHandler(context)
         noisy = [r for p in await collect(handler, request("digits-noisy", given)) for r in p.results]

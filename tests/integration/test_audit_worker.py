@@ -11,11 +11,13 @@ import json
 
 import pytest
 
-from tests.integration.test_audit_handler import COLORS, color_png
+from testkit.pictures import noisy_png
 from testkit.kafka import provision, read_until, settings_for, topic_env
 from testkit.worker_processes import send, start_annotation_worker
 
 pytestmark = pytest.mark.kafka
+
+COLORS = {"red": (210, 40, 40), "blue": (40, 40, 210), "green": (40, 200, 40)}
 
 
 async def test_audit_through_the_broker_in_review_order(tmp_path, kafka_bootstrap, topic_prefix, http_server,
@@ -27,7 +29,7 @@ async def test_audit_through_the_broker_in_review_order(tmp_path, kafka_bootstra
     lines = []
     for c, (name, color) in enumerate(COLORS.items()):
         for k in range(4):
-            url = http_server.add(f"audit-e2e/{name}-{k}.png", color_png(color, 50 + 10 * c + k), content_type="image/png")
+            url = http_server.add(f"audit-e2e/{name}-{k}.png", noisy_png(color, 50 + 10 * c + k), content_type="image/png")
             label = "green" if (name, k) == ("red", 1) else name  # one planted label error
             lines.append(json.dumps({"id": f"{name}-{k}", "url": url, "label": label}))
     lines.append(json.dumps({"id": "gone", "url": http_server.urls["not_found"], "label": "red"}))

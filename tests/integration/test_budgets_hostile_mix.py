@@ -21,7 +21,7 @@ from aiokafka import AIOKafkaProducer
 from PIL import Image
 
 from ml.training.package import build_package_config
-from tests.integration.test_hostile_images import PEAK_RSS_LIMIT, peak_rss_bytes
+from testkit.worker_processes import PEAK_RSS_LIMIT, peak_rss_bytes
 from testkit.images import ico_bmp_frame, ico_bomb
 from testkit.kafka import provision, read_until, send, settings_for
 from testkit.worker_processes import start_annotation_worker, start_training_worker

@@ -15,15 +15,9 @@ from handlers.annotation import AnnotationHandler
 from handlers.errors import PermanentError
 from ml.trained import TrainedModel
 from schemas.annotation import AnnotationRequest
+from testkit.handler_calls import upload_package
 
 pytestmark = pytest.mark.s3
-
-
-async def upload_package(s3_server, bucket: str, package_dir: Path, prefix: str) -> str:
-    async with s3_server.client() as client:
-        for name in ("model.safetensors", "config.json", "metrics.json"):
-            await client.put_object(Bucket=bucket, Key=f"{prefix}/{name}", Body=(package_dir / name).read_bytes())
-    return f"s3://{bucket}/{prefix}"
 
 
 async def test_custom_model_matches_in_memory_predictions(trained_digits, s3_server, s3_bucket, http_server, tmp_path):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import io
 import json
 import re
 import time
@@ -14,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 from pydantic import ValidationError
 
 from consumers.annotation_worker import annotation_context
@@ -23,6 +21,8 @@ from handlers.annotation import AnnotationHandler
 from handlers.errors import PermanentError
 from schemas.annotation import MAX_FEW_SHOT_EXAMPLES, AnnotationRequest
 from schemas.codec import ANNOTATION_ADAPTER
+from testkit.handler_calls import upload_package
+from testkit.pictures import noisy_png
 
 pytestmark = pytest.mark.s3
 
@@ -40,12 +40,7 @@ def settings(**overrides) -> Settings:
 
 
 def png(colour: tuple[int, int, int], seed: int, size: int = 24) -> bytes:
-    """A small noisy image of one colour (each seed other bytes)."""
-    rng = np.random.default_rng(seed)
-    pixels = np.clip(np.array(colour)[None, None, :] + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8)
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, "PNG")
-    return out.getvalue()
+    return noisy_png(colour, seed, size)
 
 
 @pytest.fixture(scope="module")
@@ -277,8 +272,6 @@ async def test_few_shot_on_digits_with_the_model_trained_here(trained_digits, s3
                                                               tmp_path):
     """The custom model's embedding (pooled pre-logits) of digits it never trained on: 3 examples per class from the
     validation split, 60 test digits classified; chance is 0.1."""
-    from tests.integration.test_custom_inference import upload_package
-
     model_url = await upload_package(s3_server, s3_bucket, trained_digits.package_dir, "models/fewshot-digits")
     names = trained_digits.class_names
 
@@ -304,28 +297,6 @@ async def test_few_shot_on_digits_with_the_model_trained_here(trained_digits, s3
     accuracy = np.mean([r.predictions[0].class_name == names[label] for r, (_, _, label) in zip(results, test, strict=True)])
     print(f"\nfew-shot on digits (custom, 3 shots, {summary.method}, cv {summary.cv_accuracy}): accuracy {accuracy:.3f}")
     assert accuracy >= 0.8  # chance: 0.1
-
-
-@pytest.mark.parametrize("class_char", ["c", "\x03", "\U0001f600"])
-def test_worst_case_few_shot_part_fits_the_budget(class_char):
-    """The few-shot summary is in every part: part_size_for counts it, from the classes, so a part still fits."""
-    from handlers.parts import part_size_for
-    from handlers.fewshot import summary_bytes
-    from schemas.annotation import FewShotSummary
-    from tests.unit.test_part_size import BUDGET, worst_part
-
-    classes = [class_char * 190 + str(i) for i in range(300)]
-    request = AnnotationRequest.model_validate({
-        "task": "classify", "model": "custom", "model_url": "s3://b/m", "request_id": "r", "classes": classes,
-        "top_k": 5, "examples": [{"url": "https://example.com/e.jpg", "label": c} for c in classes],
-        "images": [{"id": "\x02" * 200 + str(i), "url": f"https://example.com/{i}.jpg"} for i in range(2000)]})
-    n = part_size_for(request, 500, classes, BUDGET, extra_envelope_bytes=summary_bytes(classes))
-    assert 1 <= n < part_size_for(request, 500, classes, BUDGET)
-    summary = FewShotSummary(method="logistic_regression", examples_per_class=dict.fromkeys(classes, 10_000),
-                             examples_failed=10_000, cv_accuracy=0.123456789012345, fitted=False)
-    for outcome in ("error", "predictions"):
-        part = worst_part(request, n, classes, outcome).model_copy(update={"few_shot": summary})
-        assert len(part.to_json_bytes()) <= BUDGET, (n, outcome)
 
 
 async def test_a_fit_over_the_cost_budget_is_refused_before_any_example_is_fetched(ctx, http_server):

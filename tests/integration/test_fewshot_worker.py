@@ -9,16 +9,18 @@ import json
 
 import pytest
 
-from tests.integration.test_fewshot_handler import COLOURS, png
 from testkit.kafka import provision, settings_for, topic_env
+from testkit.pictures import noisy_png
 from testkit.worker_processes import send, start_annotation_worker
 
 pytestmark = pytest.mark.kafka
 
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+
 
 async def test_few_shot_request_through_the_broker(tmp_path, kafka_bootstrap, topic_prefix, http_server):
     await provision(settings_for(topic_prefix))
-    urls = {name: [http_server.add(f"fewshot-worker/{name}-{k}.png", png(rgb, 100 + 10 * k + i), content_type="image/png")
+    urls = {name: [http_server.add(f"fewshot-worker/{name}-{k}.png", noisy_png(rgb, 100 + 10 * k + i, 24), content_type="image/png")
                    for k in range(3)]
             for i, (name, rgb) in enumerate(COLOURS.items())}
     manifest = tmp_path / "support.jsonl"

@@ -8,13 +8,13 @@ from __future__ import annotations
 import pytest
 
 from consumers.settings import WorkerSettings
+from testkit.worker_processes import PEAK_RSS_LIMIT, peak_rss_bytes
 from testkit.pictures import hostile_images
 from testkit.kafka import produce, provision, read_until, settings_for
 from testkit.worker_processes import start_annotation_worker
 
 pytestmark = pytest.mark.kafka
 
-PEAK_RSS_LIMIT = 2.5 * 1024**3
 DEFAULT_DECODE_BUDGET = WorkerSettings.model_fields["decode_memory_mb"].default * 1024**2
 EXPECTED = {
     "wide_4000x1_png": "bad_aspect_ratio",
@@ -28,14 +28,6 @@ EXPECTED = {
     "rgba_png_36mp": "too_many_pixels",  # estimate ~690 MB > the default 512 MB decode budget
     "large_pixels_png": "too_many_pixels",  # 48 MP > CLS_MAX_IMAGE_PIXELS
 }
-
-
-def peak_rss_bytes(pid: int, field: str = "VmHWM") -> int:
-    with open(f"/proc/{pid}/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError(f"no {field}")
 
 
 async def test_hostile_images_get_per_image_results_within_bounded_memory(tmp_path, kafka_bootstrap, topic_prefix,

@@ -15,20 +15,22 @@ from consumers.annotation_worker import annotation_context
 from handlers.annotation import AnnotationHandler
 from ml.text_cache import text_cache_key
 from ml.zeroshot import DEFAULT_TEMPLATES
-from tests.integration.test_annotation_handler import collect, settings
-from tests.integration.test_annotation_handler import request as _request
+from schemas.annotation import AnnotationRequest
+from testkit.handler_calls import collect, tiny_settings
 
 REPO = Path(__file__).resolve().parents[2]
 FULL = DEFAULT_TEMPLATES[:8]  # the worker's "full" ensemble here: 8 templates keep the tiny model's pass short
 QUICK = "a photo of a {}."
 
 
-def request(images, request_id, **extra):
-    return _request(images, request_id, **{"top_k": 1, **extra})
+def request(images: list[tuple[str, str]], request_id: str, **extra) -> AnnotationRequest:
+    return AnnotationRequest.model_validate({"task": "classify", "model": "clip", "request_id": request_id,
+                                             "images": [{"id": i, "url": u} for i, u in images], "top_k": 1,
+                                             "threshold": 0.0, **extra})
 
 
 def text_settings(cache_dir: Path | None, **overrides):
-    return settings(default_prompt_templates="|".join(FULL), quick_prompt_templates=QUICK,
+    return tiny_settings(embedding_cache_mb=0, batch_wait_ms=20.0, default_prompt_templates="|".join(FULL), quick_prompt_templates=QUICK,
                     text_cache_dir=str(cache_dir) if cache_dir else None, **overrides)
 
 

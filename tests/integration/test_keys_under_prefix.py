@@ -17,8 +17,8 @@ from handlers.keys import KeyOutsidePrefix, key_segment, local_child
 from handlers.models import ModelRegistry
 from handlers.storage import ObjectStore
 from schemas.annotation import EmbedRequest
-from tests.integration.test_embed_handler import settings
 from testkit.configs import model_config
+from testkit.handler_calls import tiny_settings
 
 
 @pytest.mark.parametrize("text", ["..", ".", "...", "", "a/../b", "../../etc", "%2e%2e", "..%2F"])
@@ -40,7 +40,7 @@ def test_local_child_refuses_keys_that_leave_the_directory(tmp_path):
 async def test_request_id_dot_dot_writes_inside_output_path(tmp_path, http_server):
     out = tmp_path / "out" / "vectors"
     out.mkdir(parents=True)
-    async with annotation_context(settings(allow_file_urls=True, file_root=str(tmp_path))) as ctx:
+    async with annotation_context(tiny_settings(allow_file_urls=True, file_root=str(tmp_path))) as ctx:
         request = EmbedRequest.model_validate({
             "task": "embed", "model": "clip", "request_id": "..", "output_path": out.as_uri(),
             "images": [{"id": "a", "url": http_server.urls["astronaut_jpg"]}]})

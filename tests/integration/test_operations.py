@@ -11,11 +11,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import json
-import os
 import re
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -23,10 +19,9 @@ from aiokafka import AIOKafkaProducer
 
 from consumers.settings import KafkaSettings, WorkerSettings
 from testkit.kafka import committed_offsets, end_offsets, read_until, send, topic_env
-from testkit.local import WorkerProcess
+from testkit.local import REPO, WorkerProcess
+from testkit.runbook import VARIABLE, run_block, runbook_blocks
 
-REPO = Path(__file__).resolve().parents[2]
-RUNBOOK = REPO / "docs" / "operations.md"
 
 # ---------------------------------------------------------------------------------------------- cases
 # The runbook's sh blocks, verbatim. The scenario test runs each one and checks its output.
@@ -71,32 +66,6 @@ PLACEHOLDERS = {"KAFKA_BOOTSTRAP_SERVERS", "CLS_ANNOTATION_REQUESTS_TOPIC", "CLS
 
 
 # ---------------------------------------------------------------------------------------------- parsing
-_SH_BLOCK = re.compile(r"^([ \t]*)```sh[ \t]*\n(.*?)^\1```[ \t]*$", re.MULTILINE | re.DOTALL)
-_VARIABLE = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)")
-
-
-def runbook_blocks(path: Path = RUNBOOK) -> list[str]:
-    """The ``sh`` blocks of the runbook, in order (dedented when inside a list item)."""
-    text = path.read_text(encoding="utf-8")
-    return [textwrap.dedent(m.group(2)).strip() for m in _SH_BLOCK.finditer(text)]
-
-
-def runbook_block(containing: str, path: Path = RUNBOOK) -> str:
-    """The one runbook block containing ``containing`` (other tests run single blocks this way)."""
-    matches = [b for b in runbook_blocks(path) if containing in b]
-    assert len(matches) == 1, f"{len(matches)} runbook blocks contain {containing!r}"
-    return matches[0]
-
-
-def run_block(block: str, env: dict[str, str], cwd: Path, timeout: float = 90) -> subprocess.CompletedProcess[str]:
-    """One block as an operator runs it: bash, the venv's ``cls-worker`` on PATH, repo-relative paths."""
-    full_env = {**os.environ, **env}
-    full_env.setdefault("JAVA_TOOL_OPTIONS", "-XX:TieredStopAtLevel=1")  # short-lived tools: half the CPU to start
-    full_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{full_env.get('PATH', '')}"
-    return subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=cwd, env=full_env, capture_output=True,
-                          text=True, timeout=timeout)
-
-
 def table(output: str, first_column: str = "GROUP") -> list[dict[str, str]]:
     """Rows of a consumer-groups table (the header line starts with ``first_column``)."""
     rows: list[dict[str, str]] = []
@@ -135,7 +104,7 @@ def test_runbook_and_test_agree():
     missing = [c for c in CASES if c not in blocks]
     assert not untested, "runbook commands without a test case in test_operations.py:\n\n" + "\n\n".join(untested)
     assert not missing, "test cases no longer in docs/operations.md:\n\n" + "\n\n".join(missing)
-    used = {name for b in blocks for name in _VARIABLE.findall(b)}
+    used = {name for b in blocks for name in VARIABLE.findall(b)}
     assert used == PLACEHOLDERS, f"variables in the runbook {sorted(used)} != filled by the test {sorted(PLACEHOLDERS)}"
     for b in blocks:  # every command goes through Kafka's tools or cls-worker
         first = b.split("\n")[0]

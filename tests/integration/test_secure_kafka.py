@@ -17,7 +17,7 @@ import pytest
 
 from testkit.local import LocalBroker
 from testkit.secure_kafka import assert_no_secret, handled_by_worker, provision_topics, refused, start_listener_broker
-from tests.integration.test_operations import run_block, runbook_block
+from testkit.runbook import run_block, runbook_block
 
 pytestmark = pytest.mark.kafka
 

@@ -20,7 +20,8 @@ from handlers.context import AuditConfig
 from handlers.errors import PermanentError
 from handlers.select import CSV_COLUMNS
 from schemas.annotation import AnnotationRequest, AnnotationResult, SelectRequest
-from tests.integration.test_audit_handler import color_png, put_object, read_object, settings
+from testkit.handler_calls import put_object, read_object, tiny_settings
+from testkit.pictures import noisy_png
 
 pytestmark = pytest.mark.s3
 
@@ -32,7 +33,7 @@ EXACT_ONLY = {"duplicate_threshold": 0.9999}  # the random model puts noisy imag
 
 @pytest.fixture(scope="module")
 async def ctx(s3_server):
-    async with annotation_context(settings(result_part_size=3, embedding_cache_mb=16,
+    async with annotation_context(tiny_settings(result_part_size=3, embedding_cache_mb=16,
                                            audit_max_images=MAX_IMAGES)) as context:
         yield context
 
@@ -44,7 +45,7 @@ def pool(http_server) -> dict[str, list[dict[str, str]]]:
     for c, (name, color) in enumerate(COLORS.items()):
         out[name] = []
         for k in range(6):
-            PNG[f"{name}-{k}"] = color_png(color, 100 * c + k)
+            PNG[f"{name}-{k}"] = noisy_png(color, 100 * c + k)
             url = http_server.add(f"select/{name}-{k}.png", PNG[f"{name}-{k}"], content_type="image/png")
             out[name].append({"id": f"{name}-{k}", "url": url})
     return out
@@ -102,7 +103,7 @@ async def test_cold_start_one_of_every_colour_csv_and_redelivery(ctx, pool, s3_s
 
 async def test_with_labels_the_uncertain_images_come_first(ctx, pool, http_server, s3_bucket):
     labeled = [{**image, "label": name} for name in ("red", "blue") for image in pool[name][:3]]
-    blends = [{"id": f"purple-{k}", "url": http_server.add(f"select/purple-{k}.png", color_png((125, 40, 125), 900 + k),
+    blends = [{"id": f"purple-{k}", "url": http_server.add(f"select/purple-{k}.png", noisy_png((125, 40, 125), 900 + k),
                                                             content_type="image/png")} for k in range(3)]
     images = [*pool["red"][3:], *blends, *pool["blue"][3:]]
     handler = AnnotationHandler(ctx)

@@ -14,12 +14,13 @@ from collections import Counter
 
 import pytest
 
-from tests.integration.test_audit_handler import color_png
-from tests.integration.test_select_handler import COLORS
+from testkit.pictures import noisy_png
 from testkit.kafka import produce, provision, read_until, settings_for, topic_env
 from testkit.worker_processes import send, start_annotation_worker
 
 pytestmark = pytest.mark.kafka
+
+COLORS = {"red": (210, 40, 40), "blue": (40, 40, 210), "green": (40, 200, 40), "yellow": (220, 210, 40)}
 
 
 async def test_select_through_the_broker(tmp_path, kafka_bootstrap, topic_prefix, http_server, s3_server, s3_bucket):
@@ -31,7 +32,7 @@ async def test_select_through_the_broker(tmp_path, kafka_bootstrap, topic_prefix
     pool, labeled = [], []
     for c, (name, color) in enumerate(COLORS.items()):
         for k in range(5):
-            url = http_server.add(f"select-e2e/{name}-{k}.png", color_png(color, 300 + 10 * c + k), content_type="image/png")
+            url = http_server.add(f"select-e2e/{name}-{k}.png", noisy_png(color, 300 + 10 * c + k), content_type="image/png")
             if k == 0 and name in ("red", "blue"):
                 labeled.append(json.dumps({"id": f"{name}-{k}", "url": url, "label": name}))
             else:

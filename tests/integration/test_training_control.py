@@ -13,7 +13,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from PIL import Image
 
-from tests.integration.test_training_worker import final, statuses_of
+from testkit.worker_processes import final, statuses_of
 from testkit.kafka import provision, read_until, settings_for
 from testkit.local import WorkerProcess
 from testkit.worker_processes import start_training_worker

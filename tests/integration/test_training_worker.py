@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from testkit.worker_processes import final, statuses_of
 from testkit.images import DIGIT_CLASS_NAMES, write_digits_dataset
 from testkit.kafka import produce, provision, read_until, settings_for
 from testkit.worker_processes import start_training_worker
@@ -52,14 +53,6 @@ def train_request(urls: list[str], output: str, **config) -> dict:
         "dataset": {"train_urls": urls, "val_urls": [], "class_names": list(DIGIT_CLASS_NAMES)},
         "output_path": output,
     }
-
-
-def statuses_of(records, job_id: str) -> list[dict]:
-    return [r.json() for r in records if r.key == job_id.encode()]
-
-
-def final(events: list[dict]) -> bool:
-    return any(e["status"] in ("completed", "failed", "cancelled") for e in events)
 
 
 async def wait_final(bootstrap: str, topic: str, job_id: str, timeout_s: float = 240) -> list[dict]:

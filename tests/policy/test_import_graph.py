@@ -169,3 +169,17 @@ def test_foreign_imports_of_the_lower_layers():
         if bad:
             problems[name] = sorted(bad)
     assert problems == {}
+
+
+def test_test_modules_import_fixtures_never_each_other():
+    """docs/testing.md's rule: a helper several test modules need lives in ``testkit`` (or, as a fixture, in
+    ``tests/fixtures``); a test module never imports another test module or a ``conftest``."""
+    offenders = []
+    for path in sorted((REPO / "tests").rglob("*.py")):
+        name = _module_name(path)
+        if name.startswith("tests.fixtures") or path.name == "__init__.py":
+            continue
+        for imported in _imported_names(name, path):
+            if imported.startswith("tests.") and not imported.startswith("tests.fixtures"):
+                offenders.append(f"{name} imports {imported}")
+    assert not offenders, offenders

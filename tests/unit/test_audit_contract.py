@@ -15,7 +15,6 @@ from handlers.audit import CSV_COLUMNS, audit_csv, audit_part_size, review_order
 from ml.audit import AuditOptions, audit
 from schemas.annotation import (
     MAX_CLASS_NAME_LENGTH,
-    MAX_IMAGE_ERROR_CHARS,
     AnnotationResult,
     AuditEntry,
     AuditRequest,

@@ -22,7 +22,6 @@ from handlers.errors import (
 from handlers.fetch import (
     BlockedAddressError,
     Fetcher,
-    FetchLimits,
     GuardedResolver,
     is_blocked_address,
     is_noncanonical_numeric_host,

@@ -65,3 +65,23 @@ def test_a_long_image_error_message_is_cut_when_stored():
     assert odd.error.message == 'bad??"\\'
     short = ImageResult(id="b", error=ErrorInfo(code="fetch_failed", message="connection refused"))
     assert short.error.message == "connection refused"
+
+
+@pytest.mark.parametrize("class_char", ["c", "\x03", "\U0001f600"])
+def test_worst_case_few_shot_part_fits_the_budget(class_char):
+    """The few-shot summary is in every part: part_size_for counts it, from the classes, so a part still fits."""
+    from handlers.fewshot import summary_bytes
+    from schemas.annotation import FewShotSummary
+
+    classes = [class_char * 190 + str(i) for i in range(300)]
+    request = AnnotationRequest.model_validate({
+        "task": "classify", "model": "custom", "model_url": "s3://b/m", "request_id": "r", "classes": classes,
+        "top_k": 5, "examples": [{"url": "https://example.com/e.jpg", "label": c} for c in classes],
+        "images": [{"id": "\x02" * 200 + str(i), "url": f"https://example.com/{i}.jpg"} for i in range(2000)]})
+    n = part_size_for(request, 500, classes, BUDGET, extra_envelope_bytes=summary_bytes(classes))
+    assert 1 <= n < part_size_for(request, 500, classes, BUDGET)
+    summary = FewShotSummary(method="logistic_regression", examples_per_class=dict.fromkeys(classes, 10_000),
+                             examples_failed=10_000, cv_accuracy=0.123456789012345, fitted=False)
+    for outcome in ("error", "predictions"):
+        part = worst_part(request, n, classes, outcome).model_copy(update={"few_shot": summary})
+        assert len(part.to_json_bytes()) <= BUDGET, (n, outcome)

@@ -19,7 +19,7 @@ from PIL import Image
 
 from handlers.preprocessing import decode_and_preprocess as _decode_and_preprocess
 from handlers.errors import ImageError
-from handlers.images import DecodeBudget, DecodeLimits, decode_image, decoded, decoded_tensor
+from handlers.images import DecodeBudget, DecodeLimits, decode_image, decoded_tensor
 from testkit.configs import decode_limits
 from ml.device import policy_for
 from ml.preprocess import TensorPreprocess, is_baseline_jpeg, tensor_preprocess_for
