@@ -181,12 +181,7 @@ class FewShotClassifier:
             method=head.method, examples_per_class=dict(head.examples_per_class), examples_failed=failed,
             cv_accuracy=None if head.cv_accuracy is None else round(float(head.cv_accuracy), 6), fitted=fitted)
         top_k = request.top_k_for(len(classes))
-
-
-        size = part_size_for(request, ctx.config.part_size, classes, ctx.config.part_budget_bytes,
-                             extra_envelope_bytes=summary_bytes(classes))
-        images = request.images
-        parts = [images[i:i + size] for i in range(0, len(images), size)]
+        parts = self._parts(request, classes, multi_label=False)
 
         def handle(image: ImageRef) -> Awaitable[torch.Tensor | ImageResult]:
             return self._query_embedding(model, image, request_id, priority, window)
@@ -213,10 +208,10 @@ class FewShotClassifier:
             classes=len(classes),
             cv_accuracy=summary.cv_accuracy,
             fitted=fitted,
-            images=len(images),
+            images=len(request.images),
             failed_images=failed_images,
             parts=len(parts),
-            part_size=size,
+            part_size=len(parts[0]) if parts else 0,
             text_cache=None if text_cache_hit is None else ("hit" if text_cache_hit else "miss"),
             batches_shared=ctx.batcher.forget(request_id),
             seconds=round(time.monotonic() - started, 3),
@@ -259,10 +254,7 @@ class FewShotClassifier:
         summary = FewShotSummary(method=fit.method, examples_per_class=dict(fit.examples_per_class),
                                  examples_failed=failed, cv_accuracy=None, fitted=fitted)
         top_k = request.top_k_for(len(classes))
-        size = part_size_for(request, ctx.config.part_size, classes, ctx.config.part_budget_bytes,
-                             extra_envelope_bytes=summary_bytes(classes), multi_label=True)
-        images = request.images
-        parts = [images[i:i + size] for i in range(0, len(images), size)]
+        parts = self._parts(request, classes, multi_label=True)
 
         def handle(image: ImageRef) -> Awaitable[torch.Tensor | ImageResult]:
             return self._query_embedding(model, image, request_id, priority, window)
@@ -285,8 +277,8 @@ class FewShotClassifier:
                                                       results=results, few_shot=summary)
         log.info("few_shot_summary", model=model.descriptor.variant, family=model.descriptor.family,
                  method=fit.method, multi_label=True, examples=len(examples), examples_failed=failed,
-                 classes=len(classes), fitted=fitted, images=len(images), failed_images=failed_images,
-                 parts=len(parts), part_size=size,
+                 classes=len(classes), fitted=fitted, images=len(request.images), failed_images=failed_images,
+                 parts=len(parts), part_size=len(parts[0]) if parts else 0,
                  text_cache=None if text_cache_hit is None else ("hit" if text_cache_hit else "miss"),
                  batches_shared=ctx.batcher.forget(request_id), seconds=round(time.monotonic() - started, 3))
 
@@ -341,6 +333,14 @@ class FewShotClassifier:
             codes = ", ".join(f"{code} x{n}" for code, n in errors.most_common(5))
             raise InvalidRequest(f"none of the {len(examples)} examples could be used ({codes})")
         return vectors, used, failed
+
+    def _parts(self, request: AnnotationRequest, classes: Sequence[str], multi_label: bool) -> list[list[ImageRef]]:
+        """The request's images in result parts, sized so a part with the few-shot summary fits its budget."""
+        config = self.ctx.config
+        size = part_size_for(request, config.part_size, list(classes), config.part_budget_bytes,
+                             extra_envelope_bytes=summary_bytes(list(classes)), multi_label=multi_label)
+        images = request.images
+        return [images[i:i + size] for i in range(0, len(images), size)]
 
     async def _query_embedding(self, model, image: ImageRef, request_id: str, priority: str,  # noqa: ANN001
                                window: asyncio.Semaphore) -> torch.Tensor | ImageResult:
