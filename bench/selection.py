@@ -35,6 +35,7 @@ Seeds can run as separate processes (``--first-seed K --seeds 1 --out DIR``) and
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import resource
 import sys
@@ -71,39 +72,17 @@ def digits_images() -> tuple[list, np.ndarray]:
     return images, digits.target.astype(np.int64)
 
 
-def photo_crop_images(per_photo: int = 100, seed: int = 0) -> tuple[list, np.ndarray]:
-    from PIL import Image, ImageEnhance
-
-    from testkit.photos import photos
-
-    rng = np.random.default_rng(seed)
-    images, labels = [], []
-    for label, photo in enumerate(photos()):
-        width, height = photo.size
-        for _ in range(per_photo):
-            area = rng.uniform(0.05, 0.2) * width * height
-            aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
-            w = int(min(width, np.sqrt(area * aspect)))
-            h = int(min(height, np.sqrt(area / aspect)))
-            x, y = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
-            crop = photo.crop((x, y, x + w, y + h)).resize((SIDE, SIDE), Image.BILINEAR)
-            if rng.random() < 0.5:
-                crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
-            crop = ImageEnhance.Brightness(crop).enhance(rng.uniform(0.7, 1.3))
-            crop = ImageEnhance.Contrast(crop).enhance(rng.uniform(0.7, 1.3))
-            if rng.random() < 0.2:
-                crop = crop.convert("L").convert("RGB")
-            images.append(crop)
-            labels.append(label)
-    return images, np.asarray(labels, dtype=np.int64)
+LEARNED_PER_CLASS = 150
+"""Items drawn per class of a ``testkit.learned_sets`` set: 1,500 images, 1,125 in the pool and 375 held back."""
 
 
-def texture_images(per_class: int = 150) -> tuple[list, np.ndarray]:
+def learned_set_images(name: str) -> tuple[list, np.ndarray]:
+    """``testkit.learned_sets.labeled_set(name)``: :data:`LEARNED_PER_CLASS` items of each of its 10 classes."""
     from PIL import Image
 
     from testkit.learned_sets import labeled_set
 
-    items = labeled_set("textures", per_class=per_class, seed=0)
+    items = labeled_set(name, per_class=LEARNED_PER_CLASS, seed=0)
     return [image.resize((SIDE, SIDE), Image.BILINEAR) for image in items.images], items.labels
 
 
@@ -114,13 +93,17 @@ def cluttered_digit_images() -> tuple[list, np.ndarray]:
     return items.images, items.labels
 
 
-DATASETS = {"digits": digits_images, "cluttered-digits": cluttered_digit_images, "textures": texture_images,
-            "photo-crops": photo_crop_images}
+DATASETS = {"digits": digits_images, "cluttered-digits": cluttered_digit_images,
+            **{name.replace("_", "-"): functools.partial(learned_set_images, name)
+               for name in ("photo_halves", "texture_blends", "photo_crops", "textures")}}
+"""Names in the bench (``--datasets``) and how to build each; the last four are ``testkit.learned_sets``' sets that
+``bench/learned.py`` measures the audit and few-shot on."""
 
 
 def features(name: str) -> tuple[np.ndarray, np.ndarray]:
     """L2-normalised Lite0 features of a data set (cached under CLS_BENCH_CACHE) and its labels."""
-    path = CACHE / f"{name}-lite0-{SIDE}.npz"
+    size = "" if name in ("digits", "cluttered-digits") else f"-{LEARNED_PER_CLASS}"
+    path = CACHE / f"{name}{size}-lite0-{SIDE}.npz"
     if path.exists():
         with np.load(path) as data:
             return data["x"], data["y"]
@@ -232,6 +215,28 @@ def variant_pick(spec: str, pool: np.ndarray, labeled: np.ndarray, labels: np.nd
         picked = _kmeans_plus_plus(g, budget, np.random.default_rng(seed)) if kind == "badge" else \
             _farthest(g, g[:0], budget)
         return candidates[np.asarray(picked)]
+    if kind == "dm":  # diverse_margin with another shortlist factor
+        from ml.select import _diverse_margin
+
+        factor_options = SelectOptions(seed=seed, cv_accuracy=False, uncertain_factor=int(parameter))
+        everything = np.concatenate([features[:pool.shape[0]], known])
+        picked, _ = _diverse_margin(everything, candidates, pool.shape[0] + np.arange(known.shape[0]), margins, budget,
+                                    factor_options)
+        return np.asarray(picked)
+    if kind == "margin":
+        return candidates[by_margin[:budget]]
+    if kind == "gap":  # by margin, skipping any closer than a x the median candidate-to-labeled distance
+        nearest = (2.0 - 2.0 * xn @ known_n.T).min(axis=1)
+        radius = weight ** 2 * float(np.median(nearest))
+        chosen = []
+        for row in by_margin:
+            if len(chosen) == budget:
+                break
+            if nearest[row] >= radius:
+                chosen.append(row)
+                nearest = np.minimum(nearest, 2.0 - 2.0 * xn @ xn[row])
+        chosen += [r for r in by_margin if r not in set(chosen)][:budget - len(chosen)]
+        return candidates[np.asarray(chosen)]
     if kind == "weighted-kc":
         return candidates[_farthest(xn, known_n, budget, (1.0 - margins) ** weight)]
     if kind == "kcenter":
