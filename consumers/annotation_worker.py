@@ -81,6 +81,7 @@ async def annotation_context(settings: Settings):
                                     quick_templates=quick_templates(settings),
                                     gpu_decode=w.gpu_decode,
                                     request_window=2 * w.batch_size, images_in_flight=max(128, 4 * w.batch_size),
+                                    interactive_images_in_flight=64,
                                     part_budget_bytes=min(PART_BUDGET_BYTES, w.max_record_bytes // 2)),
             model_config=config,
             models=ModelRegistry(config, executors, store, on_loaded=metrics.observe_model_load),

@@ -20,7 +20,6 @@ from handlers.images import DecodeLimits
 from handlers.manifests import ManifestLimits
 from handlers.model_config import ModelConfig
 from handlers.models import ModelRegistry
-from handlers.parts import PART_BUDGET_BYTES
 from handlers.preprocessing import Preprocessor
 from handlers.storage import ObjectStore
 from ml.embedding_cache import EmbeddingCache
@@ -39,14 +38,14 @@ class AnnotationConfig:
     gpu_decode: bool  # CLS_GPU_DECODE: with "tensor" and a model on CUDA, baseline JPEGs decoded there in batches
     # CLS_QUICK_PROMPT_TEMPLATES: an interactive request whose classes' default ensemble is not cached is answered
     # with these at once, the ensemble computed in the background (empty: interactive requests wait for it)
-    quick_templates: list[str] = field(default_factory=list)
-    images_in_flight: int = 128  # bulk images in fetch/decode/forward at once, all bulk requests together
+    quick_templates: list[str]
+    images_in_flight: int  # bulk images in fetch/decode/forward at once, all bulk requests together
     # of which one bulk request holds at most this many (admission is windowed); the worker sets two batches,
     # so one request alone has its next batch decoded while one runs (one batch's worth split its batches
     # in two: a few images, then the rest)
-    request_window: int = 64
-    interactive_images_in_flight: int = 64  # interactive images: their own budget, never behind bulk ones
-    part_budget_bytes: int = PART_BUDGET_BYTES
+    request_window: int
+    interactive_images_in_flight: int  # interactive images: their own budget, never behind bulk ones
+    part_budget_bytes: int  # one result part's bytes: within PART_BUDGET_BYTES and half of CLS_MAX_RECORD_BYTES
 
 
 @dataclass(frozen=True)

@@ -502,7 +502,29 @@ def audit_label_problem(labels: list[str], classes: list[str] | None) -> str | N
     return None
 
 
-class AuditRequest(InputModel):
+class EmbeddedSetRequest(InputModel):
+    """What audit and select requests share: the embedding backbone, the class names labels may take, and the
+    rule that the images come inline or behind a manifest URL, not both."""
+
+    task: str = Field(description="Discriminator: each subclass's literal.")
+    request_id: Identifier | None = Field(default=None, description="Defaults to the record key, then to a new UUID.")
+    model: EmbedModelFamily = Field(default="clip", description="The embedding backbone, as for embed requests.")
+    model_variant: str | None = Field(default=None, max_length=200, description="As for embed requests.")
+    model_url: Url | None = Field(default=None, description="As for embed requests ('custom', 'timm').")
+
+    @field_validator("classes", check_fields=False)
+    @classmethod
+    def _classes_valid(cls, classes: list[str] | None) -> list[str] | None:
+        return None if classes is None else check_class_names(classes)
+
+    def _source_problem(self) -> str | None:
+        """Why the images and the backbone cannot be used, or None (run by each subclass's model validator)."""
+        if (getattr(self, "images") is None) == (getattr(self, "manifest_url") is None):
+            return "give either images or manifest_url (one of them)"
+        return embedding_model_problem(self.model, self.model_variant, self.model_url)
+
+
+class AuditRequest(EmbeddedSetRequest):
     """``"task": "audit"`` on the annotation request topics: which current labels are probably wrong.
 
     The worker embeds the images (as ``embed`` does), scores each image's label out of sample (k-fold logistic
@@ -515,10 +537,6 @@ class AuditRequest(InputModel):
     """
 
     task: Literal["audit"] = Field(description="Discriminator: always 'audit'.")
-    request_id: Identifier | None = Field(default=None, description="Defaults to the record key, then to a new UUID.")
-    model: EmbedModelFamily = Field(default="clip", description="The embedding backbone, as for embed requests.")
-    model_variant: str | None = Field(default=None, max_length=200, description="As for embed requests.")
-    model_url: Url | None = Field(default=None, description="As for embed requests ('custom', 'timm').")
     images: list[AuditImage] | None = Field(
         default=None, min_length=1, max_length=MAX_IMAGES_PER_REQUEST,
         description="The images with their labels; or manifest_url for larger sets.")
@@ -537,11 +555,6 @@ class AuditRequest(InputModel):
     options: AuditSpec = Field(default_factory=AuditSpec, description="Folds, neighbours, conflict threshold.")
     priority: Literal["interactive", "bulk"] | None = Field(default=None, description="Scheduling lane, as for classify requests.")
 
-    @field_validator("classes")
-    @classmethod
-    def _classes_valid(cls, classes: list[str] | None) -> list[str] | None:
-        return None if classes is None else check_class_names(classes)
-
     @field_validator("images")
     @classmethod
     def _unique_image_ids(cls, images: list[AuditImage] | None) -> list[AuditImage] | None:
@@ -549,9 +562,7 @@ class AuditRequest(InputModel):
 
     @model_validator(mode="after")
     def _model_specific(self) -> "AuditRequest":
-        if (self.images is None) == (self.manifest_url is None):
-            raise ValueError("give either images or manifest_url (one of them)")
-        problem = embedding_model_problem(self.model, self.model_variant, self.model_url)
+        problem = self._source_problem()
         if problem:
             raise ValueError(problem)
         if self.images is not None:
@@ -577,7 +588,7 @@ class SelectSpec(BaseModel):
     seed: int = Field(default=0, ge=0, le=2**31 - 1, description="Seed of the random choices (k-means, random order).")
 
 
-class SelectRequest(InputModel):
+class SelectRequest(EmbeddedSetRequest):
     """``"task": "select"`` on the annotation request topics: which unlabeled images to label next (active learning).
 
     The worker embeds the pool (``images`` or ``manifest_url``) and the labeled set (``labeled`` or ``labeled_url``,
@@ -593,10 +604,6 @@ class SelectRequest(InputModel):
     """
 
     task: Literal["select"] = Field(description="Discriminator: always 'select'.")
-    request_id: Identifier | None = Field(default=None, description="Defaults to the record key, then to a new UUID.")
-    model: EmbedModelFamily = Field(default="clip", description="The embedding backbone, as for embed requests.")
-    model_variant: str | None = Field(default=None, max_length=200, description="As for embed requests.")
-    model_url: Url | None = Field(default=None, description="As for embed requests ('custom', 'timm').")
     images: list[ImageRef] | None = Field(
         default=None, min_length=1, max_length=MAX_IMAGES_PER_REQUEST,
         description="The unlabeled pool [{id, url}]; or manifest_url for larger pools.")
@@ -622,11 +629,6 @@ class SelectRequest(InputModel):
     options: SelectSpec = Field(default_factory=SelectSpec, description="Near-duplicate threshold, seed.")
     priority: Literal["interactive", "bulk"] | None = Field(default=None, description="Scheduling lane, as for classify requests.")
 
-    @field_validator("classes")
-    @classmethod
-    def _classes_valid(cls, classes: list[str] | None) -> list[str] | None:
-        return None if classes is None else check_class_names(classes)
-
     @field_validator("images")
     @classmethod
     def _unique_image_ids(cls, images: list[ImageRef] | None) -> list[ImageRef] | None:
@@ -639,13 +641,11 @@ class SelectRequest(InputModel):
 
     @model_validator(mode="after")
     def _model_specific(self) -> "SelectRequest":
-        if (self.images is None) == (self.manifest_url is None):
-            raise ValueError("give either images or manifest_url (one of them)")
-        if self.labeled is not None and self.labeled_url is not None:
-            raise ValueError("give either labeled or labeled_url, not both")
-        problem = embedding_model_problem(self.model, self.model_variant, self.model_url)
+        problem = self._source_problem()
         if problem:
             raise ValueError(problem)
+        if self.labeled is not None and self.labeled_url is not None:
+            raise ValueError("give either labeled or labeled_url, not both")
         if self.images is not None and self.labeled:
             problem = select_inputs_problem(self.images, self.labeled, self.classes, self.budget)
             if problem:
