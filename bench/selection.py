@@ -389,7 +389,7 @@ def plot(path: Path, results: dict[str, dict[str, np.ndarray]], classes: dict[st
         axis.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=90)
     print(f"\nplot: {path}")
 
 
