@@ -18,8 +18,8 @@ Augmentation is ``none`` everywhere so that only the optimisation recipe differs
 
 With ``--real-weights`` steps 1-2 change: the backbone is ``tf_efficientnet_lite0`` with its real ImageNet
 weights (``testkit.real_backbone``: the safetensors file a training request names as ``pretrained_url``), and
-the task is the 10-class ``textures`` set of ``testkit.learned_sets`` (``--real-per-class`` images per class,
-written as JPEG files), split the same way.
+the task is a 10-class set of ``testkit.learned_sets`` (``--real-set``, default ``textures``; ``--real-per-class``
+images per class, written as JPEG files), split the same way. ``--recipes`` picks which of ours' recipes run.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from ml.training.augment import eval_transform, resolve_data_config
 from ml.training.data import ImageFileDataset
 from ml.training.models import load_backbone_weights
 
+REAL_SETS = ("textures", "photo_crops", "photo_halves", "texture_blends")  # testkit.learned_sets.LABELED_SET_NAMES
 PRETRAIN_CLASSES = range(0, 5)
 FINETUNE_CLASSES = range(5, 10)
 
@@ -53,6 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--real-weights", action="store_true",
                        help="fine-tune tf_efficientnet_lite0 from its real ImageNet weights on the textures set")
     group.add_argument("--real-per-class", type=int, default=40, help="images per class with --real-weights")
+    group.add_argument("--real-set", default="textures", choices=REAL_SETS,
+                       help="the set of testkit.learned_sets fine-tuned on with --real-weights")
+    group.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES),
+                       help="which of ours' recipes run beside the plain loop")
 
 
 def _loader(model: nn.Module, samples, image_size: int, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
@@ -140,13 +145,13 @@ def _num_classes(args) -> int:
 
 
 def real_task(args, workdir: Path) -> tuple[Path, list[tuple[str, int]]]:
-    """The real backbone's weights file and the textures set written as JPEG files ``(path, label)``."""
+    """The real backbone's weights file and the ``--real-set`` set written as JPEG files ``(path, label)``."""
     from testkit.learned_sets import labeled_set
     from testkit.real_backbone import ARCHITECTURE, lite0_safetensors
 
     args.model = ARCHITECTURE
-    data = labeled_set("textures", per_class=args.real_per_class, seed=1)
-    folder = workdir / "textures"
+    data = labeled_set(args.real_set, per_class=args.real_per_class, seed=1)
+    folder = workdir / args.real_set
     folder.mkdir(parents=True, exist_ok=True)
     samples = []
     for index, (image, label) in enumerate(zip(data.images, data.labels, strict=True)):
@@ -169,12 +174,14 @@ def run(args, samples, workdir: Path, device: torch.device) -> dict:
     table: dict[str, dict[str, list[float]]] = {}
     run_no = 0
     for epochs in args.finetune_epochs:
-        rows = table.setdefault(str(epochs), {"plain": [], **{name: [] for name in RECIPES}})
+        recipes = getattr(args, "recipes", list(RECIPES))
+        rows = table.setdefault(str(epochs), {"plain": [], **{name: [] for name in recipes}})
         for seed in range(args.seeds):
             rows["plain"].append(run_plain(args, weights, split, epochs, seed, device))
-            for name, recipe in RECIPES.items():
+            for name in recipes:
                 run_no += 1
-                rows[name].append(run_ours(args, weights, split, epochs, seed, workdir / f"ft-{run_no}", device, **recipe))
+                rows[name].append(run_ours(args, weights, split, epochs, seed, workdir / f"ft-{run_no}", device,
+                                           **RECIPES[name]))
     summary = {}
     for epochs, rows in table.items():
         plain_mean = statistics.fmean(rows["plain"])
@@ -190,6 +197,7 @@ def run(args, samples, workdir: Path, device: torch.device) -> dict:
     return {
         "model": args.model,
         "real_weights": bool(getattr(args, "real_weights", False)),
+        "real_set": getattr(args, "real_set", None) if getattr(args, "real_weights", False) else None,
         "image_size": args.image_size,
         "learning_rate": args.finetune_learning_rate,
         "pretrain_epochs": args.pretrain_epochs,
@@ -203,14 +211,15 @@ def run(args, samples, workdir: Path, device: torch.device) -> dict:
 
 
 def print_table(report: dict) -> None:
-    origin = ("real ImageNet weights, fine-tuned on the 10 textures" if report.get("real_weights")
+    origin = (f"real ImageNet weights, fine-tuned on the 10 classes of {report.get('real_set')}" if report.get("real_weights")
               else "pretrained here on digits 0-4, fine-tuned on 5-9")
     print(
         f"\nshort fine-tunes: {report['model']} @ {report['image_size']} px {origin} "
         f"(train {report['train_images']}, test {report['test_images']}), "
         f"lr {report['learning_rate']}, {report['seeds']} seeds"
     )
-    print(f"{'epochs':>6}  {'recipe':<16} {'test acc mean':>13} {'stdev':>7} {'vs plain':>9}")
+    print(f"{'epochs':>6}  {'recipe':<16} {'test acc mean':>13} {'stdev':>7} {'vs plain':>9}  per seed")
     for epochs, rows in report["by_epochs"].items():
         for name, row in rows.items():
-            print(f"{epochs:>6}  {name:<16} {row['mean']:>13.4f} {row['stdev']:>7.4f} {row['delta_vs_plain']:>+9.4f}")
+            print(f"{epochs:>6}  {name:<16} {row['mean']:>13.4f} {row['stdev']:>7.4f} {row['delta_vs_plain']:>+9.4f}  "
+                  + " ".join(f"{a:.4f}" for a in row["test_accuracy"]))
