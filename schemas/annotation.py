@@ -597,7 +597,8 @@ class SelectRequest(EmbeddedSetRequest):
     smallest top-1 minus top-2 probability of a head fitted on the labeled embeddings, or of the zero-shot
     classifier when the model has a text tower and ``classes`` are given and no head can be fitted), ``kcenter`` (greedy
     farthest point from the labeled and selected images) or ``auto`` (typical images while the labeled set is small
-    per class, then the most uncertain image of each of ``budget`` clusters of uncertain images). Near-duplicates
+    per class, then uncertain images shared out over the predicted classes, each far from the labeled and the other
+    selected images). Near-duplicates
     of each other or of a labeled image are never both selected. **Parts are in selection order** (rank 0 first;
     pool images that failed come last as error entries); the whole pool's ranking is also written as CSV
     (``selection_url``: ``<output_path>/<request_id>/selection.csv``). The same inputs give the same parts.

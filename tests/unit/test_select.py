@@ -1,6 +1,7 @@
 """``ml.select`` on synthetic clustered embeddings: every strategy is deterministic, never picks a near-duplicate of
 a labeled or already picked image, and does what it says (typical picks cover the clusters, margin picks sit between
-labeled classes, k-center picks are far from the labeled set, auto switches at its measured point)."""
+labeled classes, k-center picks are far from the labeled set, auto switches at its measured point and balances its
+uncertain picks over the predicted classes)."""
 
 from __future__ import annotations
 
@@ -65,6 +66,25 @@ def test_auto_switches_from_typical_to_uncertain_at_the_measured_point():
     late = select(np.delete(x, many, 0), x[many], y[many], 5, 5, "auto")
     assert late.strategy == "diverse_margin" and late.reasons == ["uncertain"] * 5
     assert select(x[5:], x[:5], y[:5], 5, 5, "margin").strategy == "typiclust"  # one labeled class: no head
+
+
+def test_auto_gives_each_predicted_class_its_share_of_the_uncertain_picks():
+    from ml.select import _diverse_margin
+
+    rng = np.random.default_rng(0)
+    labeled = rng.normal(size=(2, DIM))
+    spread = rng.normal(size=(10, DIM))  # predicted 0: far from everything, and from each other
+    near = labeled[1] + 0.05 * rng.normal(size=(10, DIM))  # predicted 1: close to a labeled image
+    features = np.concatenate([spread, near, labeled]).astype(np.float32)
+    candidates, labeled_rows = np.arange(20), np.array([20, 21])
+    margins = np.r_[np.linspace(0.10, 0.19, 10), np.linspace(0.105, 0.195, 10)]  # interleaved: all 20 uncertain
+    predicted = np.repeat([0, 1], 10)
+    balanced, _ = _diverse_margin(features, candidates, labeled_rows, margins, predicted, 2, 4, SelectOptions())
+    assert sorted(predicted[balanced].tolist()) == [0, 0, 1, 1]  # budget // classes = 2 of each predicted class
+    assert balanced == sorted(balanced, key=lambda row: margins[row])  # ranked by margin
+    unbalanced, _ = _diverse_margin(features, candidates, labeled_rows, margins, predicted, 2, 4,
+                                    SelectOptions(balanced_factor=0))
+    assert predicted[unbalanced].tolist() == [0, 0, 0, 0]  # farthest point alone takes the spread-out class only
 
 
 def test_kcenter_picks_far_from_the_labeled_set():
