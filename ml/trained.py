@@ -132,8 +132,10 @@ class TrainedModel:
 
     def tag_auto_accept_thresholds(self, precision: float) -> torch.Tensor:
         """Multi-label: per class, the calibrated probability at which its tag is auto-accepted at ``precision``
-        (the class's own table, else the pooled one; ``inf`` where nothing is accepted), ``[num_classes]``."""
-        values = [self.auto_accept_threshold(name, precision) for name in self.class_names]
+        (the class's own table where it has one, else the pooled one; ``inf`` where nothing is accepted),
+        ``[num_classes]``."""
+        values = [threshold_for(self.auto_accept_tables, name, precision, own_table_decides=True)
+                  for name in self.class_names]
         return torch.tensor([math.inf if v is None else v for v in values])
 
     def predict(self, pixels: torch.Tensor, subset: Sequence[str] | None = None) -> torch.Tensor:

@@ -87,7 +87,8 @@ class TrainingConfig(BaseModel):
     weight_decay: float = Field(default=0.05, ge=0.0, le=1.0)
     warmup_epochs: float | None = Field(
         default=None, ge=0.0, le=100.0,
-        description="Linear warmup before the cosine decay. Unset: scales with the schedule (0 below 10 epochs, "
+        description="Linear warmup before the lr schedule (single-label: cosine over the rest; multi-label: held, then a "
+                    "cosine over the last fifth of the steps). Unset: scales with the schedule (0 below 10 epochs, "
                     "else 5% of the epochs, at most 5).")
     label_smoothing: float | None = Field(
         default=None, ge=0.0, lt=1.0,

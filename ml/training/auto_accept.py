@@ -87,11 +87,15 @@ def summary(tables: Mapping[str, Any]) -> list[dict[str, Any]]:
     return [{"precision": r["precision"], "threshold": r["threshold"], "coverage": r["coverage"]} for r in tables["global"]]
 
 
-def threshold_for(tables: Mapping[str, Any] | None, class_name: str, precision: float) -> float | None:
+def threshold_for(tables: Mapping[str, Any] | None, class_name: str, precision: float,
+                  own_table_decides: bool = False) -> float | None:
     """The confidence threshold to auto-accept ``class_name`` at (at least) ``precision``; None: never accept.
 
     Uses the row of the smallest tabulated target >= ``precision`` (none above 0.99: None); the class's own
-    threshold where its table has one, else the global threshold.
+    threshold where its table has one, else the global threshold. ``own_table_decides`` (multi-label tags): a class
+    with a table of its own never falls back to the global row; where its own row has no threshold (its validation
+    images did not prove the precision) nothing is accepted, since the pooled threshold may hold over all
+    (image, class) pairs and not for this class.
     """
     if not tables:
         return None
@@ -101,7 +105,8 @@ def threshold_for(tables: Mapping[str, Any] | None, class_name: str, precision: 
         return None
     _, position = candidates[0]
     own = (tables.get("per_class") or {}).get(class_name)
-    if own is not None and own[position]["threshold"] is not None:
-        return float(own[position]["threshold"])
+    if own is not None and (own[position]["threshold"] is not None or own_table_decides):
+        threshold = own[position]["threshold"]
+        return None if threshold is None else float(threshold)
     threshold = rows[position]["threshold"]
     return None if threshold is None else float(threshold)

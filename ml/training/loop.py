@@ -56,7 +56,7 @@ import ml.training.multilabel as multilabel
 from ml.training.metrics import classification_metrics
 from ml.training.models import build_model, check_model_name
 from ml.training.package import ONNX_FILE, PACKAGE_DIR, build_package_config, write_package
-from ml.training.schedule import warmup_cosine
+from ml.training.schedule import warmup_cosine, warmup_stable_decay
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,8 @@ class _TrainingRun:
             pretrained=spec.pretrained and fresh,
             pretrained_path=spec.pretrained_path if fresh else None,
         )
-        self.data_config: DataConfig = resolve_data_config(self.model, spec.image_size, spec.augmentation)
+        self.data_config: DataConfig = resolve_data_config(self.model, spec.image_size, spec.augmentation,
+                                                           spec.multi_label)
         self.policy: DevicePolicy = policy_for(self.device, self.model)
         if not spec.mixed_precision:
             self.policy = dataclasses.replace(self.policy, amp_dtype=None, grad_scaler=False)
@@ -198,7 +199,7 @@ class _TrainingRun:
         self.val_batches = EpochBatches(len(val_samples), spec.batch_size, spec.seed, shuffle=False)
         self.steps = self.batches.steps_per_epoch
         hot = spec.num_classes if multi else None  # multi-label targets: multi-hot vectors
-        train_set = ImageFileDataset(train_samples, train_transform(self.data_config, spec.augmentation), hot)
+        train_set = ImageFileDataset(train_samples, train_transform(self.data_config, spec.augmentation, multi), hot)
         self.train_loader = self._loader(train_set, self.batches, salt=1)
         self.val_loader = self._loader(ImageFileDataset(val_samples, eval_transform(self.data_config), hot),
                                        self.val_batches, salt=2)
@@ -211,9 +212,8 @@ class _TrainingRun:
             self.model, "adamw", lr=spec.learning_rate, weight_decay=spec.weight_decay, **optimizer_kwargs
         )
         warmup_steps = round(spec.warmup_epochs * self.steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, warmup_cosine(spec.epochs * self.steps, warmup_steps)
-        )
+        schedule = warmup_stable_decay if multi else warmup_cosine  # each measured on its own bench (schedule.py)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule(spec.epochs * self.steps, warmup_steps))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.policy.grad_scaler)
         self.mixup = build_mixup(spec.augmentation, spec.num_classes, 0.0 if multi else spec.label_smoothing,
                                  multi_label=multi)

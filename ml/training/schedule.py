@@ -1,4 +1,5 @@
-"""Per-step learning-rate schedule: linear warmup, then cosine decay."""
+"""Per-step learning-rate schedules: linear warmup, then a cosine decay over the whole run (single-label), or the
+base lr held and a cosine decay over the last fifth of the steps only (warmup-stable-decay, multi-label)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,36 @@ def warmup_cosine(total_steps: int, warmup_steps: int, min_factor: float = MIN_L
         if decay_steps <= 1:
             return 1.0
         progress = min(1.0, (step - warmup_steps) / (decay_steps - 1))
+        return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+DECAY_FRACTION = 0.2
+"""Warmup-stable-decay: the share of all steps, at the end of the run, over which the lr decays."""
+
+
+def warmup_stable_decay(total_steps: int, warmup_steps: int, decay_fraction: float = DECAY_FRACTION,
+                        min_factor: float = MIN_LR_FACTOR) -> Callable[[int], float]:
+    """Multiplier of the base lr for the step about to run (0-based): linear warmup, the base lr, then a cosine from
+    it to ``min_factor`` over the last ``decay_fraction`` of the steps (it reaches ``min_factor`` at the last step).
+
+    The multi-label schedule. Measured in ``bench/training.py --scenario multilabel`` (docs/multilabel.md): a run of a
+    few epochs there is still far from converged (validation mAP rises every epoch), and the whole-run cosine,
+    whose mean lr is half the base lr, lost to a constant-lr loop; holding the lr keeps the learning, and the short
+    decay at the end still settles the weights the package keeps.
+    """
+    total_steps = max(1, total_steps)
+    warmup_steps = max(0, min(warmup_steps, total_steps))
+    decay_steps = min(total_steps - warmup_steps, max(1, round(decay_fraction * total_steps)))
+    decay_start = total_steps - decay_steps
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if step < decay_start or decay_steps <= 0:
+            return 1.0
+        progress = min(1.0, (step - decay_start + 1) / decay_steps)
         return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor

@@ -135,8 +135,9 @@ def test_multi_label_package_auto_accepts_tags_by_their_own_thresholds(multi_lab
     ranked, tags, accepted = _score_multi_label(handle, rows, prepared, CLASSES, 3, 0.0, 0.9)
     assert accepted == [["car", "dog", "cat"], [], ["cat", "car"]]
     assert tags == [["car", "dog", "cat"], ["dog", "cat", "car"], ["cat", "car"]]  # the F1 thresholds: other sets
-    _, _, strict = _score_multi_label(handle, rows, prepared, CLASSES, 3, 0.0, 0.95)  # cat has no 0.95 row: pooled
-    assert strict == [["car"], [], ["cat"]]
+    # at 0.95 cat's own table has no threshold (its images did not prove it): never accepted, not the pooled 0.9
+    _, _, strict = _score_multi_label(handle, rows, prepared, CLASSES, 3, 0.0, 0.95)
+    assert strict == [["car"], [], []]
     _, _, capped = _score_multi_label(handle, rows, prepared, CLASSES, 1, 0.0, 0.9)  # top_k caps, most probable first
     assert capped == [["car"], [], ["cat"]]
     _, _, none = _score_multi_label(handle, rows, prepared, CLASSES, 3, 0.0, 0.99)  # no threshold: never accepted
@@ -378,3 +379,35 @@ def test_one_vs_rest_heads_learn_tags_and_keep_the_zero_shot_rule_without_positi
         assert average_precision_score(has, probabilities[:, c]) > 0.9
     with pytest.raises(MissingExamplesError, match="car"):
         fit_one_vs_rest(support, labels, CLASSES, None)
+
+
+def test_multi_label_augmentation_keeps_the_whole_image_in_view():
+    """A tag can sit at the border of an image: multi-label runs resize the whole image (no crop, at train and at
+    eval, recorded in the package's data config) and leave out what moves or erases content."""
+    import timm
+    from PIL import Image
+
+    from ml.training.augment import GEOMETRIC_RAND_AUGMENT_OPS, eval_transform, resolve_data_config, train_transform
+
+    model = timm.create_model("test_resnet", num_classes=2)
+    image = Image.new("RGB", (48, 24), (255, 255, 255))
+    image.paste((255, 0, 0), (0, 0, 6, 24))  # a tagged object along the left edge of a wide image
+    def red_columns(pixels: torch.Tensor) -> torch.Tensor:
+        return (pixels[0] > pixels[1] + 1.0).any(dim=0)  # normalised: red (1, -1, -1), white (1, 1, 1)
+
+    single = eval_transform(resolve_data_config(model, 32, "light"))(image)
+    assert not red_columns(single).any()  # the single-label centre crop cuts the object away
+    cfg = resolve_data_config(model, 32, "light", multi_label=True)
+    assert (cfg.crop_pct, cfg.crop_mode) == (1.0, "squash")
+    whole = eval_transform(cfg)(image)
+    red = red_columns(whole)
+    assert whole.shape == (3, 32, 32) and red[:3].all() and not red[8:].any()
+    torch.manual_seed(0)
+    views = [train_transform(cfg, "light", multi_label=True)(image) for _ in range(12)]
+    assert all(torch.equal(v, whole) or torch.equal(v, whole.flip(-1)) for v in views)  # resize and flip only
+    assert any(torch.equal(v, whole.flip(-1)) for v in views)
+    for preset in ("medium", "heavy"):
+        described = repr(train_transform(resolve_data_config(model, 32, preset, True), preset, multi_label=True))
+        assert "RandAugment" in described and "name=Equalize" in described  # the photometric operations stay
+        assert not any(name in described for name in ("RandomResized", "RandomErasing", "Crop"))
+        assert not any(f"name={op}," in described for op in GEOMETRIC_RAND_AUGMENT_OPS), described

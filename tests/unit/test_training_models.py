@@ -218,3 +218,23 @@ def test_split_readable(eight_images, tmp_path):
     good, unreadable = split_readable(eight_images[0][:2] + [(str(bad), 1)])
     assert good == eight_images[0][:2] and unreadable == [(str(bad), 1)]
     assert Path(unreadable[0][0]).name == "broken.jpg"
+
+
+def test_a_multi_label_run_holds_the_lr_decays_it_at_the_end_and_keeps_the_whole_image(eight_images, tmp_path):
+    """Multi-label: warmup-stable-decay (the base lr until the last fifth of the steps) and a package whose
+    evaluation resizes the whole image; the same data single-label keeps the whole-run cosine."""
+    import json
+
+    train_samples, val_samples = eight_images
+    tagged = [(path, (label,) if i % 3 else ()) for i, (path, label) in enumerate(train_samples)]
+    val_tagged = [(path, (label,)) for path, label in val_samples]
+    spec = _spec("test_resnet", epochs=3, batch_size=2, multi_label=True, augmentation="light", report=False)
+    result = train(spec, tagged, val_tagged, tmp_path / "multi", NullCallbacks())
+    lrs = [epoch["lr"] for epoch in result.metrics["epochs"]]  # the lr of the step after each epoch
+    assert lrs == [pytest.approx(1e-3), pytest.approx(1e-3), pytest.approx(1e-5)]  # 12 steps: the last 2 decay
+    config = json.loads((result.package_dir / "config.json").read_text())
+    assert (config["crop_pct"], config["crop_mode"]) == (1.0, "squash")
+    single = train(_spec("test_resnet", epochs=2, batch_size=2, report=False), train_samples, val_samples,
+                   tmp_path / "single", NullCallbacks())
+    single_lrs = [epoch["lr"] for epoch in single.metrics["epochs"]]
+    assert 1e-3 > single_lrs[0] > single_lrs[1]  # the cosine decays from the first step

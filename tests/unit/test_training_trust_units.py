@@ -65,6 +65,12 @@ def test_tables_per_class_and_lookup():
     assert threshold_for(tables, "a", 0.9) == (own if own is not None else global_90)
     assert threshold_for(tables, "a", 0.93) == threshold_for(tables, "a", 0.95)  # next tabulated target up
     assert threshold_for(tables, "a", 0.995) is None and threshold_for(None, "a", 0.9) is None
+    # multi-label tags: a class's own table decides, a missing threshold in it is "never", not the global row
+    unproven = {"global": [{"precision": 0.9, "threshold": 0.7}],
+                "per_class": {"a": [{"precision": 0.9, "threshold": None}], "b": [{"precision": 0.9, "threshold": 0.8}]}}
+    assert threshold_for(unproven, "a", 0.9) == 0.7 and threshold_for(unproven, "a", 0.9, own_table_decides=True) is None
+    assert threshold_for(unproven, "b", 0.9, own_table_decides=True) == 0.8
+    assert threshold_for(unproven, "c", 0.9, own_table_decides=True) == 0.7  # no table of its own: the global row
 
 
 def test_fit_temperature_recovers_overconfidence():

@@ -14,7 +14,13 @@ from ml.training.checkpoint import capture_rng_state, load_checkpoint, restore_r
 from ml.training.data import EpochBatches, balanced_class_weights, balanced_sample_weights, check_samples
 from ml.training.errors import DatasetError
 from ml.training.metrics import classification_metrics, confusion_matrix
-from ml.training.schedule import MIN_LR_FACTOR, SHORT_SCHEDULE_EPOCHS, schedule_defaults, warmup_cosine
+from ml.training.schedule import (
+    MIN_LR_FACTOR,
+    SHORT_SCHEDULE_EPOCHS,
+    schedule_defaults,
+    warmup_cosine,
+    warmup_stable_decay,
+)
 
 
 def _spec(**overrides) -> TrainSpec:
@@ -82,6 +88,17 @@ def test_warmup_cosine_schedule():
     assert values[0] == pytest.approx(0.5) and values[1] == pytest.approx(1.0) and values[2] == pytest.approx(1.0)
     assert values[-1] == pytest.approx(MIN_LR_FACTOR)
     assert all(a >= b for a, b in zip(values[2:], values[3:]))
+
+
+def test_warmup_stable_decay_schedule():
+    factor = warmup_stable_decay(total_steps=20, warmup_steps=2)
+    values = [factor(step) for step in range(20)]
+    assert values[0] == pytest.approx(0.5) and values[1:16] == [1.0] * 15  # warmup, then the base lr held
+    assert all(a > b for a, b in zip(values[15:], values[16:]))  # the last fifth (4 steps) decays
+    assert values[-1] == pytest.approx(MIN_LR_FACTOR) and factor(25) == pytest.approx(MIN_LR_FACTOR)
+    assert [warmup_stable_decay(1, 0)(0)] == [pytest.approx(MIN_LR_FACTOR)]  # one step: it is the last
+    short = warmup_stable_decay(total_steps=3, warmup_steps=3)  # all warmup: no step is left to decay
+    assert [short(step) for step in range(3)] == [pytest.approx(1 / 3), pytest.approx(2 / 3), 1.0]
 
 
 def test_unset_warmup_and_smoothing_scale_with_the_schedule():
