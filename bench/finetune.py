@@ -39,8 +39,8 @@ from ml.training import NullCallbacks, TrainSpec, stratified_split, train
 from ml.training.augment import eval_transform, resolve_data_config
 from ml.training.data import ImageFileDataset
 from ml.training.models import load_backbone_weights
+from testkit.learned_sets import LABELED_SET_NAMES
 
-REAL_SETS = ("textures", "photo_crops", "photo_halves", "texture_blends")  # testkit.learned_sets.LABELED_SET_NAMES
 PRETRAIN_CLASSES = range(0, 5)
 FINETUNE_CLASSES = range(5, 10)
 
@@ -54,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--real-weights", action="store_true",
                        help="fine-tune tf_efficientnet_lite0 from its real ImageNet weights on the textures set")
     group.add_argument("--real-per-class", type=int, default=40, help="images per class with --real-weights")
-    group.add_argument("--real-set", default="textures", choices=REAL_SETS,
+    group.add_argument("--real-set", default="textures", choices=LABELED_SET_NAMES,
                        help="the set of testkit.learned_sets fine-tuned on with --real-weights")
     group.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES),
                        help="which of ours' recipes run beside the plain loop")
