@@ -154,21 +154,13 @@ class FewShotClassifier:
         zero_shot = None
         text_cache_hit = None
         if has_text:
-            templates = request.prompt_templates or ctx.config.default_templates
-            problem = prompt_volume_problem(classes, templates, "templates" if request.prompt_templates
-                                            else "default templates (CLS_DEFAULT_PROMPT_TEMPLATES)")
-            if problem:
-                raise InvalidRequest(problem)
-            prepared, text_cache_hit = await model.prepare(classes, templates, ctx.executors)
-            if ctx.on_text_cache is not None:
-                ctx.on_text_cache(text_cache_hit)
-            zero_shot = ZeroShotWeights(prepared.float().cpu().numpy(), float(model.model.logit_scale))
+            rows, text_cache_hit = await self._class_text(request, model, classes, classes)
+            zero_shot = ZeroShotWeights(rows.numpy(), float(model.model.logit_scale))
         else:
             self._check_every_class_has_examples(classes, {example.label for example in examples})
 
         priority = request.priority or "bulk"
-        window = asyncio.Semaphore(ctx.config.request_window if priority == "bulk"
-                                   else len(request.images) + len(examples))
+        window = self._window(request, examples, priority)
         support, failed = await self._support_set(model, examples, classes, request_id, priority, window)
         method = request.few_shot.method if request.few_shot is not None else "auto"
         head_key = await ctx.executors.on_cpu(support_set_key, model_key_text(model.key), support, method, zero_shot)
@@ -225,21 +217,12 @@ class FewShotClassifier:
         text: torch.Tensor | None = None  # clip/siglip: the text rows of the zero-shot multi-label rule
         text_cache_hit = None
         if request.model in ("clip", "siglip"):
-            templates = request.prompt_templates or ctx.config.default_templates
-            problem = prompt_volume_problem(classes, templates, "templates" if request.prompt_templates
-                                            else "default templates (CLS_DEFAULT_PROMPT_TEMPLATES)")
-            if problem:
-                raise InvalidRequest(problem)
-            text_classes = classes + list(model.multi_label_extra_classes)
-            prepared, text_cache_hit = await model.prepare(text_classes, templates, ctx.executors)
-            if ctx.on_text_cache is not None:
-                ctx.on_text_cache(text_cache_hit)
-            text = prepared.float().cpu()
+            text, text_cache_hit = await self._class_text(request, model, classes,
+                                                          classes + list(model.multi_label_extra_classes))
         else:
             self._check_every_class_has_examples(classes, example_label_names(list(examples)))
         priority = request.priority or "bulk"
-        window = asyncio.Semaphore(ctx.config.request_window if priority == "bulk"
-                                   else len(request.images) + len(examples))
+        window = self._window(request, examples, priority)
         vectors, used, failed = await self._embed_examples(model, examples, request_id, priority, window)
         label_sets = [list(example.labels or ()) for example in used]
         embeddings, zero_shot = await ctx.executors.on_cpu(_multi_label_inputs, model, vectors, text)
@@ -281,6 +264,28 @@ class FewShotClassifier:
                  parts=len(parts), part_size=len(parts[0]) if parts else 0,
                  text_cache=None if text_cache_hit is None else ("hit" if text_cache_hit else "miss"),
                  batches_shared=ctx.batcher.forget(request_id), seconds=round(time.monotonic() - started, 3))
+
+    async def _class_text(self, request: AnnotationRequest, model, classes: list[str],  # noqa: ANN001
+                          text_classes: list[str]) -> tuple[torch.Tensor, bool]:
+        """The prompt ensemble of ``text_classes`` (the request's templates, else the default ones) as float32 rows
+        on the CPU, and whether the text cache had it; InvalidRequest when ``classes`` x templates is over the
+        prompt volume bound."""
+        ctx = self.ctx
+        templates = request.prompt_templates or ctx.config.default_templates
+        problem = prompt_volume_problem(classes, templates, "templates" if request.prompt_templates
+                                        else "default templates (CLS_DEFAULT_PROMPT_TEMPLATES)")
+        if problem:
+            raise InvalidRequest(problem)
+        prepared, text_cache_hit = await model.prepare(text_classes, templates, ctx.executors)
+        if ctx.on_text_cache is not None:
+            ctx.on_text_cache(text_cache_hit)
+        return prepared.float().cpu(), text_cache_hit
+
+    def _window(self, request: AnnotationRequest, examples: Sequence[LabeledExample], priority: str) -> asyncio.Semaphore:
+        """The request's admission window: a bulk request's images and examples share the worker's
+        ``request_window``; an interactive request admits them all at once."""
+        return asyncio.Semaphore(self.ctx.config.request_window if priority == "bulk"
+                                 else len(request.images) + len(examples))
 
     @staticmethod
     def _check_every_class_has_examples(classes: Sequence[str], labels: set[str]) -> None:
