@@ -28,10 +28,12 @@ Without a text tower (timm, models trained here):
 
 ``auto`` cross-validates every candidate of the family on the support set (stratified folds, as many
 as the rarest class allows, at most 5) and keeps the family's stable method (``linear_probe`` with a text
-tower, ``logistic_regression`` without) unless another one beats it in cross-validation by more than
-``AUTO_MARGIN`` or two held-out examples, whichever is more: on a support set of 40 the cross-validated
-accuracies are noise of a few points, and picking their maximum chose kNN where logistic regression was
-2-4 points better on real features (``bench/learned.py`` measures auto against every method). With a single example in some class there is nothing to cross-validate: ``auto``
+tower, ``logistic_regression`` without) unless the cross-validation winner beats it on the same held-out
+examples by more than ``AUTO_MARGIN`` or two examples, whichever is more, **and** by more than ``AUTO_Z``
+standard errors of that paired difference (each held-out example scores +1, 0 or -1: a McNemar-style test).
+On a support set of 40 the cross-validated accuracies are noise of a few points: picking their maximum chose
+kNN where logistic regression was 2-4 points better on real features, and a margin alone still let one lucky
+split through (``bench/learned.py`` measures auto against every method). With a single example in some class there is nothing to cross-validate: ``auto``
 takes the family's default, ``linear_probe`` with a text tower (CLAP's robust default) or ``prototype``
 without, and ``cv_accuracy`` is None.
 
@@ -87,6 +89,7 @@ CLAP_LAMBDA_FLOOR = 1e-3
 MAX_FOLDS = 5
 KNN_K = 7
 AUTO_MARGIN = 0.02
+AUTO_Z = 2.0  # the winner's paired gain over the stable method, in standard errors
 CLAP_GTOL = 1e-10  # the final fit: the exact minimum
 CLAP_CV_GTOL = 1e-5  # cross-validation folds: their argmax is all that is scored
 STABLE_METHODS = {True: "linear_probe", False: "logistic_regression"}  # by has_text
@@ -293,6 +296,7 @@ def _fit_few_shot(support: SupportSet, method: str, zero_shot: ZeroShotWeights |
     folds = _fold_count(counts)
     methods = allowed if method == "auto" else (method,)
     scores: dict[str, float] = {}
+    hits: dict[str, np.ndarray] = {}  # per support example: held out, was it classified right
     tip_params = TIP_DEFAULT
     probe: np.ndarray | None = None  # the whole support set's linear probe, fitted once
     if folds >= 2:
@@ -300,20 +304,20 @@ def _fit_few_shot(support: SupportSet, method: str, zero_shot: ZeroShotWeights |
         for name in methods:
             stop.check()
             if name == "tip_adapter":
-                tip_params, scores[name] = _cross_validate_tip(support, zero_shot, splits, stop)
+                tip_params, hits[name] = _cross_validate_tip(support, zero_shot, splits, stop)
             elif name == "linear_probe":
                 assert zero_shot is not None
                 probe = fit_clap_linear_probe(support, zero_shot, stop)
-                scores[name] = _cross_validate(support, name, zero_shot, splits, stop, initial=probe)
+                hits[name] = _cross_validate(support, name, zero_shot, splits, stop, initial=probe)
             else:
-                scores[name] = _cross_validate(support, name, zero_shot, splits, stop)
+                hits[name] = _cross_validate(support, name, zero_shot, splits, stop)
+            scores[name] = float(hits[name].mean())
     if method == "auto":
         chosen = methods[0]
         if scores:
             best = max(methods, key=lambda name: (scores.get(name, -1.0), -methods.index(name)))
             stable = STABLE_METHODS[has_text]
-            margin = max(AUTO_MARGIN, 2.0 / len(support.labels))
-            chosen = stable if scores[stable] >= scores[best] - margin else best
+            chosen = best if clearly_better(hits[best], hits[stable]) else stable
     else:
         chosen = method
     stop.check()
@@ -468,6 +472,19 @@ def fit_clap_linear_probe(support: SupportSet, zero_shot: ZeroShotWeights, stop:
 # -- cross-validation ----------------------------------------------------------------------------------------
 
 
+def clearly_better(challenger: np.ndarray, stable: np.ndarray) -> bool:
+    """Whether ``challenger``'s held-out hits beat ``stable``'s on the same examples by more than
+    ``AUTO_MARGIN`` or two examples (whichever is more) and by more than ``AUTO_Z`` standard errors of the
+    paired difference."""
+    difference = challenger.astype(np.float64) - stable.astype(np.float64)
+    n = difference.size
+    gain = float(difference.mean())
+    if gain <= max(AUTO_MARGIN, 2.0 / n):
+        return False
+    error = float(difference.std(ddof=1)) / np.sqrt(n) if n > 1 else np.inf
+    return gain > AUTO_Z * error
+
+
 def _fold_count(counts: np.ndarray) -> int:
     """Stratified folds: as many as the rarest class with examples allows, at most 5; 0 when some class has
     a single example (holding it out leaves its class without examples: with a text tower that measures only
@@ -488,10 +505,11 @@ def _splits(support: SupportSet, folds: int, seed: int) -> list[tuple[np.ndarray
 
 def _cross_validate(support: SupportSet, method: str, zero_shot: ZeroShotWeights | None,
                     splits: list[tuple[np.ndarray, np.ndarray]], stop: _Stop | None = None,
-                    initial: np.ndarray | None = None) -> float:
-    """Held-out accuracy of ``method`` over ``splits``. The linear probe's folds start from ``initial`` (the
-    whole support set's probe, close to every fold's minimum) and stop at ``CLAP_CV_GTOL``."""
-    correct = 0
+                    initial: np.ndarray | None = None) -> np.ndarray:
+    """Per support example, whether ``method`` classified it right when its fold was held out (``splits``
+    cover every example once). The linear probe's folds start from ``initial`` (the whole support set's
+    probe, close to every fold's minimum) and stop at ``CLAP_CV_GTOL``."""
+    correct = np.zeros(len(support.labels), dtype=bool)
     for train_rows, test_rows in splits:
         if stop is not None:
             stop.check()
@@ -502,17 +520,18 @@ def _cross_validate(support: SupportSet, method: str, zero_shot: ZeroShotWeights
         else:
             head = _fit(support.subset(train_rows), method, zero_shot, stop=stop)
         predicted = head.logits(support.embeddings[test_rows]).argmax(axis=1)
-        correct += int((predicted == support.labels[test_rows]).sum())
-    return correct / len(support.labels)
+        correct[test_rows] = predicted == support.labels[test_rows]
+    return correct
 
 
 def _cross_validate_tip(support: SupportSet, zero_shot: ZeroShotWeights | None,
                         splits: list[tuple[np.ndarray, np.ndarray]],
-                        stop: _Stop | None = None) -> tuple[tuple[float, float], float]:
-    """Tip-Adapter's (alpha, beta) by cross-validation over the grid; the affinity is computed once per fold."""
+                        stop: _Stop | None = None) -> tuple[tuple[float, float], np.ndarray]:
+    """Tip-Adapter's (alpha, beta) by cross-validation over the grid, with the held-out hits (per support
+    example) of the chosen pair; the affinity is computed once per fold."""
     assert zero_shot is not None
     grid = [(a, b) for b in TIP_BETAS for a in TIP_ALPHAS]
-    correct = np.zeros(len(grid), dtype=np.int64)
+    correct = np.zeros((len(grid), len(support.labels)), dtype=bool)
     for train_rows, test_rows in splits:
         if stop is not None:
             stop.check()
@@ -523,9 +542,9 @@ def _cross_validate_tip(support: SupportSet, zero_shot: ZeroShotWeights | None,
         truth = support.labels[test_rows]
         for g, (alpha, beta) in enumerate(grid):
             logits = base + alpha * (np.exp(-beta * (1.0 - similarity)) @ values)
-            correct[g] += int((logits.argmax(axis=1) == truth).sum())
-    best = int(np.argmax(correct))  # first best: the grid is ordered from the smoothest beta
-    return grid[best], float(correct[best]) / len(support.labels)
+            correct[g, test_rows] = logits.argmax(axis=1) == truth
+    best = int(np.argmax(correct.sum(axis=1)))  # first best: the grid is ordered from the smoothest beta
+    return grid[best], correct[best]
 
 
 # -- caching -------------------------------------------------------------------------------------------------

@@ -10,6 +10,15 @@ MIN_LR_FACTOR = 0.01
 """The cosine ends at this fraction of the base learning rate."""
 
 
+def _warmup(step: int, warmup_steps: int) -> float:
+    return (step + 1) / warmup_steps
+
+
+def _cosine(progress: float, min_factor: float) -> float:
+    """From 1 at ``progress`` 0 to ``min_factor`` at 1."""
+    return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
 def warmup_cosine(total_steps: int, warmup_steps: int, min_factor: float = MIN_LR_FACTOR) -> Callable[[int], float]:
     """Multiplier of the base lr for the step about to run (0-based), for torch's LambdaLR."""
     total_steps = max(1, total_steps)
@@ -17,12 +26,11 @@ def warmup_cosine(total_steps: int, warmup_steps: int, min_factor: float = MIN_L
 
     def factor(step: int) -> float:
         if step < warmup_steps:
-            return (step + 1) / warmup_steps
+            return _warmup(step, warmup_steps)
         decay_steps = total_steps - warmup_steps
         if decay_steps <= 1:
             return 1.0
-        progress = min(1.0, (step - warmup_steps) / (decay_steps - 1))
-        return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return _cosine((step - warmup_steps) / (decay_steps - 1), min_factor)
 
     return factor
 
@@ -48,11 +56,10 @@ def warmup_stable_decay(total_steps: int, warmup_steps: int, decay_fraction: flo
 
     def factor(step: int) -> float:
         if step < warmup_steps:
-            return (step + 1) / warmup_steps
+            return _warmup(step, warmup_steps)
         if step < decay_start or decay_steps <= 0:
             return 1.0
-        progress = min(1.0, (step - decay_start + 1) / decay_steps)
-        return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return _cosine((step - decay_start + 1) / decay_steps, min_factor)
 
     return factor
 
