@@ -24,9 +24,9 @@ For ``N`` L2-normalised embeddings with given labels (class indices):
   label, not lowered by the flipped ones), united with as many rows again taken by the ranking (lowest
   self-confidence first; such a row is suggested its most probable other class). That count is conservative
   (on well-separated synthetic clusters it finds 40 of 50 flips where the single pass finds 48, both without
-  a false flag), and on real ImageNet features of overlapping classes it raised precision by 0.09-0.12 at
-  equal or higher recall (docs/learned-features.md). The cost is a second repeated k-fold fit (bounded like
-  the first by ``repeat_rows_budget``): about twice the single pass.
+  a false flag); on real ImageNet features of overlapping classes it raised precision by 0.09-0.12 over the
+  single pass, recall -0.04..+0.10 (docs/learned-features.md). The cost is a second repeated k-fold fit
+  (bounded like the first by ``repeat_rows_budget``): 1.6-1.9x the single pass's CPU time.
 - **neighbour vote** (optional, ``neighbour_weight``, default 0): the labels of each image's ``neighbours``
   most similar other images vote with weights ``exp((cos - 1) / 0.05)`` (out of sample: an image is never its
   own neighbour); the probabilities the rule sees are ``(1 - neighbour_weight) * logistic + neighbour_weight *
