@@ -66,6 +66,7 @@ __all__ = [
     "audit",
     "confident_learning",
     "disagreeing_duplicates",
+    "label_issues",
     "nearest_neighbours",
     "out_of_sample_probabilities",
     "repeated_out_of_sample_probabilities",
@@ -369,17 +370,12 @@ def _refit_rule(probabilities: np.ndarray, labels: np.ndarray, kept: np.ndarray)
     return ConfidentLearning(rule.thresholds, rule.confident_joint, issue, suggested)
 
 
-def audit(embeddings: np.ndarray, labels: np.ndarray, num_classes: int,
-          options: AuditOptions = AuditOptions()) -> AuditTable:
-    """The whole audit table for ``embeddings`` ``[N, D]`` (L2-normalised) with given class indices."""
-    if not 0.0 <= options.neighbour_weight <= 1.0:
-        raise AuditError(f"neighbour_weight must be in [0, 1], got {options.neighbour_weight}")
-    if options.repeats < 1:
-        raise AuditError(f"repeats must be at least 1, got {options.repeats}")
+def label_issues(embeddings: np.ndarray, labels: np.ndarray, num_classes: int, options: AuditOptions = AuditOptions(),
+                 vote: np.ndarray | None = None) -> tuple[np.ndarray, int, ConfidentLearning]:
+    """``(probabilities, folds, rule)``: the fitting and flagging part of :func:`audit` (the repeated k-fold pass,
+    the rule, and the refit pass when ``options.refit``), without the neighbour pass; ``vote`` is the neighbour
+    vote mixed in by ``options.neighbour_weight``."""
     embeddings, labels = _validate(embeddings, labels, num_classes)
-    neighbour_indices, neighbour_similarities = nearest_neighbours(embeddings, options.neighbours, options)
-    vote = (neighbour_vote(neighbour_indices, neighbour_similarities, labels, num_classes)
-            if options.neighbour_weight > 0 else None)
 
     def scored(fit_rows: np.ndarray | None, seed: int) -> tuple[np.ndarray, int]:
         probabilities, folds = repeated_out_of_sample_probabilities(embeddings, labels, num_classes,
@@ -394,6 +390,21 @@ def audit(embeddings: np.ndarray, labels: np.ndarray, num_classes: int,
     if options.refit and rule.label_issue.any() and _trainable(labels[kept]):
         probabilities, _ = scored(kept, options.seed + REFIT_SEED_OFFSET)
         rule = _refit_rule(probabilities, labels, kept)
+    return probabilities, folds, rule
+
+
+def audit(embeddings: np.ndarray, labels: np.ndarray, num_classes: int,
+          options: AuditOptions = AuditOptions()) -> AuditTable:
+    """The whole audit table for ``embeddings`` ``[N, D]`` (L2-normalised) with given class indices."""
+    if not 0.0 <= options.neighbour_weight <= 1.0:
+        raise AuditError(f"neighbour_weight must be in [0, 1], got {options.neighbour_weight}")
+    if options.repeats < 1:
+        raise AuditError(f"repeats must be at least 1, got {options.repeats}")
+    embeddings, labels = _validate(embeddings, labels, num_classes)
+    neighbour_indices, neighbour_similarities = nearest_neighbours(embeddings, options.neighbours, options)
+    vote = (neighbour_vote(neighbour_indices, neighbour_similarities, labels, num_classes)
+            if options.neighbour_weight > 0 else None)
+    probabilities, folds, rule = label_issues(embeddings, labels, num_classes, options, vote)
     label_probability = probabilities[np.arange(labels.size), labels]
     if neighbour_similarities.shape[1]:
         outlier = 1.0 - neighbour_similarities.mean(axis=1)
