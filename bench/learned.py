@@ -138,13 +138,13 @@ def best_cut_precision(scores: np.ndarray, truth: np.ndarray, recall: float) -> 
     return float((hits / np.arange(1, len(order) + 1))[enough].max())
 
 
-def bench_audit(vectors: np.ndarray, labels: np.ndarray, seeds: int) -> dict:
+def bench_audit(vectors: np.ndarray, labels: np.ndarray, seeds: int, first_seed: int = 0) -> dict:
     """Per noise kind, the mean over ``seeds`` noise draws (the audit's fold seed follows the draw)."""
     out = {}
     classes = int(labels.max()) + 1
     for kind in ("random", "class_conditional", "clean"):
         rows: dict[str, list[dict]] = {"ours": [], "single_pass": [], "baseline": []}
-        for seed in range(seeds if kind != "clean" else 1):
+        for seed in range(first_seed, first_seed + (seeds if kind != "clean" else 1)):
             noisy = flipped(labels, vectors, kind, seed)
             truth = noisy != labels
             started, cpu = time.perf_counter(), time.process_time()
@@ -293,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-class", type=int, default=60, help="labeled images per class (audit, few-shot)")
     parser.add_argument("--dup-originals", type=int, default=60, help="duplicate originals per set")
     parser.add_argument("--audit-seeds", type=int, default=5, help="noise draws per noise kind (mean reported)")
+    parser.add_argument("--audit-first-seed", type=int, default=0,
+                        help="the first noise draw (draws not used when choosing the defaults: 5 and up)")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", module="sklearn")
     weights = lite0_safetensors()
@@ -304,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         if "duplicates" in args.parts and name in SET_NAMES:  # the hard sets are labeled sets only
             result["duplicates"] = bench_duplicates(name, weights, args.dup_originals)
         if "audit" in args.parts:
-            result["audit"] = bench_audit(vectors, labeled.labels, args.audit_seeds)
+            result["audit"] = bench_audit(vectors, labeled.labels, args.audit_seeds, args.audit_first_seed)
         if "few_shot" in args.parts:
             result["few_shot"] = bench_few_shot(vectors, labeled.labels)
         report["sets"][name] = result
