@@ -163,8 +163,8 @@ def overlapping(real_backbone):
 
 def test_audit_beats_plain_confident_learning_where_classes_overlap(overlapping):
     """photo_halves: each photo's left and right halves are two classes, and crops near the middle belong to
-    both. The plain baseline flags many correct labels there; the default audit (repeated folds) keeps its
-    recall with clearly fewer false flags, for random and for class-conditional flips."""
+    both. The plain baseline flags many correct labels there; the default audit (repeated folds, refit pass)
+    keeps its recall with clearly fewer false flags, for random and for class-conditional flips."""
     data, vectors = overlapping
     labels = data.labels
     ours_hits = base_hits = ours_flags = base_flags = flips = 0
