@@ -136,12 +136,20 @@ def _validate(embeddings: np.ndarray, labels: np.ndarray, num_classes: int) -> t
         raise AuditError("labels outside the classes")
     if not np.isfinite(embeddings).all():
         raise AuditError("embeddings are not finite")
+    problem = _fit_problem(labels, num_classes)
+    if problem:
+        raise AuditError(problem)
+    return embeddings, labels
+
+
+def _fit_problem(labels: np.ndarray, num_classes: int) -> str | None:
+    """Why no model can be fitted on rows with these ``labels`` (None: one can)."""
     counts = np.bincount(labels, minlength=num_classes)
     if (counts > 0).sum() < 2:
-        raise AuditError("an audit needs images of at least 2 classes")
+        return "an audit needs images of at least 2 classes"
     if counts.max() < 2:
-        raise AuditError("an audit needs at least 2 images of some class")
-    return embeddings, labels
+        return "an audit needs at least 2 images of some class"
+    return None
 
 
 def _folds(labels: np.ndarray, wanted: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -179,7 +187,9 @@ def out_of_sample_probabilities(embeddings: np.ndarray, labels: np.ndarray, num_
         if fit_rows.shape != labels.shape:
             raise AuditError(f"fit_rows of shape {fit_rows.shape} for {labels.size} labels")
         kept = np.flatnonzero(fit_rows)
-        _validate(embeddings[kept], labels[kept], num_classes)
+        problem = _fit_problem(labels[kept], num_classes)
+        if problem:
+            raise AuditError(problem)
         splits = [(kept[train], kept[test]) for train, test in _folds(labels[kept], options.folds, options.seed)]
         held_out = np.flatnonzero(~fit_rows)
     probabilities = np.zeros((labels.size, num_classes), dtype=np.float32)
@@ -344,12 +354,6 @@ def neighbour_vote(indices: np.ndarray, similarities: np.ndarray, labels: np.nda
 REFIT_SEED_OFFSET = 1
 
 
-def _trainable(labels: np.ndarray) -> bool:
-    """What :func:`_validate` asks of the rows a model is fitted on."""
-    counts = np.bincount(labels)
-    return bool((counts > 0).sum() >= 2 and counts.max() >= 2)
-
-
 def _refit_rule(probabilities: np.ndarray, labels: np.ndarray, kept: np.ndarray) -> ConfidentLearning:
     """The second pass's flags on the refitted ``probabilities``: the confident-learning rule with thresholds
     from the ``kept`` rows (the first pass's unflagged ones), united with as many rows again taken by the
@@ -387,7 +391,7 @@ def label_issues(embeddings: np.ndarray, labels: np.ndarray, num_classes: int, o
     probabilities, folds = scored(None, options.seed)
     rule = confident_learning(probabilities, labels)
     kept = ~rule.label_issue
-    if options.refit and rule.label_issue.any() and _trainable(labels[kept]):
+    if options.refit and rule.label_issue.any() and _fit_problem(labels[kept], num_classes) is None:
         probabilities, _ = scored(kept, options.seed + REFIT_SEED_OFFSET)
         rule = _refit_rule(probabilities, labels, kept)
     return probabilities, folds, rule
